@@ -1,0 +1,105 @@
+//! `clawrl-tui bench`: prefill and decode speed of several weight formats of the same model,
+//! measured in one invocation and printed as ratios to the first (the baseline).
+
+use crate::cli::{load_model, model_path};
+use crate::config::Config;
+use crate::model::{GenerateRequest, SamplingParams, WeightMode};
+use anyhow::{Result, bail};
+use clap::Args;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Variants as DTYPE or DTYPE:WEIGHTS (e.g. f32, f16, f32:blocks); the first is the baseline.
+    #[arg(long, value_delimiter = ',', default_value = "f32,f16")]
+    pub variants: Vec<String>,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens to decode.
+    #[arg(long, default_value_t = 32)]
+    pub decode_tokens: usize,
+    /// Timed repetitions per variant (after one warm-up run); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+}
+
+struct Row {
+    name: String,
+    prefill: f64,
+    decode: f64,
+    load_secs: f64,
+}
+
+pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
+    if args.variants.is_empty() || args.runs == 0 {
+        bail!("bench needs at least one variant and one run");
+    }
+    println!("model: {}", model_path(cfg)?.display());
+    println!(
+        "prompt {} tokens, decode {} tokens, median of {} runs",
+        args.prompt_tokens, args.decode_tokens, args.runs
+    );
+    let mut rows: Vec<Row> = Vec::new();
+    for v in &args.variants {
+        let (dtype, weights) = v.split_once(':').unwrap_or((v, "dense"));
+        let mut c = cfg.clone();
+        c.model.dtype = dtype.to_string();
+        c.model.weights = match weights {
+            "dense" => WeightMode::Dense,
+            "blocks" => WeightMode::Blocks,
+            other => bail!("unknown weight mode {other:?} in variant {v:?}"),
+        };
+        let t = std::time::Instant::now();
+        let model = load_model(&c)?;
+        let load_secs = t.elapsed().as_secs_f64();
+        // A fixed, model-independent prompt: the same ids for every variant.
+        let vocab = model.config.vocab_size as u32;
+        let prompt_ids: Vec<u32> = (0..args.prompt_tokens as u32)
+            .map(|i| 100 + (i * 7919) % (vocab - 200))
+            .collect();
+        let req = GenerateRequest {
+            prompt_ids,
+            max_tokens: args.decode_tokens,
+            sampling: SamplingParams::greedy(),
+            stop: vec![],
+        };
+        let mut prefill = Vec::new();
+        let mut decode = Vec::new();
+        for i in 0..=args.runs {
+            // Stop tokens would end a run early: count only full runs.
+            let g = model.generate(&req, |_| true)?;
+            if i == 0 {
+                continue;
+            }
+            prefill.push(g.prompt_tokens as f64 / g.prefill_secs);
+            decode.push(g.ids.len().saturating_sub(1) as f64 / g.decode_secs.max(1e-9));
+        }
+        rows.push(Row {
+            name: v.clone(),
+            prefill: median(&mut prefill),
+            decode: median(&mut decode),
+            load_secs,
+        });
+        let r = rows.last().expect("just pushed");
+        println!(
+            "{:<12} load {:>6.2} s  prefill {:>8.1} tok/s  decode {:>7.1} tok/s",
+            r.name, r.load_secs, r.prefill, r.decode
+        );
+    }
+    let base = &rows[0];
+    println!("\nratios to {} (higher is faster):", base.name);
+    for r in &rows {
+        println!(
+            "{:<12} prefill x{:.2}  decode x{:.2}",
+            r.name,
+            r.prefill / base.prefill,
+            r.decode / base.decode
+        );
+    }
+    Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}

@@ -1,0 +1,295 @@
+//! Command-line interface: parsing (clap), applying flags over the config, and the commands.
+
+use crate::catalog::{self, CATALOG};
+use crate::config::Config;
+use crate::device::{self, DeviceChoice};
+use crate::model::{GenerateRequest, LoadOptions, LoadedModel, SamplingParams, WeightMode};
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "clawrl-tui",
+    version,
+    about = "Serve a local LLM, watch every conversation, and improve it from them.",
+    long_about = "Serve a local LLM, watch every conversation, and improve it from them.\n\nWithout a subcommand: loads the model and starts an interactive chat (the control center replaces it in a later version)."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct GlobalArgs {
+    /// Config file to use instead of the one in the platform config directory.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Model: a .gguf file, a Hugging Face model directory, or a model id (see `models`).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub model: Option<String>,
+    /// Compute device: auto, cpu or cuda.
+    #[arg(long, global = true)]
+    pub device: Option<DeviceChoice>,
+    /// Weight dtype: f32 or f16.
+    #[arg(long, global = true)]
+    pub dtype: Option<String>,
+    /// Projection weights: dense (dequantized) or blocks (the GGUF's quantized blocks).
+    #[arg(long, global = true, value_parser = parse_weight_mode)]
+    pub weights: Option<WeightMode>,
+}
+
+fn parse_weight_mode(s: &str) -> Result<WeightMode, String> {
+    match s {
+        "dense" => Ok(WeightMode::Dense),
+        "blocks" => Ok(WeightMode::Blocks),
+        _ => Err(format!("expected dense or blocks, got {s:?}")),
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate one reply to a prompt (chat template applied) and print it; speed goes to stderr.
+    Generate(GenerateArgs),
+    /// Install a model from the catalog into the data directory (checks its sha256).
+    FetchModel {
+        /// Model id (default: the configured default model).
+        id: Option<String>,
+        /// Install every catalog model.
+        #[arg(long)]
+        all: bool,
+    },
+    /// List the catalog models and whether they are installed.
+    Models,
+    /// Print the resolved configuration, paths and the model summary.
+    Info,
+    /// Measure prefill and decode speed of several weight formats; prints ratios to the first.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// The user message.
+    #[arg(long)]
+    pub prompt: String,
+    /// System prompt (default: the model's own).
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// 0 = greedy.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// 0 = off.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+/// The configuration with the command-line flags applied on top.
+pub fn resolve_config(global: &GlobalArgs) -> Result<Config> {
+    let mut cfg = Config::load(global.config.as_deref())?;
+    if let Some(m) = &global.model {
+        cfg.model.path = m.clone();
+    }
+    if let Some(d) = global.device {
+        cfg.model.device = d;
+    }
+    if let Some(d) = &global.dtype {
+        cfg.model.dtype = d.clone();
+    }
+    if let Some(w) = global.weights {
+        cfg.model.weights = w;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The model path the config names (its `path`, else the default catalog model).
+pub fn model_path(cfg: &Config) -> Result<PathBuf> {
+    let spec = if cfg.model.path.is_empty() {
+        &cfg.model.default
+    } else {
+        &cfg.model.path
+    };
+    catalog::resolve(spec, &cfg.data_dir())
+}
+
+pub fn load_model(cfg: &Config) -> Result<LoadedModel> {
+    let path = model_path(cfg)?;
+    let opts = LoadOptions {
+        device: device::select(cfg.model.device)?,
+        dtype: device::parse_dtype(&cfg.model.dtype)?,
+        weights: cfg.model.weights,
+    };
+    tracing::info!(path = %path.display(), ?opts, "loading model");
+    LoadedModel::load(&path, &opts)
+}
+
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    let cfg = resolve_config(&cli.global)?;
+    let _log_guard = crate::logging::init(&cfg.log_dir(), &cfg.log.level)?;
+    match cli.command {
+        None => interactive(&cfg),
+        Some(Command::Generate(args)) => generate(&cfg, &args),
+        Some(Command::FetchModel { id, all }) => {
+            let ids: Vec<String> = if all {
+                CATALOG.iter().map(|m| m.id.to_string()).collect()
+            } else {
+                vec![id.unwrap_or(cfg.model.default.clone())]
+            };
+            for id in ids {
+                let m = catalog::find(&id).with_context(|| {
+                    format!("unknown model id {id:?}; `clawrl-tui models` lists them")
+                })?;
+                let path = m.fetch(&cfg.data_dir(), &mut std::io::stderr())?;
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
+        Some(Command::Models) => {
+            for m in CATALOG {
+                let state = if m.is_installed(&cfg.data_dir()) {
+                    "installed"
+                } else {
+                    "not installed"
+                };
+                println!(
+                    "{:<30} {:<14} {}\n{:<30} {}",
+                    m.id,
+                    state,
+                    m.description,
+                    "",
+                    m.path(&cfg.data_dir()).display()
+                );
+            }
+            Ok(())
+        }
+        Some(Command::Info) => {
+            println!(
+                "config file:  {}",
+                crate::config::user_config_path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            );
+            println!("data dir:     {}", cfg.data_dir().display());
+            println!("log dir:      {}", cfg.log_dir().display());
+            println!(
+                "model path:   {}",
+                model_path(&cfg)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|e| format!("({e})"))
+            );
+            println!(
+                "cuda driver:  {}",
+                if device::cuda_driver_present() {
+                    "present"
+                } else {
+                    "absent"
+                }
+            );
+            println!("\n{}", toml::to_string_pretty(&cfg)?);
+            let model = load_model(&cfg)?;
+            println!("{}", model.summary());
+            Ok(())
+        }
+        Some(Command::Bench(args)) => crate::bench::run(&cfg, &args),
+    }
+}
+
+fn sampling(cfg: &Config, args: Option<&GenerateArgs>) -> SamplingParams {
+    let g = &cfg.generation;
+    SamplingParams {
+        temperature: args.and_then(|a| a.temperature).unwrap_or(g.temperature),
+        top_p: args.and_then(|a| a.top_p).unwrap_or(g.top_p),
+        top_k: args.and_then(|a| a.top_k).unwrap_or(g.top_k),
+        seed: args.and_then(|a| a.seed),
+    }
+}
+
+fn generate(cfg: &Config, args: &GenerateArgs) -> Result<()> {
+    let model = load_model(cfg)?;
+    let mut messages = Vec::new();
+    if let Some(s) = &args.system {
+        messages.push(json!({"role": "system", "content": s}));
+    }
+    messages.push(json!({"role": "user", "content": args.prompt}));
+    let req = GenerateRequest {
+        prompt_ids: model.chat_prompt(&messages, None)?,
+        max_tokens: args.max_tokens.unwrap_or(cfg.generation.max_tokens),
+        sampling: sampling(cfg, Some(args)),
+        stop: args.stop.clone(),
+    };
+    let mut out = std::io::stdout().lock();
+    let gen_ = model.generate(&req, |piece| {
+        out.write_all(piece.as_bytes())
+            .and_then(|_| out.flush())
+            .is_ok()
+    })?;
+    writeln!(out)?;
+    eprintln!("{}", gen_.speed_line());
+    tracing::info!(speed = %gen_.speed_line(), finish = ?gen_.finish, "generate");
+    Ok(())
+}
+
+/// The interim front end: model summary, then a chat on stdin/stdout.
+fn interactive(cfg: &Config) -> Result<()> {
+    eprintln!("loading {} ...", model_path(cfg)?.display());
+    let model = load_model(cfg)?;
+    println!("{}", model.summary());
+    println!("Type a message and press Enter (Ctrl-D to quit, /reset to start over).");
+    let mut messages: Vec<serde_json::Value> = Vec::new();
+    let stdin = std::io::stdin();
+    loop {
+        print!("> ");
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            println!();
+            return Ok(());
+        }
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "/reset" {
+            messages.clear();
+            continue;
+        }
+        messages.push(json!({"role": "user", "content": line}));
+        let req = GenerateRequest {
+            prompt_ids: model.chat_prompt(&messages, None)?,
+            max_tokens: cfg.generation.max_tokens,
+            sampling: sampling(cfg, None),
+            stop: Vec::new(),
+        };
+        let mut out = std::io::stdout().lock();
+        match model.generate(&req, |p| {
+            out.write_all(p.as_bytes())
+                .and_then(|_| out.flush())
+                .is_ok()
+        }) {
+            Ok(g) => {
+                writeln!(out)?;
+                eprintln!("[{}]", g.speed_line());
+                messages.push(json!({"role": "assistant", "content": g.text}));
+            }
+            Err(e) => {
+                messages.pop();
+                eprintln!("error: {e:#}");
+            }
+        }
+    }
+}

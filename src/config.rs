@@ -1,0 +1,258 @@
+//! Layered configuration: built-in defaults ← `config/default.toml` (compiled in) ← the user's
+//! file in the platform config directory ← `CLAWRL__SECTION__KEY` environment variables ←
+//! command-line flags (applied by the caller).
+
+use crate::device::DeviceChoice;
+use crate::model::WeightMode;
+use anyhow::{Context, Result, bail};
+use directories::ProjectDirs;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelSection,
+    pub generation: GenerationSection,
+    pub paths: PathsSection,
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    pub path: String,
+    pub default: String,
+    pub device: DeviceChoice,
+    pub dtype: String,
+    pub weights: WeightMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationSection {
+    pub max_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct PathsSection {
+    pub data_dir: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            model: ModelSection::default(),
+            generation: GenerationSection::default(),
+            paths: PathsSection::default(),
+            log: LogSection::default(),
+        }
+    }
+}
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            default: crate::catalog::DEFAULT_MODEL.into(),
+            device: DeviceChoice::Auto,
+            dtype: "f32".into(),
+            weights: WeightMode::Dense,
+        }
+    }
+}
+impl Default for GenerationSection {
+    fn default() -> Self {
+        Self {
+            max_tokens: 512,
+            temperature: 0.7,
+            top_p: 0.95,
+            top_k: 0,
+        }
+    }
+}
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+fn project_dirs() -> Option<ProjectDirs> {
+    ProjectDirs::from("", "clawrl", "clawrl-tui")
+}
+
+/// The user's config file: `$CLAWRL_CONFIG`, else `<platform config dir>/config.toml`.
+pub fn user_config_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("CLAWRL_CONFIG") {
+        return Some(PathBuf::from(p));
+    }
+    project_dirs().map(|d| d.config_dir().join("config.toml"))
+}
+
+/// Deep-merges `over` into `base` (tables merge key by key; anything else replaces).
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+/// `CLAWRL__MODEL__DTYPE=f16` → `{model = {dtype = "f16"}}`; values parse as TOML when they can.
+fn env_layer(vars: impl Iterator<Item = (String, String)>) -> toml::Value {
+    let mut root = toml::Value::Table(Default::default());
+    for (key, raw) in vars {
+        let Some(path) = key.strip_prefix("CLAWRL__") else {
+            continue;
+        };
+        let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(raw));
+        let mut layer = value;
+        for p in parts.iter().rev() {
+            let mut t = toml::Table::new();
+            t.insert(p.clone(), layer);
+            layer = toml::Value::Table(t);
+        }
+        merge(&mut root, layer);
+    }
+    root
+}
+
+impl Config {
+    /// Loads every layer except the command line. `file` replaces the user config path.
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        let mut value = toml::Value::try_from(Config::default())?;
+        merge(
+            &mut value,
+            toml::from_str(DEFAULT_TOML).context("built-in config/default.toml")?,
+        );
+        let user = file.map(Path::to_path_buf).or_else(user_config_path);
+        if let Some(path) = user.filter(|p| p.exists() || file.is_some()) {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            let layer: toml::Value = toml::from_str(&text)
+                .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+            merge(&mut value, layer);
+        }
+        merge(&mut value, env_layer(std::env::vars()));
+        let cfg: Config = value
+            .try_into()
+            .context("invalid configuration (config file or CLAWRL__* variables)")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        crate::device::parse_dtype(&self.model.dtype)?;
+        let g = &self.generation;
+        if !(0.0..=2.0).contains(&g.temperature) {
+            bail!(
+                "generation.temperature must be within 0..=2, got {}",
+                g.temperature
+            );
+        }
+        if !(0.0..=1.0).contains(&g.top_p) || g.top_p == 0.0 {
+            bail!("generation.top_p must be within (0, 1], got {}", g.top_p);
+        }
+        Ok(())
+    }
+
+    /// Where models and logs live: `$CLAWRL_DATA_DIR`, `paths.data_dir`, or the platform's.
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(p) = std::env::var_os("CLAWRL_DATA_DIR").filter(|p| !p.is_empty()) {
+            return PathBuf::from(p);
+        }
+        if !self.paths.data_dir.is_empty() {
+            return PathBuf::from(&self.paths.data_dir);
+        }
+        project_dirs()
+            .map(|d| d.data_dir().to_path_buf())
+            .unwrap_or_else(|| PathBuf::from(".clawrl"))
+    }
+
+    pub fn log_dir(&self) -> PathBuf {
+        self.data_dir().join("logs")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_layer_builds_nested_tables_and_typed_values() {
+        let v = env_layer(
+            [
+                ("CLAWRL__MODEL__DTYPE".to_string(), "f16".to_string()),
+                ("CLAWRL__GENERATION__TOP_K".into(), "40".into()),
+                ("OTHER".into(), "x".into()),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(v["model"]["dtype"].as_str(), Some("f16"));
+        assert_eq!(v["generation"]["top_k"].as_integer(), Some(40));
+        assert!(v.get("other").is_none());
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        let mut base = toml::Value::try_from(Config::default()).unwrap();
+        merge(&mut base, toml::from_str(DEFAULT_TOML).unwrap());
+        merge(
+            &mut base,
+            toml::from_str("[generation]\ntemperature = 0.2\n").unwrap(),
+        );
+        merge(
+            &mut base,
+            env_layer([("CLAWRL__GENERATION__TOP_P".to_string(), "0.5".to_string())].into_iter()),
+        );
+        let cfg: Config = base.try_into().unwrap();
+        assert_eq!(cfg.generation.temperature, 0.2);
+        assert_eq!(cfg.generation.top_p, 0.5);
+        assert_eq!(
+            cfg.generation.max_tokens, 512,
+            "untouched keys keep the default"
+        );
+    }
+
+    #[test]
+    fn default_toml_matches_builtin_defaults() {
+        let parsed: Config = toml::from_str(DEFAULT_TOML).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        let err = toml::from_str::<Config>("[model]\ndtyp = \"f16\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dtyp"), "{err}");
+        let mut cfg = Config::default();
+        cfg.model.dtype = "f8".into();
+        assert!(cfg.validate().unwrap_err().to_string().contains("f8"));
+    }
+}

@@ -1,0 +1,216 @@
+//! Generation with a KV cache, and teacher-forced scoring of a given continuation.
+
+use super::LoadedModel;
+use super::sampling::{Sampler, SamplingParams};
+use anyhow::{Result, bail};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt_ids: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-turn token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+    /// The caller asked to stop (e.g. the client went away).
+    Cancelled,
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Every sampled token, the end-of-turn token included when one was sampled.
+    pub ids: Vec<u32>,
+    /// Untempered log-probability of each sampled token.
+    pub logprobs: Vec<f32>,
+    /// The reply text: end-of-turn token excluded, cut before a stop string.
+    pub text: String,
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+}
+
+impl Generation {
+    /// `prefill: 41 tokens, 85.3 tok/s; decode: 32 tokens, 24.1 tok/s`
+    pub fn speed_line(&self) -> String {
+        let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+        // The first token comes out of the prefill step; decode speed counts the rest.
+        let decoded = self.ids.len().saturating_sub(1);
+        format!(
+            "prefill: {} tokens, {:.1} tok/s; decode: {} tokens, {:.1} tok/s",
+            self.prompt_tokens,
+            rate(self.prompt_tokens, self.prefill_secs),
+            decoded,
+            rate(decoded, self.decode_secs)
+        )
+    }
+}
+
+/// Checks that the prompt fits the context and returns how many tokens may be generated.
+pub fn token_budget(context_length: usize, prompt_len: usize, max_tokens: usize) -> Result<usize> {
+    if prompt_len == 0 {
+        bail!("the prompt is empty");
+    }
+    if prompt_len >= context_length {
+        bail!(
+            "the prompt is {prompt_len} tokens, but the model's context is {context_length} tokens; shorten the conversation"
+        );
+    }
+    Ok(max_tokens.min(context_length - prompt_len))
+}
+
+impl LoadedModel {
+    fn ids_tensor(&self, ids: &[u32]) -> Tensor<2, Int> {
+        let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        Tensor::from_data(
+            TensorData::new(data, [1, ids.len()]),
+            &self.transformer.device(),
+        )
+    }
+
+    /// Logits of the last position of `ids` after extending `cache` with them.
+    fn step(&self, ids: &[u32], cache: &mut super::KvCache) -> Vec<f32> {
+        let hidden = self.transformer.forward(self.ids_tensor(ids), cache);
+        let [_, s, h] = hidden.dims();
+        let last = hidden.narrow(1, s - 1, 1).reshape([1, h]);
+        self.transformer
+            .logits(last)
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("logits are f32")
+    }
+
+    /// Generates a reply. `on_text` receives each new piece of text and returns `false` to stop.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        let budget = token_budget(
+            self.config.context_length,
+            req.prompt_ids.len(),
+            req.max_tokens,
+        )?;
+        let mut sampler = Sampler::new(req.sampling);
+        let mut cache = self.transformer.new_cache();
+        let mut out = Generation {
+            ids: Vec::new(),
+            logprobs: Vec::new(),
+            text: String::new(),
+            finish: FinishReason::Length,
+            prompt_tokens: req.prompt_ids.len(),
+            prefill_secs: 0.0,
+            decode_secs: 0.0,
+        };
+        if budget == 0 {
+            return Ok(out);
+        }
+        let t0 = Instant::now();
+        let mut logits = self.step(&req.prompt_ids, &mut cache);
+        out.prefill_secs = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut emitted = 0; // bytes of `text` already handed to `on_text`
+        let mut text_ids: Vec<u32> = Vec::new();
+        loop {
+            let (id, lp) = sampler.sample(&logits);
+            out.ids.push(id);
+            out.logprobs.push(lp);
+            if self.tokenizer.stop_ids.contains(&id) {
+                out.finish = FinishReason::Stop;
+                break;
+            }
+            text_ids.push(id);
+            let text = self.tokenizer.decode(&text_ids)?;
+            if let Some(cut) = req
+                .stop
+                .iter()
+                .filter(|s| !s.is_empty())
+                .filter_map(|s| text.find(s.as_str()))
+                .min()
+            {
+                out.text = text[..cut].to_string();
+                out.finish = FinishReason::Stop;
+                break;
+            }
+            out.text = text;
+            // Hold back an incomplete UTF-8 sequence and any tail that could start a stop string.
+            let safe = safe_emit_len(&out.text, &req.stop);
+            if safe > emitted {
+                if !on_text(&out.text[emitted..safe]) {
+                    out.finish = FinishReason::Cancelled;
+                    break;
+                }
+                emitted = safe;
+            }
+            if out.ids.len() >= budget {
+                break;
+            }
+            logits = self.step(&[id], &mut cache);
+        }
+        if out.text.len() > emitted && out.finish != FinishReason::Cancelled {
+            on_text(&out.text[emitted..]);
+        }
+        out.decode_secs = t1.elapsed().as_secs_f64();
+        if out.ids.len() == 1 {
+            out.decode_secs = 0.0;
+        }
+        Ok(out)
+    }
+
+    /// Log-probabilities of `continuation` given `context`, in one teacher-forced forward pass.
+    pub fn score(&self, context: &[u32], continuation: &[u32]) -> Result<Vec<f32>> {
+        if context.is_empty() {
+            bail!("scoring needs a non-empty context");
+        }
+        if continuation.is_empty() {
+            return Ok(Vec::new());
+        }
+        let total = context.len() + continuation.len();
+        token_budget(self.config.context_length, total - 1, 0)?;
+        let mut ids = context.to_vec();
+        ids.extend_from_slice(&continuation[..continuation.len() - 1]);
+        let mut cache = self.transformer.new_cache();
+        let hidden = self.transformer.forward(self.ids_tensor(&ids), &mut cache);
+        let [_, _, h] = hidden.dims();
+        let n = continuation.len();
+        // Position p predicts token p+1: the last n positions predict the continuation.
+        let rows = hidden.narrow(1, context.len() - 1, n).reshape([n, h]);
+        let logp = log_softmax(self.transformer.logits(rows), 1);
+        let targets: Vec<i64> = continuation.iter().map(|&i| i as i64).collect();
+        let idx = Tensor::<2, Int>::from_data(
+            TensorData::new(targets, [n, 1]),
+            &self.transformer.device(),
+        );
+        Ok(logp.gather(1, idx).into_data().try_into_vec::<f32>()?)
+    }
+}
+
+/// How much of `text` can be shown now: not a trailing partial character, not a trailing prefix
+/// of a stop string (it may still complete into one).
+fn safe_emit_len(text: &str, stops: &[String]) -> usize {
+    let mut end = text.len();
+    if text.ends_with('\u{FFFD}') {
+        end -= '\u{FFFD}'.len_utf8();
+    }
+    let whole = end;
+    for s in stops.iter().filter(|s| !s.is_empty()) {
+        if let Some(k) = (1..s.len())
+            .rev()
+            .find(|&k| s.is_char_boundary(k) && text[..whole].ends_with(&s[..k]))
+        {
+            end = end.min(whole - k);
+        }
+    }
+    end
+}

@@ -1,0 +1,122 @@
+//! The projection layer: one type whose weight is either a dense Burn tensor or the
+//! checkpoint's own quantized GGUF blocks.
+//!
+//! Training and LoRA need the dense form; a memory-lean decode path can compute directly on the
+//! blocks (faithful to what the file ships, no dequantized copy kept). The rest of the model only
+//! ever calls [`Linear::forward`], so it never depends on the representation.
+
+use super::quant::{GgmlType, dequantize_into};
+use anyhow::{Result, ensure};
+use burn::module::{Module, Param};
+use burn::tensor::{DType, Tensor, TensorData};
+use std::sync::Arc;
+
+/// A `[out, in]` matrix kept as GGML blocks, one row after another.
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    row_bytes: usize,
+    bytes: Vec<u8>,
+}
+
+impl QuantMatrix {
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, bytes: Vec<u8>) -> Result<Self> {
+        let row_bytes = ty.bytes_for(cols)?;
+        ensure!(
+            bytes.len() == rows * row_bytes,
+            "{ty:?} matrix {rows}x{cols} needs {} bytes, got {}",
+            rows * row_bytes,
+            bytes.len()
+        );
+        Ok(Self {
+            ty,
+            rows,
+            cols,
+            row_bytes,
+            bytes,
+        })
+    }
+
+    /// `x` is `[n, cols]` row-major; returns `[n, rows]` = x · Wᵀ.
+    pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; n * self.rows];
+        let mut w = Vec::with_capacity(self.cols);
+        for (o, row) in self.bytes.chunks_exact(self.row_bytes).enumerate() {
+            w.clear();
+            dequantize_into(self.ty, row, self.cols, &mut w).expect("row length checked in new");
+            for (r, xr) in x.chunks_exact(self.cols).enumerate() {
+                out[r * self.rows + o] = w.iter().zip(xr).map(|(a, b)| a * b).sum();
+            }
+        }
+        out
+    }
+
+    pub fn to_dense(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for row in self.bytes.chunks_exact(self.row_bytes) {
+            dequantize_into(self.ty, row, self.cols, &mut out).expect("row length checked in new");
+        }
+        out
+    }
+}
+
+/// Quantized blocks as a (parameter-free) module field.
+#[derive(Module, Debug)]
+pub struct BlockWeight {
+    #[module(skip)]
+    pub matrix: Arc<QuantMatrix>,
+}
+
+#[derive(Module, Debug)]
+pub enum LinearWeight {
+    /// `[in, out]`, so that the forward pass is a plain `x · W`.
+    Dense(Param<Tensor<2>>),
+    Blocks(BlockWeight),
+}
+
+#[derive(Module, Debug)]
+pub struct Linear {
+    pub weight: LinearWeight,
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl Linear {
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => burn::tensor::module::linear(x, w.val(), None),
+            LinearWeight::Blocks(b) => {
+                let m = &b.matrix;
+                let (device, dtype) = (x.device(), x.dtype());
+                let mut dims = x.dims();
+                let n = dims[..D - 1].iter().product();
+                let xs = x
+                    .into_data()
+                    .convert::<f32>()
+                    .try_into_vec::<f32>()
+                    .expect("f32 data");
+                dims[D - 1] = m.rows;
+                Tensor::from_data(TensorData::new(m.matmul(&xs, n), dims), (&device, dtype))
+            }
+        };
+        match &self.bias {
+            Some(b) => y + b.val().unsqueeze(),
+            None => y,
+        }
+    }
+
+    pub fn out_features(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.dims()[1],
+            LinearWeight::Blocks(b) => b.matrix.rows,
+        }
+    }
+
+    pub fn dtype(&self) -> Option<DType> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Some(w.dtype()),
+            LinearWeight::Blocks(_) => None,
+        }
+    }
+}

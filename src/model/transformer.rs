@@ -1,0 +1,389 @@
+//! The decoder-only transformer shared by the Llama, Qwen2 and Qwen3 families: RMSNorm,
+//! RoPE (NEOX or interleaved), grouped-query attention with a KV cache, SwiGLU MLP, and a tied
+//! or untied output head.
+
+use super::config::{ModelConfig, RopeLayout};
+use super::linear::{BlockWeight, Linear, LinearWeight};
+use super::weights::WeightFile;
+use anyhow::{Context, Result, ensure};
+use burn::module::{Module, Param};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
+use std::sync::Arc;
+
+/// How projection weights are held after loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightMode {
+    /// Dequantized to the compute dtype (needed for training).
+    Dense,
+    /// The GGUF's quantized blocks, computed on directly (GGUF only; other tensors stay dense).
+    Blocks,
+}
+
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    pub weight: Param<Tensor<1>>,
+    #[module(skip)]
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// Normalizes over the last axis, in f32 whatever the compute dtype (f16 squares overflow).
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        let x32 = x.cast(FloatDType::F32);
+        let inv = x32
+            .clone()
+            .square()
+            .mean_dim(D - 1)
+            .add_scalar(self.eps)
+            .sqrt()
+            .recip();
+        let y = (x32 * inv).cast(float_dtype(dtype));
+        y * self.weight.val().unsqueeze()
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+#[derive(Module, Debug)]
+pub struct Block {
+    pub input_norm: RmsNorm,
+    pub attn: Attention,
+    pub post_attn_norm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+#[derive(Module, Debug)]
+pub struct Transformer {
+    /// `[vocab, hidden]`
+    pub embed: Param<Tensor<2>>,
+    pub layers: Vec<Block>,
+    pub norm: RmsNorm,
+    /// `None` when the head is tied to the embedding.
+    pub lm_head: Option<Linear>,
+    #[module(skip)]
+    pub config: Arc<ModelConfig>,
+}
+
+/// Keys and values of every layer for the positions seen so far: `[batch, kv_heads, len, head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+fn float_dtype(d: DType) -> FloatDType {
+    match d {
+        DType::F16 => FloatDType::F16,
+        DType::BF16 => FloatDType::BF16,
+        DType::F64 => FloatDType::F64,
+        _ => FloatDType::F32,
+    }
+}
+
+/// cos and sin of the rotation angles for positions `start..start+len`, `[len, head_dim/2]`.
+fn rope_tables(
+    cfg: &ModelConfig,
+    start: usize,
+    len: usize,
+    device: &Device,
+    dtype: DType,
+) -> (Tensor<2>, Tensor<2>) {
+    let half = cfg.head_dim / 2;
+    let mut cos = Vec::with_capacity(len * half);
+    let mut sin = Vec::with_capacity(len * half);
+    for p in start..start + len {
+        for i in 0..half {
+            let inv_freq = cfg.rope_theta.powf(-(2.0 * i as f64) / cfg.head_dim as f64);
+            let angle = p as f64 * inv_freq;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    let make = |v| Tensor::<2>::from_data(TensorData::new(v, [len, half]), (device, dtype));
+    (make(cos), make(sin))
+}
+
+/// Rotates `x` `[b, h, s, d]` by the given angles.
+fn apply_rope(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>, layout: RopeLayout) -> Tensor<4> {
+    let [b, h, s, d] = x.dims();
+    let half = d / 2;
+    let cos = cos.clone().unsqueeze::<4>();
+    let sin = sin.clone().unsqueeze::<4>();
+    match layout {
+        RopeLayout::Neox => {
+            let x1 = x.clone().narrow(3, 0, half);
+            let x2 = x.narrow(3, half, half);
+            let r1 = x1.clone() * cos.clone() - x2.clone() * sin.clone();
+            let r2 = x1 * sin + x2 * cos;
+            Tensor::cat(vec![r1, r2], 3)
+        }
+        RopeLayout::Interleaved => {
+            let pairs = x.reshape([b, h, s, half, 2]);
+            let xe = pairs.clone().narrow(4, 0, 1).reshape([b, h, s, half]);
+            let xo = pairs.narrow(4, 1, 1).reshape([b, h, s, half]);
+            let re = xe.clone() * cos.clone() - xo.clone() * sin.clone();
+            let ro = xe * sin + xo * cos;
+            Tensor::stack::<5>(vec![re, ro], 4).reshape([b, h, s, d])
+        }
+    }
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        cfg: &ModelConfig,
+        rope: &(Tensor<2>, Tensor<2>),
+        cache: &mut Option<(Tensor<4>, Tensor<4>)>,
+        start: usize,
+    ) -> Tensor<3> {
+        let [b, s, _] = x.dims();
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
+        let mut q = heads(self.q_proj.forward(x.clone()), nh);
+        let mut k = heads(self.k_proj.forward(x.clone()), nkv);
+        let v = heads(self.v_proj.forward(x), nkv);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(q);
+            k = kn.forward(k);
+        }
+        let q = apply_rope(q, &rope.0, &rope.1, cfg.rope_layout);
+        let k = apply_rope(k, &rope.0, &rope.1, cfg.rope_layout);
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let t = k.dims()[2];
+        let rep = nh / nkv;
+        // Grouped-query attention without copying K/V per query head: fold the `rep` query
+        // heads of each KV group into the row axis.
+        let qg = q.reshape([b, nkv, rep * s, hd]);
+        let scores = qg
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (hd as f64).sqrt());
+        let mut scores = scores.reshape([b, nh, s, t]);
+        if s > 1 {
+            // Query i (absolute position start+i) may see keys 0..=start+i.
+            let mask = Tensor::<2, Bool>::tril_mask([s, t], start as i64, &scores.device());
+            scores = scores.mask_fill(
+                mask.unsqueeze::<4>().expand([b, nh, s, t]),
+                f32::NEG_INFINITY,
+            );
+        }
+        let probs = softmax(scores, 3).reshape([b, nkv, rep * s, t]);
+        let out = probs
+            .matmul(v)
+            .reshape([b, nh, s, hd])
+            .swap_dims(1, 2)
+            .reshape([b, s, nh * hd]);
+        self.o_proj.forward(out)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+impl Transformer {
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.layers.len()],
+            len: 0,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    /// Runs `tokens` `[batch, seq]` after the cached positions; returns the final-norm hidden
+    /// states `[batch, seq, hidden]` and extends the cache.
+    pub fn forward(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
+        let cfg = &self.config;
+        let [_, s] = tokens.dims();
+        let start = cache.len;
+        let rope = rope_tables(cfg, start, s, &self.device(), self.dtype());
+        let mut x = burn::tensor::module::embedding(self.embed.val(), tokens);
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = layer
+                .attn
+                .forward(layer.input_norm.forward(x.clone()), cfg, &rope, kv, start);
+            x = x + h;
+            x = x.clone() + layer.mlp.forward(layer.post_attn_norm.forward(x));
+        }
+        cache.len += s;
+        self.norm.forward(x)
+    }
+
+    /// Logits `[n, vocab]` (f32) of hidden states `[n, hidden]`.
+    pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            // E·hᵀ reads the embedding in place; h·Eᵀ would copy it per call.
+            None => self.embed.val().matmul(hidden.transpose()).transpose(),
+        };
+        logits.cast(FloatDType::F32)
+    }
+
+    /// Loads a checkpoint into a model on `device`, weights in `dtype` (F32 or F16).
+    pub fn load(
+        file: &WeightFile,
+        config: ModelConfig,
+        device: &Device,
+        dtype: DType,
+        mode: WeightMode,
+    ) -> Result<Self> {
+        config.validate()?;
+        ensure!(
+            matches!(dtype, DType::F32 | DType::F16 | DType::BF16),
+            "unsupported compute dtype {dtype:?}"
+        );
+        let tensor = |name: &str, expect: &[usize]| -> Result<Tensor<2>> {
+            let (v, shape) = file.f32(name)?;
+            ensure!(
+                shape == expect,
+                "tensor {name} has shape {shape:?}, the config implies {expect:?}"
+            );
+            Ok(Tensor::from_data(
+                TensorData::new(v, [shape[0], shape[1]]),
+                (device, dtype),
+            ))
+        };
+        let vector = |name: &str, len: usize| -> Result<Param<Tensor<1>>> {
+            let (v, shape) = file.f32(name)?;
+            ensure!(
+                shape == [len],
+                "tensor {name} has shape {shape:?}, the config implies [{len}]"
+            );
+            Ok(Param::from_tensor(Tensor::from_data(
+                TensorData::new(v, [len]),
+                (device, dtype),
+            )))
+        };
+        let norm = |name: &str, len: usize| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: vector(name, len)?,
+                eps: config.rms_norm_eps,
+            })
+        };
+        let linear = |prefix: &str, d_in: usize, d_out: usize| -> Result<Linear> {
+            let wname = format!("{prefix}.weight");
+            let weight = match (mode, file.quant_blocks(&wname)) {
+                (WeightMode::Blocks, Some(m)) => {
+                    ensure!(
+                        (m.rows, m.cols) == (d_out, d_in),
+                        "tensor {wname} has shape [{}, {}], expected [{d_out}, {d_in}]",
+                        m.rows,
+                        m.cols
+                    );
+                    LinearWeight::Blocks(BlockWeight {
+                        matrix: Arc::new(m),
+                    })
+                }
+                // HF layout is [out, in]; keep [in, out] so the forward pass is x·W.
+                _ => LinearWeight::Dense(Param::from_tensor(
+                    tensor(&wname, &[d_out, d_in])?.transpose(),
+                )),
+            };
+            let bname = format!("{prefix}.bias");
+            let bias = if file.contains(&bname) {
+                Some(vector(&bname, d_out)?)
+            } else {
+                None
+            };
+            Ok(Linear { weight, bias })
+        };
+
+        let (h, hd) = (config.hidden_size, config.head_dim);
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let p = format!("model.layers.{i}");
+            let qk_norm = config.family.qk_norm();
+            let attn = Attention {
+                q_proj: linear(&format!("{p}.self_attn.q_proj"), h, config.num_heads * hd)?,
+                k_proj: linear(
+                    &format!("{p}.self_attn.k_proj"),
+                    h,
+                    config.num_kv_heads * hd,
+                )?,
+                v_proj: linear(
+                    &format!("{p}.self_attn.v_proj"),
+                    h,
+                    config.num_kv_heads * hd,
+                )?,
+                o_proj: linear(&format!("{p}.self_attn.o_proj"), config.num_heads * hd, h)?,
+                q_norm: if qk_norm {
+                    Some(norm(&format!("{p}.self_attn.q_norm.weight"), hd)?)
+                } else {
+                    None
+                },
+                k_norm: if qk_norm {
+                    Some(norm(&format!("{p}.self_attn.k_norm.weight"), hd)?)
+                } else {
+                    None
+                },
+            };
+            let mlp = Mlp {
+                gate_proj: linear(&format!("{p}.mlp.gate_proj"), h, config.intermediate_size)?,
+                up_proj: linear(&format!("{p}.mlp.up_proj"), h, config.intermediate_size)?,
+                down_proj: linear(&format!("{p}.mlp.down_proj"), config.intermediate_size, h)?,
+            };
+            layers.push(Block {
+                input_norm: norm(&format!("{p}.input_layernorm.weight"), h)?,
+                attn,
+                post_attn_norm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                mlp,
+            });
+        }
+        let embed = Param::from_tensor(
+            tensor("model.embed_tokens.weight", &[config.vocab_size, h]).context("embedding")?,
+        );
+        let lm_head = if config.tie_embeddings {
+            None
+        } else {
+            Some(linear("lm_head", h, config.vocab_size)?)
+        };
+        Ok(Self {
+            embed,
+            layers,
+            norm: norm("model.norm.weight", h)?,
+            lm_head,
+            config: Arc::new(config),
+        })
+    }
+}
