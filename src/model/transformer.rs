@@ -130,6 +130,23 @@ fn rope_tables(
     (make(cos), make(sin))
 }
 
+/// Row-major `[rows, cols]` → `[cols, rows]`.
+fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    // Tiles keep both sides cache-friendly.
+    const T: usize = 32;
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                for c in c0..(c0 + T).min(cols) {
+                    out[c * rows + r] = v[r * cols + c];
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Rotates `x` `[b, h, s, d]` by the given angles.
 fn apply_rope(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>, layout: RopeLayout) -> Tensor<4> {
     let [b, h, s, d] = x.dims();
@@ -315,10 +332,20 @@ impl Transformer {
                         matrix: Arc::new(m),
                     })
                 }
-                // HF layout is [out, in]; keep [in, out] so the forward pass is x·W.
-                _ => LinearWeight::Dense(Param::from_tensor(
-                    tensor(&wname, &[d_out, d_in])?.transpose(),
-                )),
+                // HF layout is [out, in]; store [in, out] contiguously so the forward pass is a
+                // plain x·W (a lazily transposed view would be re-copied on every matmul).
+                _ => {
+                    let (v, shape) = file.f32(&wname)?;
+                    ensure!(
+                        shape == [d_out, d_in],
+                        "tensor {wname} has shape {shape:?}, the config implies [{d_out}, {d_in}]"
+                    );
+                    let t = Tensor::from_data(
+                        TensorData::new(transpose(&v, d_out, d_in), [d_in, d_out]),
+                        (device, dtype),
+                    );
+                    LinearWeight::Dense(Param::from_tensor(t))
+                }
             };
             let bname = format!("{prefix}.bias");
             let bias = if file.contains(&bname) {

@@ -1,0 +1,70 @@
+//! Shared test helpers: where the real models and test assets live, and loading them once.
+#![allow(dead_code)]
+
+use burn::tensor::{DType, Device};
+use clawrl_tui::catalog;
+use clawrl_tui::config::Config;
+use clawrl_tui::model::{LoadOptions, LoadedModel, WeightMode};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+pub const SMOLLM2: &str = "smollm2-135m-instruct";
+pub const QWEN25: &str = "qwen2.5-coder-0.5b-instruct";
+
+pub fn data_dir() -> PathBuf {
+    Config::load(None).expect("config").data_dir()
+}
+
+/// Path of an installed catalog model; fails with the command that installs it.
+pub fn model_path(id: &str) -> PathBuf {
+    let m = catalog::find(id).expect("catalog id");
+    let p = m.path(&data_dir());
+    assert!(
+        p.exists(),
+        "{} is not installed at {}: run ./test (it installs what the tests need) or `clawrl-tui fetch-model {id}`",
+        id,
+        p.display()
+    );
+    p
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+pub fn read_json(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(name)).expect("fixture"))
+        .expect("fixture JSON")
+}
+
+pub fn load(id: &str, dtype: DType, weights: WeightMode) -> LoadedModel {
+    LoadedModel::load(
+        &model_path(id),
+        &LoadOptions {
+            device: Device::flex(),
+            dtype,
+            weights,
+        },
+    )
+    .expect("model loads")
+}
+
+/// The default model in f32, loaded once per test binary.
+pub fn smollm2() -> &'static LoadedModel {
+    static M: OnceLock<LoadedModel> = OnceLock::new();
+    M.get_or_init(|| load(SMOLLM2, DType::F32, WeightMode::Dense))
+}
+
+pub fn qwen25() -> &'static LoadedModel {
+    static M: OnceLock<LoadedModel> = OnceLock::new();
+    M.get_or_init(|| load(QWEN25, DType::F32, WeightMode::Dense))
+}
+
+/// Directory holding test assets fetched by `./test` (the official Qwen3 tokenizer.json).
+pub fn test_assets() -> PathBuf {
+    std::env::var_os("CLAWRL_TEST_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| data_dir().join("test-assets"))
+}
