@@ -66,5 +66,5 @@ pub fn qwen25() -> &'static LoadedModel {
 pub fn test_assets() -> PathBuf {
     std::env::var_os("CLAWRL_TEST_ASSETS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| data_dir().join("test-assets"))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-assets"))
 }
