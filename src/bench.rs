@@ -28,6 +28,7 @@ struct Row {
     prefill: f64,
     decode: f64,
     load_secs: f64,
+    weight_mb: f64,
 }
 
 pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
@@ -66,7 +67,7 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
         let mut prefill = Vec::new();
         let mut decode = Vec::new();
         for i in 0..=args.runs {
-            // Stop tokens would end a run early: count only full runs.
+            // Rates use the tokens actually decoded (a stop token may end a run early).
             let g = model.generate(&req, |_| true)?;
             if i == 0 {
                 continue;
@@ -79,19 +80,24 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
             prefill: median(&mut prefill),
             decode: median(&mut decode),
             load_secs,
+            weight_mb: model.transformer.weight_bytes() as f64 / 1e6,
         });
         let r = rows.last().expect("just pushed");
         println!(
-            "{:<12} load {:>6.2} s  prefill {:>8.1} tok/s  decode {:>7.1} tok/s",
-            r.name, r.load_secs, r.prefill, r.decode
+            "{:<12} load {:>6.2} s  weights {:>7.1} MB  prefill {:>8.1} tok/s  decode {:>7.1} tok/s",
+            r.name, r.load_secs, r.weight_mb, r.prefill, r.decode
         );
     }
     let base = &rows[0];
-    println!("\nratios to {} (higher is faster):", base.name);
+    println!(
+        "\nratios to {} (weights: lower is leaner; prefill/decode: higher is faster):",
+        base.name
+    );
     for r in &rows {
         println!(
-            "{:<12} prefill x{:.2}  decode x{:.2}",
+            "{:<12} weights x{:.2}  prefill x{:.2}  decode x{:.2}",
             r.name,
+            r.weight_mb / base.weight_mb,
             r.prefill / base.prefill,
             r.decode / base.decode
         );

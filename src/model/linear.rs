@@ -113,6 +113,18 @@ impl Linear {
         }
     }
 
+    /// Bytes the weight and bias occupy in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let w = match &self.weight {
+            LinearWeight::Dense(w) => w.shape().num_elements() * w.dtype().size(),
+            LinearWeight::Blocks(b) => b.matrix.bytes.len(),
+        };
+        w + self
+            .bias
+            .as_ref()
+            .map_or(0, |b| b.shape().num_elements() * b.dtype().size())
+    }
+
     pub fn dtype(&self) -> Option<DType> {
         match &self.weight {
             LinearWeight::Dense(w) => Some(w.dtype()),

@@ -139,8 +139,18 @@ mod tests {
     #[test]
     fn top_k_one_and_tiny_top_p_reduce_to_greedy() {
         for params in [
-            SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 1, seed: Some(1) },
-            SamplingParams { temperature: 1.0, top_p: 0.01, top_k: 0, seed: Some(1) },
+            SamplingParams {
+                temperature: 1.0,
+                top_p: 1.0,
+                top_k: 1,
+                seed: Some(1),
+            },
+            SamplingParams {
+                temperature: 1.0,
+                top_p: 0.01,
+                top_k: 0,
+                seed: Some(1),
+            },
         ] {
             let mut s = Sampler::new(params);
             for _ in 0..50 {
@@ -151,7 +161,12 @@ mod tests {
 
     #[test]
     fn top_k_never_leaves_the_k_best() {
-        let mut s = Sampler::new(SamplingParams { temperature: 2.0, top_p: 1.0, top_k: 2, seed: Some(3) });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 2.0,
+            top_p: 1.0,
+            top_k: 2,
+            seed: Some(3),
+        });
         let seen: std::collections::BTreeSet<u32> = (0..400).map(|_| s.sample(&LOGITS).0).collect();
         assert_eq!(seen, [0u32, 4].into_iter().collect());
     }
@@ -159,7 +174,12 @@ mod tests {
     #[test]
     fn sampling_frequencies_follow_the_tempered_softmax() {
         let t = 0.8f32;
-        let mut s = Sampler::new(SamplingParams { temperature: t, top_p: 1.0, top_k: 0, seed: Some(42) });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: t,
+            top_p: 1.0,
+            top_k: 0,
+            seed: Some(42),
+        });
         let n = 20_000;
         let mut counts = [0usize; 5];
         for _ in 0..n {
@@ -171,13 +191,21 @@ mod tests {
             let freq = c as f64 / n as f64;
             // 5 standard deviations of a binomial proportion.
             let tol = 5.0 * (p * (1.0 - p) / n as f64).sqrt() + 1e-3;
-            assert!((freq - p).abs() < tol, "token {i}: frequency {freq:.4}, expected {p:.4}");
+            assert!(
+                (freq - p).abs() < tol,
+                "token {i}: frequency {freq:.4}, expected {p:.4}"
+            );
         }
     }
 
     #[test]
     fn the_same_seed_gives_the_same_draws() {
-        let params = SamplingParams { temperature: 1.0, top_p: 0.95, top_k: 0, seed: Some(9) };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.95,
+            top_k: 0,
+            seed: Some(9),
+        };
         let draw = || {
             let mut s = Sampler::new(params);
             (0..64).map(|_| s.sample(&LOGITS).0).collect::<Vec<_>>()

@@ -248,6 +248,33 @@ impl Transformer {
         self.embed.dtype()
     }
 
+    /// Bytes held by the weights (projections as stored: dense or quantized blocks).
+    pub fn weight_bytes(&self) -> usize {
+        let tensor = |t: &Param<Tensor<1>>| t.shape().num_elements() * t.dtype().size();
+        let norm = |n: &RmsNorm| tensor(&n.weight);
+        let mut total =
+            self.embed.shape().num_elements() * self.embed.dtype().size() + norm(&self.norm);
+        total += self.lm_head.as_ref().map_or(0, Linear::weight_bytes);
+        for l in &self.layers {
+            let a = &l.attn;
+            total += [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &l.mlp.gate_proj,
+                &l.mlp.up_proj,
+                &l.mlp.down_proj,
+            ]
+            .iter()
+            .map(|p| p.weight_bytes())
+            .sum::<usize>();
+            total += norm(&l.input_norm) + norm(&l.post_attn_norm);
+            total += a.q_norm.as_ref().map_or(0, norm) + a.k_norm.as_ref().map_or(0, norm);
+        }
+        total
+    }
+
     /// Runs `tokens` `[batch, seq]` after the cached positions; returns the final-norm hidden
     /// states `[batch, seq, hidden]` and extends the cache.
     pub fn forward(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
