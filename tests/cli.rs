@@ -229,3 +229,38 @@ fn bad_configuration_is_reported_with_its_source() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("smollm2-135m-instruct"));
 }
+
+#[test]
+fn starting_without_a_subcommand_chats_on_stdin() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"))
+        .env("CLAWRL__GENERATION__TEMPERATURE", "0")
+        .env("CLAWRL__GENERATION__MAX_TOKENS", "24")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is 2+2?\n/reset\nWhat is the capital of France?\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.to_lowercase().contains("smollm2") && stdout.contains("30 layers"),
+        "model summary first: {stdout}"
+    );
+    assert!(
+        stdout.contains('4') && stdout.contains("Paris"),
+        "both questions answered: {stdout}"
+    );
+    assert_eq!(
+        text(&out.stderr).matches("prefill: ").count(),
+        2,
+        "one speed line per reply"
+    );
+}
