@@ -63,6 +63,7 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
             max_tokens: args.decode_tokens,
             sampling: SamplingParams::greedy(),
             stop: vec![],
+            top_logprobs: 0,
         };
         let mut prefill = Vec::new();
         let mut decode = Vec::new();

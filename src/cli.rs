@@ -69,6 +69,42 @@ pub enum Command {
     Info,
     /// Measure prefill and decode speed of several weight formats; prints ratios to the first.
     Bench(crate::bench::BenchArgs),
+    /// Run the OpenAI-compatible server and capture every conversation turn.
+    Serve(ServeArgs),
+    /// Write every captured turn (reads the store directly; works while the server runs).
+    Export(ExportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Run without the terminal interface (logs go to the log file; Ctrl-C or SIGTERM stops
+    /// cleanly after the requests in flight). The interface is not built yet, so this is
+    /// currently how `serve` always runs.
+    #[arg(long)]
+    pub headless: bool,
+    #[arg(long)]
+    pub host: Option<String>,
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Require `Authorization: Bearer KEY` (also CLAWRL__SERVER__API_KEY).
+    #[arg(long)]
+    pub api_key: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Output format (one JSON object per line).
+    #[arg(long, default_value = "jsonl", value_parser = ["jsonl"])]
+    pub format: String,
+    /// Only turns created at or after this time: 2026-11-24T10:00:00Z, 2026-11-24, or a duration ago (2h, 3days).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Write to FILE instead of standard output.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// The store to read (default: store.path from the config).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -206,7 +242,86 @@ pub fn run() -> Result<()> {
             Ok(())
         }
         Some(Command::Bench(args)) => crate::bench::run(&cfg, &args),
+        Some(Command::Serve(args)) => serve(cfg, &args),
+        Some(Command::Export(args)) => export(&cfg, &args),
     }
+}
+
+fn serve(mut cfg: Config, args: &ServeArgs) -> Result<()> {
+    if let Some(h) = &args.host {
+        cfg.server.host = h.clone();
+    }
+    if let Some(p) = args.port {
+        cfg.server.port = p;
+    }
+    if let Some(k) = &args.api_key {
+        cfg.server.api_key = k.clone();
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let state = crate::app::build(&cfg)?;
+        let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        eprintln!(
+            "clawrl-tui: serving `{}` at http://{local}/v1 (store: {}; logs: {})",
+            state.config.model_id,
+            cfg.store_path().display(),
+            cfg.log_dir().display()
+        );
+        tracing::info!(%local, model = %state.config.model_id, "serving");
+        crate::server::serve(listener, state, shutdown_signal()).await?;
+        eprintln!("clawrl-tui: stopped");
+        Ok(())
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+fn export(cfg: &Config, args: &ExportArgs) -> Result<()> {
+    let since = args
+        .since
+        .as_deref()
+        .map(crate::store::parse_since)
+        .transpose()?
+        .unwrap_or(0);
+    let path = args.store.clone().unwrap_or_else(|| cfg.store_path());
+    let store = crate::store::Store::open_read_only(&path)?;
+    let mut out: Box<dyn Write> = match &args.output {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let n = store.export(since, |record| {
+        writeln!(out, "{record}")?;
+        Ok(())
+    })?;
+    out.flush()?;
+    eprintln!("exported {n} turns from {}", path.display());
+    Ok(())
 }
 
 fn sampling(cfg: &Config, args: Option<&GenerateArgs>) -> SamplingParams {
@@ -231,6 +346,7 @@ fn generate(cfg: &Config, args: &GenerateArgs) -> Result<()> {
         max_tokens: args.max_tokens.unwrap_or(cfg.generation.max_tokens),
         sampling: sampling(cfg, Some(args)),
         stop: args.stop.clone(),
+        top_logprobs: 0,
     };
     let mut out = std::io::stdout().lock();
     let gen_ = model.generate(&req, |piece| {
@@ -274,6 +390,7 @@ fn interactive(cfg: &Config) -> Result<()> {
             max_tokens: cfg.generation.max_tokens,
             sampling: sampling(cfg, None),
             stop: Vec::new(),
+            top_logprobs: 0,
         };
         let mut out = std::io::stdout().lock();
         match model.generate(&req, |p| {

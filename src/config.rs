@@ -16,8 +16,50 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 pub struct Config {
     pub model: ModelSection,
     pub generation: GenerationSection,
+    pub server: ServerSection,
+    pub store: StoreSection,
     pub paths: PathsSection,
     pub log: LogSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    pub host: String,
+    pub port: u16,
+    pub api_key: String,
+    pub model_id: String,
+    pub max_body_bytes: usize,
+    pub max_active: usize,
+    pub max_queue: usize,
+    pub prefix_cache_mb: usize,
+    pub prefix_cache_min_tokens: usize,
+    pub session_idle_secs: u64,
+    pub internal_context_markers: Vec<String>,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 30000,
+            api_key: String::new(),
+            model_id: String::new(),
+            max_body_bytes: 16 << 20,
+            max_active: 4,
+            max_queue: 16,
+            prefix_cache_mb: 1024,
+            prefix_cache_min_tokens: 32,
+            session_idle_secs: 1800,
+            internal_context_markers: vec!["<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    pub path: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,6 +98,8 @@ impl Default for Config {
         Self {
             model: ModelSection::default(),
             generation: GenerationSection::default(),
+            server: ServerSection::default(),
+            store: StoreSection::default(),
             paths: PathsSection::default(),
             log: LogSection::default(),
         }
@@ -192,6 +236,14 @@ impl Config {
         project_dirs()
             .map(|d| d.data_dir().to_path_buf())
             .unwrap_or_else(|| PathBuf::from(".clawrl"))
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        if self.store.path.is_empty() {
+            self.data_dir().join("clawrl.sqlite")
+        } else {
+            PathBuf::from(&self.store.path)
+        }
     }
 
     pub fn log_dir(&self) -> PathBuf {

@@ -1,10 +1,17 @@
 //! clawrl-tui: serve a local LLM, watch its conversations, and improve it from them.
 //! See docs/ARCHITECTURE.md for how the modules fit together.
 
+pub mod app;
 pub mod bench;
+pub mod capture;
 pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod device;
+pub mod engine;
+pub mod events;
 pub mod logging;
 pub mod model;
+pub mod server;
+pub mod store;
+pub mod telemetry;

@@ -93,6 +93,7 @@ fn check_model(model: &LoadedModel, fixture: &str) {
             max_tokens: want_greedy.len(),
             sampling: SamplingParams::greedy(),
             stop: vec![],
+            top_logprobs: 0,
         };
         let g = model.generate(&req, |_| true).unwrap();
         let n = g.ids.len().min(want_greedy.len());
@@ -139,6 +140,7 @@ fn sampled_logprobs_equal_teacher_forced_scores() {
             seed: Some(5),
         },
         stop: vec![],
+        top_logprobs: 0,
     };
     let g = model.generate(&req, |_| true).unwrap();
     assert_eq!(g.ids.len(), g.logprobs.len());
@@ -170,6 +172,7 @@ fn seeded_sampling_is_reproducible_and_seeds_differ() {
                 seed: Some(seed),
             },
             stop: vec![],
+            top_logprobs: 0,
         };
         model.generate(&req, |_| true).unwrap().ids
     };
@@ -193,6 +196,7 @@ fn stop_strings_cut_the_text_and_streaming_never_shows_them() {
                 max_tokens: 20,
                 sampling: SamplingParams::greedy(),
                 stop: vec![],
+                top_logprobs: 0,
             },
             |_| true,
         )
@@ -207,6 +211,7 @@ fn stop_strings_cut_the_text_and_streaming_never_shows_them() {
                 max_tokens: 20,
                 sampling: SamplingParams::greedy(),
                 stop: vec![stop.clone()],
+                top_logprobs: 0,
             },
             |p| {
                 streamed.push_str(p);
@@ -238,6 +243,7 @@ fn a_prompt_longer_than_the_context_is_a_clear_error() {
                 max_tokens: 4,
                 sampling: SamplingParams::greedy(),
                 stop: vec![],
+                top_logprobs: 0,
             },
             |_| true,
         )
@@ -284,6 +290,7 @@ fn f16_weights_keep_the_greedy_answer() {
                 max_tokens: 16,
                 sampling: SamplingParams::greedy(),
                 stop: vec![],
+                top_logprobs: 0,
             },
             |_| true,
         )

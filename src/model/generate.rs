@@ -14,6 +14,8 @@ pub struct GenerateRequest {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// How many alternatives (with log-probs) to record per sampled token; 0 = none.
+    pub top_logprobs: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +35,8 @@ pub struct Generation {
     pub ids: Vec<u32>,
     /// Untempered log-probability of each sampled token.
     pub logprobs: Vec<f32>,
+    /// The most likely alternatives at each step (only when requested).
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
     /// The reply text: end-of-turn token excluded, cut before a stop string.
     pub text: String,
     pub finish: FinishReason,
@@ -54,6 +58,50 @@ impl Generation {
             decoded,
             rate(decoded, self.decode_secs)
         )
+    }
+}
+
+/// One sequence being generated, advanced a token at a time by [`LoadedModel::decode_step`]
+/// (so that a scheduler can interleave several).
+pub struct Decoding {
+    sampler: Sampler,
+    stop: Vec<String>,
+    top_logprobs: usize,
+    budget: usize,
+    /// Logits of the next token.
+    logits: Vec<f32>,
+    /// A sampled token the model has not seen yet.
+    feed: Option<u32>,
+    /// Sampled ids that are part of the text (no end-of-turn token).
+    text_ids: Vec<u32>,
+    /// Bytes of `out.text` already returned to the caller.
+    emitted: usize,
+    decode_start: Instant,
+    pub cache: super::KvCache,
+    /// Prompt tokens that came from a prefix cache instead of being computed.
+    pub cached_tokens: usize,
+    pub done: bool,
+    pub out: Generation,
+}
+
+impl Decoding {
+    /// Ends the generation; returns the text not yet handed out.
+    fn finish(&mut self) -> String {
+        self.done = true;
+        self.out.decode_secs = if self.out.ids.len() > 1 {
+            self.decode_start.elapsed().as_secs_f64()
+        } else {
+            0.0
+        };
+        let rest = self.out.text.get(self.emitted..).unwrap_or("").to_string();
+        self.emitted = self.out.text.len();
+        rest
+    }
+
+    /// Stops early at the caller's request (e.g. the client went away).
+    pub fn cancel(&mut self) {
+        self.out.finish = FinishReason::Cancelled;
+        self.finish();
     }
 }
 
@@ -91,81 +139,118 @@ impl LoadedModel {
             .expect("logits are f32")
     }
 
+    /// Starts a generation: checks the budget and runs the prompt through the model. `prefix`
+    /// is a KV cache already holding the first `prefix.len()` prompt tokens (prefix caching).
+    pub fn start_decoding(
+        &self,
+        req: &GenerateRequest,
+        prefix: Option<super::KvCache>,
+    ) -> Result<Decoding> {
+        let budget = token_budget(
+            self.config.context_length,
+            req.prompt_ids.len(),
+            req.max_tokens,
+        )?;
+        let mut cache = match prefix {
+            Some(c) if c.len() < req.prompt_ids.len() => c,
+            _ => self.transformer.new_cache(),
+        };
+        let cached_tokens = cache.len();
+        let mut d = Decoding {
+            sampler: Sampler::new(req.sampling),
+            stop: req.stop.clone(),
+            top_logprobs: req.top_logprobs,
+            budget,
+            logits: Vec::new(),
+            feed: None,
+            text_ids: Vec::new(),
+            emitted: 0,
+            cached_tokens,
+            done: budget == 0,
+            decode_start: Instant::now(),
+            out: Generation {
+                ids: Vec::new(),
+                logprobs: Vec::new(),
+                top_logprobs: Vec::new(),
+                text: String::new(),
+                finish: FinishReason::Length,
+                prompt_tokens: req.prompt_ids.len(),
+                prefill_secs: 0.0,
+                decode_secs: 0.0,
+            },
+            cache: self.transformer.new_cache(),
+        };
+        if !d.done {
+            let t0 = Instant::now();
+            d.logits = self.step(&req.prompt_ids[cached_tokens..], &mut cache);
+            d.out.prefill_secs = t0.elapsed().as_secs_f64();
+            d.decode_start = Instant::now();
+        }
+        d.cache = cache;
+        Ok(d)
+    }
+
+    /// Samples one token; returns the text that became final with it (may be empty).
+    pub fn decode_step(&self, d: &mut Decoding) -> Result<String> {
+        if d.done {
+            return Ok(String::new());
+        }
+        if let Some(prev) = d.feed.take() {
+            d.logits = self.step(&[prev], &mut d.cache);
+        }
+        let (id, lp) = d.sampler.sample(&d.logits);
+        if d.top_logprobs > 0 {
+            d.out
+                .top_logprobs
+                .push(super::sampling::top_logprobs(&d.logits, d.top_logprobs));
+        }
+        d.out.ids.push(id);
+        d.out.logprobs.push(lp);
+        if self.tokenizer.stop_ids.contains(&id) {
+            d.out.finish = FinishReason::Stop;
+            return Ok(d.finish());
+        }
+        d.text_ids.push(id);
+        let text = self.tokenizer.decode(&d.text_ids)?;
+        if let Some(cut) = d
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            d.out.text = text[..cut].to_string();
+            d.out.finish = FinishReason::Stop;
+            return Ok(d.finish());
+        }
+        d.out.text = text;
+        if d.out.ids.len() >= d.budget {
+            d.out.finish = FinishReason::Length;
+            return Ok(d.finish());
+        }
+        // The next call runs the model on this token: the piece goes out first.
+        d.feed = Some(id);
+        // Hold back an incomplete UTF-8 sequence and any tail that could start a stop string.
+        let safe = safe_emit_len(&d.out.text, &d.stop);
+        let piece = d.out.text.get(d.emitted..safe).unwrap_or("").to_string();
+        d.emitted = d.emitted.max(safe);
+        Ok(piece)
+    }
+
     /// Generates a reply. `on_text` receives each new piece of text and returns `false` to stop.
     pub fn generate(
         &self,
         req: &GenerateRequest,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation> {
-        let budget = token_budget(
-            self.config.context_length,
-            req.prompt_ids.len(),
-            req.max_tokens,
-        )?;
-        let mut sampler = Sampler::new(req.sampling);
-        let mut cache = self.transformer.new_cache();
-        let mut out = Generation {
-            ids: Vec::new(),
-            logprobs: Vec::new(),
-            text: String::new(),
-            finish: FinishReason::Length,
-            prompt_tokens: req.prompt_ids.len(),
-            prefill_secs: 0.0,
-            decode_secs: 0.0,
-        };
-        if budget == 0 {
-            return Ok(out);
-        }
-        let t0 = Instant::now();
-        let mut logits = self.step(&req.prompt_ids, &mut cache);
-        out.prefill_secs = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let mut emitted = 0; // bytes of `text` already handed to `on_text`
-        let mut text_ids: Vec<u32> = Vec::new();
-        loop {
-            let (id, lp) = sampler.sample(&logits);
-            out.ids.push(id);
-            out.logprobs.push(lp);
-            if self.tokenizer.stop_ids.contains(&id) {
-                out.finish = FinishReason::Stop;
-                break;
+        let mut d = self.start_decoding(req, None)?;
+        while !d.done {
+            let piece = self.decode_step(&mut d)?;
+            if !piece.is_empty() && !on_text(&piece) {
+                d.cancel();
             }
-            text_ids.push(id);
-            let text = self.tokenizer.decode(&text_ids)?;
-            if let Some(cut) = req
-                .stop
-                .iter()
-                .filter(|s| !s.is_empty())
-                .filter_map(|s| text.find(s.as_str()))
-                .min()
-            {
-                out.text = text[..cut].to_string();
-                out.finish = FinishReason::Stop;
-                break;
-            }
-            out.text = text;
-            // Hold back an incomplete UTF-8 sequence and any tail that could start a stop string.
-            let safe = safe_emit_len(&out.text, &req.stop);
-            if safe > emitted {
-                if !on_text(&out.text[emitted..safe]) {
-                    out.finish = FinishReason::Cancelled;
-                    break;
-                }
-                emitted = safe;
-            }
-            if out.ids.len() >= budget {
-                break;
-            }
-            logits = self.step(&[id], &mut cache);
         }
-        if out.text.len() > emitted && out.finish != FinishReason::Cancelled {
-            on_text(&out.text[emitted..]);
-        }
-        out.decode_secs = t1.elapsed().as_secs_f64();
-        if out.ids.len() == 1 {
-            out.decode_secs = 0.0;
-        }
-        Ok(out)
+        Ok(d.out)
     }
 
     /// Log-probabilities of `continuation` given `context`, in one teacher-forced forward pass.

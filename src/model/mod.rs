@@ -37,7 +37,7 @@ pub struct LoadOptions {
 /// A ready-to-run model: weights, tokenizer and chat template.
 pub struct LoadedModel {
     pub transformer: Transformer,
-    pub tokenizer: Tokenizer,
+    pub tokenizer: std::sync::Arc<Tokenizer>,
     pub template: ChatTemplate,
     pub config: ModelConfig,
     pub path: PathBuf,
@@ -86,7 +86,7 @@ impl LoadedModel {
         .with_context(|| format!("loading weights from {}", path.display()))?;
         Ok(Self {
             transformer,
-            tokenizer,
+            tokenizer: tokenizer.into(),
             template,
             config,
             path: path.to_path_buf(),

@@ -113,6 +113,22 @@ impl Sampler {
     }
 }
 
+/// The `k` most likely tokens with their (untempered) log-probabilities, best first.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let lse = log_sum_exp(logits);
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    let k = k.min(idx.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+    idx.truncate(k);
+    idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    idx.into_iter()
+        .map(|i| (i as u32, logits[i] - lse))
+        .collect()
+}
+
 pub fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()

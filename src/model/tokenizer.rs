@@ -11,6 +11,7 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 /// Split regex of Llama 3 (`pre = llama-bpe`): numbers in groups of up to three.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+#[derive(Debug)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub bos_token: Option<String>,

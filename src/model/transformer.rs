@@ -96,6 +96,29 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The cache of the first `n` positions (shares storage; later appends copy).
+    pub fn truncated(&self, n: usize) -> Self {
+        let n = n.min(self.len);
+        let layers = self
+            .layers
+            .iter()
+            .map(|kv| {
+                kv.as_ref()
+                    .map(|(k, v)| (k.clone().narrow(2, 0, n), v.clone().narrow(2, 0, n)))
+            })
+            .collect();
+        Self { layers, len: n }
+    }
+
+    /// Bytes held by the keys and values.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.shape().num_elements() + v.shape().num_elements()) * k.dtype().size())
+            .sum()
+    }
 }
 
 fn float_dtype(d: DType) -> FloatDType {

@@ -1,0 +1,83 @@
+//! Wiring: the core (engine, capture, event bus, counters) built from the configuration. The
+//! headless server uses it today; the TUI will run the same core in-process.
+
+use crate::capture::Capture;
+use crate::catalog;
+use crate::cli::model_path;
+use crate::config::Config;
+use crate::engine::{Engine, EngineConfig};
+use crate::events::{self, Event, emit};
+use crate::model::LoadOptions;
+use crate::server::{AppState, ServerConfig};
+use crate::telemetry::Counters;
+use anyhow::Result;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The id clients use for the served model: configured, else its catalog id, else its file name.
+pub fn model_id(cfg: &Config) -> String {
+    if !cfg.server.model_id.is_empty() {
+        return cfg.server.model_id.clone();
+    }
+    let spec = if cfg.model.path.is_empty() {
+        &cfg.model.default
+    } else {
+        &cfg.model.path
+    };
+    if let Some(m) = catalog::find(spec) {
+        return m.id.to_string();
+    }
+    let p = std::path::Path::new(spec);
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| spec.clone())
+}
+
+/// Builds the core; the model loads in the background (GET /health answers 503 until then).
+pub fn build(cfg: &Config) -> Result<Arc<AppState>> {
+    let path = model_path(cfg)?;
+    let bus = events::bus();
+    let counters = Arc::new(Counters::default());
+    let capture = Arc::new(Capture::open(
+        &cfg.store_path(),
+        bus.clone(),
+        cfg.server.internal_context_markers.clone(),
+    )?);
+    let s = &cfg.server;
+    let engine_cfg = EngineConfig {
+        model_path: path,
+        load: LoadOptions {
+            device: crate::device::select(cfg.model.device)?,
+            dtype: crate::device::parse_dtype(&cfg.model.dtype)?,
+            weights: cfg.model.weights,
+        },
+        max_queue: s.max_queue,
+        max_active: s.max_active,
+        prefix_cache_bytes: s.prefix_cache_mb << 20,
+        prefix_cache_min_tokens: s.prefix_cache_min_tokens,
+    };
+    let ready_bus = bus.clone();
+    let engine = Engine::start(engine_cfg, counters.clone(), move |info| {
+        emit(
+            &ready_bus,
+            Event::EngineReady {
+                model: info.name.clone(),
+            },
+        )
+    });
+    let config = ServerConfig {
+        model_id: model_id(cfg),
+        model_aliases: Vec::new(),
+        api_key: (!s.api_key.is_empty()).then(|| s.api_key.clone()),
+        max_body_bytes: s.max_body_bytes,
+        generation: cfg.generation.clone(),
+        session_idle: Duration::from_secs(s.session_idle_secs.max(1)),
+    };
+    Ok(Arc::new(AppState {
+        config,
+        engine,
+        capture,
+        bus,
+        counters,
+    }))
+}

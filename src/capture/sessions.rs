@@ -1,0 +1,372 @@
+//! Grouping requests into sessions, and finding each turn's next state.
+//!
+//! With a session id (header or body) the id decides. Without one (the stock OpenClaw CLI, the
+//! openai SDK), a request belongs to the open session whose last request + assistant reply is a
+//! prefix of its messages, once trailing client-internal context blocks are ignored. The
+//! messages after that prefix (the user's reply, or the tool results) are the previous turn's
+//! next state.
+
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+/// A message reduced to what identifies it across requests.
+#[derive(Debug, Clone, PartialEq)]
+struct Norm {
+    role: String,
+    text: String,
+    tool_calls: Vec<(String, Value)>,
+    tool_call_id: Option<String>,
+}
+
+pub fn content_text(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str).or_else(|| p.as_str()))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}
+
+fn normalize(m: &Value) -> Norm {
+    let tool_calls = m
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .map(|calls| {
+            calls
+                .iter()
+                .map(|c| {
+                    let f = c.get("function").cloned().unwrap_or(Value::Null);
+                    let name = f
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string();
+                    // Arguments may come back re-serialized: compare them as JSON values.
+                    let args = match f.get("arguments") {
+                        Some(Value::String(s)) => {
+                            serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone()))
+                        }
+                        Some(v) => v.clone(),
+                        None => Value::Null,
+                    };
+                    (name, args)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Norm {
+        role: m
+            .get("role")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        text: content_text(m.get("content")).trim().to_string(),
+        tool_calls,
+        tool_call_id: m
+            .get("tool_call_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+    }
+}
+
+/// The messages without trailing client-internal context blocks (user messages carrying one
+/// of `markers`; OpenClaw replaces such a block on every turn).
+pub fn strip_internal<'a>(messages: &'a [Value], markers: &[String]) -> &'a [Value] {
+    let mut end = messages.len();
+    while end > 0 {
+        let m = &messages[end - 1];
+        let is_user = m.get("role").and_then(Value::as_str) == Some("user");
+        let text = content_text(m.get("content"));
+        if is_user
+            && markers
+                .iter()
+                .any(|k| !k.is_empty() && text.contains(k.as_str()))
+        {
+            end -= 1;
+        } else {
+            break;
+        }
+    }
+    &messages[..end]
+}
+
+struct Open {
+    id: String,
+    /// Last request's messages + the assistant reply, normalized.
+    expected: Vec<Norm>,
+    last_turn_id: Option<i64>,
+    next_turn_index: i64,
+    last_active: Instant,
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    pub session_id: String,
+    /// Whether this request opened the session.
+    pub new_session: bool,
+    pub turn_index: i64,
+    /// The previous turn of the session and what answered it, when this request carries it.
+    pub next_state_of: Option<NextState>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NextState {
+    pub turn_id: i64,
+    pub messages: Vec<Value>,
+    /// `tool` when every message is a tool result, else `user`.
+    pub role: String,
+}
+
+#[derive(Default)]
+pub struct SessionTracker {
+    open: Vec<Open>,
+}
+
+impl SessionTracker {
+    /// Places a main-turn request. `first_index` gives the next free turn index of a session
+    /// id seen before this process started (from the store).
+    pub fn place(
+        &mut self,
+        explicit: Option<&str>,
+        messages: &[Value],
+        new_id: impl FnOnce() -> String,
+        first_index: impl FnOnce(&str) -> i64,
+    ) -> Placement {
+        let norm: Vec<Norm> = messages.iter().map(normalize).collect();
+        let pos = match explicit {
+            Some(id) => self.open.iter().position(|s| s.id == id),
+            None => self
+                .open
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| {
+                    !s.expected.is_empty()
+                        && s.expected.len() < norm.len()
+                        && norm.starts_with(&s.expected)
+                })
+                .max_by_key(|(_, s)| s.expected.len())
+                .map(|(i, _)| i),
+        };
+        let Some(i) = pos else {
+            let id = explicit.map(str::to_owned).unwrap_or_else(new_id);
+            let turn_index = first_index(&id);
+            self.open.push(Open {
+                id: id.clone(),
+                expected: Vec::new(),
+                last_turn_id: None,
+                next_turn_index: turn_index + 1,
+                last_active: Instant::now(),
+            });
+            return Placement {
+                session_id: id,
+                new_session: true,
+                turn_index,
+                next_state_of: None,
+            };
+        };
+        let s = &mut self.open[i];
+        s.last_active = Instant::now();
+        let turn_index = s.next_turn_index;
+        s.next_turn_index += 1;
+        let next_state_of = s.last_turn_id.and_then(|turn_id| {
+            // Everything after the known prefix; with an explicit id whose history does not
+            // match (a client sending only new messages), the messages after the last assistant one.
+            let start = if !s.expected.is_empty() && norm.starts_with(&s.expected) {
+                s.expected.len()
+            } else {
+                norm.iter()
+                    .rposition(|m| m.role == "assistant")
+                    .map_or(0, |p| p + 1)
+            };
+            let after: Vec<Value> = messages[start..]
+                .iter()
+                .filter(|m| matches!(m.get("role").and_then(Value::as_str), Some("user" | "tool")))
+                .cloned()
+                .collect();
+            (!after.is_empty()).then(|| {
+                let role = if after
+                    .iter()
+                    .all(|m| m.get("role").and_then(Value::as_str) == Some("tool"))
+                {
+                    "tool"
+                } else {
+                    "user"
+                };
+                NextState {
+                    turn_id,
+                    messages: after,
+                    role: role.into(),
+                }
+            })
+        });
+        if next_state_of.is_some() {
+            s.last_turn_id = None; // a turn gets one next state
+        }
+        Placement {
+            session_id: s.id.clone(),
+            new_session: false,
+            turn_index,
+            next_state_of,
+        }
+    }
+
+    /// Records the reply of a main turn: the session now expects `messages + reply` as prefix.
+    pub fn record_reply(
+        &mut self,
+        session_id: &str,
+        turn_id: i64,
+        messages: &[Value],
+        reply: &Value,
+    ) {
+        if let Some(s) = self.open.iter_mut().find(|s| s.id == session_id) {
+            s.expected = messages
+                .iter()
+                .chain(std::iter::once(reply))
+                .map(normalize)
+                .collect();
+            s.last_turn_id = Some(turn_id);
+            s.last_active = Instant::now();
+        }
+    }
+
+    pub fn close(&mut self, session_id: &str) -> bool {
+        let before = self.open.len();
+        self.open.retain(|s| s.id != session_id);
+        self.open.len() != before
+    }
+
+    /// Closes and returns the sessions idle for longer than `timeout`.
+    pub fn close_idle(&mut self, timeout: Duration) -> Vec<String> {
+        let (idle, keep): (Vec<Open>, Vec<Open>) = std::mem::take(&mut self.open)
+            .into_iter()
+            .partition(|s| s.last_active.elapsed() > timeout);
+        self.open = keep;
+        idle.into_iter().map(|s| s.id).collect()
+    }
+
+    pub fn open_count(&self) -> usize {
+        self.open.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ids() -> impl FnMut() -> String {
+        let mut n = 0;
+        move || {
+            n += 1;
+            format!("s{n}")
+        }
+    }
+
+    const MARK: &str = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>";
+
+    #[test]
+    fn headerless_turns_chain_by_history_and_ignore_internal_context() {
+        let mut t = SessionTracker::default();
+        let mut new_id = ids();
+        let markers = vec![MARK.to_string()];
+        let sys = json!({"role": "system", "content": "You are an agent."});
+        let ctx = |n: u32| json!({"role": "user", "content": [{"type": "text", "text": format!("{MARK} turn {n} <<<END>>>")}]});
+        let u1 = json!({"role": "user", "content": "Hi"});
+        let r1 = [sys.clone(), u1.clone(), ctx(1)];
+        let p1 = t.place(None, strip_internal(&r1, &markers), &mut new_id, |_| 0);
+        assert_eq!(
+            (p1.session_id.as_str(), p1.turn_index, p1.new_session),
+            ("s1", 0, true)
+        );
+        let a1 = json!({"role": "assistant", "content": "Hello! "});
+        t.record_reply("s1", 10, strip_internal(&r1, &markers), &a1);
+
+        // Another client's unrelated conversation opens its own session.
+        let other = [json!({"role": "user", "content": "Unrelated"})];
+        assert_eq!(t.place(None, &other, &mut new_id, |_| 0).session_id, "s2");
+
+        // The same conversation continues, with a fresh internal block and the reply echoed
+        // back (content as a list of parts, whitespace trimmed).
+        let u2 = json!({"role": "user", "content": "Thanks, now count to 3"});
+        let r2 = [
+            sys.clone(),
+            u1.clone(),
+            json!({"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]}),
+            u2.clone(),
+            ctx(2),
+        ];
+        let p2 = t.place(None, strip_internal(&r2, &markers), &mut new_id, |_| 0);
+        assert_eq!(p2.session_id, "s1");
+        assert_eq!(p2.turn_index, 1);
+        let ns = p2.next_state_of.unwrap();
+        assert_eq!((ns.turn_id, ns.role.as_str()), (10, "user"));
+        assert_eq!(ns.messages, vec![u2]);
+    }
+
+    #[test]
+    fn tool_results_are_the_next_state_of_a_tool_call() {
+        let mut t = SessionTracker::default();
+        let u = json!({"role": "user", "content": "Weather?"});
+        t.place(None, &[u.clone()], || "s".into(), |_| 0);
+        let call = json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{\"city\":\"Paris\"}"}}]});
+        t.record_reply("s", 1, &[u.clone()], &call);
+        // Arguments re-serialized with other spacing still match.
+        let echoed = json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{\"city\": \"Paris\"}"}}]});
+        let r1 = json!({"role": "tool", "tool_call_id": "c1", "content": "18C"});
+        let r2 = json!({"role": "tool", "tool_call_id": "c2", "content": "sunny"});
+        let p = t.place(
+            None,
+            &[u, echoed, r1.clone(), r2.clone()],
+            || "new".into(),
+            |_| 0,
+        );
+        assert_eq!(p.session_id, "s");
+        let ns = p.next_state_of.unwrap();
+        assert_eq!(ns.role, "tool");
+        assert_eq!(ns.messages, vec![r1, r2]);
+    }
+
+    #[test]
+    fn explicit_ids_win_and_idle_sessions_close() {
+        let mut t = SessionTracker::default();
+        let p = t.place(
+            Some("abc"),
+            &[json!({"role": "user", "content": "a"})],
+            || unreachable!(),
+            |_| 7,
+        );
+        assert_eq!(
+            (p.session_id.as_str(), p.turn_index),
+            ("abc", 7),
+            "numbering continues after a restart"
+        );
+        t.record_reply(
+            "abc",
+            3,
+            &[json!({"role": "user", "content": "a"})],
+            &json!({"role": "assistant", "content": "b"}),
+        );
+        // A client that sends only the new message still attaches it as the next state.
+        let p = t.place(
+            Some("abc"),
+            &[json!({"role": "user", "content": "c"})],
+            || unreachable!(),
+            |_| 0,
+        );
+        assert_eq!(p.turn_index, 8);
+        assert_eq!(
+            p.next_state_of.unwrap().messages,
+            vec![json!({"role": "user", "content": "c"})]
+        );
+        assert_eq!(
+            t.close_idle(Duration::from_secs(3600)),
+            Vec::<String>::new()
+        );
+        assert_eq!(t.close_idle(Duration::ZERO), vec!["abc".to_string()]);
+        assert_eq!(t.open_count(), 0);
+    }
+}

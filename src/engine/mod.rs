@@ -1,0 +1,328 @@
+//! The engine: owns the model on its own thread; everything else talks to it through channels.
+//!
+//! Scheduling is round-robin interleaving: each admitted request gets one decode step per
+//! round, so none starves; a new request's prompt is computed between rounds (reusing the
+//! prefix cache). A bounded queue in front answers "overloaded" instead of growing.
+
+pub mod prefix_cache;
+
+use crate::model::generate::{Decoding, token_budget};
+use crate::model::{GenerateRequest, Generation, LoadOptions, LoadedModel, SamplingParams};
+use crate::telemetry::Counters;
+use prefix_cache::PrefixCache;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, RwLock};
+use tokio::sync::mpsc::UnboundedSender;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub model_path: PathBuf,
+    pub load: LoadOptions,
+    /// Requests waiting beyond the active ones before new ones are refused.
+    pub max_queue: usize,
+    /// Requests generated concurrently (interleaved).
+    pub max_active: usize,
+    pub prefix_cache_bytes: usize,
+    pub prefix_cache_min_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    Loading,
+    Ready,
+    Failed(String),
+}
+
+/// What the server learns about the loaded model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    pub context_length: usize,
+    pub summary: String,
+    pub tokenizer: Arc<crate::model::tokenizer::Tokenizer>,
+}
+
+/// A chat completion for the engine.
+pub struct Job {
+    pub messages: Vec<Value>,
+    pub tools: Option<Value>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub top_logprobs: usize,
+    pub events: UnboundedSender<EngineEvent>,
+    /// Set by the server when the client goes away.
+    pub cancel: Arc<AtomicBool>,
+}
+
+#[derive(Debug)]
+pub enum EngineEvent {
+    /// The prompt was computed; generation starts.
+    Admitted {
+        prompt_ids: Vec<u32>,
+        cached_tokens: usize,
+    },
+    Text(String),
+    Finished {
+        generation: Generation,
+        prompt_ids: Vec<u32>,
+        cached_tokens: usize,
+        adapter_version: i64,
+    },
+    Failed(EngineError),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineError {
+    ContextTooLong {
+        prompt_tokens: usize,
+        context_length: usize,
+    },
+    /// The request cannot be rendered (e.g. the chat template rejects it).
+    BadRequest(String),
+    Internal(String),
+}
+
+impl std::fmt::Display for EngineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ContextTooLong {
+                prompt_tokens,
+                context_length,
+            } => write!(
+                f,
+                "This model's maximum context length is {context_length} tokens, but the messages are {prompt_tokens} tokens. Shorten the conversation or the system prompt."
+            ),
+            Self::BadRequest(m) | Self::Internal(m) => f.write_str(m),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The queue is full; retry later.
+    Overloaded,
+    /// The engine is not (or no longer) able to serve.
+    Unavailable,
+}
+
+struct Shared {
+    status: RwLock<Status>,
+    info: RwLock<Option<ModelInfo>>,
+    counters: Arc<Counters>,
+    max_queue: usize,
+}
+
+/// A cheap, cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct Engine {
+    tx: Sender<Job>,
+    shared: Arc<Shared>,
+}
+
+impl Engine {
+    /// Starts the engine thread; the model loads in the background (`status()` says when).
+    pub fn start(
+        config: EngineConfig,
+        counters: Arc<Counters>,
+        on_ready: impl FnOnce(&ModelInfo) + Send + 'static,
+    ) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let shared = Arc::new(Shared {
+            status: RwLock::new(Status::Loading),
+            info: RwLock::new(None),
+            counters,
+            max_queue: config.max_queue,
+        });
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("clawrl-engine".into())
+            .spawn(move || {
+                let model = match LoadedModel::load(&config.model_path, &config.load) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::error!("model failed to load: {e:#}");
+                        *s.status.write().unwrap() = Status::Failed(format!("{e:#}"));
+                        return;
+                    }
+                };
+                let info = ModelInfo {
+                    name: model.name.clone(),
+                    context_length: model.config.context_length,
+                    summary: model.summary(),
+                    tokenizer: model.tokenizer.clone(),
+                };
+                tracing::info!("engine ready: {}", info.summary);
+                *s.info.write().unwrap() = Some(info.clone());
+                *s.status.write().unwrap() = Status::Ready;
+                on_ready(&info);
+                Worker {
+                    model,
+                    prefix: PrefixCache::new(
+                        config.prefix_cache_bytes,
+                        config.prefix_cache_min_tokens,
+                    ),
+                    shared: s,
+                    max_active: config.max_active.max(1),
+                }
+                .run(rx);
+            })
+            .expect("spawn engine thread");
+        Self { tx, shared }
+    }
+
+    pub fn status(&self) -> Status {
+        self.shared.status.read().unwrap().clone()
+    }
+
+    pub fn info(&self) -> Option<ModelInfo> {
+        self.shared.info.read().unwrap().clone()
+    }
+
+    /// Queues a job, or refuses it when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        if self.status() != Status::Ready {
+            return Err(SubmitError::Unavailable);
+        }
+        let c = &self.shared.counters;
+        // Reserve a queue slot first so concurrent submits cannot overshoot the bound.
+        let before = c.queue_depth.fetch_add(1, Relaxed);
+        if before as usize >= self.shared.max_queue {
+            c.queue_depth.fetch_sub(1, Relaxed);
+            return Err(SubmitError::Overloaded);
+        }
+        self.tx.send(job).map_err(|_| {
+            c.queue_depth.fetch_sub(1, Relaxed);
+            SubmitError::Unavailable
+        })
+    }
+}
+
+struct Active {
+    job: Job,
+    decoding: Decoding,
+    prompt_ids: Vec<u32>,
+}
+
+struct Worker {
+    model: LoadedModel,
+    prefix: PrefixCache,
+    shared: Arc<Shared>,
+    max_active: usize,
+}
+
+impl Worker {
+    fn run(mut self, rx: Receiver<Job>) {
+        let mut active: Vec<Active> = Vec::new();
+        let mut open = true;
+        while open || !active.is_empty() {
+            // Admit new work: block only when idle.
+            if active.is_empty() {
+                match rx.recv() {
+                    Ok(job) => self.admit(job, &mut active),
+                    Err(_) => break,
+                }
+            }
+            while open && active.len() < self.max_active {
+                match rx.try_recv() {
+                    Ok(job) => self.admit(job, &mut active),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => open = false,
+                }
+            }
+            // One round: a token for every active request.
+            let c = &self.shared.counters;
+            for a in active.iter_mut() {
+                if a.job.cancel.load(Relaxed) || a.job.events.is_closed() {
+                    a.decoding.cancel();
+                    continue;
+                }
+                let t = std::time::Instant::now();
+                match self.model.decode_step(&mut a.decoding) {
+                    Ok(piece) if !piece.is_empty() => {
+                        let _ = a.job.events.send(EngineEvent::Text(piece));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = a
+                            .job
+                            .events
+                            .send(EngineEvent::Failed(EngineError::Internal(format!("{e:#}"))));
+                        a.decoding.cancel();
+                    }
+                }
+                Counters::add(&c.decode_micros, t.elapsed().as_micros() as u64);
+            }
+            let (done, still): (Vec<Active>, Vec<Active>) =
+                active.into_iter().partition(|a| a.decoding.done);
+            active = still;
+            for a in done {
+                Counters::add(&c.tokens_out, a.decoding.out.ids.len() as u64);
+                let _ = a.job.events.send(EngineEvent::Finished {
+                    cached_tokens: a.decoding.cached_tokens,
+                    generation: a.decoding.out,
+                    prompt_ids: a.prompt_ids,
+                    adapter_version: 0,
+                });
+            }
+            c.active_sequences.store(active.len() as u64, Relaxed);
+        }
+        tracing::info!("engine stopped");
+    }
+
+    fn admit(&mut self, job: Job, active: &mut Vec<Active>) {
+        let c = self.shared.counters.clone();
+        c.queue_depth.fetch_sub(1, Relaxed);
+        if job.cancel.load(Relaxed) || job.events.is_closed() {
+            return;
+        }
+        let fail = |e: EngineError| {
+            let _ = job.events.send(EngineEvent::Failed(e));
+        };
+        let prompt_ids = match self.model.chat_prompt(&job.messages, job.tools.as_ref()) {
+            Ok(ids) => ids,
+            Err(e) => return fail(EngineError::BadRequest(format!("{e:#}"))),
+        };
+        let context_length = self.model.config.context_length;
+        if token_budget(context_length, prompt_ids.len(), job.max_tokens).is_err() {
+            return fail(EngineError::ContextTooLong {
+                prompt_tokens: prompt_ids.len(),
+                context_length,
+            });
+        }
+        let req = GenerateRequest {
+            prompt_ids: prompt_ids.clone(),
+            max_tokens: job.max_tokens,
+            sampling: job.sampling,
+            stop: job.stop.clone(),
+            top_logprobs: job.top_logprobs,
+        };
+        let cached = self.prefix.lookup(&prompt_ids);
+        let decoding = match self.model.start_decoding(&req, cached) {
+            Ok(d) => d,
+            Err(e) => return fail(EngineError::Internal(format!("{e:#}"))),
+        };
+        // After the prefill the cache holds exactly the prompt: keep it for later requests.
+        self.prefix.insert(&prompt_ids, &decoding.cache);
+        Counters::add(&c.tokens_in, prompt_ids.len() as u64);
+        Counters::add(&c.cached_tokens, decoding.cached_tokens as u64);
+        let _ = job.events.send(EngineEvent::Admitted {
+            prompt_ids: prompt_ids.clone(),
+            cached_tokens: decoding.cached_tokens,
+        });
+        tracing::debug!(
+            prompt = prompt_ids.len(),
+            cached = decoding.cached_tokens,
+            prefill_secs = decoding.out.prefill_secs,
+            "admitted"
+        );
+        active.push(Active {
+            job,
+            decoding,
+            prompt_ids,
+        });
+    }
+}

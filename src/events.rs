@@ -1,0 +1,52 @@
+//! The typed events every stage publishes on the in-process bus (a tokio broadcast channel).
+//! The TUI, the judge, the headless log and the tests subscribe; nobody calls into a stage.
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The engine finished loading the model and serves requests.
+    EngineReady { model: String },
+    /// A chat completion was admitted (queued or started).
+    RequestStarted {
+        request_id: String,
+        session_id: String,
+        prompt_tokens: usize,
+        cached_tokens: usize,
+    },
+    /// A chat completion finished (or was cancelled).
+    RequestFinished {
+        request_id: String,
+        completion_tokens: usize,
+        finish_reason: String,
+    },
+    /// A turn was committed to the store.
+    TurnCaptured {
+        turn_id: i64,
+        session_id: String,
+        turn_index: i64,
+        turn_type: String,
+    },
+    /// A turn received its next state (the user's reply or its tool results).
+    NextStateAttached {
+        turn_id: i64,
+        session_id: String,
+        role: String,
+    },
+    /// A session was closed (explicitly, or after the idle timeout).
+    SessionClosed { session_id: String, reason: String },
+}
+
+pub type EventBus = broadcast::Sender<Event>;
+
+pub fn bus() -> EventBus {
+    broadcast::channel(1024).0
+}
+
+/// Publishes an event; having no subscriber is normal (headless, tests).
+pub fn emit(bus: &EventBus, event: Event) {
+    tracing::debug!(?event, "event");
+    let _ = bus.send(event);
+}

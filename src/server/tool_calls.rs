@@ -1,0 +1,118 @@
+//! Tool-call markup in model output (`<tool_call>{"name": .., "arguments": {..}}</tool_call>`,
+//! the Qwen/Hermes convention the chat templates teach) turned into OpenAI `tool_calls`.
+
+use serde_json::{Value, json};
+
+pub const OPEN: &str = "<tool_call>";
+const CLOSE: &str = "</tool_call>";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    /// Text outside the tool-call blocks, trimmed; `None` when nothing is left.
+    pub content: Option<String>,
+    /// OpenAI-shaped `tool_calls` (`arguments` as a JSON string).
+    pub tool_calls: Vec<Value>,
+}
+
+/// Extracts well-formed tool calls; malformed blocks stay in the content untouched.
+pub fn parse(text: &str, new_id: &mut dyn FnMut() -> String) -> Parsed {
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(OPEN) {
+        let after = &rest[start + OPEN.len()..];
+        // A block cut off by the end of generation runs to the end of the text.
+        let (body, block_end) = match after.find(CLOSE) {
+            Some(end) => (&after[..end], start + OPEN.len() + end + CLOSE.len()),
+            None => (after, rest.len()),
+        };
+        match serde_json::from_str::<Value>(body.trim()) {
+            Ok(v) if v.get("name").and_then(Value::as_str).is_some() => {
+                content.push_str(&rest[..start]);
+                let args = match v.get("arguments").or_else(|| v.get("parameters")) {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(a) => a.to_string(),
+                    None => "{}".into(),
+                };
+                calls.push(json!({"id": new_id(), "type": "function", "function": {"name": v["name"], "arguments": args}}));
+            }
+            _ => content.push_str(&rest[..block_end]),
+        }
+        rest = &rest[block_end..];
+    }
+    content.push_str(rest);
+    let content = content.trim().to_string();
+    Parsed {
+        content: (!content.is_empty()).then_some(content),
+        tool_calls: calls,
+    }
+}
+
+/// How much of a growing `text` can be streamed as plain content when tools are on: everything
+/// before a tool-call block, minus a tail that may still become one.
+pub fn streamable_len(text: &str) -> usize {
+    if let Some(p) = text.find(OPEN) {
+        return p;
+    }
+    (1..OPEN.len())
+        .rev()
+        .find(|&k| text.ends_with(&OPEN[..k]))
+        .map_or(text.len(), |k| text.len() - k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids() -> impl FnMut() -> String {
+        let mut n = 0;
+        move || {
+            n += 1;
+            format!("call_{n}")
+        }
+    }
+
+    #[test]
+    fn extracts_calls_and_keeps_surrounding_text() {
+        let t = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>{\"name\": \"now\", \"arguments\": {}}</tool_call>";
+        let p = parse(t, &mut ids());
+        assert_eq!(p.content.as_deref(), Some("Let me check."));
+        assert_eq!(p.tool_calls.len(), 2);
+        assert_eq!(p.tool_calls[0]["function"]["name"], "get_weather");
+        assert_eq!(
+            p.tool_calls[0]["function"]["arguments"],
+            "{\"city\":\"Paris\"}"
+        );
+        assert_eq!(p.tool_calls[1]["id"], "call_2");
+    }
+
+    #[test]
+    fn malformed_blocks_stay_text_and_plain_text_is_untouched() {
+        let p = parse("<tool_call>{not json}</tool_call> ok", &mut ids());
+        assert!(p.tool_calls.is_empty());
+        assert_eq!(
+            p.content.as_deref(),
+            Some("<tool_call>{not json}</tool_call> ok")
+        );
+        let p = parse("  just text ", &mut ids());
+        assert_eq!(
+            (p.content.as_deref(), p.tool_calls.len()),
+            (Some("just text"), 0)
+        );
+        // A block cut off by max_tokens but holding complete JSON still counts.
+        let p = parse(
+            "<tool_call>{\"name\": \"a\", \"arguments\": {\"x\": 1}}",
+            &mut ids(),
+        );
+        assert_eq!(p.tool_calls.len(), 1);
+        assert_eq!(p.content, None);
+    }
+
+    #[test]
+    fn streaming_holds_back_what_may_become_a_call() {
+        assert_eq!(streamable_len("Hello <tool"), 6);
+        assert_eq!(streamable_len("Hello <tool_call>{"), 6);
+        assert_eq!(streamable_len("Hello"), 5);
+        assert_eq!(streamable_len("a < b"), 5);
+    }
+}

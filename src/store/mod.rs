@@ -1,0 +1,330 @@
+//! The durable store: one SQLite file (WAL mode, `synchronous=FULL`, so an acknowledged turn
+//! survives a crash), a versioned schema with forward migrations, and typed accessors.
+//! Readers (`clawrl-tui export`) open the same file while the server writes to it.
+
+use anyhow::{Context, Result, bail};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+
+/// Each entry migrates the schema from version i to i+1; never edit a shipped entry, append.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE sessions (
+    id             TEXT PRIMARY KEY,
+    source         TEXT NOT NULL,      -- header | body | prefix (how the session was identified)
+    created_at     INTEGER NOT NULL,   -- unix milliseconds
+    last_active_at INTEGER NOT NULL,
+    closed_at      INTEGER,
+    close_reason   TEXT
+);
+CREATE TABLE turns (
+    id               INTEGER PRIMARY KEY,
+    session_id       TEXT NOT NULL REFERENCES sessions(id),
+    turn_index       INTEGER NOT NULL,
+    turn_type        TEXT NOT NULL,    -- main | side
+    response_id      TEXT NOT NULL UNIQUE,
+    request_messages TEXT NOT NULL,    -- JSON: the messages as the client sent them
+    tools            TEXT,             -- JSON
+    prompt_ids       TEXT NOT NULL,    -- JSON array: the exact ids the model saw
+    response_ids     TEXT NOT NULL,    -- JSON array: the exact ids it sampled
+    logprobs         TEXT NOT NULL,    -- JSON array: untempered log-prob of each sampled id
+    response_text    TEXT NOT NULL,
+    tool_calls       TEXT,             -- JSON (OpenAI shape) when the reply called tools
+    finish_reason    TEXT NOT NULL,
+    adapter_version  INTEGER NOT NULL, -- 0 = the base model
+    sampling         TEXT NOT NULL,    -- JSON: temperature, top_p, top_k, seed, max_tokens
+    cached_tokens    INTEGER NOT NULL,
+    created_at       INTEGER NOT NULL,
+    completed_at     INTEGER NOT NULL,
+    next_state       TEXT,             -- JSON array of the messages that answered this turn
+    next_state_role  TEXT,             -- user | tool
+    next_state_at    INTEGER,
+    UNIQUE (session_id, turn_index)
+);
+CREATE INDEX turns_created_at ON turns (created_at);
+"#];
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A finished turn, ready to be committed.
+#[derive(Debug, Clone)]
+pub struct NewTurn {
+    pub session_id: String,
+    pub turn_index: i64,
+    pub turn_type: String,
+    pub response_id: String,
+    pub request_messages: Value,
+    pub tools: Option<Value>,
+    pub prompt_ids: Vec<u32>,
+    pub response_ids: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub response_text: String,
+    pub tool_calls: Option<Value>,
+    pub finish_reason: String,
+    pub adapter_version: i64,
+    pub sampling: Value,
+    pub cached_tokens: usize,
+    pub created_at: i64,
+    pub completed_at: i64,
+}
+
+pub struct Store {
+    conn: Connection,
+    pub path: PathBuf,
+}
+
+fn explain(e: rusqlite::Error, what: &str, path: &Path) -> anyhow::Error {
+    let full = matches!(&e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull);
+    if full {
+        anyhow::anyhow!("{what}: the disk holding {} is full", path.display())
+    } else {
+        anyhow::anyhow!("{what} in {}: {e}", path.display())
+    }
+}
+
+impl Store {
+    /// Opens (creating and migrating) the store for writing.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let mut conn = Connection::open(path)
+            .with_context(|| format!("cannot open the store {}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| explain(e, "enabling WAL", path))?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&mut conn, path)?;
+        Ok(Self {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens an existing store read-only (safe while a server writes to it).
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            bail!(
+                "no store at {} (nothing has been captured yet, or set --store)",
+                path.display()
+            );
+        }
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("cannot open the store {}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version as usize > MIGRATIONS.len() {
+            bail!(
+                "the store {} has schema version {version}, newer than this clawrl-tui understands ({})",
+                path.display(),
+                MIGRATIONS.len()
+            );
+        }
+        Ok(Self {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    pub fn ensure_session(&self, id: &str, source: &str, at: i64) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO sessions (id, source, created_at, last_active_at) VALUES (?1, ?2, ?3, ?3)
+                 ON CONFLICT(id) DO UPDATE SET last_active_at = excluded.last_active_at, closed_at = NULL, close_reason = NULL",
+                params![id, source, at],
+            )
+            .map_err(|e| explain(e, "recording the session", &self.path))?;
+        Ok(())
+    }
+
+    pub fn insert_turn(&self, t: &NewTurn) -> Result<i64> {
+        self.conn
+            .execute(
+                "INSERT INTO turns (session_id, turn_index, turn_type, response_id, request_messages, tools, prompt_ids,
+                    response_ids, logprobs, response_text, tool_calls, finish_reason, adapter_version, sampling,
+                    cached_tokens, created_at, completed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                params![
+                    t.session_id,
+                    t.turn_index,
+                    t.turn_type,
+                    t.response_id,
+                    t.request_messages.to_string(),
+                    t.tools.as_ref().map(Value::to_string),
+                    json_text(&t.prompt_ids),
+                    json_text(&t.response_ids),
+                    json_text(&t.logprobs),
+                    t.response_text,
+                    t.tool_calls.as_ref().map(Value::to_string),
+                    t.finish_reason,
+                    t.adapter_version,
+                    t.sampling.to_string(),
+                    t.cached_tokens as i64,
+                    t.created_at,
+                    t.completed_at,
+                ],
+            )
+            .map_err(|e| explain(e, "recording the turn", &self.path))?;
+        let id = self.conn.last_insert_rowid();
+        self.conn
+            .execute(
+                "UPDATE sessions SET last_active_at = ?2 WHERE id = ?1",
+                params![t.session_id, t.completed_at],
+            )
+            .map_err(|e| explain(e, "recording the session", &self.path))?;
+        Ok(id)
+    }
+
+    /// Attaches the next state to a turn that has none yet; returns whether it did.
+    pub fn attach_next_state(
+        &self,
+        turn_id: i64,
+        messages: &Value,
+        role: &str,
+        at: i64,
+    ) -> Result<bool> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE turns SET next_state = ?2, next_state_role = ?3, next_state_at = ?4 WHERE id = ?1 AND next_state IS NULL",
+                params![turn_id, messages.to_string(), role, at],
+            )
+            .map_err(|e| explain(e, "recording the next state", &self.path))?;
+        Ok(n == 1)
+    }
+
+    pub fn close_session(&self, id: &str, reason: &str, at: i64) -> Result<()> {
+        self.conn
+            .execute("UPDATE sessions SET closed_at = ?2, close_reason = ?3 WHERE id = ?1 AND closed_at IS NULL", params![id, at, reason])
+            .map_err(|e| explain(e, "closing the session", &self.path))?;
+        Ok(())
+    }
+
+    /// The highest turn index used in a session (to continue numbering after a restart).
+    pub fn last_turn_index(&self, session_id: &str) -> Result<Option<i64>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT MAX(turn_index) FROM turns WHERE session_id = ?1",
+                [session_id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
+    /// Every turn created at or after `since_ms`, oldest first, as export records.
+    pub fn export(
+        &self,
+        since_ms: i64,
+        mut each: impl FnMut(Value) -> Result<()>,
+    ) -> Result<usize> {
+        let mut stmt = self.conn.prepare(
+            "SELECT t.id, t.session_id, t.turn_index, t.turn_type, t.response_id, t.request_messages, t.tools, t.prompt_ids,
+                    t.response_ids, t.logprobs, t.response_text, t.tool_calls, t.finish_reason, t.adapter_version, t.sampling,
+                    t.cached_tokens, t.created_at, t.completed_at, t.next_state, t.next_state_role, t.next_state_at
+             FROM turns t WHERE t.created_at >= ?1 ORDER BY t.created_at, t.id",
+        )?;
+        let parse = |s: Option<String>| {
+            s.and_then(|s| serde_json::from_str::<Value>(&s).ok())
+                .unwrap_or(Value::Null)
+        };
+        let mut rows = stmt.query([since_ms])?;
+        let mut n = 0;
+        while let Some(r) = rows.next()? {
+            let ts = |i: usize| -> rusqlite::Result<Value> {
+                Ok(r.get::<_, Option<i64>>(i)?
+                    .map_or(Value::Null, |ms| json!(rfc3339(ms))))
+            };
+            let record = json!({
+                "turn_id": r.get::<_, i64>(0)?,
+                "session_id": r.get::<_, String>(1)?,
+                "turn_index": r.get::<_, i64>(2)?,
+                "turn_type": r.get::<_, String>(3)?,
+                "response_id": r.get::<_, String>(4)?,
+                "request_messages": parse(r.get(5)?),
+                "tools": parse(r.get(6)?),
+                "prompt_ids": parse(r.get(7)?),
+                "response_ids": parse(r.get(8)?),
+                "logprobs": parse(r.get(9)?),
+                "response_text": r.get::<_, String>(10)?,
+                "tool_calls": parse(r.get(11)?),
+                "finish_reason": r.get::<_, String>(12)?,
+                "adapter_version": r.get::<_, i64>(13)?,
+                "sampling": parse(r.get(14)?),
+                "cached_tokens": r.get::<_, i64>(15)?,
+                "created_at": ts(16)?,
+                "completed_at": ts(17)?,
+                "next_state": parse(r.get(18)?),
+                "next_state_role": r.get::<_, Option<String>>(19)?,
+                "next_state_at": ts(20)?,
+            });
+            each(record)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version as usize > MIGRATIONS.len() {
+        bail!(
+            "the store {} has schema version {version}, newer than this clawrl-tui understands ({})",
+            path.display(),
+            MIGRATIONS.len()
+        );
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql).map_err(|e| {
+            explain(
+                e,
+                &format!("migrating the schema to version {}", i + 1),
+                path,
+            )
+        })?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// Milliseconds since the epoch as RFC 3339 UTC.
+pub fn rfc3339(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Parses `--since`: RFC 3339 (`2026-11-24T10:00:00Z`, or a bare date) or a duration ago (`2h`).
+pub fn parse_since(s: &str) -> Result<i64> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        return Ok(now_ms() - d.as_millis() as i64);
+    }
+    let full = if s.len() == 10 {
+        format!("{s}T00:00:00Z")
+    } else {
+        s.to_string()
+    };
+    let t = humantime::parse_rfc3339_weak(&full).with_context(|| format!("--since {s:?}: expected a time like 2026-11-24T10:00:00Z, a date, or a duration like 2h"))?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0))
+}
+
+fn json_text<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("plain data serializes")
+}
