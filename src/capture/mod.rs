@@ -106,7 +106,11 @@ impl Capture {
             }
             TurnType::Side => {
                 let id = explicit_session.unwrap_or_else(|| random_id("side-"));
-                let index = next_index(&id);
+                let index = self
+                    .tracker
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .reserve_index(&id, next_index);
                 (id, index, false, None)
             }
         };

@@ -233,6 +233,22 @@ impl SessionTracker {
         }
     }
 
+    /// The next turn index of a session for a turn that takes no part in history matching
+    /// (a side turn), so that side and main turns of one session never share an index.
+    pub fn reserve_index(
+        &mut self,
+        session_id: &str,
+        first_index: impl FnOnce(&str) -> i64,
+    ) -> i64 {
+        match self.open.iter_mut().find(|s| s.id == session_id) {
+            Some(s) => {
+                s.next_turn_index += 1;
+                s.next_turn_index - 1
+            }
+            None => first_index(session_id),
+        }
+    }
+
     pub fn close(&mut self, session_id: &str) -> bool {
         let before = self.open.len();
         self.open.retain(|s| s.id != session_id);

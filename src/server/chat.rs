@@ -177,10 +177,10 @@ fn parse_request(
             .filter_map(|v| v.as_str().map(str::to_owned))
             .collect(),
         Some(_) => {
-            return Err(
-                ApiError::invalid("`stop` must be a string or a list of up to 16 strings.")
-                    .param("stop"),
-            );
+            return Err(ApiError::invalid(
+                "`stop` must be a string or a list of up to 16 strings.",
+            )
+            .param("stop"));
         }
     };
     let seed = match obj.get("seed") {

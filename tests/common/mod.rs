@@ -68,3 +68,4 @@ pub fn test_assets() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-assets"))
 }
+pub mod server;

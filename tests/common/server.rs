@@ -1,0 +1,185 @@
+//! A real `clawrl-tui serve --headless` process on a loopback port, with its own data dir.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+    pub data: tempfile::TempDir,
+    pub key: String,
+}
+
+impl Server {
+    /// Starts a server on the default model; `env` adds CLAWRL__* overrides.
+    pub fn start(env: &[(&str, &str)]) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let key = "test-key-123".to_string();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"));
+        cmd.args([
+            "--model",
+            super::model_path(super::SMOLLM2).to_str().unwrap(),
+            "serve",
+            "--headless",
+            "--port",
+            "0",
+            "--api-key",
+            &key,
+        ])
+        .env("CLAWRL_DATA_DIR", data.path())
+        .env("CLAWRL__SERVER__MODEL_ID", "smollm2-135m-instruct")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let line = lines.next().expect("server prints its address").unwrap();
+        let port: u16 = line
+            .split("http://127.0.0.1:")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let s = Self {
+            child,
+            port,
+            data,
+            key,
+        };
+        let t = Instant::now();
+        while s.get("/health", false).0 != 200 {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "server did not become ready"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.data.path().join("clawrl.sqlite")
+    }
+
+    /// Sends raw HTTP/1.1 and returns (status, headers, body).
+    pub fn raw(&self, request: &[u8]) -> (u16, String, String) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+        s.write_all(request).unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).unwrap();
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, head.to_string(), body.to_string())
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+        auth: bool,
+    ) -> (u16, String, String) {
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\nContent-Type: application/json\r\n",
+            body.len()
+        );
+        if auth {
+            req.push_str(&format!("Authorization: Bearer {}\r\n", self.key));
+        }
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        req.push_str(body);
+        self.raw(req.as_bytes())
+    }
+
+    pub fn get(&self, path: &str, auth: bool) -> (u16, String, String) {
+        self.request("GET", path, &[], "", auth)
+    }
+
+    /// POST /v1/chat/completions; returns (status, parsed JSON body, or the SSE data lines).
+    pub fn chat(
+        &self,
+        headers: &[(&str, &str)],
+        body: &serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let (status, _, text) = self.request(
+            "POST",
+            "/v1/chat/completions",
+            headers,
+            &body.to_string(),
+            true,
+        );
+        let body = if body["stream"] == true {
+            let chunks: Vec<serde_json::Value> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .map(|d| {
+                    if d == "[DONE]" {
+                        serde_json::json!("[DONE]")
+                    } else {
+                        serde_json::from_str(d).unwrap()
+                    }
+                })
+                .collect();
+            serde_json::Value::Array(chunks)
+        } else {
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+        };
+        (status, body)
+    }
+
+    /// Every captured turn, through `clawrl-tui export`.
+    pub fn export(&self) -> Vec<serde_json::Value> {
+        let out = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"))
+            .args(["export", "--store", self.store_path().to_str().unwrap()])
+            .env("CLAWRL_DATA_DIR", self.data.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,466 @@
+//! The server over loopback with the real default model: the openai SDK, raw HTTP errors,
+//! sessions without headers, tool round trips, concurrency, disconnects, shutdown, durability.
+
+mod common;
+use common::server::Server;
+use serde_json::{Value, json};
+use std::sync::OnceLock;
+
+fn shared() -> &'static Server {
+    static S: OnceLock<Server> = OnceLock::new();
+    S.get_or_init(|| Server::start(&[("CLAWRL__SERVER__MAX_BODY_BYTES", "400000")]))
+}
+
+fn user(text: &str) -> Value {
+    json!({"role": "user", "content": text})
+}
+
+fn session_turns(s: &Server, session: &str) -> Vec<Value> {
+    s.export()
+        .into_iter()
+        .filter(|t| t["session_id"] == session)
+        .collect()
+}
+
+#[test]
+fn the_openai_python_sdk_works_unchanged() {
+    let s = shared();
+    let out = std::process::Command::new("python3")
+        .args([
+            "tests/clients/openai_sdk.py",
+            &s.base_url(),
+            &s.key,
+            "smollm2-135m-instruct",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "the SDK script failed (is `openai` installed? ./test installs it)"
+    );
+}
+
+#[test]
+fn errors_have_openai_shape_and_the_right_status() {
+    let s = shared();
+    let err = |(status, _, body): (u16, String, String)| -> (u16, Value) {
+        (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+    };
+    let chat =
+        |body: &str, auth: bool| err(s.request("POST", "/v1/chat/completions", &[], body, auth));
+
+    let (st, e) = chat("{\"messages\": [", true);
+    assert_eq!(st, 400);
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("JSON"),
+        "{e}"
+    );
+
+    let (st, e) = chat("{\"model\": \"smollm2-135m-instruct\"}", true);
+    assert_eq!(
+        (st, e["error"]["param"].as_str()),
+        (400, Some("messages")),
+        "{e}"
+    );
+
+    let (st, e) = chat(
+        &json!({"messages": [{"role": "wizard", "content": "hi"}]}).to_string(),
+        true,
+    );
+    assert_eq!(
+        (st, e["error"]["param"].as_str()),
+        (400, Some("messages[0].role")),
+        "{e}"
+    );
+
+    let (st, e) = chat(
+        &json!({"messages": [user("hi")], "max_tokens": "many"}).to_string(),
+        true,
+    );
+    assert_eq!(
+        (st, e["error"]["param"].as_str()),
+        (400, Some("max_tokens")),
+        "{e}"
+    );
+
+    let (st, e) = chat(&json!({"messages": [user("hi")]}).to_string(), false);
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (401, Some("invalid_api_key")),
+        "{e}"
+    );
+    let (st, _, _) = s.request(
+        "POST",
+        "/v1/chat/completions",
+        &[("Authorization", "Bearer nope")],
+        &json!({"messages": [user("hi")]}).to_string(),
+        false,
+    );
+    assert_eq!(st, 401);
+
+    let (st, e) = chat(
+        &json!({"model": "gpt-9", "messages": [user("hi")]}).to_string(),
+        true,
+    );
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (404, Some("model_not_found")),
+        "{e}"
+    );
+
+    // ~9 K tokens against the 8 K context.
+    let long = "apple ".repeat(9000);
+    let (st, e) = chat(
+        &json!({"messages": [user(&long)], "max_tokens": 8}).to_string(),
+        true,
+    );
+    let msg = e["error"]["message"].as_str().unwrap_or("");
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (400, Some("context_length_exceeded")),
+        "{e}"
+    );
+    let numbers: Vec<u64> = msg
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert!(
+        numbers.contains(&8192) && numbers.iter().any(|&n| n > 9000),
+        "the numbers are in the message: {msg}"
+    );
+
+    let huge = "x".repeat(500_000);
+    let (st, e) = chat(&json!({"messages": [user(&huge)]}).to_string(), true);
+    assert_eq!(st, 413, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("400000"));
+
+    let (st, _, body) = s.get("/health", false);
+    assert_eq!((st, body.as_str()), (200, r#"{"status":"ok"}"#));
+    assert_eq!(s.get("/nope", true).0, 404);
+    assert_eq!(s.get("/v1/chat/completions", true).0, 405);
+    let (st, _, metrics) = s.get("/metrics", false);
+    assert_eq!(st, 200);
+    assert!(metrics.contains("clawrl_requests_total") && metrics.contains("clawrl_queue_depth"));
+    let errors: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("clawrl_request_errors_total "))
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(errors >= 7, "errors counted: {errors}");
+}
+
+#[test]
+fn content_parts_consecutive_user_messages_and_unknown_fields_are_accepted() {
+    let s = shared();
+    let (st, r) = s.chat(&[], &json!({
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]},
+                     {"role": "user", "content": "Answer briefly."}],
+        "max_completion_tokens": 6, "temperature": 0, "some_future_field": {"x": 1}, "stop": ["\n"], "seed": 3, "top_k": 20
+    }));
+    assert_eq!(st, 200, "{r}");
+    assert!(r["usage"]["completion_tokens"].as_u64().unwrap() <= 6);
+    assert!(
+        !r["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains('\n')
+    );
+}
+
+#[test]
+fn a_headerless_conversation_is_one_session_despite_internal_context_blocks() {
+    let s = shared();
+    let sys = json!({"role": "system", "content": "You are a helpful assistant. Conversation marker 7f3a."});
+    let ctx = |n: u32| json!({"role": "user", "content": [{"type": "text", "text": format!("<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>\nturn {n}\n<<<END_OPENCLAW_INTERNAL_CONTEXT>>>")}]});
+    let mut history = vec![sys, user("Name a fruit.")];
+    let mut replies = Vec::new();
+    for (n, next) in [
+        (1, "Name another one."),
+        (2, "Thanks, that's all."),
+        (3, ""),
+    ] {
+        let mut msgs = history.clone();
+        msgs.push(ctx(n));
+        let (st, r) = s.chat(
+            &[],
+            &json!({"messages": msgs, "max_tokens": 8, "temperature": 0, "stream": true}),
+        );
+        assert_eq!(st, 200);
+        let text: String = r
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        replies.push(text.clone());
+        history.push(json!({"role": "assistant", "content": text}));
+        if !next.is_empty() {
+            history.push(user(next));
+        }
+    }
+    let turns: Vec<Value> = s
+        .export()
+        .into_iter()
+        .filter(|t| {
+            t["request_messages"][0]["content"]
+                .as_str()
+                .is_some_and(|c| c.contains("7f3a"))
+        })
+        .collect();
+    assert_eq!(turns.len(), 3);
+    let sid = &turns[0]["session_id"];
+    assert!(
+        turns.iter().all(|t| &t["session_id"] == sid),
+        "one session: {turns:?}"
+    );
+    assert_eq!(
+        turns
+            .iter()
+            .map(|t| t["turn_index"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    assert_eq!(turns[0]["next_state"], json!([user("Name another one.")]));
+    assert_eq!(turns[1]["next_state"], json!([user("Thanks, that's all.")]));
+    assert_eq!(turns[0]["next_state_role"], "user");
+    assert!(
+        turns[2]["next_state"].is_null(),
+        "the last turn has no next state yet"
+    );
+    for (t, reply) in turns.iter().zip(&replies) {
+        assert_eq!(t["turn_type"], "main");
+        assert_eq!(t["adapter_version"], 0);
+        assert_eq!(&t["response_text"], reply);
+        let n = t["response_ids"].as_array().unwrap().len();
+        assert_eq!(
+            t["logprobs"].as_array().unwrap().len(),
+            n,
+            "a log-prob per sampled token"
+        );
+        assert!(t["prompt_ids"].as_array().unwrap().len() > 20);
+    }
+}
+
+#[test]
+fn session_headers_turn_types_and_session_done_are_honoured() {
+    let s = shared();
+    let sid = "explicit-session-42";
+    let h = [("X-Session-Id", sid)];
+    let (st, r1) = s.chat(
+        &h,
+        &json!({"messages": [user("Hi")], "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(st, 200);
+    let a1 = r1["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A side turn (heartbeat) in the same session: served, stored as side, not a next state.
+    let (st, _) = s.chat(
+        &[("X-Session-Id", sid), ("X-Turn-Type", "side")],
+        &json!({"messages": [user("heartbeat")], "max_tokens": 2}),
+    );
+    assert_eq!(st, 200);
+    // Body fields work too, and are not part of sampling.
+    let (st, _) = s.chat(&[], &json!({"session_id": sid, "turn_type": "bogus", "session_done": true, "max_tokens": 4, "temperature": 0,
+        "messages": [user("Hi"), {"role": "assistant", "content": a1}, user("Bye")]}));
+    assert_eq!(st, 200);
+    let turns = session_turns(s, sid);
+    assert_eq!(turns.len(), 3);
+    assert_eq!(
+        turns
+            .iter()
+            .map(|t| t["turn_type"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        vec!["main", "side", "main"],
+        "unknown turn type = main"
+    );
+    assert_eq!(turns[0]["next_state"], json!([user("Bye")]));
+    assert!(turns[1]["next_state"].is_null());
+    assert_eq!(
+        turns
+            .iter()
+            .map(|t| t["turn_index"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+}
+
+#[test]
+fn tool_results_become_the_next_state_of_a_tool_call() {
+    let s = shared();
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let sid = "tool-session";
+    let h = [("X-Session-Id", sid)];
+    let q = user("What's the weather in Paris? Marker 91c.");
+    let (st, _) = s.chat(&h, &json!({"messages": [q.clone()], "tools": tools, "tool_choice": "auto", "max_tokens": 8, "temperature": 0}));
+    assert_eq!(st, 200);
+    // The client ran the tool (as an agent does) and sends the results back.
+    let call = json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]});
+    let result = json!({"role": "tool", "tool_call_id": "call_1", "content": "18°C and sunny"});
+    let (st, r) = s.chat(&h, &json!({"messages": [q, call, result.clone()], "tools": tools, "max_tokens": 8, "temperature": 0}));
+    assert_eq!(st, 200, "{r}");
+    let turns = session_turns(s, sid);
+    assert_eq!(turns[0]["next_state"], json!([result]));
+    assert_eq!(turns[0]["next_state_role"], "tool");
+    assert_eq!(
+        turns[1]["tools"], tools,
+        "the tools are stored with the turn"
+    );
+}
+
+#[test]
+fn concurrent_clients_are_all_served() {
+    let s = shared();
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let t = std::time::Instant::now();
+                let (st, r) = shared().chat(&[("X-Session-Id", &format!("concurrent-{i}"))], &json!({"messages": [user(&format!("Count from {i} to {}.", i + 5))], "max_tokens": 16, "temperature": 0, "stream": true}));
+                (st, r, t.elapsed())
+            })
+        })
+        .collect();
+    for h in handles {
+        let (st, r, took) = h.join().unwrap();
+        assert_eq!(st, 200);
+        let chunks = r.as_array().unwrap();
+        assert_eq!(chunks.last().unwrap(), "[DONE]");
+        assert!(
+            chunks
+                .iter()
+                .filter(|c| c["choices"][0]["delta"]["content"].is_string())
+                .count()
+                > 2,
+            "{r}"
+        );
+        eprintln!("concurrent request took {took:?}");
+    }
+    for i in 0..4 {
+        assert_eq!(session_turns(s, &format!("concurrent-{i}")).len(), 1);
+    }
+}
+
+#[test]
+fn a_client_that_disconnects_stops_its_generation() {
+    use std::io::{Read, Write};
+    let s = Server::start(&[]);
+    let body = json!({"messages": [user("Write a very long story about the sea.")], "max_tokens": 2000, "temperature": 0.8, "stream": true}).to_string();
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    write!(conn, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n{body}", s.key, body.len()).unwrap();
+    let mut buf = [0u8; 2048];
+    let n = conn.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
+    drop(conn);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let (_, _, metrics) = s.get("/metrics", false);
+    let out: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("clawrl_completion_tokens_total "))
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let active: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("clawrl_active_sequences "))
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(active, 0, "nothing is generating any more");
+    assert!(out < 200, "generation stopped early: {out} tokens");
+    assert!(
+        s.export().is_empty(),
+        "an unfinished, unseen turn is not stored"
+    );
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let s = Server::start(&[
+        ("CLAWRL__SERVER__MAX_ACTIVE", "1"),
+        ("CLAWRL__SERVER__MAX_QUEUE", "1"),
+    ]);
+    let port = s.port;
+    let key = s.key.clone();
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let key = key.clone();
+            std::thread::spawn(move || {
+                let body = json!({"messages": [user(&format!("Tell a story number {i}."))], "max_tokens": 48, "temperature": 0}).to_string();
+                let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                use std::io::{Read, Write};
+                write!(c, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+                let mut s = String::new();
+                c.read_to_string(&mut s).unwrap();
+                s
+            })
+        })
+        .collect();
+    let replies: Vec<String> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let busy: Vec<&String> = replies
+        .iter()
+        .filter(|r| r.starts_with("HTTP/1.1 429"))
+        .collect();
+    assert!(!busy.is_empty(), "some request is refused: {replies:?}");
+    assert!(busy.iter().all(
+        |r| r.to_ascii_lowercase().contains("retry-after: 2") && r.contains("rate_limit_error")
+    ));
+    assert!(
+        replies.iter().any(|r| r.starts_with("HTTP/1.1 200")),
+        "the admitted ones are served"
+    );
+}
+
+#[test]
+fn sigterm_finishes_requests_in_flight_and_turns_survive_a_crash() {
+    let s = Server::start(&[]);
+    let port = s.port;
+    let key = s.key.clone();
+    let inflight = std::thread::spawn(move || {
+        let body = json!({"messages": [user("Write a poem about owls.")], "max_tokens": 40, "temperature": 0, "stream": true}).to_string();
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        use std::io::{Read, Write};
+        write!(c, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        s
+    });
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    s.signal("TERM");
+    let reply = inflight.join().unwrap();
+    assert!(
+        reply.contains("data: [DONE]"),
+        "the stream in flight completed: {reply}"
+    );
+    let turns = s.export();
+    assert_eq!(turns.len(), 1);
+    assert_eq!(turns[0]["finish_reason"], "length");
+
+    // A hard kill right after a reply loses nothing acknowledged.
+    let s2 = Server::start(&[]);
+    let (st, r) = s2.chat(
+        &[("X-Session-Id", "durable")],
+        &json!({"messages": [user("Hi")], "max_tokens": 3}),
+    );
+    assert_eq!(st, 200);
+    s2.signal("KILL");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let turns = s2.export();
+    assert_eq!(turns.len(), 1);
+    assert_eq!(turns[0]["response_id"], r["id"]);
+}
