@@ -28,6 +28,13 @@ pub fn model_id(cfg: &Config) -> String {
         return m.id.to_string();
     }
     let p = std::path::Path::new(spec);
+    // A catalog model addressed by its path keeps its catalog id.
+    if let Some(m) = catalog::CATALOG
+        .iter()
+        .find(|m| p.file_name().is_some_and(|f| f == m.file_name))
+    {
+        return m.id.to_string();
+    }
     p.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| spec.clone())

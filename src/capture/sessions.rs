@@ -139,17 +139,7 @@ impl SessionTracker {
         let norm: Vec<Norm> = messages.iter().map(normalize).collect();
         let pos = match explicit {
             Some(id) => self.open.iter().position(|s| s.id == id),
-            None => self
-                .open
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| {
-                    !s.expected.is_empty()
-                        && s.expected.len() < norm.len()
-                        && norm.starts_with(&s.expected)
-                })
-                .max_by_key(|(_, s)| s.expected.len())
-                .map(|(i, _)| i),
+            None => self.by_prefix(&norm).or_else(|| self.by_last_reply(&norm)),
         };
         let Some(i) = pos else {
             let id = explicit.map(str::to_owned).unwrap_or_else(new_id);
@@ -212,6 +202,40 @@ impl SessionTracker {
             turn_index,
             next_state_of,
         }
+    }
+
+    /// The open session whose last request + reply is a prefix of `norm` (longest wins).
+    fn by_prefix(&self, norm: &[Norm]) -> Option<usize> {
+        self.open
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                !s.expected.is_empty()
+                    && s.expected.len() < norm.len()
+                    && norm.starts_with(&s.expected)
+            })
+            .max_by_key(|(_, s)| s.expected.len())
+            .map(|(i, _)| i)
+    }
+
+    /// Clients that rewrite earlier messages (OpenClaw 2026.9 folds a turn's user messages into
+    /// one and drops per-turn runtime notes) break exact prefixes. Fallback: the request's last
+    /// assistant message is a session's last reply, its first (system) message is the same,
+    /// and something follows the reply. The most recently active such session wins.
+    fn by_last_reply(&self, norm: &[Norm]) -> Option<usize> {
+        let last_assistant = norm.iter().rposition(|m| m.role == "assistant")?;
+        if last_assistant + 1 == norm.len() {
+            return None;
+        }
+        self.open
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.expected.last() == Some(&norm[last_assistant])
+                    && s.expected.first() == norm.first()
+            })
+            .max_by_key(|(_, s)| s.last_active)
+            .map(|(i, _)| i)
     }
 
     /// Records the reply of a main turn: the session now expects `messages + reply` as prefix.
@@ -344,6 +368,47 @@ mod tests {
         let ns = p.next_state_of.unwrap();
         assert_eq!(ns.role, "tool");
         assert_eq!(ns.messages, vec![r1, r2]);
+    }
+
+    #[test]
+    fn a_client_that_rewrites_earlier_user_messages_stays_in_its_session() {
+        // What OpenClaw 2026.9 sends: turn 1 carries a runtime note and a duplicate user line;
+        // turn 2 folds them into one message of parts.
+        let mut t = SessionTracker::default();
+        let sys = json!({"role": "system", "content": "agent rules"});
+        let r1 = [
+            sys.clone(),
+            json!({"role": "user", "content": "[10:00] What is 2+2?\n\nRuntime: agent=main"}),
+            json!({"role": "user", "content": "[10:00] What is 2+2?"}),
+        ];
+        let p1 = t.place(None, &r1, || "oc".into(), |_| 0);
+        t.record_reply(
+            &p1.session_id,
+            5,
+            &r1,
+            &json!({"role": "assistant", "content": "4"}),
+        );
+        let other = [
+            json!({"role": "system", "content": "other rules"}),
+            json!({"role": "user", "content": "x"}),
+            json!({"role": "assistant", "content": "4"}),
+            json!({"role": "user", "content": "y"}),
+        ];
+        assert_ne!(
+            t.place(None, &other, || "other".into(), |_| 0).session_id,
+            "oc",
+            "another system prompt is another conversation"
+        );
+        let next = json!({"role": "user", "content": "[10:01] Add 3."});
+        let r2 = [
+            sys,
+            json!({"role": "user", "content": [{"type": "text", "text": "[10:00] What is 2+2?"}, {"type": "text", "text": "Runtime: agent=main"}]}),
+            json!({"role": "assistant", "content": "4"}),
+            next.clone(),
+        ];
+        let p2 = t.place(None, &r2, || "new".into(), |_| 0);
+        assert_eq!(p2.session_id, "oc");
+        assert_eq!(p2.next_state_of.unwrap().messages, vec![next]);
     }
 
     #[test]

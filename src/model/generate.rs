@@ -105,6 +105,9 @@ impl Decoding {
     }
 }
 
+/// Tokens per forward pass when computing a prompt.
+const PREFILL_CHUNK: usize = 256;
+
 /// Checks that the prompt fits the context and returns how many tokens may be generated.
 pub fn token_budget(context_length: usize, prompt_len: usize, max_tokens: usize) -> Result<usize> {
     if prompt_len == 0 {
@@ -127,9 +130,15 @@ impl LoadedModel {
         )
     }
 
-    /// Logits of the last position of `ids` after extending `cache` with them.
+    /// Logits of the last position of `ids` after extending `cache` with them. Long inputs go
+    /// through in chunks: attention scores of a chunk are `chunk × context`, not `n × n`
+    /// (a 5 K-token prompt in one piece needs a 1 GB score matrix per layer).
     fn step(&self, ids: &[u32], cache: &mut super::KvCache) -> Vec<f32> {
-        let hidden = self.transformer.forward(self.ids_tensor(ids), cache);
+        let mut hidden = None;
+        for chunk in ids.chunks(PREFILL_CHUNK) {
+            hidden = Some(self.transformer.forward(self.ids_tensor(chunk), cache));
+        }
+        let hidden = hidden.expect("step needs at least one token");
         let [_, s, h] = hidden.dims();
         let last = hidden.narrow(1, s - 1, 1).reshape([1, h]);
         self.transformer
