@@ -57,6 +57,7 @@ pub fn build(cfg: &Config) -> Result<Arc<AppState>> {
             device: crate::device::select(cfg.model.device)?,
             dtype: crate::device::parse_dtype(&cfg.model.dtype)?,
             weights: cfg.model.weights,
+            max_context: cfg.model.max_context,
         },
         max_queue: s.max_queue,
         max_active: s.max_active,

@@ -168,6 +168,7 @@ pub fn load_model(cfg: &Config) -> Result<LoadedModel> {
         device: device::select(cfg.model.device)?,
         dtype: device::parse_dtype(&cfg.model.dtype)?,
         weights: cfg.model.weights,
+        max_context: cfg.model.max_context,
     };
     tracing::info!(path = %path.display(), ?opts, "loading model");
     LoadedModel::load(&path, &opts)

@@ -70,6 +70,7 @@ pub struct ModelSection {
     pub device: DeviceChoice,
     pub dtype: String,
     pub weights: WeightMode,
+    pub max_context: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,6 +114,7 @@ impl Default for ModelSection {
             device: DeviceChoice::Auto,
             dtype: "f32".into(),
             weights: WeightMode::Dense,
+            max_context: 0,
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct LoadOptions {
     pub device: Device,
     pub dtype: DType,
     pub weights: WeightMode,
+    /// Caps the context length below the model's own (0 = the model's); bounds KV memory.
+    pub max_context: usize,
 }
 
 /// A ready-to-run model: weights, tokenizer and chat template.
@@ -46,7 +48,10 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
-        let (file, config) = WeightFile::open(path)?;
+        let (file, mut config) = WeightFile::open(path)?;
+        if opts.max_context > 0 {
+            config.context_length = config.context_length.min(opts.max_context);
+        }
         let (tokenizer, template_src, name) = match &file {
             WeightFile::Gguf(g) => {
                 let tok = Tokenizer::from_gguf(g)

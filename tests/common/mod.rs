@@ -46,6 +46,7 @@ pub fn load(id: &str, dtype: DType, weights: WeightMode) -> LoadedModel {
             device: Device::flex(),
             dtype,
             weights,
+            max_context: 0,
         },
     )
     .expect("model loads")
