@@ -448,6 +448,7 @@ impl Call {
         &self,
         state: &Arc<AppState>,
         g: &Generation,
+        adapter_version: i64,
         reply: &Reply,
     ) -> Result<(), ApiError> {
         let s = &self.req.sampling;
@@ -465,7 +466,7 @@ impl Call {
             tool_calls: (!reply.tool_calls.is_empty())
                 .then(|| Value::Array(reply.tool_calls.clone())),
             finish_reason: reply.finish_reason.into(),
-            adapter_version: 0,
+            adapter_version,
             sampling: json!({"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed, "max_tokens": self.req.max_tokens}),
             cached_tokens: self.cached_tokens,
             created_at: self.slot.created_at,
@@ -514,9 +515,13 @@ async fn json_reply(
     call: Call,
     mut rx: mpsc::UnboundedReceiver<EngineEvent>,
 ) -> Result<Response<Body>, ApiError> {
-    let g = loop {
+    let (g, adapter_version) = loop {
         match rx.recv().await {
-            Some(EngineEvent::Finished { generation, .. }) => break generation,
+            Some(EngineEvent::Finished {
+                generation,
+                adapter_version,
+                ..
+            }) => break (generation, adapter_version),
             Some(EngineEvent::Failed(e)) => return Err(engine_error(e)),
             Some(_) => {}
             None => {
@@ -529,7 +534,7 @@ async fn json_reply(
         }
     };
     let reply = call.reply(&state, &g);
-    call.commit(&state, &g, &reply).await?;
+    call.commit(&state, &g, adapter_version, &reply).await?;
     let mut message = Call::assistant_message(&reply);
     if message["content"].is_null() && reply.tool_calls.is_empty() {
         message["content"] = json!("");
@@ -579,7 +584,7 @@ fn stream_reply(
         }
         let tools = call.req.tools.is_some();
         let (mut text, mut sent) = (String::new(), 0usize);
-        let g = loop {
+        let (g, adapter_version) = loop {
             match rx.recv().await {
                 Some(EngineEvent::Text(piece)) => {
                     text.push_str(&piece);
@@ -603,7 +608,11 @@ fn stream_reply(
                         }
                     }
                 }
-                Some(EngineEvent::Finished { generation, .. }) => break generation,
+                Some(EngineEvent::Finished {
+                    generation,
+                    adapter_version,
+                    ..
+                }) => break (generation, adapter_version),
                 Some(EngineEvent::Failed(e)) => {
                     Counters::add(&state.counters.request_errors, 1);
                     let _ = send(sse(&engine_error(e).body())).await;
@@ -659,7 +668,7 @@ fn stream_reply(
             }
         }
         // Commit before the client sees the end of the reply.
-        if let Err(e) = call.commit(&state, &g, &reply).await {
+        if let Err(e) = call.commit(&state, &g, adapter_version, &reply).await {
             Counters::add(&state.counters.request_errors, 1);
             let _ = send(sse(&e.body())).await;
             return;

@@ -100,12 +100,7 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
         .code("not_found")),
     };
     result.unwrap_or_else(|e| {
-        if e.status.is_server_error()
-            || e.status == StatusCode::TOO_MANY_REQUESTS
-            || e.status.is_client_error()
-        {
-            Counters::add(&state.counters.request_errors, 1);
-        }
+        Counters::add(&state.counters.request_errors, 1);
         tracing::info!(status = %e.status, message = %e.message, "request refused");
         e.response()
     })
