@@ -464,3 +464,90 @@ fn sigterm_finishes_requests_in_flight_and_turns_survive_a_crash() {
     assert_eq!(turns.len(), 1);
     assert_eq!(turns[0]["response_id"], r["id"]);
 }
+
+#[test]
+fn health_is_503_until_the_model_is_ready_and_when_it_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("broken.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00 truncated").unwrap();
+    let s = Server::spawn(&bad, "broken", &[]);
+    let t = std::time::Instant::now();
+    let body = loop {
+        let (st, _, body) = s.get("/health", false);
+        assert_eq!(st, 503);
+        if body.contains("failed") || t.elapsed() > std::time::Duration::from_secs(20) {
+            break body;
+        }
+        assert!(body.contains("loading"), "{body}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        body.contains("\"status\":\"failed\"") && body.contains("truncated"),
+        "{body}"
+    );
+    let (st, r) = s.chat(&[], &json!({"messages": [user("hi")]}));
+    assert_eq!(st, 503, "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("/health"));
+}
+
+#[test]
+fn qwen_tool_calls_come_back_as_openai_tool_calls() {
+    let s = Server::spawn(
+        &common::model_path(common::QWEN25),
+        "qwen2.5-coder-0.5b-instruct",
+        &[],
+    );
+    s.wait_ready();
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Get the current weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}}, "required": ["city"]}}}]);
+    let ask = json!({"messages": [user("What's the weather in Paris right now?")], "tools": tools, "max_tokens": 40, "temperature": 0});
+    let (st, r) = s.chat(&[("X-Session-Id", "q-tools")], &ask);
+    assert_eq!(st, 200, "{r}");
+    let choice = &r["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{r}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["city"].as_str().unwrap().contains("Paris"), "{args}");
+
+    // Streaming delivers the same call as a `tool_calls` delta, never as raw markup.
+    let mut streamed = ask.clone();
+    streamed["stream"] = json!(true);
+    let (st, chunks) = s.chat(&[], &streamed);
+    assert_eq!(st, 200);
+    let chunks = chunks.as_array().unwrap();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(!text.contains("<tool_call>"), "{text}");
+    let delta = chunks
+        .iter()
+        .find_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+        .expect("a tool_calls delta");
+    assert_eq!(delta[0]["function"]["name"], "get_weather");
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c["choices"][0]["finish_reason"] == "tool_calls")
+    );
+
+    // The round trip: the tool result is the call's next state, and the model answers it.
+    let result = json!({"role": "tool", "tool_call_id": call["id"], "content": "18°C and sunny"});
+    let (st, r2) = s.chat(&[("X-Session-Id", "q-tools")], &json!({"messages": [user("What's the weather in Paris right now?"), choice["message"], result.clone()], "tools": tools, "max_tokens": 30, "temperature": 0}));
+    assert_eq!(st, 200, "{r2}");
+    assert_eq!(r2["choices"][0]["finish_reason"], "stop", "{r2}");
+    assert!(
+        r2["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("18"),
+        "{r2}"
+    );
+    let turns = session_turns(&s, "q-tools");
+    assert_eq!(turns[0]["tool_calls"][0]["function"]["name"], "get_weather");
+    assert_eq!(turns[0]["next_state"], json!([result]));
+    assert_eq!(turns[0]["next_state_role"], "tool");
+}

@@ -17,12 +17,35 @@ pub struct Server {
 impl Server {
     /// Starts a server on the default model; `env` adds CLAWRL__* overrides.
     pub fn start(env: &[(&str, &str)]) -> Self {
+        let s = Self::spawn(
+            &super::model_path(super::SMOLLM2),
+            "smollm2-135m-instruct",
+            env,
+        );
+        s.wait_ready();
+        s
+    }
+
+    /// Waits until GET /health answers 200.
+    pub fn wait_ready(&self) {
+        let t = Instant::now();
+        while self.get("/health", false).0 != 200 {
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "server did not become ready"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts a server on `model` (served as `model_id`) and returns once it listens.
+    pub fn spawn(model: &std::path::Path, model_id: &str, env: &[(&str, &str)]) -> Self {
         let data = tempfile::tempdir().unwrap();
         let key = "test-key-123".to_string();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"));
         cmd.args([
             "--model",
-            super::model_path(super::SMOLLM2).to_str().unwrap(),
+            model.to_str().unwrap(),
             "serve",
             "--headless",
             "--port",
@@ -31,7 +54,7 @@ impl Server {
             &key,
         ])
         .env("CLAWRL_DATA_DIR", data.path())
-        .env("CLAWRL__SERVER__MODEL_ID", "smollm2-135m-instruct")
+        .env("CLAWRL__SERVER__MODEL_ID", model_id)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
         for (k, v) in env {
