@@ -400,7 +400,16 @@ struct Reply {
 impl Call {
     fn reply(&self, state: &AppState, g: &Generation) -> Reply {
         let parsed = if self.req.tools.is_some() {
-            tool_calls::parse(&g.text, &mut || random_id("call_"))
+            {
+                let names: Vec<&str> = self
+                    .req
+                    .tools
+                    .iter()
+                    .flat_map(|t| t.as_array().into_iter().flatten())
+                    .filter_map(|t| t["function"]["name"].as_str())
+                    .collect();
+                tool_calls::parse(&g.text, &names, &mut || random_id("call_"))
+            }
         } else {
             tool_calls::Parsed {
                 content: Some(g.text.clone()),

@@ -14,8 +14,21 @@ pub struct Parsed {
     pub tool_calls: Vec<Value>,
 }
 
-/// Extracts well-formed tool calls; malformed blocks stay in the content untouched.
-pub fn parse(text: &str, new_id: &mut dyn FnMut() -> String) -> Parsed {
+/// Extracts well-formed tool calls; malformed blocks stay in the content untouched. Small
+/// models often drop the tags and answer with the bare call object: a reply that is exactly
+/// `{"name": <one of tool_names>, "arguments": {..}}` counts as a call too.
+pub fn parse(text: &str, tool_names: &[&str], new_id: &mut dyn FnMut() -> String) -> Parsed {
+    if !text.contains(OPEN)
+        && let Ok(v) = serde_json::from_str::<Value>(text.trim())
+        && v.get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|n| tool_names.contains(&n))
+    {
+        return Parsed {
+            content: None,
+            tool_calls: vec![call(&v, new_id)],
+        };
+    }
     let mut content = String::new();
     let mut calls = Vec::new();
     let mut rest = text;
@@ -29,12 +42,7 @@ pub fn parse(text: &str, new_id: &mut dyn FnMut() -> String) -> Parsed {
         match serde_json::from_str::<Value>(body.trim()) {
             Ok(v) if v.get("name").and_then(Value::as_str).is_some() => {
                 content.push_str(&rest[..start]);
-                let args = match v.get("arguments").or_else(|| v.get("parameters")) {
-                    Some(Value::String(s)) => s.clone(),
-                    Some(a) => a.to_string(),
-                    None => "{}".into(),
-                };
-                calls.push(json!({"id": new_id(), "type": "function", "function": {"name": v["name"], "arguments": args}}));
+                calls.push(call(&v, new_id));
             }
             _ => content.push_str(&rest[..block_end]),
         }
@@ -48,9 +56,23 @@ pub fn parse(text: &str, new_id: &mut dyn FnMut() -> String) -> Parsed {
     }
 }
 
+/// `{"name", "arguments"}` → an OpenAI tool call (`arguments` as a JSON string).
+fn call(v: &Value, new_id: &mut dyn FnMut() -> String) -> Value {
+    let args = match v.get("arguments").or_else(|| v.get("parameters")) {
+        Some(Value::String(s)) => s.clone(),
+        Some(a) => a.to_string(),
+        None => "{}".into(),
+    };
+    json!({"id": new_id(), "type": "function", "function": {"name": v["name"], "arguments": args}})
+}
+
 /// How much of a growing `text` can be streamed as plain content when tools are on: everything
 /// before a tool-call block, minus a tail that may still become one.
 pub fn streamable_len(text: &str) -> usize {
+    // A reply opening with `{` may be a bare call object: hold it until the end.
+    if text.trim_start().starts_with('{') {
+        return 0;
+    }
     if let Some(p) = text.find(OPEN) {
         return p;
     }
@@ -75,7 +97,7 @@ mod tests {
     #[test]
     fn extracts_calls_and_keeps_surrounding_text() {
         let t = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>{\"name\": \"now\", \"arguments\": {}}</tool_call>";
-        let p = parse(t, &mut ids());
+        let p = parse(t, &["get_weather", "now"], &mut ids());
         assert_eq!(p.content.as_deref(), Some("Let me check."));
         assert_eq!(p.tool_calls.len(), 2);
         assert_eq!(p.tool_calls[0]["function"]["name"], "get_weather");
@@ -88,13 +110,13 @@ mod tests {
 
     #[test]
     fn malformed_blocks_stay_text_and_plain_text_is_untouched() {
-        let p = parse("<tool_call>{not json}</tool_call> ok", &mut ids());
+        let p = parse("<tool_call>{not json}</tool_call> ok", &[], &mut ids());
         assert!(p.tool_calls.is_empty());
         assert_eq!(
             p.content.as_deref(),
             Some("<tool_call>{not json}</tool_call> ok")
         );
-        let p = parse("  just text ", &mut ids());
+        let p = parse("  just text ", &[], &mut ids());
         assert_eq!(
             (p.content.as_deref(), p.tool_calls.len()),
             (Some("just text"), 0)
@@ -102,10 +124,26 @@ mod tests {
         // A block cut off by max_tokens but holding complete JSON still counts.
         let p = parse(
             "<tool_call>{\"name\": \"a\", \"arguments\": {\"x\": 1}}",
+            &["a"],
             &mut ids(),
         );
         assert_eq!(p.tool_calls.len(), 1);
         assert_eq!(p.content, None);
+    }
+
+    #[test]
+    fn a_bare_call_object_naming_a_given_tool_is_a_call() {
+        let bare = "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}";
+        let p = parse(bare, &["get_weather"], &mut ids());
+        assert_eq!((p.content, p.tool_calls.len()), (None, 1));
+        // Not a tool we offered, or JSON the user asked for: plain content.
+        assert!(parse(bare, &["other"], &mut ids()).tool_calls.is_empty());
+        assert!(
+            parse("{\"a\": 1}", &["get_weather"], &mut ids())
+                .tool_calls
+                .is_empty()
+        );
+        assert_eq!(streamable_len(" {\"name\""), 0);
     }
 
     #[test]
