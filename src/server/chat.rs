@@ -263,6 +263,18 @@ fn parse_request(
     })
 }
 
+/// Runs store work off the async threads; its failure is a 500 that says what failed.
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    let internal = |m: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m);
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| internal(e.to_string()))?
+        .map_err(|e| internal(format!("{what}: {e:#}")))
+}
+
 fn engine_error(e: EngineError) -> ApiError {
     match e {
         EngineError::ContextTooLong { .. } => ApiError::invalid(e.to_string())
@@ -289,22 +301,10 @@ pub async fn handle(
         req.session_done,
         req.messages.clone(),
     );
-    let slot = tokio::task::spawn_blocking(move || capture.begin(sid, src, tt, done, &msgs))
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                e.to_string(),
-            )
-        })?
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                format!("Could not record the conversation: {e:#}"),
-            )
-        })?;
+    let slot = blocking("Could not record the conversation", move || {
+        capture.begin(sid, src, tt, done, &msgs)
+    })
+    .await?;
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let cancel = Arc::new(AtomicBool::new(false));
@@ -486,22 +486,10 @@ impl Call {
             self.slot.clone(),
             Self::assistant_message(reply),
         );
-        tokio::task::spawn_blocking(move || capture.commit(&slot, turn, &msg))
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    e.to_string(),
-                )
-            })?
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    format!("Could not record the turn: {e:#}"),
-                )
-            })?;
+        blocking("Could not record the turn", move || {
+            capture.commit(&slot, turn, &msg)
+        })
+        .await?;
         emit(
             &state.bus,
             Event::RequestFinished {

@@ -119,14 +119,7 @@ impl Store {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .with_context(|| format!("cannot open the store {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version as usize > MIGRATIONS.len() {
-            bail!(
-                "the store {} has schema version {version}, newer than this clawrl-tui understands ({})",
-                path.display(),
-                MIGRATIONS.len()
-            );
-        }
+        schema_version(&conn, path)?;
         Ok(Self {
             conn,
             path: path.to_path_buf(),
@@ -279,7 +272,8 @@ impl Store {
     }
 }
 
-fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
+/// The store's schema version, refusing one newer than this build understands.
+fn schema_version(conn: &Connection, path: &Path) -> Result<i64> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version as usize > MIGRATIONS.len() {
         bail!(
@@ -288,6 +282,11 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
             MIGRATIONS.len()
         );
     }
+    Ok(version)
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
+    let version = schema_version(conn, path)?;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql).map_err(|e| {
@@ -327,4 +326,97 @@ pub fn parse_since(s: &str) -> Result<i64> {
 
 fn json_text<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("plain data serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn turn(session: &str, index: i64) -> NewTurn {
+        NewTurn {
+            session_id: session.into(),
+            turn_index: index,
+            turn_type: "main".into(),
+            response_id: format!("r-{session}-{index}"),
+            request_messages: json!([{"role": "user", "content": "hi"}]),
+            tools: None,
+            prompt_ids: vec![1, 2, 3],
+            response_ids: vec![4, 5],
+            logprobs: vec![-0.5, -0.25],
+            response_text: "ok".into(),
+            tool_calls: None,
+            finish_reason: "stop".into(),
+            adapter_version: 0,
+            sampling: json!({"temperature": 0.0}),
+            cached_tokens: 0,
+            created_at: 1_000,
+            completed_at: 2_000,
+        }
+    }
+
+    #[test]
+    fn migrates_records_and_refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sqlite");
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        store.ensure_session("a", "header", 1_000).unwrap();
+        let id = store.insert_turn(&turn("a", 0)).unwrap();
+        assert!(
+            store.insert_turn(&turn("a", 0)).is_err(),
+            "a turn index is used once per session"
+        );
+        assert!(
+            store
+                .attach_next_state(
+                    id,
+                    &json!([{"role": "user", "content": "next"}]),
+                    "user",
+                    3_000
+                )
+                .unwrap()
+        );
+        assert!(
+            !store
+                .attach_next_state(id, &json!([]), "user", 4_000)
+                .unwrap(),
+            "a next state is never overwritten"
+        );
+        assert_eq!(store.last_turn_index("a").unwrap(), Some(0));
+        drop(store);
+
+        // Reopening is idempotent; a read-only reader sees the data.
+        let reader = Store::open_read_only(&path).unwrap();
+        let mut rows = Vec::new();
+        assert_eq!(reader.export(0, |r| Ok(rows.push(r))).unwrap(), 1);
+        assert_eq!(rows[0]["next_state"][0]["content"], "next");
+        assert_eq!(rows[0]["logprobs"], json!([-0.5, -0.25]));
+        assert_eq!(
+            reader.export(5_000, |_| Ok(())).unwrap(),
+            0,
+            "--since filters"
+        );
+        drop(reader);
+
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = Store::open(&path).err().unwrap().to_string();
+        assert!(err.contains("schema version 99"), "{err}");
+    }
+
+    #[test]
+    fn since_accepts_dates_times_and_durations() {
+        assert_eq!(parse_since("1970-01-02").unwrap(), 86_400_000);
+        assert_eq!(parse_since("1970-01-01T00:00:01Z").unwrap(), 1_000);
+        let two_hours_ago = parse_since("2h").unwrap();
+        assert!((now_ms() - two_hours_ago - 7_200_000).abs() < 5_000);
+        assert!(
+            parse_since("yesterday-ish")
+                .unwrap_err()
+                .to_string()
+                .contains("--since")
+        );
+    }
 }
