@@ -7,22 +7,24 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use clawrl_tui::model::weights::WeightFile;
 use clawrl_tui::model::{Family, Transformer, WeightMode};
 
-fn run(dtype: DType) -> (Vec<f32>, Vec<f32>) {
+/// The tiny checkpoint, loaded in `dtype`.
+fn load(dtype: DType) -> Transformer {
     let (file, cfg) = WeightFile::open(&common::fixture("tiny-qwen3")).unwrap();
     assert_eq!(cfg.family, Family::Qwen3);
     assert_eq!((cfg.head_dim, cfg.num_heads, cfg.hidden_size), (16, 4, 48));
-    let device = Device::flex();
-    let model = Transformer::load(&file, cfg, &device, dtype, WeightMode::Dense).unwrap();
+    Transformer::load(&file, cfg, &Device::flex(), dtype, WeightMode::Dense).unwrap()
+}
+
+/// The reference input ids, and its logits from position `from` on (rows flattened).
+fn reference(from: usize) -> (Vec<i64>, Vec<f32>) {
     let fx = common::read_json("tiny-qwen3-reference.json");
-    let ids: Vec<i64> = fx["input_ids"]
+    let ids = fx["input_ids"]
         .as_array()
         .unwrap()
         .iter()
         .map(|v| v.as_i64().unwrap())
         .collect();
-    let want: Vec<f32> = fx["logits"]
-        .as_array()
-        .unwrap()
+    let logits = fx["logits"].as_array().unwrap()[from..]
         .iter()
         .flat_map(|r| {
             r.as_array()
@@ -31,63 +33,69 @@ fn run(dtype: DType) -> (Vec<f32>, Vec<f32>) {
                 .map(|v| v.as_f64().unwrap() as f32)
         })
         .collect();
-    let n = ids.len();
-    let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
-    let hidden = model.forward(tokens, &mut model.new_cache());
-    let h = hidden.dims()[2];
+    (ids, logits)
+}
+
+fn tokens(ids: &[i64]) -> Tensor<2, Int> {
+    Tensor::from_data(
+        TensorData::new(ids.to_vec(), [1, ids.len()]),
+        &Device::flex(),
+    )
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// Max |logit difference| of a full forward pass in `dtype` against the reference.
+fn full_pass_error(dtype: DType) -> f32 {
+    let model = load(dtype);
+    let (ids, want) = reference(0);
+    let hidden = model.forward(tokens(&ids), &mut model.new_cache());
     let got = model
-        .logits(hidden.reshape([n, h]))
+        .logits(hidden.reshape([ids.len(), 48]))
         .into_data()
         .try_into_vec::<f32>()
         .unwrap();
-    (got, want)
+    max_abs_diff(&got, &want)
 }
 
 #[test]
 fn qwen3_logits_match_numpy_reference_in_f32() {
-    let (got, want) = run(DType::F32);
-    let max_err = got
-        .iter()
-        .zip(&want)
-        .map(|(g, w)| (g - w).abs())
-        .fold(0f32, f32::max);
+    let max_err = full_pass_error(DType::F32);
     // f32 against float64 over two layers of width 48: errors are ~1e-6; 1e-4 leaves headroom.
     assert!(max_err < 1e-4, "max |logit difference| {max_err}");
 }
 
 #[test]
 fn qwen3_logits_match_numpy_reference_in_f16() {
-    let (got, want) = run(DType::F16);
-    let max_err = got
-        .iter()
-        .zip(&want)
-        .map(|(g, w)| (g - w).abs())
-        .fold(0f32, f32::max);
+    let max_err = full_pass_error(DType::F16);
     // f16 activations carry ~3 significant digits; logits here reach |4.3|.
     assert!(max_err < 0.05, "max |logit difference| {max_err}");
 }
 
 #[test]
 fn kv_cache_decoding_equals_the_full_forward_pass() {
-    let (file, cfg) = WeightFile::open(&common::fixture("tiny-qwen3")).unwrap();
-    let device = Device::flex();
-    let model = Transformer::load(&file, cfg, &device, DType::F32, WeightMode::Dense).unwrap();
-    let fx = common::read_json("tiny-qwen3-reference.json");
-    let ids: Vec<i64> = fx["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_i64().unwrap())
-        .collect();
+    let model = load(DType::F32);
+    let (ids, want) = reference(3);
     let mut cache = model.new_cache();
     // Prefill 4 tokens, then feed the rest one at a time.
-    let mut rows = Vec::new();
-    let prefill = Tensor::<2, Int>::from_data(TensorData::new(ids[..4].to_vec(), [1, 4]), &device);
-    let h = model.forward(prefill, &mut cache);
-    rows.push(h.narrow(1, 3, 1).reshape([1, 48]));
-    for &id in &ids[4..] {
-        let t = Tensor::<2, Int>::from_data(TensorData::new(vec![id], [1, 1]), &device);
-        rows.push(model.forward(t, &mut cache).reshape([1, 48]));
+    let mut rows = vec![
+        model
+            .forward(tokens(&ids[..4]), &mut cache)
+            .narrow(1, 3, 1)
+            .reshape([1, 48]),
+    ];
+    for id in &ids[4..] {
+        rows.push(
+            model
+                .forward(tokens(std::slice::from_ref(id)), &mut cache)
+                .reshape([1, 48]),
+        );
     }
     assert_eq!(cache.len(), ids.len());
     let got = model
@@ -95,20 +103,7 @@ fn kv_cache_decoding_equals_the_full_forward_pass() {
         .into_data()
         .try_into_vec::<f32>()
         .unwrap();
-    let want: Vec<f32> = fx["logits"].as_array().unwrap()[3..]
-        .iter()
-        .flat_map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-        })
-        .collect();
-    let max_err = got
-        .iter()
-        .zip(&want)
-        .map(|(g, w)| (g - w).abs())
-        .fold(0f32, f32::max);
+    let max_err = max_abs_diff(&got, &want);
     assert!(
         max_err < 1e-4,
         "cached decoding differs from the reference by {max_err}"

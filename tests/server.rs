@@ -145,15 +145,7 @@ fn errors_have_openai_shape_and_the_right_status() {
     let (st, _, metrics) = s.get("/metrics", false);
     assert_eq!(st, 200);
     assert!(metrics.contains("clawrl_requests_total") && metrics.contains("clawrl_queue_depth"));
-    let errors: u64 = metrics
-        .lines()
-        .find(|l| l.starts_with("clawrl_request_errors_total "))
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let errors = s.metric("clawrl_request_errors_total") as u64;
     assert!(errors >= 7, "errors counted: {errors}");
 }
 
@@ -362,25 +354,8 @@ fn a_client_that_disconnects_stops_its_generation() {
     assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
     drop(conn);
     std::thread::sleep(std::time::Duration::from_secs(3));
-    let (_, _, metrics) = s.get("/metrics", false);
-    let out: u64 = metrics
-        .lines()
-        .find(|l| l.starts_with("clawrl_completion_tokens_total "))
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let active: u64 = metrics
-        .lines()
-        .find(|l| l.starts_with("clawrl_active_sequences "))
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let out = s.metric("clawrl_completion_tokens_total") as u64;
+    let active = s.metric("clawrl_active_sequences") as u64;
     assert_eq!(active, 0, "nothing is generating any more");
     assert!(out < 200, "generation stopped early: {out} tokens");
     assert!(
@@ -395,33 +370,26 @@ fn a_full_queue_answers_429_with_retry_after() {
         ("CLAWRL__SERVER__MAX_ACTIVE", "1"),
         ("CLAWRL__SERVER__MAX_QUEUE", "1"),
     ]);
-    let port = s.port;
-    let key = s.key.clone();
-    let handles: Vec<_> = (0..4)
-        .map(|i| {
-            let key = key.clone();
-            std::thread::spawn(move || {
-                let body = json!({"messages": [user(&format!("Tell a story number {i}."))], "max_tokens": 48, "temperature": 0}).to_string();
-                let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-                use std::io::{Read, Write};
-                write!(c, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-                let mut s = String::new();
-                c.read_to_string(&mut s).unwrap();
-                s
+    let replies: Vec<(u16, String, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let s = &s;
+                scope.spawn(move || {
+                    let body = json!({"messages": [user(&format!("Tell a story number {i}."))], "max_tokens": 48, "temperature": 0});
+                    s.request("POST", "/v1/chat/completions", &[], &body.to_string(), true)
+                })
             })
-        })
-        .collect();
-    let replies: Vec<String> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let busy: Vec<&String> = replies
-        .iter()
-        .filter(|r| r.starts_with("HTTP/1.1 429"))
-        .collect();
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let busy: Vec<_> = replies.iter().filter(|r| r.0 == 429).collect();
     assert!(!busy.is_empty(), "some request is refused: {replies:?}");
     assert!(busy.iter().all(
-        |r| r.to_ascii_lowercase().contains("retry-after: 2") && r.contains("rate_limit_error")
+        |(_, head, body)| head.to_ascii_lowercase().contains("retry-after: 2")
+            && body.contains("rate_limit_error")
     ));
     assert!(
-        replies.iter().any(|r| r.starts_with("HTTP/1.1 200")),
+        replies.iter().any(|r| r.0 == 200),
         "the admitted ones are served"
     );
 }
@@ -429,20 +397,15 @@ fn a_full_queue_answers_429_with_retry_after() {
 #[test]
 fn sigterm_finishes_requests_in_flight_and_turns_survive_a_crash() {
     let s = Server::start(&[]);
-    let port = s.port;
-    let key = s.key.clone();
-    let inflight = std::thread::spawn(move || {
-        let body = json!({"messages": [user("Write a poem about owls.")], "max_tokens": 40, "temperature": 0, "stream": true}).to_string();
-        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        use std::io::{Read, Write};
-        write!(c, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-        let mut s = String::new();
-        c.read_to_string(&mut s).unwrap();
-        s
+    let reply = std::thread::scope(|scope| {
+        let inflight = scope.spawn(|| {
+            let body = json!({"messages": [user("Write a poem about owls.")], "max_tokens": 40, "temperature": 0, "stream": true});
+            s.request("POST", "/v1/chat/completions", &[], &body.to_string(), true).2
+        });
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        s.signal("TERM");
+        inflight.join().unwrap()
     });
-    std::thread::sleep(std::time::Duration::from_millis(700));
-    s.signal("TERM");
-    let reply = inflight.join().unwrap();
     assert!(
         reply.contains("data: [DONE]"),
         "the stream in flight completed: {reply}"

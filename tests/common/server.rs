@@ -164,6 +164,17 @@ impl Server {
         (status, body)
     }
 
+    /// The value of a Prometheus metric on `/metrics`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, _, text) = self.get("/metrics", false);
+        let prefix = format!("{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no metric {name} in {text}"))
+            .parse()
+            .unwrap()
+    }
+
     /// Every captured turn, through `clawrl-tui export`.
     pub fn export(&self) -> Vec<serde_json::Value> {
         let out = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"))
