@@ -73,6 +73,7 @@ pub fn build(cfg: &Config) -> Result<Arc<AppState>> {
             },
         )
     });
+    let judge = crate::judge::Judge::from_config(cfg, &engine, bus.clone(), counters.clone())?;
     let config = ServerConfig {
         model_id: model_id(cfg),
         model_aliases: Vec::new(),
@@ -85,6 +86,7 @@ pub fn build(cfg: &Config) -> Result<Arc<AppState>> {
         config,
         engine,
         capture,
+        judge,
         bus,
         counters,
     }))

@@ -20,6 +20,95 @@ pub struct Config {
     pub store: StoreSection,
     pub paths: PathsSection,
     pub log: LogSection,
+    pub judge: JudgeSection,
+}
+
+/// Who judges turns (PIPELINE.md §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JudgeBackend {
+    /// Nobody: turns are captured but not judged.
+    Off,
+    /// The frozen base model on this engine, below user requests.
+    Local,
+    /// Any OpenAI-compatible endpoint (`[judge.openai]`).
+    Openai,
+}
+
+/// How a vote is obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JudgeMode {
+    /// `direct` for the local judge, `reason` for an endpoint.
+    Auto,
+    /// The prompt ends in `\boxed{`; votes are drawn from the next-token probabilities.
+    Direct,
+    /// Each vote samples a short reasoning and a boxed score (upstream's way).
+    Reason,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JudgeSection {
+    pub backend: JudgeBackend,
+    pub mode: JudgeMode,
+    pub votes: usize,
+    pub temperature: f32,
+    pub max_tokens: usize,
+    pub hints: bool,
+    pub prompts_dir: String,
+    pub max_field_chars: usize,
+    pub openai: JudgeEndpoint,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JudgeEndpoint {
+    pub base_url: String,
+    pub model: String,
+    pub api_key_env: String,
+    pub timeout_secs: u64,
+}
+
+impl Default for JudgeSection {
+    fn default() -> Self {
+        Self {
+            backend: JudgeBackend::Local,
+            mode: JudgeMode::Auto,
+            votes: 3,
+            temperature: 0.6,
+            max_tokens: 256,
+            hints: true,
+            prompts_dir: String::new(),
+            max_field_chars: 2000,
+            openai: JudgeEndpoint::default(),
+        }
+    }
+}
+
+impl Default for JudgeEndpoint {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:8080/v1".into(),
+            model: String::new(),
+            api_key_env: "CLAWRL_JUDGE_API_KEY".into(),
+            timeout_secs: 120,
+        }
+    }
+}
+
+impl JudgeSection {
+    /// The voting mode once `auto` is resolved; `direct` needs the local engine.
+    pub fn effective_mode(&self) -> Result<JudgeMode> {
+        match (self.mode, self.backend) {
+            (JudgeMode::Auto, JudgeBackend::Openai) => Ok(JudgeMode::Reason),
+            (JudgeMode::Auto, _) => Ok(JudgeMode::Direct),
+            (JudgeMode::Direct, JudgeBackend::Openai) => bail!(
+                "judge.mode = \"direct\" reads next-token probabilities from the local engine; with judge.backend = \"openai\" use mode \"reason\" (or \"auto\")"
+            ),
+            (m, _) => Ok(m),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,6 +192,7 @@ impl Default for Config {
             store: StoreSection::default(),
             paths: PathsSection::default(),
             log: LogSection::default(),
+            judge: JudgeSection::default(),
         }
     }
 }
@@ -224,6 +314,22 @@ impl Config {
         if !(0.0..=1.0).contains(&g.top_p) || g.top_p == 0.0 {
             bail!("generation.top_p must be within (0, 1], got {}", g.top_p);
         }
+        let j = &self.judge;
+        if j.votes == 0 || j.votes > 16 {
+            bail!("judge.votes must be within 1..=16, got {}", j.votes);
+        }
+        if !(0.0..=2.0).contains(&j.temperature) {
+            bail!(
+                "judge.temperature must be within 0..=2, got {}",
+                j.temperature
+            );
+        }
+        if j.backend == JudgeBackend::Openai && j.openai.model.is_empty() {
+            bail!(
+                "judge.backend = \"openai\" needs judge.openai.model (the model id the endpoint serves)"
+            );
+        }
+        j.effective_mode()?;
         Ok(())
     }
 

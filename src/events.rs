@@ -35,8 +35,30 @@ pub enum Event {
         session_id: String,
         role: String,
     },
-    /// A session was closed (explicitly, or after the idle timeout).
-    SessionClosed { session_id: String, reason: String },
+    /// A session was closed (explicitly, or after the idle timeout); its main turns still
+    /// without a next state carry no signal.
+    SessionClosed {
+        session_id: String,
+        reason: String,
+        no_signal_turns: usize,
+    },
+    /// The judge finished a turn: the majority score of its votes and whether a hint came out.
+    TurnJudged {
+        turn_id: i64,
+        session_id: String,
+        score: i8,
+        votes: Vec<Option<i8>>,
+        hint: bool,
+        error: Option<String>,
+    },
+    /// Turns waiting for the judge.
+    JudgeQueue { pending: usize },
+    /// A human rated a turn (it overrides the judge's score for training).
+    FeedbackRecorded {
+        turn_id: i64,
+        session_id: String,
+        rating: i8,
+    },
 }
 
 pub type EventBus = broadcast::Sender<Event>;

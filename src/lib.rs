@@ -10,6 +10,7 @@ pub mod config;
 pub mod device;
 pub mod engine;
 pub mod events;
+pub mod judge;
 pub mod logging;
 pub mod model;
 pub mod server;

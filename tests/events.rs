@@ -28,6 +28,7 @@ async fn capture_steps_are_published_on_the_event_bus() {
     cfg.paths.data_dir = data.path().display().to_string();
     cfg.model.path = common::model_path(common::SMOLLM2).display().to_string();
     cfg.server.session_idle_secs = 2;
+    cfg.judge.backend = clawrl_tui::config::JudgeBackend::Off; // tests/judge.rs covers it
     let state = clawrl_tui::app::build(&cfg).unwrap();
     let mut events = state.bus.subscribe();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -72,6 +73,9 @@ async fn capture_steps_are_published_on_the_event_bus() {
             Event::NextStateAttached { .. } => "next_state",
             Event::SessionClosed { .. } => "closed",
             Event::EngineReady { .. } => "ready",
+            Event::TurnJudged { .. } => "judged",
+            Event::JudgeQueue { .. } => "judge_queue",
+            Event::FeedbackRecorded { .. } => "feedback",
         })
         .collect();
     assert_eq!(
@@ -100,7 +104,7 @@ async fn capture_steps_are_published_on_the_event_bus() {
         matches!(&seen[3], Event::NextStateAttached { turn_id: t, session_id: s, role } if t == turn_id && s == session_id && role == "user")
     );
     assert!(
-        matches!(&seen[7], Event::SessionClosed { session_id: s, reason } if s == session_id && reason == "idle")
+        matches!(&seen[7], Event::SessionClosed { session_id: s, reason, .. } if s == session_id && reason == "idle")
     );
 
     stop_tx.send(()).unwrap();

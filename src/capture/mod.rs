@@ -62,9 +62,16 @@ pub fn random_id(prefix: &str) -> String {
 }
 
 impl Capture {
+    /// Opens the store. Sessions a previous process left open are closed first: their
+    /// history matching died with that process, so their unanswered turns get no signal.
     pub fn open(path: &Path, bus: EventBus, markers: Vec<String>) -> Result<Self> {
+        let mut store = Store::open(path)?;
+        let orphaned = store.close_orphaned_sessions(now_ms())?;
+        if !orphaned.is_empty() {
+            tracing::info!("closed {} sessions left open by the previous run", orphaned.len());
+        }
         Ok(Self {
-            store: Mutex::new(Store::open(path)?),
+            store: Mutex::new(store),
             tracker: Mutex::new(SessionTracker::default()),
             bus,
             markers,
@@ -174,12 +181,18 @@ impl Capture {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .close(session_id);
-        self.store().close_session(session_id, reason, now_ms())?;
+        self.closed(session_id, reason)
+    }
+
+    /// Records a closed session (its unanswered turns become "no signal") and says so.
+    fn closed(&self, session_id: &str, reason: &str) -> Result<()> {
+        let no_signal_turns = self.store().close_session(session_id, reason, now_ms())?;
         emit(
             &self.bus,
             Event::SessionClosed {
                 session_id: session_id.into(),
                 reason: reason.into(),
+                no_signal_turns,
             },
         );
         Ok(())
@@ -193,16 +206,20 @@ impl Capture {
             .unwrap_or_else(|p| p.into_inner())
             .close_idle(timeout);
         for id in &idle {
-            self.store().close_session(id, "idle", now_ms())?;
-            emit(
-                &self.bus,
-                Event::SessionClosed {
-                    session_id: id.clone(),
-                    reason: "idle".into(),
-                },
-            );
+            self.closed(id, "idle")?;
         }
         Ok(idle.len())
+    }
+
+    /// Records a human rating for a turn (see [`Store::record_feedback`]).
+    pub fn record_feedback(
+        &self,
+        turn: &crate::store::TurnRef,
+        rating: i8,
+        comment: Option<&str>,
+        source: &str,
+    ) -> Result<crate::store::FeedbackRecorded, crate::store::FeedbackError> {
+        self.store().record_feedback(turn, rating, comment, source, now_ms())
     }
 
     pub fn open_sessions(&self) -> usize {

@@ -11,6 +11,7 @@ use crate::model::{GenerateRequest, Generation, LoadOptions, LoadedModel, Sampli
 use crate::telemetry::Counters;
 use prefix_cache::PrefixCache;
 use serde_json::Value;
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
@@ -45,14 +46,37 @@ pub struct ModelInfo {
     pub tokenizer: Arc<crate::model::tokenizer::Tokenizer>,
 }
 
-/// A chat completion for the engine.
+/// Who is waiting: user requests always go first; background work (the judge) runs only
+/// while no user request is generating or waiting, so it never slows serving down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    User,
+    Background,
+}
+
+/// What to do with the rendered prompt.
+#[derive(Debug, Clone)]
+pub enum Task {
+    /// Sample a reply.
+    Generate {
+        max_tokens: usize,
+        sampling: SamplingParams,
+        stop: Vec<String>,
+        top_logprobs: usize,
+    },
+    /// The log-probability of each option text as the reply's continuation, from one prefill
+    /// (answered with [`EngineEvent::Chosen`]).
+    Choose { options: Vec<String> },
+}
+
+/// A chat for the engine.
 pub struct Job {
     pub messages: Vec<Value>,
     pub tools: Option<Value>,
-    pub max_tokens: usize,
-    pub sampling: SamplingParams,
-    pub stop: Vec<String>,
-    pub top_logprobs: usize,
+    /// Text the reply starts with, appended after the chat template's generation prompt.
+    pub reply_prefix: String,
+    pub task: Task,
+    pub priority: Priority,
     pub events: UnboundedSender<EngineEvent>,
     /// Set by the server when the client goes away.
     pub cancel: Arc<AtomicBool>,
@@ -72,6 +96,8 @@ pub enum EngineEvent {
         cached_tokens: usize,
         adapter_version: i64,
     },
+    /// The answer to a [`Task::Choose`]: one log-probability per option, in order.
+    Chosen { logprobs: Vec<f32> },
     Failed(EngineError),
 }
 
@@ -182,10 +208,14 @@ impl Engine {
         self.shared.info.read().unwrap().clone()
     }
 
-    /// Queues a job, or refuses it when the queue is full.
+    /// Queues a job, or refuses a user job when the queue is full (background jobs wait
+    /// without a bound: their submitter limits how many it has outstanding).
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
         if self.status() != Status::Ready {
             return Err(SubmitError::Unavailable);
+        }
+        if job.priority == Priority::Background {
+            return self.tx.send(job).map_err(|_| SubmitError::Unavailable);
         }
         let c = &self.shared.counters;
         // Reserve a queue slot first so concurrent submits cannot overshoot the bound.
@@ -216,98 +246,164 @@ struct Worker {
 
 impl Worker {
     fn run(mut self, rx: Receiver<Job>) {
-        let mut active: Vec<Active> = Vec::new();
+        let (mut waiting_user, mut waiting_bg) = (VecDeque::new(), VecDeque::new());
+        let (mut user, mut bg): (Vec<Active>, Vec<Active>) = (Vec::new(), Vec::new());
         let mut open = true;
-        while open || !active.is_empty() {
-            // Admit new work: block only when idle.
-            if active.is_empty() {
+        let enqueue = |job: Job, wu: &mut VecDeque<Job>, wb: &mut VecDeque<Job>| match job
+            .priority
+        {
+            Priority::User => wu.push_back(job),
+            Priority::Background => wb.push_back(job),
+        };
+        loop {
+            let idle = user.is_empty() && bg.is_empty();
+            // Block only when there is nothing at all to do.
+            if idle && waiting_user.is_empty() && waiting_bg.is_empty() {
+                if !open {
+                    break;
+                }
                 match rx.recv() {
-                    Ok(job) => self.admit(job, &mut active),
+                    Ok(job) => enqueue(job, &mut waiting_user, &mut waiting_bg),
                     Err(_) => break,
                 }
             }
-            while open && active.len() < self.max_active {
+            while open {
                 match rx.try_recv() {
-                    Ok(job) => self.admit(job, &mut active),
+                    Ok(job) => enqueue(job, &mut waiting_user, &mut waiting_bg),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => open = false,
                 }
             }
-            // One round: a token for every active request.
-            let c = &self.shared.counters;
-            for a in active.iter_mut() {
-                if a.job.cancel.load(Relaxed) || a.job.events.is_closed() {
-                    a.decoding.cancel();
-                    continue;
-                }
-                let t = std::time::Instant::now();
-                match self.model.decode_step(&mut a.decoding) {
-                    Ok(piece) if !piece.is_empty() => {
-                        let _ = a.job.events.send(EngineEvent::Text(piece));
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        let _ = a
-                            .job
-                            .events
-                            .send(EngineEvent::Failed(EngineError::Internal(format!("{e:#}"))));
-                        a.decoding.cancel();
-                    }
-                }
-                Counters::add(&c.decode_micros, t.elapsed().as_micros() as u64);
+            while user.len() < self.max_active
+                && let Some(job) = waiting_user.pop_front()
+            {
+                self.shared.counters.queue_depth.fetch_sub(1, Relaxed);
+                self.admit(job, &mut user);
             }
-            let (done, still): (Vec<Active>, Vec<Active>) =
-                active.into_iter().partition(|a| a.decoding.done);
-            active = still;
-            for a in done {
-                Counters::add(&c.tokens_out, a.decoding.out.ids.len() as u64);
-                let _ = a.job.events.send(EngineEvent::Finished {
-                    cached_tokens: a.decoding.cached_tokens,
-                    generation: a.decoding.out,
-                    prompt_ids: a.prompt_ids,
-                    adapter_version: 0,
-                });
+            // Background work: one admission per round, and only while no user waits.
+            if user.is_empty()
+                && waiting_user.is_empty()
+                && bg.len() < self.max_active
+                && let Some(job) = waiting_bg.pop_front()
+            {
+                self.admit(job, &mut bg);
             }
-            c.active_sequences.store(active.len() as u64, Relaxed);
+            // One round: a token for every active user request, or else for background ones.
+            let round = if user.is_empty() { &mut bg } else { &mut user };
+            self.decode_round(round);
+            self.shared
+                .counters
+                .active_sequences
+                .store(user.len() as u64, Relaxed);
         }
         tracing::info!("engine stopped");
     }
 
+    fn decode_round(&mut self, active: &mut Vec<Active>) {
+        let c = &self.shared.counters;
+        for a in active.iter_mut() {
+            if a.job.cancel.load(Relaxed) || a.job.events.is_closed() {
+                a.decoding.cancel();
+                continue;
+            }
+            let t = std::time::Instant::now();
+            match self.model.decode_step(&mut a.decoding) {
+                Ok(piece) if !piece.is_empty() => {
+                    let _ = a.job.events.send(EngineEvent::Text(piece));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = a
+                        .job
+                        .events
+                        .send(EngineEvent::Failed(EngineError::Internal(format!("{e:#}"))));
+                    a.decoding.cancel();
+                }
+            }
+            Counters::add(&c.decode_micros, t.elapsed().as_micros() as u64);
+        }
+        let (done, still): (Vec<Active>, Vec<Active>) =
+            std::mem::take(active).into_iter().partition(|a| a.decoding.done);
+        *active = still;
+        for a in done {
+            Counters::add(&c.tokens_out, a.decoding.out.ids.len() as u64);
+            let _ = a.job.events.send(EngineEvent::Finished {
+                cached_tokens: a.decoding.cached_tokens,
+                generation: a.decoding.out,
+                prompt_ids: a.prompt_ids,
+                adapter_version: 0,
+            });
+        }
+    }
+
+    /// Computes the job's prompt; a generation joins `active`, a choice is answered at once.
     fn admit(&mut self, job: Job, active: &mut Vec<Active>) {
         let c = self.shared.counters.clone();
-        c.queue_depth.fetch_sub(1, Relaxed);
         if job.cancel.load(Relaxed) || job.events.is_closed() {
             return;
         }
         let fail = |e: EngineError| {
             let _ = job.events.send(EngineEvent::Failed(e));
         };
-        let prompt_ids = match self.model.chat_prompt(&job.messages, job.tools.as_ref()) {
+        let prompt_ids = match self.model.chat_prompt_continuing(
+            &job.messages,
+            job.tools.as_ref(),
+            &job.reply_prefix,
+        ) {
             Ok(ids) => ids,
             Err(e) => return fail(EngineError::BadRequest(format!("{e:#}"))),
         };
         let context_length = self.model.config.context_length;
-        if token_budget(context_length, prompt_ids.len(), job.max_tokens).is_err() {
+        let needed = match &job.task {
+            Task::Generate { max_tokens, .. } => *max_tokens,
+            Task::Choose { .. } => 0,
+        };
+        if token_budget(context_length, prompt_ids.len(), needed).is_err() {
             return fail(EngineError::ContextTooLong {
                 prompt_tokens: prompt_ids.len(),
                 context_length,
             });
         }
+        let cached = self.prefix.lookup(&prompt_ids);
+        Counters::add(&c.tokens_in, prompt_ids.len() as u64);
+        let (max_tokens, sampling, stop, top_logprobs) = match &job.task {
+            Task::Generate {
+                max_tokens,
+                sampling,
+                stop,
+                top_logprobs,
+            } => (*max_tokens, *sampling, stop.clone(), *top_logprobs),
+            Task::Choose { options } => {
+                let tok = &self.model.tokenizer;
+                let ids: anyhow::Result<Vec<Vec<u32>>> =
+                    options.iter().map(|o| tok.encode(o)).collect();
+                let result = ids.and_then(|ids| {
+                    self.model
+                        .option_logprobs(&prompt_ids, &ids, cached)
+                });
+                match result {
+                    Ok((logprobs, cache)) => {
+                        self.prefix.insert(&prompt_ids, &cache);
+                        let _ = job.events.send(EngineEvent::Chosen { logprobs });
+                    }
+                    Err(e) => fail(EngineError::Internal(format!("{e:#}"))),
+                }
+                return;
+            }
+        };
         let req = GenerateRequest {
             prompt_ids: prompt_ids.clone(),
-            max_tokens: job.max_tokens,
-            sampling: job.sampling,
-            stop: job.stop.clone(),
-            top_logprobs: job.top_logprobs,
+            max_tokens,
+            sampling,
+            stop,
+            top_logprobs,
         };
-        let cached = self.prefix.lookup(&prompt_ids);
         let decoding = match self.model.start_decoding(&req, cached) {
             Ok(d) => d,
             Err(e) => return fail(EngineError::Internal(format!("{e:#}"))),
         };
         // After the prefill the cache holds exactly the prompt: keep it for later requests.
         self.prefix.insert(&prompt_ids, &decoding.cache);
-        Counters::add(&c.tokens_in, prompt_ids.len() as u64);
         Counters::add(&c.cached_tokens, decoding.cached_tokens as u64);
         let _ = job.events.send(EngineEvent::Admitted {
             prompt_ids: prompt_ids.clone(),
@@ -317,6 +413,7 @@ impl Worker {
             prompt = prompt_ids.len(),
             cached = decoding.cached_tokens,
             prefill_secs = decoding.out.prefill_secs,
+            priority = ?job.priority,
             "admitted"
         );
         active.push(Active {

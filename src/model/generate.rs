@@ -290,6 +290,44 @@ impl LoadedModel {
     }
 }
 
+impl LoadedModel {
+    /// The log-probability of each option (token ids) as the continuation of `prompt_ids`: one
+    /// prefill of the prompt, plus one step per extra token of multi-token options. `prefix` is
+    /// a KV cache already holding the first prompt tokens. Returns the cache after the prompt.
+    pub fn option_logprobs(
+        &self,
+        prompt_ids: &[u32],
+        options: &[Vec<u32>],
+        prefix: Option<super::KvCache>,
+    ) -> Result<(Vec<f32>, super::KvCache)> {
+        let longest = options.iter().map(Vec::len).max().unwrap_or(0);
+        if options.iter().any(Vec::is_empty) {
+            bail!("every option needs at least one token");
+        }
+        token_budget(self.config.context_length, prompt_ids.len() + longest, 0)?;
+        let mut cache = match prefix {
+            Some(c) if c.len() < prompt_ids.len() => c,
+            _ => self.transformer.new_cache(),
+        };
+        let logits = self.step(&prompt_ids[cache.len()..], &mut cache);
+        let logp = |logits: &[f32], id: u32| {
+            logits.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY)
+                - super::sampling::log_sum_exp(logits)
+        };
+        let mut out = Vec::with_capacity(options.len());
+        for option in options {
+            let mut total = logp(&logits, option[0]);
+            let mut branch = cache.truncated(cache.len());
+            for pair in option.windows(2) {
+                let next = self.step(&[pair[0]], &mut branch);
+                total += logp(&next, pair[1]);
+            }
+            out.push(total);
+        }
+        Ok((out, cache))
+    }
+}
+
 /// How much of `text` can be shown now: not a trailing partial character, not a trailing prefix
 /// of a stop string (it may still complete into one).
 fn safe_emit_len(text: &str, stops: &[String]) -> usize {

@@ -105,7 +105,19 @@ impl LoadedModel {
         messages: &[serde_json::Value],
         tools: Option<&serde_json::Value>,
     ) -> Result<Vec<u32>> {
-        let text = self.template.render(messages, tools, true)?;
+        self.chat_prompt_continuing(messages, tools, "")
+    }
+
+    /// Like [`Self::chat_prompt`], with the reply already begun by `reply_prefix` (the judge's
+    /// direct mode ends its prompt in `\boxed{`).
+    pub fn chat_prompt_continuing(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&serde_json::Value>,
+        reply_prefix: &str,
+    ) -> Result<Vec<u32>> {
+        let mut text = self.template.render(messages, tools, true)?;
+        text.push_str(reply_prefix);
         self.tokenizer.encode_prompt(&text)
     }
 

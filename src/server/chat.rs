@@ -2,10 +2,10 @@
 //! server-sent events).
 
 use super::AppState;
-use super::http::{ApiError, Body, json_response};
+use super::http::{ApiError, Body, blocking, json_response};
 use super::tool_calls;
 use crate::capture::{TurnSlot, TurnType, random_id};
-use crate::engine::{EngineError, EngineEvent, Job, SubmitError};
+use crate::engine::{EngineError, EngineEvent, Job, Priority, SubmitError, Task};
 use crate::events::{Event, emit};
 use crate::model::{FinishReason, Generation, SamplingParams};
 use crate::store::{NewTurn, now_ms};
@@ -263,18 +263,6 @@ fn parse_request(
     })
 }
 
-/// Runs store work off the async threads; its failure is a 500 that says what failed.
-async fn blocking<T: Send + 'static>(
-    what: &'static str,
-    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-) -> Result<T, ApiError> {
-    let internal = |m: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m);
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| internal(e.to_string()))?
-        .map_err(|e| internal(format!("{what}: {e:#}")))
-}
-
 fn engine_error(e: EngineError) -> ApiError {
     match e {
         EngineError::ContextTooLong { .. } => ApiError::invalid(e.to_string())
@@ -311,10 +299,14 @@ pub async fn handle(
     let job = Job {
         messages: req.messages.clone(),
         tools: req.tools.clone(),
-        max_tokens: req.max_tokens,
-        sampling: req.sampling,
-        stop: req.stop.clone(),
-        top_logprobs: req.top_logprobs,
+        reply_prefix: String::new(),
+        task: Task::Generate {
+            max_tokens: req.max_tokens,
+            sampling: req.sampling,
+            stop: req.stop.clone(),
+            top_logprobs: req.top_logprobs,
+        },
+        priority: Priority::User,
         events: tx,
         cancel: cancel.clone(),
     };
@@ -501,6 +493,14 @@ impl Call {
         Ok(())
     }
 
+    /// `X-Session-Id` and `X-Turn-Index`: what `POST /v1/feedback` can name besides the id.
+    fn turn_headers(&self, headers: &mut HeaderMap) {
+        if let Ok(v) = header::HeaderValue::from_str(&self.slot.session_id) {
+            headers.insert("x-session-id", v);
+        }
+        headers.insert("x-turn-index", self.slot.turn_index.into());
+    }
+
     fn chunk(&self, delta: Value, finish: Option<&str>, logprobs: Value) -> Value {
         json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
@@ -541,7 +541,9 @@ async fn json_reply(
         "choices": [{"index": 0, "message": message, "logprobs": reply.logprobs, "finish_reason": reply.finish_reason}],
         "usage": reply.usage,
     });
-    Ok(json_response(StatusCode::OK, &body))
+    let mut response = json_response(StatusCode::OK, &body);
+    call.turn_headers(response.headers_mut());
+    Ok(response)
 }
 
 type Chunk = Result<Frame<Bytes>, std::convert::Infallible>;
@@ -557,6 +559,8 @@ fn stream_reply(
     mut rx: mpsc::UnboundedReceiver<EngineEvent>,
 ) -> Response<Body> {
     let (out, body_rx) = mpsc::channel::<Chunk>(64);
+    let mut headers = HeaderMap::new();
+    call.turn_headers(&mut headers);
     tokio::spawn(async move {
         // Sends a frame; a closed channel means the client went away: stop generating.
         let send = |frame: Chunk| {
@@ -615,7 +619,7 @@ fn stream_reply(
                     let _ = send(sse(&engine_error(e).body())).await;
                     return;
                 }
-                Some(EngineEvent::Admitted { .. }) => {}
+                Some(EngineEvent::Admitted { .. } | EngineEvent::Chosen { .. }) => {}
                 None => return,
             }
         };
@@ -688,10 +692,16 @@ fn stream_reply(
         let _ = send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n")))).await;
     });
     let stream = tokio_stream::wrappers::ReceiverStream::new(body_rx);
-    Response::builder()
+    let mut response = Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
         .body(StreamBody::new(stream).boxed())
-        .expect("static response parts")
+        .expect("static response parts");
+    headers.into_iter().for_each(|(k, v)| {
+        if let Some(k) = k {
+            response.headers_mut().insert(k, v);
+        }
+    });
+    response
 }

@@ -126,3 +126,16 @@ pub async fn read_json(req: Request<Incoming>, limit: usize) -> Result<Value, Ap
         ))
     })
 }
+
+/// Runs store work off the async threads; its failure is a 500 that says what failed.
+pub async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    let internal = |m: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m);
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| internal(e.to_string()))?
+        .map_err(|e| internal(format!("{what}: {e:#}")))
+}
+

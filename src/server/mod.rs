@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP server (hyper on tokio): routes, auth, SSE, errors, metrics.
 
 pub mod chat;
+pub mod feedback;
 pub mod http;
 pub mod tool_calls;
 
@@ -38,6 +39,8 @@ pub struct AppState {
     pub config: ServerConfig,
     pub engine: Engine,
     pub capture: Arc<Capture>,
+    /// The background judge (`None` when `judge.backend = "off"`); `serve` runs it.
+    pub judge: Option<Arc<crate::judge::Judge>>,
     pub bus: EventBus,
     pub counters: Arc<Counters>,
 }
@@ -87,7 +90,8 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
             http::authorize(&req, state.config.api_key.as_deref()).map(|_| models(&state))
         }
         (&Method::POST, "/v1/chat/completions") => chat_route(state.clone(), req).await,
-        (_, "/v1/chat/completions" | "/v1/models" | "/health" | "/metrics") => Err(ApiError::new(
+        (&Method::POST, "/v1/feedback") => feedback::route(state.clone(), req).await,
+        (_, "/v1/chat/completions" | "/v1/feedback" | "/v1/models" | "/health" | "/metrics") => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "invalid_request_error",
             "Method not allowed for this path.",
@@ -157,6 +161,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let judge = state.judge.clone().map(|j| tokio::spawn(j.run()));
     let idle_state = state.clone();
     let closer = tokio::spawn(async move {
         let mut tick =
@@ -195,6 +200,10 @@ pub async fn serve(
         }
     }
     closer.abort();
+    // A turn being judged now is judged again after a restart (nothing of it was stored).
+    if let Some(j) = judge {
+        j.abort();
+    }
     tracing::info!("shutting down: waiting for requests in flight");
     graceful.shutdown().await;
     Ok(())

@@ -42,6 +42,41 @@ CREATE TABLE turns (
     UNIQUE (session_id, turn_index)
 );
 CREATE INDEX turns_created_at ON turns (created_at);
+"#, r#"
+-- Set when the turn's session closed before a next state arrived: no evaluative signal.
+ALTER TABLE turns ADD COLUMN no_signal_at INTEGER;
+-- One row per judged turn, written with its votes in one transaction (judged exactly once).
+CREATE TABLE judgments (
+    turn_id       INTEGER PRIMARY KEY REFERENCES turns(id),
+    backend       TEXT NOT NULL,       -- local | openai
+    mode          TEXT NOT NULL,       -- direct | reason
+    judge_model   TEXT NOT NULL,
+    score         INTEGER NOT NULL,    -- majority of the valid votes: -1 | 0 | 1
+    hint          TEXT,                -- the longest usable hint, if any
+    error         TEXT,                -- why the turn could not be judged (score 0, no votes)
+    elapsed_ms    INTEGER NOT NULL,
+    judged_at     INTEGER NOT NULL
+);
+CREATE TABLE votes (
+    turn_id  INTEGER NOT NULL REFERENCES judgments(turn_id),
+    kind     TEXT NOT NULL,            -- score | hint
+    idx      INTEGER NOT NULL,
+    raw      TEXT NOT NULL,            -- the judge's text
+    score    INTEGER,                  -- NULL: invalid vote
+    hint     TEXT,
+    probs    TEXT,                     -- JSON {"1": p, "0": p, "-1": p} (direct mode)
+    PRIMARY KEY (turn_id, kind, idx)
+);
+-- Human ratings; they override the judge's score and never replace it. The latest counts.
+CREATE TABLE feedback (
+    id         INTEGER PRIMARY KEY,
+    turn_id    INTEGER NOT NULL REFERENCES turns(id),
+    rating     INTEGER NOT NULL,       -- 1 (up) | -1 (down)
+    comment    TEXT,
+    source     TEXT NOT NULL,          -- api | tui
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX feedback_turn ON feedback (turn_id);
 "#];
 
 pub fn now_ms() -> i64 {
@@ -71,6 +106,73 @@ pub struct NewTurn {
     pub cached_tokens: usize,
     pub created_at: i64,
     pub completed_at: i64,
+}
+
+/// A main turn with a next state and no judgment yet: the judge's input.
+#[derive(Debug, Clone)]
+pub struct PendingTurn {
+    pub turn_id: i64,
+    pub session_id: String,
+    pub request_messages: Value,
+    pub response_text: String,
+    pub tool_calls: Option<Value>,
+    pub next_state: Value,
+    pub next_state_role: String,
+}
+
+/// One judge vote as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vote {
+    /// `score` (PRM) or `hint` (hint extraction).
+    pub kind: &'static str,
+    pub index: usize,
+    pub raw: String,
+    pub score: Option<i8>,
+    pub hint: Option<String>,
+    pub probs: Option<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judgment {
+    pub turn_id: i64,
+    pub backend: String,
+    pub mode: String,
+    pub judge_model: String,
+    pub score: i8,
+    pub hint: Option<String>,
+    pub error: Option<String>,
+    pub votes: Vec<Vote>,
+    pub elapsed_ms: i64,
+    pub judged_at: i64,
+}
+
+/// Which turn a piece of feedback names.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TurnRef {
+    ResponseId(String),
+    Index { session_id: String, turn_index: i64 },
+}
+
+/// The turn a rating was recorded for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeedbackRecorded {
+    pub turn_id: i64,
+    pub session_id: String,
+    pub turn_index: i64,
+    pub response_id: String,
+    pub rating: i8,
+    /// The judge's score, kept beside the rating.
+    pub judge_score: Option<i8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FeedbackError {
+    #[error("{0}")]
+    UnknownTurn(String),
+    #[error("{0}")]
+    SideTurn(String),
+    #[error(transparent)]
+    Store(#[from] anyhow::Error),
 }
 
 pub struct Store {
@@ -199,11 +301,175 @@ impl Store {
         Ok(n == 1)
     }
 
-    pub fn close_session(&self, id: &str, reason: &str, at: i64) -> Result<()> {
+    /// Closes a session; its main turns still without a next state are marked "no signal".
+    /// Returns how many turns were so marked.
+    pub fn close_session(&mut self, id: &str, reason: &str, at: i64) -> Result<usize> {
+        let err = |e| explain(e, "closing the session", &self.path);
+        let tx = self.conn.transaction().map_err(err)?;
+        tx.execute("UPDATE sessions SET closed_at = ?2, close_reason = ?3 WHERE id = ?1 AND closed_at IS NULL", params![id, at, reason])
+            .map_err(err)?;
+        let marked = tx
+            .execute(
+                "UPDATE turns SET no_signal_at = ?2 WHERE session_id = ?1 AND turn_type = 'main' AND next_state IS NULL AND no_signal_at IS NULL",
+                params![id, at],
+            )
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(marked)
+    }
+
+    /// Sessions a previous process left open (its session tracker is gone): closed with
+    /// reason `restart`, their unanswered turns marked "no signal". Returns the sessions closed.
+    pub fn close_orphaned_sessions(&mut self, at: i64) -> Result<Vec<String>> {
+        let ids: Vec<String> = self
+            .conn
+            .prepare("SELECT id FROM sessions WHERE closed_at IS NULL")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for id in &ids {
+            self.close_session(id, "restart", at)?;
+        }
+        Ok(ids)
+    }
+
+    /// Main turns with a next state and no judgment, oldest first.
+    pub fn pending_judgments(&self, limit: usize) -> Result<Vec<PendingTurn>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT t.id, t.session_id, t.request_messages, t.response_text, t.tool_calls, t.next_state, t.next_state_role
+             FROM turns t LEFT JOIN judgments j ON j.turn_id = t.id
+             WHERE j.turn_id IS NULL AND t.turn_type = 'main' AND t.next_state IS NOT NULL
+             ORDER BY t.id LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok(PendingTurn {
+                turn_id: r.get(0)?,
+                session_id: r.get(1)?,
+                request_messages: parse_json(r.get(2)?),
+                response_text: r.get(3)?,
+                tool_calls: r.get::<_, Option<String>>(4)?.map(|s| parse_json(Some(s))),
+                next_state: parse_json(r.get(5)?),
+                next_state_role: r.get::<_, Option<String>>(6)?.unwrap_or_else(|| "user".into()),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn session_of(&self, turn_id: i64) -> Result<String> {
+        Ok(self
+            .conn
+            .query_row("SELECT session_id FROM turns WHERE id = ?1", [turn_id], |r| r.get(0))?)
+    }
+
+    /// How many turns wait for the judge.
+    pub fn count_pending_judgments(&self) -> Result<usize> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM turns t LEFT JOIN judgments j ON j.turn_id = t.id
+             WHERE j.turn_id IS NULL AND t.turn_type = 'main' AND t.next_state IS NOT NULL",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as usize)
+    }
+
+    /// Stores a judgment and its votes atomically; a turn already judged keeps its first
+    /// judgment (returns `false`), so no vote is ever stored twice.
+    pub fn save_judgment(&mut self, j: &Judgment) -> Result<bool> {
+        let err = |e| explain(e, "recording the judgment", &self.path);
+        let tx = self.conn.transaction().map_err(err)?;
+        let inserted = tx
+            .execute(
+                "INSERT OR IGNORE INTO judgments (turn_id, backend, mode, judge_model, score, hint, error, elapsed_ms, judged_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![j.turn_id, j.backend, j.mode, j.judge_model, j.score, j.hint, j.error, j.elapsed_ms, j.judged_at],
+            )
+            .map_err(err)?;
+        if inserted == 0 {
+            return Ok(false);
+        }
+        for v in &j.votes {
+            tx.execute(
+                "INSERT INTO votes (turn_id, kind, idx, raw, score, hint, probs) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![j.turn_id, v.kind, v.index as i64, v.raw, v.score, v.hint, v.probs.as_ref().map(Value::to_string)],
+            )
+            .map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(true)
+    }
+
+    /// Records a human rating (+1 / −1) for a main turn, beside the judge's score.
+    pub fn record_feedback(
+        &self,
+        turn: &TurnRef,
+        rating: i8,
+        comment: Option<&str>,
+        source: &str,
+        at: i64,
+    ) -> Result<FeedbackRecorded, FeedbackError> {
+        let row = |sql: &str, p: &[&dyn rusqlite::ToSql]| {
+            self.conn
+                .query_row(sql, p, |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, Option<i8>>(5)?,
+                    ))
+                })
+                .optional()
+                .map_err(|e| FeedbackError::Store(e.into()))
+        };
+        const SELECT: &str = "SELECT t.id, t.session_id, t.turn_index, t.response_id, t.turn_type, j.score
+             FROM turns t LEFT JOIN judgments j ON j.turn_id = t.id";
+        let found = match turn {
+            TurnRef::ResponseId(id) => row(&format!("{SELECT} WHERE t.response_id = ?1"), &[id])?
+                .ok_or_else(|| FeedbackError::UnknownTurn(format!("No turn has the response id `{id}`.")))?,
+            TurnRef::Index { session_id, turn_index } => row(
+                &format!("{SELECT} WHERE t.session_id = ?1 AND t.turn_index = ?2"),
+                &[session_id, turn_index],
+            )?
+            .ok_or_else(|| {
+                FeedbackError::UnknownTurn(format!("Session `{session_id}` has no turn {turn_index}."))
+            })?,
+        };
+        let (turn_id, session_id, turn_index, response_id, turn_type, judge_score) = found;
+        if turn_type != "main" {
+            return Err(FeedbackError::SideTurn(format!(
+                "Turn {turn_index} of session `{session_id}` is a side turn; side turns are never trained, so they take no feedback."
+            )));
+        }
         self.conn
-            .execute("UPDATE sessions SET closed_at = ?2, close_reason = ?3 WHERE id = ?1 AND closed_at IS NULL", params![id, at, reason])
-            .map_err(|e| explain(e, "closing the session", &self.path))?;
-        Ok(())
+            .execute(
+                "INSERT INTO feedback (turn_id, rating, comment, source, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![turn_id, rating, comment, source, at],
+            )
+            .map_err(|e| explain(e, "recording the feedback", &self.path))?;
+        Ok(FeedbackRecorded {
+            turn_id,
+            session_id,
+            turn_index,
+            response_id,
+            rating,
+            judge_score,
+        })
+    }
+
+    fn votes_of(&self, turn_id: i64) -> Result<Vec<Value>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT kind, idx, raw, score, hint, probs FROM votes WHERE turn_id = ?1 ORDER BY kind DESC, idx",
+        )?;
+        let rows = stmt.query_map([turn_id], |r| {
+            Ok(json!({
+                "kind": r.get::<_, String>(0)?,
+                "index": r.get::<_, i64>(1)?,
+                "raw": r.get::<_, String>(2)?,
+                "score": r.get::<_, Option<i64>>(3)?.map_or(json!("invalid"), |s| json!(s)),
+                "hint": r.get::<_, Option<String>>(4)?,
+                "probs": parse_json(r.get(5)?),
+            }))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// The highest turn index used in a session (to continue numbering after a restart).
@@ -228,13 +494,15 @@ impl Store {
         let mut stmt = self.conn.prepare(
             "SELECT t.id, t.session_id, t.turn_index, t.turn_type, t.response_id, t.request_messages, t.tools, t.prompt_ids,
                     t.response_ids, t.logprobs, t.response_text, t.tool_calls, t.finish_reason, t.adapter_version, t.sampling,
-                    t.cached_tokens, t.created_at, t.completed_at, t.next_state, t.next_state_role, t.next_state_at
-             FROM turns t WHERE t.created_at >= ?1 ORDER BY t.created_at, t.id",
+                    t.cached_tokens, t.created_at, t.completed_at, t.next_state, t.next_state_role, t.next_state_at,
+                    t.no_signal_at, j.turn_id, j.backend, j.mode, j.judge_model, j.score, j.hint, j.error, j.elapsed_ms, j.judged_at,
+                    f.rating, f.comment, f.source, f.created_at
+             FROM turns t
+             LEFT JOIN judgments j ON j.turn_id = t.id
+             LEFT JOIN feedback f ON f.id = (SELECT MAX(id) FROM feedback WHERE turn_id = t.id)
+             WHERE t.created_at >= ?1 ORDER BY t.created_at, t.id",
         )?;
-        let parse = |s: Option<String>| {
-            s.and_then(|s| serde_json::from_str::<Value>(&s).ok())
-                .unwrap_or(Value::Null)
-        };
+        let parse = parse_json;
         let mut rows = stmt.query([since_ms])?;
         let mut n = 0;
         while let Some(r) = rows.next()? {
@@ -242,7 +510,7 @@ impl Store {
                 Ok(r.get::<_, Option<i64>>(i)?
                     .map_or(Value::Null, |ms| json!(rfc3339(ms))))
             };
-            let record = json!({
+            let mut record = json!({
                 "turn_id": r.get::<_, i64>(0)?,
                 "session_id": r.get::<_, String>(1)?,
                 "turn_index": r.get::<_, i64>(2)?,
@@ -265,6 +533,49 @@ impl Store {
                 "next_state_role": r.get::<_, Option<String>>(19)?,
                 "next_state_at": ts(20)?,
             });
+            let turn_id = r.get::<_, i64>(0)?;
+            let main = r.get::<_, String>(3)? == "main";
+            let judged = r.get::<_, Option<i64>>(22)?.is_some();
+            let judge_score = r.get::<_, Option<i64>>(26)?;
+            let rating = r.get::<_, Option<i64>>(31)?;
+            let status = if !main {
+                "not_trained"
+            } else if judged {
+                "judged"
+            } else if r.get::<_, Option<String>>(18)?.is_some() {
+                "pending"
+            } else if r.get::<_, Option<i64>>(21)?.is_some() {
+                "no_signal"
+            } else {
+                "awaiting_next_state"
+            };
+            record["judge_status"] = json!(status);
+            record["judgment"] = if judged {
+                json!({
+                    "backend": r.get::<_, String>(23)?,
+                    "mode": r.get::<_, String>(24)?,
+                    "judge_model": r.get::<_, String>(25)?,
+                    "score": judge_score,
+                    "hint": r.get::<_, Option<String>>(27)?,
+                    "error": r.get::<_, Option<String>>(28)?,
+                    "elapsed_ms": r.get::<_, i64>(29)?,
+                    "judged_at": ts(30)?,
+                    "votes": self.votes_of(turn_id)?,
+                })
+            } else {
+                Value::Null
+            };
+            record["feedback"] = match rating {
+                Some(rating) => json!({
+                    "rating": if rating > 0 { "up" } else { "down" },
+                    "comment": r.get::<_, Option<String>>(32)?,
+                    "source": r.get::<_, String>(33)?,
+                    "created_at": ts(34)?,
+                }),
+                None => Value::Null,
+            };
+            // The human rating overrides the judge; both stay visible.
+            record["reward"] = json!(rating.or(judge_score));
             each(record)?;
             n += 1;
         }
@@ -322,6 +633,11 @@ pub fn parse_since(s: &str) -> Result<i64> {
     Ok(t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0))
+}
+
+fn parse_json(s: Option<String>) -> Value {
+    s.and_then(|s| serde_json::from_str::<Value>(&s).ok())
+        .unwrap_or(Value::Null)
 }
 
 fn json_text<T: serde::Serialize>(v: &T) -> String {

@@ -14,6 +14,17 @@ pub struct Counters {
     pub queue_depth: AtomicU64,
     pub active_sequences: AtomicU64,
     pub active_sessions: AtomicU64,
+    /// Turns with a next state waiting for the judge.
+    pub judge_queue_depth: AtomicU64,
+    pub judge_turns: AtomicU64,
+    /// Score votes (PRM) cast, and those without a valid boxed score.
+    pub judge_votes: AtomicU64,
+    pub judge_invalid_votes: AtomicU64,
+    /// Times the judge backend was unreachable (the turn is retried).
+    pub judge_errors: AtomicU64,
+    /// Microseconds spent judging (for votes/s).
+    pub judge_micros: AtomicU64,
+    pub feedback: AtomicU64,
 }
 
 impl Counters {
@@ -26,6 +37,18 @@ impl Counters {
         let secs = g(&self.decode_micros) as f64 / 1e6;
         let tps = if secs > 0.0 {
             g(&self.tokens_out) as f64 / secs
+        } else {
+            0.0
+        };
+        let judge_secs = g(&self.judge_micros) as f64 / 1e6;
+        let votes = g(&self.judge_votes);
+        let votes_per_sec = if judge_secs > 0.0 {
+            votes as f64 / judge_secs
+        } else {
+            0.0
+        };
+        let invalid_ratio = if votes > 0 {
+            g(&self.judge_invalid_votes) as f64 / votes as f64
         } else {
             0.0
         };
@@ -88,6 +111,54 @@ impl Counters {
             "gauge",
             "Open conversation sessions.",
             g(&self.active_sessions).to_string(),
+        );
+        metric(
+            "clawrl_judge_queue_depth",
+            "gauge",
+            "Turns with a next state waiting for the judge.",
+            g(&self.judge_queue_depth).to_string(),
+        );
+        metric(
+            "clawrl_judge_turns_total",
+            "counter",
+            "Turns judged.",
+            g(&self.judge_turns).to_string(),
+        );
+        metric(
+            "clawrl_judge_votes_total",
+            "counter",
+            "Score votes cast by the judge.",
+            votes.to_string(),
+        );
+        metric(
+            "clawrl_judge_invalid_votes_total",
+            "counter",
+            "Score votes without a valid boxed score.",
+            g(&self.judge_invalid_votes).to_string(),
+        );
+        metric(
+            "clawrl_judge_invalid_vote_ratio",
+            "gauge",
+            "Invalid share of the score votes (since start).",
+            format!("{invalid_ratio:.4}"),
+        );
+        metric(
+            "clawrl_judge_votes_per_second",
+            "gauge",
+            "Score votes per second of judging time (since start).",
+            format!("{votes_per_sec:.3}"),
+        );
+        metric(
+            "clawrl_judge_errors_total",
+            "counter",
+            "Times the judge backend failed and the turn was retried later.",
+            g(&self.judge_errors).to_string(),
+        );
+        metric(
+            "clawrl_feedback_total",
+            "counter",
+            "Human ratings recorded.",
+            g(&self.feedback).to_string(),
         );
         out
     }

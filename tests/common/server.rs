@@ -38,9 +38,33 @@ impl Server {
         }
     }
 
-    /// Starts a server on `model` (served as `model_id`) and returns once it listens.
+    /// Starts a server on `model` (served as `model_id`) and returns once it listens. The
+    /// judge is off unless `env` turns it on (it would compete with the tests for the CPU).
     pub fn spawn(model: &std::path::Path, model_id: &str, env: &[(&str, &str)]) -> Self {
-        let data = tempfile::tempdir().unwrap();
+        Self::spawn_in(tempfile::tempdir().unwrap(), model, model_id, env)
+    }
+
+    /// Kills this server (like a crash) and starts a new one on the same data directory.
+    pub fn crash_and_restart(mut self, env: &[(&str, &str)]) -> Self {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let data = std::mem::replace(&mut self.data, tempfile::tempdir().unwrap());
+        let s = Self::spawn_in(
+            data,
+            &super::model_path(super::SMOLLM2),
+            "smollm2-135m-instruct",
+            env,
+        );
+        s.wait_ready();
+        s
+    }
+
+    fn spawn_in(
+        data: tempfile::TempDir,
+        model: &std::path::Path,
+        model_id: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let key = "test-key-123".to_string();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"));
         cmd.args([
@@ -55,6 +79,7 @@ impl Server {
         ])
         .env("CLAWRL_DATA_DIR", data.path())
         .env("CLAWRL__SERVER__MODEL_ID", model_id)
+        .env("CLAWRL__JUDGE__BACKEND", "off")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
         for (k, v) in env {

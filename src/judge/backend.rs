@@ -1,0 +1,276 @@
+//! Where votes come from: the local engine (the frozen base model, as background work below
+//! user requests) or any OpenAI-compatible endpoint over HTTP.
+
+use crate::config::JudgeEndpoint;
+use crate::engine::{Engine, EngineError, EngineEvent, Job, Priority, SubmitError, Task};
+use crate::model::SamplingParams;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Why a vote could not be obtained.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BackendError {
+    /// Worth retrying later (the endpoint is down or busy, the engine is loading).
+    #[error("{0}")]
+    Transient(String),
+    /// Retrying the same turn cannot help (e.g. the judge prompt exceeds the context).
+    #[error("{0}")]
+    Permanent(String),
+}
+
+pub enum Backend {
+    Local(Engine),
+    Openai(Endpoint),
+}
+
+impl Backend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Local(_) => "local",
+            Self::Openai(_) => "openai",
+        }
+    }
+
+    /// The judge model's name, as recorded with each judgment.
+    pub fn model(&self) -> String {
+        match self {
+            Self::Local(e) => e.info().map_or_else(|| "local".into(), |i| i.name),
+            Self::Openai(ep) => ep.model.clone(),
+        }
+    }
+
+    /// A sampled reply to `messages`.
+    pub async fn complete(
+        &self,
+        messages: Vec<Value>,
+        temperature: f32,
+        max_tokens: usize,
+        seed: u64,
+    ) -> Result<String, BackendError> {
+        match self {
+            Self::Local(engine) => {
+                let task = Task::Generate {
+                    max_tokens,
+                    sampling: SamplingParams {
+                        temperature,
+                        top_p: 1.0,
+                        top_k: 0,
+                        seed: Some(seed),
+                    },
+                    stop: Vec::new(),
+                    top_logprobs: 0,
+                };
+                let mut rx = submit(engine, messages, String::new(), task)?;
+                loop {
+                    match rx.recv().await {
+                        Some(EngineEvent::Finished { generation, .. }) => {
+                            return Ok(generation.text);
+                        }
+                        Some(EngineEvent::Failed(e)) => return Err(engine_failure(e)),
+                        Some(_) => {}
+                        None => return Err(BackendError::Transient("the engine stopped".into())),
+                    }
+                }
+            }
+            Self::Openai(ep) => ep.chat(&messages, temperature, max_tokens, seed).await,
+        }
+    }
+
+    /// Log-probabilities of each option as the start of the reply after `reply_prefix`
+    /// (local engine only: one prefill).
+    pub async fn choose(
+        &self,
+        messages: Vec<Value>,
+        reply_prefix: &str,
+        options: &[&str],
+    ) -> Result<Vec<f32>, BackendError> {
+        let Self::Local(engine) = self else {
+            return Err(BackendError::Permanent(
+                "the direct mode needs the local judge".into(),
+            ));
+        };
+        let task = Task::Choose {
+            options: options.iter().map(|o| o.to_string()).collect(),
+        };
+        let mut rx = submit(engine, messages, reply_prefix.into(), task)?;
+        loop {
+            match rx.recv().await {
+                Some(EngineEvent::Chosen { logprobs }) => return Ok(logprobs),
+                Some(EngineEvent::Failed(e)) => return Err(engine_failure(e)),
+                Some(_) => {}
+                None => return Err(BackendError::Transient("the engine stopped".into())),
+            }
+        }
+    }
+}
+
+fn submit(
+    engine: &Engine,
+    messages: Vec<Value>,
+    reply_prefix: String,
+    task: Task,
+) -> Result<mpsc::UnboundedReceiver<EngineEvent>, BackendError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    engine
+        .submit(Job {
+            messages,
+            tools: None,
+            reply_prefix,
+            task,
+            priority: Priority::Background,
+            events: tx,
+            cancel: Arc::new(AtomicBool::new(false)),
+        })
+        .map_err(|e| match e {
+            SubmitError::Overloaded | SubmitError::Unavailable => {
+                BackendError::Transient("the engine is not ready".into())
+            }
+        })?;
+    Ok(rx)
+}
+
+fn engine_failure(e: EngineError) -> BackendError {
+    BackendError::Permanent(e.to_string())
+}
+
+/// An OpenAI-compatible chat completions endpoint reached over plain HTTP (a judge server on
+/// this machine or the local network: llama.cpp, vLLM, another clawrl-tui).
+pub struct Endpoint {
+    /// `host:port` to connect to.
+    authority: String,
+    /// `/v1/chat/completions` under the base URL's path.
+    path: String,
+    pub model: String,
+    api_key: Option<String>,
+    timeout: Duration,
+}
+
+impl Endpoint {
+    pub fn new(cfg: &JudgeEndpoint) -> anyhow::Result<Self> {
+        let uri: Uri = cfg
+            .base_url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("judge.openai.base_url {:?}: {e}", cfg.base_url))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => anyhow::bail!(
+                "judge.openai.base_url {:?}: https is not supported; reach the endpoint over http (e.g. through a local TLS proxy such as `stunnel`)",
+                cfg.base_url
+            ),
+            _ => anyhow::bail!(
+                "judge.openai.base_url {:?} must start with http://",
+                cfg.base_url
+            ),
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| anyhow::anyhow!("judge.openai.base_url {:?} has no host", cfg.base_url))?;
+        let port = uri.port_u16().unwrap_or(80);
+        let api_key = (!cfg.api_key_env.is_empty())
+            .then(|| std::env::var(&cfg.api_key_env).ok())
+            .flatten()
+            .filter(|k| !k.is_empty());
+        Ok(Self {
+            authority: format!("{host}:{port}"),
+            path: format!("{}/chat/completions", uri.path().trim_end_matches('/')),
+            model: cfg.model.clone(),
+            api_key,
+            timeout: Duration::from_secs(cfg.timeout_secs.max(1)),
+        })
+    }
+
+    async fn chat(
+        &self,
+        messages: &[Value],
+        temperature: f32,
+        max_tokens: usize,
+        seed: u64,
+    ) -> Result<String, BackendError> {
+        let body = json!({
+            "model": self.model, "messages": messages, "temperature": temperature,
+            "max_tokens": max_tokens, "seed": seed, "stream": false,
+        });
+        let (status, reply) = tokio::time::timeout(self.timeout, self.post(body))
+            .await
+            .map_err(|_| {
+                BackendError::Transient(format!(
+                    "the judge endpoint {} did not answer within {} s",
+                    self.authority,
+                    self.timeout.as_secs()
+                ))
+            })??;
+        let detail = || {
+            reply["error"]["message"]
+                .as_str()
+                .map_or_else(|| reply.to_string(), str::to_owned)
+        };
+        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+            return Err(BackendError::Transient(format!(
+                "the judge endpoint answered {status}: {}",
+                detail()
+            )));
+        }
+        if !status.is_success() {
+            return Err(BackendError::Permanent(format!(
+                "the judge endpoint answered {status}: {}",
+                detail()
+            )));
+        }
+        // Reasoning servers may put the text in `reasoning_content` and leave `content` empty.
+        let message = &reply["choices"][0]["message"];
+        match (message["content"].as_str(), message["reasoning_content"].as_str()) {
+            (Some(c), _) if !c.trim().is_empty() => Ok(c.to_string()),
+            (_, Some(r)) => Ok(r.to_string()),
+            (Some(c), None) => Ok(c.to_string()),
+            (None, None) => Err(BackendError::Permanent(format!(
+                "the judge endpoint's reply has no choices[0].message.content: {reply}"
+            ))),
+        }
+    }
+
+    async fn post(&self, body: Value) -> Result<(StatusCode, Value), BackendError> {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            BackendError::Transient(format!(
+                "cannot reach the judge endpoint {}: {e}",
+                self.authority
+            ))
+        };
+        let stream = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::post(&self.path)
+            .header(hyper::header::HOST, &self.authority)
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(key) = &self.api_key {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| BackendError::Permanent(e.to_string()))?;
+        let res = sender.send_request(req).await.map_err(|e| unreachable(&e))?;
+        let status = res.status();
+        let bytes = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(&e))?
+            .to_bytes();
+        let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            json!({"error": {"message": String::from_utf8_lossy(&bytes).chars().take(500).collect::<String>()}})
+        });
+        Ok((status, value))
+    }
+}

@@ -1,0 +1,177 @@
+//! From judge texts to a score and a hint (PIPELINE.md §2–3): the last `\boxed{}` of a vote
+//! counts, the majority of valid votes wins, a tie for the top count scores 0, and the longest
+//! hint of a `\boxed{1}` hint vote is kept.
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::Rng;
+
+/// The score of the last `\boxed{...}` in `text`: `Some(-1 | 0 | 1)`, or `None` when there is
+/// no boxed value or the last one is anything else (an invalid vote).
+pub fn parse_score(text: &str) -> Option<i8> {
+    let start = text.rfind("\\boxed{")? + "\\boxed{".len();
+    let end = text[start..].find('}')? + start;
+    match text[start..end].trim() {
+        "1" | "+1" => Some(1),
+        "0" => Some(0),
+        "-1" => Some(-1),
+        _ => None,
+    }
+}
+
+/// The majority of the valid votes; a tie for the top count, or no valid vote, gives 0.
+pub fn majority(votes: &[Option<i8>]) -> i8 {
+    let count = |s: i8| votes.iter().filter(|v| **v == Some(s)).count();
+    let counts = [(1, count(1)), (0, count(0)), (-1, count(-1))];
+    let top = counts.iter().map(|c| c.1).max().unwrap_or(0);
+    let leaders: Vec<i8> = counts
+        .iter()
+        .filter(|c| c.1 == top && top > 0)
+        .map(|c| c.0)
+        .collect();
+    match leaders.as_slice() {
+        [only] => *only,
+        _ => 0,
+    }
+}
+
+/// The text between `[HINT_START]` and `[HINT_END]` (the last such pair), trimmed.
+pub fn extract_hint(text: &str) -> Option<String> {
+    let start = text.rfind("[HINT_START]")? + "[HINT_START]".len();
+    let end = text[start..].find("[HINT_END]")? + start;
+    let hint = text[start..end].trim();
+    (!hint.is_empty()).then(|| hint.to_string())
+}
+
+/// Hints shorter than this carry no usable information.
+pub const MIN_HINT_CHARS: usize = 10;
+
+/// The hint of a hint vote, when it counts: the vote says `\boxed{1}` and its hint is longer
+/// than [`MIN_HINT_CHARS`].
+pub fn usable_hint(text: &str) -> Option<String> {
+    if parse_score(text) != Some(1) {
+        return None;
+    }
+    extract_hint(text).filter(|h| h.chars().count() > MIN_HINT_CHARS)
+}
+
+/// The longest usable hint among the votes (the first of equally long ones).
+pub fn best_hint(votes: &[String]) -> Option<String> {
+    votes
+        .iter()
+        .filter_map(|v| usable_hint(v))
+        .fold(None, |best: Option<String>, h| match best {
+            Some(b) if b.chars().count() >= h.chars().count() => Some(b),
+            _ => Some(h),
+        })
+}
+
+/// The scores the direct mode reads, in the order their probabilities are given.
+pub const DIRECT_OPTIONS: [i8; 3] = [1, 0, -1];
+
+/// The probabilities of `1`, `0`, `-1` renormalized over the three (from log-probabilities).
+pub fn option_probs(logprobs: &[f32; 3]) -> [f64; 3] {
+    let max = logprobs.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    if !max.is_finite() {
+        return [1.0 / 3.0; 3];
+    }
+    let e = logprobs.map(|l| (l as f64 - max).exp());
+    let sum: f64 = e.iter().sum();
+    e.map(|x| x / sum)
+}
+
+/// `m` votes drawn from the direct-mode probabilities, tempered by `temperature` (0 = the most
+/// likely score every time), reproducibly from `seed`.
+pub fn draw_votes(probs: &[f64; 3], m: usize, temperature: f32, seed: u64) -> Vec<i8> {
+    let best = (0..3)
+        .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
+        .unwrap_or(1);
+    if temperature <= 0.0 {
+        return vec![DIRECT_OPTIONS[best]; m];
+    }
+    let w = probs.map(|p| p.max(1e-12).powf(1.0 / temperature as f64));
+    let sum: f64 = w.iter().sum();
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..m)
+        .map(|_| {
+            let mut x = rng.random::<f64>() * sum;
+            for (i, wi) in w.iter().enumerate() {
+                if x < *wi {
+                    return DIRECT_OPTIONS[i];
+                }
+                x -= wi;
+            }
+            DIRECT_OPTIONS[2]
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_boxed_value_is_the_vote() {
+        assert_eq!(parse_score("first \\boxed{-1}, on reflection \\boxed{1}"), Some(1));
+        assert_eq!(parse_score("\\boxed{ -1 }"), Some(-1));
+        assert_eq!(parse_score("so \\boxed{0}."), Some(0));
+        assert_eq!(parse_score("\\boxed{+1}"), Some(1));
+    }
+
+    #[test]
+    fn anything_else_is_an_invalid_vote() {
+        assert_eq!(parse_score("no box here: 1"), None);
+        assert_eq!(parse_score("\\boxed{2}"), None);
+        assert_eq!(parse_score("\\boxed{yes}"), None);
+        assert_eq!(parse_score("\\boxed{1} then \\boxed{maybe}"), None, "the last box counts");
+        assert_eq!(parse_score("\\boxed{1"), None, "unterminated");
+        assert_eq!(parse_score(""), None);
+    }
+
+    #[test]
+    fn majority_drops_invalid_votes_and_ties_score_zero() {
+        assert_eq!(majority(&[Some(1), Some(1), Some(-1)]), 1);
+        assert_eq!(majority(&[Some(-1), None, None]), -1, "invalid votes are dropped");
+        assert_eq!(majority(&[Some(1), Some(-1), None]), 0, "a tie scores 0");
+        assert_eq!(majority(&[Some(1), Some(-1), Some(0)]), 0, "a three-way tie scores 0");
+        assert_eq!(majority(&[Some(0), Some(0), Some(1)]), 0);
+        assert_eq!(majority(&[None, None, None]), 0, "no valid vote scores 0");
+        assert_eq!(majority(&[]), 0);
+    }
+
+    #[test]
+    fn hints_need_a_positive_vote_and_more_than_ten_characters() {
+        let long = "\\boxed{1} [HINT_START]Use metric units, the user is in Europe.[HINT_END]";
+        let longer = "\\boxed{1}\n[HINT_START]The user wants metric units and short answers without lists.[HINT_END]";
+        let negative = "\\boxed{-1} [HINT_START]A long hint that must not count at all.[HINT_END]";
+        let short = "\\boxed{1} [HINT_START]Be brief.[HINT_END]";
+        let unterminated = "\\boxed{1} [HINT_START]Something long enough but never closed";
+        assert_eq!(extract_hint(short).as_deref(), Some("Be brief."));
+        assert_eq!(usable_hint(short), None, "10 characters or fewer");
+        assert_eq!(usable_hint(negative), None);
+        assert_eq!(usable_hint(unterminated), None);
+        let votes: Vec<String> = [long, negative, longer, short]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            best_hint(&votes).as_deref(),
+            Some("The user wants metric units and short answers without lists.")
+        );
+        assert_eq!(best_hint(&votes[1..2]), None);
+    }
+
+    #[test]
+    fn direct_votes_follow_the_option_probabilities() {
+        let p = option_probs(&[(0.7f32).ln(), (0.2f32).ln(), (0.05f32).ln()]);
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        assert!((p[0] - 0.7 / 0.95).abs() < 1e-6, "{p:?}");
+        assert_eq!(draw_votes(&p, 3, 0.0, 7), vec![1, 1, 1], "temperature 0 is greedy");
+        let votes = draw_votes(&p, 20_000, 1.0, 7);
+        let share = |s: i8| votes.iter().filter(|v| **v == s).count() as f64 / 20_000.0;
+        assert!((share(1) - p[0]).abs() < 0.02, "{}", share(1));
+        assert!((share(-1) - p[2]).abs() < 0.02, "{}", share(-1));
+        assert_eq!(draw_votes(&p, 5, 0.6, 42), draw_votes(&p, 5, 0.6, 42), "seeded");
+        assert_eq!(option_probs(&[f32::NEG_INFINITY; 3]), [1.0 / 3.0; 3]);
+    }
+}

@@ -1,0 +1,337 @@
+//! The judge end to end: a scripted OpenAI-compatible judge on loopback (canned texts,
+//! malformed ones included) proves votes → score → hint → store → export; explicit feedback
+//! overrides the score; a crash while turns are being judged loses and duplicates nothing;
+//! and the real local judge on the default model runs without blocking serving.
+
+mod common;
+use common::server::Server;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A scripted judge: answers each chat completion with the next canned text for the scenario
+/// its prompt belongs to (found by a marker in the next state), counting requests.
+struct ScriptedJudge {
+    port: u16,
+    /// Every request body received.
+    seen: Arc<Mutex<Vec<Value>>>,
+    /// While set, requests are accepted but never answered (a judge that hangs).
+    hold: Arc<AtomicBool>,
+}
+
+/// Canned judge texts per scenario marker: (PRM votes, hint votes).
+fn script(marker: &str) -> (&'static [&'static str], &'static [&'static str]) {
+    match marker {
+        // Thanks → +1 with one malformed vote; no hint.
+        "Thanks, that works" => (
+            &["The user thanks the assistant. \\boxed{1}", "Positive. \\boxed{1}", "I think it is fine: \\boxed{maybe}"],
+            &["\\boxed{-1}", "Nothing new. \\boxed{-1}", "\\boxed{-1}"],
+        ),
+        // A correction → −1 (the last box counts); the longest usable hint wins.
+        "No, I meant kilometres" => (
+            &["A correction. \\boxed{-1}", "At first \\boxed{1}, but it is a correction: \\boxed{-1}", "\\boxed{0}"],
+            &[
+                "\\boxed{1} [HINT_START]Give the distance in kilometres.[HINT_END]",
+                "\\boxed{1} [HINT_START]Use km.[HINT_END]",
+                "\\boxed{1}\n[HINT_START]The user wants kilometres, not miles: answer in km.[HINT_END]",
+            ],
+        ),
+        // A tie → 0.
+        _ => (&["\\boxed{1}", "\\boxed{-1}", "no score at all"], &["\\boxed{-1}"; 3]),
+    }
+}
+
+const MARKERS: [&str; 3] = ["Thanks, that works", "No, I meant kilometres", "Hmm, maybe"];
+
+impl ScriptedJudge {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::<Value>::new()));
+        let hold = Arc::new(AtomicBool::new(false));
+        let (seen2, hold2) = (seen.clone(), hold.clone());
+        let counters = Arc::new(Mutex::new(std::collections::HashMap::<String, usize>::new()));
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let (seen, hold, counters) = (seen2.clone(), hold2.clone(), counters.clone());
+                std::thread::spawn(move || {
+                    let mut stream = stream.unwrap();
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut len = 0;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    reader.read_exact(&mut body).unwrap();
+                    let body: Value = serde_json::from_slice(&body).unwrap();
+                    seen.lock().unwrap().push(body.clone());
+                    while hold.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(20));
+                        if seen.lock().unwrap().is_empty() {
+                            return; // the test reset: drop this connection unanswered
+                        }
+                    }
+                    let prompt = body["messages"].to_string();
+                    let marker = MARKERS.iter().find(|m| prompt.contains(**m)).copied().unwrap_or("");
+                    let hint = body["messages"][0]["content"].as_str().unwrap().contains("[HINT_START]");
+                    let key = format!("{marker}/{hint}");
+                    let n = {
+                        let mut c = counters.lock().unwrap();
+                        let n = c.entry(key).or_default();
+                        *n += 1;
+                        *n - 1
+                    };
+                    let (prm, hints) = script(marker);
+                    let texts = if hint { hints } else { prm };
+                    let reply = json!({"id": "j", "object": "chat.completion", "model": body["model"],
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": texts[n % texts.len()]}, "finish_reason": "stop"}]});
+                    let reply = reply.to_string();
+                    let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}", reply.len());
+                });
+            }
+        });
+        Self { port, seen, hold }
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("CLAWRL__JUDGE__BACKEND", "openai".into()),
+            ("CLAWRL__JUDGE__OPENAI__BASE_URL", format!("http://127.0.0.1:{}/v1", self.port)),
+            ("CLAWRL__JUDGE__OPENAI__MODEL", "scripted-judge".into()),
+        ]
+    }
+
+    fn requests_for(&self, marker: &str) -> usize {
+        self.seen.lock().unwrap().iter().filter(|b| b["messages"].to_string().contains(marker)).count()
+    }
+}
+
+fn start(env: &[(&'static str, String)]) -> Server {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Server::start(&env)
+}
+
+/// Two turns of one session: a question, then `reply` (the first turn's next state). Returns
+/// the first turn's chat completion id.
+fn converse(s: &Server, session: &str, reply: &str) -> String {
+    let h = [("X-Session-Id", session)];
+    let m1 = json!([{"role": "user", "content": "How far is 5 miles?"}]);
+    let (status, r1) = s.chat(&h, &json!({"messages": m1, "max_tokens": 6, "temperature": 0}));
+    assert_eq!(status, 200, "{r1}");
+    let m2 = json!([m1[0], r1["choices"][0]["message"], {"role": "user", "content": reply}]);
+    let (status, r2) = s.chat(&h, &json!({"messages": m2, "max_tokens": 6, "temperature": 0}));
+    assert_eq!(status, 200, "{r2}");
+    r1["id"].as_str().unwrap().to_string()
+}
+
+fn turn<'a>(turns: &'a [Value], session: &str, index: i64) -> &'a Value {
+    turns
+        .iter()
+        .find(|t| t["session_id"] == session && t["turn_index"] == index)
+        .unwrap_or_else(|| panic!("no turn {session}/{index} in {turns:#?}"))
+}
+
+/// Exports until `session`'s first turn is judged.
+fn wait_judged(s: &Server, sessions: &[&str]) -> Vec<Value> {
+    let t = Instant::now();
+    loop {
+        let turns = s.export();
+        if sessions.iter().all(|sid| {
+            turns.iter().any(|t| t["session_id"] == *sid && t["turn_index"] == 0 && t["judge_status"] == "judged")
+        }) {
+            return turns;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "not judged in time: {turns:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn votes(t: &Value, kind: &str) -> Vec<Value> {
+    t["judgment"]["votes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["kind"] == kind)
+        .map(|v| v["score"].clone())
+        .collect()
+}
+
+#[test]
+fn scripted_judge_votes_become_scores_hints_and_exports() {
+    let judge = ScriptedJudge::start();
+    let s = start(&judge.env());
+    let thanks = converse(&s, "thanks", "Thanks, that works!");
+    converse(&s, "correction", "No, I meant kilometres.");
+    converse(&s, "tie", "Hmm, maybe.");
+    let turns = wait_judged(&s, &["thanks", "correction", "tie"]);
+
+    let t = turn(&turns, "thanks", 0);
+    assert_eq!(t["judgment"]["score"], 1, "{t:#}");
+    assert_eq!(t["reward"], 1);
+    assert_eq!(t["judgment"]["backend"], "openai");
+    assert_eq!(t["judgment"]["mode"], "reason", "auto mode reasons with an endpoint");
+    assert_eq!(t["judgment"]["judge_model"], "scripted-judge");
+    let mut v = votes(t, "score");
+    v.sort_by_key(|x| x.to_string());
+    assert_eq!(v, vec![json!(1), json!(1), json!("invalid")]);
+    assert!(t["judgment"]["hint"].is_null());
+    assert!(
+        t["judgment"]["votes"].as_array().unwrap().iter().any(|v| v["raw"] == "I think it is fine: \\boxed{maybe}"),
+        "raw texts are kept"
+    );
+
+    let c = turn(&turns, "correction", 0);
+    assert_eq!(c["judgment"]["score"], -1, "{c:#}");
+    assert_eq!(c["judgment"]["hint"], "The user wants kilometres, not miles: answer in km.");
+    assert_eq!(votes(c, "hint").len(), 3);
+    assert_eq!(turn(&turns, "tie", 0)["judgment"]["score"], 0, "a tie scores 0");
+
+    // The last turns have no next state yet; nothing judged them.
+    assert_eq!(turn(&turns, "thanks", 1)["judge_status"], "awaiting_next_state");
+    assert!(turn(&turns, "thanks", 1)["judgment"].is_null());
+
+    // What the judge saw: the request, the reply and the next state with its role.
+    let prompts = judge.seen.lock().unwrap().clone();
+    let prm = prompts
+        .iter()
+        .find(|b| b["messages"].to_string().contains("No, I meant kilometres") && !b["messages"][0]["content"].as_str().unwrap().contains("[HINT_START]"))
+        .unwrap();
+    let user = prm["messages"][1]["content"].as_str().unwrap();
+    assert!(user.contains("How far is 5 miles?") && user.contains("(user)"), "{user}");
+    assert!(user.contains(c["response_text"].as_str().unwrap().trim()), "{user}");
+    assert_eq!(prm["temperature"].as_f64().unwrap() as f32, 0.6);
+    assert_eq!(prompts.len(), 18, "3 turns × (3 score + 3 hint votes)");
+
+    assert_eq!(s.metric("clawrl_judge_votes_total"), 9.0);
+    assert_eq!(s.metric("clawrl_judge_invalid_votes_total"), 2.0);
+    assert_eq!(s.metric("clawrl_judge_turns_total"), 3.0);
+    assert_eq!(s.metric("clawrl_judge_queue_depth"), 0.0);
+    assert!(s.metric("clawrl_judge_votes_per_second") > 0.0);
+
+    // A thumbs down overrides the judge's +1 for training; the judge's score stays.
+    let fb = json!({"response_id": thanks, "rating": "down", "comment": "too terse"}).to_string();
+    let (status, _, body) = s.request("POST", "/v1/feedback", &[], &fb, true);
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((body["rating"].as_str(), body["judge_score"].as_i64(), body["turn"].as_i64()), (Some("down"), Some(1), Some(0)));
+    let fb = json!({"session_id": "correction", "turn": 0, "rating": "up"}).to_string();
+    assert_eq!(s.request("POST", "/v1/feedback", &[], &fb, true).0, 200);
+    let turns = s.export();
+    let t = turn(&turns, "thanks", 0);
+    assert_eq!((t["reward"].as_i64(), t["judgment"]["score"].as_i64()), (Some(-1), Some(1)));
+    assert_eq!(t["feedback"]["comment"], "too terse");
+    assert_eq!(turn(&turns, "correction", 0)["reward"], 1);
+    assert_eq!(s.metric("clawrl_feedback_total"), 2.0);
+
+    // Bad feedback: a clear error, nothing stored.
+    let (status, _, body) = s.request("POST", "/v1/feedback", &[], r#"{"response_id": "chatcmpl-nope", "rating": "up"}"#, true);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("chatcmpl-nope") && body.contains("turn_not_found"), "{body}");
+    let (status, _, body) = s.request("POST", "/v1/feedback", &[], r#"{"session_id": "tie", "turn": 0, "rating": "sideways"}"#, true);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(s.request("POST", "/v1/feedback", &[], "{not json", true).0, 400);
+    assert_eq!(s.request("POST", "/v1/feedback", &[], &fb, false).0, 401, "the API key is required");
+    let (status, _, body) = s.request("POST", "/v1/feedback", &[], r#"{"session_id": "side", "turn": 0, "rating": "up"}"#, true);
+    assert_eq!(status, 404, "{body}");
+    assert!(turn(&s.export(), "tie", 0)["feedback"].is_null());
+
+    // Closing a session: its unanswered last turn carries no signal.
+    let (status, r) = s.chat(
+        &[("X-Session-Id", "side"), ("X-Turn-Type", "side")],
+        &json!({"messages": [{"role": "user", "content": "heartbeat"}], "max_tokens": 2}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let (status, _, body) = s.request("POST", "/v1/feedback", &[], &json!({"response_id": r["id"], "rating": "up"}).to_string(), true);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("side turn"), "{body}");
+    let m = json!([{"role": "user", "content": "bye"}]);
+    let (status, _) = s.chat(&[("X-Session-Id", "thanks"), ("X-Session-Done", "1")], &json!({"messages": m, "max_tokens": 2}));
+    assert_eq!(status, 200);
+    let turns = s.export();
+    let answered = turn(&turns, "thanks", 1);
+    assert!(answered["next_state"].to_string().contains("bye"), "{answered:#}");
+    assert_ne!(answered["judge_status"], "no_signal");
+    assert_eq!(turn(&turns, "thanks", 2)["judge_status"], "no_signal");
+    assert_eq!(turn(&turns, "side", 0)["judge_status"], "not_trained");
+}
+
+#[test]
+fn a_crash_while_judging_loses_and_duplicates_no_votes() {
+    let judge = ScriptedJudge::start();
+    let env = judge.env();
+    let s = start(&env);
+    converse(&s, "before", "Thanks, that works!");
+    let before = wait_judged(&s, &["before"]);
+    let judged_at = turn(&before, "before", 0)["judgment"]["judged_at"].clone();
+
+    // The judge hangs: the next turn's votes are in flight when the server is killed.
+    judge.hold.store(true, Ordering::SeqCst);
+    converse(&s, "during", "No, I meant kilometres.");
+    let t = Instant::now();
+    while judge.requests_for("No, I meant kilometres") == 0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "the judge was never asked");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(turn(&s.export(), "during", 0)["judge_status"], "pending");
+    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    judge.seen.lock().unwrap().clear(); // also drops the held connections
+    judge.hold.store(false, Ordering::SeqCst);
+    let s = s.crash_and_restart(&env_ref);
+
+    let turns = wait_judged(&s, &["before", "during"]);
+    let during = turn(&turns, "during", 0);
+    assert_eq!(during["judgment"]["score"], -1, "{during:#}");
+    assert_eq!(votes(during, "score").len(), 3, "{during:#}");
+    assert_eq!(votes(during, "hint").len(), 3, "{during:#}");
+    let before = turn(&turns, "before", 0);
+    assert_eq!(before["judgment"]["judged_at"], judged_at, "judged once, never again");
+    assert_eq!(votes(before, "score").len(), 3);
+    assert_eq!(judge.requests_for("Thanks, that works"), 0, "a judged turn is not re-judged");
+    assert_eq!(judge.requests_for("No, I meant kilometres"), 6);
+    // The sessions the crashed process left open are closed; their last turns carry no signal.
+    assert_eq!(turn(&turns, "before", 1)["judge_status"], "no_signal");
+    assert_eq!(turn(&turns, "during", 1)["judge_status"], "no_signal");
+}
+
+#[test]
+fn the_local_judge_runs_on_the_default_model_without_blocking_serving() {
+    let s = Server::start(&[
+        ("CLAWRL__JUDGE__BACKEND", "local"),
+        ("CLAWRL__JUDGE__MAX_TOKENS", "24"),
+    ]);
+    converse(&s, "local", "No, I meant kilometres.");
+    let turns = wait_judged(&s, &["local"]);
+    let t = turn(&turns, "local", 0);
+    let j = &t["judgment"];
+    assert_eq!((j["backend"].as_str(), j["mode"].as_str()), (Some("local"), Some("direct")), "{j:#}");
+    assert!(j["error"].is_null(), "{j:#}");
+    let score_votes: Vec<&Value> = j["votes"].as_array().unwrap().iter().filter(|v| v["kind"] == "score").collect();
+    assert_eq!(score_votes.len(), 3);
+    for v in &score_votes {
+        assert!([-1, 0, 1].contains(&v["score"].as_i64().unwrap()), "direct votes are always valid: {v}");
+        let p = &v["probs"];
+        let sum = p["1"].as_f64().unwrap() + p["0"].as_f64().unwrap() + p["-1"].as_f64().unwrap();
+        assert!((sum - 1.0).abs() < 1e-6, "{p}");
+    }
+    assert!([-1, 0, 1].contains(&j["score"].as_i64().unwrap()));
+    assert_eq!(j["votes"].as_array().unwrap().iter().filter(|v| v["kind"] == "hint").count(), 3);
+
+    // Serving goes on while the judge works: a request made now is answered.
+    converse(&s, "second", "Thanks, that works!");
+    let (status, r) = s.chat(&[], &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}));
+    assert_eq!(status, 200, "{r}");
+    wait_judged(&s, &["second"]);
+    assert_eq!(s.metric("clawrl_judge_invalid_votes_total"), 0.0);
+}
