@@ -185,7 +185,7 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
     assert_eq!(t["judgment"]["judge_model"], "scripted-judge");
     let mut v = votes(t, "score");
     v.sort_by_key(|x| x.to_string());
-    assert_eq!(v, vec![json!(1), json!(1), json!("invalid")]);
+    assert_eq!(v, vec![json!("invalid"), json!(1), json!(1)]);
     assert!(t["judgment"]["hint"].is_null());
     assert!(
         t["judgment"]["votes"].as_array().unwrap().iter().any(|v| v["raw"] == "I think it is fine: \\boxed{maybe}"),
