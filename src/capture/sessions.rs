@@ -139,7 +139,10 @@ impl SessionTracker {
         let norm: Vec<Norm> = messages.iter().map(normalize).collect();
         let pos = match explicit {
             Some(id) => self.open.iter().position(|s| s.id == id),
-            None => self.by_prefix(&norm).or_else(|| self.by_last_reply(&norm)),
+            None => self
+                .by_prefix(&norm)
+                .or_else(|| self.by_last_reply(&norm))
+                .or_else(|| self.by_opening(&norm)),
         };
         let Some(i) = pos else {
             let id = explicit.map(str::to_owned).unwrap_or_else(new_id);
@@ -220,20 +223,44 @@ impl SessionTracker {
 
     /// Clients that rewrite earlier messages (OpenClaw 2026.9 folds a turn's user messages into
     /// one and drops per-turn runtime notes) break exact prefixes. Fallback: the request's last
-    /// assistant message is a session's last reply, its first (system) message is the same,
-    /// and something follows the reply. The most recently active such session wins.
+    /// assistant message is (nearly: clients strip directive tags and control tokens from
+    /// replies before echoing them) a session's last reply, its first (system) message is the
+    /// same, and something follows the reply. The most recently active such session wins.
     fn by_last_reply(&self, norm: &[Norm]) -> Option<usize> {
         let last_assistant = norm.iter().rposition(|m| m.role == "assistant")?;
         if last_assistant + 1 == norm.len() {
             return None;
         }
+        self.most_recent(|s| {
+            s.expected
+                .last()
+                .is_some_and(|r| same_reply(r, &norm[last_assistant]))
+                && s.expected.first() == norm.first()
+        })
+    }
+
+    /// Last fallback, for a reply the client rewrote beyond recognition: the same opening
+    /// (system prompt and first user message, whitespace aside) and as many assistant
+    /// messages as the session has produced, followed by something new. A retry or an edit
+    /// of an earlier message changes that count and opens a new session.
+    fn by_opening(&self, norm: &[Norm]) -> Option<usize> {
+        let replies = norm.iter().filter(|m| m.role == "assistant").count();
+        if replies == 0 || norm.last().is_some_and(|m| m.role == "assistant") {
+            return None;
+        }
+        let opening = opening(norm)?;
+        self.most_recent(|s| {
+            s.expected.iter().filter(|m| m.role == "assistant").count() == replies
+                && s.expected.first().map(|m| &m.role) == norm.first().map(|m| &m.role)
+                && opening_matches(&s.expected, &opening)
+        })
+    }
+
+    fn most_recent(&self, matches: impl Fn(&Open) -> bool) -> Option<usize> {
         self.open
             .iter()
             .enumerate()
-            .filter(|(_, s)| {
-                s.expected.last() == Some(&norm[last_assistant])
-                    && s.expected.first() == norm.first()
-            })
+            .filter(|(_, s)| !s.expected.is_empty() && matches(s))
             .max_by_key(|(_, s)| s.last_active)
             .map(|(i, _)| i)
     }
@@ -291,6 +318,62 @@ impl SessionTracker {
     pub fn open_count(&self) -> usize {
         self.open.len()
     }
+}
+
+/// Text without any whitespace: what survives a client re-joining or re-wrapping lines.
+fn squash(s: &str) -> String {
+    s.chars().filter(|c| !c.is_whitespace()).collect()
+}
+
+/// The system prompt (if any) and the first user message, squashed.
+fn opening(norm: &[Norm]) -> Option<(String, String)> {
+    let system = norm
+        .first()
+        .filter(|m| m.role == "system" || m.role == "developer")
+        .map_or(String::new(), |m| squash(&m.text));
+    let user = norm.iter().find(|m| m.role == "user")?;
+    Some((system, squash(&user.text)))
+}
+
+fn opening_matches(expected: &[Norm], seen: &(String, String)) -> bool {
+    opening(expected).is_some_and(|(system, user)| {
+        system == seen.0 && !user.is_empty() && (seen.1.starts_with(&user) || user.starts_with(&seen.1))
+    })
+}
+
+/// Whether `seen` is the client's echo of the `sent` reply: the same tool calls, and text that
+/// is equal or differs only by what clients strip (tags, control tokens, whitespace): 80 % of
+/// the shorter text's words are in the longer one, and it keeps at least half of them.
+fn same_reply(sent: &Norm, seen: &Norm) -> bool {
+    if sent.role != seen.role || sent.tool_calls != seen.tool_calls {
+        return false;
+    }
+    if sent.text == seen.text || squash(&sent.text) == squash(&seen.text) {
+        return true;
+    }
+    let words = |s: &str| -> Vec<String> {
+        s.split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(str::to_lowercase)
+            .collect()
+    };
+    let (a, b) = (words(&sent.text), words(&seen.text));
+    if a.is_empty() || b.is_empty() {
+        return false;
+    }
+    let mut pool = a.clone();
+    let common = b
+        .iter()
+        .filter(|w| match pool.iter().position(|p| p == *w) {
+            Some(i) => {
+                pool.swap_remove(i);
+                true
+            }
+            None => false,
+        })
+        .count();
+    let (short, long) = (a.len().min(b.len()), a.len().max(b.len()));
+    common * 5 >= short * 4 && short * 2 >= long
 }
 
 #[cfg(test)]
@@ -409,6 +492,48 @@ mod tests {
         let p2 = t.place(None, &r2, || "new".into(), |_| 0);
         assert_eq!(p2.session_id, "oc");
         assert_eq!(p2.next_state_of.unwrap().messages, vec![next]);
+    }
+
+    #[test]
+    fn a_reply_the_client_sanitized_still_continues_its_session() {
+        let mut t = SessionTracker::default();
+        let sys = json!({"role": "system", "content": "agent rules"});
+        let u1 = json!({"role": "user", "content": "[16:48] What is 2+2?\n\nRuntime: sessionId=a"});
+        t.place(None, &[sys.clone(), u1.clone()], || "a".into(), |_| 0);
+        let sent = "[[reply_to_current]] @BruceA\nI'm glad to know you're here.\n\nHere's how it all works:";
+        t.record_reply("a", 1, &[sys.clone(), u1.clone()], &json!({"role": "assistant", "content": sent}));
+        // A second conversation with another opening.
+        let u9 = json!({"role": "user", "content": "[16:50] Other"});
+        t.place(None, &[sys.clone(), u9.clone()], || "b".into(), |_| 0);
+        t.record_reply("b", 2, &[sys.clone(), u9], &json!({"role": "assistant", "content": "Other reply"}));
+
+        // The directive tag is stripped from the echoed reply: still session a.
+        let echoed = json!({"role": "assistant", "content": "@BruceA\nI'm glad to know you're here.\n\nHere's how it all works:"});
+        let next = json!({"role": "user", "content": "[16:49] Now add 3."});
+        let r2 = [sys.clone(), u1.clone(), echoed, next.clone()];
+        let p = t.place(None, &r2, || "new".into(), |_| 0);
+        assert_eq!(p.session_id, "a");
+        assert_eq!(p.next_state_of.unwrap().messages, vec![next.clone()]);
+        t.record_reply("a", 3, &r2, &json!({"role": "assistant", "content": "5"}));
+
+        // Rewritten beyond recognition: the opening and the reply count still place it.
+        let r = [sys.clone(), u1.clone(), json!({"role": "assistant", "content": "(hidden)"}), next.clone(), json!({"role": "assistant", "content": "five"}), json!({"role": "user", "content": "Thanks"})];
+        let p = t.place(None, &r, || "new".into(), |_| 0);
+        assert_eq!(p.session_id, "a");
+        assert_eq!(p.turn_index, 2);
+        // A retry of the first turn (no reply yet in its history) is a new conversation.
+        let retry = [sys, u1, json!({"role": "assistant", "content": "x"}), json!({"role": "user", "content": "y"})];
+        t.record_reply("a", 4, &r, &json!({"role": "assistant", "content": "z"}));
+        assert_ne!(t.place(None, &retry, || "retry".into(), |_| 0).session_id, "a");
+    }
+
+    #[test]
+    fn replies_match_despite_stripped_tags_but_not_different_text() {
+        let n = |t: &str| Norm { role: "assistant".into(), text: t.into(), tool_calls: vec![], tool_call_id: None };
+        assert!(same_reply(&n("[[reply_to_current]] The answer is 4."), &n("The answer is 4.")));
+        assert!(same_reply(&n("a\nb  c"), &n("a b\nc")));
+        assert!(!same_reply(&n("The answer is 4."), &n("I cannot help with that request.")));
+        assert!(!same_reply(&n("ok"), &n("")));
     }
 
     #[test]
