@@ -40,19 +40,11 @@ pub fn model_id(cfg: &Config) -> String {
         .unwrap_or_else(|| spec.clone())
 }
 
-/// Builds the core; the model loads in the background (GET /health answers 503 until then).
-pub fn build(cfg: &Config) -> Result<Arc<AppState>> {
-    let path = model_path(cfg)?;
-    let bus = events::bus();
-    let counters = Arc::new(Counters::default());
-    let capture = Arc::new(Capture::open(
-        &cfg.store_path(),
-        bus.clone(),
-        cfg.server.internal_context_markers.clone(),
-    )?);
+/// The engine settings from the configuration.
+pub fn engine_config(cfg: &Config) -> Result<EngineConfig> {
     let s = &cfg.server;
-    let engine_cfg = EngineConfig {
-        model_path: path,
+    Ok(EngineConfig {
+        model_path: model_path(cfg)?,
         load: LoadOptions {
             device: crate::device::select(cfg.model.device)?,
             dtype: crate::device::parse_dtype(&cfg.model.dtype)?,
@@ -63,7 +55,19 @@ pub fn build(cfg: &Config) -> Result<Arc<AppState>> {
         max_active: s.max_active,
         prefix_cache_bytes: s.prefix_cache_mb << 20,
         prefix_cache_min_tokens: s.prefix_cache_min_tokens,
-    };
+    })
+}
+
+/// Builds the core; the model loads in the background (GET /health answers 503 until then).
+pub fn build(cfg: &Config) -> Result<Arc<AppState>> {
+    let bus = events::bus();
+    let counters = Arc::new(Counters::default());
+    let capture = Arc::new(Capture::open(
+        &cfg.store_path(),
+        bus.clone(),
+        cfg.server.internal_context_markers.clone(),
+    )?);
+    let engine_cfg = engine_config(cfg)?;
     let ready_bus = bus.clone();
     let engine = Engine::start(engine_cfg, counters.clone(), move |info| {
         emit(
@@ -74,6 +78,7 @@ pub fn build(cfg: &Config) -> Result<Arc<AppState>> {
         )
     });
     let judge = crate::judge::Judge::from_config(cfg, &engine, bus.clone(), counters.clone())?;
+    let s = &cfg.server;
     let config = ServerConfig {
         model_id: model_id(cfg),
         model_aliases: Vec::new(),

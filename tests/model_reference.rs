@@ -297,3 +297,28 @@ fn f16_weights_keep_the_greedy_answer() {
         .unwrap();
     assert!(g.text.contains('4'), "f16 reply: {:?}", g.text);
 }
+
+#[test]
+fn option_scores_after_one_shared_prefill_equal_teacher_forced_scores() {
+    // What the judge's direct mode reads: prompt + option tokenized as a whole.
+    let m = common::smollm2();
+    let chat = [json!({"role": "user", "content": "Was the reply good? Answer in a box."})];
+    let seqs: Vec<Vec<u32>> = ["1}", "0}", "-1}"]
+        .iter()
+        .map(|o| m.chat_prompt_continuing(&chat, None, &format!("\\boxed{{{o}")).unwrap())
+        .collect();
+    let (lps, context, cache) = m.sequence_logprobs(&seqs, None).unwrap();
+    assert_eq!(cache.len(), context.len());
+    assert!(seqs.iter().all(|s| s.starts_with(&context)));
+    for (seq, lp) in seqs.iter().zip(&lps) {
+        let reference: f32 = m.score(&context, &seq[context.len()..]).unwrap().iter().sum();
+        assert!((lp - reference).abs() < 1e-3, "{lp} vs {reference}");
+        assert!(*lp < 0.0);
+    }
+    // A warm prefix cache (even one longer than the shared prefix) gives the same scores.
+    let (again, _, _) = m.sequence_logprobs(&seqs, Some(cache)).unwrap();
+    for (a, b) in lps.iter().zip(&again) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+    assert!(m.sequence_logprobs(&[], None).is_err());
+}

@@ -64,8 +64,8 @@ pub enum Task {
         stop: Vec<String>,
         top_logprobs: usize,
     },
-    /// The log-probability of each option text as the reply's continuation, from one prefill
-    /// (answered with [`EngineEvent::Chosen`]).
+    /// The log-probability of each option text as the reply's continuation after
+    /// `reply_prefix`, from one prefill (answered with [`EngineEvent::Chosen`]).
     Choose { options: Vec<String> },
 }
 
@@ -364,7 +364,6 @@ impl Worker {
                 context_length,
             });
         }
-        let cached = self.prefix.lookup(&prompt_ids);
         Counters::add(&c.tokens_in, prompt_ids.len() as u64);
         let (max_tokens, sampling, stop, top_logprobs) = match &job.task {
             Task::Generate {
@@ -374,16 +373,25 @@ impl Worker {
                 top_logprobs,
             } => (*max_tokens, *sampling, stop.clone(), *top_logprobs),
             Task::Choose { options } => {
-                let tok = &self.model.tokenizer;
-                let ids: anyhow::Result<Vec<Vec<u32>>> =
-                    options.iter().map(|o| tok.encode(o)).collect();
-                let result = ids.and_then(|ids| {
-                    self.model
-                        .option_logprobs(&prompt_ids, &ids, cached)
+                // Each option tokenized together with the prompt: its natural tokenization.
+                let sequences: anyhow::Result<Vec<Vec<u32>>> = options
+                    .iter()
+                    .map(|o| {
+                        self.model.chat_prompt_continuing(
+                            &job.messages,
+                            job.tools.as_ref(),
+                            &format!("{}{o}", job.reply_prefix),
+                        )
+                    })
+                    .collect();
+                let result = sequences.and_then(|seqs| {
+                    // Looked up by the first sequence itself: the cache must hold its tokens.
+                    let cached = self.prefix.lookup(&seqs[0]);
+                    self.model.sequence_logprobs(&seqs, cached)
                 });
                 match result {
-                    Ok((logprobs, cache)) => {
-                        self.prefix.insert(&prompt_ids, &cache);
+                    Ok((logprobs, context, cache)) => {
+                        self.prefix.insert(&context, &cache);
                         let _ = job.events.send(EngineEvent::Chosen { logprobs });
                     }
                     Err(e) => fail(EngineError::Internal(format!("{e:#}"))),
@@ -398,6 +406,7 @@ impl Worker {
             stop,
             top_logprobs,
         };
+        let cached = self.prefix.lookup(&prompt_ids);
         let decoding = match self.model.start_decoding(&req, cached) {
             Ok(d) => d,
             Err(e) => return fail(EngineError::Internal(format!("{e:#}"))),

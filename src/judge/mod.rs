@@ -29,29 +29,31 @@ const BATCH: usize = 8;
 const POLL: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-pub struct Judge {
+/// Turns a turn into votes, a score and a hint (no storage: see [`Judge`]).
+pub struct Voter {
     backend: Arc<Backend>,
     prompts: Prompts,
-    mode: JudgeMode,
+    /// `Direct` or `Reason` (`Auto` resolved).
+    pub mode: JudgeMode,
     votes: usize,
     temperature: f32,
     max_tokens: usize,
-    hints: bool,
+    pub hints: bool,
     markers: Vec<String>,
+}
+
+/// The background worker: pending turns from the store, through the [`Voter`], back to it.
+pub struct Judge {
+    voter: Voter,
     /// The judge's own connection to the store (SQLite in WAL mode takes concurrent writers).
     store: Mutex<Store>,
     bus: EventBus,
     counters: Arc<Counters>,
 }
 
-impl Judge {
-    /// The judge the configuration asks for (`None` when `judge.backend = "off"`).
-    pub fn from_config(
-        cfg: &Config,
-        engine: &Engine,
-        bus: EventBus,
-        counters: Arc<Counters>,
-    ) -> Result<Option<Arc<Self>>> {
+impl Voter {
+    /// The voter the configuration asks for (`None` when `judge.backend = "off"`).
+    pub fn from_config(cfg: &Config, engine: &Engine) -> Result<Option<Self>> {
         let j = &cfg.judge;
         let backend = match j.backend {
             JudgeBackend::Off => return Ok(None),
@@ -59,7 +61,7 @@ impl Judge {
             JudgeBackend::Openai => Backend::Openai(Endpoint::new(&j.openai)?),
         };
         let prompts_dir = (!j.prompts_dir.is_empty()).then(|| Path::new(&j.prompts_dir));
-        Ok(Some(Arc::new(Self {
+        Ok(Some(Self {
             backend: Arc::new(backend),
             prompts: Prompts::load(prompts_dir, j.max_field_chars)?,
             mode: j.effective_mode()?,
@@ -68,10 +70,7 @@ impl Judge {
             max_tokens: j.max_tokens,
             hints: j.hints,
             markers: cfg.server.internal_context_markers.clone(),
-            store: Mutex::new(Store::open(&cfg.store_path())?),
-            bus,
-            counters,
-        })))
+        }))
     }
 
     fn mode_name(&self) -> &'static str {
@@ -81,94 +80,8 @@ impl Judge {
         }
     }
 
-    async fn with_store<T: Send + 'static>(
-        self: &Arc<Self>,
-        f: impl FnOnce(&mut Store) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || f(&mut me.store.lock().unwrap_or_else(|p| p.into_inner())))
-            .await?
-    }
-
-    /// Judges pending turns forever: woken by new next states, backing off while the judge
-    /// backend is unreachable.
-    pub async fn run(self: Arc<Self>) {
-        let mut events = self.bus.subscribe();
-        let mut backoff = Duration::from_secs(1);
-        let mut last_depth = None;
-        loop {
-            let listed = self
-                .with_store(|s| Ok((s.pending_judgments(BATCH)?, s.count_pending_judgments()?)))
-                .await;
-            let (pending, depth) = match listed {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!("judge: reading the store: {e:#}");
-                    tokio::time::sleep(MAX_BACKOFF).await;
-                    continue;
-                }
-            };
-            self.publish_depth(depth, &mut last_depth);
-            if pending.is_empty() {
-                tokio::select! {
-                    _ = next_state_arrives(&mut events) => {}
-                    _ = tokio::time::sleep(POLL) => {}
-                }
-                continue;
-            }
-            for (done, turn) in pending.into_iter().enumerate() {
-                match self.judge(&turn).await {
-                    Ok(judgment) => {
-                        backoff = Duration::from_secs(1);
-                        if let Err(e) = self.record(judgment).await {
-                            tracing::warn!("judge: {e:#}");
-                            tokio::time::sleep(MAX_BACKOFF).await;
-                            break;
-                        }
-                        self.publish_depth(depth.saturating_sub(done + 1), &mut last_depth);
-                    }
-                    Err(e) => {
-                        Counters::add(&self.counters.judge_errors, 1);
-                        tracing::warn!(turn = turn.turn_id, "judge unavailable, retrying in {backoff:?}: {e}");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                        break;
-                    }
-                }
-            }
-        }
-    }
-
-    fn publish_depth(&self, depth: usize, last: &mut Option<usize>) {
-        self.counters
-            .judge_queue_depth
-            .store(depth as u64, std::sync::atomic::Ordering::Relaxed);
-        if *last != Some(depth) {
-            *last = Some(depth);
-            emit(&self.bus, Event::JudgeQueue { pending: depth });
-        }
-    }
-
-    async fn record(self: &Arc<Self>, j: Judgment) -> Result<()> {
-        let (turn_id, score, hint, error, elapsed_ms) =
-            (j.turn_id, j.score, j.hint.is_some(), j.error.clone(), j.elapsed_ms);
-        let votes: Vec<Option<i8>> =
-            j.votes.iter().filter(|v| v.kind == "score").map(|v| v.score).collect();
-        let (saved, session_id) = self
-            .with_store(move |s| Ok((s.save_judgment(&j)?, s.session_of(turn_id)?)))
-            .await?;
-        if saved {
-            let c = &self.counters;
-            Counters::add(&c.judge_turns, 1);
-            Counters::add(&c.judge_votes, votes.len() as u64);
-            Counters::add(&c.judge_invalid_votes, votes.iter().filter(|v| v.is_none()).count() as u64);
-            Counters::add(&c.judge_micros, elapsed_ms.max(0) as u64 * 1000);
-            emit(
-                &self.bus,
-                Event::TurnJudged { turn_id, session_id, score, votes, hint, error },
-            );
-        }
-        Ok(())
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
     }
 
     /// All votes for one turn. A failure worth retrying is an error; one that is not (the
@@ -208,7 +121,8 @@ impl Judge {
         let mut votes = match self.mode {
             JudgeMode::Direct => {
                 let chat = self.prompts.prm(view, true).map_err(prompt_error)?;
-                let options = verdict::DIRECT_OPTIONS.map(|s| s.to_string());
+                // The closing brace keeps `1` from being read as the start of `10`.
+                let options = verdict::DIRECT_OPTIONS.map(|s| format!("{s}}}"));
                 let lp = self
                     .backend
                     .choose(chat, "\\boxed{", &options.each_ref().map(String::as_str))
@@ -284,6 +198,116 @@ impl Judge {
             }
         }
         first_error.map_or(Ok(out), Err)
+    }
+}
+
+impl Judge {
+    /// The judge the configuration asks for (`None` when `judge.backend = "off"`).
+    pub fn from_config(
+        cfg: &Config,
+        engine: &Engine,
+        bus: EventBus,
+        counters: Arc<Counters>,
+    ) -> Result<Option<Arc<Self>>> {
+        let Some(voter) = Voter::from_config(cfg, engine)? else {
+            return Ok(None);
+        };
+        Ok(Some(Arc::new(Self {
+            voter,
+            store: Mutex::new(Store::open(&cfg.store_path())?),
+            bus,
+            counters,
+        })))
+    }
+
+    async fn with_store<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Store) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&mut me.store.lock().unwrap_or_else(|p| p.into_inner())))
+            .await?
+    }
+
+    /// Judges pending turns forever: woken by new next states, backing off while the judge
+    /// backend is unreachable.
+    pub async fn run(self: Arc<Self>) {
+        let mut events = self.bus.subscribe();
+        let mut backoff = Duration::from_secs(1);
+        let mut last_depth = None;
+        loop {
+            let listed = self
+                .with_store(|s| Ok((s.pending_judgments(BATCH)?, s.count_pending_judgments()?)))
+                .await;
+            let (pending, depth) = match listed {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("judge: reading the store: {e:#}");
+                    tokio::time::sleep(MAX_BACKOFF).await;
+                    continue;
+                }
+            };
+            self.publish_depth(depth, &mut last_depth);
+            if pending.is_empty() {
+                tokio::select! {
+                    _ = next_state_arrives(&mut events) => {}
+                    _ = tokio::time::sleep(POLL) => {}
+                }
+                continue;
+            }
+            for (done, turn) in pending.into_iter().enumerate() {
+                match self.voter.judge(&turn).await {
+                    Ok(judgment) => {
+                        backoff = Duration::from_secs(1);
+                        if let Err(e) = self.record(judgment).await {
+                            tracing::warn!("judge: {e:#}");
+                            tokio::time::sleep(MAX_BACKOFF).await;
+                            break;
+                        }
+                        self.publish_depth(depth.saturating_sub(done + 1), &mut last_depth);
+                    }
+                    Err(e) => {
+                        Counters::add(&self.counters.judge_errors, 1);
+                        tracing::warn!(turn = turn.turn_id, "judge unavailable, retrying in {backoff:?}: {e}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn publish_depth(&self, depth: usize, last: &mut Option<usize>) {
+        self.counters
+            .judge_queue_depth
+            .store(depth as u64, std::sync::atomic::Ordering::Relaxed);
+        if *last != Some(depth) {
+            *last = Some(depth);
+            emit(&self.bus, Event::JudgeQueue { pending: depth });
+        }
+    }
+
+    async fn record(self: &Arc<Self>, j: Judgment) -> Result<()> {
+        let (turn_id, score, hint, error, elapsed_ms) =
+            (j.turn_id, j.score, j.hint.is_some(), j.error.clone(), j.elapsed_ms);
+        let votes: Vec<Option<i8>> =
+            j.votes.iter().filter(|v| v.kind == "score").map(|v| v.score).collect();
+        let (saved, session_id) = self
+            .with_store(move |s| Ok((s.save_judgment(&j)?, s.session_of(turn_id)?)))
+            .await?;
+        if saved {
+            let c = &self.counters;
+            Counters::add(&c.judge_turns, 1);
+            Counters::add(&c.judge_votes, votes.len() as u64);
+            Counters::add(&c.judge_invalid_votes, votes.iter().filter(|v| v.is_none()).count() as u64);
+            Counters::add(&c.judge_micros, elapsed_ms.max(0) as u64 * 1000);
+            emit(
+                &self.bus,
+                Event::TurnJudged { turn_id, session_id, score, votes, hint, error },
+            );
+        }
+        Ok(())
     }
 }
 

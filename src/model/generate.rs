@@ -291,40 +291,54 @@ impl LoadedModel {
 }
 
 impl LoadedModel {
-    /// The log-probability of each option (token ids) as the continuation of `prompt_ids`: one
-    /// prefill of the prompt, plus one step per extra token of multi-token options. `prefix` is
-    /// a KV cache already holding the first prompt tokens. Returns the cache after the prompt.
-    pub fn option_logprobs(
+    /// The log-probability of each of several token sequences beyond their common prefix:
+    /// one prefill of the shared prefix, then a step per remaining token of each sequence.
+    /// Callers tokenize prompt + option text as a whole, so every option is scored in its
+    /// natural tokenization (`{-1}` may merge across the prompt/option boundary). `prefix` is
+    /// a KV cache already holding the first tokens. Returns the log-probs, the shared prefix
+    /// and its KV cache (for the prefix cache).
+    pub fn sequence_logprobs(
         &self,
-        prompt_ids: &[u32],
-        options: &[Vec<u32>],
+        sequences: &[Vec<u32>],
         prefix: Option<super::KvCache>,
-    ) -> Result<(Vec<f32>, super::KvCache)> {
-        let longest = options.iter().map(Vec::len).max().unwrap_or(0);
-        if options.iter().any(Vec::is_empty) {
-            bail!("every option needs at least one token");
-        }
-        token_budget(self.config.context_length, prompt_ids.len() + longest, 0)?;
-        let mut cache = match prefix {
-            Some(c) if c.len() < prompt_ids.len() => c,
-            _ => self.transformer.new_cache(),
+    ) -> Result<(Vec<f32>, Vec<u32>, super::KvCache)> {
+        let Some(first) = sequences.first() else {
+            bail!("nothing to score");
         };
-        let logits = self.step(&prompt_ids[cache.len()..], &mut cache);
+        let shared = sequences.iter().fold(first.len(), |n, s| {
+            n.min(first.iter().zip(s).take_while(|(a, b)| a == b).count())
+        });
+        // Each sequence needs at least one token of its own to score.
+        let shared = shared.min(sequences.iter().map(Vec::len).min().unwrap_or(0).saturating_sub(1));
+        if shared == 0 {
+            bail!("the sequences share no prompt");
+        }
+        let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        token_budget(self.config.context_length, longest - 1, 0)?;
+        let context = &first[..shared];
+        // At least the last shared token is computed here: its logits score the options.
+        let mut cache = match prefix {
+            Some(c) if c.len() < shared => c,
+            Some(c) => c.truncated(shared - 1),
+            None => self.transformer.new_cache(),
+        };
+        let logits = self.step(&context[cache.len()..], &mut cache);
         let logp = |logits: &[f32], id: u32| {
             logits.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY)
                 - super::sampling::log_sum_exp(logits)
         };
-        let mut out = Vec::with_capacity(options.len());
-        for option in options {
-            let mut total = logp(&logits, option[0]);
+        let mut out = Vec::with_capacity(sequences.len());
+        for seq in sequences {
+            let own = &seq[shared..];
+            let mut total = logp(&logits, own[0]);
             let mut branch = cache.truncated(cache.len());
-            for pair in option.windows(2) {
+            for pair in own.windows(2) {
                 let next = self.step(&[pair[0]], &mut branch);
                 total += logp(&next, pair[1]);
             }
             out.push(total);
         }
-        Ok((out, cache))
+        Ok((out, context.to_vec(), cache))
     }
 }
 

@@ -7,6 +7,8 @@ use crate::model::{GenerateRequest, SamplingParams, WeightMode};
 use anyhow::{Result, bail};
 use clap::Args;
 
+pub mod judge;
+
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Variants as DTYPE or DTYPE:WEIGHTS (e.g. f32, f16, f32:blocks); the first is the baseline.
@@ -21,6 +23,13 @@ pub struct BenchArgs {
     /// Timed repetitions per variant (after one warm-up run); the median is reported.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Measure the judge instead: its `reason` and `direct` voting modes on labelled turns
+    /// (valid-vote rate, agreement with the label, seconds per turn).
+    #[arg(long)]
+    pub judge: bool,
+    /// With --judge: the voting modes to compare; the first is the baseline.
+    #[arg(long, value_delimiter = ',', default_value = "reason,direct")]
+    pub modes: Vec<String>,
 }
 
 struct Row {
@@ -32,6 +41,9 @@ struct Row {
 }
 
 pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
+    if args.judge {
+        return judge::run(cfg, &args.modes);
+    }
     if args.variants.is_empty() || args.runs == 0 {
         bail!("bench needs at least one variant and one run");
     }
