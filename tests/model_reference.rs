@@ -322,3 +322,31 @@ fn option_scores_after_one_shared_prefill_equal_teacher_forced_scores() {
     }
     assert!(m.sequence_logprobs(&[], None).is_err());
 }
+
+#[test]
+fn the_teacher_scores_the_students_exact_tokens_after_the_hinted_prompt() {
+    use clawrl_tui::judge::teacher::{HINT_HEADER, teacher_context};
+    let m = common::smollm2();
+    let messages = [
+        json!({"role": "system", "content": "Be brief."}),
+        json!({"role": "user", "content": "How far is 5 miles?"}),
+    ];
+    // Token ids a re-tokenization of their text would not give back (" About" split in two).
+    let mut response = m.tokenizer.encode(" Ab").unwrap();
+    response.extend(m.tokenizer.encode("out 8 km.").unwrap());
+    assert_ne!(m.tokenizer.encode(&m.tokenizer.decode(&response).unwrap()).unwrap(), response);
+
+    let ctx = teacher_context(&m, &messages, None, "Answer in kilometres.", &response).unwrap();
+    assert_eq!(ctx.response(), &response[..], "the student's ids, unchanged");
+    let prompt_text = m.tokenizer.decode(ctx.prompt()).unwrap();
+    assert!(
+        prompt_text.contains(&format!("How far is 5 miles?{HINT_HEADER}Answer in kilometres.")),
+        "{prompt_text}"
+    );
+    assert!(prompt_text.trim_end().ends_with("assistant"), "generation prompt on: {prompt_text}");
+    // The student's own context differs only by the hint.
+    let student = m.chat_prompt(&messages, None).unwrap();
+    assert!(ctx.prompt().len() > student.len());
+    let teacher_logps = m.score(ctx.prompt(), ctx.response()).unwrap();
+    assert_eq!(teacher_logps.len(), response.len());
+}
