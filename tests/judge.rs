@@ -27,12 +27,20 @@ fn script(marker: &str) -> (&'static [&'static str], &'static [&'static str]) {
     match marker {
         // Thanks → +1 with one malformed vote; no hint.
         "Thanks, that works" => (
-            &["The user thanks the assistant. \\boxed{1}", "Positive. \\boxed{1}", "I think it is fine: \\boxed{maybe}"],
+            &[
+                "The user thanks the assistant. \\boxed{1}",
+                "Positive. \\boxed{1}",
+                "I think it is fine: \\boxed{maybe}",
+            ],
             &["\\boxed{-1}", "Nothing new. \\boxed{-1}", "\\boxed{-1}"],
         ),
         // A correction → −1 (the last box counts); the longest usable hint wins.
         "No, I meant kilometres" => (
-            &["A correction. \\boxed{-1}", "At first \\boxed{1}, but it is a correction: \\boxed{-1}", "\\boxed{0}"],
+            &[
+                "A correction. \\boxed{-1}",
+                "At first \\boxed{1}, but it is a correction: \\boxed{-1}",
+                "\\boxed{0}",
+            ],
             &[
                 "\\boxed{1} [HINT_START]Give the distance in kilometres.[HINT_END]",
                 "\\boxed{1} [HINT_START]Use km.[HINT_END]",
@@ -40,7 +48,10 @@ fn script(marker: &str) -> (&'static [&'static str], &'static [&'static str]) {
             ],
         ),
         // A tie → 0.
-        _ => (&["\\boxed{1}", "\\boxed{-1}", "no score at all"], &["\\boxed{-1}"; 3]),
+        _ => (
+            &["\\boxed{1}", "\\boxed{-1}", "no score at all"],
+            &["\\boxed{-1}"; 3],
+        ),
     }
 }
 
@@ -84,8 +95,15 @@ impl ScriptedJudge {
                         }
                     }
                     let prompt = body["messages"].to_string();
-                    let marker = MARKERS.iter().find(|m| prompt.contains(**m)).copied().unwrap_or("");
-                    let hint = body["messages"][0]["content"].as_str().unwrap().contains("[HINT_START]");
+                    let marker = MARKERS
+                        .iter()
+                        .find(|m| prompt.contains(**m))
+                        .copied()
+                        .unwrap_or("");
+                    let hint = body["messages"][0]["content"]
+                        .as_str()
+                        .unwrap()
+                        .contains("[HINT_START]");
                     let key = format!("{marker}/{hint}");
                     let n = {
                         let mut c = counters.lock().unwrap();
@@ -98,7 +116,11 @@ impl ScriptedJudge {
                     let reply = json!({"id": "j", "object": "chat.completion", "model": body["model"],
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": texts[n % texts.len()]}, "finish_reason": "stop"}]});
                     let reply = reply.to_string();
-                    let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}", reply.len());
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                        reply.len()
+                    );
                 });
             }
         });
@@ -108,13 +130,21 @@ impl ScriptedJudge {
     fn env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("CLAWRL__JUDGE__BACKEND", "openai".into()),
-            ("CLAWRL__JUDGE__OPENAI__BASE_URL", format!("http://127.0.0.1:{}/v1", self.port)),
+            (
+                "CLAWRL__JUDGE__OPENAI__BASE_URL",
+                format!("http://127.0.0.1:{}/v1", self.port),
+            ),
             ("CLAWRL__JUDGE__OPENAI__MODEL", "scripted-judge".into()),
         ]
     }
 
     fn requests_for(&self, marker: &str) -> usize {
-        self.seen.lock().unwrap().iter().filter(|b| b["messages"].to_string().contains(marker)).count()
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|b| b["messages"].to_string().contains(marker))
+            .count()
     }
 }
 
@@ -128,10 +158,16 @@ fn start(env: &[(&'static str, String)]) -> Server {
 fn converse(s: &Server, session: &str, reply: &str) -> String {
     let h = [("X-Session-Id", session)];
     let m1 = json!([{"role": "user", "content": "How far is 5 miles?"}]);
-    let (status, r1) = s.chat(&h, &json!({"messages": m1, "max_tokens": 6, "temperature": 0}));
+    let (status, r1) = s.chat(
+        &h,
+        &json!({"messages": m1, "max_tokens": 6, "temperature": 0}),
+    );
     assert_eq!(status, 200, "{r1}");
     let m2 = json!([m1[0], r1["choices"][0]["message"], {"role": "user", "content": reply}]);
-    let (status, r2) = s.chat(&h, &json!({"messages": m2, "max_tokens": 6, "temperature": 0}));
+    let (status, r2) = s.chat(
+        &h,
+        &json!({"messages": m2, "max_tokens": 6, "temperature": 0}),
+    );
     assert_eq!(status, 200, "{r2}");
     r1["id"].as_str().unwrap().to_string()
 }
@@ -149,11 +185,16 @@ fn wait_judged(s: &Server, sessions: &[&str]) -> Vec<Value> {
     loop {
         let turns = s.export();
         if sessions.iter().all(|sid| {
-            turns.iter().any(|t| t["session_id"] == *sid && t["turn_index"] == 0 && t["judge_status"] == "judged")
+            turns.iter().any(|t| {
+                t["session_id"] == *sid && t["turn_index"] == 0 && t["judge_status"] == "judged"
+            })
         }) {
             return turns;
         }
-        assert!(t.elapsed() < Duration::from_secs(120), "not judged in time: {turns:#?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "not judged in time: {turns:#?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -181,36 +222,65 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
     assert_eq!(t["judgment"]["score"], 1, "{t:#}");
     assert_eq!(t["reward"], 1);
     assert_eq!(t["judgment"]["backend"], "openai");
-    assert_eq!(t["judgment"]["mode"], "reason", "auto mode reasons with an endpoint");
+    assert_eq!(
+        t["judgment"]["mode"], "reason",
+        "auto mode reasons with an endpoint"
+    );
     assert_eq!(t["judgment"]["judge_model"], "scripted-judge");
     let mut v = votes(t, "score");
     v.sort_by_key(|x| x.to_string());
     assert_eq!(v, vec![json!("invalid"), json!(1), json!(1)]);
     assert!(t["judgment"]["hint"].is_null());
     assert!(
-        t["judgment"]["votes"].as_array().unwrap().iter().any(|v| v["raw"] == "I think it is fine: \\boxed{maybe}"),
+        t["judgment"]["votes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["raw"] == "I think it is fine: \\boxed{maybe}"),
         "raw texts are kept"
     );
 
     let c = turn(&turns, "correction", 0);
     assert_eq!(c["judgment"]["score"], -1, "{c:#}");
-    assert_eq!(c["judgment"]["hint"], "The user wants kilometres, not miles: answer in km.");
+    assert_eq!(
+        c["judgment"]["hint"],
+        "The user wants kilometres, not miles: answer in km."
+    );
     assert_eq!(votes(c, "hint").len(), 3);
-    assert_eq!(turn(&turns, "tie", 0)["judgment"]["score"], 0, "a tie scores 0");
+    assert_eq!(
+        turn(&turns, "tie", 0)["judgment"]["score"],
+        0,
+        "a tie scores 0"
+    );
 
     // The last turns have no next state yet; nothing judged them.
-    assert_eq!(turn(&turns, "thanks", 1)["judge_status"], "awaiting_next_state");
+    assert_eq!(
+        turn(&turns, "thanks", 1)["judge_status"],
+        "awaiting_next_state"
+    );
     assert!(turn(&turns, "thanks", 1)["judgment"].is_null());
 
     // What the judge saw: the request, the reply and the next state with its role.
     let prompts = judge.seen.lock().unwrap().clone();
     let prm = prompts
         .iter()
-        .find(|b| b["messages"].to_string().contains("No, I meant kilometres") && !b["messages"][0]["content"].as_str().unwrap().contains("[HINT_START]"))
+        .find(|b| {
+            b["messages"].to_string().contains("No, I meant kilometres")
+                && !b["messages"][0]["content"]
+                    .as_str()
+                    .unwrap()
+                    .contains("[HINT_START]")
+        })
         .unwrap();
     let user = prm["messages"][1]["content"].as_str().unwrap();
-    assert!(user.contains("How far is 5 miles?") && user.contains("(user)"), "{user}");
-    assert!(user.contains(c["response_text"].as_str().unwrap().trim()), "{user}");
+    assert!(
+        user.contains("How far is 5 miles?") && user.contains("(user)"),
+        "{user}"
+    );
+    assert!(
+        user.contains(c["response_text"].as_str().unwrap().trim()),
+        "{user}"
+    );
     assert_eq!(prm["temperature"].as_f64().unwrap() as f32, 0.6);
     assert_eq!(prompts.len(), 18, "3 turns × (3 score + 3 hint votes)");
 
@@ -225,25 +295,63 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
     let (status, _, body) = s.request("POST", "/v1/feedback", &[], &fb, true);
     assert_eq!(status, 200, "{body}");
     let body: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!((body["rating"].as_str(), body["judge_score"].as_i64(), body["turn"].as_i64()), (Some("down"), Some(1), Some(0)));
+    assert_eq!(
+        (
+            body["rating"].as_str(),
+            body["judge_score"].as_i64(),
+            body["turn"].as_i64()
+        ),
+        (Some("down"), Some(1), Some(0))
+    );
     let fb = json!({"session_id": "correction", "turn": 0, "rating": "up"}).to_string();
     assert_eq!(s.request("POST", "/v1/feedback", &[], &fb, true).0, 200);
     let turns = s.export();
     let t = turn(&turns, "thanks", 0);
-    assert_eq!((t["reward"].as_i64(), t["judgment"]["score"].as_i64()), (Some(-1), Some(1)));
+    assert_eq!(
+        (t["reward"].as_i64(), t["judgment"]["score"].as_i64()),
+        (Some(-1), Some(1))
+    );
     assert_eq!(t["feedback"]["comment"], "too terse");
     assert_eq!(turn(&turns, "correction", 0)["reward"], 1);
     assert_eq!(s.metric("clawrl_feedback_total"), 2.0);
 
     // Bad feedback: a clear error, nothing stored.
-    let (status, _, body) = s.request("POST", "/v1/feedback", &[], r#"{"response_id": "chatcmpl-nope", "rating": "up"}"#, true);
+    let (status, _, body) = s.request(
+        "POST",
+        "/v1/feedback",
+        &[],
+        r#"{"response_id": "chatcmpl-nope", "rating": "up"}"#,
+        true,
+    );
     assert_eq!(status, 404, "{body}");
-    assert!(body.contains("chatcmpl-nope") && body.contains("turn_not_found"), "{body}");
-    let (status, _, body) = s.request("POST", "/v1/feedback", &[], r#"{"session_id": "tie", "turn": 0, "rating": "sideways"}"#, true);
+    assert!(
+        body.contains("chatcmpl-nope") && body.contains("turn_not_found"),
+        "{body}"
+    );
+    let (status, _, body) = s.request(
+        "POST",
+        "/v1/feedback",
+        &[],
+        r#"{"session_id": "tie", "turn": 0, "rating": "sideways"}"#,
+        true,
+    );
     assert_eq!(status, 400, "{body}");
-    assert_eq!(s.request("POST", "/v1/feedback", &[], "{not json", true).0, 400);
-    assert_eq!(s.request("POST", "/v1/feedback", &[], &fb, false).0, 401, "the API key is required");
-    let (status, _, body) = s.request("POST", "/v1/feedback", &[], r#"{"session_id": "side", "turn": 0, "rating": "up"}"#, true);
+    assert_eq!(
+        s.request("POST", "/v1/feedback", &[], "{not json", true).0,
+        400
+    );
+    assert_eq!(
+        s.request("POST", "/v1/feedback", &[], &fb, false).0,
+        401,
+        "the API key is required"
+    );
+    let (status, _, body) = s.request(
+        "POST",
+        "/v1/feedback",
+        &[],
+        r#"{"session_id": "side", "turn": 0, "rating": "up"}"#,
+        true,
+    );
     assert_eq!(status, 404, "{body}");
     assert!(turn(&s.export(), "tie", 0)["feedback"].is_null());
 
@@ -253,15 +361,27 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
         &json!({"messages": [{"role": "user", "content": "heartbeat"}], "max_tokens": 2}),
     );
     assert_eq!(status, 200, "{r}");
-    let (status, _, body) = s.request("POST", "/v1/feedback", &[], &json!({"response_id": r["id"], "rating": "up"}).to_string(), true);
+    let (status, _, body) = s.request(
+        "POST",
+        "/v1/feedback",
+        &[],
+        &json!({"response_id": r["id"], "rating": "up"}).to_string(),
+        true,
+    );
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("side turn"), "{body}");
     let m = json!([{"role": "user", "content": "bye"}]);
-    let (status, _) = s.chat(&[("X-Session-Id", "thanks"), ("X-Session-Done", "1")], &json!({"messages": m, "max_tokens": 2}));
+    let (status, _) = s.chat(
+        &[("X-Session-Id", "thanks"), ("X-Session-Done", "1")],
+        &json!({"messages": m, "max_tokens": 2}),
+    );
     assert_eq!(status, 200);
     let turns = s.export();
     let answered = turn(&turns, "thanks", 1);
-    assert!(answered["next_state"].to_string().contains("bye"), "{answered:#}");
+    assert!(
+        answered["next_state"].to_string().contains("bye"),
+        "{answered:#}"
+    );
     assert_ne!(answered["judge_status"], "no_signal");
     assert_eq!(turn(&turns, "thanks", 2)["judge_status"], "no_signal");
     assert_eq!(turn(&turns, "side", 0)["judge_status"], "not_trained");
@@ -281,7 +401,10 @@ fn a_crash_while_judging_loses_and_duplicates_no_votes() {
     converse(&s, "during", "No, I meant kilometres.");
     let t = Instant::now();
     while judge.requests_for("No, I meant kilometres") == 0 {
-        assert!(t.elapsed() < Duration::from_secs(60), "the judge was never asked");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the judge was never asked"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(turn(&s.export(), "during", 0)["judge_status"], "pending");
@@ -296,9 +419,16 @@ fn a_crash_while_judging_loses_and_duplicates_no_votes() {
     assert_eq!(votes(during, "score").len(), 3, "{during:#}");
     assert_eq!(votes(during, "hint").len(), 3, "{during:#}");
     let before = turn(&turns, "before", 0);
-    assert_eq!(before["judgment"]["judged_at"], judged_at, "judged once, never again");
+    assert_eq!(
+        before["judgment"]["judged_at"], judged_at,
+        "judged once, never again"
+    );
     assert_eq!(votes(before, "score").len(), 3);
-    assert_eq!(judge.requests_for("Thanks, that works"), 0, "a judged turn is not re-judged");
+    assert_eq!(
+        judge.requests_for("Thanks, that works"),
+        0,
+        "a judged turn is not re-judged"
+    );
     assert_eq!(judge.requests_for("No, I meant kilometres"), 6);
     // The sessions the crashed process left open are closed; their last turns carry no signal.
     assert_eq!(turn(&turns, "before", 1)["judge_status"], "no_signal");
@@ -315,22 +445,45 @@ fn the_local_judge_runs_on_the_default_model_without_blocking_serving() {
     let turns = wait_judged(&s, &["local"]);
     let t = turn(&turns, "local", 0);
     let j = &t["judgment"];
-    assert_eq!((j["backend"].as_str(), j["mode"].as_str()), (Some("local"), Some("direct")), "{j:#}");
+    assert_eq!(
+        (j["backend"].as_str(), j["mode"].as_str()),
+        (Some("local"), Some("direct")),
+        "{j:#}"
+    );
     assert!(j["error"].is_null(), "{j:#}");
-    let score_votes: Vec<&Value> = j["votes"].as_array().unwrap().iter().filter(|v| v["kind"] == "score").collect();
+    let score_votes: Vec<&Value> = j["votes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["kind"] == "score")
+        .collect();
     assert_eq!(score_votes.len(), 3);
     for v in &score_votes {
-        assert!([-1, 0, 1].contains(&v["score"].as_i64().unwrap()), "direct votes are always valid: {v}");
+        assert!(
+            [-1, 0, 1].contains(&v["score"].as_i64().unwrap()),
+            "direct votes are always valid: {v}"
+        );
         let p = &v["probs"];
         let sum = p["1"].as_f64().unwrap() + p["0"].as_f64().unwrap() + p["-1"].as_f64().unwrap();
         assert!((sum - 1.0).abs() < 1e-6, "{p}");
     }
     assert!([-1, 0, 1].contains(&j["score"].as_i64().unwrap()));
-    assert_eq!(j["votes"].as_array().unwrap().iter().filter(|v| v["kind"] == "hint").count(), 3);
+    assert_eq!(
+        j["votes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["kind"] == "hint")
+            .count(),
+        3
+    );
 
     // Serving goes on while the judge works: a request made now is answered.
     converse(&s, "second", "Thanks, that works!");
-    let (status, r) = s.chat(&[], &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}));
+    let (status, r) = s.chat(
+        &[],
+        &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+    );
     assert_eq!(status, 200, "{r}");
     wait_judged(&s, &["second"]);
     assert_eq!(s.metric("clawrl_judge_invalid_votes_total"), 0.0);

@@ -305,13 +305,20 @@ fn option_scores_after_one_shared_prefill_equal_teacher_forced_scores() {
     let chat = [json!({"role": "user", "content": "Was the reply good? Answer in a box."})];
     let seqs: Vec<Vec<u32>> = ["1}", "0}", "-1}"]
         .iter()
-        .map(|o| m.chat_prompt_continuing(&chat, None, &format!("\\boxed{{{o}")).unwrap())
+        .map(|o| {
+            m.chat_prompt_continuing(&chat, None, &format!("\\boxed{{{o}"))
+                .unwrap()
+        })
         .collect();
     let (lps, context, cache) = m.sequence_logprobs(&seqs, None).unwrap();
     assert_eq!(cache.len(), context.len());
     assert!(seqs.iter().all(|s| s.starts_with(&context)));
     for (seq, lp) in seqs.iter().zip(&lps) {
-        let reference: f32 = m.score(&context, &seq[context.len()..]).unwrap().iter().sum();
+        let reference: f32 = m
+            .score(&context, &seq[context.len()..])
+            .unwrap()
+            .iter()
+            .sum();
         assert!((lp - reference).abs() < 1e-3, "{lp} vs {reference}");
         assert!(*lp < 0.0);
     }
@@ -334,16 +341,30 @@ fn the_teacher_scores_the_students_exact_tokens_after_the_hinted_prompt() {
     // Token ids a re-tokenization of their text would not give back (" About" split in two).
     let mut response = m.tokenizer.encode(" Ab").unwrap();
     response.extend(m.tokenizer.encode("out 8 km.").unwrap());
-    assert_ne!(m.tokenizer.encode(&m.tokenizer.decode(&response).unwrap()).unwrap(), response);
+    assert_ne!(
+        m.tokenizer
+            .encode(&m.tokenizer.decode(&response).unwrap())
+            .unwrap(),
+        response
+    );
 
     let ctx = teacher_context(&m, &messages, None, "Answer in kilometres.", &response).unwrap();
-    assert_eq!(ctx.response(), &response[..], "the student's ids, unchanged");
+    assert_eq!(
+        ctx.response(),
+        &response[..],
+        "the student's ids, unchanged"
+    );
     let prompt_text = m.tokenizer.decode(ctx.prompt()).unwrap();
     assert!(
-        prompt_text.contains(&format!("How far is 5 miles?{HINT_HEADER}Answer in kilometres.")),
+        prompt_text.contains(&format!(
+            "How far is 5 miles?{HINT_HEADER}Answer in kilometres."
+        )),
         "{prompt_text}"
     );
-    assert!(prompt_text.trim_end().ends_with("assistant"), "generation prompt on: {prompt_text}");
+    assert!(
+        prompt_text.trim_end().ends_with("assistant"),
+        "generation prompt on: {prompt_text}"
+    );
     // The student's own context differs only by the hint.
     let student = m.chat_prompt(&messages, None).unwrap();
     assert!(ctx.prompt().len() > student.len());

@@ -13,17 +13,80 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// (request, reply, tool call of the reply, next state, its role, the right score)
-type Case = (&'static str, &'static str, Option<(&'static str, &'static str)>, &'static str, &'static str, i8);
+type Case = (
+    &'static str,
+    &'static str,
+    Option<(&'static str, &'static str)>,
+    &'static str,
+    &'static str,
+    i8,
+);
 
 const CASES: &[Case] = &[
-    ("Convert 5 miles to kilometres.", "5 miles is about 8.05 km.", None, "Thanks, that's exactly what I needed!", "user", 1),
-    ("Write a haiku about rain.", "Soft rain on the roof / puddles gather in the street / the city breathes slow", None, "No, I meant a haiku about snow, not rain.", "user", -1),
-    ("What's the weather in Paris?", "", Some(("get_weather", r#"{"city":"Paris"}"#)), "18°C, sunny, light wind.", "tool", 1),
-    ("List three fruits.", "Apple, banana, cherry.", None, "Great. Now list three vegetables.", "user", 1),
-    ("Summarize this paragraph in one sentence.", "The paragraph explains the history of the city. It then describes its economy. Finally it covers its culture.", None, "That's three sentences. I asked for one sentence, please redo it.", "user", -1),
-    ("Show me the project's config file.", "", Some(("read_file", r#"{"path":"config.tml"}"#)), "Error: no such file or directory: config.tml", "tool", -1),
-    ("Translate 'good morning' into French.", "Buenos días.", None, "That's Spanish, not French. Try again.", "user", -1),
-    ("What is 12 times 12?", "12 times 12 is 144.", None, "Perfect, thank you.", "user", 1),
+    (
+        "Convert 5 miles to kilometres.",
+        "5 miles is about 8.05 km.",
+        None,
+        "Thanks, that's exactly what I needed!",
+        "user",
+        1,
+    ),
+    (
+        "Write a haiku about rain.",
+        "Soft rain on the roof / puddles gather in the street / the city breathes slow",
+        None,
+        "No, I meant a haiku about snow, not rain.",
+        "user",
+        -1,
+    ),
+    (
+        "What's the weather in Paris?",
+        "",
+        Some(("get_weather", r#"{"city":"Paris"}"#)),
+        "18°C, sunny, light wind.",
+        "tool",
+        1,
+    ),
+    (
+        "List three fruits.",
+        "Apple, banana, cherry.",
+        None,
+        "Great. Now list three vegetables.",
+        "user",
+        1,
+    ),
+    (
+        "Summarize this paragraph in one sentence.",
+        "The paragraph explains the history of the city. It then describes its economy. Finally it covers its culture.",
+        None,
+        "That's three sentences. I asked for one sentence, please redo it.",
+        "user",
+        -1,
+    ),
+    (
+        "Show me the project's config file.",
+        "",
+        Some(("read_file", r#"{"path":"config.tml"}"#)),
+        "Error: no such file or directory: config.tml",
+        "tool",
+        -1,
+    ),
+    (
+        "Translate 'good morning' into French.",
+        "Buenos días.",
+        None,
+        "That's Spanish, not French. Try again.",
+        "user",
+        -1,
+    ),
+    (
+        "What is 12 times 12?",
+        "12 times 12 is 144.",
+        None,
+        "Perfect, thank you.",
+        "user",
+        1,
+    ),
 ];
 
 fn turn(i: usize, c: &Case) -> PendingTurn {

@@ -68,7 +68,10 @@ impl Capture {
         let mut store = Store::open(path)?;
         let orphaned = store.close_orphaned_sessions(now_ms())?;
         if !orphaned.is_empty() {
-            tracing::info!("closed {} sessions left open by the previous run", orphaned.len());
+            tracing::info!(
+                "closed {} sessions left open by the previous run",
+                orphaned.len()
+            );
         }
         Ok(Self {
             store: Mutex::new(store),
@@ -219,7 +222,8 @@ impl Capture {
         comment: Option<&str>,
         source: &str,
     ) -> Result<crate::store::FeedbackRecorded, crate::store::FeedbackError> {
-        self.store().record_feedback(turn, rating, comment, source, now_ms())
+        self.store()
+            .record_feedback(turn, rating, comment, source, now_ms())
     }
 
     pub fn open_sessions(&self) -> usize {

@@ -337,7 +337,9 @@ fn opening(norm: &[Norm]) -> Option<(String, String)> {
 
 fn opening_matches(expected: &[Norm], seen: &(String, String)) -> bool {
     opening(expected).is_some_and(|(system, user)| {
-        system == seen.0 && !user.is_empty() && (seen.1.starts_with(&user) || user.starts_with(&seen.1))
+        system == seen.0
+            && !user.is_empty()
+            && (seen.1.starts_with(&user) || user.starts_with(&seen.1))
     })
 }
 
@@ -501,11 +503,21 @@ mod tests {
         let u1 = json!({"role": "user", "content": "[16:48] What is 2+2?\n\nRuntime: sessionId=a"});
         t.place(None, &[sys.clone(), u1.clone()], || "a".into(), |_| 0);
         let sent = "[[reply_to_current]] @BruceA\nI'm glad to know you're here.\n\nHere's how it all works:";
-        t.record_reply("a", 1, &[sys.clone(), u1.clone()], &json!({"role": "assistant", "content": sent}));
+        t.record_reply(
+            "a",
+            1,
+            &[sys.clone(), u1.clone()],
+            &json!({"role": "assistant", "content": sent}),
+        );
         // A second conversation with another opening.
         let u9 = json!({"role": "user", "content": "[16:50] Other"});
         t.place(None, &[sys.clone(), u9.clone()], || "b".into(), |_| 0);
-        t.record_reply("b", 2, &[sys.clone(), u9], &json!({"role": "assistant", "content": "Other reply"}));
+        t.record_reply(
+            "b",
+            2,
+            &[sys.clone(), u9],
+            &json!({"role": "assistant", "content": "Other reply"}),
+        );
 
         // The directive tag is stripped from the echoed reply: still session a.
         let echoed = json!({"role": "assistant", "content": "@BruceA\nI'm glad to know you're here.\n\nHere's how it all works:"});
@@ -517,22 +529,48 @@ mod tests {
         t.record_reply("a", 3, &r2, &json!({"role": "assistant", "content": "5"}));
 
         // Rewritten beyond recognition: the opening and the reply count still place it.
-        let r = [sys.clone(), u1.clone(), json!({"role": "assistant", "content": "(hidden)"}), next.clone(), json!({"role": "assistant", "content": "five"}), json!({"role": "user", "content": "Thanks"})];
+        let r = [
+            sys.clone(),
+            u1.clone(),
+            json!({"role": "assistant", "content": "(hidden)"}),
+            next.clone(),
+            json!({"role": "assistant", "content": "five"}),
+            json!({"role": "user", "content": "Thanks"}),
+        ];
         let p = t.place(None, &r, || "new".into(), |_| 0);
         assert_eq!(p.session_id, "a");
         assert_eq!(p.turn_index, 2);
         // A retry of the first turn (no reply yet in its history) is a new conversation.
-        let retry = [sys, u1, json!({"role": "assistant", "content": "x"}), json!({"role": "user", "content": "y"})];
+        let retry = [
+            sys,
+            u1,
+            json!({"role": "assistant", "content": "x"}),
+            json!({"role": "user", "content": "y"}),
+        ];
         t.record_reply("a", 4, &r, &json!({"role": "assistant", "content": "z"}));
-        assert_ne!(t.place(None, &retry, || "retry".into(), |_| 0).session_id, "a");
+        assert_ne!(
+            t.place(None, &retry, || "retry".into(), |_| 0).session_id,
+            "a"
+        );
     }
 
     #[test]
     fn replies_match_despite_stripped_tags_but_not_different_text() {
-        let n = |t: &str| Norm { role: "assistant".into(), text: t.into(), tool_calls: vec![], tool_call_id: None };
-        assert!(same_reply(&n("[[reply_to_current]] The answer is 4."), &n("The answer is 4.")));
+        let n = |t: &str| Norm {
+            role: "assistant".into(),
+            text: t.into(),
+            tool_calls: vec![],
+            tool_call_id: None,
+        };
+        assert!(same_reply(
+            &n("[[reply_to_current]] The answer is 4."),
+            &n("The answer is 4.")
+        ));
         assert!(same_reply(&n("a\nb  c"), &n("a b\nc")));
-        assert!(!same_reply(&n("The answer is 4."), &n("I cannot help with that request.")));
+        assert!(!same_reply(
+            &n("The answer is 4."),
+            &n("I cannot help with that request.")
+        ));
         assert!(!same_reply(&n("ok"), &n("")));
     }
 

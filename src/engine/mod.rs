@@ -97,7 +97,9 @@ pub enum EngineEvent {
         adapter_version: i64,
     },
     /// The answer to a [`Task::Choose`]: one log-probability per option, in order.
-    Chosen { logprobs: Vec<f32> },
+    Chosen {
+        logprobs: Vec<f32>,
+    },
     Failed(EngineError),
 }
 
@@ -249,8 +251,7 @@ impl Worker {
         let (mut waiting_user, mut waiting_bg) = (VecDeque::new(), VecDeque::new());
         let (mut user, mut bg): (Vec<Active>, Vec<Active>) = (Vec::new(), Vec::new());
         let mut open = true;
-        let enqueue = |job: Job, wu: &mut VecDeque<Job>, wb: &mut VecDeque<Job>| match job
-            .priority
+        let enqueue = |job: Job, wu: &mut VecDeque<Job>, wb: &mut VecDeque<Job>| match job.priority
         {
             Priority::User => wu.push_back(job),
             Priority::Background => wb.push_back(job),
@@ -322,8 +323,9 @@ impl Worker {
             }
             Counters::add(&c.decode_micros, t.elapsed().as_micros() as u64);
         }
-        let (done, still): (Vec<Active>, Vec<Active>) =
-            std::mem::take(active).into_iter().partition(|a| a.decoding.done);
+        let (done, still): (Vec<Active>, Vec<Active>) = std::mem::take(active)
+            .into_iter()
+            .partition(|a| a.decoding.done);
         *active = still;
         for a in done {
             Counters::add(&c.tokens_out, a.decoding.out.ids.len() as u64);

@@ -46,6 +46,16 @@ impl Backend {
         }
     }
 
+    /// Waits until the local engine has loaded (or failed), so that a judge starting with the
+    /// server does not count the load time as backend failures.
+    pub async fn wait_ready(&self) {
+        if let Self::Local(engine) = self {
+            while engine.status() == crate::engine::Status::Loading {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
     /// A sampled reply to `messages`.
     pub async fn complete(
         &self,
@@ -169,9 +179,9 @@ impl Endpoint {
                 cfg.base_url
             ),
         }
-        let host = uri
-            .host()
-            .ok_or_else(|| anyhow::anyhow!("judge.openai.base_url {:?} has no host", cfg.base_url))?;
+        let host = uri.host().ok_or_else(|| {
+            anyhow::anyhow!("judge.openai.base_url {:?} has no host", cfg.base_url)
+        })?;
         let port = uri.port_u16().unwrap_or(80);
         let api_key = (!cfg.api_key_env.is_empty())
             .then(|| std::env::var(&cfg.api_key_env).ok())
@@ -225,7 +235,10 @@ impl Endpoint {
         }
         // Reasoning servers may put the text in `reasoning_content` and leave `content` empty.
         let message = &reply["choices"][0]["message"];
-        match (message["content"].as_str(), message["reasoning_content"].as_str()) {
+        match (
+            message["content"].as_str(),
+            message["reasoning_content"].as_str(),
+        ) {
             (Some(c), _) if !c.trim().is_empty() => Ok(c.to_string()),
             (_, Some(r)) => Ok(r.to_string()),
             (Some(c), None) => Ok(c.to_string()),
@@ -260,7 +273,10 @@ impl Endpoint {
         let req = req
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| BackendError::Permanent(e.to_string()))?;
-        let res = sender.send_request(req).await.map_err(|e| unreachable(&e))?;
+        let res = sender
+            .send_request(req)
+            .await
+            .map_err(|e| unreachable(&e))?;
         let status = res.status();
         let bytes = res
             .into_body()

@@ -103,11 +103,22 @@ impl Voter {
         };
         match self.votes(turn.turn_id, &view).await {
             Ok(votes) => {
-                let scores: Vec<Option<i8>> =
-                    votes.iter().filter(|v| v.kind == "score").map(|v| v.score).collect();
-                let hints: Vec<String> =
-                    votes.iter().filter(|v| v.kind == "hint").map(|v| v.raw.clone()).collect();
-                Ok(judgment(verdict::majority(&scores), verdict::best_hint(&hints), None, votes))
+                let scores: Vec<Option<i8>> = votes
+                    .iter()
+                    .filter(|v| v.kind == "score")
+                    .map(|v| v.score)
+                    .collect();
+                let hints: Vec<String> = votes
+                    .iter()
+                    .filter(|v| v.kind == "hint")
+                    .map(|v| v.raw.clone())
+                    .collect();
+                Ok(judgment(
+                    verdict::majority(&scores),
+                    verdict::best_hint(&hints),
+                    None,
+                    votes,
+                ))
             }
             Err(BackendError::Permanent(e)) => Ok(judgment(0, None, Some(e), Vec::new())),
             Err(e) => Err(e),
@@ -181,7 +192,12 @@ impl Voter {
             let (backend, chat) = (self.backend.clone(), chat.clone());
             let (t, n) = (self.temperature, self.max_tokens);
             set.spawn(async move {
-                (i, backend.complete(chat, t, n, seed.wrapping_add(i as u64)).await)
+                (
+                    i,
+                    backend
+                        .complete(chat, t, n, seed.wrapping_add(i as u64))
+                        .await,
+                )
             });
         }
         let mut out = vec![String::new(); self.votes];
@@ -225,14 +241,17 @@ impl Judge {
         f: impl FnOnce(&mut Store) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || f(&mut me.store.lock().unwrap_or_else(|p| p.into_inner())))
-            .await?
+        tokio::task::spawn_blocking(move || {
+            f(&mut me.store.lock().unwrap_or_else(|p| p.into_inner()))
+        })
+        .await?
     }
 
     /// Judges pending turns forever: woken by new next states, backing off while the judge
     /// backend is unreachable.
     pub async fn run(self: Arc<Self>) {
         let mut events = self.bus.subscribe();
+        self.voter.backend.wait_ready().await;
         let mut backoff = Duration::from_secs(1);
         let mut last_depth = None;
         loop {
@@ -268,7 +287,10 @@ impl Judge {
                     }
                     Err(e) => {
                         Counters::add(&self.counters.judge_errors, 1);
-                        tracing::warn!(turn = turn.turn_id, "judge unavailable, retrying in {backoff:?}: {e}");
+                        tracing::warn!(
+                            turn = turn.turn_id,
+                            "judge unavailable, retrying in {backoff:?}: {e}"
+                        );
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                         break;
@@ -289,10 +311,19 @@ impl Judge {
     }
 
     async fn record(self: &Arc<Self>, j: Judgment) -> Result<()> {
-        let (turn_id, score, hint, error, elapsed_ms) =
-            (j.turn_id, j.score, j.hint.is_some(), j.error.clone(), j.elapsed_ms);
-        let votes: Vec<Option<i8>> =
-            j.votes.iter().filter(|v| v.kind == "score").map(|v| v.score).collect();
+        let (turn_id, score, hint, error, elapsed_ms) = (
+            j.turn_id,
+            j.score,
+            j.hint.is_some(),
+            j.error.clone(),
+            j.elapsed_ms,
+        );
+        let votes: Vec<Option<i8>> = j
+            .votes
+            .iter()
+            .filter(|v| v.kind == "score")
+            .map(|v| v.score)
+            .collect();
         let (saved, session_id) = self
             .with_store(move |s| Ok((s.save_judgment(&j)?, s.session_of(turn_id)?)))
             .await?;
@@ -300,11 +331,21 @@ impl Judge {
             let c = &self.counters;
             Counters::add(&c.judge_turns, 1);
             Counters::add(&c.judge_votes, votes.len() as u64);
-            Counters::add(&c.judge_invalid_votes, votes.iter().filter(|v| v.is_none()).count() as u64);
+            Counters::add(
+                &c.judge_invalid_votes,
+                votes.iter().filter(|v| v.is_none()).count() as u64,
+            );
             Counters::add(&c.judge_micros, elapsed_ms.max(0) as u64 * 1000);
             emit(
                 &self.bus,
-                Event::TurnJudged { turn_id, session_id, score, votes, hint, error },
+                Event::TurnJudged {
+                    turn_id,
+                    session_id,
+                    score,
+                    votes,
+                    hint,
+                    error,
+                },
             );
         }
         Ok(())
@@ -325,7 +366,10 @@ async fn next_state_arrives(events: &mut tokio::sync::broadcast::Receiver<Event>
 /// What the judge sees of a turn: the last user request, the reply (with its tool calls),
 /// and the next state.
 pub fn turn_view(turn: &PendingTurn, markers: &[String]) -> TurnView {
-    let messages = turn.request_messages.as_array().map_or(&[][..], Vec::as_slice);
+    let messages = turn
+        .request_messages
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
     let request = strip_internal(messages, markers)
         .iter()
         .rev()
@@ -333,12 +377,18 @@ pub fn turn_view(turn: &PendingTurn, markers: &[String]) -> TurnView {
         .map(|m| content_text(m.get("content")))
         .unwrap_or_default();
     let mut response = turn.response_text.clone();
-    for call in turn.tool_calls.iter().flat_map(|c| c.as_array().into_iter().flatten()) {
+    for call in turn
+        .tool_calls
+        .iter()
+        .flat_map(|c| c.as_array().into_iter().flatten())
+    {
         let f = &call["function"];
         response.push_str(&format!(
             "\n[tool call] {}({})",
             f["name"].as_str().unwrap_or("?"),
-            f["arguments"].as_str().map_or_else(|| f["arguments"].to_string(), str::to_owned)
+            f["arguments"]
+                .as_str()
+                .map_or_else(|| f["arguments"].to_string(), str::to_owned)
         ));
     }
     let next_state = turn
@@ -373,13 +423,21 @@ mod tests {
                 {"role": "user", "content": "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>> runtime notes"},
             ]),
             response_text: "Let me check.".into(),
-            tool_calls: Some(json!([{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}}])),
+            tool_calls: Some(
+                json!([{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}}]),
+            ),
             next_state: json!([{"role": "tool", "tool_call_id": "c1", "content": "sunny"}, {"role": "tool", "tool_call_id": "c2", "content": "12 C"}]),
             next_state_role: "tool".into(),
         };
-        let v = turn_view(&turn, &["<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>".to_string()]);
+        let v = turn_view(
+            &turn,
+            &["<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>".to_string()],
+        );
         assert_eq!(v.request, "What is the weather?");
-        assert_eq!(v.response, "Let me check.\n[tool call] weather({\"city\":\"Oslo\"})");
+        assert_eq!(
+            v.response,
+            "Let me check.\n[tool call] weather({\"city\":\"Oslo\"})"
+        );
         assert_eq!(v.next_state, "sunny\n\n12 C");
         assert_eq!(v.next_state_role, "tool");
     }

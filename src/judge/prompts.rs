@@ -7,10 +7,22 @@ use serde_json::{Value, json};
 use std::path::Path;
 
 const FILES: [(&str, &str); 4] = [
-    ("prm_system.md", include_str!("../../assets/prompts/prm_system.md")),
-    ("prm_user.md", include_str!("../../assets/prompts/prm_user.md")),
-    ("hint_system.md", include_str!("../../assets/prompts/hint_system.md")),
-    ("hint_user.md", include_str!("../../assets/prompts/hint_user.md")),
+    (
+        "prm_system.md",
+        include_str!("../../assets/prompts/prm_system.md"),
+    ),
+    (
+        "prm_user.md",
+        include_str!("../../assets/prompts/prm_user.md"),
+    ),
+    (
+        "hint_system.md",
+        include_str!("../../assets/prompts/hint_system.md"),
+    ),
+    (
+        "hint_user.md",
+        include_str!("../../assets/prompts/hint_user.md"),
+    ),
 ];
 
 /// What the judge is shown about one turn.
@@ -72,7 +84,13 @@ impl Prompts {
         Ok(prompts)
     }
 
-    fn render(&self, system: &str, user: &str, turn: &TurnView, direct: bool) -> Result<Vec<Value>> {
+    fn render(
+        &self,
+        system: &str,
+        user: &str,
+        turn: &TurnView,
+        direct: bool,
+    ) -> Result<Vec<Value>> {
         let cut = |s: &str| cut_middle(s, self.max_field_chars);
         let ctx = minijinja::context! {
             request => cut(&turn.request),
@@ -139,15 +157,33 @@ mod tests {
         let p = Prompts::load(None, 2000).unwrap();
         let chat = p.prm(&view(), false).unwrap();
         let user = chat[1]["content"].as_str().unwrap();
-        for part in ["Convert 5 miles to km.", "5 miles is 8.05 km.", "Thanks!", "(user)"] {
+        for part in [
+            "Convert 5 miles to km.",
+            "5 miles is 8.05 km.",
+            "Thanks!",
+            "(user)",
+        ] {
             assert!(user.contains(part), "{part} missing from {user}");
         }
         assert!(user.contains("Reason briefly"));
-        let direct = p.prm(&view(), true).unwrap()[1]["content"].as_str().unwrap().to_string();
+        let direct = p.prm(&view(), true).unwrap()[1]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
         assert!(direct.contains("score only") && !direct.contains("Reason briefly"));
-        assert!(chat[0]["content"].as_str().unwrap().contains("A change request IS negative feedback"));
+        assert!(
+            chat[0]["content"]
+                .as_str()
+                .unwrap()
+                .contains("A change request IS negative feedback")
+        );
         let hint = p.hint(&view()).unwrap();
-        assert!(hint[0]["content"].as_str().unwrap().contains("[HINT_START]"));
+        assert!(
+            hint[0]["content"]
+                .as_str()
+                .unwrap()
+                .contains("[HINT_START]")
+        );
     }
 
     #[test]
@@ -156,9 +192,16 @@ mod tests {
         for (name, text) in FILES {
             std::fs::write(dir.path().join(name), text).unwrap();
         }
-        std::fs::write(dir.path().join("prm_user.md"), "Judge: {{ response }} / {{ next_state }}").unwrap();
+        std::fs::write(
+            dir.path().join("prm_user.md"),
+            "Judge: {{ response }} / {{ next_state }}",
+        )
+        .unwrap();
         let p = Prompts::load(Some(dir.path()), 2000).unwrap();
-        assert_eq!(p.prm(&view(), false).unwrap()[1]["content"], "Judge: 5 miles is 8.05 km. / Thanks!");
+        assert_eq!(
+            p.prm(&view(), false).unwrap()[1]["content"],
+            "Judge: 5 miles is 8.05 km. / Thanks!"
+        );
 
         std::fs::write(dir.path().join("prm_user.md"), "{{ no_such_field }}").unwrap();
         let err = Prompts::load(Some(dir.path()), 2000).err().unwrap();
@@ -170,7 +213,9 @@ mod tests {
 
     #[test]
     fn long_fields_are_cut_in_the_middle() {
-        let s: String = (0..5000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+        let s: String = (0..5000)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
         let cut = cut_middle(&s, 1000);
         assert!(cut.chars().count() < 1100);
         assert!(cut.starts_with("abc") && cut.ends_with(&s[s.len() - 10..]));

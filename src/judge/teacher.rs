@@ -82,7 +82,10 @@ mod tests {
             "Convert 5 miles.\n\n[user's hint / instruction]\nUse kilometres."
         );
         assert_eq!(out[..3], messages[..3], "earlier messages are untouched");
-        assert_eq!(messages[3]["content"], "Convert 5 miles.", "the input is not modified");
+        assert_eq!(
+            messages[3]["content"], "Convert 5 miles.",
+            "the input is not modified"
+        );
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //! counts, the majority of valid votes wins, a tie for the top count scores 0, and the longest
 //! hint of a `\boxed{1}` hint vote is kept.
 
+use rand::Rng;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::Rng;
 
 /// The score of the last `\boxed{...}` in `text`: `Some(-1 | 0 | 1)`, or `None` when there is
 /// no boxed value or the last one is anything else (an invalid vote).
@@ -112,7 +112,10 @@ mod tests {
 
     #[test]
     fn the_last_boxed_value_is_the_vote() {
-        assert_eq!(parse_score("first \\boxed{-1}, on reflection \\boxed{1}"), Some(1));
+        assert_eq!(
+            parse_score("first \\boxed{-1}, on reflection \\boxed{1}"),
+            Some(1)
+        );
         assert_eq!(parse_score("\\boxed{ -1 }"), Some(-1));
         assert_eq!(parse_score("so \\boxed{0}."), Some(0));
         assert_eq!(parse_score("\\boxed{+1}"), Some(1));
@@ -123,7 +126,11 @@ mod tests {
         assert_eq!(parse_score("no box here: 1"), None);
         assert_eq!(parse_score("\\boxed{2}"), None);
         assert_eq!(parse_score("\\boxed{yes}"), None);
-        assert_eq!(parse_score("\\boxed{1} then \\boxed{maybe}"), None, "the last box counts");
+        assert_eq!(
+            parse_score("\\boxed{1} then \\boxed{maybe}"),
+            None,
+            "the last box counts"
+        );
         assert_eq!(parse_score("\\boxed{1"), None, "unterminated");
         assert_eq!(parse_score(""), None);
     }
@@ -131,9 +138,17 @@ mod tests {
     #[test]
     fn majority_drops_invalid_votes_and_ties_score_zero() {
         assert_eq!(majority(&[Some(1), Some(1), Some(-1)]), 1);
-        assert_eq!(majority(&[Some(-1), None, None]), -1, "invalid votes are dropped");
+        assert_eq!(
+            majority(&[Some(-1), None, None]),
+            -1,
+            "invalid votes are dropped"
+        );
         assert_eq!(majority(&[Some(1), Some(-1), None]), 0, "a tie scores 0");
-        assert_eq!(majority(&[Some(1), Some(-1), Some(0)]), 0, "a three-way tie scores 0");
+        assert_eq!(
+            majority(&[Some(1), Some(-1), Some(0)]),
+            0,
+            "a three-way tie scores 0"
+        );
         assert_eq!(majority(&[Some(0), Some(0), Some(1)]), 0);
         assert_eq!(majority(&[None, None, None]), 0, "no valid vote scores 0");
         assert_eq!(majority(&[]), 0);
@@ -166,12 +181,20 @@ mod tests {
         let p = option_probs(&[(0.7f32).ln(), (0.2f32).ln(), (0.05f32).ln()]);
         assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-9);
         assert!((p[0] - 0.7 / 0.95).abs() < 1e-6, "{p:?}");
-        assert_eq!(draw_votes(&p, 3, 0.0, 7), vec![1, 1, 1], "temperature 0 is greedy");
+        assert_eq!(
+            draw_votes(&p, 3, 0.0, 7),
+            vec![1, 1, 1],
+            "temperature 0 is greedy"
+        );
         let votes = draw_votes(&p, 20_000, 1.0, 7);
         let share = |s: i8| votes.iter().filter(|v| **v == s).count() as f64 / 20_000.0;
         assert!((share(1) - p[0]).abs() < 0.02, "{}", share(1));
         assert!((share(-1) - p[2]).abs() < 0.02, "{}", share(-1));
-        assert_eq!(draw_votes(&p, 5, 0.6, 42), draw_votes(&p, 5, 0.6, 42), "seeded");
+        assert_eq!(
+            draw_votes(&p, 5, 0.6, 42),
+            draw_votes(&p, 5, 0.6, 42),
+            "seeded"
+        );
         assert_eq!(option_probs(&[f32::NEG_INFINITY; 3]), [1.0 / 3.0; 3]);
     }
 }

@@ -309,7 +309,14 @@ impl LoadedModel {
             n.min(first.iter().zip(s).take_while(|(a, b)| a == b).count())
         });
         // Each sequence needs at least one token of its own to score.
-        let shared = shared.min(sequences.iter().map(Vec::len).min().unwrap_or(0).saturating_sub(1));
+        let shared = shared.min(
+            sequences
+                .iter()
+                .map(Vec::len)
+                .min()
+                .unwrap_or(0)
+                .saturating_sub(1),
+        );
         if shared == 0 {
             bail!("the sequences share no prompt");
         }
@@ -324,7 +331,10 @@ impl LoadedModel {
         };
         let logits = self.step(&context[cache.len()..], &mut cache);
         let logp = |logits: &[f32], id: u32| {
-            logits.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY)
+            logits
+                .get(id as usize)
+                .copied()
+                .unwrap_or(f32::NEG_INFINITY)
                 - super::sampling::log_sum_exp(logits)
         };
         let mut out = Vec::with_capacity(sequences.len());

@@ -15,7 +15,10 @@ use std::sync::Arc;
 /// Comments longer than this are refused rather than silently cut.
 const MAX_COMMENT_CHARS: usize = 4000;
 
-pub async fn route(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn route(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     http::authorize(&req, state.config.api_key.as_deref())?;
     let body = http::read_json(req, state.config.max_body_bytes).await?;
     let (turn, rating, comment) = parse(&body)?;
@@ -73,7 +76,11 @@ fn parse(body: &Value) -> Result<(TurnRef, i8, Option<String>), ApiError> {
             ))
             .param("rating"));
         }
-        None => return Err(ApiError::invalid("`rating` (\"up\" or \"down\") is required.").param("rating")),
+        None => {
+            return Err(
+                ApiError::invalid("`rating` (\"up\" or \"down\") is required.").param("rating"),
+            );
+        }
     };
     let comment = match obj.get("comment") {
         None | Some(Value::Null) => None,
@@ -86,13 +93,19 @@ fn parse(body: &Value) -> Result<(TurnRef, i8, Option<String>), ApiError> {
         }
         Some(_) => return Err(ApiError::invalid("`comment` must be a string.").param("comment")),
     };
-    let text = |k: &str| obj.get(k).and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty());
+    let text = |k: &str| {
+        obj.get(k)
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+    };
     let turn = match (text("response_id"), text("session_id"), obj.get("turn")) {
         (Some(id), _, _) => TurnRef::ResponseId(id.to_string()),
         (None, Some(session), Some(turn)) => TurnRef::Index {
             session_id: session.to_string(),
             turn_index: turn.as_i64().filter(|t| *t >= 0).ok_or_else(|| {
-                ApiError::invalid("`turn` must be a non-negative integer (the turn index).").param("turn")
+                ApiError::invalid("`turn` must be a non-negative integer (the turn index).")
+                    .param("turn")
             })?,
         },
         _ => {
@@ -111,16 +124,25 @@ mod tests {
     #[test]
     fn a_rating_names_its_turn_by_response_id_or_session_and_index() {
         let (t, r, c) = parse(&json!({"response_id": "chatcmpl-1", "rating": "up"})).unwrap();
-        assert_eq!((t, r, c), (TurnRef::ResponseId("chatcmpl-1".into()), 1, None));
+        assert_eq!(
+            (t, r, c),
+            (TurnRef::ResponseId("chatcmpl-1".into()), 1, None)
+        );
         let (t, r, c) =
             parse(&json!({"session_id": "s", "turn": 2, "rating": "DOWN", "comment": "too long"}))
                 .unwrap();
         assert_eq!(
             t,
-            TurnRef::Index { session_id: "s".into(), turn_index: 2 }
+            TurnRef::Index {
+                session_id: "s".into(),
+                turn_index: 2
+            }
         );
         assert_eq!((r, c.as_deref()), (-1, Some("too long")));
-        assert_eq!(parse(&json!({"response_id": "x", "rating": -1})).unwrap().1, -1);
+        assert_eq!(
+            parse(&json!({"response_id": "x", "rating": -1})).unwrap().1,
+            -1
+        );
     }
 
     #[test]
@@ -129,8 +151,12 @@ mod tests {
         assert!(msg(json!({"response_id": "x"})).contains("`rating`"));
         assert!(msg(json!({"response_id": "x", "rating": "meh"})).contains("\"meh\""));
         assert!(msg(json!({"session_id": "s", "rating": "up"})).contains("Name the turn"));
-        assert!(msg(json!({"session_id": "s", "turn": -1, "rating": "up"})).contains("non-negative"));
-        assert!(msg(json!({"response_id": "x", "rating": "up", "comment": 5})).contains("`comment`"));
+        assert!(
+            msg(json!({"session_id": "s", "turn": -1, "rating": "up"})).contains("non-negative")
+        );
+        assert!(
+            msg(json!({"response_id": "x", "rating": "up", "comment": 5})).contains("`comment`")
+        );
         assert!(msg(json!([1])).contains("JSON object"));
     }
 }

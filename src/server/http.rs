@@ -138,4 +138,3 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| internal(e.to_string()))?
         .map_err(|e| internal(format!("{what}: {e:#}")))
 }
-

@@ -91,11 +91,13 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
         }
         (&Method::POST, "/v1/chat/completions") => chat_route(state.clone(), req).await,
         (&Method::POST, "/v1/feedback") => feedback::route(state.clone(), req).await,
-        (_, "/v1/chat/completions" | "/v1/feedback" | "/v1/models" | "/health" | "/metrics") => Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request_error",
-            "Method not allowed for this path.",
-        )),
+        (_, "/v1/chat/completions" | "/v1/feedback" | "/v1/models" | "/health" | "/metrics") => {
+            Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "Method not allowed for this path.",
+            ))
+        }
         (_, path) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",

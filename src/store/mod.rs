@@ -8,7 +8,8 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
 /// Each entry migrates the schema from version i to i+1; never edit a shipped entry, append.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE sessions (
     id             TEXT PRIMARY KEY,
     source         TEXT NOT NULL,      -- header | body | prefix (how the session was identified)
@@ -42,7 +43,8 @@ CREATE TABLE turns (
     UNIQUE (session_id, turn_index)
 );
 CREATE INDEX turns_created_at ON turns (created_at);
-"#, r#"
+"#,
+    r#"
 -- Set when the turn's session closed before a next state arrived: no evaluative signal.
 ALTER TABLE turns ADD COLUMN no_signal_at INTEGER;
 -- One row per judged turn, written with its votes in one transaction (judged exactly once).
@@ -77,7 +79,8 @@ CREATE TABLE feedback (
     created_at INTEGER NOT NULL
 );
 CREATE INDEX feedback_turn ON feedback (turn_id);
-"#];
+"#,
+];
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -348,16 +351,20 @@ impl Store {
                 response_text: r.get(3)?,
                 tool_calls: r.get::<_, Option<String>>(4)?.map(|s| parse_json(Some(s))),
                 next_state: parse_json(r.get(5)?),
-                next_state_role: r.get::<_, Option<String>>(6)?.unwrap_or_else(|| "user".into()),
+                next_state_role: r
+                    .get::<_, Option<String>>(6)?
+                    .unwrap_or_else(|| "user".into()),
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     pub fn session_of(&self, turn_id: i64) -> Result<String> {
-        Ok(self
-            .conn
-            .query_row("SELECT session_id FROM turns WHERE id = ?1", [turn_id], |r| r.get(0))?)
+        Ok(self.conn.query_row(
+            "SELECT session_id FROM turns WHERE id = ?1",
+            [turn_id],
+            |r| r.get(0),
+        )?)
     }
 
     /// How many turns wait for the judge.
@@ -420,17 +427,25 @@ impl Store {
                 .optional()
                 .map_err(|e| FeedbackError::Store(e.into()))
         };
-        const SELECT: &str = "SELECT t.id, t.session_id, t.turn_index, t.response_id, t.turn_type, j.score
+        const SELECT: &str =
+            "SELECT t.id, t.session_id, t.turn_index, t.response_id, t.turn_type, j.score
              FROM turns t LEFT JOIN judgments j ON j.turn_id = t.id";
         let found = match turn {
             TurnRef::ResponseId(id) => row(&format!("{SELECT} WHERE t.response_id = ?1"), &[id])?
-                .ok_or_else(|| FeedbackError::UnknownTurn(format!("No turn has the response id `{id}`.")))?,
-            TurnRef::Index { session_id, turn_index } => row(
+                .ok_or_else(|| {
+                FeedbackError::UnknownTurn(format!("No turn has the response id `{id}`."))
+            })?,
+            TurnRef::Index {
+                session_id,
+                turn_index,
+            } => row(
                 &format!("{SELECT} WHERE t.session_id = ?1 AND t.turn_index = ?2"),
                 &[session_id, turn_index],
             )?
             .ok_or_else(|| {
-                FeedbackError::UnknownTurn(format!("Session `{session_id}` has no turn {turn_index}."))
+                FeedbackError::UnknownTurn(format!(
+                    "Session `{session_id}` has no turn {turn_index}."
+                ))
             })?,
         };
         let (turn_id, session_id, turn_index, response_id, turn_type, judge_score) = found;
