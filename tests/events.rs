@@ -8,11 +8,15 @@ use serde_json::json;
 use std::time::Duration;
 
 async fn post(port: u16, body: serde_json::Value) -> serde_json::Value {
+    post_to(port, "/v1/chat/completions", body).await
+}
+
+async fn post_to(port: u16, path: &'static str, body: serde_json::Value) -> serde_json::Value {
     tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};
         let body = body.to_string();
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        write!(s, "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         serde_json::from_str(out.split_once("\r\n\r\n").unwrap().1).unwrap()
@@ -106,6 +110,124 @@ async fn capture_steps_are_published_on_the_event_bus() {
     assert!(
         matches!(&seen[7], Event::SessionClosed { session_id: s, reason, .. } if s == session_id && reason == "idle")
     );
+
+    stop_tx.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn judge_verdicts_queue_depth_feedback_and_no_signal_are_published() {
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = Config::default();
+    cfg.paths.data_dir = data.path().display().to_string();
+    cfg.model.path = common::model_path(common::SMOLLM2).display().to_string();
+    cfg.server.session_idle_secs = 3;
+    cfg.judge.hints = false; // the local judge in direct mode: one prefill per turn
+    let state = clawrl_tui::app::build(&cfg).unwrap();
+    let mut events = state.bus.subscribe();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(clawrl_tui::server::serve(listener, state.clone(), async {
+        let _ = stop_rx.await;
+    }));
+
+    while state.engine.status() != clawrl_tui::engine::Status::Ready {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m1 = json!([{"role": "user", "content": "Hi"}]);
+    let r1 = post(
+        port,
+        json!({"messages": m1, "max_tokens": 4, "temperature": 0}),
+    )
+    .await;
+    assert!(r1["choices"].is_array(), "{r1}");
+    let a1 = r1["choices"][0]["message"]["content"].clone();
+    post(port, json!({"messages": [m1[0], {"role": "assistant", "content": a1}, {"role": "user", "content": "Thanks!"}], "max_tokens": 4})).await;
+
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let done = |seen: &[Event]| {
+        seen.iter().any(|e| matches!(e, Event::TurnJudged { .. }))
+            && seen
+                .iter()
+                .any(|e| matches!(e, Event::SessionClosed { .. }))
+    };
+    while !done(&seen) {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(e)) => seen.push(e),
+            other => panic!("no verdict and idle close in time: {other:?}; saw {seen:#?}"),
+        }
+    }
+    let first_turn = seen
+        .iter()
+        .find_map(|e| match e {
+            Event::TurnCaptured { turn_id, .. } => Some(*turn_id),
+            _ => None,
+        })
+        .unwrap();
+    let judged = seen
+        .iter()
+        .position(|e| matches!(e, Event::TurnJudged { .. }))
+        .unwrap();
+    let Event::TurnJudged {
+        turn_id,
+        votes,
+        error,
+        ..
+    } = &seen[judged]
+    else {
+        unreachable!()
+    };
+    assert_eq!(*turn_id, first_turn);
+    assert_eq!(votes.len(), 3);
+    assert!(
+        votes.iter().all(Option::is_some),
+        "direct votes are valid: {votes:?}"
+    );
+    assert!(error.is_none(), "{error:?}");
+    let depths: Vec<usize> = seen
+        .iter()
+        .filter_map(|e| match e {
+            Event::JudgeQueue { pending } => Some(*pending),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        depths.contains(&1) && depths.last() == Some(&0),
+        "{depths:?}"
+    );
+    assert!(
+        seen.iter().any(|e| matches!(
+            e,
+            Event::SessionClosed {
+                no_signal_turns: 1,
+                ..
+            }
+        )),
+        "the unanswered second turn carries no signal: {seen:#?}"
+    );
+
+    let r = post_to(
+        port,
+        "/v1/feedback",
+        json!({"response_id": r1["id"], "rating": "up"}),
+    )
+    .await;
+    assert_eq!(r["reward"], 1, "{r}");
+    let fb = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(Event::FeedbackRecorded {
+                turn_id, rating, ..
+            }) = events.recv().await
+            {
+                return (turn_id, rating);
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(fb, (first_turn, 1));
 
     stop_tx.send(()).unwrap();
     server.await.unwrap().unwrap();
