@@ -95,7 +95,7 @@ fn openclaw_holds_a_three_turn_session() {
             t.elapsed().as_secs_f64(),
             json["meta"]["agentMeta"]["usage"]
         );
-        assert!(!text.is_empty(), "{log}");
+        // (An empty text is possible: OpenClaw suppresses replies such as `NO_REPLY`.)
         replies.push(text);
     }
     let turns = s.export();
