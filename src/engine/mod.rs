@@ -6,6 +6,7 @@
 
 pub mod prefix_cache;
 
+use crate::model::KvCache;
 use crate::model::generate::{Decoding, token_budget};
 use crate::model::{GenerateRequest, Generation, LoadOptions, LoadedModel, SamplingParams};
 use crate::telemetry::Counters;
@@ -246,10 +247,36 @@ struct Worker {
     max_active: usize,
 }
 
+/// A job whose prompt is rendered, tokenized and checked against the context.
+struct Prepared {
+    job: Job,
+    prompt_ids: Vec<u32>,
+    /// For a [`Task::Choose`]: prompt + each option, tokenized as a whole.
+    sequences: Vec<Vec<u32>>,
+}
+
+impl Prepared {
+    /// The tokens whose KV cache the job starts from (a prefix-cache key).
+    fn cache_key(&self) -> &[u32] {
+        self.sequences.first().unwrap_or(&self.prompt_ids)
+    }
+}
+
+/// A background job whose prompt is computed a chunk per round, only while no user request
+/// waits: a user request arriving meanwhile waits for one chunk, not a whole judge prompt.
+struct Warming {
+    prepared: Prepared,
+    cache: KvCache,
+}
+
+/// Tokens of a background prompt computed per round.
+const BACKGROUND_CHUNK: usize = 64;
+
 impl Worker {
     fn run(mut self, rx: Receiver<Job>) {
         let (mut waiting_user, mut waiting_bg) = (VecDeque::new(), VecDeque::new());
         let (mut user, mut bg): (Vec<Active>, Vec<Active>) = (Vec::new(), Vec::new());
+        let mut warming: Option<Warming> = None;
         let mut open = true;
         let enqueue = |job: Job, wu: &mut VecDeque<Job>, wb: &mut VecDeque<Job>| match job.priority
         {
@@ -257,7 +284,7 @@ impl Worker {
             Priority::Background => wb.push_back(job),
         };
         loop {
-            let idle = user.is_empty() && bg.is_empty();
+            let idle = user.is_empty() && bg.is_empty() && warming.is_none();
             // Block only when there is nothing at all to do.
             if idle && waiting_user.is_empty() && waiting_bg.is_empty() {
                 if !open {
@@ -279,15 +306,14 @@ impl Worker {
                 && let Some(job) = waiting_user.pop_front()
             {
                 self.shared.counters.queue_depth.fetch_sub(1, Relaxed);
-                self.admit(job, &mut user);
+                if let Some(p) = self.prepare(job) {
+                    let cached = self.prefix.lookup(p.cache_key());
+                    self.start(p, cached, &mut user);
+                }
             }
-            // Background work: one admission per round, and only while no user waits.
-            if user.is_empty()
-                && waiting_user.is_empty()
-                && bg.len() < self.max_active
-                && let Some(job) = waiting_bg.pop_front()
-            {
-                self.admit(job, &mut bg);
+            // Background work: only while no user request waits or generates.
+            if user.is_empty() && waiting_user.is_empty() {
+                self.warm(&mut warming, &mut waiting_bg, &mut bg);
             }
             // One round: a token for every active user request, or else for background ones.
             let round = if user.is_empty() { &mut bg } else { &mut user };
@@ -298,6 +324,44 @@ impl Worker {
                 .store(user.len() as u64, Relaxed);
         }
         tracing::info!("engine stopped");
+    }
+
+    /// Advances the background prompt being computed by one chunk, starting the next
+    /// background job when there is none; a finished prompt starts its job.
+    fn warm(
+        &mut self,
+        warming: &mut Option<Warming>,
+        waiting: &mut VecDeque<Job>,
+        active: &mut Vec<Active>,
+    ) {
+        if warming.is_none() && active.len() < self.max_active {
+            while let Some(job) = waiting.pop_front() {
+                if let Some(prepared) = self.prepare(job) {
+                    let cache = self
+                        .prefix
+                        .lookup(prepared.cache_key())
+                        .unwrap_or_else(|| self.model.transformer.new_cache());
+                    *warming = Some(Warming { prepared, cache });
+                    break;
+                }
+            }
+        }
+        let Some(w) = warming.as_mut() else { return };
+        // The last prompt token is computed when the job starts: its logits are needed.
+        let target = w.prepared.cache_key().len() - 1;
+        if w.prepared.job.cancel.load(Relaxed) || w.prepared.job.events.is_closed() {
+            *warming = None;
+            return;
+        }
+        if w.cache.len() < target {
+            let upto = (w.cache.len() + BACKGROUND_CHUNK).min(target);
+            let ids = &w.prepared.cache_key()[w.cache.len()..upto];
+            self.model.extend_cache(ids, &mut w.cache);
+        }
+        if w.cache.len() >= target {
+            let w = warming.take().expect("checked above");
+            self.start(w.prepared, Some(w.cache), active);
+        }
     }
 
     fn decode_round(&mut self, active: &mut Vec<Active>) {
@@ -338,34 +402,71 @@ impl Worker {
         }
     }
 
-    /// Computes the job's prompt; a generation joins `active`, a choice is answered at once.
-    fn admit(&mut self, job: Job, active: &mut Vec<Active>) {
-        let c = self.shared.counters.clone();
+    /// Renders and tokenizes the job's prompt and checks it fits; a failure is answered here.
+    fn prepare(&self, job: Job) -> Option<Prepared> {
         if job.cancel.load(Relaxed) || job.events.is_closed() {
-            return;
+            return None;
         }
         let fail = |e: EngineError| {
             let _ = job.events.send(EngineEvent::Failed(e));
         };
-        let prompt_ids = match self.model.chat_prompt_continuing(
-            &job.messages,
-            job.tools.as_ref(),
-            &job.reply_prefix,
-        ) {
+        let render = |suffix: &str| {
+            self.model.chat_prompt_continuing(
+                &job.messages,
+                job.tools.as_ref(),
+                &format!("{}{suffix}", job.reply_prefix),
+            )
+        };
+        let prompt_ids = match render("") {
             Ok(ids) => ids,
-            Err(e) => return fail(EngineError::BadRequest(format!("{e:#}"))),
+            Err(e) => {
+                fail(EngineError::BadRequest(format!("{e:#}")));
+                return None;
+            }
+        };
+        // Each option tokenized together with the prompt: its natural tokenization.
+        let (needed, sequences) = match &job.task {
+            Task::Generate { max_tokens, .. } => (*max_tokens, Vec::new()),
+            Task::Choose { options } => match options.iter().map(|o| render(o)).collect() {
+                Ok(seqs) => (0, seqs),
+                Err(e) => {
+                    fail(EngineError::BadRequest(format!("{e:#}")));
+                    return None;
+                }
+            },
         };
         let context_length = self.model.config.context_length;
-        let needed = match &job.task {
-            Task::Generate { max_tokens, .. } => *max_tokens,
-            Task::Choose { .. } => 0,
-        };
-        if token_budget(context_length, prompt_ids.len(), needed).is_err() {
-            return fail(EngineError::ContextTooLong {
-                prompt_tokens: prompt_ids.len(),
+        let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        if token_budget(context_length, prompt_ids.len().max(longest), needed).is_err() {
+            fail(EngineError::ContextTooLong {
+                prompt_tokens: prompt_ids.len().max(longest),
                 context_length,
             });
+            return None;
         }
+        if matches!(job.task, Task::Choose { .. }) && sequences.is_empty() {
+            fail(EngineError::BadRequest("no options to choose from".into()));
+            return None;
+        }
+        Some(Prepared {
+            job,
+            prompt_ids,
+            sequences,
+        })
+    }
+
+    /// Runs the rest of the prompt from `cached` (a KV cache of its first tokens): a
+    /// generation joins `active`, a choice is answered at once.
+    fn start(&mut self, p: Prepared, cached: Option<KvCache>, active: &mut Vec<Active>) {
+        let c = self.shared.counters.clone();
+        let Prepared {
+            job,
+            prompt_ids,
+            sequences,
+        } = p;
+        let fail = |e: EngineError| {
+            let _ = job.events.send(EngineEvent::Failed(e));
+        };
         Counters::add(&c.tokens_in, prompt_ids.len() as u64);
         let (max_tokens, sampling, stop, top_logprobs) = match &job.task {
             Task::Generate {
@@ -374,24 +475,8 @@ impl Worker {
                 stop,
                 top_logprobs,
             } => (*max_tokens, *sampling, stop.clone(), *top_logprobs),
-            Task::Choose { options } => {
-                // Each option tokenized together with the prompt: its natural tokenization.
-                let sequences: anyhow::Result<Vec<Vec<u32>>> = options
-                    .iter()
-                    .map(|o| {
-                        self.model.chat_prompt_continuing(
-                            &job.messages,
-                            job.tools.as_ref(),
-                            &format!("{}{o}", job.reply_prefix),
-                        )
-                    })
-                    .collect();
-                let result = sequences.and_then(|seqs| {
-                    // Looked up by the first sequence itself: the cache must hold its tokens.
-                    let cached = self.prefix.lookup(&seqs[0]);
-                    self.model.sequence_logprobs(&seqs, cached)
-                });
-                match result {
+            Task::Choose { .. } => {
+                match self.model.sequence_logprobs(&sequences, cached) {
                     Ok((logprobs, context, cache)) => {
                         self.prefix.insert(&context, &cache);
                         let _ = job.events.send(EngineEvent::Chosen { logprobs });
@@ -408,7 +493,6 @@ impl Worker {
             stop,
             top_logprobs,
         };
-        let cached = self.prefix.lookup(&prompt_ids);
         let decoding = match self.model.start_decoding(&req, cached) {
             Ok(d) => d,
             Err(e) => return fail(EngineError::Internal(format!("{e:#}"))),

@@ -148,6 +148,14 @@ impl LoadedModel {
             .expect("logits are f32")
     }
 
+    /// Runs `ids` through the model into `cache` without computing logits: a prompt computed
+    /// a piece at a time (the engine's background jobs).
+    pub fn extend_cache(&self, ids: &[u32], cache: &mut super::KvCache) {
+        for chunk in ids.chunks(PREFILL_CHUNK) {
+            self.transformer.forward(self.ids_tensor(chunk), cache);
+        }
+    }
+
     /// Starts a generation: checks the budget and runs the prompt through the model. `prefix`
     /// is a KV cache already holding the first `prefix.len()` prompt tokens (prefix caching).
     pub fn start_decoding(
