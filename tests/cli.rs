@@ -264,3 +264,51 @@ fn starting_without_a_subcommand_chats_on_stdin() {
         "one speed line per reply"
     );
 }
+
+#[test]
+fn bad_judge_settings_stop_the_server_at_start_with_the_key_named() {
+    let data = tempfile::tempdir().unwrap();
+    let model = common::model_path(common::SMOLLM2);
+    let serve = |env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"));
+        cmd.args([
+            "--model",
+            model.to_str().unwrap(),
+            "serve",
+            "--headless",
+            "--port",
+            "0",
+        ])
+        .env("CLAWRL_DATA_DIR", data.path());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success(), "{env:?} must be refused");
+        text(&out.stderr)
+    };
+    let err = serve(&[("CLAWRL__JUDGE__BACKEND", "openai")]);
+    assert!(err.contains("judge.openai.model"), "{err}");
+    let openai = [
+        ("CLAWRL__JUDGE__BACKEND", "openai"),
+        ("CLAWRL__JUDGE__OPENAI__MODEL", "big"),
+    ];
+    let err = serve(&[openai[0], openai[1], ("CLAWRL__JUDGE__MODE", "direct")]);
+    assert!(
+        err.contains("judge.mode") && err.contains("reason"),
+        "{err}"
+    );
+    let err = serve(&[
+        openai[0],
+        openai[1],
+        ("CLAWRL__JUDGE__OPENAI__BASE_URL", "https://example.com/v1"),
+    ]);
+    assert!(err.contains("https is not supported"), "{err}");
+    let err = serve(&[("CLAWRL__JUDGE__PROMPTS_DIR", "/nonexistent")]);
+    assert!(
+        err.contains("prm_system.md") && err.contains("judge.prompts_dir"),
+        "{err}"
+    );
+    let err = serve(&[("CLAWRL__JUDGE__VOTES", "0")]);
+    assert!(err.contains("judge.votes"), "{err}");
+}
