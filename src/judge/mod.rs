@@ -34,11 +34,11 @@ pub struct Voter {
     backend: Arc<Backend>,
     prompts: Prompts,
     /// `Direct` or `Reason` (`Auto` resolved).
-    pub mode: JudgeMode,
+    mode: JudgeMode,
     votes: usize,
     temperature: f32,
     max_tokens: usize,
-    pub hints: bool,
+    hints: bool,
     markers: Vec<String>,
 }
 
@@ -78,10 +78,6 @@ impl Voter {
             JudgeMode::Direct => "direct",
             _ => "reason",
         }
-    }
-
-    pub fn backend_name(&self) -> &'static str {
-        self.backend.name()
     }
 
     /// All votes for one turn. A failure worth retrying is an error; one that is not (the
