@@ -315,6 +315,25 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
     assert_eq!(turn(&turns, "correction", 0)["reward"], 1);
     assert_eq!(s.metric("clawrl_feedback_total"), 2.0);
 
+    // Every chat response names its session and turn for feedback, streamed or not.
+    for stream in [false, true] {
+        let body = json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2, "stream": stream});
+        let (status, head, _) = s.request(
+            "POST",
+            "/v1/chat/completions",
+            &[("X-Session-Id", "hdr")],
+            &body.to_string(),
+            true,
+        );
+        assert_eq!(status, 200);
+        let head = head.to_ascii_lowercase();
+        assert!(head.contains("x-session-id: hdr"), "{head}");
+        assert!(
+            head.contains(&format!("x-turn-index: {}", stream as u8)),
+            "{head}"
+        );
+    }
+
     // Bad feedback: a clear error, nothing stored.
     let (status, _, body) = s.request(
         "POST",
