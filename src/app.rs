@@ -66,6 +66,7 @@ pub fn build(cfg: &Config) -> Result<Arc<AppState>> {
         &cfg.store_path(),
         bus.clone(),
         cfg.server.internal_context_markers.clone(),
+        Duration::from_secs(cfg.server.session_idle_secs.max(1)),
     )?);
     let engine_cfg = engine_config(cfg)?;
     let ready_bus = bus.clone();

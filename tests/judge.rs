@@ -407,13 +407,20 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
 }
 
 #[test]
-fn a_crash_while_judging_loses_and_duplicates_no_votes() {
+fn a_crash_while_judging_loses_and_duplicates_no_votes_and_sessions_resume() {
     let judge = ScriptedJudge::start();
     let env = judge.env();
     let s = start(&env);
     converse(&s, "before", "Thanks, that works!");
     let before = wait_judged(&s, &["before"]);
     let judged_at = turn(&before, "before", 0)["judgment"]["judged_at"].clone();
+    // A conversation without any session header, one turn so far.
+    let opening = json!([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]);
+    let (status, r) = s.chat(
+        &[],
+        &json!({"messages": opening, "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{r}");
 
     // The judge hangs: the next turn's votes are in flight when the server is killed.
     judge.hold.store(true, Ordering::SeqCst);
@@ -449,9 +456,52 @@ fn a_crash_while_judging_loses_and_duplicates_no_votes() {
         "a judged turn is not re-judged"
     );
     assert_eq!(judge.requests_for("No, I meant kilometres"), 6);
-    // The sessions the crashed process left open are closed; their last turns carry no signal.
-    assert_eq!(turn(&turns, "before", 1)["judge_status"], "no_signal");
-    assert_eq!(turn(&turns, "during", 1)["judge_status"], "no_signal");
+
+    // Sessions the crashed process left open continue: their last turns still await a next
+    // state, and get it from the next request, with or without a session header.
+    assert_eq!(
+        turn(&turns, "during", 1)["judge_status"],
+        "awaiting_next_state"
+    );
+    let m = json!([{"role": "user", "content": "Next question."}]);
+    let (status, _) = s.chat(
+        &[("X-Session-Id", "during")],
+        &json!({"messages": m, "max_tokens": 2}),
+    );
+    assert_eq!(status, 200);
+    let headerless = turns
+        .iter()
+        .find(|t| t["request_messages"] == opening)
+        .unwrap();
+    let mut history = opening.as_array().unwrap().clone();
+    history.push(json!({"role": "assistant", "content": r["choices"][0]["message"]["content"]}));
+    history.push(json!({"role": "user", "content": "Hmm, maybe."}));
+    let (status, _) = s.chat(&[], &json!({"messages": history, "max_tokens": 2}));
+    assert_eq!(status, 200);
+    let turns = s.export();
+    let during1 = turn(&turns, "during", 1);
+    assert!(
+        during1["next_state"].to_string().contains("Next question."),
+        "{during1:#}"
+    );
+    assert_eq!(
+        turn(&turns, "during", 2)["turn_index"],
+        2,
+        "numbering continues"
+    );
+    let sid = headerless["session_id"].as_str().unwrap();
+    let continued = turn(&turns, sid, 1);
+    assert!(
+        continued["request_messages"]
+            .to_string()
+            .contains("Hmm, maybe."),
+        "{continued:#}"
+    );
+    assert!(
+        turn(&turns, sid, 0)["next_state"]
+            .to_string()
+            .contains("Hmm, maybe.")
+    );
 }
 
 #[test]

@@ -62,20 +62,49 @@ pub fn random_id(prefix: &str) -> String {
 }
 
 impl Capture {
-    /// Opens the store. Sessions a previous process left open are closed first: their
-    /// history matching died with that process, so their unanswered turns get no signal.
-    pub fn open(path: &Path, bus: EventBus, markers: Vec<String>) -> Result<Self> {
+    /// Opens the store and picks up the sessions a previous process left open: those idle
+    /// longer than `session_idle` are closed (their unanswered turns get no signal), the others
+    /// continue where they were, so a restart loses no next state.
+    pub fn open(
+        path: &Path,
+        bus: EventBus,
+        markers: Vec<String>,
+        session_idle: Duration,
+    ) -> Result<Self> {
         let mut store = Store::open(path)?;
-        let orphaned = store.close_orphaned_sessions(now_ms())?;
-        if !orphaned.is_empty() {
+        let mut tracker = SessionTracker::default();
+        let now = now_ms();
+        let (mut resumed, mut closed) = (0, 0);
+        for s in store.open_sessions()? {
+            let idle = Duration::from_millis((now - s.last_active_at).max(0) as u64);
+            if idle > session_idle {
+                store.close_session(&s.id, "idle", now)?;
+                closed += 1;
+                continue;
+            }
+            let (history, reply, waiting) = match &s.last_main {
+                Some(t) => {
+                    let messages = t.request_messages.as_array().map_or(&[][..], Vec::as_slice);
+                    let turn = t.awaiting_next_state.then_some(t.turn_id);
+                    (
+                        strip_internal(messages, &markers).to_vec(),
+                        Some(&t.reply_message),
+                        turn,
+                    )
+                }
+                None => (Vec::new(), None, None),
+            };
+            tracker.resume(&s.id, &history, reply, waiting, s.next_turn_index, idle);
+            resumed += 1;
+        }
+        if resumed + closed > 0 {
             tracing::info!(
-                "closed {} sessions left open by the previous run",
-                orphaned.len()
+                "sessions left open by the previous run: {resumed} resumed, {closed} closed as idle"
             );
         }
         Ok(Self {
             store: Mutex::new(store),
-            tracker: Mutex::new(SessionTracker::default()),
+            tracker: Mutex::new(tracker),
             bus,
             markers,
         })
@@ -156,13 +185,13 @@ impl Capture {
     }
 
     /// Commits a finished turn (before the client sees its end) and updates the session.
-    pub fn commit(&self, slot: &TurnSlot, turn: NewTurn, reply: &Value) -> Result<i64> {
+    pub fn commit(&self, slot: &TurnSlot, turn: NewTurn) -> Result<i64> {
         let id = self.store().insert_turn(&turn)?;
         if slot.turn_type == TurnType::Main {
             self.tracker
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .record_reply(&slot.session_id, id, &slot.history, reply);
+                .record_reply(&slot.session_id, id, &slot.history, &turn.reply_message);
         }
         emit(
             &self.bus,
@@ -231,5 +260,72 @@ impl Capture {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .open_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn turn(session: &str, at: i64) -> NewTurn {
+        NewTurn {
+            session_id: session.into(),
+            turn_index: 0,
+            turn_type: "main".into(),
+            response_id: format!("r-{session}"),
+            request_messages: json!([{"role": "user", "content": "hi"}]),
+            tools: None,
+            prompt_ids: vec![1],
+            response_ids: vec![2],
+            logprobs: vec![-0.1],
+            response_text: "hello".into(),
+            tool_calls: None,
+            reply_message: json!({"role": "assistant", "content": "hello"}),
+            finish_reason: "stop".into(),
+            adapter_version: 0,
+            sampling: json!({}),
+            cached_tokens: 0,
+            created_at: at,
+            completed_at: at,
+        }
+    }
+
+    #[test]
+    fn a_restart_resumes_recent_sessions_and_closes_stale_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sqlite");
+        {
+            let store = Store::open(&path).unwrap();
+            store.ensure_session("stale", "header", 1_000).unwrap();
+            store.insert_turn(&turn("stale", 1_000)).unwrap();
+            store.ensure_session("recent", "prefix", now_ms()).unwrap();
+            store.insert_turn(&turn("recent", now_ms())).unwrap();
+        }
+        let capture = Capture::open(
+            &path,
+            crate::events::bus(),
+            Vec::new(),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        assert_eq!(capture.open_sessions(), 1, "the stale session was closed");
+        // The recent one continues by history: its turn 0 gets the next state.
+        let history = [
+            json!({"role": "user", "content": "hi"}),
+            json!({"role": "assistant", "content": "hello"}),
+            json!({"role": "user", "content": "more"}),
+        ];
+        let slot = capture
+            .begin(None, "prefix", TurnType::Main, false, &history)
+            .unwrap();
+        assert_eq!((slot.session_id.as_str(), slot.turn_index), ("recent", 1));
+        let mut rows = Vec::new();
+        capture.store().export(0, |r| Ok(rows.push(r))).unwrap();
+        let status = |sid: &str| {
+            rows.iter().find(|r| r["session_id"] == sid).unwrap()["judge_status"].clone()
+        };
+        assert_eq!(status("stale"), "no_signal");
+        assert_eq!(status("recent"), "pending");
     }
 }

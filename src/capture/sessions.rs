@@ -284,6 +284,37 @@ impl SessionTracker {
         }
     }
 
+    /// Continues a session a previous process left open: `history` + `reply` is what its
+    /// next request should start with, `awaiting` the turn still waiting for its next state.
+    pub fn resume(
+        &mut self,
+        session_id: &str,
+        history: &[Value],
+        reply: Option<&Value>,
+        awaiting: Option<i64>,
+        next_turn_index: i64,
+        idle_for: Duration,
+    ) {
+        let expected = match reply {
+            Some(r) => history
+                .iter()
+                .chain(std::iter::once(r))
+                .map(normalize)
+                .collect(),
+            None => Vec::new(),
+        };
+        self.open.retain(|s| s.id != session_id);
+        self.open.push(Open {
+            id: session_id.to_string(),
+            expected,
+            last_turn_id: awaiting,
+            next_turn_index,
+            last_active: Instant::now()
+                .checked_sub(idle_for)
+                .unwrap_or_else(Instant::now),
+        });
+    }
+
     /// The next turn index of a session for a turn that takes no part in history matching
     /// (a side turn), so that side and main turns of one session never share an index.
     pub fn reserve_index(

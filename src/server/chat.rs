@@ -466,6 +466,7 @@ impl Call {
             response_text: g.text.clone(),
             tool_calls: (!reply.tool_calls.is_empty())
                 .then(|| Value::Array(reply.tool_calls.clone())),
+            reply_message: Self::assistant_message(reply),
             finish_reason: reply.finish_reason.into(),
             adapter_version,
             sampling: json!({"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed, "max_tokens": self.req.max_tokens}),
@@ -473,13 +474,9 @@ impl Call {
             created_at: self.slot.created_at,
             completed_at: now_ms(),
         };
-        let (capture, slot, msg) = (
-            state.capture.clone(),
-            self.slot.clone(),
-            Self::assistant_message(reply),
-        );
+        let (capture, slot) = (state.capture.clone(), self.slot.clone());
         blocking("Could not record the turn", move || {
-            capture.commit(&slot, turn, &msg)
+            capture.commit(&slot, turn)
         })
         .await?;
         emit(

@@ -47,6 +47,8 @@ CREATE INDEX turns_created_at ON turns (created_at);
     r#"
 -- Set when the turn's session closed before a next state arrived: no evaluative signal.
 ALTER TABLE turns ADD COLUMN no_signal_at INTEGER;
+-- The assistant message exactly as the client received it (session matching after a restart).
+ALTER TABLE turns ADD COLUMN reply_message TEXT;
 -- One row per judged turn, written with its votes in one transaction (judged exactly once).
 CREATE TABLE judgments (
     turn_id       INTEGER PRIMARY KEY REFERENCES turns(id),
@@ -103,6 +105,8 @@ pub struct NewTurn {
     pub logprobs: Vec<f32>,
     pub response_text: String,
     pub tool_calls: Option<Value>,
+    /// The assistant message as the client received it.
+    pub reply_message: Value,
     pub finish_reason: String,
     pub adapter_version: i64,
     pub sampling: Value,
@@ -121,6 +125,23 @@ pub struct PendingTurn {
     pub tool_calls: Option<Value>,
     pub next_state: Value,
     pub next_state_role: String,
+}
+
+/// A session still open in the store (left by a previous process).
+#[derive(Debug, Clone)]
+pub struct OpenSession {
+    pub id: String,
+    pub last_active_at: i64,
+    pub next_turn_index: i64,
+    pub last_main: Option<LastMainTurn>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LastMainTurn {
+    pub turn_id: i64,
+    pub request_messages: Value,
+    pub reply_message: Value,
+    pub awaiting_next_state: bool,
 }
 
 /// One judge vote as stored.
@@ -253,8 +274,8 @@ impl Store {
             .execute(
                 "INSERT INTO turns (session_id, turn_index, turn_type, response_id, request_messages, tools, prompt_ids,
                     response_ids, logprobs, response_text, tool_calls, finish_reason, adapter_version, sampling,
-                    cached_tokens, created_at, completed_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                    cached_tokens, created_at, completed_at, reply_message)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
                 params![
                     t.session_id,
                     t.turn_index,
@@ -273,6 +294,7 @@ impl Store {
                     t.cached_tokens as i64,
                     t.created_at,
                     t.completed_at,
+                    t.reply_message.to_string(),
                 ],
             )
             .map_err(|e| explain(e, "recording the turn", &self.path))?;
@@ -321,18 +343,48 @@ impl Store {
         Ok(marked)
     }
 
-    /// Sessions a previous process left open (its session tracker is gone): closed with
-    /// reason `restart`, their unanswered turns marked "no signal". Returns the sessions closed.
-    pub fn close_orphaned_sessions(&mut self, at: i64) -> Result<Vec<String>> {
-        let ids: Vec<String> = self
-            .conn
-            .prepare("SELECT id FROM sessions WHERE closed_at IS NULL")?
-            .query_map([], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        for id in &ids {
-            self.close_session(id, "restart", at)?;
-        }
-        Ok(ids)
+    /// The sessions a previous process left open, with what continuing them needs.
+    pub fn open_sessions(&self) -> Result<Vec<OpenSession>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT s.id, s.last_active_at,
+                    (SELECT MAX(turn_index) FROM turns WHERE session_id = s.id),
+                    t.id, t.request_messages, t.reply_message, t.response_text, t.tool_calls, t.next_state IS NULL
+             FROM sessions s
+             LEFT JOIN turns t ON t.id = (SELECT MAX(id) FROM turns WHERE session_id = s.id AND turn_type = 'main')
+             WHERE s.closed_at IS NULL",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let last_main = match r.get::<_, Option<i64>>(3)? {
+                None => None,
+                Some(turn_id) => {
+                    // Turns from before `reply_message` was stored: rebuild the message.
+                    let reply = r.get::<_, Option<String>>(5)?.map_or_else(
+                        || {
+                            let mut m =
+                                json!({"role": "assistant", "content": r.get::<_, String>(6)?});
+                            if let Some(calls) = r.get::<_, Option<String>>(7)? {
+                                m["tool_calls"] = parse_json(Some(calls));
+                            }
+                            Ok::<_, rusqlite::Error>(m)
+                        },
+                        |m| Ok(parse_json(Some(m))),
+                    )?;
+                    Some(LastMainTurn {
+                        turn_id,
+                        request_messages: parse_json(r.get(4)?),
+                        reply_message: reply,
+                        awaiting_next_state: r.get(8)?,
+                    })
+                }
+            };
+            Ok(OpenSession {
+                id: r.get(0)?,
+                last_active_at: r.get(1)?,
+                next_turn_index: r.get::<_, Option<i64>>(2)?.map_or(0, |i| i + 1),
+                last_main,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Main turns with a next state and no judgment, oldest first.
@@ -676,6 +728,7 @@ mod tests {
             logprobs: vec![-0.5, -0.25],
             response_text: "ok".into(),
             tool_calls: None,
+            reply_message: json!({"role": "assistant", "content": "ok"}),
             finish_reason: "stop".into(),
             adapter_version: 0,
             sampling: json!({"temperature": 0.0}),
@@ -735,6 +788,38 @@ mod tests {
             .unwrap();
         let err = Store::open(&path).err().unwrap().to_string();
         assert!(err.contains("schema version 99"), "{err}");
+    }
+
+    #[test]
+    fn open_sessions_carry_what_resuming_them_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("s.sqlite")).unwrap();
+        store.ensure_session("a", "header", 1_000).unwrap();
+        store.insert_turn(&turn("a", 0)).unwrap();
+        let mut side = turn("a", 1);
+        side.turn_type = "side".into();
+        side.response_id = "side".into();
+        store.insert_turn(&side).unwrap();
+        store.ensure_session("b", "prefix", 1_000).unwrap();
+        let open = store.open_sessions().unwrap();
+        let a = open.iter().find(|s| s.id == "a").unwrap();
+        assert_eq!(a.next_turn_index, 2, "side turns count in the numbering");
+        let last = a.last_main.as_ref().unwrap();
+        assert_eq!(
+            last.reply_message["content"], "ok",
+            "the main turn, not the side one"
+        );
+        assert!(last.awaiting_next_state);
+        assert_eq!(last.request_messages[0]["content"], "hi");
+        let b = open.iter().find(|s| s.id == "b").unwrap();
+        assert!(b.last_main.is_none() && b.next_turn_index == 0);
+
+        assert_eq!(
+            store.close_session("a", "idle", 5_000).unwrap(),
+            1,
+            "one turn left without signal"
+        );
+        assert!(store.open_sessions().unwrap().iter().all(|s| s.id != "a"));
     }
 
     #[test]
