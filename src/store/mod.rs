@@ -234,7 +234,8 @@ impl Store {
         })
     }
 
-    /// Opens an existing store read-only (safe while a server writes to it).
+    /// Opens an existing store read-only (safe while a server writes to it). A store written
+    /// by an older clawrl-tui is migrated first (the migrations only add tables and columns).
     pub fn open_read_only(path: &Path) -> Result<Self> {
         if !path.exists() {
             bail!(
@@ -245,7 +246,10 @@ impl Store {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .with_context(|| format!("cannot open the store {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        schema_version(&conn, path)?;
+        if (schema_version(&conn, path)? as usize) < MIGRATIONS.len() {
+            drop(conn);
+            return Self::open(path);
+        }
         Ok(Self {
             conn,
             path: path.to_path_buf(),
@@ -820,6 +824,41 @@ mod tests {
             "one turn left without signal"
         );
         assert!(store.open_sessions().unwrap().iter().all(|s| s.id != "a"));
+    }
+
+    #[test]
+    fn a_store_from_an_older_version_is_migrated_and_exported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO sessions (id, source, created_at, last_active_at) VALUES ('s', 'header', 1, 1)",
+                [],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO turns (session_id, turn_index, turn_type, response_id, request_messages, prompt_ids,
+                    response_ids, logprobs, response_text, finish_reason, adapter_version, sampling, cached_tokens,
+                    created_at, completed_at) VALUES ('s', 0, 'main', 'r', '[]', '[1]', '[2]', '[-1.0]', 'x', 'stop', 0, '{}', 0, 1, 2)",
+                [],
+            )
+            .unwrap();
+        }
+        let reader = Store::open_read_only(&path).unwrap();
+        assert_eq!(reader.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let mut rows = Vec::new();
+        reader.export(0, |r| Ok(rows.push(r))).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0]["judge_status"], "awaiting_next_state");
+        assert!(rows[0]["judgment"].is_null() && rows[0]["reward"].is_null());
+        let open = reader.open_sessions().unwrap();
+        assert_eq!(
+            open[0].last_main.as_ref().unwrap().reply_message["content"],
+            "x"
+        );
     }
 
     #[test]
