@@ -25,22 +25,56 @@ async fn post_to(port: u16, path: &'static str, body: serde_json::Value) -> serd
     .unwrap()
 }
 
+/// The core served in-process on a loopback port (as the TUI will run it), with its own data
+/// directory, subscribed to the bus before anything happens.
+struct Core {
+    state: std::sync::Arc<clawrl_tui::server::AppState>,
+    events: tokio::sync::broadcast::Receiver<Event>,
+    port: u16,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _data: tempfile::TempDir,
+}
+
+impl Core {
+    async fn start(tune: impl FnOnce(&mut Config)) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let mut cfg = Config::default();
+        cfg.paths.data_dir = data.path().display().to_string();
+        cfg.model.path = common::model_path(common::SMOLLM2).display().to_string();
+        tune(&mut cfg);
+        let state = clawrl_tui::app::build(&cfg).unwrap();
+        let events = state.bus.subscribe();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(clawrl_tui::server::serve(listener, state.clone(), async {
+            let _ = stop_rx.await;
+        }));
+        Self {
+            state,
+            events,
+            port,
+            stop,
+            server,
+            _data: data,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        self.server.await.unwrap().unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_steps_are_published_on_the_event_bus() {
-    let data = tempfile::tempdir().unwrap();
-    let mut cfg = Config::default();
-    cfg.paths.data_dir = data.path().display().to_string();
-    cfg.model.path = common::model_path(common::SMOLLM2).display().to_string();
-    cfg.server.session_idle_secs = 2;
-    cfg.judge.backend = clawrl_tui::config::JudgeBackend::Off; // tests/judge.rs covers it
-    let state = clawrl_tui::app::build(&cfg).unwrap();
-    let mut events = state.bus.subscribe();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(clawrl_tui::server::serve(listener, state.clone(), async {
-        let _ = stop_rx.await;
-    }));
+    let mut core = Core::start(|cfg| {
+        cfg.server.session_idle_secs = 2;
+        cfg.judge.backend = clawrl_tui::config::JudgeBackend::Off; // covered below
+    })
+    .await;
+    let (port, events) = (core.port, &mut core.events);
 
     let ready = tokio::time::timeout(Duration::from_secs(60), events.recv())
         .await
@@ -111,26 +145,17 @@ async fn capture_steps_are_published_on_the_event_bus() {
         matches!(&seen[7], Event::SessionClosed { session_id: s, reason, .. } if s == session_id && reason == "idle")
     );
 
-    stop_tx.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    core.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn judge_verdicts_queue_depth_feedback_and_no_signal_are_published() {
-    let data = tempfile::tempdir().unwrap();
-    let mut cfg = Config::default();
-    cfg.paths.data_dir = data.path().display().to_string();
-    cfg.model.path = common::model_path(common::SMOLLM2).display().to_string();
-    cfg.server.session_idle_secs = 3;
-    cfg.judge.hints = false; // the local judge in direct mode: one prefill per turn
-    let state = clawrl_tui::app::build(&cfg).unwrap();
-    let mut events = state.bus.subscribe();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(clawrl_tui::server::serve(listener, state.clone(), async {
-        let _ = stop_rx.await;
-    }));
+    let mut core = Core::start(|cfg| {
+        cfg.server.session_idle_secs = 3;
+        cfg.judge.hints = false; // the local judge in direct mode: one prefill per turn
+    })
+    .await;
+    let (port, state, events) = (core.port, core.state.clone(), &mut core.events);
 
     while state.engine.status() != clawrl_tui::engine::Status::Ready {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -229,6 +254,5 @@ async fn judge_verdicts_queue_depth_feedback_and_no_signal_are_published() {
     .unwrap();
     assert_eq!(fb, (first_turn, 1));
 
-    stop_tx.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    core.stop().await;
 }

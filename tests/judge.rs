@@ -179,6 +179,12 @@ fn turn<'a>(turns: &'a [Value], session: &str, index: i64) -> &'a Value {
         .unwrap_or_else(|| panic!("no turn {session}/{index} in {turns:#?}"))
 }
 
+/// POST /v1/feedback with the API key; returns (status, body).
+fn feedback(s: &Server, body: &str) -> (u16, String) {
+    let (status, _, body) = s.request("POST", "/v1/feedback", &[], body, true);
+    (status, body)
+}
+
 /// Exports until `session`'s first turn is judged.
 fn wait_judged(s: &Server, sessions: &[&str]) -> Vec<Value> {
     let t = Instant::now();
@@ -292,7 +298,7 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
 
     // A thumbs down overrides the judge's +1 for training; the judge's score stays.
     let fb = json!({"response_id": thanks, "rating": "down", "comment": "too terse"}).to_string();
-    let (status, _, body) = s.request("POST", "/v1/feedback", &[], &fb, true);
+    let (status, body) = feedback(&s, &fb);
     assert_eq!(status, 200, "{body}");
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
@@ -304,7 +310,7 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
         (Some("down"), Some(1), Some(0))
     );
     let fb = json!({"session_id": "correction", "turn": 0, "rating": "up"}).to_string();
-    assert_eq!(s.request("POST", "/v1/feedback", &[], &fb, true).0, 200);
+    assert_eq!(feedback(&s, &fb).0, 200);
     let turns = s.export();
     let t = turn(&turns, "thanks", 0);
     assert_eq!(
@@ -335,42 +341,24 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
     }
 
     // Bad feedback: a clear error, nothing stored.
-    let (status, _, body) = s.request(
-        "POST",
-        "/v1/feedback",
-        &[],
-        r#"{"response_id": "chatcmpl-nope", "rating": "up"}"#,
-        true,
-    );
+    let (status, body) = feedback(&s, r#"{"response_id": "chatcmpl-nope", "rating": "up"}"#);
     assert_eq!(status, 404, "{body}");
     assert!(
         body.contains("chatcmpl-nope") && body.contains("turn_not_found"),
         "{body}"
     );
-    let (status, _, body) = s.request(
-        "POST",
-        "/v1/feedback",
-        &[],
+    let (status, body) = feedback(
+        &s,
         r#"{"session_id": "tie", "turn": 0, "rating": "sideways"}"#,
-        true,
     );
     assert_eq!(status, 400, "{body}");
-    assert_eq!(
-        s.request("POST", "/v1/feedback", &[], "{not json", true).0,
-        400
-    );
+    assert_eq!(feedback(&s, "{not json").0, 400);
     assert_eq!(
         s.request("POST", "/v1/feedback", &[], &fb, false).0,
         401,
         "the API key is required"
     );
-    let (status, _, body) = s.request(
-        "POST",
-        "/v1/feedback",
-        &[],
-        r#"{"session_id": "side", "turn": 0, "rating": "up"}"#,
-        true,
-    );
+    let (status, body) = feedback(&s, r#"{"session_id": "side", "turn": 0, "rating": "up"}"#);
     assert_eq!(status, 404, "{body}");
     assert!(turn(&s.export(), "tie", 0)["feedback"].is_null());
 
@@ -380,12 +368,9 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
         &json!({"messages": [{"role": "user", "content": "heartbeat"}], "max_tokens": 2}),
     );
     assert_eq!(status, 200, "{r}");
-    let (status, _, body) = s.request(
-        "POST",
-        "/v1/feedback",
-        &[],
+    let (status, body) = feedback(
+        &s,
         &json!({"response_id": r["id"], "rating": "up"}).to_string(),
-        true,
     );
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("side turn"), "{body}");

@@ -99,16 +99,14 @@ impl Backend {
         &self,
         messages: Vec<Value>,
         reply_prefix: &str,
-        options: &[&str],
+        options: Vec<String>,
     ) -> Result<Vec<f32>, BackendError> {
         let Self::Local(engine) = self else {
             return Err(BackendError::Permanent(
                 "the direct mode needs the local judge".into(),
             ));
         };
-        let task = Task::Choose {
-            options: options.iter().map(|o| o.to_string()).collect(),
-        };
+        let task = Task::Choose { options };
         let mut rx = submit(engine, messages, reply_prefix.into(), task)?;
         loop {
             match rx.recv().await {

@@ -132,7 +132,7 @@ impl Voter {
                 let options = verdict::DIRECT_OPTIONS.map(|s| format!("{s}}}"));
                 let lp = self
                     .backend
-                    .choose(chat, "\\boxed{", &options.each_ref().map(String::as_str))
+                    .choose(chat, "\\boxed{", options.to_vec())
                     .await?;
                 let probs = verdict::option_probs(&[lp[0], lp[1], lp[2]]);
                 let record = json!({"1": probs[0], "0": probs[1], "-1": probs[2]});
@@ -274,7 +274,7 @@ impl Judge {
                 match self.voter.judge(&turn).await {
                     Ok(judgment) => {
                         backoff = Duration::from_secs(1);
-                        if let Err(e) = self.record(judgment).await {
+                        if let Err(e) = self.record(judgment, turn.session_id.clone()).await {
                             tracing::warn!("judge: {e:#}");
                             tokio::time::sleep(MAX_BACKOFF).await;
                             break;
@@ -306,7 +306,7 @@ impl Judge {
         }
     }
 
-    async fn record(self: &Arc<Self>, j: Judgment) -> Result<()> {
+    async fn record(self: &Arc<Self>, j: Judgment, session_id: String) -> Result<()> {
         let (turn_id, score, hint, error, elapsed_ms) = (
             j.turn_id,
             j.score,
@@ -320,9 +320,7 @@ impl Judge {
             .filter(|v| v.kind == "score")
             .map(|v| v.score)
             .collect();
-        let (saved, session_id) = self
-            .with_store(move |s| Ok((s.save_judgment(&j)?, s.session_of(turn_id)?)))
-            .await?;
+        let saved = self.with_store(move |s| s.save_judgment(&j)).await?;
         if saved {
             let c = &self.counters;
             Counters::add(&c.judge_turns, 1);

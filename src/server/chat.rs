@@ -695,10 +695,6 @@ fn stream_reply(
         .header(header::CACHE_CONTROL, "no-cache")
         .body(StreamBody::new(stream).boxed())
         .expect("static response parts");
-    headers.into_iter().for_each(|(k, v)| {
-        if let Some(k) = k {
-            response.headers_mut().insert(k, v);
-        }
-    });
+    response.headers_mut().extend(headers);
     response
 }

@@ -415,14 +415,6 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    pub fn session_of(&self, turn_id: i64) -> Result<String> {
-        Ok(self.conn.query_row(
-            "SELECT session_id FROM turns WHERE id = ?1",
-            [turn_id],
-            |r| r.get(0),
-        )?)
-    }
-
     /// How many turns wait for the judge.
     pub fn count_pending_judgments(&self) -> Result<usize> {
         Ok(self.conn.query_row(
