@@ -70,14 +70,19 @@ pub fn build(cfg: &Config) -> Result<Arc<AppState>> {
     )?);
     let engine_cfg = engine_config(cfg)?;
     let ready_bus = bus.clone();
-    let engine = Engine::start(engine_cfg, counters.clone(), move |info| {
-        emit(
-            &ready_bus,
-            Event::EngineReady {
-                model: info.name.clone(),
-            },
-        )
-    });
+    let engine = Engine::start(
+        engine_cfg,
+        counters.clone(),
+        |_| (0, None),
+        move |info| {
+            emit(
+                &ready_bus,
+                Event::EngineReady {
+                    model: info.name.clone(),
+                },
+            )
+        },
+    );
     let judge = crate::judge::Judge::from_config(cfg, &engine, bus.clone(), counters.clone())?;
     let s = &cfg.server;
     let config = ServerConfig {

@@ -3,14 +3,13 @@
 
 mod common;
 use clawrl_tui::config::Config;
-use clawrl_tui::engine::{Engine, EngineEvent, Job, Priority, Status, Task};
+use clawrl_tui::engine::{Engine, EngineEvent, Job, Priority, Prompt, Status, Task, Version};
 use clawrl_tui::model::SamplingParams;
 use clawrl_tui::telemetry::Counters;
 use serde_json::json;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 fn engine() -> Engine {
     let mut cfg = Config::default();
@@ -18,6 +17,7 @@ fn engine() -> Engine {
     let engine = Engine::start(
         clawrl_tui::app::engine_config(&cfg).unwrap(),
         Arc::new(Counters::default()),
+        |_| (0, None),
         |_| {},
     );
     let t = Instant::now();
@@ -38,22 +38,17 @@ fn submit(
     task: Task,
     priority: Priority,
 ) -> UnboundedReceiver<EngineEvent> {
-    let (tx, rx) = unbounded_channel();
-    engine
-        .submit(Job {
-            messages: vec![json!({"role": "user", "content": text})],
-            tools: None,
-            reply_prefix: if matches!(task, Task::Choose { .. }) {
-                "\\boxed{".into()
-            } else {
-                String::new()
-            },
-            task,
-            priority,
-            events: tx,
-            cancel: Arc::new(AtomicBool::new(false)),
-        })
-        .unwrap();
+    let prompt = Prompt::Chat {
+        messages: vec![json!({"role": "user", "content": text})],
+        tools: None,
+        reply_prefix: if matches!(task, Task::Choose { .. }) {
+            "\\boxed{".into()
+        } else {
+            String::new()
+        },
+    };
+    let (job, rx) = Job::new(prompt, task, Version::Live, priority);
+    engine.submit(job).unwrap();
     rx
 }
 

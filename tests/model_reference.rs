@@ -22,7 +22,7 @@ fn last_logits(model: &LoadedModel, ids: &[u32]) -> Vec<f32> {
         burn::tensor::TensorData::new(data, [1, ids.len()]),
         &model.transformer.device(),
     );
-    let h = model.transformer.forward(t, &mut cache);
+    let h = model.transformer.forward(t, &mut cache, None);
     let [_, s, d] = h.dims();
     model
         .transformer
@@ -144,7 +144,7 @@ fn sampled_logprobs_equal_teacher_forced_scores() {
     };
     let g = model.generate(&req, |_| true).unwrap();
     assert_eq!(g.ids.len(), g.logprobs.len());
-    let scored = model.score(&ids, &g.ids).unwrap();
+    let scored = model.score(&ids, &g.ids, None).unwrap();
     assert_eq!(scored.len(), g.ids.len());
     for (i, (a, b)) in g.logprobs.iter().zip(&scored).enumerate() {
         assert!(*a <= 0.0, "log-probabilities are never positive");
@@ -315,7 +315,7 @@ fn option_scores_after_one_shared_prefill_equal_teacher_forced_scores() {
     assert!(seqs.iter().all(|s| s.starts_with(&context)));
     for (seq, lp) in seqs.iter().zip(&lps) {
         let reference: f32 = m
-            .score(&context, &seq[context.len()..])
+            .score(&context, &seq[context.len()..], None)
             .unwrap()
             .iter()
             .sum();
@@ -368,6 +368,6 @@ fn the_teacher_scores_the_students_exact_tokens_after_the_hinted_prompt() {
     // The student's own context differs only by the hint.
     let student = m.chat_prompt(&messages, None).unwrap();
     assert!(ctx.prompt().len() > student.len());
-    let teacher_logps = m.score(ctx.prompt(), ctx.response()).unwrap();
+    let teacher_logps = m.score(ctx.prompt(), ctx.response(), None).unwrap();
     assert_eq!(teacher_logps.len(), response.len());
 }

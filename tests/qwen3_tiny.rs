@@ -55,7 +55,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 fn full_pass_error(dtype: DType) -> f32 {
     let model = load(dtype);
     let (ids, want) = reference(0);
-    let hidden = model.forward(tokens(&ids), &mut model.new_cache());
+    let hidden = model.forward(tokens(&ids), &mut model.new_cache(), None);
     let got = model
         .logits(hidden.reshape([ids.len(), 48]))
         .into_data()
@@ -86,14 +86,14 @@ fn kv_cache_decoding_equals_the_full_forward_pass() {
     // Prefill 4 tokens, then feed the rest one at a time.
     let mut rows = vec![
         model
-            .forward(tokens(&ids[..4]), &mut cache)
+            .forward(tokens(&ids[..4]), &mut cache, None)
             .narrow(1, 3, 1)
             .reshape([1, 48]),
     ];
     for id in &ids[4..] {
         rows.push(
             model
-                .forward(tokens(std::slice::from_ref(id)), &mut cache)
+                .forward(tokens(std::slice::from_ref(id)), &mut cache, None)
                 .reshape([1, 48]),
         );
     }

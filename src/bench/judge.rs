@@ -126,6 +126,7 @@ pub fn run(cfg: &Config, modes: &[String]) -> Result<()> {
         let engine = Engine::start(
             crate::app::engine_config(cfg)?,
             Arc::new(Counters::default()),
+            |_| (0, None),
             |_| {},
         );
         loop {

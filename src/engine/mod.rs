@@ -3,21 +3,29 @@
 //! Scheduling is round-robin interleaving: each admitted request gets one decode step per
 //! round, so none starves; a new request's prompt is computed between rounds (reusing the
 //! prefix cache). A bounded queue in front answers "overloaded" instead of growing.
+//!
+//! Adapter versions: the engine holds the LoRA adapter of every version it may serve or score
+//! (`Command::Install`) and which one is live (`Command::SetLive`). Commands are applied
+//! between decode rounds; a request takes the live version when it is admitted and keeps it to
+//! its last token, and the prefix cache is keyed by (version, token ids).
 
 pub mod prefix_cache;
 
 use crate::model::KvCache;
 use crate::model::generate::{Decoding, token_budget};
-use crate::model::{GenerateRequest, Generation, LoadOptions, LoadedModel, SamplingParams};
+use crate::model::{
+    GenerateRequest, Generation, LoadOptions, LoadedModel, LoraAdapter, SamplingParams,
+};
 use crate::telemetry::Counters;
 use prefix_cache::PrefixCache;
 use serde_json::Value;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, RwLock};
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -55,6 +63,38 @@ pub enum Priority {
     Background,
 }
 
+/// Which adapter version a job runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// The version live when the job is admitted.
+    Live,
+    /// A given version; 0 is the base model without adapter.
+    Exactly(i64),
+}
+
+/// What the model reads.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// A chat rendered with the model's template, generation prompt on, then `reply_prefix`.
+    Chat {
+        messages: Vec<Value>,
+        tools: Option<Value>,
+        reply_prefix: String,
+    },
+    /// Token ids exactly as given (e.g. a captured turn's prompt).
+    Ids(Vec<u32>),
+}
+
+impl Prompt {
+    pub fn chat(messages: Vec<Value>, tools: Option<Value>) -> Self {
+        Self::Chat {
+            messages,
+            tools,
+            reply_prefix: String::new(),
+        }
+    }
+}
+
 /// What to do with the rendered prompt.
 #[derive(Debug, Clone)]
 pub enum Task {
@@ -68,19 +108,76 @@ pub enum Task {
     /// The log-probability of each option text as the reply's continuation after
     /// `reply_prefix`, from one prefill (answered with [`EngineEvent::Chosen`]).
     Choose { options: Vec<String> },
+    /// Teacher-forced log-probabilities of `continuation` after the prompt under the job's
+    /// version, and, for each version in `compare`, its log-probabilities and the per-token
+    /// KL divergence from the job's version (answered with [`EngineEvent::Scored`]).
+    Score {
+        continuation: Vec<u32>,
+        compare: Vec<i64>,
+    },
 }
 
-/// A chat for the engine.
+/// Work for the engine.
 pub struct Job {
-    pub messages: Vec<Value>,
-    pub tools: Option<Value>,
-    /// Text the reply starts with, appended after the chat template's generation prompt.
-    pub reply_prefix: String,
+    pub prompt: Prompt,
     pub task: Task,
+    pub version: Version,
     pub priority: Priority,
     pub events: UnboundedSender<EngineEvent>,
     /// Set by the server when the client goes away.
     pub cancel: Arc<AtomicBool>,
+}
+
+impl Job {
+    /// A job with its own event channel and cancel flag.
+    pub fn new(
+        prompt: Prompt,
+        task: Task,
+        version: Version,
+        priority: Priority,
+    ) -> (Self, tokio::sync::mpsc::UnboundedReceiver<EngineEvent>) {
+        let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+        let job = Self {
+            prompt,
+            task,
+            version,
+            priority,
+            events,
+            cancel: Arc::new(AtomicBool::new(false)),
+        };
+        (job, rx)
+    }
+}
+
+/// Instructions about adapter versions, applied between decode rounds.
+pub enum Command {
+    /// Keep `adapter` as version `version` (to score with it, or to make it live later).
+    Install {
+        version: i64,
+        adapter: Arc<LoraAdapter>,
+    },
+    /// Serve `version` to every request admitted from now on (0 = the base model).
+    SetLive {
+        version: i64,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    /// Forget a version's adapter (requests still decoding with it keep their copy).
+    Remove { version: i64 },
+}
+
+enum Msg {
+    Job(Job, Option<InflightToken>),
+    Command(Command),
+}
+
+/// Counts a user request from its submission until the engine is done with it (dropped with
+/// the job), so that the trainer can tell when serving is idle.
+struct InflightToken(Arc<Shared>);
+
+impl Drop for InflightToken {
+    fn drop(&mut self) {
+        self.0.user_inflight.fetch_sub(1, Relaxed);
+    }
 }
 
 #[derive(Debug)]
@@ -101,7 +198,20 @@ pub enum EngineEvent {
     Chosen {
         logprobs: Vec<f32>,
     },
+    /// The answer to a [`Task::Score`]: the continuation's log-probs under the job's version,
+    /// and per compared version its log-probs and per-token KL(job's version ‖ compared).
+    Scored {
+        logprobs: Vec<f32>,
+        compared: Vec<Compared>,
+    },
     Failed(EngineError),
+}
+
+#[derive(Debug, Clone)]
+pub struct Compared {
+    pub version: i64,
+    pub logprobs: Vec<f32>,
+    pub kl: Vec<f32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -112,6 +222,8 @@ pub enum EngineError {
     },
     /// The request cannot be rendered (e.g. the chat template rejects it).
     BadRequest(String),
+    /// The job names an adapter version the engine does not hold.
+    UnknownVersion(i64),
     Internal(String),
 }
 
@@ -126,6 +238,7 @@ impl std::fmt::Display for EngineError {
                 "This model's maximum context length is {context_length} tokens, but the messages are {prompt_tokens} tokens. Shorten the conversation or the system prompt."
             ),
             Self::BadRequest(m) | Self::Internal(m) => f.write_str(m),
+            Self::UnknownVersion(v) => write!(f, "adapter version {v} is not loaded"),
         }
     }
 }
@@ -141,51 +254,73 @@ pub enum SubmitError {
 struct Shared {
     status: RwLock<Status>,
     info: RwLock<Option<ModelInfo>>,
+    /// The loaded model, shared read-only with the trainer (its frozen base weights).
+    model: RwLock<Option<Arc<LoadedModel>>>,
     counters: Arc<Counters>,
     max_queue: usize,
+    /// User requests submitted and not yet finished.
+    user_inflight: AtomicUsize,
+    live_version: AtomicI64,
 }
+
+/// The version to serve once the model is loaded, chosen by the caller (the gate), and its
+/// adapter (`None` for the base model).
+pub type StartVersion = (i64, Option<Arc<LoraAdapter>>);
 
 /// A cheap, cloneable handle to the engine thread.
 #[derive(Clone)]
 pub struct Engine {
-    tx: Sender<Job>,
+    tx: Sender<Msg>,
     shared: Arc<Shared>,
 }
 
 impl Engine {
     /// Starts the engine thread; the model loads in the background (`status()` says when).
+    /// `start_version` picks the version served from the first request on (a restart resumes
+    /// the live version); `on_ready` runs once serving can begin.
     pub fn start(
         config: EngineConfig,
         counters: Arc<Counters>,
+        start_version: impl FnOnce(&LoadedModel) -> StartVersion + Send + 'static,
         on_ready: impl FnOnce(&ModelInfo) + Send + 'static,
     ) -> Self {
         let (tx, rx) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared {
             status: RwLock::new(Status::Loading),
             info: RwLock::new(None),
+            model: RwLock::new(None),
             counters,
             max_queue: config.max_queue,
+            user_inflight: AtomicUsize::new(0),
+            live_version: AtomicI64::new(0),
         });
         let s = shared.clone();
         std::thread::Builder::new()
             .name("clawrl-engine".into())
             .spawn(move || {
                 let model = match LoadedModel::load(&config.model_path, &config.load) {
-                    Ok(m) => m,
+                    Ok(m) => Arc::new(m),
                     Err(e) => {
                         tracing::error!("model failed to load: {e:#}");
                         *s.status.write().unwrap() = Status::Failed(format!("{e:#}"));
                         return;
                     }
                 };
+                let (live, adapter) = start_version(&model);
+                let mut adapters = HashMap::new();
+                if let Some(a) = adapter {
+                    adapters.insert(live, a);
+                }
+                s.live_version.store(live, Relaxed);
                 let info = ModelInfo {
                     name: model.name.clone(),
                     context_length: model.config.context_length,
                     summary: model.summary(),
                     tokenizer: model.tokenizer.clone(),
                 };
-                tracing::info!("engine ready: {}", info.summary);
+                tracing::info!(live_version = live, "engine ready: {}", info.summary);
                 *s.info.write().unwrap() = Some(info.clone());
+                *s.model.write().unwrap() = Some(model.clone());
                 *s.status.write().unwrap() = Status::Ready;
                 on_ready(&info);
                 Worker {
@@ -196,11 +331,45 @@ impl Engine {
                     ),
                     shared: s,
                     max_active: config.max_active.max(1),
+                    adapters,
                 }
                 .run(rx);
             })
             .expect("spawn engine thread");
         Self { tx, shared }
+    }
+
+    /// The loaded model (for the trainer, which computes with the same frozen base weights).
+    pub fn model(&self) -> Option<Arc<LoadedModel>> {
+        self.shared.model.read().unwrap().clone()
+    }
+
+    /// The version served to newly admitted requests.
+    pub fn live_version(&self) -> i64 {
+        self.shared.live_version.load(Relaxed)
+    }
+
+    /// Whether a user request is waiting or being generated (background work yields to it).
+    pub fn serving_busy(&self) -> bool {
+        self.shared.user_inflight.load(Relaxed) > 0
+    }
+
+    /// Sends a command; applied between decode rounds.
+    pub fn command(&self, c: Command) -> Result<(), SubmitError> {
+        self.tx
+            .send(Msg::Command(c))
+            .map_err(|_| SubmitError::Unavailable)
+    }
+
+    /// Makes `version` live and waits until the engine has switched (blocking; call from a
+    /// thread that may block).
+    pub fn set_live_blocking(&self, version: i64) -> anyhow::Result<()> {
+        let (done, rx) = oneshot::channel();
+        self.command(Command::SetLive { version, done })
+            .map_err(|_| anyhow::anyhow!("the engine is not running"))?;
+        rx.blocking_recv()
+            .map_err(|_| anyhow::anyhow!("the engine stopped"))?
+            .map_err(anyhow::Error::msg)
     }
 
     pub fn status(&self) -> Status {
@@ -218,7 +387,10 @@ impl Engine {
             return Err(SubmitError::Unavailable);
         }
         if job.priority == Priority::Background {
-            return self.tx.send(job).map_err(|_| SubmitError::Unavailable);
+            return self
+                .tx
+                .send(Msg::Job(job, None))
+                .map_err(|_| SubmitError::Unavailable);
         }
         let c = &self.shared.counters;
         // Reserve a queue slot first so concurrent submits cannot overshoot the bound.
@@ -227,32 +399,46 @@ impl Engine {
             c.queue_depth.fetch_sub(1, Relaxed);
             return Err(SubmitError::Overloaded);
         }
-        self.tx.send(job).map_err(|_| {
+        self.shared.user_inflight.fetch_add(1, Relaxed);
+        let token = InflightToken(self.shared.clone());
+        self.tx.send(Msg::Job(job, Some(token))).map_err(|_| {
             c.queue_depth.fetch_sub(1, Relaxed);
             SubmitError::Unavailable
         })
     }
 }
 
-struct Active {
+/// A job as the worker holds it: the in-flight token goes wherever the job goes.
+struct Queued {
     job: Job,
+    _inflight: Option<InflightToken>,
+}
+
+struct Active {
+    job: Queued,
     decoding: Decoding,
     prompt_ids: Vec<u32>,
+    version: i64,
 }
 
 struct Worker {
-    model: LoadedModel,
+    model: Arc<LoadedModel>,
     prefix: PrefixCache,
     shared: Arc<Shared>,
     max_active: usize,
+    /// The adapter of every installed version (the base model, 0, has none).
+    adapters: HashMap<i64, Arc<LoraAdapter>>,
 }
 
 /// A job whose prompt is rendered, tokenized and checked against the context.
 struct Prepared {
-    job: Job,
+    job: Queued,
     prompt_ids: Vec<u32>,
     /// For a [`Task::Choose`]: prompt + each option, tokenized as a whole.
     sequences: Vec<Vec<u32>>,
+    /// The version it runs with, resolved when it was prepared.
+    version: i64,
+    adapter: Option<Arc<LoraAdapter>>,
 }
 
 impl Prepared {
@@ -273,15 +459,26 @@ struct Warming {
 const BACKGROUND_CHUNK: usize = 64;
 
 impl Worker {
-    fn run(mut self, rx: Receiver<Job>) {
+    fn run(mut self, rx: Receiver<Msg>) {
         let (mut waiting_user, mut waiting_bg) = (VecDeque::new(), VecDeque::new());
         let (mut user, mut bg): (Vec<Active>, Vec<Active>) = (Vec::new(), Vec::new());
         let mut warming: Option<Warming> = None;
         let mut open = true;
-        let enqueue = |job: Job, wu: &mut VecDeque<Job>, wb: &mut VecDeque<Job>| match job.priority
-        {
-            Priority::User => wu.push_back(job),
-            Priority::Background => wb.push_back(job),
+        let receive = |msg: Msg,
+                       me: &mut Self,
+                       wu: &mut VecDeque<Queued>,
+                       wb: &mut VecDeque<Queued>| match msg {
+            Msg::Command(c) => me.apply(c),
+            Msg::Job(job, token) => {
+                let q = Queued {
+                    job,
+                    _inflight: token,
+                };
+                match q.job.priority {
+                    Priority::User => wu.push_back(q),
+                    Priority::Background => wb.push_back(q),
+                }
+            }
         };
         loop {
             let idle = user.is_empty() && bg.is_empty() && warming.is_none();
@@ -291,23 +488,23 @@ impl Worker {
                     break;
                 }
                 match rx.recv() {
-                    Ok(job) => enqueue(job, &mut waiting_user, &mut waiting_bg),
+                    Ok(msg) => receive(msg, &mut self, &mut waiting_user, &mut waiting_bg),
                     Err(_) => break,
                 }
             }
             while open {
                 match rx.try_recv() {
-                    Ok(job) => enqueue(job, &mut waiting_user, &mut waiting_bg),
+                    Ok(msg) => receive(msg, &mut self, &mut waiting_user, &mut waiting_bg),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => open = false,
                 }
             }
             while user.len() < self.max_active
-                && let Some(job) = waiting_user.pop_front()
+                && let Some(q) = waiting_user.pop_front()
             {
                 self.shared.counters.queue_depth.fetch_sub(1, Relaxed);
-                if let Some(p) = self.prepare(job) {
-                    let cached = self.prefix.lookup(p.cache_key());
+                if let Some(p) = self.prepare(q) {
+                    let cached = self.prefix.lookup(p.version, p.cache_key());
                     self.start(p, cached, &mut user);
                 }
             }
@@ -326,20 +523,53 @@ impl Worker {
         tracing::info!("engine stopped");
     }
 
+    /// Applies a command about adapter versions.
+    fn apply(&mut self, command: Command) {
+        match command {
+            Command::Install { version, adapter } => {
+                self.adapters.insert(version, adapter);
+            }
+            Command::SetLive { version, done } => {
+                let result = if version == 0 || self.adapters.contains_key(&version) {
+                    self.shared.live_version.store(version, Relaxed);
+                    tracing::info!(version, "live version");
+                    Ok(())
+                } else {
+                    Err(format!("adapter version {version} is not loaded"))
+                };
+                let _ = done.send(result);
+            }
+            Command::Remove { version } => {
+                if version != self.shared.live_version.load(Relaxed) {
+                    self.adapters.remove(&version);
+                    self.prefix.forget_version(version);
+                }
+            }
+        }
+    }
+
+    /// The adapter of `version` (`Some(None)` for the base model; `None` if not installed).
+    fn adapter(&self, version: i64) -> Option<Option<Arc<LoraAdapter>>> {
+        if version == 0 {
+            return Some(None);
+        }
+        self.adapters.get(&version).map(|a| Some(a.clone()))
+    }
+
     /// Advances the background prompt being computed by one chunk, starting the next
     /// background job when there is none; a finished prompt starts its job.
     fn warm(
         &mut self,
         warming: &mut Option<Warming>,
-        waiting: &mut VecDeque<Job>,
+        waiting: &mut VecDeque<Queued>,
         active: &mut Vec<Active>,
     ) {
         if warming.is_none() && active.len() < self.max_active {
-            while let Some(job) = waiting.pop_front() {
-                if let Some(prepared) = self.prepare(job) {
+            while let Some(q) = waiting.pop_front() {
+                if let Some(prepared) = self.prepare(q) {
                     let cache = self
                         .prefix
-                        .lookup(prepared.cache_key())
+                        .lookup(prepared.version, prepared.cache_key())
                         .unwrap_or_else(|| self.model.transformer.new_cache());
                     *warming = Some(Warming { prepared, cache });
                     break;
@@ -349,14 +579,17 @@ impl Worker {
         let Some(w) = warming.as_mut() else { return };
         // The last prompt token is computed when the job starts: its logits are needed.
         let target = w.prepared.cache_key().len() - 1;
-        if w.prepared.job.cancel.load(Relaxed) || w.prepared.job.events.is_closed() {
+        let job = &w.prepared.job.job;
+        if job.cancel.load(Relaxed) || job.events.is_closed() {
             *warming = None;
             return;
         }
         if w.cache.len() < target {
             let upto = (w.cache.len() + BACKGROUND_CHUNK).min(target);
             let ids = &w.prepared.cache_key()[w.cache.len()..upto];
-            self.model.extend_cache(ids, &mut w.cache);
+            let adapter = w.prepared.adapter.clone();
+            self.model
+                .extend_cache(ids, &mut w.cache, adapter.as_deref());
         }
         if w.cache.len() >= target {
             let w = warming.take().expect("checked above");
@@ -367,19 +600,19 @@ impl Worker {
     fn decode_round(&mut self, active: &mut Vec<Active>) {
         let c = &self.shared.counters;
         for a in active.iter_mut() {
-            if a.job.cancel.load(Relaxed) || a.job.events.is_closed() {
+            let job = &a.job.job;
+            if job.cancel.load(Relaxed) || job.events.is_closed() {
                 a.decoding.cancel();
                 continue;
             }
             let t = std::time::Instant::now();
             match self.model.decode_step(&mut a.decoding) {
                 Ok(piece) if !piece.is_empty() => {
-                    let _ = a.job.events.send(EngineEvent::Text(piece));
+                    let _ = job.events.send(EngineEvent::Text(piece));
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    let _ = a
-                        .job
+                    let _ = job
                         .events
                         .send(EngineEvent::Failed(EngineError::Internal(format!("{e:#}"))));
                     a.decoding.cancel();
@@ -393,29 +626,51 @@ impl Worker {
         *active = still;
         for a in done {
             Counters::add(&c.tokens_out, a.decoding.out.ids.len() as u64);
-            let _ = a.job.events.send(EngineEvent::Finished {
+            let _ = a.job.job.events.send(EngineEvent::Finished {
                 cached_tokens: a.decoding.cached_tokens,
                 generation: a.decoding.out,
                 prompt_ids: a.prompt_ids,
-                adapter_version: 0,
+                adapter_version: a.version,
             });
         }
     }
 
-    /// Renders and tokenizes the job's prompt and checks it fits; a failure is answered here.
-    fn prepare(&self, job: Job) -> Option<Prepared> {
+    /// Renders and tokenizes the job's prompt, resolves its version and checks it fits; a
+    /// failure is answered here.
+    fn prepare(&self, q: Queued) -> Option<Prepared> {
+        let job = &q.job;
         if job.cancel.load(Relaxed) || job.events.is_closed() {
             return None;
         }
         let fail = |e: EngineError| {
             let _ = job.events.send(EngineEvent::Failed(e));
         };
-        let render = |suffix: &str| {
-            self.model.chat_prompt_continuing(
-                &job.messages,
-                job.tools.as_ref(),
-                &format!("{}{suffix}", job.reply_prefix),
-            )
+        let version = match job.version {
+            Version::Live => self.shared.live_version.load(Relaxed),
+            Version::Exactly(v) => v,
+        };
+        let Some(adapter) = self.adapter(version) else {
+            fail(EngineError::UnknownVersion(version));
+            return None;
+        };
+        if let Task::Score { compare, .. } = &job.task
+            && let Some(&v) = compare.iter().find(|&&v| self.adapter(v).is_none())
+        {
+            fail(EngineError::UnknownVersion(v));
+            return None;
+        }
+        let render = |suffix: &str| match &job.prompt {
+            Prompt::Chat {
+                messages,
+                tools,
+                reply_prefix,
+            } => self.model.chat_prompt_continuing(
+                messages,
+                tools.as_ref(),
+                &format!("{reply_prefix}{suffix}"),
+            ),
+            Prompt::Ids(ids) if suffix.is_empty() => Ok(ids.clone()),
+            Prompt::Ids(_) => anyhow::bail!("options need a chat prompt"),
         };
         let prompt_ids = match render("") {
             Ok(ids) => ids,
@@ -434,36 +689,52 @@ impl Worker {
                     return None;
                 }
             },
+            Task::Score { continuation, .. } => (continuation.len(), Vec::new()),
         };
         let context_length = self.model.config.context_length;
         let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
-        if token_budget(context_length, prompt_ids.len().max(longest), needed).is_err() {
+        let total = prompt_ids.len().max(longest) + needed;
+        if token_budget(context_length, prompt_ids.len().max(longest), needed).is_err()
+            || (matches!(job.task, Task::Score { .. }) && total > context_length)
+        {
             fail(EngineError::ContextTooLong {
                 prompt_tokens: prompt_ids.len().max(longest),
                 context_length,
             });
             return None;
         }
-        if matches!(job.task, Task::Choose { .. }) && sequences.is_empty() {
-            fail(EngineError::BadRequest("no options to choose from".into()));
+        let empty = match &job.task {
+            Task::Choose { .. } => sequences.is_empty(),
+            Task::Score { continuation, .. } => continuation.is_empty(),
+            Task::Generate { .. } => false,
+        };
+        if empty {
+            fail(EngineError::BadRequest(
+                "nothing to choose from or score".into(),
+            ));
             return None;
         }
         Some(Prepared {
-            job,
+            job: q,
             prompt_ids,
             sequences,
+            version,
+            adapter,
         })
     }
 
-    /// Runs the rest of the prompt from `cached` (a KV cache of its first tokens): a
-    /// generation joins `active`, a choice is answered at once.
+    /// Runs the rest of the prompt from `cached` (a KV cache of its first tokens, computed with
+    /// the job's version): a generation joins `active`, a choice or a score is answered at once.
     fn start(&mut self, p: Prepared, cached: Option<KvCache>, active: &mut Vec<Active>) {
         let c = self.shared.counters.clone();
         let Prepared {
-            job,
+            job: queued,
             prompt_ids,
             sequences,
+            version,
+            adapter,
         } = p;
+        let job = &queued.job;
         let fail = |e: EngineError| {
             let _ = job.events.send(EngineEvent::Failed(e));
         };
@@ -478,8 +749,26 @@ impl Worker {
             Task::Choose { .. } => {
                 match self.model.sequence_logprobs(&sequences, cached) {
                     Ok((logprobs, context, cache)) => {
-                        self.prefix.insert(&context, &cache);
+                        self.prefix.insert(version, &context, &cache);
                         let _ = job.events.send(EngineEvent::Chosen { logprobs });
+                    }
+                    Err(e) => fail(EngineError::Internal(format!("{e:#}"))),
+                }
+                return;
+            }
+            Task::Score {
+                continuation,
+                compare,
+            } => {
+                match self.score(
+                    &prompt_ids,
+                    continuation,
+                    adapter.as_deref(),
+                    cached,
+                    compare,
+                ) {
+                    Ok((logprobs, compared)) => {
+                        let _ = job.events.send(EngineEvent::Scored { logprobs, compared });
                     }
                     Err(e) => fail(EngineError::Internal(format!("{e:#}"))),
                 }
@@ -493,12 +782,12 @@ impl Worker {
             stop,
             top_logprobs,
         };
-        let decoding = match self.model.start_decoding(&req, cached) {
+        let decoding = match self.model.start_decoding(&req, cached, adapter) {
             Ok(d) => d,
             Err(e) => return fail(EngineError::Internal(format!("{e:#}"))),
         };
         // After the prefill the cache holds exactly the prompt: keep it for later requests.
-        self.prefix.insert(&prompt_ids, &decoding.cache);
+        self.prefix.insert(version, &prompt_ids, &decoding.cache);
         Counters::add(&c.cached_tokens, decoding.cached_tokens as u64);
         let _ = job.events.send(EngineEvent::Admitted {
             prompt_ids: prompt_ids.clone(),
@@ -509,12 +798,51 @@ impl Worker {
             cached = decoding.cached_tokens,
             prefill_secs = decoding.out.prefill_secs,
             priority = ?job.priority,
+            version,
             "admitted"
         );
         active.push(Active {
-            job,
+            job: queued,
             decoding,
             prompt_ids,
+            version,
         });
+    }
+
+    /// Log-probs of `continuation` under the job's adapter, and for each compared version its
+    /// log-probs and the per-token KL from the job's version.
+    fn score(
+        &self,
+        context: &[u32],
+        continuation: &[u32],
+        adapter: Option<&LoraAdapter>,
+        cached: Option<KvCache>,
+        compare: &[i64],
+    ) -> anyhow::Result<(Vec<f32>, Vec<Compared>)> {
+        if compare.is_empty() {
+            let lp = self
+                .model
+                .continuation_logprobs(context, continuation, adapter, cached)?;
+            return Ok((lp.into_data().try_into_vec_as::<f32>()?, Vec::new()));
+        }
+        let own = self
+            .model
+            .continuation_distributions(context, continuation, adapter)?;
+        let logprobs = crate::model::scoring::pick(own.clone(), continuation);
+        let mut compared = Vec::with_capacity(compare.len());
+        for &v in compare {
+            let other_adapter = self.adapter(v).flatten();
+            let other = self.model.continuation_distributions(
+                context,
+                continuation,
+                other_adapter.as_deref(),
+            )?;
+            compared.push(Compared {
+                version: v,
+                logprobs: crate::model::scoring::pick(other.clone(), continuation),
+                kl: crate::model::scoring::kl_per_position(own.clone(), other),
+            });
+        }
+        Ok((logprobs, compared))
     }
 }

@@ -1,9 +1,12 @@
 //! Reuse of the KV cache of recently seen prompt prefixes (OpenClaw resends the same
 //! 5–15 K-token system prompt and tools on every turn), bounded by a memory budget (LRU).
+//! Entries are keyed by (adapter version, token ids): keys and values computed with one
+//! version's weights are never reused by another.
 
 use crate::model::KvCache;
 
 struct Entry {
+    version: i64,
     ids: Vec<u32>,
     cache: KvCache,
     bytes: usize,
@@ -30,12 +33,13 @@ impl PrefixCache {
 
     /// The cache of the longest stored prefix of `prompt`, leaving at least its last token to be
     /// computed (its logits start the generation).
-    pub fn lookup(&mut self, prompt: &[u32]) -> Option<KvCache> {
+    pub fn lookup(&mut self, version: i64, prompt: &[u32]) -> Option<KvCache> {
         let limit = prompt.len().saturating_sub(1);
         let (best, n) = self
             .entries
             .iter()
             .enumerate()
+            .filter(|(_, e)| e.version == version)
             .map(|(i, e)| {
                 (
                     i,
@@ -57,7 +61,7 @@ impl PrefixCache {
     }
 
     /// Stores the cache of a whole prompt, evicting least recently used entries over budget.
-    pub fn insert(&mut self, ids: &[u32], cache: &KvCache) {
+    pub fn insert(&mut self, version: i64, ids: &[u32], cache: &KvCache) {
         if ids.len() < self.min_tokens || cache.len() != ids.len() {
             return;
         }
@@ -66,10 +70,12 @@ impl PrefixCache {
             return;
         }
         // An entry that is a prefix of this one is superseded by it.
-        self.entries
-            .retain(|e| !(e.ids.len() <= ids.len() && ids.starts_with(&e.ids)));
+        self.entries.retain(|e| {
+            !(e.version == version && e.ids.len() <= ids.len() && ids.starts_with(&e.ids))
+        });
         self.clock += 1;
         self.entries.push(Entry {
+            version,
             ids: ids.to_vec(),
             cache: cache.clone(),
             bytes,
@@ -85,6 +91,11 @@ impl PrefixCache {
                 .expect("non-empty");
             self.entries.remove(oldest);
         }
+    }
+
+    /// Drops every entry computed with `version` (its adapter is gone).
+    pub fn forget_version(&mut self, version: i64) {
+        self.entries.retain(|e| e.version != version);
     }
 
     pub fn used_bytes(&self) -> usize {

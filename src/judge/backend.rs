@@ -2,15 +2,15 @@
 //! user requests) or any OpenAI-compatible endpoint over HTTP.
 
 use crate::config::JudgeEndpoint;
-use crate::engine::{Engine, EngineError, EngineEvent, Job, Priority, SubmitError, Task};
+use crate::engine::{
+    Engine, EngineError, EngineEvent, Job, Priority, Prompt, SubmitError, Task, Version,
+};
 use crate::model::SamplingParams;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -119,28 +119,24 @@ impl Backend {
     }
 }
 
+/// Submits a background job on the base model (the judge is never the trained policy).
 fn submit(
     engine: &Engine,
     messages: Vec<Value>,
     reply_prefix: String,
     task: Task,
 ) -> Result<mpsc::UnboundedReceiver<EngineEvent>, BackendError> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    engine
-        .submit(Job {
-            messages,
-            tools: None,
-            reply_prefix,
-            task,
-            priority: Priority::Background,
-            events: tx,
-            cancel: Arc::new(AtomicBool::new(false)),
-        })
-        .map_err(|e| match e {
-            SubmitError::Overloaded | SubmitError::Unavailable => {
-                BackendError::Transient("the engine is not ready".into())
-            }
-        })?;
+    let prompt = Prompt::Chat {
+        messages,
+        tools: None,
+        reply_prefix,
+    };
+    let (job, rx) = Job::new(prompt, task, Version::Exactly(0), Priority::Background);
+    engine.submit(job).map_err(|e| match e {
+        SubmitError::Overloaded | SubmitError::Unavailable => {
+            BackendError::Transient("the engine is not ready".into())
+        }
+    })?;
     Ok(rx)
 }
 

@@ -1,11 +1,13 @@
 //! Generation with a KV cache, and teacher-forced scoring of a given continuation.
 
 use super::LoadedModel;
+use super::lora::LoraAdapter;
 use super::sampling::{Sampler, SamplingParams};
 use anyhow::{Result, bail};
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Debug, Clone)]
@@ -80,6 +82,9 @@ pub struct Decoding {
     pub cache: super::KvCache,
     /// Prompt tokens that came from a prefix cache instead of being computed.
     pub cached_tokens: usize,
+    /// The adapter this sequence is decoded with, from its first token to its last (a swap
+    /// of the live version never changes a generation in flight).
+    pub adapter: Option<Arc<LoraAdapter>>,
     pub done: bool,
     pub out: Generation,
 }
@@ -122,23 +127,20 @@ pub fn token_budget(context_length: usize, prompt_len: usize, max_tokens: usize)
 }
 
 impl LoadedModel {
-    fn ids_tensor(&self, ids: &[u32]) -> Tensor<2, Int> {
-        let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-        Tensor::from_data(
-            TensorData::new(data, [1, ids.len()]),
-            &self.transformer.device(),
-        )
-    }
-
     /// Logits of the last position of `ids` after extending `cache` with them. Long inputs go
     /// through in chunks: attention scores of a chunk are `chunk × context`, not `n × n`
     /// (a 5 K-token prompt in one piece needs a 1 GB score matrix per layer).
-    fn step(&self, ids: &[u32], cache: &mut super::KvCache) -> Vec<f32> {
-        let mut hidden = None;
-        for chunk in ids.chunks(PREFILL_CHUNK) {
-            hidden = Some(self.transformer.forward(self.ids_tensor(chunk), cache));
-        }
-        let hidden = hidden.expect("step needs at least one token");
+    fn step(
+        &self,
+        ids: &[u32],
+        cache: &mut super::KvCache,
+        adapter: Option<&LoraAdapter>,
+    ) -> Vec<f32> {
+        // Whole chunks first, the remainder last (the chunking decides the float results).
+        let (head, last) = ids.split_at((ids.len() - 1) / PREFILL_CHUNK * PREFILL_CHUNK);
+        super::scoring::extend(&self.transformer, head, cache, adapter, PREFILL_CHUNK);
+        let tokens = super::scoring::ids_tensor(&self.transformer, last);
+        let hidden = self.transformer.forward(tokens, cache, adapter);
         let [_, s, h] = hidden.dims();
         let last = hidden.narrow(1, s - 1, 1).reshape([1, h]);
         self.transformer
@@ -150,18 +152,23 @@ impl LoadedModel {
 
     /// Runs `ids` through the model into `cache` without computing logits: a prompt computed
     /// a piece at a time (the engine's background jobs).
-    pub fn extend_cache(&self, ids: &[u32], cache: &mut super::KvCache) {
-        for chunk in ids.chunks(PREFILL_CHUNK) {
-            self.transformer.forward(self.ids_tensor(chunk), cache);
-        }
+    pub fn extend_cache(
+        &self,
+        ids: &[u32],
+        cache: &mut super::KvCache,
+        adapter: Option<&LoraAdapter>,
+    ) {
+        super::scoring::extend(&self.transformer, ids, cache, adapter, PREFILL_CHUNK);
     }
 
     /// Starts a generation: checks the budget and runs the prompt through the model. `prefix`
-    /// is a KV cache already holding the first `prefix.len()` prompt tokens (prefix caching).
+    /// is a KV cache already holding the first `prefix.len()` prompt tokens (prefix caching),
+    /// computed with the same adapter.
     pub fn start_decoding(
         &self,
         req: &GenerateRequest,
         prefix: Option<super::KvCache>,
+        adapter: Option<Arc<LoraAdapter>>,
     ) -> Result<Decoding> {
         let budget = token_budget(
             self.config.context_length,
@@ -183,6 +190,7 @@ impl LoadedModel {
             text_ids: Vec::new(),
             emitted: 0,
             cached_tokens,
+            adapter,
             done: budget == 0,
             decode_start: Instant::now(),
             out: Generation {
@@ -199,7 +207,11 @@ impl LoadedModel {
         };
         if !d.done {
             let t0 = Instant::now();
-            d.logits = self.step(&req.prompt_ids[cached_tokens..], &mut cache);
+            d.logits = self.step(
+                &req.prompt_ids[cached_tokens..],
+                &mut cache,
+                d.adapter.as_deref(),
+            );
             d.out.prefill_secs = t0.elapsed().as_secs_f64();
             d.decode_start = Instant::now();
         }
@@ -213,7 +225,7 @@ impl LoadedModel {
             return Ok(String::new());
         }
         if let Some(prev) = d.feed.take() {
-            d.logits = self.step(&[prev], &mut d.cache);
+            d.logits = self.step(&[prev], &mut d.cache, d.adapter.as_deref());
         }
         let (id, lp) = d.sampler.sample(&d.logits);
         if d.top_logprobs > 0 {
@@ -260,7 +272,7 @@ impl LoadedModel {
         req: &GenerateRequest,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation> {
-        let mut d = self.start_decoding(req, None)?;
+        let mut d = self.start_decoding(req, None, None)?;
         while !d.done {
             let piece = self.decode_step(&mut d)?;
             if !piece.is_empty() && !on_text(&piece) {
@@ -270,31 +282,87 @@ impl LoadedModel {
         Ok(d.out)
     }
 
-    /// Log-probabilities of `continuation` given `context`, in one teacher-forced forward pass.
-    pub fn score(&self, context: &[u32], continuation: &[u32]) -> Result<Vec<f32>> {
+    /// Log-probabilities of `continuation` given `context`, teacher-forced, under the base
+    /// model plus `adapter`.
+    pub fn score(
+        &self,
+        context: &[u32],
+        continuation: &[u32],
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Vec<f32>> {
+        Ok(self
+            .continuation_logprobs(context, continuation, adapter, None)?
+            .into_data()
+            .try_into_vec::<f32>()?)
+    }
+
+    /// The full next-token log-distributions `[n, vocab]` at each position of `continuation`
+    /// (what the regression guard compares between versions).
+    pub fn continuation_distributions(
+        &self,
+        context: &[u32],
+        continuation: &[u32],
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Tensor<2>> {
+        self.check_scorable(context, continuation)?;
+        let mut cache = self.transformer.new_cache();
+        Ok(super::scoring::continuation_logits(
+            &self.transformer,
+            context,
+            continuation,
+            &mut cache,
+            adapter,
+            PREFILL_CHUNK,
+        )
+        .map(|l| log_softmax(l, 1))
+        .expect("checked above"))
+    }
+
+    fn check_scorable(&self, context: &[u32], continuation: &[u32]) -> Result<()> {
         if context.is_empty() {
             bail!("scoring needs a non-empty context");
         }
         if continuation.is_empty() {
-            return Ok(Vec::new());
+            bail!("nothing to score");
         }
-        let total = context.len() + continuation.len();
-        token_budget(self.config.context_length, total - 1, 0)?;
-        let mut ids = context.to_vec();
-        ids.extend_from_slice(&continuation[..continuation.len() - 1]);
-        let mut cache = self.transformer.new_cache();
-        let hidden = self.transformer.forward(self.ids_tensor(&ids), &mut cache);
-        let [_, _, h] = hidden.dims();
-        let n = continuation.len();
-        // Position p predicts token p+1: the last n positions predict the continuation.
-        let rows = hidden.narrow(1, context.len() - 1, n).reshape([n, h]);
-        let logp = log_softmax(self.transformer.logits(rows), 1);
-        let targets: Vec<i64> = continuation.iter().map(|&i| i as i64).collect();
-        let idx = Tensor::<2, Int>::from_data(
-            TensorData::new(targets, [n, 1]),
-            &self.transformer.device(),
-        );
-        Ok(logp.gather(1, idx).into_data().try_into_vec::<f32>()?)
+        token_budget(
+            self.config.context_length,
+            context.len() + continuation.len() - 1,
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Log-probabilities `[n]` of `continuation` after `context`; `prefix` optionally holds the
+    /// first tokens of `context` already computed with the same adapter.
+    pub fn continuation_logprobs(
+        &self,
+        context: &[u32],
+        continuation: &[u32],
+        adapter: Option<&LoraAdapter>,
+        prefix: Option<super::KvCache>,
+    ) -> Result<Tensor<1>> {
+        if continuation.is_empty() && !context.is_empty() {
+            return Ok(Tensor::from_data(
+                TensorData::new(Vec::<f32>::new(), [0]),
+                &self.transformer.device(),
+            ));
+        }
+        self.check_scorable(context, continuation)?;
+        let mut cache = match prefix {
+            Some(c) if c.len() < context.len() => c,
+            _ => self.transformer.new_cache(),
+        };
+        let logits = super::scoring::continuation_logits(
+            &self.transformer,
+            context,
+            continuation,
+            &mut cache,
+            adapter,
+            PREFILL_CHUNK,
+        )
+        .expect("checked above");
+        Ok(super::scoring::gather_logprobs(logits, continuation))
     }
 }
 
@@ -337,7 +405,7 @@ impl LoadedModel {
             Some(c) => c.truncated(shared - 1),
             None => self.transformer.new_cache(),
         };
-        let logits = self.step(&context[cache.len()..], &mut cache);
+        let logits = self.step(&context[cache.len()..], &mut cache, None);
         let logp = |logits: &[f32], id: u32| {
             logits
                 .get(id as usize)
@@ -351,7 +419,7 @@ impl LoadedModel {
             let mut total = logp(&logits, own[0]);
             let mut branch = cache.truncated(cache.len());
             for pair in own.windows(2) {
-                let next = self.step(&[pair[0]], &mut branch);
+                let next = self.step(&[pair[0]], &mut branch, None);
                 total += logp(&next, pair[1]);
             }
             out.push(total);

@@ -6,14 +6,18 @@ pub mod config;
 pub mod generate;
 pub mod gguf;
 pub mod linear;
+pub mod lora;
+pub mod peft;
 pub mod quant;
 pub mod sampling;
+pub mod scoring;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;
 
 pub use config::{Family, ModelConfig};
 pub use generate::{FinishReason, GenerateRequest, Generation};
+pub use lora::{LoraAdapter, LoraConfig, Target};
 pub use sampling::SamplingParams;
 pub use transformer::{KvCache, Transformer, WeightMode};
 

@@ -4,6 +4,7 @@
 
 use super::config::{ModelConfig, RopeLayout};
 use super::linear::{BlockWeight, Linear, LinearWeight};
+use super::lora::{LayerLora, LoraAdapter, Target, with_delta};
 use super::weights::WeightFile;
 use anyhow::{Context, Result, ensure};
 use burn::module::{Module, Param};
@@ -203,13 +204,16 @@ impl Attention {
         rope: &(Tensor<2>, Tensor<2>),
         cache: &mut Option<(Tensor<4>, Tensor<4>)>,
         start: usize,
+        lora: Option<&LayerLora>,
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
-        let mut q = heads(self.q_proj.forward(x.clone()), nh);
-        let mut k = heads(self.k_proj.forward(x.clone()), nkv);
-        let v = heads(self.v_proj.forward(x), nkv);
+        let proj =
+            |p: &Linear, t: Target, x: Tensor<3>| with_delta(p.forward(x.clone()), lora, t, x);
+        let mut q = heads(proj(&self.q_proj, Target::QProj, x.clone()), nh);
+        let mut k = heads(proj(&self.k_proj, Target::KProj, x.clone()), nkv);
+        let v = heads(proj(&self.v_proj, Target::VProj, x), nkv);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(q);
             k = kn.forward(k);
@@ -244,14 +248,17 @@ impl Attention {
             .reshape([b, nh, s, hd])
             .swap_dims(1, 2)
             .reshape([b, s, nh * hd]);
-        self.o_proj.forward(out)
+        proj(&self.o_proj, Target::OProj, out)
     }
 }
 
 impl Mlp {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.down_proj
-            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    fn forward(&self, x: Tensor<3>, lora: Option<&LayerLora>) -> Tensor<3> {
+        let proj =
+            |p: &Linear, t: Target, x: Tensor<3>| with_delta(p.forward(x.clone()), lora, t, x);
+        let gate = proj(&self.gate_proj, Target::GateProj, x.clone());
+        let up = proj(&self.up_proj, Target::UpProj, x);
+        proj(&self.down_proj, Target::DownProj, silu(gate) * up)
     }
 }
 
@@ -298,20 +305,32 @@ impl Transformer {
         total
     }
 
-    /// Runs `tokens` `[batch, seq]` after the cached positions; returns the final-norm hidden
-    /// states `[batch, seq, hidden]` and extends the cache.
-    pub fn forward(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
+    /// Runs `tokens` `[batch, seq]` after the cached positions, with `adapter`'s low-rank
+    /// updates when given; returns the final-norm hidden states `[batch, seq, hidden]` and
+    /// extends the cache.
+    pub fn forward(
+        &self,
+        tokens: Tensor<2, Int>,
+        cache: &mut KvCache,
+        adapter: Option<&LoraAdapter>,
+    ) -> Tensor<3> {
         let cfg = &self.config;
         let [_, s] = tokens.dims();
         let start = cache.len;
         let rope = rope_tables(cfg, start, s, &self.device(), self.dtype());
         let mut x = burn::tensor::module::embedding(self.embed.val(), tokens);
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = layer
-                .attn
-                .forward(layer.input_norm.forward(x.clone()), cfg, &rope, kv, start);
+        for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let lora = adapter.and_then(|a| a.layers.get(i));
+            let h = layer.attn.forward(
+                layer.input_norm.forward(x.clone()),
+                cfg,
+                &rope,
+                kv,
+                start,
+                lora,
+            );
             x = x + h;
-            x = x.clone() + layer.mlp.forward(layer.post_attn_norm.forward(x));
+            x = x.clone() + layer.mlp.forward(layer.post_attn_norm.forward(x), lora);
         }
         cache.len += s;
         self.norm.forward(x)

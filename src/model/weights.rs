@@ -93,27 +93,29 @@ impl HfDir {
         let view = st
             .tensor(name)
             .with_context(|| format!("{name} in {}", path.display()))?;
-        let bytes = view.data();
-        let values = match view.dtype() {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            other => bail!(
-                "tensor {name} in {} has dtype {other:?}; only F32, F16 and BF16 are supported",
-                path.display()
-            ),
-        };
+        let values = view_f32(&view).with_context(|| format!("{name} in {}", path.display()))?;
         Ok(Some((values, view.shape().to_vec())))
     }
+}
+
+/// A safetensors tensor's values as f32 (F32, F16 and BF16 are read).
+pub fn view_f32(view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
+    let bytes = view.data();
+    Ok(match view.dtype() {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => bail!("dtype {other:?} is not supported (only F32, F16 and BF16)"),
+    })
 }
 
 /// An opened checkpoint of either format.

@@ -5,7 +5,7 @@ use super::AppState;
 use super::http::{ApiError, Body, blocking, json_response};
 use super::tool_calls;
 use crate::capture::{TurnSlot, TurnType, random_id};
-use crate::engine::{EngineError, EngineEvent, Job, Priority, SubmitError, Task};
+use crate::engine::{EngineError, EngineEvent, Job, Priority, Prompt, SubmitError, Task, Version};
 use crate::events::{Event, emit};
 use crate::model::{FinishReason, Generation, SamplingParams};
 use crate::store::{NewTurn, now_ms};
@@ -269,7 +269,8 @@ fn engine_error(e: EngineError) -> ApiError {
             .param("messages")
             .code("context_length_exceeded"),
         EngineError::BadRequest(m) => ApiError::invalid(m),
-        EngineError::Internal(m) => {
+        EngineError::UnknownVersion(_) | EngineError::Internal(_) => {
+            let m = e.to_string();
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m)
         }
     }
@@ -294,22 +295,18 @@ pub async fn handle(
     })
     .await?;
 
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let cancel = Arc::new(AtomicBool::new(false));
-    let job = Job {
-        messages: req.messages.clone(),
-        tools: req.tools.clone(),
-        reply_prefix: String::new(),
-        task: Task::Generate {
+    let (job, mut rx) = Job::new(
+        Prompt::chat(req.messages.clone(), req.tools.clone()),
+        Task::Generate {
             max_tokens: req.max_tokens,
             sampling: req.sampling,
             stop: req.stop.clone(),
             top_logprobs: req.top_logprobs,
         },
-        priority: Priority::User,
-        events: tx,
-        cancel: cancel.clone(),
-    };
+        Version::Live,
+        Priority::User,
+    );
+    let cancel = job.cancel.clone();
     state.engine.submit(job).map_err(|e| match e {
         SubmitError::Overloaded => {
             let mut err = ApiError::new(
@@ -616,7 +613,11 @@ fn stream_reply(
                     let _ = send(sse(&engine_error(e).body())).await;
                     return;
                 }
-                Some(EngineEvent::Admitted { .. } | EngineEvent::Chosen { .. }) => {}
+                Some(
+                    EngineEvent::Admitted { .. }
+                    | EngineEvent::Chosen { .. }
+                    | EngineEvent::Scored { .. },
+                ) => {}
                 None => return,
             }
         };

@@ -1,0 +1,282 @@
+//! LoRA adapters (Hu et al., 2021): beside each frozen projection W, a low-rank update
+//! ΔW = s·A·B (A `[in, r]`, B `[r, out]`, s = alpha / r), computed as `x·W + s·(x·A)·B` so that
+//! neither serving nor training ever materializes W + ΔW.
+//!
+//! An adapter is held apart from the base weights: the engine keeps one per version and each
+//! request decodes with the one it started with; the trainer holds a trainable copy whose
+//! parameters are the only ones with gradients (the base is shared, never copied).
+
+use super::config::ModelConfig;
+use anyhow::{Result, bail};
+use burn::module::{Module, Param};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// The projections an adapter can sit beside (PEFT's `target_modules` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    QProj,
+    KProj,
+    VProj,
+    OProj,
+    GateProj,
+    UpProj,
+    DownProj,
+}
+
+impl Target {
+    pub const ALL: [Target; 7] = [
+        Self::QProj,
+        Self::KProj,
+        Self::VProj,
+        Self::OProj,
+        Self::GateProj,
+        Self::UpProj,
+        Self::DownProj,
+    ];
+
+    /// The module name in Hugging Face / PEFT checkpoints.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::QProj => "q_proj",
+            Self::KProj => "k_proj",
+            Self::VProj => "v_proj",
+            Self::OProj => "o_proj",
+            Self::GateProj => "gate_proj",
+            Self::UpProj => "up_proj",
+            Self::DownProj => "down_proj",
+        }
+    }
+
+    /// The parent module in the checkpoint (`self_attn` or `mlp`).
+    pub fn parent(self) -> &'static str {
+        match self {
+            Self::QProj | Self::KProj | Self::VProj | Self::OProj => "self_attn",
+            _ => "mlp",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// `(in, out)` features of the projection in a model of this shape.
+    pub fn dims(self, c: &ModelConfig) -> (usize, usize) {
+        let (h, q, kv, ffn) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+            c.intermediate_size,
+        );
+        match self {
+            Self::QProj => (h, q),
+            Self::KProj | Self::VProj => (h, kv),
+            Self::OProj => (q, h),
+            Self::GateProj | Self::UpProj => (h, ffn),
+            Self::DownProj => (ffn, h),
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Rank, scaling and placement of an adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub targets: Vec<Target>,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 || self.rank > 256 {
+            bail!("the LoRA rank must be within 1..=256, got {}", self.rank);
+        }
+        if !(self.alpha > 0.0) {
+            bail!("the LoRA alpha must be positive, got {}", self.alpha);
+        }
+        if self.targets.is_empty() {
+            bail!("LoRA needs at least one target module");
+        }
+        Ok(())
+    }
+}
+
+/// One low-rank update: `s·(x·A)·B`.
+#[derive(Module, Debug)]
+pub struct LoraPair {
+    /// `[in, rank]`
+    pub a: Param<Tensor<2>>,
+    /// `[rank, out]`
+    pub b: Param<Tensor<2>>,
+    #[module(skip)]
+    pub scale: f64,
+}
+
+impl LoraPair {
+    /// The update for inputs `x` `[.., in]`.
+    pub fn delta<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let down = burn::tensor::module::linear(x, self.a.val(), None);
+        burn::tensor::module::linear(down, self.b.val(), None).mul_scalar(self.scale)
+    }
+}
+
+/// The adapters of one transformer block, indexed by [`Target`].
+#[derive(Module, Debug)]
+pub struct LayerLora {
+    pub pairs: Vec<Option<LoraPair>>,
+}
+
+impl LayerLora {
+    pub fn get(&self, t: Target) -> Option<&LoraPair> {
+        self.pairs.get(t.index()).and_then(Option::as_ref)
+    }
+}
+
+/// `proj(x)` plus the adapter's update when the layer has one for this target.
+pub fn with_delta<const D: usize>(
+    base: Tensor<D>,
+    lora: Option<&LayerLora>,
+    target: Target,
+    x: Tensor<D>,
+) -> Tensor<D> {
+    match lora.and_then(|l| l.get(target)) {
+        Some(pair) => base + pair.delta(x),
+        None => base,
+    }
+}
+
+/// A whole adapter: one [`LayerLora`] per transformer block.
+#[derive(Module, Debug)]
+pub struct LoraAdapter {
+    pub layers: Vec<LayerLora>,
+    #[module(skip)]
+    pub config: Arc<LoraConfig>,
+}
+
+impl LoraAdapter {
+    /// A fresh adapter as PEFT initializes one: A uniform in ±1/√in (Kaiming, a = √5), B zero,
+    /// so the adapted model starts out identical to the base.
+    pub fn init(model: &ModelConfig, config: LoraConfig, device: &Device, seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let values = |_: usize, _: Target, din: usize, dout: usize, rank: usize| {
+            let bound = 1.0 / (din as f32).sqrt();
+            let a = (0..din * rank)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
+            Ok((a, vec![0.0; rank * dout]))
+        };
+        Self::build(model, config, values, device).expect("a validated config")
+    }
+
+    /// Builds an adapter from `values(layer, target, in, out, rank) -> (A [in·rank],
+    /// B [rank·out])`, called per layer and target in order.
+    pub fn build(
+        model: &ModelConfig,
+        config: LoraConfig,
+        mut values: impl FnMut(usize, Target, usize, usize, usize) -> Result<(Vec<f32>, Vec<f32>)>,
+        device: &Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        let (rank, scale) = (config.rank, config.scale());
+        let mut layers = Vec::with_capacity(model.num_layers);
+        for layer in 0..model.num_layers {
+            let mut pairs: Vec<Option<LoraPair>> = (0..Target::ALL.len()).map(|_| None).collect();
+            for &t in &config.targets {
+                let (din, dout) = t.dims(model);
+                let (a, b) = values(layer, t, din, dout, rank)?;
+                let tensor = |v: Vec<f32>, shape: [usize; 2]| {
+                    Param::from_tensor(Tensor::<2>::from_data(
+                        TensorData::new(v, shape),
+                        (device, DType::F32),
+                    ))
+                };
+                pairs[t.index()] = Some(LoraPair {
+                    a: tensor(a, [din, rank]),
+                    b: tensor(b, [rank, dout]),
+                    scale,
+                });
+            }
+            layers.push(LayerLora { pairs });
+        }
+        Ok(Self {
+            layers,
+            config: Arc::new(config),
+        })
+    }
+
+    /// Every pair with its layer index and target, in a fixed order.
+    pub fn pairs(&self) -> impl Iterator<Item = (usize, Target, &LoraPair)> {
+        self.layers.iter().enumerate().flat_map(|(i, l)| {
+            Target::ALL
+                .into_iter()
+                .filter_map(move |t| l.get(t).map(|p| (i, t, p)))
+        })
+    }
+
+    /// A copy whose parameters track gradients (for the trainer). The values are shared.
+    pub fn trainable(&self) -> Self {
+        self.map_tensors(|t| t.autodiff().require_grad())
+    }
+
+    /// A copy without autodiff (for serving, or for computing a prompt without gradients).
+    pub fn frozen(&self) -> Self {
+        self.map_tensors(|t| t.detach().without_autodiff())
+    }
+
+    fn map_tensors(&self, f: impl Fn(Tensor<2>) -> Tensor<2>) -> Self {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| LayerLora {
+                pairs: l
+                    .pairs
+                    .iter()
+                    .map(|p| {
+                        p.as_ref().map(|p| LoraPair {
+                            a: Param::from_tensor(f(p.a.val())),
+                            b: Param::from_tensor(f(p.b.val())),
+                            scale: p.scale,
+                        })
+                    })
+                    .collect(),
+            })
+            .collect();
+        Self {
+            layers,
+            config: self.config.clone(),
+        }
+    }
+
+    /// Number of trainable values.
+    pub fn num_values(&self) -> usize {
+        self.pairs()
+            .map(|(_, _, p)| p.a.shape().num_elements() + p.b.shape().num_elements())
+            .sum()
+    }
+
+    /// Bytes the adapter occupies (f32).
+    pub fn bytes(&self) -> usize {
+        self.num_values() * 4
+    }
+}
+
+/// Reads a 2-D tensor's values as f32, row-major.
+pub fn values(t: &Tensor<2>) -> Vec<f32> {
+    t.clone()
+        .without_autodiff()
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .expect("f32 data")
+}
