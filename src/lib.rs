@@ -16,3 +16,4 @@ pub mod model;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod train;

@@ -1,0 +1,263 @@
+//! The losses of PIPELINE.md §4, per response token, averaged over a sample's tokens.
+//!
+//! - Binary RL: A_t = r (the turn's ±1 reward) on every token.
+//! - OPD: A_t = teacher_logp_t − logp_old_t (how much more the hinted teacher likes the token).
+//! - Combined: A_t = w_opd·(teacher_logp_t − logp_old_t) + w_rl·r; a sample with only one
+//!   signal gets exactly that term (the other is 0, not a noisy difference).
+//! - PPO clipped surrogate: max(−ρ_t·A_t, −clip(ρ_t, 1−ε_low, 1+ε_high)·A_t), ρ_t =
+//!   exp(logp_new_t − logp_old_t), logp_old the log-probs recorded when the turn was sampled.
+//! - Optional k3 KL penalty to the base model: exp(−Δ) − 1 + Δ, Δ = logp_new − logp_base,
+//!   clamped to ±10.
+
+use burn::tensor::{Tensor, TensorData};
+
+/// Which signals train the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Rewards only (Binary RL).
+    Rl,
+    /// Hints only (on-policy distillation).
+    Opd,
+    /// Both, summed (the default).
+    Combined,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossConfig {
+    pub method: Method,
+    pub clip_low: f64,
+    pub clip_high: f64,
+    pub w_rl: f64,
+    pub w_opd: f64,
+    pub kl_coef: f64,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self {
+            method: Method::Combined,
+            clip_low: 0.2,
+            clip_high: 0.28,
+            w_rl: 1.0,
+            w_opd: 1.0,
+            kl_coef: 0.0,
+        }
+    }
+}
+
+/// The learning signals of one sample (a turn).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signals {
+    /// The sampled tokens' log-probs when they were sampled (the behaviour policy).
+    pub logp_old: Vec<f32>,
+    /// ±1 from a rating or the judge.
+    pub reward: Option<f32>,
+    /// The teacher's log-probs of the same tokens (a hint was extracted).
+    pub teacher_logp: Option<Vec<f32>>,
+}
+
+impl LossConfig {
+    /// Whether the method uses the sample at all.
+    pub fn uses(&self, s: &Signals) -> bool {
+        let rl = s.reward.is_some() && self.method != Method::Opd;
+        let opd = s.teacher_logp.is_some() && self.method != Method::Rl;
+        rl || opd
+    }
+
+    /// Per-token advantages of a sample under this method.
+    pub fn advantages(&self, s: &Signals) -> Vec<f32> {
+        let n = s.logp_old.len();
+        let rl = match (s.reward, self.method) {
+            (Some(r), Method::Rl | Method::Combined) => (self.w_rl * r as f64) as f32,
+            _ => 0.0,
+        };
+        let mut adv = vec![rl; n];
+        if let (Some(teacher), Method::Opd | Method::Combined) = (&s.teacher_logp, self.method) {
+            for (a, (t, old)) in adv.iter_mut().zip(teacher.iter().zip(&s.logp_old)) {
+                *a += (self.w_opd * (t - old) as f64) as f32;
+            }
+        }
+        adv
+    }
+
+    /// The clipped surrogate per token `[n]` (not yet averaged).
+    pub fn surrogate(&self, logp_new: Tensor<1>, logp_old: &[f32], adv: &[f32]) -> Tensor<1> {
+        let device = logp_new.device();
+        let vec =
+            |v: &[f32]| Tensor::<1>::from_data(TensorData::new(v.to_vec(), [v.len()]), &device);
+        let ratio = (logp_new - vec(logp_old)).exp();
+        let adv = vec(adv);
+        let clipped = ratio
+            .clone()
+            .clamp(1.0 - self.clip_low, 1.0 + self.clip_high);
+        let unclipped_loss = ratio.neg() * adv.clone();
+        let clipped_loss = clipped.neg() * adv;
+        unclipped_loss.max_pair(clipped_loss)
+    }
+
+    /// The sample's loss (a scalar `[1]`): mean over its tokens of the surrogate, plus the k3
+    /// penalty when `logp_base` is given and `kl_coef` > 0.
+    pub fn sample_loss(
+        &self,
+        logp_new: Tensor<1>,
+        signals: &Signals,
+        logp_base: Option<&[f32]>,
+    ) -> Tensor<1> {
+        let adv = self.advantages(signals);
+        let mut per_token = self.surrogate(logp_new.clone(), &signals.logp_old, &adv);
+        if let (Some(base), true) = (logp_base, self.kl_coef > 0.0) {
+            per_token = per_token + k3(logp_new, base).mul_scalar(self.kl_coef);
+        }
+        per_token.mean()
+    }
+}
+
+/// The k3 estimator of KL(new ‖ base) per token: exp(−Δ) − 1 + Δ with Δ = logp_new −
+/// logp_base clamped to ±10 (non-negative, unbiased for samples of the new policy).
+pub fn k3(logp_new: Tensor<1>, logp_base: &[f32]) -> Tensor<1> {
+    let device = logp_new.device();
+    let base = Tensor::<1>::from_data(
+        TensorData::new(logp_base.to_vec(), [logp_base.len()]),
+        &device,
+    );
+    let delta = (logp_new - base).clamp(-10.0, 10.0);
+    delta.clone().neg().exp().sub_scalar(1.0) + delta
+}
+
+/// How far the updated policy drifted from the behaviour policy on a sample's tokens:
+/// mean of ρ − 1 − log ρ (the k3 estimator of KL(old ‖ new) on tokens drawn from old).
+pub fn policy_drift(logp_new: &[f32], logp_old: &[f32]) -> f64 {
+    if logp_new.is_empty() {
+        return 0.0;
+    }
+    let sum: f64 = logp_new
+        .iter()
+        .zip(logp_old)
+        .map(|(&n, &o)| {
+            let d = (n - o).clamp(-10.0, 10.0) as f64;
+            d.exp() - 1.0 - d
+        })
+        .sum();
+    sum / logp_new.len() as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    /// d(loss)/d(logp_new) of the clipped surrogate for one token at `ratio` with advantage `a`.
+    fn gradient(ratio: f32, a: f32) -> f32 {
+        let device = Device::flex().autodiff();
+        let new =
+            Tensor::<1>::from_data(TensorData::new(vec![0.0f32], [1]), &device).require_grad();
+        let old = -ratio.ln();
+        let loss = LossConfig::default()
+            .surrogate(new.clone(), &[old], &[a])
+            .sum();
+        let grads = loss.backward();
+        new.grad(&grads).unwrap().into_scalar::<f32>()
+    }
+
+    #[test]
+    fn clipping_engages_only_outside_0_8_to_1_28_in_the_advantages_direction() {
+        // Inside the trust region the gradient is -ratio·A.
+        for (r, a) in [
+            (1.1, 1.0),
+            (0.9, -1.0),
+            (1.27, 1.0),
+            (0.81, -1.0),
+            (1.0, 0.5),
+        ] {
+            let g = gradient(r, a);
+            assert!((g + r * a).abs() < 1e-5, "ratio {r}, A {a}: gradient {g}");
+        }
+        // Past the bound in the direction the advantage pushes: no gradient.
+        for (r, a) in [(1.29, 1.0), (1.5, 1.0), (0.79, -1.0), (0.5, -1.0)] {
+            assert_eq!(gradient(r, a), 0.0, "ratio {r}, A {a} is clipped");
+        }
+        // Past the bound against the advantage: the unclipped term still pulls back.
+        for (r, a) in [(1.5, -1.0), (0.5, 1.0)] {
+            let g = gradient(r, a);
+            assert!((g + r * a).abs() < 1e-5, "ratio {r}, A {a}: gradient {g}");
+        }
+    }
+
+    fn signals(n: usize, reward: Option<f32>, teacher: Option<Vec<f32>>) -> Signals {
+        Signals {
+            logp_old: (0..n).map(|i| -0.5 - 0.1 * i as f32).collect(),
+            reward,
+            teacher_logp: teacher,
+        }
+    }
+
+    #[test]
+    fn a_sample_with_only_a_reward_has_no_opd_term_and_only_a_hint_no_rl_term() {
+        let cfg = LossConfig::default();
+        assert_eq!(cfg.advantages(&signals(3, Some(-1.0), None)), vec![-1.0; 3]);
+        let teacher = vec![-0.2, -0.9, -0.4];
+        let s = signals(3, None, Some(teacher.clone()));
+        let want: Vec<f32> = teacher
+            .iter()
+            .zip(&s.logp_old)
+            .map(|(t, o)| t - o)
+            .collect();
+        assert_eq!(cfg.advantages(&s), want);
+        // A method ignores the signal it does not use, exactly.
+        let rl = LossConfig {
+            method: Method::Rl,
+            ..cfg.clone()
+        };
+        let both = signals(3, Some(1.0), Some(teacher));
+        assert_eq!(rl.advantages(&both), vec![1.0; 3]);
+        assert!(!rl.uses(&s), "RL has nothing to learn from a hint alone");
+        let opd = LossConfig {
+            method: Method::Opd,
+            ..cfg
+        };
+        assert_eq!(opd.advantages(&both), want);
+        assert!(!opd.uses(&signals(3, Some(1.0), None)));
+    }
+
+    #[test]
+    fn inside_the_trust_region_the_combined_loss_is_the_sum_of_its_parts() {
+        let device = Device::flex();
+        let teacher = vec![-0.1, -1.5, -0.3, -0.6];
+        let both = signals(4, Some(1.0), Some(teacher.clone()));
+        // New log-probs within ratio 0.8..1.28 of the old ones.
+        let new: Vec<f32> = both
+            .logp_old
+            .iter()
+            .enumerate()
+            .map(|(i, o)| o + 0.05 * (i as f32 - 1.5))
+            .collect();
+        let loss = |cfg: &LossConfig, s: &Signals| {
+            let t = Tensor::<1>::from_data(TensorData::new(new.clone(), [4]), &device);
+            cfg.sample_loss(t, s, None).into_scalar::<f32>()
+        };
+        let cfg = LossConfig::default();
+        let combined = loss(&cfg, &both);
+        let rl = loss(&cfg, &signals(4, Some(1.0), None));
+        let opd = loss(&cfg, &signals(4, None, Some(teacher)));
+        assert!(
+            (combined - (rl + opd)).abs() < 1e-6,
+            "{combined} vs {rl} + {opd}"
+        );
+        assert!(rl != 0.0 && opd != 0.0);
+    }
+
+    #[test]
+    fn k3_is_zero_at_the_base_and_positive_elsewhere() {
+        let device = Device::flex();
+        let t = Tensor::<1>::from_data(TensorData::new(vec![-1.0f32, -0.5, -3.0], [3]), &device);
+        let k = k3(t, &[-1.0, -1.0, -1.0])
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
+        assert_eq!(k[0], 0.0);
+        assert!(k[1] > 0.0 && k[2] > 0.0);
+        assert!((policy_drift(&[-1.0], &[-1.0])).abs() < 1e-12);
+        assert!(policy_drift(&[-0.5], &[-1.0]) > 0.0);
+    }
+}

@@ -1,0 +1,143 @@
+//! The trainable adapter and its optimizer: gradients of each micro-step (one sample) are
+//! summed, clipped by their global norm (as PyTorch's `clip_grad_norm_`: Burn's clipping is
+//! per tensor), and applied with Burn's AdamW.
+
+use crate::model::LoraAdapter;
+use crate::model::lora::LoraPair;
+use burn::module::ParamId;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::Tensor;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerConfig {
+    pub learning_rate: f64,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub epsilon: f32,
+    /// Global gradient-norm limit (0 = no clipping).
+    pub max_grad_norm: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self {
+            learning_rate: 1e-4,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.98,
+            epsilon: 1e-8,
+            max_grad_norm: 1.0,
+        }
+    }
+}
+
+/// A trainable copy of an adapter with its optimizer state and the gradients summed so far.
+pub struct AdapterOptimizer {
+    adapter: LoraAdapter,
+    optim: ModuleOptimizer,
+    config: OptimizerConfig,
+    /// Summed gradients, in the order of [`params`].
+    grads: Vec<Option<Tensor<2>>>,
+    micro_steps: usize,
+}
+
+/// The parameters of an adapter, in a fixed order.
+fn params(adapter: &LoraAdapter) -> Vec<(ParamId, Tensor<2>)> {
+    adapter
+        .pairs()
+        .flat_map(|(_, _, p): (usize, _, &LoraPair)| [(p.a.id, p.a.val()), (p.b.id, p.b.val())])
+        .collect()
+}
+
+impl AdapterOptimizer {
+    /// Starts from `start`'s values (copied into trainable parameters) with fresh optimizer
+    /// state.
+    pub fn new(start: &LoraAdapter, config: OptimizerConfig) -> Self {
+        let adapter = start.trainable();
+        let optim = AdamWConfig::new()
+            .with_beta_1(config.beta1)
+            .with_beta_2(config.beta2)
+            .with_epsilon(config.epsilon)
+            .with_weight_decay(config.weight_decay)
+            .init();
+        let n = params(&adapter).len();
+        Self {
+            adapter,
+            optim,
+            config,
+            grads: vec![None; n],
+            micro_steps: 0,
+        }
+    }
+
+    /// The adapter whose parameters track gradients (use it in the forward pass).
+    pub fn trainable(&self) -> &LoraAdapter {
+        &self.adapter
+    }
+
+    /// Back-propagates one micro-step's loss and adds its gradients to the sum.
+    pub fn backward(&mut self, loss: Tensor<1>) {
+        let grads = loss.backward();
+        for (slot, (_, p)) in self.grads.iter_mut().zip(params(&self.adapter)) {
+            if let Some(g) = p.grad(&grads) {
+                *slot = Some(match slot.take() {
+                    Some(sum) => sum + g,
+                    None => g,
+                });
+            }
+        }
+        self.micro_steps += 1;
+    }
+
+    /// Micro-steps accumulated since the last [`Self::step`].
+    pub fn pending(&self) -> usize {
+        self.micro_steps
+    }
+
+    /// Clips the summed gradients by their global norm and takes one AdamW step. Returns the
+    /// norm before clipping.
+    pub fn step(&mut self) -> f64 {
+        let ids: Vec<ParamId> = params(&self.adapter)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let grads: Vec<(ParamId, Tensor<2>)> = ids
+            .into_iter()
+            .zip(self.grads.iter_mut())
+            .filter_map(|(id, g)| g.take().map(|g| (id, g)))
+            .collect();
+        self.micro_steps = 0;
+        let norm = grads
+            .iter()
+            .map(|(_, g)| g.clone().square().sum().into_scalar::<f32>() as f64)
+            .sum::<f64>()
+            .sqrt();
+        let scale = if self.config.max_grad_norm > 0.0 && norm > self.config.max_grad_norm {
+            self.config.max_grad_norm / norm
+        } else {
+            1.0
+        };
+        let mut params = GradientsParams::new();
+        for (id, g) in grads {
+            params.register(id, if scale < 1.0 { g.mul_scalar(scale) } else { g });
+        }
+        let stand_in = placeholder(&self.adapter);
+        let adapter = std::mem::replace(&mut self.adapter, stand_in);
+        self.adapter = self.optim.step(self.config.learning_rate, adapter, params);
+        norm
+    }
+
+    /// The current values as a plain (serving) adapter.
+    pub fn snapshot(&self) -> LoraAdapter {
+        self.adapter.frozen()
+    }
+}
+
+/// A cheap stand-in while the real adapter is moved through the optimizer.
+fn placeholder(a: &LoraAdapter) -> LoraAdapter {
+    LoraAdapter {
+        layers: Vec::new(),
+        config: a.config.clone(),
+    }
+}

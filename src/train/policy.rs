@@ -1,0 +1,95 @@
+//! One micro-step: a sample's response log-probs under base + trainable adapter (with
+//! gradients), its loss, and the backward pass into the optimizer's gradient sum.
+
+use super::loss::{LossConfig, Signals, policy_drift};
+use super::optimizer::AdapterOptimizer;
+use crate::model::lora::values;
+use crate::model::{LoraAdapter, Transformer, scoring};
+use burn::tensor::Tensor;
+
+/// Prompt tokens per pass when computing a prompt's head without gradients.
+const CHUNK: usize = 256;
+
+/// Log-probs `[n]` of `response` after `prompt` under the base model plus `adapter`.
+///
+/// Only the last `grad_context` prompt tokens (and the response) are computed with the
+/// trainable adapter; the prompt's head goes through with a frozen copy of the same values,
+/// so every log-prob is exact and the gradient ignores only the head's keys and values (an
+/// agent's 5 K-token system prompt would otherwise cost a 5 K-token backward pass).
+pub fn response_logprobs(
+    model: &Transformer,
+    adapter: &LoraAdapter,
+    prompt: &[u32],
+    response: &[u32],
+    grad_context: usize,
+) -> Tensor<1> {
+    let split = prompt.len().saturating_sub(grad_context.max(1));
+    let mut cache = model.new_cache();
+    if split > 0 {
+        scoring::extend(
+            model,
+            &prompt[..split],
+            &mut cache,
+            Some(&adapter.frozen()),
+            CHUNK,
+        );
+    }
+    let logits =
+        scoring::continuation_logits(model, prompt, response, &mut cache, Some(adapter), CHUNK)
+            .expect("a sample has a prompt and a response");
+    scoring::gather_logprobs(logits, response)
+}
+
+/// What one micro-step measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MicroStep {
+    pub loss: f64,
+    /// Tokens trained on.
+    pub tokens: usize,
+    /// KL(behaviour ‖ current) on the sample's tokens (k3), before this step's update.
+    pub drift: f64,
+    /// Share of tokens whose ratio was outside the clip range.
+    pub clipped: f64,
+}
+
+/// Runs one sample forward and backward; its loss is scaled by `weight` (1 / samples in the
+/// update, so that the summed gradients are those of the batch mean).
+#[allow(clippy::too_many_arguments)]
+pub fn micro_step(
+    model: &Transformer,
+    optimizer: &mut AdapterOptimizer,
+    loss: &LossConfig,
+    prompt: &[u32],
+    response: &[u32],
+    signals: &Signals,
+    grad_context: usize,
+    weight: f64,
+) -> MicroStep {
+    let logp_new = response_logprobs(model, optimizer.trainable(), prompt, response, grad_context);
+    let base = (loss.kl_coef > 0.0).then(|| {
+        let mut cache = model.new_cache();
+        let logits = scoring::continuation_logits(model, prompt, response, &mut cache, None, CHUNK)
+            .expect("a sample has a prompt and a response");
+        let lp = scoring::gather_logprobs(logits, response);
+        values(&lp.unsqueeze::<2>())
+    });
+    let now = values(&logp_new.clone().unsqueeze::<2>());
+    let sample_loss = loss.sample_loss(logp_new, signals, base.as_deref());
+    let value = values(&sample_loss.clone().unsqueeze::<2>())[0] as f64;
+    optimizer.backward(sample_loss.mul_scalar(weight));
+    let clipped = now
+        .iter()
+        .zip(&signals.logp_old)
+        .filter(|(n, o)| {
+            let r = ((**n - **o) as f64).exp();
+            r < 1.0 - loss.clip_low || r > 1.0 + loss.clip_high
+        })
+        .count() as f64
+        / now.len().max(1) as f64;
+    MicroStep {
+        loss: value,
+        tokens: response.len(),
+        drift: policy_drift(&now, &signals.logp_old),
+        clipped,
+    }
+}

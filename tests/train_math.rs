@@ -1,0 +1,270 @@
+//! The mathematics of training, on the tiny random Qwen3 checkpoint (two layers, width 48):
+//! the adapter's forward pass equals the merged weights W + s·A·B, its gradients match finite
+//! differences, and one optimizer step moves log-probabilities the way each loss says.
+
+mod common;
+use burn::module::Param;
+use burn::tensor::{DType, Device};
+use clawrl_tui::model::linear::LinearWeight;
+use clawrl_tui::model::lora::{LoraPair, values};
+use clawrl_tui::model::weights::WeightFile;
+use clawrl_tui::model::{LoraAdapter, LoraConfig, Target, Transformer, WeightMode, scoring};
+use clawrl_tui::train::loss::{LossConfig, Method, Signals};
+use clawrl_tui::train::optimizer::{AdapterOptimizer, OptimizerConfig};
+use clawrl_tui::train::policy::{micro_step, response_logprobs};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn tiny() -> Transformer {
+    let (file, cfg) = WeightFile::open(&common::fixture("tiny-qwen3")).unwrap();
+    Transformer::load(&file, cfg, &Device::flex(), DType::F32, WeightMode::Dense).unwrap()
+}
+
+fn lora_config(rank: usize) -> LoraConfig {
+    LoraConfig {
+        rank,
+        alpha: 2.0 * rank as f64,
+        targets: Target::ALL.to_vec(),
+    }
+}
+
+/// An adapter with random A and B (a fresh one has B = 0, which hides A's gradient).
+fn random_adapter(model: &Transformer, seed: u64, b_scale: f32) -> LoraAdapter {
+    let mut rng = StdRng::seed_from_u64(seed);
+    LoraAdapter::build(
+        &model.config,
+        lora_config(4),
+        |_, _, din, dout, r| {
+            let a = (0..din * r).map(|_| rng.random_range(-0.3..0.3)).collect();
+            let b = (0..r * dout)
+                .map(|_| rng.random_range(-b_scale..b_scale))
+                .collect();
+            Ok((a, b))
+        },
+        &Device::flex(),
+    )
+    .unwrap()
+}
+
+const PROMPT: [u32; 7] = [3, 17, 42, 8, 91, 5, 60];
+const RESPONSE: [u32; 5] = [12, 33, 7, 70, 2];
+
+fn logprobs(model: &Transformer, adapter: Option<&LoraAdapter>) -> Vec<f32> {
+    let mut cache = model.new_cache();
+    let logits =
+        scoring::continuation_logits(model, &PROMPT, &RESPONSE, &mut cache, adapter, 256).unwrap();
+    values(&scoring::gather_logprobs(logits, &RESPONSE).unsqueeze::<2>())
+}
+
+#[test]
+fn the_adapter_computes_the_same_as_merged_weights() {
+    let model = tiny();
+    let adapter = random_adapter(&model, 1, 0.3);
+    let mut merged = tiny();
+    let merge = |w: &mut LinearWeight, pair: &LoraPair| {
+        let LinearWeight::Dense(p) = w else {
+            panic!("dense weights")
+        };
+        let delta = pair.a.val().matmul(pair.b.val()).mul_scalar(pair.scale);
+        *p = Param::from_tensor(p.val() + delta);
+    };
+    for (i, t, pair) in adapter.pairs() {
+        let layer = &mut merged.layers[i];
+        let w = match t {
+            Target::QProj => &mut layer.attn.q_proj.weight,
+            Target::KProj => &mut layer.attn.k_proj.weight,
+            Target::VProj => &mut layer.attn.v_proj.weight,
+            Target::OProj => &mut layer.attn.o_proj.weight,
+            Target::GateProj => &mut layer.mlp.gate_proj.weight,
+            Target::UpProj => &mut layer.mlp.up_proj.weight,
+            Target::DownProj => &mut layer.mlp.down_proj.weight,
+        };
+        merge(w, pair);
+    }
+    let with_adapter = logprobs(&model, Some(&adapter));
+    let with_merged = logprobs(&merged, None);
+    let base = logprobs(&model, None);
+    for ((a, m), b) in with_adapter.iter().zip(&with_merged).zip(&base) {
+        assert!((a - m).abs() < 1e-4, "adapter {a} vs merged {m}");
+        assert!(
+            (a - b).abs() > 1e-4,
+            "the adapter changes the output ({a} vs base {b})"
+        );
+    }
+    // A fresh adapter (B = 0) is the base model exactly.
+    let fresh = LoraAdapter::init(&model.config, lora_config(4), &Device::flex(), 7);
+    assert_eq!(logprobs(&model, Some(&fresh)), base);
+}
+
+/// The combined loss of the sample at `adapter`, without gradients.
+fn loss_at(model: &Transformer, adapter: &LoraAdapter, signals: &Signals) -> f64 {
+    let lp = response_logprobs(model, adapter, &PROMPT, &RESPONSE, 64);
+    LossConfig::default()
+        .sample_loss(lp, signals, None)
+        .into_scalar::<f32>() as f64
+}
+
+/// A copy of `adapter` with one value of one matrix moved by `h`.
+fn nudged(
+    model: &Transformer,
+    adapter: &LoraAdapter,
+    at: (usize, Target, char, usize),
+    h: f32,
+) -> LoraAdapter {
+    LoraAdapter::build(
+        &model.config,
+        (*adapter.config).clone(),
+        |layer, t, _, _, _| {
+            let pair = adapter.layers[layer].get(t).unwrap();
+            let (mut a, mut b) = (values(&pair.a.val()), values(&pair.b.val()));
+            if (layer, t) == (at.0, at.1) {
+                let m = if at.2 == 'A' { &mut a } else { &mut b };
+                m[at.3] += h;
+            }
+            Ok((a, b))
+        },
+        &Device::flex(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() {
+    let model = tiny();
+    let adapter = random_adapter(&model, 2, 0.2);
+    let current = logprobs(&model, Some(&adapter));
+    // Both signals, ratios inside the clip range (the loss is smooth there).
+    let signals = Signals {
+        logp_old: current.iter().map(|l| l - 0.05).collect(),
+        reward: Some(1.0),
+        teacher_logp: Some(current.iter().map(|l| l + 0.3).collect()),
+    };
+    let trainable = adapter.trainable();
+    // The whole prompt with gradients (a shorter window leaves out the head's keys and values).
+    let lp = response_logprobs(&model, &trainable, &PROMPT, &RESPONSE, 64);
+    let grads = LossConfig::default()
+        .sample_loss(lp, &signals, None)
+        .backward();
+    let probes = [
+        (0, Target::QProj, 'A', 5),
+        (0, Target::KProj, 'B', 3),
+        (1, Target::VProj, 'A', 17),
+        (1, Target::OProj, 'B', 40),
+        (0, Target::GateProj, 'A', 100),
+        (1, Target::UpProj, 'B', 9),
+        (1, Target::DownProj, 'A', 33),
+    ];
+    let h = 2e-3;
+    for at in probes {
+        let pair = trainable.layers[at.0].get(at.1).unwrap();
+        let param = if at.2 == 'A' {
+            pair.a.val()
+        } else {
+            pair.b.val()
+        };
+        let analytic = values(&param.grad(&grads).expect("a gradient"))[at.3] as f64;
+        let up = loss_at(&model, &nudged(&model, &adapter, at, h), &signals);
+        let down = loss_at(&model, &nudged(&model, &adapter, at, -h), &signals);
+        let numeric = (up - down) / (2.0 * h as f64);
+        assert!(
+            (analytic - numeric).abs() <= 2e-3 + 0.03 * numeric.abs(),
+            "{at:?}: autodiff {analytic:.6} vs finite differences {numeric:.6}"
+        );
+        assert!(
+            analytic.abs() > 1e-5,
+            "{at:?} has a real gradient ({analytic})"
+        );
+    }
+}
+
+/// One update on one sample, from a fresh adapter; returns the response log-probs after it.
+fn one_update(
+    model: &Transformer,
+    method: Method,
+    reward: Option<f32>,
+    teacher: Option<Vec<f32>>,
+) -> (Vec<f32>, Vec<f32>) {
+    let start = LoraAdapter::init(&model.config, lora_config(4), &Device::flex(), 3);
+    let before = logprobs(model, Some(&start));
+    let mut opt = AdapterOptimizer::new(
+        &start,
+        OptimizerConfig {
+            learning_rate: 1e-3,
+            ..OptimizerConfig::default()
+        },
+    );
+    let signals = Signals {
+        logp_old: before.clone(),
+        reward,
+        teacher_logp: teacher,
+    };
+    let loss = LossConfig {
+        method,
+        ..LossConfig::default()
+    };
+    let m = micro_step(
+        model, &mut opt, &loss, &PROMPT, &RESPONSE, &signals, 64, 1.0,
+    );
+    assert_eq!(m.tokens, RESPONSE.len());
+    assert!(m.drift.abs() < 1e-9, "on-policy: no drift before the step");
+    opt.step();
+    (before, logprobs(model, Some(&opt.snapshot())))
+}
+
+#[test]
+fn a_binary_rl_step_raises_a_rewarded_response_and_lowers_a_punished_one() {
+    let model = tiny();
+    let sum = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>();
+    let (before, up) = one_update(&model, Method::Rl, Some(1.0), None);
+    let (_, down) = one_update(&model, Method::Rl, Some(-1.0), None);
+    assert!(
+        sum(&up) > sum(&before) + 1e-4,
+        "r = +1: {} -> {}",
+        sum(&before),
+        sum(&up)
+    );
+    assert!(
+        sum(&down) < sum(&before) - 1e-4,
+        "r = -1: {} -> {}",
+        sum(&before),
+        sum(&down)
+    );
+}
+
+#[test]
+fn an_opd_step_moves_the_student_toward_the_teacher() {
+    let model = tiny();
+    // The teacher: the same base with another adapter, scoring the same tokens.
+    let teacher = logprobs(&model, Some(&random_adapter(&model, 9, 0.3)));
+    let (before, after) = one_update(&model, Method::Opd, None, Some(teacher.clone()));
+    let distance = |v: &[f32]| {
+        v.iter()
+            .zip(&teacher)
+            .map(|(a, b)| (a - b).abs() as f64)
+            .sum::<f64>()
+    };
+    assert!(
+        distance(&after) < distance(&before) - 1e-4,
+        "distance to the teacher {} -> {}",
+        distance(&before),
+        distance(&after)
+    );
+    // Without a reward, RL alone has nothing to learn: the adapter does not move.
+    let (before, after) = one_update(&model, Method::Rl, None, Some(teacher));
+    assert_eq!(before, after);
+}
+
+#[test]
+fn computing_the_prompt_head_without_gradients_gives_the_same_log_probs() {
+    let model = tiny();
+    let adapter = random_adapter(&model, 4, 0.2);
+    let full = response_logprobs(&model, &adapter.trainable(), &PROMPT, &RESPONSE, 64);
+    let tail = response_logprobs(&model, &adapter.trainable(), &PROMPT, &RESPONSE, 2);
+    let (full, tail) = (
+        values(&full.unsqueeze::<2>()),
+        values(&tail.unsqueeze::<2>()),
+    );
+    for (a, b) in full.iter().zip(&tail) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+}
