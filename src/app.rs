@@ -1,5 +1,6 @@
-//! Wiring: the core (engine, capture, event bus, counters) built from the configuration. The
-//! headless server uses it today; the TUI will run the same core in-process.
+//! Wiring: the core (engine, capture, judge, gate, trainer, event bus, counters) built from
+//! the configuration. The headless server uses it today; the TUI will run the same core
+//! in-process.
 
 use crate::capture::Capture;
 use crate::catalog;
@@ -7,6 +8,7 @@ use crate::cli::model_path;
 use crate::config::Config;
 use crate::engine::{Engine, EngineConfig};
 use crate::events::{self, Event, emit};
+use crate::gate::Gate;
 use crate::model::LoadOptions;
 use crate::server::{AppState, ServerConfig};
 use crate::telemetry::Counters;
@@ -84,6 +86,17 @@ pub fn build(cfg: &Config) -> Result<Arc<AppState>> {
         },
     );
     let judge = crate::judge::Judge::from_config(cfg, &engine, bus.clone(), counters.clone())?;
+    let gate = Gate::open(cfg, engine.clone(), bus.clone())?;
+    let trainer = if cfg.train.enabled {
+        Some(crate::train::spawn(
+            cfg,
+            engine.clone(),
+            gate.clone(),
+            bus.clone(),
+        )?)
+    } else {
+        None
+    };
     let s = &cfg.server;
     let config = ServerConfig {
         model_id: model_id(cfg),
@@ -98,6 +111,8 @@ pub fn build(cfg: &Config) -> Result<Arc<AppState>> {
         engine,
         capture,
         judge,
+        gate,
+        trainer,
         bus,
         counters,
     }))

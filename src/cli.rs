@@ -73,6 +73,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Write every captured turn (reads the store directly; works while the server runs).
     Export(ExportArgs),
+    /// Control a running server: status, versions, approve, veto, rollback, pause, resume.
+    Ctl(crate::ctl::CtlArgs),
 }
 
 #[derive(Args, Debug)]
@@ -245,6 +247,7 @@ pub fn run() -> Result<()> {
         Some(Command::Bench(args)) => crate::bench::run(&cfg, &args),
         Some(Command::Serve(args)) => serve(cfg, &args),
         Some(Command::Export(args)) => export(&cfg, &args),
+        Some(Command::Ctl(args)) => crate::ctl::run(&cfg, &args),
     }
 }
 

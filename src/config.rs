@@ -21,6 +21,111 @@ pub struct Config {
     pub paths: PathsSection,
     pub log: LogSection,
     pub judge: JudgeSection,
+    pub train: TrainSection,
+    pub gate: GateSection,
+}
+
+/// Online training (PIPELINE.md §4–§5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSection {
+    pub enabled: bool,
+    pub method: crate::train::loss::Method,
+    pub min_samples: usize,
+    pub max_wait_secs: u64,
+    pub max_samples: usize,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_targets: Vec<crate::model::Target>,
+    pub learning_rate: f64,
+    pub weight_decay: f32,
+    pub betas: [f32; 2],
+    pub max_grad_norm: f64,
+    pub clip_low: f64,
+    pub clip_high: f64,
+    pub w_rl: f64,
+    pub w_opd: f64,
+    pub kl_coef: f64,
+    pub max_staleness: i64,
+    pub teacher: Teacher,
+    pub max_response_tokens: usize,
+    pub grad_context_tokens: usize,
+    pub seed: u64,
+}
+
+/// Who scores a hinted turn for distillation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Teacher {
+    /// The frozen base model (upstream's choice: a stable teacher).
+    Base,
+    /// The live policy.
+    Policy,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            method: crate::train::loss::Method::Combined,
+            min_samples: 4,
+            max_wait_secs: 30,
+            max_samples: 16,
+            lora_rank: 16,
+            lora_alpha: 32.0,
+            lora_targets: crate::model::Target::ALL.to_vec(),
+            learning_rate: 1e-4,
+            weight_decay: 0.1,
+            betas: [0.9, 0.98],
+            max_grad_norm: 1.0,
+            clip_low: 0.2,
+            clip_high: 0.28,
+            w_rl: 1.0,
+            w_opd: 1.0,
+            kl_coef: 0.0,
+            max_staleness: 4,
+            teacher: Teacher::Base,
+            max_response_tokens: 256,
+            grad_context_tokens: 256,
+            seed: 0,
+        }
+    }
+}
+
+/// Which candidates go live (PIPELINE.md §6).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GateSection {
+    pub policy: GatePolicy,
+    pub max_kl_base: f64,
+    pub max_kl_live: f64,
+    pub max_approved_drop: f64,
+    pub probes_file: String,
+    pub probe_tokens: usize,
+    pub approved_answers: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GatePolicy {
+    /// A candidate that passes the guard goes live at once.
+    Auto,
+    /// Every candidate waits for approve or veto.
+    Manual,
+}
+
+impl Default for GateSection {
+    fn default() -> Self {
+        Self {
+            policy: GatePolicy::Auto,
+            max_kl_base: 0.5,
+            max_kl_live: 0.25,
+            max_approved_drop: 0.5,
+            probes_file: String::new(),
+            probe_tokens: 32,
+            approved_answers: 8,
+        }
+    }
 }
 
 /// Who judges turns (PIPELINE.md §2).
@@ -193,6 +298,8 @@ impl Default for Config {
             paths: PathsSection::default(),
             log: LogSection::default(),
             judge: JudgeSection::default(),
+            train: TrainSection::default(),
+            gate: GateSection::default(),
         }
     }
 }
@@ -330,6 +437,51 @@ impl Config {
             );
         }
         j.effective_mode()?;
+        let t = &self.train;
+        self.lora()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("train.lora_*: {e}"))?;
+        if t.min_samples == 0 || t.max_samples < t.min_samples {
+            bail!(
+                "train.min_samples must be at least 1 and at most train.max_samples ({}), got {}",
+                t.max_samples,
+                t.min_samples
+            );
+        }
+        if !(t.learning_rate > 0.0 && t.learning_rate < 1.0) {
+            bail!(
+                "train.learning_rate must be within (0, 1), got {}",
+                t.learning_rate
+            );
+        }
+        if !(0.0..1.0).contains(&t.clip_low) || t.clip_high <= 0.0 {
+            bail!(
+                "train.clip_low must be within [0, 1) and train.clip_high positive, got {} and {}",
+                t.clip_low,
+                t.clip_high
+            );
+        }
+        if t.max_response_tokens == 0 || t.grad_context_tokens == 0 {
+            bail!("train.max_response_tokens and train.grad_context_tokens must be at least 1");
+        }
+        if t.enabled && self.model.weights == WeightMode::Blocks {
+            bail!(
+                "training needs dense weights: set model.weights = \"dense\" (or train.enabled = false to serve from the quantized blocks)"
+            );
+        }
+        let g = &self.gate;
+        for (k, v) in [
+            ("gate.max_kl_base", g.max_kl_base),
+            ("gate.max_kl_live", g.max_kl_live),
+            ("gate.max_approved_drop", g.max_approved_drop),
+        ] {
+            if !(v >= 0.0) {
+                bail!("{k} must be a non-negative number, got {v}");
+            }
+        }
+        if g.probe_tokens == 0 {
+            bail!("gate.probe_tokens must be at least 1");
+        }
         Ok(())
     }
 
@@ -352,6 +504,20 @@ impl Config {
         } else {
             PathBuf::from(&self.store.path)
         }
+    }
+
+    /// The LoRA settings of new adapters.
+    pub fn lora(&self) -> crate::model::LoraConfig {
+        crate::model::LoraConfig {
+            rank: self.train.lora_rank,
+            alpha: self.train.lora_alpha,
+            targets: self.train.lora_targets.clone(),
+        }
+    }
+
+    /// Where adapter versions are written (one PEFT folder each).
+    pub fn adapters_dir(&self) -> PathBuf {
+        self.data_dir().join("adapters")
     }
 
     pub fn log_dir(&self) -> PathBuf {

@@ -8,7 +8,9 @@ use tokio::sync::broadcast;
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// The engine finished loading the model and serves requests.
-    EngineReady { model: String },
+    EngineReady {
+        model: String,
+    },
     /// A chat completion was admitted (queued or started).
     RequestStarted {
         request_id: String,
@@ -52,13 +54,67 @@ pub enum Event {
         error: Option<String>,
     },
     /// Turns waiting for the judge.
-    JudgeQueue { pending: usize },
+    JudgeQueue {
+        pending: usize,
+    },
     /// A human rated a turn (it overrides the judge's score for training).
     FeedbackRecorded {
         turn_id: i64,
         session_id: String,
         rating: i8,
     },
+    /// Samples waiting for the trainer changed.
+    SamplesWaiting {
+        samples: usize,
+    },
+    /// The trainer started an update from `parent` on these samples.
+    TrainingStarted {
+        parent: i64,
+        samples: usize,
+        hints: usize,
+    },
+    /// One micro-step (one sample's forward and backward pass) of the update in progress.
+    TrainingStep {
+        done: usize,
+        samples: usize,
+        loss: f64,
+        /// KL(sampling-time policy ‖ current) on the sample's tokens.
+        kl: f64,
+    },
+    /// An update could not finish; its samples wait for the next one.
+    TrainingFailed {
+        error: String,
+    },
+    /// A candidate version was recorded with its metrics and the guard's verdict.
+    CandidateReady {
+        version: i64,
+        parent: i64,
+        samples: usize,
+        loss: f64,
+        kl_base: Option<f64>,
+        kl_live: Option<f64>,
+        mean_reward: Option<f64>,
+        guard_passed: bool,
+        reasons: Vec<String>,
+    },
+    /// A version went live (`reason`: auto | approved | fallback); requests admitted from now
+    /// on are served by it.
+    VersionLive {
+        version: i64,
+        previous: i64,
+        reason: String,
+    },
+    /// A candidate was vetoed (it will never be served).
+    VersionVetoed {
+        version: i64,
+    },
+    /// The live version was rolled back to an earlier one (0 = the base model).
+    RolledBack {
+        from: i64,
+        to: i64,
+    },
+    TrainingPaused,
+    TrainingResumed,
 }
 
 pub type EventBus = broadcast::Sender<Event>;

@@ -42,6 +42,8 @@ impl Core {
         let mut cfg = Config::default();
         cfg.paths.data_dir = data.path().display().to_string();
         cfg.model.path = common::model_path(common::SMOLLM2).display().to_string();
+        // The trainer would compete for the CPU; tests that train turn it on.
+        cfg.train.enabled = false;
         tune(&mut cfg);
         let state = clawrl_tui::app::build(&cfg).unwrap();
         let events = state.bus.subscribe();
@@ -114,6 +116,7 @@ async fn capture_steps_are_published_on_the_event_bus() {
             Event::TurnJudged { .. } => "judged",
             Event::JudgeQueue { .. } => "judge_queue",
             Event::FeedbackRecorded { .. } => "feedback",
+            _ => "training",
         })
         .collect();
     assert_eq!(

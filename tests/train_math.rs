@@ -98,7 +98,7 @@ fn the_adapter_computes_the_same_as_merged_weights() {
 
 /// The combined loss of the sample at `adapter`, without gradients.
 fn loss_at(model: &Transformer, adapter: &LoraAdapter, signals: &Signals) -> f64 {
-    let lp = response_logprobs(model, adapter, &PROMPT, &RESPONSE, 64);
+    let lp = response_logprobs(model, adapter, &PROMPT, &RESPONSE, 64, &|| {});
     LossConfig::default()
         .sample_loss(lp, signals, None)
         .into_scalar::<f32>() as f64
@@ -141,7 +141,7 @@ fn lora_gradients_match_finite_differences() {
     };
     let trainable = adapter.trainable();
     // The whole prompt with gradients (a shorter window leaves out the head's keys and values).
-    let lp = response_logprobs(&model, &trainable, &PROMPT, &RESPONSE, 64);
+    let lp = response_logprobs(&model, &trainable, &PROMPT, &RESPONSE, 64, &|| {});
     let grads = LossConfig::default()
         .sample_loss(lp, &signals, None)
         .backward();
@@ -203,7 +203,15 @@ fn one_update(
         ..LossConfig::default()
     };
     let m = micro_step(
-        model, &mut opt, &loss, &PROMPT, &RESPONSE, &signals, 64, 1.0,
+        model,
+        &mut opt,
+        &loss,
+        &PROMPT,
+        &RESPONSE,
+        &signals,
+        64,
+        1.0,
+        &|| {},
     );
     assert_eq!(m.tokens, RESPONSE.len());
     assert!(m.drift.abs() < 1e-9, "on-policy: no drift before the step");
@@ -258,8 +266,8 @@ fn an_opd_step_moves_the_student_toward_the_teacher() {
 fn computing_the_prompt_head_without_gradients_gives_the_same_log_probs() {
     let model = tiny();
     let adapter = random_adapter(&model, 4, 0.2);
-    let full = response_logprobs(&model, &adapter.trainable(), &PROMPT, &RESPONSE, 64);
-    let tail = response_logprobs(&model, &adapter.trainable(), &PROMPT, &RESPONSE, 2);
+    let full = response_logprobs(&model, &adapter.trainable(), &PROMPT, &RESPONSE, 64, &|| {});
+    let tail = response_logprobs(&model, &adapter.trainable(), &PROMPT, &RESPONSE, 2, &|| {});
     let (full, tail) = (
         values(&full.unsqueeze::<2>()),
         values(&tail.unsqueeze::<2>()),

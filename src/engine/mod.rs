@@ -214,7 +214,7 @@ pub struct Compared {
     pub kl: Vec<f32>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EngineError {
     ContextTooLong {
         prompt_tokens: usize,
@@ -352,6 +352,53 @@ impl Engine {
     /// Whether a user request is waiting or being generated (background work yields to it).
     pub fn serving_busy(&self) -> bool {
         self.shared.user_inflight.load(Relaxed) > 0
+    }
+
+    /// Runs a background job to its end and returns its final event (`Finished`, `Chosen` or
+    /// `Scored`). Blocks: call it from a thread that may wait (the trainer, the gate).
+    pub fn run_blocking(
+        &self,
+        prompt: Prompt,
+        task: Task,
+        version: Version,
+    ) -> Result<EngineEvent, EngineError> {
+        let (job, mut rx) = Job::new(prompt, task, version, Priority::Background);
+        self.submit(job)
+            .map_err(|_| EngineError::Internal("the engine is not ready".into()))?;
+        loop {
+            match rx.blocking_recv() {
+                Some(
+                    e @ (EngineEvent::Finished { .. }
+                    | EngineEvent::Chosen { .. }
+                    | EngineEvent::Scored { .. }),
+                ) => {
+                    return Ok(e);
+                }
+                Some(EngineEvent::Failed(e)) => return Err(e),
+                Some(_) => {}
+                None => return Err(EngineError::Internal("the engine stopped".into())),
+            }
+        }
+    }
+
+    /// Teacher-forced scoring (see [`Task::Score`]), blocking.
+    pub fn score_blocking(
+        &self,
+        prompt: Prompt,
+        continuation: Vec<u32>,
+        version: i64,
+        compare: Vec<i64>,
+    ) -> Result<(Vec<f32>, Vec<Compared>), EngineError> {
+        let task = Task::Score {
+            continuation,
+            compare,
+        };
+        match self.run_blocking(prompt, task, Version::Exactly(version))? {
+            EngineEvent::Scored { logprobs, compared } => Ok((logprobs, compared)),
+            other => Err(EngineError::Internal(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
     }
 
     /// Sends a command; applied between decode rounds.

@@ -5,11 +5,9 @@ use crate::config::JudgeEndpoint;
 use crate::engine::{
     Engine, EngineError, EngineEvent, Job, Priority, Prompt, SubmitError, Task, Version,
 };
+use crate::http_client::{self, Target};
 use crate::model::SamplingParams;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, StatusCode, Uri};
-use hyper_util::rt::TokioIo;
+use hyper::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -147,10 +145,7 @@ fn engine_failure(e: EngineError) -> BackendError {
 /// An OpenAI-compatible chat completions endpoint reached over plain HTTP (a judge server on
 /// this machine or the local network: llama.cpp, vLLM, another clawrl-tui).
 pub struct Endpoint {
-    /// `host:port` to connect to.
-    authority: String,
-    /// `/v1/chat/completions` under the base URL's path.
-    path: String,
+    target: Target,
     pub model: String,
     api_key: Option<String>,
     timeout: Duration,
@@ -158,32 +153,13 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn new(cfg: &JudgeEndpoint) -> anyhow::Result<Self> {
-        let uri: Uri = cfg
-            .base_url
-            .parse()
-            .map_err(|e| anyhow::anyhow!("judge.openai.base_url {:?}: {e}", cfg.base_url))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => anyhow::bail!(
-                "judge.openai.base_url {:?}: https is not supported; reach the endpoint over http (e.g. through a local TLS proxy such as `stunnel`)",
-                cfg.base_url
-            ),
-            _ => anyhow::bail!(
-                "judge.openai.base_url {:?} must start with http://",
-                cfg.base_url
-            ),
-        }
-        let host = uri.host().ok_or_else(|| {
-            anyhow::anyhow!("judge.openai.base_url {:?} has no host", cfg.base_url)
-        })?;
-        let port = uri.port_u16().unwrap_or(80);
+        let target = Target::parse(&cfg.base_url, "judge.openai.base_url")?;
         let api_key = (!cfg.api_key_env.is_empty())
             .then(|| std::env::var(&cfg.api_key_env).ok())
             .flatten()
             .filter(|k| !k.is_empty());
         Ok(Self {
-            authority: format!("{host}:{port}"),
-            path: format!("{}/chat/completions", uri.path().trim_end_matches('/')),
+            target,
             model: cfg.model.clone(),
             api_key,
             timeout: Duration::from_secs(cfg.timeout_secs.max(1)),
@@ -201,15 +177,23 @@ impl Endpoint {
             "model": self.model, "messages": messages, "temperature": temperature,
             "max_tokens": max_tokens, "seed": seed, "stream": false,
         });
-        let (status, reply) = tokio::time::timeout(self.timeout, self.post(body))
+        let sent = http_client::send(
+            &self.target,
+            hyper::Method::POST,
+            "/chat/completions",
+            self.api_key.as_deref(),
+            Some(&body),
+        );
+        let (status, reply) = tokio::time::timeout(self.timeout, sent)
             .await
             .map_err(|_| {
                 BackendError::Transient(format!(
                     "the judge endpoint {} did not answer within {} s",
-                    self.authority,
+                    self.target.authority,
                     self.timeout.as_secs()
                 ))
-            })??;
+            })?
+            .map_err(|e| BackendError::Transient(format!("the judge endpoint: {e}")))?;
         let detail = || {
             reply["error"]["message"]
                 .as_str()
@@ -240,47 +224,5 @@ impl Endpoint {
                 "the judge endpoint's reply has no choices[0].message.content: {reply}"
             ))),
         }
-    }
-
-    async fn post(&self, body: Value) -> Result<(StatusCode, Value), BackendError> {
-        let unreachable = |e: &dyn std::fmt::Display| {
-            BackendError::Transient(format!(
-                "cannot reach the judge endpoint {}: {e}",
-                self.authority
-            ))
-        };
-        let stream = tokio::net::TcpStream::connect(&self.authority)
-            .await
-            .map_err(|e| unreachable(&e))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(&e))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut req = Request::post(&self.path)
-            .header(hyper::header::HOST, &self.authority)
-            .header(hyper::header::CONTENT_TYPE, "application/json");
-        if let Some(key) = &self.api_key {
-            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {key}"));
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| BackendError::Permanent(e.to_string()))?;
-        let res = sender
-            .send_request(req)
-            .await
-            .map_err(|e| unreachable(&e))?;
-        let status = res.status();
-        let bytes = res
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| unreachable(&e))?
-            .to_bytes();
-        let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-            json!({"error": {"message": String::from_utf8_lossy(&bytes).chars().take(500).collect::<String>()}})
-        });
-        Ok((status, value))
     }
 }

@@ -100,7 +100,20 @@ pub fn authorize(req: &Request<Incoming>, key: Option<&str>) -> Result<(), ApiEr
 
 /// Reads a JSON body of at most `limit` bytes.
 pub async fn read_json(req: Request<Incoming>, limit: usize) -> Result<Value, ApiError> {
-    let bytes = match Limited::new(req.into_body(), limit).collect().await {
+    parse_json(&read_body(req, limit).await?)
+}
+
+/// Like [`read_json`], with an empty body read as `null` (routes whose body is optional).
+pub async fn read_optional_json(req: Request<Incoming>, limit: usize) -> Result<Value, ApiError> {
+    let bytes = read_body(req, limit).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
+    parse_json(&bytes)
+}
+
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    Ok(match Limited::new(req.into_body(), limit).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -119,8 +132,11 @@ pub async fn read_json(req: Request<Incoming>, limit: usize) -> Result<Value, Ap
                 "Could not read the request body: {e}"
             )));
         }
-    };
-    serde_json::from_slice(&bytes).map_err(|e| {
+    })
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
         ApiError::invalid(format!(
             "We could not parse the JSON body of your request: {e}"
         ))

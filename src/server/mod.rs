@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP server (hyper on tokio): routes, auth, SSE, errors, metrics.
 
+pub mod admin;
 pub mod chat;
 pub mod feedback;
 pub mod http;
@@ -41,6 +42,10 @@ pub struct AppState {
     pub capture: Arc<Capture>,
     /// The background judge (`None` when `judge.backend = "off"`); `serve` runs it.
     pub judge: Option<Arc<crate::judge::Judge>>,
+    /// Versions: candidates, approve / veto / rollback.
+    pub gate: Arc<crate::gate::Gate>,
+    /// The training thread (`None` when `train.enabled = false`).
+    pub trainer: Option<Arc<crate::train::TrainerHandle>>,
     pub bus: EventBus,
     pub counters: Arc<Counters>,
 }
@@ -91,6 +96,7 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
         }
         (&Method::POST, "/v1/chat/completions") => chat_route(state.clone(), req).await,
         (&Method::POST, "/v1/feedback") => feedback::route(state.clone(), req).await,
+        (_, path) if admin::is_admin(path) => admin::route(state.clone(), req).await,
         (_, "/v1/chat/completions" | "/v1/feedback" | "/v1/models" | "/health" | "/metrics") => {
             Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -202,6 +208,10 @@ pub async fn serve(
         }
     }
     closer.abort();
+    // An update in progress is set aside at its next micro-step; its samples stay untrained.
+    if let Some(t) = &state.trainer {
+        t.stop();
+    }
     // A turn being judged now is judged again after a restart (nothing of it was stored).
     if let Some(j) = judge {
         j.abort();

@@ -7,6 +7,11 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
+mod samples;
+mod versions;
+pub use samples::SampleRow;
+pub use versions::{LiveChange, NewVersion, VersionRow};
+
 /// Each entry migrates the schema from version i to i+1; never edit a shipped entry, append.
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -81,6 +86,60 @@ CREATE TABLE feedback (
     created_at INTEGER NOT NULL
 );
 CREATE INDEX feedback_turn ON feedback (turn_id);
+"#,
+    r#"
+-- Adapter versions trained here (v0, the base model, has no row). Never deleted.
+CREATE TABLE versions (
+    id             INTEGER PRIMARY KEY,
+    parent         INTEGER NOT NULL,      -- the version it was trained from (0 = base)
+    created_at     INTEGER NOT NULL,
+    state          TEXT NOT NULL,         -- candidate | live | vetoed | retired
+    samples        INTEGER NOT NULL,
+    tokens         INTEGER NOT NULL,
+    loss           REAL NOT NULL,
+    drift          REAL NOT NULL,         -- KL(behaviour ‖ updated policy) on the trained tokens
+    grad_norm      REAL NOT NULL,
+    mean_reward    REAL,                  -- over the samples that had a reward
+    hints          INTEGER NOT NULL,      -- samples with a distillation (OPD) signal
+    train_secs     REAL NOT NULL,
+    kl_base        REAL,                  -- guard: mean per-token KL from the base on the probes
+    kl_live        REAL,                  -- guard: the same from the parent version
+    approved_delta REAL,                  -- guard: change of approved answers' mean log-prob
+    guard_passed   INTEGER NOT NULL,
+    guard_report   TEXT NOT NULL,         -- JSON: values, limits, reasons
+    path           TEXT NOT NULL,         -- the PEFT folder
+    sha256         TEXT NOT NULL,         -- of adapter_model.safetensors
+    lora           TEXT NOT NULL,         -- JSON: rank, alpha, targets
+    decided_at     INTEGER,
+    decided_by     TEXT,                  -- auto | api | tui | restart
+    error          TEXT                   -- why its adapter could not be served
+);
+-- The turns each version was trained on.
+CREATE TABLE version_samples (
+    version_id INTEGER NOT NULL REFERENCES versions(id),
+    turn_id    INTEGER NOT NULL REFERENCES turns(id),
+    reward     REAL,
+    hint       INTEGER NOT NULL,
+    PRIMARY KEY (version_id, turn_id)
+);
+CREATE INDEX version_samples_turn ON version_samples (turn_id);
+-- Turns the trainer set aside without training on them (e.g. too stale).
+CREATE TABLE dropped_samples (
+    turn_id INTEGER PRIMARY KEY REFERENCES turns(id),
+    reason  TEXT NOT NULL,
+    at      INTEGER NOT NULL
+);
+-- Every change of the live version, in order; the last row is live (no row: v0).
+CREATE TABLE live_history (
+    id         INTEGER PRIMARY KEY,
+    version_id INTEGER NOT NULL,
+    at         INTEGER NOT NULL,
+    reason     TEXT NOT NULL              -- auto | approve | rollback | fallback
+);
+CREATE TABLE settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 "#,
 ];
 
@@ -638,7 +697,12 @@ impl Store {
                 None => Value::Null,
             };
             // The human rating overrides the judge; both stay visible.
-            record["reward"] = json!(rating.or(judge_score));
+            // A judgment that failed (`error` set) is no reward at all, not a neutral one.
+            let judge_failed = r.get::<_, Option<String>>(28)?.is_some();
+            record["reward"] = json!(rating.or(judge_score.filter(|_| !judge_failed)));
+            // Which versions learned from this turn (and why none will, if it was set aside).
+            record["trained_in"] = json!(self.trained_in(turn_id)?);
+            record["training_dropped"] = json!(self.dropped_reason(turn_id)?);
             each(record)?;
             n += 1;
         }

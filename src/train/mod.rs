@@ -5,3 +5,6 @@
 pub mod loss;
 pub mod optimizer;
 pub mod policy;
+pub mod trainer;
+
+pub use trainer::{TrainerHandle, TrainerStatus, spawn};

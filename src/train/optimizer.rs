@@ -90,6 +90,12 @@ impl AdapterOptimizer {
         self.micro_steps += 1;
     }
 
+    /// Forgets the gradients summed since the last step (an update set aside).
+    pub fn discard(&mut self) {
+        self.grads.iter_mut().for_each(|g| *g = None);
+        self.micro_steps = 0;
+    }
+
     /// Micro-steps accumulated since the last [`Self::step`].
     pub fn pending(&self) -> usize {
         self.micro_steps

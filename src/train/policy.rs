@@ -16,23 +16,21 @@ const CHUNK: usize = 256;
 /// trainable adapter; the prompt's head goes through with a frozen copy of the same values,
 /// so every log-prob is exact and the gradient ignores only the head's keys and values (an
 /// agent's 5 K-token system prompt would otherwise cost a 5 K-token backward pass).
+/// `pause_point` runs before each chunk of the head (the trainer waits there while serving).
 pub fn response_logprobs(
     model: &Transformer,
     adapter: &LoraAdapter,
     prompt: &[u32],
     response: &[u32],
     grad_context: usize,
+    pause_point: &dyn Fn(),
 ) -> Tensor<1> {
     let split = prompt.len().saturating_sub(grad_context.max(1));
     let mut cache = model.new_cache();
-    if split > 0 {
-        scoring::extend(
-            model,
-            &prompt[..split],
-            &mut cache,
-            Some(&adapter.frozen()),
-            CHUNK,
-        );
+    let frozen = adapter.frozen();
+    for piece in prompt[..split].chunks(CHUNK) {
+        pause_point();
+        scoring::extend(model, piece, &mut cache, Some(&frozen), CHUNK);
     }
     let logits =
         scoring::continuation_logits(model, prompt, response, &mut cache, Some(adapter), CHUNK)
@@ -64,8 +62,16 @@ pub fn micro_step(
     signals: &Signals,
     grad_context: usize,
     weight: f64,
+    pause_point: &dyn Fn(),
 ) -> MicroStep {
-    let logp_new = response_logprobs(model, optimizer.trainable(), prompt, response, grad_context);
+    let logp_new = response_logprobs(
+        model,
+        optimizer.trainable(),
+        prompt,
+        response,
+        grad_context,
+        pause_point,
+    );
     let base = (loss.kl_coef > 0.0).then(|| {
         let mut cache = model.new_cache();
         let logits = scoring::continuation_logits(model, prompt, response, &mut cache, None, CHUNK)

@@ -39,7 +39,8 @@ impl Server {
     }
 
     /// Starts a server on `model` (served as `model_id`) and returns once it listens. The
-    /// judge is off unless `env` turns it on (it would compete with the tests for the CPU).
+    /// judge and the trainer are off unless `env` turns them on (they would compete with the
+    /// tests for the CPU).
     pub fn spawn(model: &std::path::Path, model_id: &str, env: &[(&str, &str)]) -> Self {
         Self::spawn_in(tempfile::tempdir().unwrap(), model, model_id, env)
     }
@@ -80,6 +81,7 @@ impl Server {
         .env("CLAWRL_DATA_DIR", data.path())
         .env("CLAWRL__SERVER__MODEL_ID", model_id)
         .env("CLAWRL__JUDGE__BACKEND", "off")
+        .env("CLAWRL__TRAIN__ENABLED", "false")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
         for (k, v) in env {

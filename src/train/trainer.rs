@@ -1,0 +1,585 @@
+//! The trainer thread: waits until enough samples are ready (or the oldest has waited long
+//! enough), computes the teacher's log-probs for hinted samples through the engine, runs one
+//! micro-step per sample while no user request is being served, takes one optimizer step and
+//! hands the result to the gate as a candidate version.
+//!
+//! Nothing here can refuse, delay or abort a request: the engine never waits for the trainer,
+//! and the trainer waits for the engine between micro-steps (and between chunks of a long
+//! prompt). An update interrupted by a pause, a change of the live version or a crash leaves
+//! its samples untouched; they go into the next update.
+
+use super::loss::{LossConfig, Signals};
+use super::optimizer::{AdapterOptimizer, OptimizerConfig};
+use super::policy::micro_step;
+use crate::config::{Config, JudgeBackend, Teacher, TrainSection};
+use crate::engine::{Engine, Prompt, Status};
+use crate::events::{Event, EventBus, emit};
+use crate::gate::{Candidate, Gate};
+use crate::judge::teacher::hinted_messages;
+use crate::model::{LoraAdapter, LoraConfig};
+use crate::store::{SampleRow, Store, now_ms};
+use anyhow::{Result, bail};
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const PAUSED_KEY: &str = "training_paused";
+
+/// Progress of the update being computed.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct UpdateProgress {
+    pub parent: i64,
+    pub samples: usize,
+    pub done: usize,
+    pub mean_loss: f64,
+}
+
+/// What the trainer is doing, for `ctl status` and the screen.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TrainerStatus {
+    /// starting | waiting | training | guarding | held | paused | stopped
+    pub state: String,
+    /// A sentence for humans.
+    pub detail: String,
+    pub samples_waiting: usize,
+    pub update: Option<UpdateProgress>,
+    /// Updates finished by this process.
+    pub updates: usize,
+    pub last_error: Option<String>,
+}
+
+/// The handle the server keeps: status, pause and resume (persisted across restarts), stop.
+pub struct TrainerHandle {
+    status: Mutex<TrainerStatus>,
+    paused: AtomicBool,
+    stop: AtomicBool,
+    store: Mutex<Store>,
+    bus: EventBus,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl TrainerHandle {
+    pub fn status(&self) -> TrainerStatus {
+        lock(&self.status).clone()
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Relaxed)
+    }
+
+    /// Pauses training (at the next micro-step; the update in progress is set aside).
+    /// Returns whether it was running.
+    pub fn pause(&self) -> Result<bool> {
+        self.set_paused(true)
+    }
+
+    /// Resumes training. Returns whether it was paused.
+    pub fn resume(&self) -> Result<bool> {
+        self.set_paused(false)
+    }
+
+    fn set_paused(&self, paused: bool) -> Result<bool> {
+        lock(&self.store).set_setting(PAUSED_KEY, if paused { "1" } else { "0" })?;
+        let changed = self.paused.swap(paused, Relaxed) != paused;
+        if changed {
+            emit(
+                &self.bus,
+                if paused {
+                    Event::TrainingPaused
+                } else {
+                    Event::TrainingResumed
+                },
+            );
+        }
+        Ok(changed)
+    }
+
+    /// Asks the thread to stop (at the next micro-step).
+    pub fn stop(&self) {
+        self.stop.store(true, Relaxed);
+    }
+
+    fn set(&self, f: impl FnOnce(&mut TrainerStatus)) {
+        f(&mut lock(&self.status));
+    }
+
+    fn set_state(&self, state: &str, detail: impl Into<String>) {
+        let detail = detail.into();
+        self.set(|s| {
+            s.state = state.into();
+            s.detail = detail;
+        });
+    }
+}
+
+/// Why an update stopped before its end.
+#[derive(Debug)]
+enum Interrupted {
+    Paused,
+    Stopped,
+    LiveChanged(i64),
+}
+
+struct Trainer {
+    cfg: TrainSection,
+    loss: LossConfig,
+    optim: OptimizerConfig,
+    lora: LoraConfig,
+    engine: Engine,
+    gate: Arc<Gate>,
+    store: Store,
+    handle: Arc<TrainerHandle>,
+    bus: EventBus,
+    /// With a judge, a turn whose next state arrived waits for its judgment.
+    wait_for_judge: bool,
+    /// The trainable adapter and the version its values are (reused while that one is live).
+    optimizer: Option<(i64, AdapterOptimizer)>,
+    last_waiting: Option<usize>,
+}
+
+/// Starts the trainer thread. Training starts paused if it was paused when the last process
+/// stopped.
+pub fn spawn(
+    cfg: &Config,
+    engine: Engine,
+    gate: Arc<Gate>,
+    bus: EventBus,
+) -> Result<Arc<TrainerHandle>> {
+    let store = Store::open(&cfg.store_path())?;
+    let paused = store.setting(PAUSED_KEY)?.as_deref() == Some("1");
+    let handle = Arc::new(TrainerHandle {
+        status: Mutex::new(TrainerStatus {
+            state: "starting".into(),
+            detail: "waiting for the model to load".into(),
+            samples_waiting: 0,
+            update: None,
+            updates: 0,
+            last_error: None,
+        }),
+        paused: AtomicBool::new(paused),
+        stop: AtomicBool::new(false),
+        store: Mutex::new(Store::open(&cfg.store_path())?),
+        bus: bus.clone(),
+    });
+    let t = &cfg.train;
+    let trainer = Trainer {
+        cfg: t.clone(),
+        loss: LossConfig {
+            method: t.method,
+            clip_low: t.clip_low,
+            clip_high: t.clip_high,
+            w_rl: t.w_rl,
+            w_opd: t.w_opd,
+            kl_coef: t.kl_coef,
+        },
+        optim: OptimizerConfig {
+            learning_rate: t.learning_rate,
+            weight_decay: t.weight_decay,
+            beta1: t.betas[0],
+            beta2: t.betas[1],
+            epsilon: 1e-8,
+            max_grad_norm: t.max_grad_norm,
+        },
+        lora: cfg.lora(),
+        engine,
+        gate,
+        store,
+        handle: handle.clone(),
+        bus,
+        wait_for_judge: cfg.judge.backend != JudgeBackend::Off,
+        optimizer: None,
+        last_waiting: None,
+    };
+    std::thread::Builder::new()
+        .name("clawrl-trainer".into())
+        .spawn(move || trainer.run())?;
+    Ok(handle)
+}
+
+impl Trainer {
+    fn run(mut self) {
+        loop {
+            match self.engine.status() {
+                Status::Ready => break,
+                Status::Failed(_) => {
+                    return self.handle.set_state("stopped", "the model failed to load");
+                }
+                Status::Loading => std::thread::sleep(Duration::from_millis(200)),
+            }
+            if self.stopping() {
+                return;
+            }
+        }
+        let mut backoff = Duration::from_secs(2);
+        while !self.stopping() {
+            match self.tick() {
+                Ok(true) => backoff = Duration::from_secs(2),
+                Ok(false) => self.sleep(Duration::from_secs(1)),
+                Err(e) => {
+                    let error = format!("{e:#}");
+                    tracing::warn!("training: {error}; retrying in {backoff:?}");
+                    self.handle.set(|s| {
+                        s.last_error = Some(error.clone());
+                        s.update = None;
+                    });
+                    self.handle
+                        .set_state("waiting", format!("the last update failed: {error}"));
+                    emit(&self.bus, Event::TrainingFailed { error });
+                    self.sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                }
+            }
+        }
+        self.handle.set_state("stopped", "the server is stopping");
+    }
+
+    fn stopping(&self) -> bool {
+        self.handle.stop.load(Relaxed)
+    }
+
+    /// Sleeps in small steps so that stop requests are seen quickly.
+    fn sleep(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while Instant::now() < until && !self.stopping() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// One look at the world; returns whether an update ran.
+    fn tick(&mut self) -> Result<bool> {
+        if self.handle.is_paused() {
+            self.handle
+                .set_state("paused", "training is paused (`ctl resume` resumes it)");
+            return Ok(false);
+        }
+        if let Some(v) = self.gate.undecided()? {
+            self.handle.set_state(
+                "held",
+                format!(
+                    "candidate v{v} waits for a decision (`ctl approve {v}` or `ctl veto {v}`)"
+                ),
+            );
+            return Ok(false);
+        }
+        let live = self.engine.live_version();
+        let samples = self.ready_samples(live)?;
+        let waiting = samples.len();
+        self.handle.set(|s| s.samples_waiting = waiting);
+        if self.last_waiting != Some(waiting) {
+            self.last_waiting = Some(waiting);
+            emit(&self.bus, Event::SamplesWaiting { samples: waiting });
+        }
+        let oldest_wait_ms = samples
+            .iter()
+            .map(|s| now_ms() - s.signal_at)
+            .max()
+            .unwrap_or(0);
+        let due = waiting >= self.cfg.min_samples
+            || (waiting > 0 && oldest_wait_ms >= self.cfg.max_wait_secs as i64 * 1000);
+        if !due {
+            let detail = if waiting == 0 {
+                "waiting for rated or judged turns".to_string()
+            } else {
+                let left = (self.cfg.max_wait_secs as i64 * 1000 - oldest_wait_ms).max(0) / 1000;
+                format!(
+                    "{waiting} sample(s) ready; an update starts at {} or in {left} s",
+                    self.cfg.min_samples
+                )
+            };
+            self.handle.set_state("waiting", detail);
+            return Ok(false);
+        }
+        let batch: Vec<SampleRow> = samples.into_iter().take(self.cfg.max_samples).collect();
+        match self.update(live, batch) {
+            Ok(()) => Ok(true),
+            Err(e) => match e.downcast_ref::<InterruptedError>() {
+                Some(InterruptedError(why)) => {
+                    tracing::info!("update set aside: {why:?}");
+                    self.handle.set(|s| s.update = None);
+                    if let Interrupted::LiveChanged(v) = why {
+                        tracing::info!(
+                            live = v,
+                            "the live version changed; training restarts from it"
+                        );
+                        self.optimizer = None;
+                    }
+                    Ok(false)
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    /// Ready samples the method can use; stale or malformed ones are set aside for good.
+    fn ready_samples(&mut self, live: i64) -> Result<Vec<SampleRow>> {
+        let rows = self
+            .store
+            .ready_samples(self.wait_for_judge, 50 * self.cfg.max_samples)?;
+        let mut keep = Vec::new();
+        let mut dropped = Vec::new();
+        for r in rows {
+            let signals = Signals {
+                logp_old: Vec::new(),
+                reward: r.reward.map(f32::from),
+                teacher_logp: r.hint.as_ref().map(|_| Vec::new()),
+            };
+            if r.response_ids.is_empty()
+                || r.logprobs.len() != r.response_ids.len()
+                || r.prompt_ids.is_empty()
+            {
+                dropped.push((
+                    r.turn_id,
+                    "malformed: no response or mismatched log-probs".to_string(),
+                ));
+            } else if (live - r.adapter_version).abs() > self.cfg.max_staleness {
+                dropped.push((
+                    r.turn_id,
+                    format!(
+                        "stale: written by v{}, live v{live} (train.max_staleness {})",
+                        r.adapter_version, self.cfg.max_staleness
+                    ),
+                ));
+            } else if !self.loss.uses(&signals) {
+                dropped.push((
+                    r.turn_id,
+                    format!("no signal for train.method {:?}", self.cfg.method),
+                ));
+            } else {
+                keep.push(r);
+            }
+        }
+        if !dropped.is_empty() {
+            tracing::info!(count = dropped.len(), "samples set aside");
+            self.store.drop_samples(&dropped, now_ms())?;
+        }
+        Ok(keep)
+    }
+
+    /// Waits while a user request is being served, then checks that the update may go on.
+    fn yield_to_serving(&self, parent: i64) -> Result<()> {
+        while self.engine.serving_busy() && !self.stopping() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let why = if self.stopping() {
+            Some(Interrupted::Stopped)
+        } else if self.handle.is_paused() {
+            Some(Interrupted::Paused)
+        } else if self.engine.live_version() != parent {
+            Some(Interrupted::LiveChanged(self.engine.live_version()))
+        } else {
+            None
+        };
+        match why {
+            Some(w) => Err(InterruptedError(w).into()),
+            None => Ok(()),
+        }
+    }
+
+    fn update(&mut self, parent: i64, batch: Vec<SampleRow>) -> Result<()> {
+        let started = Instant::now();
+        let model = match self.engine.model() {
+            Some(m) => m,
+            None => bail!("the model is not loaded"),
+        };
+        let hints = batch.iter().filter(|s| s.hint.is_some()).count();
+        let n = batch.len();
+        emit(
+            &self.bus,
+            Event::TrainingStarted {
+                parent,
+                samples: n,
+                hints,
+            },
+        );
+        self.handle.set(|s| {
+            s.update = Some(UpdateProgress {
+                parent,
+                samples: n,
+                done: 0,
+                mean_loss: 0.0,
+            })
+        });
+        self.handle.set_state(
+            "training",
+            format!("training on {n} sample(s) from v{parent}"),
+        );
+        let mut optimizer = match self.optimizer.take() {
+            Some((v, o)) if v == parent => o,
+            _ => {
+                let start = match self.gate.adapter(parent)? {
+                    Some(a) => a,
+                    None => LoraAdapter::init(
+                        &model.config,
+                        self.lora.clone(),
+                        &model.transformer.device(),
+                        self.cfg.seed,
+                    ),
+                };
+                AdapterOptimizer::new(&start, self.optim.clone())
+            }
+        };
+        let result = self.train(&model, &mut optimizer, parent, &batch, started);
+        match result {
+            Ok(candidate) => {
+                self.handle
+                    .set_state("guarding", "the regression guard scores the candidate");
+                let row = self.gate.propose(candidate)?;
+                self.optimizer = Some((row.id, optimizer));
+                self.handle.set(|s| {
+                    s.updates += 1;
+                    s.update = None;
+                    s.last_error = None;
+                });
+                Ok(())
+            }
+            Err(e) => {
+                optimizer.discard();
+                // The optimizer's values are still `parent`'s: keep it for the next try.
+                self.optimizer = Some((parent, optimizer));
+                Err(e)
+            }
+        }
+    }
+
+    fn train(
+        &self,
+        model: &crate::model::LoadedModel,
+        optimizer: &mut AdapterOptimizer,
+        parent: i64,
+        batch: &[SampleRow],
+        started: Instant,
+    ) -> Result<Candidate> {
+        let n = batch.len();
+        let max = self.cfg.max_response_tokens;
+        let (mut loss_sum, mut drift_sum, mut tokens) = (0f64, 0f64, 0usize);
+        let mut used = Vec::with_capacity(n);
+        let mut hints = 0;
+        for (i, s) in batch.iter().enumerate() {
+            self.yield_to_serving(parent)?;
+            let response = &s.response_ids[..s.response_ids.len().min(max)];
+            let logp_old = s.logprobs[..response.len()].to_vec();
+            let teacher_logp = match &s.hint {
+                Some(hint) if self.loss.method != super::loss::Method::Rl => {
+                    self.teacher_logprobs(s, hint, response, parent)
+                }
+                _ => None,
+            };
+            hints += usize::from(teacher_logp.is_some());
+            let signals = Signals {
+                logp_old,
+                reward: s.reward.map(f32::from),
+                teacher_logp,
+            };
+            self.yield_to_serving(parent)?;
+            let m = micro_step(
+                &model.transformer,
+                optimizer,
+                &self.loss,
+                &s.prompt_ids,
+                response,
+                &signals,
+                self.cfg.grad_context_tokens,
+                1.0 / n as f64,
+                &|| {
+                    while self.engine.serving_busy() && !self.stopping() {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                },
+            );
+            loss_sum += m.loss;
+            drift_sum += m.drift;
+            tokens += m.tokens;
+            used.push((
+                s.turn_id,
+                s.reward.map(f64::from),
+                signals.teacher_logp.is_some(),
+            ));
+            let done = i + 1;
+            self.handle.set(|st| {
+                if let Some(u) = st.update.as_mut() {
+                    u.done = done;
+                    u.mean_loss = loss_sum / done as f64;
+                }
+            });
+            emit(
+                &self.bus,
+                Event::TrainingStep {
+                    done,
+                    samples: n,
+                    loss: m.loss,
+                    kl: m.drift,
+                },
+            );
+        }
+        self.yield_to_serving(parent)?;
+        let grad_norm = optimizer.step();
+        let rewards: Vec<f64> = batch
+            .iter()
+            .filter_map(|s| s.reward.map(f64::from))
+            .collect();
+        Ok(Candidate {
+            adapter: optimizer.snapshot(),
+            parent,
+            samples: used,
+            tokens,
+            loss: loss_sum / n as f64,
+            drift: drift_sum / n as f64,
+            grad_norm,
+            mean_reward: (!rewards.is_empty())
+                .then(|| rewards.iter().sum::<f64>() / rewards.len() as f64),
+            hints,
+            train_secs: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The teacher's log-probs of the response given the hinted context (PIPELINE.md §3),
+    /// computed by the engine. `None` (no distillation signal) when it cannot be computed.
+    fn teacher_logprobs(
+        &self,
+        s: &SampleRow,
+        hint: &str,
+        response: &[u32],
+        live: i64,
+    ) -> Option<Vec<f32>> {
+        let messages = s.request_messages.as_array()?;
+        let hinted = match hinted_messages(messages, hint) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::info!(turn = s.turn_id, "no teacher context: {e:#}");
+                return None;
+            }
+        };
+        let version = match self.cfg.teacher {
+            Teacher::Base => 0,
+            Teacher::Policy => live,
+        };
+        let prompt = Prompt::chat(hinted, s.tools.clone());
+        match self
+            .engine
+            .score_blocking(prompt, response.to_vec(), version, Vec::new())
+        {
+            Ok((lp, _)) if lp.len() == response.len() => Some(lp),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::info!(turn = s.turn_id, "no teacher log-probs: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// An update set aside (not a failure).
+#[derive(Debug)]
+struct InterruptedError(Interrupted);
+
+impl std::fmt::Display for InterruptedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "update interrupted: {:?}", self.0)
+    }
+}
+
+impl std::error::Error for InterruptedError {}
