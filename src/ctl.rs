@@ -204,7 +204,7 @@ pub fn human(command: &CtlCommand, a: &Value) -> String {
                     format!("v{}", v["id"]),
                     format!("v{}", v["parent"]),
                     created.get(..19).unwrap_or(&created),
-                    v["samples"],
+                    v["samples"].as_i64().unwrap_or(0),
                     num(&v["loss"], 4),
                     num(&v["kl_base"], 4),
                     v["mean_reward"]

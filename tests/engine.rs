@@ -1,9 +1,14 @@
-//! The engine's priorities on the real default model: background work (the judge) never holds
-//! up a user request, not even while its long prompt is being computed.
+//! The engine on the real default model: background work (the judge) never holds up a user
+//! request, not even while its long prompt is being computed; adapter versions swap between
+//! requests, never inside one; scoring compares versions.
 
 mod common;
 use clawrl_tui::config::Config;
-use clawrl_tui::engine::{Engine, EngineEvent, Job, Priority, Prompt, Status, Task, Version};
+use clawrl_tui::engine::{
+    Command, Engine, EngineEvent, Job, Priority, Prompt, Status, Task, Version,
+};
+use clawrl_tui::model::{LoraAdapter, LoraConfig, Target};
+use rand::SeedableRng;
 use clawrl_tui::model::SamplingParams;
 use clawrl_tui::telemetry::Counters;
 use serde_json::json;
@@ -110,4 +115,145 @@ fn a_user_request_overtakes_a_long_background_prompt() {
     for (a, b) in logprobs.iter().zip(&again) {
         assert!((a - b).abs() < 1e-3, "{a} vs {b}");
     }
+}
+
+/// A greedy generation of `max_tokens` for `text` under the live version; returns its final
+/// event once finished, after running `meanwhile` when the first token arrived.
+fn generate_with(engine: &Engine, text: &str, max_tokens: usize, meanwhile: impl FnOnce()) -> EngineEvent {
+    let task = Task::Generate {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop: vec![],
+        top_logprobs: 0,
+    };
+    let mut rx = submit(engine, text, task, Priority::User);
+    let mut meanwhile = Some(meanwhile);
+    loop {
+        match rx.blocking_recv().expect("the engine answers") {
+            EngineEvent::Text(_) => {
+                if let Some(f) = meanwhile.take() {
+                    f();
+                }
+            }
+            e @ (EngineEvent::Finished { .. } | EngineEvent::Failed(_)) => return e,
+            _ => {}
+        }
+    }
+}
+
+fn finished(e: EngineEvent) -> (Vec<f32>, String, i64, usize) {
+    match e {
+        EngineEvent::Finished {
+            generation,
+            adapter_version,
+            cached_tokens,
+            ..
+        } => (generation.logprobs, generation.text, adapter_version, cached_tokens),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_swap_of_the_live_version_applies_to_the_next_request_never_to_one_in_flight() {
+    let engine = engine();
+    let model = engine.model().expect("loaded");
+    // An adapter that changes the model: random A and B.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        targets: Target::ALL.to_vec(),
+    };
+    let adapter = LoraAdapter::build(
+        &model.config,
+        lora,
+        |_, _, din, dout, r| {
+            use rand::Rng;
+            let a = (0..din * r).map(|_| rng.random_range(-0.05..0.05)).collect();
+            let b = (0..r * dout).map(|_| rng.random_range(-0.05..0.05)).collect();
+            Ok((a, b))
+        },
+        &model.transformer.device(),
+    )
+    .unwrap();
+    engine
+        .command(Command::Install {
+            version: 1,
+            adapter: Arc::new(adapter),
+        })
+        .unwrap();
+    let prompt = "List three fruits.";
+    let (base_lp, base_text, v, _) = finished(generate_with(&engine, prompt, 12, || {}));
+    assert_eq!(v, 0, "the base model serves until a version goes live");
+
+    // The live version changes while a request is generating: it finishes on v0.
+    let (lp, text, v, _) = finished(generate_with(&engine, prompt, 12, || {
+        engine.set_live_blocking(1).unwrap()
+    }));
+    assert_eq!(engine.live_version(), 1);
+    assert_eq!(v, 0, "the request in flight keeps the version it started with");
+    assert_eq!(text, base_text);
+    for (a, b) in lp.iter().zip(&base_lp) {
+        assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+    }
+
+    // The next request is served by v1, and never from v0's cached prompt.
+    let (lp1, _, v, cached) = finished(generate_with(&engine, prompt, 12, || {}));
+    assert_eq!(v, 1);
+    assert_eq!(cached, 0, "v0's KV cache is not reused under v1");
+    assert!(
+        lp1.iter().zip(&base_lp).any(|(a, b)| (a - b).abs() > 1e-3),
+        "the adapter changes the log-probs"
+    );
+
+    // Back to the base model: the same log-probs as before the swap (its prompt cache is v0's).
+    engine.set_live_blocking(0).unwrap();
+    let (lp0, text0, v, _) = finished(generate_with(&engine, prompt, 12, || {}));
+    assert_eq!((v, text0), (0, base_text));
+    for (a, b) in lp0.iter().zip(&base_lp) {
+        assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+    }
+    // A version the engine does not hold cannot go live; the live version stays.
+    assert!(engine.set_live_blocking(7).is_err());
+    assert_eq!(engine.live_version(), 0);
+}
+
+#[test]
+fn scoring_compares_versions_token_by_token() {
+    let engine = engine();
+    let model = engine.model().expect("loaded");
+    let prompt = model
+        .chat_prompt(&[json!({"role": "user", "content": "What is 2+2?"})], None)
+        .unwrap();
+    let continuation = model.tokenizer.encode_prompt("The answer is 4.").unwrap();
+    let fresh = LoraAdapter::init(
+        &model.config,
+        LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            targets: Target::ALL.to_vec(),
+        },
+        &model.transformer.device(),
+        1,
+    );
+    engine
+        .command(Command::Install {
+            version: 2,
+            adapter: Arc::new(fresh),
+        })
+        .unwrap();
+    let (own, compared) = engine
+        .score_blocking(Prompt::Ids(prompt.clone()), continuation.clone(), 2, vec![0])
+        .unwrap();
+    assert_eq!(own.len(), continuation.len());
+    let expected = model.score(&prompt, &continuation, None).unwrap();
+    for (a, b) in own.iter().zip(&expected) {
+        assert!((a - b).abs() < 1e-4, "a fresh adapter scores like the base: {a} vs {b}");
+    }
+    assert_eq!(compared.len(), 1);
+    assert!(compared[0].kl.iter().all(|k| k.abs() < 1e-4), "{:?}", compared[0].kl);
+    let err = engine
+        .score_blocking(Prompt::Ids(prompt), continuation, 9, vec![])
+        .unwrap_err();
+    assert!(err.to_string().contains("version 9"), "{err}");
 }

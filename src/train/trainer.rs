@@ -294,6 +294,8 @@ impl Trainer {
             return Ok(false);
         }
         let batch: Vec<SampleRow> = samples.into_iter().take(self.cfg.max_samples).collect();
+        self.handle
+            .set(|s| s.samples_waiting = waiting - batch.len());
         match self.update(live, batch) {
             Ok(()) => Ok(true),
             Err(e) => match e.downcast_ref::<InterruptedError>() {
