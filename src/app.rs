@@ -72,19 +72,17 @@ pub fn build(cfg: &Config) -> Result<Arc<AppState>> {
     )?);
     let engine_cfg = engine_config(cfg)?;
     let ready_bus = bus.clone();
-    let engine = Engine::start(
-        engine_cfg,
-        counters.clone(),
-        |_| (0, None),
-        move |info| {
-            emit(
-                &ready_bus,
-                Event::EngineReady {
-                    model: info.name.clone(),
-                },
-            )
-        },
-    );
+    // A restart serves the live version as recorded (or the newest earlier one that loads).
+    let store_path = cfg.store_path();
+    let start_version = move |model: &_| crate::gate::start_version(&store_path, model);
+    let engine = Engine::start(engine_cfg, counters.clone(), start_version, move |info| {
+        emit(
+            &ready_bus,
+            Event::EngineReady {
+                model: info.name.clone(),
+            },
+        )
+    });
     let judge = crate::judge::Judge::from_config(cfg, &engine, bus.clone(), counters.clone())?;
     let gate = Gate::open(cfg, engine.clone(), bus.clone())?;
     let trainer = if cfg.train.enabled {

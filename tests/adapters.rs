@@ -18,7 +18,12 @@ fn random(config: &ModelConfig, seed: u64) -> LoraAdapter {
         LoraConfig {
             rank: 4,
             alpha: 8.0,
-            targets: vec![Target::QProj, Target::KProj, Target::VProj, Target::DownProj],
+            targets: vec![
+                Target::QProj,
+                Target::KProj,
+                Target::VProj,
+                Target::DownProj,
+            ],
         },
         |_, _, din, dout, r| {
             let a = (0..din * r).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -44,7 +49,9 @@ fn same_values(a: &LoraAdapter, b: &LoraAdapter) {
 
 /// SmolLM2's shape, read from its GGUF header (a `llama` file: q/k rows permuted).
 fn smollm2_config() -> ModelConfig {
-    WeightFile::open(&common::model_path(common::SMOLLM2)).unwrap().1
+    WeightFile::open(&common::model_path(common::SMOLLM2))
+        .unwrap()
+        .1
 }
 
 #[test]
@@ -100,7 +107,10 @@ fn q_and_k_rows_are_exported_in_hugging_face_order() {
             .collect()
     };
     let hd = config.head_dim;
-    for (target, heads) in [(Target::QProj, config.num_heads), (Target::KProj, config.num_kv_heads)] {
+    for (target, heads) in [
+        (Target::QProj, config.num_heads),
+        (Target::KProj, config.num_kv_heads),
+    ] {
         let ours = values(&adapter.layers[3].get(target).unwrap().b.val()); // [r, out]
         let out = heads * hd;
         let hf = exported(&peft::tensor_name(3, target, 'B')); // [out, r]
@@ -138,23 +148,41 @@ fn a_corrupt_or_replaced_adapter_is_refused_with_the_reason() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0x40;
     std::fs::write(&weights, &bytes).unwrap();
-    let err = format!("{:#}", peft::load(&path, &config, &Device::flex(), Some(&sha)).unwrap_err());
+    let err = format!(
+        "{:#}",
+        peft::load(&path, &config, &Device::flex(), Some(&sha)).unwrap_err()
+    );
     assert!(err.contains("corrupt") && err.contains(&sha), "{err}");
 
     // Truncated: not a safetensors file any more.
     std::fs::write(&weights, &bytes[..100]).unwrap();
-    let err = format!("{:#}", peft::load(&path, &config, &Device::flex(), None).unwrap_err());
+    let err = format!(
+        "{:#}",
+        peft::load(&path, &config, &Device::flex(), None).unwrap_err()
+    );
     assert!(err.contains("not a valid safetensors file"), "{err}");
 
     // Missing.
     std::fs::remove_file(&weights).unwrap();
-    let err = format!("{:#}", peft::load(&path, &config, &Device::flex(), None).unwrap_err());
+    let err = format!(
+        "{:#}",
+        peft::load(&path, &config, &Device::flex(), None).unwrap_err()
+    );
     assert!(err.contains("cannot read"), "{err}");
 
     // An adapter for another model shape.
     let other = dir.path().join("other");
-    peft::save(&random(&smollm2_config(), 4), &smollm2_config(), "m", &other).unwrap();
-    let err = format!("{:#}", peft::load(&other, &config, &Device::flex(), None).unwrap_err());
+    peft::save(
+        &random(&smollm2_config(), 4),
+        &smollm2_config(),
+        "m",
+        &other,
+    )
+    .unwrap();
+    let err = format!(
+        "{:#}",
+        peft::load(&other, &config, &Device::flex(), None).unwrap_err()
+    );
     assert!(err.contains("shape"), "{err}");
 }
 
@@ -173,5 +201,8 @@ fn writing_replaces_a_leftover_folder_and_leaves_no_temporary_files() {
         .collect();
     assert_eq!(names, ["v1"]);
     assert!(!path.join("stale.txt").exists());
-    same_values(&first, &peft::load(&path, &config, &Device::flex(), Some(&sha)).unwrap());
+    same_values(
+        &first,
+        &peft::load(&path, &config, &Device::flex(), Some(&sha)).unwrap(),
+    );
 }

@@ -7,10 +7,10 @@ use clawrl_tui::config::Config;
 use clawrl_tui::engine::{
     Command, Engine, EngineEvent, Job, Priority, Prompt, Status, Task, Version,
 };
-use clawrl_tui::model::{LoraAdapter, LoraConfig, Target};
-use rand::SeedableRng;
 use clawrl_tui::model::SamplingParams;
+use clawrl_tui::model::{LoraAdapter, LoraConfig, Target};
 use clawrl_tui::telemetry::Counters;
+use rand::SeedableRng;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -119,7 +119,12 @@ fn a_user_request_overtakes_a_long_background_prompt() {
 
 /// A greedy generation of `max_tokens` for `text` under the live version; returns its final
 /// event once finished, after running `meanwhile` when the first token arrived.
-fn generate_with(engine: &Engine, text: &str, max_tokens: usize, meanwhile: impl FnOnce()) -> EngineEvent {
+fn generate_with(
+    engine: &Engine,
+    text: &str,
+    max_tokens: usize,
+    meanwhile: impl FnOnce(),
+) -> EngineEvent {
     let task = Task::Generate {
         max_tokens,
         sampling: SamplingParams::greedy(),
@@ -148,7 +153,12 @@ fn finished(e: EngineEvent) -> (Vec<f32>, String, i64, usize) {
             adapter_version,
             cached_tokens,
             ..
-        } => (generation.logprobs, generation.text, adapter_version, cached_tokens),
+        } => (
+            generation.logprobs,
+            generation.text,
+            adapter_version,
+            cached_tokens,
+        ),
         other => panic!("{other:?}"),
     }
 }
@@ -169,8 +179,12 @@ fn a_swap_of_the_live_version_applies_to_the_next_request_never_to_one_in_flight
         lora,
         |_, _, din, dout, r| {
             use rand::Rng;
-            let a = (0..din * r).map(|_| rng.random_range(-0.05..0.05)).collect();
-            let b = (0..r * dout).map(|_| rng.random_range(-0.05..0.05)).collect();
+            let a = (0..din * r)
+                .map(|_| rng.random_range(-0.05..0.05))
+                .collect();
+            let b = (0..r * dout)
+                .map(|_| rng.random_range(-0.05..0.05))
+                .collect();
             Ok((a, b))
         },
         &model.transformer.device(),
@@ -191,7 +205,10 @@ fn a_swap_of_the_live_version_applies_to_the_next_request_never_to_one_in_flight
         engine.set_live_blocking(1).unwrap()
     }));
     assert_eq!(engine.live_version(), 1);
-    assert_eq!(v, 0, "the request in flight keeps the version it started with");
+    assert_eq!(
+        v, 0,
+        "the request in flight keeps the version it started with"
+    );
     assert_eq!(text, base_text);
     for (a, b) in lp.iter().zip(&base_lp) {
         assert!((a - b).abs() < 1e-3, "{a} vs {b}");
@@ -243,15 +260,27 @@ fn scoring_compares_versions_token_by_token() {
         })
         .unwrap();
     let (own, compared) = engine
-        .score_blocking(Prompt::Ids(prompt.clone()), continuation.clone(), 2, vec![0])
+        .score_blocking(
+            Prompt::Ids(prompt.clone()),
+            continuation.clone(),
+            2,
+            vec![0],
+        )
         .unwrap();
     assert_eq!(own.len(), continuation.len());
     let expected = model.score(&prompt, &continuation, None).unwrap();
     for (a, b) in own.iter().zip(&expected) {
-        assert!((a - b).abs() < 1e-4, "a fresh adapter scores like the base: {a} vs {b}");
+        assert!(
+            (a - b).abs() < 1e-4,
+            "a fresh adapter scores like the base: {a} vs {b}"
+        );
     }
     assert_eq!(compared.len(), 1);
-    assert!(compared[0].kl.iter().all(|k| k.abs() < 1e-4), "{:?}", compared[0].kl);
+    assert!(
+        compared[0].kl.iter().all(|k| k.abs() < 1e-4),
+        "{:?}",
+        compared[0].kl
+    );
     let err = engine
         .score_blocking(Prompt::Ids(prompt), continuation, 9, vec![])
         .unwrap_err();

@@ -4,23 +4,11 @@
 //! and the real local judge on the default model runs without blocking serving.
 
 mod common;
+use common::scripted_judge::ScriptedJudge;
 use common::server::Server;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-/// A scripted judge: answers each chat completion with the next canned text for the scenario
-/// its prompt belongs to (found by a marker in the next state), counting requests.
-struct ScriptedJudge {
-    port: u16,
-    /// Every request body received.
-    seen: Arc<Mutex<Vec<Value>>>,
-    /// While set, requests are accepted but never answered (a judge that hangs).
-    hold: Arc<AtomicBool>,
-}
 
 /// Canned judge texts per scenario marker: (PRM votes, hint votes).
 fn script(marker: &str) -> (&'static [&'static str], &'static [&'static str]) {
@@ -56,97 +44,6 @@ fn script(marker: &str) -> (&'static [&'static str], &'static [&'static str]) {
 }
 
 const MARKERS: [&str; 3] = ["Thanks, that works", "No, I meant kilometres", "Hmm, maybe"];
-
-impl ScriptedJudge {
-    fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let seen = Arc::new(Mutex::new(Vec::<Value>::new()));
-        let hold = Arc::new(AtomicBool::new(false));
-        let (seen2, hold2) = (seen.clone(), hold.clone());
-        let counters = Arc::new(Mutex::new(std::collections::HashMap::<String, usize>::new()));
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let (seen, hold, counters) = (seen2.clone(), hold2.clone(), counters.clone());
-                std::thread::spawn(move || {
-                    let mut stream = stream.unwrap();
-                    let mut reader = BufReader::new(stream.try_clone().unwrap());
-                    let mut len = 0;
-                    loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap();
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                    }
-                    let mut body = vec![0; len];
-                    reader.read_exact(&mut body).unwrap();
-                    let body: Value = serde_json::from_slice(&body).unwrap();
-                    seen.lock().unwrap().push(body.clone());
-                    while hold.load(Ordering::SeqCst) {
-                        std::thread::sleep(Duration::from_millis(20));
-                        if seen.lock().unwrap().is_empty() {
-                            return; // the test reset: drop this connection unanswered
-                        }
-                    }
-                    let prompt = body["messages"].to_string();
-                    let marker = MARKERS
-                        .iter()
-                        .find(|m| prompt.contains(**m))
-                        .copied()
-                        .unwrap_or("");
-                    let hint = body["messages"][0]["content"]
-                        .as_str()
-                        .unwrap()
-                        .contains("[HINT_START]");
-                    let key = format!("{marker}/{hint}");
-                    let n = {
-                        let mut c = counters.lock().unwrap();
-                        let n = c.entry(key).or_default();
-                        *n += 1;
-                        *n - 1
-                    };
-                    let (prm, hints) = script(marker);
-                    let texts = if hint { hints } else { prm };
-                    let reply = json!({"id": "j", "object": "chat.completion", "model": body["model"],
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": texts[n % texts.len()]}, "finish_reason": "stop"}]});
-                    let reply = reply.to_string();
-                    let _ = write!(
-                        stream,
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
-                        reply.len()
-                    );
-                });
-            }
-        });
-        Self { port, seen, hold }
-    }
-
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("CLAWRL__JUDGE__BACKEND", "openai".into()),
-            (
-                "CLAWRL__JUDGE__OPENAI__BASE_URL",
-                format!("http://127.0.0.1:{}/v1", self.port),
-            ),
-            ("CLAWRL__JUDGE__OPENAI__MODEL", "scripted-judge".into()),
-        ]
-    }
-
-    fn requests_for(&self, marker: &str) -> usize {
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|b| b["messages"].to_string().contains(marker))
-            .count()
-    }
-}
 
 fn start(env: &[(&'static str, String)]) -> Server {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -217,7 +114,7 @@ fn votes(t: &Value, kind: &str) -> Vec<Value> {
 
 #[test]
 fn scripted_judge_votes_become_scores_hints_and_exports() {
-    let judge = ScriptedJudge::start();
+    let judge = ScriptedJudge::start(&MARKERS, script);
     let s = start(&judge.env());
     let thanks = converse(&s, "thanks", "Thanks, that works!");
     converse(&s, "correction", "No, I meant kilometres.");
@@ -393,7 +290,7 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
 
 #[test]
 fn a_crash_while_judging_loses_and_duplicates_no_votes_and_sessions_resume() {
-    let judge = ScriptedJudge::start();
+    let judge = ScriptedJudge::start(&MARKERS, script);
     let env = judge.env();
     let s = start(&env);
     converse(&s, "before", "Thanks, that works!");

@@ -69,4 +69,5 @@ pub fn test_assets() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-assets"))
 }
+pub mod scripted_judge;
 pub mod server;
