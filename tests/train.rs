@@ -2,7 +2,8 @@
 //! a scripted judge: a reward, a reward and a hint) and thumbs train a version that goes live
 //! and changes the served log-probs of a probe prompt; `ctl rollback 0` restores them exactly;
 //! no request fails meanwhile; kill -9 during training resumes with the same live version and
-//! the samples still untrained; the manual policy holds candidates for approve / veto.
+//! the samples still untrained; the manual policy holds candidates for approve / veto (also
+//! across a restart); a failed adapter write loses nothing; a corrupt adapter is never served.
 //! One long scenario, so that the model loads and the trainer warms up once.
 
 mod common;
@@ -326,11 +327,40 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
         3
     );
 
-    // v3 is vetoed: never served; approving it afterwards is refused.
+    // Writing v3 fails (something sits where its folder is written): the update fails with
+    // the reason, the live version and the samples stay; once the obstacle is gone, v3 comes.
+    let blocker = s.data.path().join("adapters/.v3.tmp");
+    std::fs::write(&blocker, "in the way").unwrap();
     for q in ["Name a sea.", "Name a tree.", "Name a bird."] {
         rated(&s, q);
     }
+    let st = wait_for(&s, "the failed write", 300, |st| {
+        st["trainer"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot write the adapter"))
+    });
+    assert_eq!(
+        (st["live_version"].as_i64(), versions(&s).len()),
+        (Some(2), 2),
+        "{st:#}"
+    );
+    std::fs::remove_file(&blocker).unwrap();
     wait_for(&s, "candidate v3", 300, |st| st["candidates"][0]["id"] == 3);
+
+    // A candidate waiting for a decision is still waiting after a crash.
+    let s = s.crash_and_restart(&env2);
+    let st = wait_for(&s, "the trainer holding v3 again", 60, |st| {
+        st["trainer"]["state"] == "held"
+    });
+    assert_eq!(
+        (
+            st["live_version"].as_i64(),
+            st["candidates"][0]["id"].as_i64()
+        ),
+        (Some(2), Some(3))
+    );
+
+    // v3 is vetoed: never served; approving it afterwards is refused.
     let (ok, out, err) = ctl(&s, &["veto", "v3"]);
     assert!(ok && out.contains("v3 is vetoed"), "{out}{err}");
     let (ok, _, err) = ctl(&s, &["approve", "3"]);
@@ -339,7 +369,7 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
     assert!(!ok && err.contains("vetoed"), "{err}");
     assert_eq!(status(&s)["live_version"], 2);
 
-    // Pause survives nothing but a resume; the default rollback goes to the parent.
+    // Pause; the default rollback goes to the parent.
     let (ok, out, _) = ctl(&s, &["pause"]);
     assert!(ok && out.contains("paused"), "{out}");
     wait_for(&s, "the pause", 30, |st| st["trainer"]["state"] == "paused");
@@ -354,4 +384,47 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
             .unwrap_or_else(|| panic!("{out}"));
         assert!(line.trim_end().ends_with(state), "{line}");
     }
+
+    // A corrupt adapter is never served: rolling forward to it is refused, the live version stays.
+    let corrupt = |v: &str| {
+        let f = s
+            .data
+            .path()
+            .join(format!("adapters/{v}/adapter_model.safetensors"));
+        let mut bytes = std::fs::read(&f).unwrap();
+        let n = bytes.len();
+        bytes[n - 3] ^= 0x10;
+        std::fs::write(&f, bytes).unwrap();
+    };
+    corrupt("v2");
+    let (ok, _, err) = ctl(&s, &["rollback", "2"]);
+    assert!(
+        !ok && err.contains("corrupt") && err.contains("unchanged"),
+        "{err}"
+    );
+    assert_eq!(status(&s)["live_version"], 1);
+    assert_eq!(probe(&s), after, "v1 still serves");
+
+    // The live version's adapter corrupt at a restart: the base model serves, the error is shown.
+    corrupt("v1");
+    let s = s.crash_and_restart(&env2);
+    assert_eq!(status(&s)["live_version"], 0);
+    assert_eq!(probe(&s), before, "the base model serves");
+    let (ok, out, _) = ctl(&s, &["versions"]);
+    let line = out
+        .lines()
+        .find(|l| l.contains(" v1 "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(ok && line.contains("adapter unreadable"), "{out}");
+    assert!(
+        versions(&s)[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("corrupt")
+    );
+    assert_eq!(
+        status(&s)["trainer"]["paused"],
+        true,
+        "the pause survived the restarts"
+    );
 }

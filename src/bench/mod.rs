@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 
 pub mod judge;
+pub mod train;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -30,6 +31,13 @@ pub struct BenchArgs {
     /// With --judge: the voting modes to compare; the first is the baseline.
     #[arg(long, value_delimiter = ',', default_value = "reason,direct")]
     pub modes: Vec<String>,
+    /// Measure online training instead: serving latency with training on vs off, the time
+    /// from a next state to a version trained on it serving, peak RSS, step time, and decode
+    /// with an adapter vs without.
+    #[arg(long)]
+    pub train: bool,
+    #[command(flatten)]
+    pub train_args: train::TrainBenchArgs,
 }
 
 struct Row {
@@ -43,6 +51,9 @@ struct Row {
 pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
     if args.judge {
         return judge::run(cfg, &args.modes);
+    }
+    if args.train {
+        return train::run(cfg, &args.train_args);
     }
     if args.variants.is_empty() || args.runs == 0 {
         bail!("bench needs at least one variant and one run");

@@ -58,6 +58,8 @@ pub struct Gate {
     decisions: Mutex<()>,
     /// Versions whose adapter the engine holds.
     installed: Mutex<HashSet<i64>>,
+    /// The candidate being scored by the guard (not yet in the store).
+    guarding: Mutex<Option<i64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -134,6 +136,7 @@ impl Gate {
             guard: Guard::new(&cfg.gate)?,
             decisions: Mutex::new(()),
             installed: Mutex::new(installed),
+            guarding: Mutex::new(None),
         }))
     }
 
@@ -190,7 +193,10 @@ impl Gate {
             })
             .map_err(|_| anyhow::anyhow!("the engine is not running"))?;
         lock(&self.installed).insert(id);
-        let report = match self.guard.evaluate(&self.engine, &self.store, id, c.parent) {
+        *lock(&self.guarding) = Some(id);
+        let evaluated = self.guard.evaluate(&self.engine, &self.store, id, c.parent);
+        *lock(&self.guarding) = None;
+        let report = match evaluated {
             Ok(r) => r,
             Err(e) => {
                 self.uninstall(id);
@@ -390,6 +396,7 @@ impl Gate {
             .filter(|v| v.state == "candidate")
             .map(|v| v.id)
             .chain([id])
+            .chain(*lock(&self.guarding))
             .collect();
         let mut drop: Vec<i64> = lock(&self.installed)
             .iter()

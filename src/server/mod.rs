@@ -148,9 +148,42 @@ fn metrics(state: &AppState) -> Response<Body> {
         state.capture.open_sessions() as u64,
         std::sync::atomic::Ordering::Relaxed,
     );
+    let mut text = state.counters.prometheus();
+    let mut gauge = |name: &str, kind: &str, help: &str, value: String| {
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    };
+    gauge(
+        "clawrl_live_version",
+        "gauge",
+        "The adapter version serving new requests (0 = the base model).",
+        state.gate.live_version().to_string(),
+    );
+    if let Some(t) = &state.trainer {
+        let s = t.status();
+        gauge(
+            "clawrl_train_samples_waiting",
+            "gauge",
+            "Samples ready for the next update.",
+            s.samples_waiting.to_string(),
+        );
+        gauge(
+            "clawrl_train_updates_total",
+            "counter",
+            "Updates finished (candidate versions) since start.",
+            s.updates.to_string(),
+        );
+        gauge(
+            "clawrl_train_paused",
+            "gauge",
+            "1 while training is paused.",
+            u8::from(t.is_paused()).to_string(),
+        );
+    }
     Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
-        .body(full(state.counters.prometheus()))
+        .body(full(text))
         .expect("static response parts")
 }
 

@@ -275,6 +275,21 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// When each turn a version was trained on got its signal: its next state, else its
+    /// latest rating (unix ms).
+    pub fn signal_times(&self, version_id: i64) -> Result<Vec<i64>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT COALESCE(t.next_state_at, (SELECT MAX(created_at) FROM feedback f WHERE f.turn_id = t.id))
+             FROM version_samples v JOIN turns t ON t.id = v.turn_id WHERE v.version_id = ?1",
+        )?;
+        let rows = stmt.query_map([version_id], |r| r.get::<_, Option<i64>>(0))?;
+        Ok(rows
+            .collect::<rusqlite::Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
     /// Why the trainer set a turn aside, if it did.
     pub fn dropped_reason(&self, turn_id: i64) -> Result<Option<String>> {
         Ok(self

@@ -1,0 +1,374 @@
+//! `clawrl-tui bench --train`: what online training costs and how fast it reacts, on the
+//! configured model, with the configured trigger, judge and gate.
+//!
+//! 1. The loop, in-process over loopback HTTP: a simulated user chats (questions, then
+//!    "thanks" or a correction after a think time) while a probe client times a fixed
+//!    request. First with training paused (the baseline), then running until `--updates`
+//!    versions went live. Reports serving latency with training on vs off, the time from a
+//!    turn's next state (or rating) to the first version trained on it serving, and the
+//!    process's peak RSS.
+//! 2. The parts, on a fresh copy of the model: one training micro-step (forward + backward) and
+//!    one optimizer step at a given sample size, and decode speed with an adapter vs without.
+
+use crate::config::Config;
+use crate::engine::Status;
+use crate::events::Event;
+use crate::http_client::{self, Target};
+use crate::model::{GenerateRequest, LoadedModel, LoraAdapter, SamplingParams};
+use crate::store::Store;
+use crate::train::loss::{LossConfig, Signals};
+use crate::train::optimizer::{AdapterOptimizer, OptimizerConfig};
+use crate::train::policy::micro_step;
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use hyper::Method;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainBenchArgs {
+    /// Versions that must go live before the loop measurement ends.
+    #[arg(long, default_value_t = 10)]
+    pub updates: usize,
+    /// Seconds the simulated user waits before answering (reading and typing).
+    #[arg(long, default_value_t = 5.0)]
+    pub think_secs: f64,
+    /// Seconds of the baseline (training paused).
+    #[arg(long, default_value_t = 60)]
+    pub baseline_secs: u64,
+    /// Prompt and response tokens of the micro-step measurement.
+    #[arg(long, default_value_t = 128)]
+    pub sample_tokens: usize,
+    /// Skip the loop (only the micro measurements).
+    #[arg(long)]
+    pub parts_only: bool,
+}
+
+const QUESTIONS: [&str; 8] = [
+    "What is the capital of Italy?",
+    "Give me one tip for learning to code.",
+    "How many legs does a spider have?",
+    "Suggest a name for a black cat.",
+    "What is the boiling point of water?",
+    "Write a haiku about autumn.",
+    "What does a CPU do?",
+    "Recommend a book for a long flight.",
+];
+const REPLIES: [&str; 2] = [
+    "Thanks, that helps!",
+    "No, that's not what I asked. Answer in one short sentence.",
+];
+const PROBE: &str = "Name three colors.";
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Peak resident memory of this process (Linux), in MB.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+pub fn run(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
+    if !args.parts_only {
+        run_loop(cfg, args)?;
+    }
+    run_parts(cfg, args)
+}
+
+async fn chat(target: &Target, key: Option<&str>, body: Value) -> Result<(f64, Value)> {
+    let t = Instant::now();
+    let (status, reply) = http_client::send(
+        target,
+        Method::POST,
+        "/v1/chat/completions",
+        key,
+        Some(&body),
+    )
+    .await?;
+    if !status.is_success() {
+        bail!("the server answered {status}: {reply}");
+    }
+    Ok((t.elapsed().as_secs_f64(), reply))
+}
+
+fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
+    let data = tempdir()?;
+    let mut c = cfg.clone();
+    c.paths.data_dir = data.display().to_string();
+    c.store.path = String::new();
+    c.model.path = crate::cli::model_path(cfg)?.display().to_string();
+    c.train.enabled = true;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async {
+        let state = crate::app::build(&c)?;
+        let mut events = state.bus.subscribe();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(crate::server::serve(listener, state.clone(), async {
+            let _ = stop_rx.await;
+        }));
+        while state.engine.status() == Status::Loading {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if let Status::Failed(e) = state.engine.status() {
+            bail!("the model failed to load: {e}");
+        }
+        let trainer = state.trainer.clone().context("training is enabled")?;
+        let target = Target::parse(&format!("http://127.0.0.1:{port}/v1"), "bench")?;
+        let key = (!c.server.api_key.is_empty()).then(|| c.server.api_key.clone());
+        println!(
+            "loop: {} (train: min_samples {}, max_wait {} s, max_samples {}; judge: {:?}, hints {}; gate: {:?})",
+            state.config.model_id,
+            c.train.min_samples,
+            c.train.max_wait_secs,
+            c.train.max_samples,
+            c.judge.backend,
+            c.judge.hints,
+            c.gate.policy
+        );
+
+        // The simulated user and the probe run through both phases.
+        let running = Arc::new(AtomicBool::new(true));
+        let user = {
+            let (target, key, running, think) = (target.clone(), key.clone(), running.clone(), args.think_secs);
+            tokio::spawn(async move {
+                let mut k = 0usize;
+                while running.load(Ordering::SeqCst) {
+                    let session = format!("bench-{k}");
+                    let mut messages = vec![json!({"role": "user", "content": QUESTIONS[k % QUESTIONS.len()]})];
+                    for turn in 0..3 {
+                        if !running.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let body = json!({"messages": messages, "max_tokens": 48, "session_id": session});
+                        let Ok((_, reply)) = chat(&target, key.as_deref(), body).await else { break };
+                        messages.push(reply["choices"][0]["message"].clone());
+                        tokio::time::sleep(Duration::from_secs_f64(think)).await;
+                        messages.push(json!({"role": "user", "content": REPLIES[(k + turn) % 2]}));
+                    }
+                    k += 1;
+                }
+            })
+        };
+        let probes = Arc::new(std::sync::Mutex::new(Vec::<(f64, String)>::new()));
+        let probe = {
+            let (target, key, running, probes, trainer) =
+                (target.clone(), key.clone(), running.clone(), probes.clone(), trainer.clone());
+            tokio::spawn(async move {
+                while running.load(Ordering::SeqCst) {
+                    let body = json!({"messages": [{"role": "user", "content": PROBE}], "max_tokens": 16,
+                                      "temperature": 0, "turn_type": "side"});
+                    let state_before = trainer.status().state;
+                    if let Ok((secs, _)) = chat(&target, key.as_deref(), body).await {
+                        let paused = trainer.is_paused();
+                        let phase = if paused { "off".to_string() } else { state_before };
+                        probes.lock().unwrap().push((secs, phase));
+                    }
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            })
+        };
+
+        // Phase A: training paused.
+        trainer.pause()?;
+        tokio::time::sleep(Duration::from_secs(args.baseline_secs)).await;
+        trainer.resume()?;
+        // Phase B: until enough versions went live.
+        let started = Instant::now();
+        let mut live = 0usize;
+        while live < args.updates {
+            match tokio::time::timeout(Duration::from_secs(900), events.recv()).await {
+                Ok(Ok(Event::VersionLive { version, .. })) => {
+                    live += 1;
+                    println!("  v{version} live after {:.0} s", started.elapsed().as_secs_f64());
+                }
+                Ok(Ok(Event::CandidateReady { version, guard_passed: false, reasons, .. })) => {
+                    println!("  v{version} held by the guard: {}", reasons.join("; "));
+                }
+                Ok(Ok(Event::TrainingFailed { error })) => println!("  an update failed: {error}"),
+                Ok(_) => {}
+                Err(_) => bail!("no version went live for 15 minutes"),
+            }
+        }
+        let loop_secs = started.elapsed().as_secs_f64();
+        running.store(false, Ordering::SeqCst);
+        let _ = tokio::join!(user, probe);
+        let rss = peak_rss_mb();
+        let _ = stop_tx.send(());
+        let _ = server.await;
+
+        let probes = probes.lock().unwrap().clone();
+        let mut off: Vec<f64> = probes.iter().filter(|p| p.1 == "off").map(|p| p.0).collect();
+        let mut on: Vec<f64> = probes.iter().filter(|p| p.1 != "off").map(|p| p.0).collect();
+        let mut during: Vec<f64> = probes
+            .iter()
+            .filter(|p| matches!(p.1.as_str(), "training" | "guarding"))
+            .map(|p| p.0)
+            .collect();
+        let (p_off, p_on, p_during) = (median(&mut off), median(&mut on), median(&mut during));
+        let store = Store::open_read_only(&c.store_path())?;
+        let mut reaction = reaction_secs(&store)?;
+        println!(
+            "serving p50 latency ({PROBE:?}, 16 tokens): training off {p_off:.2} s (n={}), on {p_on:.2} s (n={}) x{:.2}, during updates {p_during:.2} s (n={}) x{:.2}",
+            off.len(),
+            on.len(),
+            p_on / p_off,
+            during.len(),
+            p_during / p_off
+        );
+        println!(
+            "next state -> new version serving: p50 {:.1} s, p90 {:.1} s over {} samples of {} updates ({:.0} s)",
+            percentile(&mut reaction, 0.5),
+            percentile(&mut reaction, 0.9),
+            reaction.len(),
+            live,
+            loop_secs
+        );
+        if let Some(mb) = rss {
+            println!("peak RSS (serving + judging + training): {mb:.0} MB");
+        }
+        Ok(())
+    });
+    let _ = std::fs::remove_dir_all(&data);
+    result
+}
+
+/// For every trained sample: seconds from its signal (next state, or rating) to the moment the
+/// first version trained on it went live.
+fn reaction_secs(store: &Store) -> Result<Vec<f64>> {
+    let history = store.live_history()?;
+    let mut out = Vec::new();
+    for v in store.versions()? {
+        let Some(live_at) = history.iter().find(|h| h.version == v.id).map(|h| h.at) else {
+            continue;
+        };
+        for signal_at in store.signal_times(v.id)? {
+            out.push((live_at - signal_at) as f64 / 1000.0);
+        }
+    }
+    Ok(out)
+}
+
+fn tempdir() -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("clawrl-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
+    let model = crate::cli::load_model(cfg)?;
+    let n = args.sample_tokens;
+    println!(
+        "parts: {} (prompt {n} tokens, response {n} tokens)",
+        model.summary()
+    );
+    let prompt: Vec<u32> = (0..n).map(|i| 100 + (i as u32 * 37) % 5000).collect();
+    let response: Vec<u32> = (0..n).map(|i| 200 + (i as u32 * 53) % 5000).collect();
+    let lora = cfg.lora();
+    let start = LoraAdapter::init(&model.config, lora.clone(), &model.transformer.device(), 1);
+    let mut opt = AdapterOptimizer::new(&start, OptimizerConfig::default());
+    let logp_old = model.score(&prompt, &response, None)?;
+    let signals = Signals {
+        logp_old: logp_old.clone(),
+        reward: Some(1.0),
+        teacher_logp: Some(logp_old.iter().map(|l| l + 0.1).collect()),
+    };
+    let loss = LossConfig::default();
+    let grad_context = cfg.train.grad_context_tokens;
+    let mut steps = Vec::new();
+    let mut optim = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        micro_step(
+            &model.transformer,
+            &mut opt,
+            &loss,
+            &prompt,
+            &response,
+            &signals,
+            grad_context,
+            1.0,
+            &|| {},
+        );
+        steps.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        opt.step();
+        optim.push(t.elapsed().as_secs_f64());
+    }
+    let step = median(&mut steps);
+    println!(
+        "training micro-step (forward + backward, rank {}, {} targets): {step:.2} s = {:.0} trained tokens/s, {:.0} tokens/s through the model; optimizer step {:.3} s",
+        lora.rank,
+        lora.targets.len(),
+        n as f64 / step,
+        (2 * n) as f64 / step,
+        median(&mut optim)
+    );
+    let adapter = Arc::new(opt.snapshot());
+    let (without, with) = (
+        decode_speed(&model, None)?,
+        decode_speed(&model, Some(adapter))?,
+    );
+    println!(
+        "decode (64 tokens, median of 3): without adapter {without:.1} tok/s, with the adapter {with:.1} tok/s x{:.2}",
+        with / without
+    );
+    if let Some(mb) = peak_rss_mb() {
+        println!("peak RSS of the process so far: {mb:.0} MB");
+    }
+    Ok(())
+}
+
+fn decode_speed(model: &LoadedModel, adapter: Option<Arc<LoraAdapter>>) -> Result<f64> {
+    let prompt = model.chat_prompt(
+        &[json!({"role": "user", "content": "Tell me a long story about a dragon."})],
+        None,
+    )?;
+    let req = GenerateRequest {
+        prompt_ids: prompt,
+        max_tokens: 64,
+        sampling: SamplingParams::greedy(),
+        stop: Vec::new(),
+        top_logprobs: 0,
+    };
+    let mut speeds = Vec::new();
+    for run in 0..4 {
+        let mut d = model.start_decoding(&req, None, adapter.clone())?;
+        while !d.done {
+            model.decode_step(&mut d)?;
+        }
+        let decoded = d.out.ids.len().saturating_sub(1);
+        if run > 0 && d.out.decode_secs > 0.0 {
+            speeds.push(decoded as f64 / d.out.decode_secs);
+        }
+    }
+    Ok(median(&mut speeds))
+}
