@@ -104,7 +104,7 @@ async fn chat(target: &Target, key: Option<&str>, body: Value) -> Result<(f64, V
     let (status, reply) = http_client::send(
         target,
         Method::POST,
-        "/v1/chat/completions",
+        "/chat/completions",
         key,
         Some(&body),
     )
@@ -169,7 +169,14 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
                             break;
                         }
                         let body = json!({"messages": messages, "max_tokens": 48, "session_id": session});
-                        let Ok((_, reply)) = chat(&target, key.as_deref(), body).await else { break };
+                        let reply = match chat(&target, key.as_deref(), body).await {
+                            Ok((_, reply)) => reply,
+                            Err(e) => {
+                                eprintln!("  the simulated user's request failed: {e:#}");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                break;
+                            }
+                        };
                         messages.push(reply["choices"][0]["message"].clone());
                         tokio::time::sleep(Duration::from_secs_f64(think)).await;
                         messages.push(json!({"role": "user", "content": REPLIES[(k + turn) % 2]}));
@@ -235,7 +242,8 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
             .collect();
         let (p_off, p_on, p_during) = (median(&mut off), median(&mut on), median(&mut during));
         let store = Store::open_read_only(&c.store_path())?;
-        let mut reaction = reaction_secs(&store)?;
+        let mut r = reactions(&store)?;
+        let judgments = store.judgment_stats()?;
         println!(
             "serving p50 latency ({PROBE:?}, 16 tokens): training off {p_off:.2} s (n={}), on {p_on:.2} s (n={}) x{:.2}, during updates {p_during:.2} s (n={}) x{:.2}",
             off.len(),
@@ -246,11 +254,21 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         );
         println!(
             "next state -> new version serving: p50 {:.1} s, p90 {:.1} s over {} samples of {} updates ({:.0} s)",
-            percentile(&mut reaction, 0.5),
-            percentile(&mut reaction, 0.9),
-            reaction.len(),
+            percentile(&mut r.total, 0.5),
+            percentile(&mut r.total, 0.9),
+            r.total.len(),
             live,
             loop_secs
+        );
+        println!(
+            "  p50 parts: judged after {:.1} s, update started {:.1} s later, update (training + guard) {:.1} s",
+            median(&mut r.judge),
+            median(&mut r.queue),
+            median(&mut r.update)
+        );
+        println!(
+            "  judge: {} turns judged, {:.1} s per turn, {} with a usable hint",
+            judgments.0, judgments.1, judgments.2
         );
         if let Some(mb) = rss {
             println!("peak RSS (serving + judging + training): {mb:.0} MB");
@@ -261,20 +279,35 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
     result
 }
 
-/// For every trained sample: seconds from its signal (next state, or rating) to the moment the
-/// first version trained on it went live.
-fn reaction_secs(store: &Store) -> Result<Vec<f64>> {
+/// Where a sample's time went, in seconds: from its signal to its judgment, from there to the
+/// start of the update that used it, that update (training + guard), and the whole.
+#[derive(Debug, Default)]
+struct Reaction {
+    judge: Vec<f64>,
+    queue: Vec<f64>,
+    update: Vec<f64>,
+    total: Vec<f64>,
+}
+
+fn reactions(store: &Store) -> Result<Reaction> {
     let history = store.live_history()?;
-    let mut out = Vec::new();
+    let mut r = Reaction::default();
     for v in store.versions()? {
         let Some(live_at) = history.iter().find(|h| h.version == v.id).map(|h| h.at) else {
             continue;
         };
-        for signal_at in store.signal_times(v.id)? {
-            out.push((live_at - signal_at) as f64 / 1000.0);
+        let guard_secs = v.guard_report["secs"].as_f64().unwrap_or(0.0);
+        let update_start = v.created_at as f64 / 1000.0 - v.metrics.train_secs - guard_secs;
+        for (signal_at, judged_at) in store.sample_times(v.id)? {
+            let signal = signal_at as f64 / 1000.0;
+            let judged = judged_at.map_or(signal, |j| j as f64 / 1000.0);
+            r.judge.push(judged - signal);
+            r.queue.push(update_start - judged);
+            r.update.push(live_at as f64 / 1000.0 - update_start);
+            r.total.push((live_at - signal_at) as f64 / 1000.0);
         }
     }
-    Ok(out)
+    Ok(r)
 }
 
 fn tempdir() -> Result<std::path::PathBuf> {

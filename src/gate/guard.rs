@@ -48,6 +48,8 @@ pub struct GuardReport {
     pub approved_answers: usize,
     pub passed: bool,
     pub reasons: Vec<String>,
+    /// How long the guard took.
+    pub secs: f64,
 }
 
 impl GuardReport {
@@ -60,6 +62,7 @@ impl GuardReport {
             "approved_delta": self.approved_delta,
             "approved_answers": self.approved_answers,
             "probes": probes,
+            "secs": self.secs,
             "limits": {
                 "max_kl_base": limits.max_kl_base,
                 "max_kl_live": limits.max_kl_live,
@@ -157,6 +160,7 @@ impl Guard {
         candidate: i64,
         live: i64,
     ) -> Result<GuardReport> {
+        let started = std::time::Instant::now();
         let mut compare = vec![0];
         if live != 0 {
             compare.push(live);
@@ -234,6 +238,7 @@ impl Guard {
             approved_answers: answers.len(),
             passed: reasons.is_empty(),
             reasons,
+            secs: started.elapsed().as_secs_f64(),
         })
     }
 }

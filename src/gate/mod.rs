@@ -11,7 +11,7 @@ use crate::config::{Config, GatePolicy, GateSection};
 use crate::engine::{Command, Engine, StartVersion};
 use crate::events::{Event, EventBus, emit};
 use crate::model::{LoadedModel, LoraAdapter, peft};
-use crate::store::{NewVersion, Store, VersionRow, now_ms};
+use crate::store::{Store, UpdateMetrics, VersionRow, now_ms};
 use anyhow::{Context, Result};
 use guard::Guard;
 use serde_json::json;
@@ -38,13 +38,7 @@ pub struct Candidate {
     pub parent: i64,
     /// The turns it was trained on: (turn id, reward, had a hint).
     pub samples: Vec<(i64, Option<f64>, bool)>,
-    pub tokens: usize,
-    pub loss: f64,
-    pub drift: f64,
-    pub grad_norm: f64,
-    pub mean_reward: Option<f64>,
-    pub hints: usize,
-    pub train_secs: f64,
+    pub metrics: UpdateMetrics,
 }
 
 pub struct Gate {
@@ -215,18 +209,12 @@ impl Gate {
         }
         let mut guard_report = report.json(&self.config, self.guard.probes());
         guard_report["reasons"] = json!(reasons);
-        let version = NewVersion {
+        let version = VersionRow {
             id,
             parent: c.parent,
             created_at: now_ms(),
-            samples: c.samples.len(),
-            tokens: c.tokens,
-            loss: c.loss,
-            drift: c.drift,
-            grad_norm: c.grad_norm,
-            mean_reward: c.mean_reward,
-            hints: c.hints,
-            train_secs: c.train_secs,
+            state: "candidate".into(),
+            metrics: c.metrics.clone(),
             kl_base: Some(report.kl_base),
             kl_live: Some(report.kl_live),
             approved_delta: report.approved_delta,
@@ -235,6 +223,9 @@ impl Gate {
             path: dir.display().to_string(),
             sha256,
             lora,
+            decided_at: None,
+            decided_by: None,
+            error: None,
         };
         if let Err(e) = lock(&self.store).insert_version(&version, &c.samples) {
             self.uninstall(id);
@@ -246,10 +237,10 @@ impl Gate {
                 version: id,
                 parent: c.parent,
                 samples: c.samples.len(),
-                loss: c.loss,
+                loss: c.metrics.loss,
                 kl_base: version.kl_base,
                 kl_live: version.kl_live,
-                mean_reward: c.mean_reward,
+                mean_reward: c.metrics.mean_reward,
                 guard_passed: report.passed,
                 reasons: reasons.clone(),
             },

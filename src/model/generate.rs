@@ -304,33 +304,10 @@ impl LoadedModel {
         continuation: &[u32],
         adapter: Option<&LoraAdapter>,
     ) -> Result<Tensor<2>> {
-        self.check_scorable(context, continuation)?;
-        let mut cache = self.transformer.new_cache();
-        Ok(super::scoring::continuation_logits(
-            &self.transformer,
-            context,
-            continuation,
-            &mut cache,
-            adapter,
-            PREFILL_CHUNK,
-        )
-        .map(|l| log_softmax(l, 1))
-        .expect("checked above"))
-    }
-
-    fn check_scorable(&self, context: &[u32], continuation: &[u32]) -> Result<()> {
-        if context.is_empty() {
-            bail!("scoring needs a non-empty context");
-        }
-        if continuation.is_empty() {
-            bail!("nothing to score");
-        }
-        token_budget(
-            self.config.context_length,
-            context.len() + continuation.len() - 1,
-            0,
-        )?;
-        Ok(())
+        Ok(log_softmax(
+            self.teacher_forced(context, continuation, adapter, None)?,
+            1,
+        ))
     }
 
     /// Log-probabilities `[n]` of `continuation` after `context`; `prefix` optionally holds the
@@ -348,12 +325,34 @@ impl LoadedModel {
                 &self.transformer.device(),
             ));
         }
-        self.check_scorable(context, continuation)?;
+        let logits = self.teacher_forced(context, continuation, adapter, prefix)?;
+        Ok(super::scoring::gather_logprobs(logits, continuation))
+    }
+
+    /// The logits `[n, vocab]` predicting each continuation token, after checking the sizes.
+    fn teacher_forced(
+        &self,
+        context: &[u32],
+        continuation: &[u32],
+        adapter: Option<&LoraAdapter>,
+        prefix: Option<super::KvCache>,
+    ) -> Result<Tensor<2>> {
+        if context.is_empty() {
+            bail!("scoring needs a non-empty context");
+        }
+        if continuation.is_empty() {
+            bail!("nothing to score");
+        }
+        token_budget(
+            self.config.context_length,
+            context.len() + continuation.len() - 1,
+            0,
+        )?;
         let mut cache = match prefix {
             Some(c) if c.len() < context.len() => c,
             _ => self.transformer.new_cache(),
         };
-        let logits = super::scoring::continuation_logits(
+        Ok(super::scoring::continuation_logits(
             &self.transformer,
             context,
             continuation,
@@ -361,8 +360,7 @@ impl LoadedModel {
             adapter,
             PREFILL_CHUNK,
         )
-        .expect("checked above");
-        Ok(super::scoring::gather_logprobs(logits, continuation))
+        .expect("sizes checked above"))
     }
 }
 

@@ -150,9 +150,7 @@ fn metrics(state: &AppState) -> Response<Body> {
     );
     let mut text = state.counters.prometheus();
     let mut gauge = |name: &str, kind: &str, help: &str, value: String| {
-        text.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
+        crate::telemetry::push_metric(&mut text, name, kind, help, &value)
     };
     gauge(
         "clawrl_live_version",

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 mod samples;
 mod versions;
 pub use samples::SampleRow;
-pub use versions::{LiveChange, NewVersion, VersionRow};
+pub use versions::{LiveChange, UpdateMetrics, VersionRow};
 
 /// Each entry migrates the schema from version i to i+1; never edit a shipped entry, append.
 const MIGRATIONS: &[&str] = &[

@@ -79,6 +79,15 @@ impl Store {
         Ok(out)
     }
 
+    /// Judged turns, mean seconds per judgment, and judgments with a hint.
+    pub fn judgment_stats(&self) -> Result<(usize, f64, usize)> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*), COALESCE(AVG(elapsed_ms), 0) / 1000.0, COUNT(hint) FROM judgments",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as usize, r.get(1)?, r.get::<_, i64>(2)? as usize)),
+        )?)
+    }
+
     /// Sets turns aside for good (they will not be offered again), with the reason.
     pub fn drop_samples(&mut self, turns: &[(i64, String)], at: i64) -> Result<()> {
         let err = |e| explain(e, "setting samples aside", &self.path);

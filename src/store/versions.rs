@@ -6,45 +6,35 @@ use anyhow::{Result, bail};
 use rusqlite::{OptionalExtension, params};
 use serde_json::Value;
 
-/// A version about to be recorded (as a candidate).
-#[derive(Debug, Clone)]
-pub struct NewVersion {
-    pub id: i64,
-    pub parent: i64,
-    pub created_at: i64,
+/// What an update measured while training (a version's own numbers).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct UpdateMetrics {
+    /// Turns trained on.
     pub samples: usize,
+    /// Response tokens trained on.
     pub tokens: usize,
+    /// Mean loss over the samples.
     pub loss: f64,
+    /// KL(sampling-time policy ‖ policy before the step) on the trained tokens.
     pub drift: f64,
+    /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Mean reward over the samples that had one.
     pub mean_reward: Option<f64>,
+    /// Samples with a distillation (OPD) signal.
     pub hints: usize,
     pub train_secs: f64,
-    pub kl_base: Option<f64>,
-    pub kl_live: Option<f64>,
-    pub approved_delta: Option<f64>,
-    pub guard_passed: bool,
-    pub guard_report: Value,
-    pub path: String,
-    pub sha256: String,
-    pub lora: Value,
 }
 
-/// A recorded version.
+/// A version: recorded as a candidate, then decided.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct VersionRow {
     pub id: i64,
     pub parent: i64,
     pub created_at: i64,
+    /// candidate | live | vetoed | retired
     pub state: String,
-    pub samples: i64,
-    pub tokens: i64,
-    pub loss: f64,
-    pub drift: f64,
-    pub grad_norm: f64,
-    pub mean_reward: Option<f64>,
-    pub hints: i64,
-    pub train_secs: f64,
+    pub metrics: UpdateMetrics,
     pub kl_base: Option<f64>,
     pub kl_live: Option<f64>,
     pub approved_delta: Option<f64>,
@@ -76,14 +66,16 @@ fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
         parent: r.get(1)?,
         created_at: r.get(2)?,
         state: r.get(3)?,
-        samples: r.get(4)?,
-        tokens: r.get(5)?,
-        loss: r.get(6)?,
-        drift: r.get(7)?,
-        grad_norm: r.get(8)?,
-        mean_reward: r.get(9)?,
-        hints: r.get(10)?,
-        train_secs: r.get(11)?,
+        metrics: UpdateMetrics {
+            samples: r.get::<_, i64>(4)? as usize,
+            tokens: r.get::<_, i64>(5)? as usize,
+            loss: r.get(6)?,
+            drift: r.get(7)?,
+            grad_norm: r.get(8)?,
+            mean_reward: r.get(9)?,
+            hints: r.get::<_, i64>(10)? as usize,
+            train_secs: r.get(11)?,
+        },
         kl_base: r.get(12)?,
         kl_live: r.get(13)?,
         approved_delta: r.get(14)?,
@@ -108,11 +100,11 @@ impl Store {
             })?)
     }
 
-    /// Records a candidate and the turns it was trained on, in one transaction: the samples
-    /// count as used exactly when the version exists.
+    /// Records a candidate (its state and decision fields are ignored) and the turns it was
+    /// trained on, in one transaction: the samples count as used exactly when the version exists.
     pub fn insert_version(
         &mut self,
-        v: &NewVersion,
+        v: &VersionRow,
         samples: &[(i64, Option<f64>, bool)],
     ) -> Result<()> {
         let err = |e| explain(e, "recording the version", &self.path);
@@ -125,14 +117,14 @@ impl Store {
                 v.id,
                 v.parent,
                 v.created_at,
-                v.samples as i64,
-                v.tokens as i64,
-                v.loss,
-                v.drift,
-                v.grad_norm,
-                v.mean_reward,
-                v.hints as i64,
-                v.train_secs,
+                v.metrics.samples as i64,
+                v.metrics.tokens as i64,
+                v.metrics.loss,
+                v.metrics.drift,
+                v.metrics.grad_norm,
+                v.metrics.mean_reward,
+                v.metrics.hints as i64,
+                v.metrics.train_secs,
                 v.kl_base,
                 v.kl_live,
                 v.approved_delta,
@@ -275,18 +267,21 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// When each turn a version was trained on got its signal: its next state, else its
-    /// latest rating (unix ms).
-    pub fn signal_times(&self, version_id: i64) -> Result<Vec<i64>> {
+    /// For each turn a version was trained on: when it got its signal (its next state, else
+    /// its latest rating) and when it was judged, if it was (unix ms).
+    pub fn sample_times(&self, version_id: i64) -> Result<Vec<(i64, Option<i64>)>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT COALESCE(t.next_state_at, (SELECT MAX(created_at) FROM feedback f WHERE f.turn_id = t.id))
+            "SELECT COALESCE(t.next_state_at, (SELECT MAX(created_at) FROM feedback f WHERE f.turn_id = t.id)),
+                    (SELECT judged_at FROM judgments j WHERE j.turn_id = t.id)
              FROM version_samples v JOIN turns t ON t.id = v.turn_id WHERE v.version_id = ?1",
         )?;
-        let rows = stmt.query_map([version_id], |r| r.get::<_, Option<i64>>(0))?;
+        let rows = stmt.query_map([version_id], |r| {
+            Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?))
+        })?;
         Ok(rows
             .collect::<rusqlite::Result<Vec<_>>>()?
             .into_iter()
-            .flatten()
+            .filter_map(|(signal, judged)| signal.map(|s| (s, judged)))
             .collect())
     }
 

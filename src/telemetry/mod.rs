@@ -27,6 +27,13 @@ pub struct Counters {
     pub feedback: AtomicU64,
 }
 
+/// Appends one metric in Prometheus' text format.
+pub fn push_metric(out: &mut String, name: &str, kind: &str, help: &str, value: &str) {
+    out.push_str(&format!(
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+    ));
+}
+
 impl Counters {
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Relaxed);
@@ -54,9 +61,7 @@ impl Counters {
         };
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            ));
+            push_metric(&mut out, name, kind, help, &value)
         };
         metric(
             "clawrl_requests_total",

@@ -17,7 +17,7 @@ use crate::events::{Event, EventBus, emit};
 use crate::gate::{Candidate, Gate};
 use crate::judge::teacher::hinted_messages;
 use crate::model::{LoraAdapter, LoraConfig};
-use crate::store::{SampleRow, Store, now_ms};
+use crate::store::{SampleRow, Store, UpdateMetrics, now_ms};
 use anyhow::{Result, bail};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -194,10 +194,36 @@ pub fn spawn(
         optimizer: None,
         last_waiting: None,
     };
+    let pool = low_priority_pool()?;
     std::thread::Builder::new()
         .name("clawrl-trainer".into())
-        .spawn(move || trainer.run())?;
+        .spawn(move || {
+            lower_priority();
+            pool.install(|| trainer.run())
+        })?;
     Ok(handle)
+}
+
+/// The trainer's own compute threads, at the lowest CPU priority. Burn's Flex backend
+/// parallelizes through rayon, which runs work on the pool of the calling thread: inside this
+/// pool training uses every core while serving is idle, and yields them to the engine (on the
+/// global pool, normal priority) within a scheduler tick when a request arrives mid-step.
+fn low_priority_pool() -> Result<rayon::ThreadPool> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Ok(rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("clawrl-train-{i}"))
+        .start_handler(|_| lower_priority())
+        .build()?)
+}
+
+/// Gives the calling thread the lowest scheduling priority (Linux: per-thread nice 19).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority and gettid only take and return integers.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+    }
 }
 
 impl Trainer {
@@ -526,15 +552,18 @@ impl Trainer {
         Ok(Candidate {
             adapter: optimizer.snapshot(),
             parent,
+            metrics: UpdateMetrics {
+                samples: used.len(),
+                tokens,
+                loss: loss_sum / n as f64,
+                drift: drift_sum / n as f64,
+                grad_norm,
+                mean_reward: (!rewards.is_empty())
+                    .then(|| rewards.iter().sum::<f64>() / rewards.len() as f64),
+                hints,
+                train_secs: started.elapsed().as_secs_f64(),
+            },
             samples: used,
-            tokens,
-            loss: loss_sum / n as f64,
-            drift: drift_sum / n as f64,
-            grad_norm,
-            mean_reward: (!rewards.is_empty())
-                .then(|| rewards.iter().sum::<f64>() / rewards.len() as f64),
-            hints,
-            train_secs: started.elapsed().as_secs_f64(),
         })
     }
 
