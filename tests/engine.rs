@@ -259,30 +259,36 @@ fn scoring_compares_versions_token_by_token() {
             adapter: Arc::new(fresh),
         })
         .unwrap();
-    let (own, compared) = engine
-        .score_blocking(
-            Prompt::Ids(prompt.clone()),
-            continuation.clone(),
-            2,
-            vec![0],
-        )
+    let (own, dist) = engine
+        .score_blocking(Prompt::Ids(prompt.clone()), continuation.clone(), 2, true)
         .unwrap();
     assert_eq!(own.len(), continuation.len());
     let expected = model.score(&prompt, &continuation, None).unwrap();
     for (a, b) in own.iter().zip(&expected) {
-        assert!(
-            (a - b).abs() < 1e-4,
-            "a fresh adapter scores like the base: {a} vs {b}"
-        );
+        assert!((a - b).abs() < 1e-4, "a fresh adapter scores like the base: {a} vs {b}");
     }
-    assert_eq!(compared.len(), 1);
-    assert!(
-        compared[0].kl.iter().all(|k| k.abs() < 1e-4),
-        "{:?}",
-        compared[0].kl
-    );
+    let dist = dist.expect("distributions were asked for");
+    assert_eq!(dist.dims(), [continuation.len(), model.config.vocab_size]);
+    let (base, base_dist) = engine
+        .score_blocking(Prompt::Ids(prompt.clone()), continuation.clone(), 0, true)
+        .unwrap();
+    for (a, b) in own.iter().zip(&base) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+    let kl = clawrl_tui::model::scoring::kl_per_position(dist, base_dist.unwrap());
+    assert!(kl.iter().all(|k| k.abs() < 1e-4), "{kl:?}");
+    // A long continuation goes through in several background chunks: same as one pass.
+    let long: Vec<u32> = continuation.iter().cycle().take(150).copied().collect();
+    let (chunked, _) = engine
+        .score_blocking(Prompt::Ids(prompt.clone()), long.clone(), 0, false)
+        .unwrap();
+    let whole = model.score(&prompt, &long, None).unwrap();
+    assert_eq!(chunked.len(), 150);
+    for (a, b) in chunked.iter().zip(&whole) {
+        assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+    }
     let err = engine
-        .score_blocking(Prompt::Ids(prompt), continuation, 9, vec![])
+        .score_blocking(Prompt::Ids(prompt), continuation, 9, false)
         .unwrap_err();
     assert!(err.to_string().contains("version 9"), "{err}");
 }

@@ -17,6 +17,7 @@ use crate::model::{
     GenerateRequest, Generation, LoadOptions, LoadedModel, LoraAdapter, SamplingParams,
 };
 use crate::telemetry::Counters;
+use burn::tensor::Tensor;
 use prefix_cache::PrefixCache;
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
@@ -109,11 +110,11 @@ pub enum Task {
     /// `reply_prefix`, from one prefill (answered with [`EngineEvent::Chosen`]).
     Choose { options: Vec<String> },
     /// Teacher-forced log-probabilities of `continuation` after the prompt under the job's
-    /// version, and, for each version in `compare`, its log-probabilities and the per-token
-    /// KL divergence from the job's version (answered with [`EngineEvent::Scored`]).
+    /// version, and with `distributions` the full next-token log-distributions too (answered
+    /// with [`EngineEvent::Scored`]). As background work it advances one chunk per round.
     Score {
         continuation: Vec<u32>,
-        compare: Vec<i64>,
+        distributions: bool,
     },
 }
 
@@ -198,20 +199,13 @@ pub enum EngineEvent {
     Chosen {
         logprobs: Vec<f32>,
     },
-    /// The answer to a [`Task::Score`]: the continuation's log-probs under the job's version,
-    /// and per compared version its log-probs and per-token KL(job's version ‖ compared).
+    /// The answer to a [`Task::Score`]: the continuation's log-probs, and its log-distributions
+    /// `[n, vocab]` when asked for.
     Scored {
         logprobs: Vec<f32>,
-        compared: Vec<Compared>,
+        distributions: Option<Tensor<2>>,
     },
     Failed(EngineError),
-}
-
-#[derive(Debug, Clone)]
-pub struct Compared {
-    pub version: i64,
-    pub logprobs: Vec<f32>,
-    pub kl: Vec<f32>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -381,20 +375,23 @@ impl Engine {
         }
     }
 
-    /// Teacher-forced scoring (see [`Task::Score`]), blocking.
+    /// Teacher-forced scoring as background work (see [`Task::Score`]), blocking.
     pub fn score_blocking(
         &self,
         prompt: Prompt,
         continuation: Vec<u32>,
         version: i64,
-        compare: Vec<i64>,
-    ) -> Result<(Vec<f32>, Vec<Compared>), EngineError> {
+        distributions: bool,
+    ) -> Result<(Vec<f32>, Option<Tensor<2>>), EngineError> {
         let task = Task::Score {
             continuation,
-            compare,
+            distributions,
         };
         match self.run_blocking(prompt, task, Version::Exactly(version))? {
-            EngineEvent::Scored { logprobs, compared } => Ok((logprobs, compared)),
+            EngineEvent::Scored {
+                logprobs,
+                distributions,
+            } => Ok((logprobs, distributions)),
             other => Err(EngineError::Internal(format!(
                 "unexpected answer {other:?}"
             ))),
@@ -497,9 +494,18 @@ impl Prepared {
 
 /// A background job whose prompt is computed a chunk per round, only while no user request
 /// waits: a user request arriving meanwhile waits for one chunk, not a whole judge prompt.
+/// A score is computed the same way, its continuation included.
 struct Warming {
     prepared: Prepared,
     cache: KvCache,
+    scored: Scoring,
+}
+
+/// A score's outputs for the continuation tokens computed so far.
+#[derive(Default)]
+struct Scoring {
+    logprobs: Vec<f32>,
+    distributions: Vec<Tensor<2>>,
 }
 
 /// Tokens of a background prompt computed per round.
@@ -618,7 +624,11 @@ impl Worker {
                         .prefix
                         .lookup(prepared.version, prepared.cache_key())
                         .unwrap_or_else(|| self.model.transformer.new_cache());
-                    *warming = Some(Warming { prepared, cache });
+                    *warming = Some(Warming {
+                        prepared,
+                        cache,
+                        scored: Scoring::default(),
+                    });
                     break;
                 }
             }
@@ -631,12 +641,45 @@ impl Worker {
             *warming = None;
             return;
         }
+        let adapter = w.prepared.adapter.clone();
         if w.cache.len() < target {
             let upto = (w.cache.len() + BACKGROUND_CHUNK).min(target);
             let ids = &w.prepared.cache_key()[w.cache.len()..upto];
-            let adapter = w.prepared.adapter.clone();
             self.model
                 .extend_cache(ids, &mut w.cache, adapter.as_deref());
+            return;
+        }
+        if let Task::Score {
+            continuation,
+            distributions,
+        } = &job.task
+        {
+            // The last prompt token, then the continuation but its last token, a chunk per round.
+            let done = w.scored.logprobs.len();
+            let upto = (done + BACKGROUND_CHUNK).min(continuation.len());
+            let feed: Vec<u32> = (done..upto)
+                .map(|i| if i == 0 { w.prepared.prompt_ids[target] } else { continuation[i - 1] })
+                .collect();
+            let (lp, dist) = crate::model::scoring::score_chunk(
+                &self.model.transformer,
+                &feed,
+                &continuation[done..upto],
+                &mut w.cache,
+                adapter.as_deref(),
+                *distributions,
+            );
+            w.scored.logprobs.extend(lp);
+            w.scored.distributions.extend(dist);
+            if upto == continuation.len() {
+                let w = warming.take().expect("checked above");
+                let distributions = (!w.scored.distributions.is_empty())
+                    .then(|| Tensor::cat(w.scored.distributions, 0));
+                let _ = w.prepared.job.job.events.send(EngineEvent::Scored {
+                    logprobs: w.scored.logprobs,
+                    distributions,
+                });
+            }
+            return;
         }
         if w.cache.len() >= target {
             let w = warming.take().expect("checked above");
@@ -700,12 +743,6 @@ impl Worker {
             fail(EngineError::UnknownVersion(version));
             return None;
         };
-        if let Task::Score { compare, .. } = &job.task
-            && let Some(&v) = compare.iter().find(|&&v| self.adapter(v).is_none())
-        {
-            fail(EngineError::UnknownVersion(v));
-            return None;
-        }
         let render = |suffix: &str| match &job.prompt {
             Prompt::Chat {
                 messages,
@@ -796,7 +833,8 @@ impl Worker {
             Task::Choose { .. } => {
                 match self.model.sequence_logprobs(&sequences, cached) {
                     Ok((logprobs, context, cache)) => {
-                        self.prefix.insert(version, &context, &cache);
+                        let background = job.priority == Priority::Background;
+                        self.prefix.insert(version, &context, &cache, background);
                         let _ = job.events.send(EngineEvent::Chosen { logprobs });
                     }
                     Err(e) => fail(EngineError::Internal(format!("{e:#}"))),
@@ -805,17 +843,18 @@ impl Worker {
             }
             Task::Score {
                 continuation,
-                compare,
+                distributions,
             } => {
-                match self.score(
-                    &prompt_ids,
-                    continuation,
-                    adapter.as_deref(),
-                    cached,
-                    compare,
-                ) {
-                    Ok((logprobs, compared)) => {
-                        let _ = job.events.send(EngineEvent::Scored { logprobs, compared });
+                let scored = self.model.teacher_forced(&prompt_ids, continuation, adapter.as_deref(), cached);
+                match scored {
+                    Ok(logits) => {
+                        let dist = burn::tensor::activation::log_softmax(logits, 1);
+                        let logprobs = crate::model::scoring::pick(dist.clone(), continuation);
+                        let distributions = distributions.then_some(dist);
+                        let _ = job.events.send(EngineEvent::Scored {
+                            logprobs,
+                            distributions,
+                        });
                     }
                     Err(e) => fail(EngineError::Internal(format!("{e:#}"))),
                 }
@@ -834,7 +873,8 @@ impl Worker {
             Err(e) => return fail(EngineError::Internal(format!("{e:#}"))),
         };
         // After the prefill the cache holds exactly the prompt: keep it for later requests.
-        self.prefix.insert(version, &prompt_ids, &decoding.cache);
+        let background = job.priority == Priority::Background;
+        self.prefix.insert(version, &prompt_ids, &decoding.cache, background);
         Counters::add(&c.cached_tokens, decoding.cached_tokens as u64);
         let _ = job.events.send(EngineEvent::Admitted {
             prompt_ids: prompt_ids.clone(),
@@ -856,40 +896,4 @@ impl Worker {
         });
     }
 
-    /// Log-probs of `continuation` under the job's adapter, and for each compared version its
-    /// log-probs and the per-token KL from the job's version.
-    fn score(
-        &self,
-        context: &[u32],
-        continuation: &[u32],
-        adapter: Option<&LoraAdapter>,
-        cached: Option<KvCache>,
-        compare: &[i64],
-    ) -> anyhow::Result<(Vec<f32>, Vec<Compared>)> {
-        if compare.is_empty() {
-            let lp = self
-                .model
-                .continuation_logprobs(context, continuation, adapter, cached)?;
-            return Ok((lp.into_data().try_into_vec_as::<f32>()?, Vec::new()));
-        }
-        let own = self
-            .model
-            .continuation_distributions(context, continuation, adapter)?;
-        let logprobs = crate::model::scoring::pick(own.clone(), continuation);
-        let mut compared = Vec::with_capacity(compare.len());
-        for &v in compare {
-            let other_adapter = self.adapter(v).flatten();
-            let other = self.model.continuation_distributions(
-                context,
-                continuation,
-                other_adapter.as_deref(),
-            )?;
-            compared.push(Compared {
-                version: v,
-                logprobs: crate::model::scoring::pick(other.clone(), continuation),
-                kl: crate::model::scoring::kl_per_position(own.clone(), other),
-            });
-        }
-        Ok((logprobs, compared))
-    }
 }

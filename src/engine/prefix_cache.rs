@@ -7,6 +7,8 @@ use crate::model::KvCache;
 
 struct Entry {
     version: i64,
+    /// Computed for background work (the judge): evicted before any user prompt.
+    background: bool,
     ids: Vec<u32>,
     cache: KvCache,
     bytes: usize,
@@ -61,7 +63,7 @@ impl PrefixCache {
     }
 
     /// Stores the cache of a whole prompt, evicting least recently used entries over budget.
-    pub fn insert(&mut self, version: i64, ids: &[u32], cache: &KvCache) {
+    pub fn insert(&mut self, version: i64, ids: &[u32], cache: &KvCache, background: bool) {
         if ids.len() < self.min_tokens || cache.len() != ids.len() {
             return;
         }
@@ -76,6 +78,7 @@ impl PrefixCache {
         self.clock += 1;
         self.entries.push(Entry {
             version,
+            background,
             ids: ids.to_vec(),
             cache: cache.clone(),
             bytes,
@@ -86,7 +89,9 @@ impl PrefixCache {
                 .entries
                 .iter()
                 .enumerate()
-                .min_by_key(|(_, e)| e.last_used)
+                // Background prompts (a judge prompt is reused by its own votes, then rarely
+                // again) go first; then the least recently used.
+                .min_by_key(|(_, e)| (!e.background, e.last_used))
                 .map(|(i, _)| i)
                 .expect("non-empty");
             self.entries.remove(oldest);
@@ -108,5 +113,55 @@ impl PrefixCache {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::weights::WeightFile;
+    use crate::model::{Transformer, WeightMode, scoring};
+    use burn::tensor::{DType, Device};
+
+    fn tiny() -> Transformer {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen3");
+        let (file, cfg) = WeightFile::open(&dir).unwrap();
+        Transformer::load(&file, cfg, &Device::flex(), DType::F32, WeightMode::Dense).unwrap()
+    }
+
+    fn cache_of(model: &Transformer, ids: &[u32]) -> KvCache {
+        let mut cache = model.new_cache();
+        scoring::extend(model, ids, &mut cache, None, 64);
+        cache
+    }
+
+    #[test]
+    fn entries_are_reused_only_by_their_version() {
+        let model = tiny();
+        let mut pc = PrefixCache::new(1 << 30, 2);
+        let ids = [1, 2, 3, 4, 5, 6];
+        pc.insert(0, &ids, &cache_of(&model, &ids), false);
+        assert_eq!(pc.lookup(0, &[1, 2, 3, 4, 9]).map(|c| c.len()), Some(4));
+        assert!(pc.lookup(1, &[1, 2, 3, 4, 9]).is_none(), "v1 never reuses v0's keys");
+        pc.insert(1, &ids, &cache_of(&model, &ids), false);
+        assert_eq!(pc.len(), 2, "one entry per version");
+        pc.forget_version(1);
+        assert!(pc.lookup(1, &ids).is_none());
+        assert!(pc.lookup(0, &ids).is_some());
+    }
+
+    #[test]
+    fn background_prompts_are_evicted_before_user_prompts() {
+        let model = tiny();
+        let one = cache_of(&model, &[1, 2, 3, 4]).bytes();
+        let mut pc = PrefixCache::new(2 * one, 2);
+        pc.insert(0, &[1, 2, 3, 4], &cache_of(&model, &[1, 2, 3, 4]), false);
+        pc.insert(0, &[5, 6, 7, 8], &cache_of(&model, &[5, 6, 7, 8]), true);
+        // A third entry: the judge's prompt goes, although the user's is older.
+        pc.insert(0, &[9, 10, 11, 12], &cache_of(&model, &[9, 10, 11, 12]), false);
+        assert!(pc.lookup(0, &[1, 2, 3, 4, 0]).is_some());
+        assert!(pc.lookup(0, &[5, 6, 7, 8, 0]).is_none());
+        assert!(pc.lookup(0, &[9, 10, 11, 12, 0]).is_some());
+        assert!(pc.used_bytes() <= 2 * one);
     }
 }

@@ -12,7 +12,8 @@
 
 use crate::config::GateSection;
 use crate::engine::{Engine, EngineEvent, Prompt, Task, Version};
-use crate::model::SamplingParams;
+use crate::model::{SamplingParams, scoring};
+use burn::tensor::Tensor;
 use crate::store::Store;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -23,7 +24,7 @@ use std::sync::Mutex;
 pub const BUILTIN_PROBES: &str = include_str!("../../assets/probes.json");
 
 /// Longest approved answer (prompt + reply tokens) the guard scores.
-const MAX_APPROVED_TOKENS: usize = 1024;
+const MAX_APPROVED_TOKENS: usize = 768;
 
 /// A probe prompt with the base model's reply to it.
 #[derive(Debug, Clone)]
@@ -161,29 +162,27 @@ impl Guard {
         live: i64,
     ) -> Result<GuardReport> {
         let started = std::time::Instant::now();
-        let mut compare = vec![0];
-        if live != 0 {
-            compare.push(live);
-        }
+        // Each version scores each reference as its own background job (the engine computes
+        // it a chunk per round); the KL divergences are computed here, on the trainer's thread.
         let (mut kl_base, mut kl_live, mut tokens) = (0f64, 0f64, 0usize);
         for r in self.references(engine)? {
-            let (_, compared) = engine
-                .score_blocking(
-                    Prompt::Ids(r.prompt_ids),
-                    r.reply_ids,
-                    candidate,
-                    compare.clone(),
-                )
-                .context("the guard's probe score")?;
-            let sum = |v: i64| -> f64 {
-                compared
-                    .iter()
-                    .find(|c| c.version == v)
-                    .map_or(0.0, |c| c.kl.iter().map(|&k| k.max(0.0) as f64).sum())
+            let dist = |version: i64| {
+                engine
+                    .score_blocking(Prompt::Ids(r.prompt_ids.clone()), r.reply_ids.clone(), version, true)
+                    .map(|(_, d)| d.expect("distributions were asked for"))
+                    .context("the guard's probe score")
             };
-            tokens += compared.first().map_or(0, |c| c.kl.len());
-            kl_base += sum(0);
-            kl_live += sum(live);
+            let own = dist(candidate)?;
+            let base = dist(0)?;
+            let kl = |other: Tensor<2>| -> f64 {
+                scoring::kl_per_position(own.clone(), other)
+                    .iter()
+                    .map(|&k| k.max(0.0) as f64)
+                    .sum()
+            };
+            tokens += r.reply_ids.len();
+            kl_base += kl(base.clone());
+            kl_live += if live == 0 { kl(base) } else { kl(dist(live)?) };
         }
         let per_token = |s: f64| if tokens > 0 { s / tokens as f64 } else { 0.0 };
         let (kl_base, kl_live) = (per_token(kl_base), per_token(kl_live));
@@ -194,18 +193,13 @@ impl Guard {
             .approved_answers(self.limits.approved_answers, MAX_APPROVED_TOKENS)?;
         let mut delta_sum = 0f64;
         for (prompt, reply) in &answers {
-            let n = reply.len() as f64;
-            let (own, compared) = engine
-                .score_blocking(
-                    Prompt::Ids(prompt.clone()),
-                    reply.clone(),
-                    candidate,
-                    vec![live],
-                )
-                .context("the guard's approved-answer score")?;
-            let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / n;
-            let before = compared.first().map_or(0.0, |c| mean(&c.logprobs));
-            delta_sum += mean(&own) - before;
+            let mean_logprob = |version: i64| -> Result<f64> {
+                let (lp, _) = engine
+                    .score_blocking(Prompt::Ids(prompt.clone()), reply.clone(), version, false)
+                    .context("the guard's approved-answer score")?;
+                Ok(lp.iter().map(|&x| x as f64).sum::<f64>() / lp.len().max(1) as f64)
+            };
+            delta_sum += mean_logprob(candidate)? - mean_logprob(live)?;
         }
         let approved_delta = (!answers.is_empty()).then(|| delta_sum / answers.len() as f64);
 

@@ -329,8 +329,9 @@ impl LoadedModel {
         Ok(super::scoring::gather_logprobs(logits, continuation))
     }
 
-    /// The logits `[n, vocab]` predicting each continuation token, after checking the sizes.
-    fn teacher_forced(
+    /// The logits `[n, vocab]` predicting each continuation token, after checking the sizes;
+    /// `prefix` optionally holds the first tokens of `context` (same adapter).
+    pub fn teacher_forced(
         &self,
         context: &[u32],
         continuation: &[u32],

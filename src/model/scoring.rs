@@ -82,3 +82,21 @@ pub fn kl_per_position(logp: Tensor<2>, logq: Tensor<2>) -> Vec<f32> {
         .try_into_vec_as::<f32>()
         .expect("f32 data")
 }
+
+/// One chunk of a teacher-forced score: feeds `feed` after `cache` and returns the
+/// log-probability of each of `targets` (same length: position i predicts targets[i]), and
+/// with `distributions` the log-distributions `[n, vocab]`.
+pub fn score_chunk(
+    model: &Transformer,
+    feed: &[u32],
+    targets: &[u32],
+    cache: &mut KvCache,
+    adapter: Option<&LoraAdapter>,
+    distributions: bool,
+) -> (Vec<f32>, Option<Tensor<2>>) {
+    let hidden = model.forward(ids_tensor(model, feed), cache, adapter);
+    let [_, n, h] = hidden.dims();
+    let logp = log_softmax(model.logits(hidden.reshape([n, h])), 1);
+    let picked = pick(logp.clone(), targets);
+    (picked, distributions.then_some(logp))
+}

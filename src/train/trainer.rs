@@ -591,7 +591,7 @@ impl Trainer {
         let prompt = Prompt::chat(hinted, s.tools.clone());
         match self
             .engine
-            .score_blocking(prompt, response.to_vec(), version, Vec::new())
+            .score_blocking(prompt, response.to_vec(), version, false)
         {
             Ok((lp, _)) if lp.len() == response.len() => Some(lp),
             Ok(_) => None,
