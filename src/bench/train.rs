@@ -271,7 +271,12 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
             judgments.0, judgments.1, judgments.2
         );
         if let Some(mb) = rss {
-            println!("peak RSS (serving + judging + training): {mb:.0} MB");
+            let cache = state.counters.prefix_cache_bytes.load(Ordering::Relaxed) as f64 / 1e6;
+            let weights = state.engine.model().map_or(0.0, |m| m.transformer.weight_bytes() as f64 / 1e6);
+            println!(
+                "peak RSS (serving + judging + training): {mb:.0} MB (weights {weights:.0} MB, prefix KV cache now {cache:.0} MB of server.prefix_cache_mb {})",
+                c.server.prefix_cache_mb
+            );
         }
         Ok(())
     });

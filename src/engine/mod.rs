@@ -565,6 +565,10 @@ impl Worker {
             if user.is_empty() && waiting_user.is_empty() {
                 self.warm(&mut warming, &mut waiting_bg, &mut bg);
             }
+            self.shared
+                .counters
+                .prefix_cache_bytes
+                .store(self.prefix.used_bytes() as u64, Relaxed);
             // One round: a token for every active user request, or else for background ones.
             let round = if user.is_empty() { &mut bg } else { &mut user };
             self.decode_round(round);

@@ -63,31 +63,49 @@ impl Backend {
         seed: u64,
     ) -> Result<String, BackendError> {
         match self {
-            Self::Local(engine) => {
-                let task = Task::Generate {
-                    max_tokens,
-                    sampling: SamplingParams {
-                        temperature,
-                        top_p: 1.0,
-                        top_k: 0,
-                        seed: Some(seed),
-                    },
-                    stop: Vec::new(),
-                    top_logprobs: 0,
-                };
-                let mut rx = submit(engine, messages, String::new(), task)?;
-                loop {
-                    match rx.recv().await {
-                        Some(EngineEvent::Finished { generation, .. }) => {
-                            return Ok(generation.text);
-                        }
-                        Some(EngineEvent::Failed(e)) => return Err(engine_failure(e)),
-                        Some(_) => {}
-                        None => return Err(BackendError::Transient("the engine stopped".into())),
-                    }
-                }
+            Self::Local(_) => {
+                self.complete_after(messages, "", Vec::new(), temperature, max_tokens, seed)
+                    .await
             }
             Self::Openai(ep) => ep.chat(&messages, temperature, max_tokens, seed).await,
+        }
+    }
+
+    /// A sampled continuation of a reply that starts with `reply_prefix`, cut before the first
+    /// of `stop` (local engine only: an endpoint cannot be handed the start of its reply).
+    pub async fn complete_after(
+        &self,
+        messages: Vec<Value>,
+        reply_prefix: &str,
+        stop: Vec<String>,
+        temperature: f32,
+        max_tokens: usize,
+        seed: u64,
+    ) -> Result<String, BackendError> {
+        let Self::Local(engine) = self else {
+            return Err(BackendError::Permanent(
+                "continuing a reply needs the local judge".into(),
+            ));
+        };
+        let task = Task::Generate {
+            max_tokens,
+            sampling: SamplingParams {
+                temperature,
+                top_p: 1.0,
+                top_k: 0,
+                seed: Some(seed),
+            },
+            stop,
+            top_logprobs: 0,
+        };
+        let mut rx = submit(engine, messages, reply_prefix.into(), task)?;
+        loop {
+            match rx.recv().await {
+                Some(EngineEvent::Finished { generation, .. }) => return Ok(generation.text),
+                Some(EngineEvent::Failed(e)) => return Err(engine_failure(e)),
+                Some(_) => {}
+                None => return Err(BackendError::Transient("the engine stopped".into())),
+            }
         }
     }
 

@@ -168,7 +168,10 @@ impl Voter {
         };
         if self.hints {
             let chat = self.prompts.hint(view).map_err(prompt_error)?;
-            let texts = self.sample(chat, seed ^ 0x5eed).await?;
+            let texts = match self.mode {
+                JudgeMode::Direct => self.direct_hints(chat, seed ^ 0x5eed).await?,
+                _ => self.sample(chat, seed ^ 0x5eed).await?,
+            };
             votes.extend(texts.into_iter().enumerate().map(|(index, raw)| Vote {
                 kind: "hint",
                 index,
@@ -179,6 +182,38 @@ impl Voter {
             }));
         }
         Ok(votes)
+    }
+
+    /// Hint votes in direct mode: one prefill ending in `\boxed{` gives P(1) and P(-1), from
+    /// which the m votes are drawn; only a vote that draws 1 generates its hint, started right
+    /// after `[HINT_START]` and stopped at `[HINT_END]` (a small judge otherwise spends its
+    /// tokens on preamble and rarely closes the hint: 0 usable hints in 38 turns on SmolLM2).
+    async fn direct_hints(&self, chat: Vec<Value>, seed: u64) -> Result<Vec<String>, BackendError> {
+        let options = vec!["1}".to_string(), "-1}".to_string()];
+        let lp = self.backend.choose(chat.clone(), "\\boxed{", options).await?;
+        let probs = verdict::option_probs(&[lp[0], f32::NEG_INFINITY, lp[1]]);
+        let draws = verdict::draw_votes(&probs, self.votes, self.temperature, seed);
+        let mut set = tokio::task::JoinSet::new();
+        for (i, &d) in draws.iter().enumerate() {
+            if d != 1 {
+                continue;
+            }
+            let (backend, chat) = (self.backend.clone(), chat.clone());
+            let (t, n) = (self.temperature, self.max_tokens.min(verdict::HINT_MAX_TOKENS));
+            set.spawn(async move {
+                let stop = vec![verdict::HINT_END.to_string()];
+                let text = backend
+                    .complete_after(chat, verdict::HINT_PREFIX, stop, t, n, seed.wrapping_add(i as u64))
+                    .await;
+                (i, text)
+            });
+        }
+        let mut out: Vec<String> = draws.iter().map(|_| "\\boxed{-1}".to_string()).collect();
+        while let Some(done) = set.join_next().await {
+            let (i, text) = done.map_err(|e| BackendError::Transient(e.to_string()))?;
+            out[i] = format!("{}{}{}", verdict::HINT_PREFIX, text?.trim_end(), verdict::HINT_END);
+        }
+        Ok(out)
     }
 
     /// m sampled judge texts, requested concurrently.

@@ -43,6 +43,12 @@ pub fn extract_hint(text: &str) -> Option<String> {
     (!hint.is_empty()).then(|| hint.to_string())
 }
 
+/// How a direct-mode hint vote begins: the score, then the hint's opening marker.
+pub const HINT_PREFIX: &str = "\\boxed{1}\n[HINT_START]";
+pub const HINT_END: &str = "[HINT_END]";
+/// Tokens a direct-mode hint may take (1 to 3 sentences).
+pub const HINT_MAX_TOKENS: usize = 96;
+
 /// Hints shorter than this carry no usable information.
 pub const MIN_HINT_CHARS: usize = 10;
 

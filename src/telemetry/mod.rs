@@ -14,6 +14,8 @@ pub struct Counters {
     pub queue_depth: AtomicU64,
     pub active_sequences: AtomicU64,
     pub active_sessions: AtomicU64,
+    /// Bytes held by the prefix KV cache.
+    pub prefix_cache_bytes: AtomicU64,
     /// Turns with a next state waiting for the judge.
     pub judge_queue_depth: AtomicU64,
     pub judge_turns: AtomicU64,
@@ -86,6 +88,12 @@ impl Counters {
             "counter",
             "Prompt tokens served from the prefix cache.",
             g(&self.cached_tokens).to_string(),
+        );
+        metric(
+            "clawrl_prefix_cache_bytes",
+            "gauge",
+            "Bytes of KV cache kept for prompt prefixes (server.prefix_cache_mb bounds it).",
+            g(&self.prefix_cache_bytes).to_string(),
         );
         metric(
             "clawrl_completion_tokens_total",
