@@ -123,7 +123,7 @@ impl Default for GateSection {
             max_approved_drop: 0.5,
             probes_file: String::new(),
             probe_tokens: 32,
-            approved_answers: 8,
+            approved_answers: 4,
         }
     }
 }
@@ -242,7 +242,7 @@ impl Default for ServerSection {
             max_body_bytes: 16 << 20,
             max_active: 4,
             max_queue: 16,
-            prefix_cache_mb: 1024,
+            prefix_cache_mb: 384,
             prefix_cache_min_tokens: 32,
             session_idle_secs: 1800,
             internal_context_markers: vec!["<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>".into()],

@@ -265,7 +265,10 @@ fn scoring_compares_versions_token_by_token() {
     assert_eq!(own.len(), continuation.len());
     let expected = model.score(&prompt, &continuation, None).unwrap();
     for (a, b) in own.iter().zip(&expected) {
-        assert!((a - b).abs() < 1e-4, "a fresh adapter scores like the base: {a} vs {b}");
+        assert!(
+            (a - b).abs() < 1e-4,
+            "a fresh adapter scores like the base: {a} vs {b}"
+        );
     }
     let dist = dist.expect("distributions were asked for");
     assert_eq!(dist.dims(), [continuation.len(), model.config.vocab_size]);

@@ -429,7 +429,12 @@ fn the_local_judge_runs_on_the_default_model_without_blocking_serving() {
         3
     );
     // Direct hint votes: a drawn score, and for a 1 a hint written between the markers.
-    for v in j["votes"].as_array().unwrap().iter().filter(|v| v["kind"] == "hint") {
+    for v in j["votes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["kind"] == "hint")
+    {
         let raw = v["raw"].as_str().unwrap();
         let drawn_one = raw.starts_with("\\boxed{1}\n[HINT_START]") && raw.ends_with("[HINT_END]");
         assert!(drawn_one || raw == "\\boxed{-1}", "{raw:?}");

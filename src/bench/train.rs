@@ -101,14 +101,8 @@ pub fn run(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
 
 async fn chat(target: &Target, key: Option<&str>, body: Value) -> Result<(f64, Value)> {
     let t = Instant::now();
-    let (status, reply) = http_client::send(
-        target,
-        Method::POST,
-        "/chat/completions",
-        key,
-        Some(&body),
-    )
-    .await?;
+    let (status, reply) =
+        http_client::send(target, Method::POST, "/chat/completions", key, Some(&body)).await?;
     if !status.is_success() {
         bail!("the server answered {status}: {reply}");
     }

@@ -509,7 +509,7 @@ struct Scoring {
 }
 
 /// Tokens of a background prompt computed per round.
-const BACKGROUND_CHUNK: usize = 64;
+const BACKGROUND_CHUNK: usize = 32;
 
 impl Worker {
     fn run(mut self, rx: Receiver<Msg>) {
@@ -662,7 +662,13 @@ impl Worker {
             let done = w.scored.logprobs.len();
             let upto = (done + BACKGROUND_CHUNK).min(continuation.len());
             let feed: Vec<u32> = (done..upto)
-                .map(|i| if i == 0 { w.prepared.prompt_ids[target] } else { continuation[i - 1] })
+                .map(|i| {
+                    if i == 0 {
+                        w.prepared.prompt_ids[target]
+                    } else {
+                        continuation[i - 1]
+                    }
+                })
                 .collect();
             let (lp, dist) = crate::model::scoring::score_chunk(
                 &self.model.transformer,
@@ -849,7 +855,12 @@ impl Worker {
                 continuation,
                 distributions,
             } => {
-                let scored = self.model.teacher_forced(&prompt_ids, continuation, adapter.as_deref(), cached);
+                let scored = self.model.teacher_forced(
+                    &prompt_ids,
+                    continuation,
+                    adapter.as_deref(),
+                    cached,
+                );
                 match scored {
                     Ok(logits) => {
                         let dist = burn::tensor::activation::log_softmax(logits, 1);
@@ -878,7 +889,8 @@ impl Worker {
         };
         // After the prefill the cache holds exactly the prompt: keep it for later requests.
         let background = job.priority == Priority::Background;
-        self.prefix.insert(version, &prompt_ids, &decoding.cache, background);
+        self.prefix
+            .insert(version, &prompt_ids, &decoding.cache, background);
         Counters::add(&c.cached_tokens, decoding.cached_tokens as u64);
         let _ = job.events.send(EngineEvent::Admitted {
             prompt_ids: prompt_ids.clone(),
@@ -899,5 +911,4 @@ impl Worker {
             version,
         });
     }
-
 }

@@ -124,7 +124,8 @@ mod tests {
     use burn::tensor::{DType, Device};
 
     fn tiny() -> Transformer {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen3");
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen3");
         let (file, cfg) = WeightFile::open(&dir).unwrap();
         Transformer::load(&file, cfg, &Device::flex(), DType::F32, WeightMode::Dense).unwrap()
     }
@@ -142,7 +143,10 @@ mod tests {
         let ids = [1, 2, 3, 4, 5, 6];
         pc.insert(0, &ids, &cache_of(&model, &ids), false);
         assert_eq!(pc.lookup(0, &[1, 2, 3, 4, 9]).map(|c| c.len()), Some(4));
-        assert!(pc.lookup(1, &[1, 2, 3, 4, 9]).is_none(), "v1 never reuses v0's keys");
+        assert!(
+            pc.lookup(1, &[1, 2, 3, 4, 9]).is_none(),
+            "v1 never reuses v0's keys"
+        );
         pc.insert(1, &ids, &cache_of(&model, &ids), false);
         assert_eq!(pc.len(), 2, "one entry per version");
         pc.forget_version(1);
@@ -158,7 +162,12 @@ mod tests {
         pc.insert(0, &[1, 2, 3, 4], &cache_of(&model, &[1, 2, 3, 4]), false);
         pc.insert(0, &[5, 6, 7, 8], &cache_of(&model, &[5, 6, 7, 8]), true);
         // A third entry: the judge's prompt goes, although the user's is older.
-        pc.insert(0, &[9, 10, 11, 12], &cache_of(&model, &[9, 10, 11, 12]), false);
+        pc.insert(
+            0,
+            &[9, 10, 11, 12],
+            &cache_of(&model, &[9, 10, 11, 12]),
+            false,
+        );
         assert!(pc.lookup(0, &[1, 2, 3, 4, 0]).is_some());
         assert!(pc.lookup(0, &[5, 6, 7, 8, 0]).is_none());
         assert!(pc.lookup(0, &[9, 10, 11, 12, 0]).is_some());

@@ -13,9 +13,9 @@
 use crate::config::GateSection;
 use crate::engine::{Engine, EngineEvent, Prompt, Task, Version};
 use crate::model::{SamplingParams, scoring};
-use burn::tensor::Tensor;
 use crate::store::Store;
 use anyhow::{Context, Result, bail};
+use burn::tensor::Tensor;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Mutex;
@@ -168,7 +168,12 @@ impl Guard {
         for r in self.references(engine)? {
             let dist = |version: i64| {
                 engine
-                    .score_blocking(Prompt::Ids(r.prompt_ids.clone()), r.reply_ids.clone(), version, true)
+                    .score_blocking(
+                        Prompt::Ids(r.prompt_ids.clone()),
+                        r.reply_ids.clone(),
+                        version,
+                        true,
+                    )
                     .map(|(_, d)| d.expect("distributions were asked for"))
                     .context("the guard's probe score")
             };

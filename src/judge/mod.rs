@@ -190,7 +190,10 @@ impl Voter {
     /// tokens on preamble and rarely closes the hint: 0 usable hints in 38 turns on SmolLM2).
     async fn direct_hints(&self, chat: Vec<Value>, seed: u64) -> Result<Vec<String>, BackendError> {
         let options = vec!["1}".to_string(), "-1}".to_string()];
-        let lp = self.backend.choose(chat.clone(), "\\boxed{", options).await?;
+        let lp = self
+            .backend
+            .choose(chat.clone(), "\\boxed{", options)
+            .await?;
         let probs = verdict::option_probs(&[lp[0], f32::NEG_INFINITY, lp[1]]);
         let draws = verdict::draw_votes(&probs, self.votes, self.temperature, seed);
         let mut set = tokio::task::JoinSet::new();
@@ -199,11 +202,21 @@ impl Voter {
                 continue;
             }
             let (backend, chat) = (self.backend.clone(), chat.clone());
-            let (t, n) = (self.temperature, self.max_tokens.min(verdict::HINT_MAX_TOKENS));
+            let (t, n) = (
+                self.temperature,
+                self.max_tokens.min(verdict::HINT_MAX_TOKENS),
+            );
             set.spawn(async move {
                 let stop = vec![verdict::HINT_END.to_string()];
                 let text = backend
-                    .complete_after(chat, verdict::HINT_PREFIX, stop, t, n, seed.wrapping_add(i as u64))
+                    .complete_after(
+                        chat,
+                        verdict::HINT_PREFIX,
+                        stop,
+                        t,
+                        n,
+                        seed.wrapping_add(i as u64),
+                    )
                     .await;
                 (i, text)
             });
@@ -211,7 +224,12 @@ impl Voter {
         let mut out: Vec<String> = draws.iter().map(|_| "\\boxed{-1}".to_string()).collect();
         while let Some(done) = set.join_next().await {
             let (i, text) = done.map_err(|e| BackendError::Transient(e.to_string()))?;
-            out[i] = format!("{}{}{}", verdict::HINT_PREFIX, text?.trim_end(), verdict::HINT_END);
+            out[i] = format!(
+                "{}{}{}",
+                verdict::HINT_PREFIX,
+                text?.trim_end(),
+                verdict::HINT_END
+            );
         }
         Ok(out)
     }

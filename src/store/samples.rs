@@ -84,7 +84,13 @@ impl Store {
         Ok(self.conn.query_row(
             "SELECT COUNT(*), COALESCE(AVG(elapsed_ms), 0) / 1000.0, COUNT(hint) FROM judgments",
             [],
-            |r| Ok((r.get::<_, i64>(0)? as usize, r.get(1)?, r.get::<_, i64>(2)? as usize)),
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as usize,
+                    r.get(1)?,
+                    r.get::<_, i64>(2)? as usize,
+                ))
+            },
         )?)
     }
 
