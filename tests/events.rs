@@ -1,5 +1,6 @@
-//! The core in-process (as the TUI will run it): every capture step is a typed event on the
-//! bus, and idle sessions close after the configured timeout.
+//! The core in-process (as the TUI will run it): every capture step, judge verdict, training
+//! step and gate decision is a typed event on the bus, and idle sessions close after the
+//! configured timeout.
 
 mod common;
 use clawrl_tui::config::Config;
@@ -257,5 +258,129 @@ async fn judge_verdicts_queue_depth_feedback_and_no_signal_are_published() {
     .unwrap();
     assert_eq!(fb, (first_turn, 1));
 
+    core.stop().await;
+}
+
+/// Waits for the first event that `want` accepts; fails with what was seen.
+async fn wait_event(
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    what: &str,
+    want: impl Fn(&Event) -> bool,
+) -> Event {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(e)) if want(&e) => return e,
+            Ok(Ok(e)) => seen.push(e),
+            other => panic!("no {what}: {other:?}; saw {seen:#?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_and_gate_decisions_are_published_on_the_event_bus() {
+    let mut core = Core::start(|cfg| {
+        cfg.judge.backend = clawrl_tui::config::JudgeBackend::Off;
+        cfg.train.enabled = true;
+        cfg.train.min_samples = 1;
+    })
+    .await;
+    let port = core.port;
+    wait_event(&mut core.events, "the engine", |e| {
+        matches!(e, Event::EngineReady { .. })
+    })
+    .await;
+    let r = post(
+        port,
+        json!({"messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 8}),
+    )
+    .await;
+    post_to(
+        port,
+        "/v1/feedback",
+        json!({"response_id": r["id"], "rating": "up"}),
+    )
+    .await;
+    let events = &mut core.events;
+    let e = wait_event(events, "samples waiting", |e| {
+        matches!(e, Event::SamplesWaiting { samples: 1 })
+    })
+    .await;
+    assert_eq!(e, Event::SamplesWaiting { samples: 1 });
+    let e = wait_event(events, "training started", |e| {
+        matches!(e, Event::TrainingStarted { .. })
+    })
+    .await;
+    assert_eq!(
+        e,
+        Event::TrainingStarted {
+            parent: 0,
+            samples: 1,
+            hints: 0
+        }
+    );
+    let Event::TrainingStep {
+        done,
+        samples,
+        loss,
+        kl,
+    } = wait_event(events, "a training step", |e| {
+        matches!(e, Event::TrainingStep { .. })
+    })
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!((done, samples), (1, 1));
+    assert!(
+        loss.is_finite() && kl.abs() < 1e-6,
+        "on-policy: {loss} {kl}"
+    );
+    let Event::CandidateReady {
+        version,
+        guard_passed,
+        kl_base,
+        mean_reward,
+        ..
+    } = wait_event(events, "a candidate", |e| {
+        matches!(e, Event::CandidateReady { .. })
+    })
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!((version, guard_passed, mean_reward), (1, true, Some(1.0)));
+    assert!(kl_base.unwrap() >= 0.0);
+    let e = wait_event(events, "v1 live", |e| {
+        matches!(e, Event::VersionLive { .. })
+    })
+    .await;
+    assert_eq!(
+        e,
+        Event::VersionLive {
+            version: 1,
+            previous: 0,
+            reason: "auto".into()
+        }
+    );
+
+    // Commands through the same core: pause, rollback.
+    let trainer = core.state.trainer.clone().unwrap();
+    assert!(trainer.pause().unwrap());
+    wait_event(events, "paused", |e| *e == Event::TrainingPaused).await;
+    let gate = core.state.gate.clone();
+    let rolled =
+        tokio::task::spawn_blocking(move || gate.rollback(None, "test").map_err(|e| e.to_string()))
+            .await
+            .unwrap();
+    assert_eq!(rolled, Ok((1, 0)));
+    let e = wait_event(events, "the rollback", |e| {
+        matches!(e, Event::RolledBack { .. })
+    })
+    .await;
+    assert_eq!(e, Event::RolledBack { from: 1, to: 0 });
+    assert!(trainer.resume().unwrap());
+    wait_event(events, "resumed", |e| *e == Event::TrainingResumed).await;
     core.stop().await;
 }

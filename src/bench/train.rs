@@ -261,6 +261,11 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
             median(&mut r.update)
         );
         println!(
+            "  guard p50 {:.1} s per candidate; KL from the base, last version: {:.5} nats/token",
+            median(&mut r.guard.clone()),
+            r.kl_base.last().copied().unwrap_or(f64::NAN)
+        );
+        println!(
             "  judge: {} turns judged, {:.1} s per turn, {} with a usable hint",
             judgments.0, judgments.1, judgments.2
         );
@@ -286,6 +291,9 @@ struct Reaction {
     queue: Vec<f64>,
     update: Vec<f64>,
     total: Vec<f64>,
+    /// Per version: the guard's seconds, and its KL from the base.
+    guard: Vec<f64>,
+    kl_base: Vec<f64>,
 }
 
 fn reactions(store: &Store) -> Result<Reaction> {
@@ -296,6 +304,8 @@ fn reactions(store: &Store) -> Result<Reaction> {
             continue;
         };
         let guard_secs = v.guard_report["secs"].as_f64().unwrap_or(0.0);
+        r.guard.push(guard_secs);
+        r.kl_base.extend(v.kl_base);
         let update_start = v.created_at as f64 / 1000.0 - v.metrics.train_secs - guard_secs;
         for (signal_at, judged_at) in store.sample_times(v.id)? {
             let signal = signal_at as f64 / 1000.0;
