@@ -775,7 +775,7 @@ fn json_text<T: serde::Serialize>(v: &T) -> String {
 mod tests {
     use super::*;
 
-    fn turn(session: &str, index: i64) -> NewTurn {
+    pub(super) fn turn(session: &str, index: i64) -> NewTurn {
         NewTurn {
             session_id: session.into(),
             turn_index: index,

@@ -25,9 +25,14 @@ pub struct SampleRow {
 
 impl Store {
     /// Turns ready to train on, oldest first. A judgment that failed (`error` set) is no signal
-    /// at all. With `wait_for_judge`, a turn whose next state arrived but whose judgment has
-    /// not is not ready yet (its score or hint is coming), even if it was rated.
-    pub fn ready_samples(&self, wait_for_judge: bool, limit: usize) -> Result<Vec<SampleRow>> {
+    /// at all. With `wait_for_judge` (ms), a turn whose next state arrived but whose judgment
+    /// has not is not ready yet (its score or hint is coming), even if it was rated, unless its
+    /// rating is older than that (a judge that is down does not hold thumbs back forever).
+    pub fn ready_samples(
+        &self,
+        wait_for_judge: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<SampleRow>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT t.id, t.adapter_version, t.prompt_ids, t.response_ids, t.logprobs, t.request_messages, t.tools,
                     f.rating, f.created_at, j.score, j.hint, j.judged_at,
@@ -47,7 +52,12 @@ impl Store {
             // Judged (even if the judgment failed), or nothing to wait for.
             let judged: bool = r.get(12)?;
             let has_next_state: bool = r.get(13)?;
-            if wait_for_judge && has_next_state && !judged {
+            let rated_at: Option<i64> = r.get(8)?;
+            if let Some(limit) = wait_for_judge
+                && has_next_state
+                && !judged
+                && rated_at.is_none_or(|at| super::now_ms() - at < limit)
+            {
                 continue;
             }
             let ids = |i: usize| -> rusqlite::Result<Vec<u32>> {
@@ -140,5 +150,152 @@ impl Store {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::turn;
+    use super::super::{Judgment, Store, TurnRef, UpdateMetrics, VersionRow};
+    use serde_json::json;
+
+    fn judged(store: &mut Store, turn_id: i64, score: i8, hint: Option<&str>, error: Option<&str>) {
+        store
+            .save_judgment(&Judgment {
+                turn_id,
+                backend: "local".into(),
+                mode: "direct".into(),
+                judge_model: "m".into(),
+                score,
+                hint: hint.map(str::to_owned),
+                error: error.map(str::to_owned),
+                votes: Vec::new(),
+                elapsed_ms: 1,
+                judged_at: 5_000,
+            })
+            .unwrap();
+    }
+
+    fn rate(store: &Store, turn_id: i64, rating: i8) {
+        let id = store
+            .export(0, |_| Ok(()))
+            .map(|_| ())
+            .and_then(|_| {
+                Ok(store.conn.query_row(
+                    "SELECT response_id FROM turns WHERE id = ?1",
+                    [turn_id],
+                    |r| r.get::<_, String>(0),
+                )?)
+            })
+            .unwrap();
+        store
+            .record_feedback(
+                &TurnRef::ResponseId(id),
+                rating,
+                None,
+                "api",
+                super::super::now_ms(),
+            )
+            .unwrap();
+    }
+
+    fn ready(store: &Store, wait: Option<i64>) -> Vec<(i64, Option<i8>, bool)> {
+        store
+            .ready_samples(wait, 100)
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.turn_id, s.reward, s.hint.is_some()))
+            .collect()
+    }
+
+    #[test]
+    fn samples_are_turns_with_a_signal_used_once_and_a_failed_judgment_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("s.sqlite")).unwrap();
+        store.ensure_session("a", "header", 1_000).unwrap();
+        let ids: Vec<i64> = (0..6)
+            .map(|i| store.insert_turn(&turn("a", i)).unwrap())
+            .collect();
+        let next = json!([{"role": "user", "content": "next"}]);
+        for &t in &ids[1..] {
+            store.attach_next_state(t, &next, "user", 3_000).unwrap();
+        }
+        rate(&store, ids[0], 1); // a thumbs up, no next state
+        rate(&store, ids[1], -1); // rated, its judgment still coming
+        judged(&mut store, ids[2], 0, None, Some("judge prompt too long")); // failed
+        judged(&mut store, ids[3], 0, Some("Answer in km."), None); // a hint only
+        judged(&mut store, ids[4], -1, None, None);
+        rate(&store, ids[4], 1); // the rating wins
+        // ids[5]: a next state, no judgment, no rating: nothing yet.
+
+        let want_later = vec![
+            (ids[0], Some(1), false),
+            (ids[3], None, true),
+            (ids[4], Some(1), false),
+        ];
+        assert_eq!(
+            ready(&store, Some(60_000)),
+            want_later,
+            "the rated turn waits for its judge"
+        );
+        let mut all = want_later.clone();
+        all.insert(1, (ids[1], Some(-1), false));
+        assert_eq!(
+            ready(&store, Some(0)),
+            all,
+            "a rating older than the wait goes ahead"
+        );
+        assert_eq!(
+            ready(&store, None),
+            all,
+            "without a judge nothing is awaited"
+        );
+
+        let mut rows = Vec::new();
+        store.export(0, |r| Ok(rows.push(r))).unwrap();
+        assert!(
+            rows[2]["reward"].is_null(),
+            "a failed judgment is no reward: {}",
+            rows[2]
+        );
+
+        // Used by a version: never offered again, and the export says which version.
+        let version = VersionRow {
+            id: 1,
+            parent: 0,
+            created_at: 6_000,
+            state: "candidate".into(),
+            metrics: UpdateMetrics::default(),
+            kl_base: None,
+            kl_live: None,
+            approved_delta: None,
+            guard_passed: true,
+            guard_report: json!({}),
+            path: "p".into(),
+            sha256: "s".into(),
+            lora: json!({}),
+            decided_at: None,
+            decided_by: None,
+            error: None,
+        };
+        store
+            .insert_version(&version, &[(ids[0], Some(1.0), false)])
+            .unwrap();
+        store
+            .drop_samples(&[(ids[3], "stale".into())], 7_000)
+            .unwrap();
+        assert_eq!(
+            ready(&store, None),
+            vec![(ids[1], Some(-1), false), (ids[4], Some(1), false)]
+        );
+        assert_eq!(store.trained_in(ids[0]).unwrap(), vec![1]);
+        assert_eq!(
+            store.dropped_reason(ids[3]).unwrap().as_deref(),
+            Some("stale")
+        );
+        let mut rows = Vec::new();
+        store.export(0, |r| Ok(rows.push(r))).unwrap();
+        assert_eq!(rows[0]["trained_in"], json!([1]));
+        assert_eq!(rows[3]["training_dropped"], "stale");
     }
 }

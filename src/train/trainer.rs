@@ -134,8 +134,9 @@ struct Trainer {
     store: Store,
     handle: Arc<TrainerHandle>,
     bus: EventBus,
-    /// With a judge, a turn whose next state arrived waits for its judgment.
-    wait_for_judge: bool,
+    /// With a judge, a turn whose next state arrived waits for its judgment (a rated one at most
+    /// `train.max_wait_secs`).
+    wait_for_judge: Option<i64>,
     /// The trainable adapter and the version its values are (reused while that one is live).
     optimizer: Option<(i64, AdapterOptimizer)>,
     last_waiting: Option<usize>,
@@ -190,7 +191,8 @@ pub fn spawn(
         store,
         handle: handle.clone(),
         bus,
-        wait_for_judge: cfg.judge.backend != JudgeBackend::Off,
+        wait_for_judge: (cfg.judge.backend != JudgeBackend::Off)
+            .then_some(t.max_wait_secs as i64 * 1000),
         optimizer: None,
         last_waiting: None,
     };
