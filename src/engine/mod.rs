@@ -509,7 +509,7 @@ struct Scoring {
 }
 
 /// Tokens of a background prompt computed per round.
-const BACKGROUND_CHUNK: usize = 16;
+const BACKGROUND_CHUNK: usize = 32;
 
 impl Worker {
     fn run(mut self, rx: Receiver<Msg>) {

@@ -219,12 +219,19 @@ fn low_priority_pool() -> Result<rayon::ThreadPool> {
         .build()?)
 }
 
-/// Gives the calling thread the lowest scheduling priority (Linux: per-thread nice 19).
+/// Gives the calling thread the lowest scheduling priority: Linux's SCHED_IDLE class (it runs
+/// only on CPU time nobody else wants and is preempted as soon as a serving thread wakes),
+/// else nice 19.
 fn lower_priority() {
     #[cfg(target_os = "linux")]
-    // SAFETY: setpriority and gettid only take and return integers.
+    // SAFETY: gettid, sched_setscheduler and setpriority take integers and a pointer to a
+    // local, initialized sched_param.
     unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+        let tid = libc::gettid();
+        let param = libc::sched_param { sched_priority: 0 };
+        if libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) != 0 {
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+        }
     }
 }
 
