@@ -183,14 +183,20 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         let probe = {
             let (target, key, running, probes, trainer) =
                 (target.clone(), key.clone(), running.clone(), probes.clone(), trainer.clone());
+            let engine = state.engine.clone();
             tokio::spawn(async move {
                 while running.load(Ordering::SeqCst) {
                     let body = json!({"messages": [{"role": "user", "content": PROBE}], "max_tokens": 16,
                                       "temperature": 0, "turn_type": "side"});
                     let state_before = trainer.status().state;
                     if let Ok((secs, _)) = chat(&target, key.as_deref(), body).await {
-                        let paused = trainer.is_paused();
-                        let phase = if paused { "off".to_string() } else { state_before };
+                        // Paused on the base model (the baseline), paused on a trained version
+                        // (the adapter's own cost), or the trainer's state while training.
+                        let phase = match (trainer.is_paused(), engine.live_version()) {
+                            (true, 0) => "off".to_string(),
+                            (true, _) => "adapter".to_string(),
+                            (false, _) => state_before,
+                        };
                         probes.lock().unwrap().push((secs, phase));
                     }
                     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -220,6 +226,9 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
             }
         }
         let loop_secs = started.elapsed().as_secs_f64();
+        // Phase C: training paused again, serving the last version (the adapter's own cost).
+        trainer.pause()?;
+        tokio::time::sleep(Duration::from_secs(args.baseline_secs)).await;
         running.store(false, Ordering::SeqCst);
         let _ = tokio::join!(user, probe);
         let rss = peak_rss_mb();
@@ -228,13 +237,19 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
 
         let probes = probes.lock().unwrap().clone();
         let mut off: Vec<f64> = probes.iter().filter(|p| p.1 == "off").map(|p| p.0).collect();
-        let mut on: Vec<f64> = probes.iter().filter(|p| p.1 != "off").map(|p| p.0).collect();
+        let mut on: Vec<f64> = probes
+            .iter()
+            .filter(|p| !matches!(p.1.as_str(), "off" | "adapter"))
+            .map(|p| p.0)
+            .collect();
+        let mut adapter: Vec<f64> = probes.iter().filter(|p| p.1 == "adapter").map(|p| p.0).collect();
         let mut during: Vec<f64> = probes
             .iter()
             .filter(|p| matches!(p.1.as_str(), "training" | "guarding"))
             .map(|p| p.0)
             .collect();
         let (p_off, p_on, p_during) = (median(&mut off), median(&mut on), median(&mut during));
+        let p_adapter = median(&mut adapter);
         let store = Store::open_read_only(&c.store_path())?;
         let mut r = reactions(&store)?;
         let judgments = store.judgment_stats()?;
@@ -245,6 +260,11 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
             p_on / p_off,
             during.len(),
             p_during / p_off
+        );
+        println!(
+            "  training paused again, serving the last version: {p_adapter:.2} s (n={}) x{:.2} (the adapter's own cost)",
+            adapter.len(),
+            p_adapter / p_off
         );
         println!(
             "next state -> new version serving: p50 {:.1} s, p90 {:.1} s over {} samples of {} updates ({:.0} s)",
