@@ -60,7 +60,10 @@ const REPLIES: [&str; 2] = [
     "Thanks, that helps!",
     "No, that's not what I asked. Answer in one short sentence.",
 ];
-const PROBE: &str = "Name three colors.";
+/// A request whose reply always runs to `max_tokens` (a shorter reply would make a version that
+/// answers more briefly look faster).
+const PROBE: &str = "Tell me a long story about a dragon.";
+const PROBE_TOKENS: u64 = 16;
 
 fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
@@ -186,10 +189,12 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
             let engine = state.engine.clone();
             tokio::spawn(async move {
                 while running.load(Ordering::SeqCst) {
-                    let body = json!({"messages": [{"role": "user", "content": PROBE}], "max_tokens": 16,
+                    let body = json!({"messages": [{"role": "user", "content": PROBE}], "max_tokens": PROBE_TOKENS,
                                       "temperature": 0, "turn_type": "side"});
                     let state_before = trainer.status().state;
-                    if let Ok((secs, _)) = chat(&target, key.as_deref(), body).await {
+                    if let Ok((secs, reply)) = chat(&target, key.as_deref(), body).await
+                        && reply["usage"]["completion_tokens"].as_u64() == Some(PROBE_TOKENS)
+                    {
                         // Paused on the base model (the baseline), paused on a trained version
                         // (the adapter's own cost), or the trainer's state while training.
                         let phase = match (trainer.is_paused(), engine.live_version()) {
@@ -254,7 +259,7 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         let mut r = reactions(&store)?;
         let judgments = store.judgment_stats()?;
         println!(
-            "serving p50 latency ({PROBE:?}, 16 tokens): training off {p_off:.2} s (n={}), on {p_on:.2} s (n={}) x{:.2}, during updates {p_during:.2} s (n={}) x{:.2}",
+            "serving p50 latency ({PROBE:?}, {PROBE_TOKENS} tokens): training off {p_off:.2} s (n={}), on {p_on:.2} s (n={}) x{:.2}, during updates {p_during:.2} s (n={}) x{:.2}",
             off.len(),
             on.len(),
             p_on / p_off,
