@@ -11,18 +11,36 @@ pub enum Event {
     EngineReady {
         model: String,
     },
-    /// A chat completion was admitted (queued or started).
+    /// A chat completion was admitted: its prompt is computed and tokens follow. Exactly one
+    /// of `RequestFinished`, `RequestFailed`, `RequestCancelled` ends it.
     RequestStarted {
         request_id: String,
         session_id: String,
+        turn_index: i64,
         prompt_tokens: usize,
         cached_tokens: usize,
     },
-    /// A chat completion finished (or was cancelled).
+    /// Reply text as it is generated (what a client streaming the reply receives).
+    RequestText {
+        request_id: String,
+        text: String,
+    },
+    /// The reply is complete and its turn committed.
     RequestFinished {
         request_id: String,
         completion_tokens: usize,
-        finish_reason: String,
+        finish_reason: Finish,
+        adapter_version: i64,
+    },
+    /// The request failed after it started (the client got this error).
+    RequestFailed {
+        request_id: String,
+        status: u16,
+        message: String,
+    },
+    /// The client went away before the end; nothing was committed.
+    RequestCancelled {
+        request_id: String,
     },
     /// A turn was committed to the store.
     TurnCaptured {
@@ -102,7 +120,7 @@ pub enum Event {
     VersionLive {
         version: i64,
         previous: i64,
-        reason: String,
+        reason: LiveReason,
     },
     /// A candidate was vetoed (it will never be served).
     VersionVetoed {
@@ -115,6 +133,50 @@ pub enum Event {
     },
     TrainingPaused,
     TrainingResumed,
+}
+
+/// Why a reply ended (OpenAI's `finish_reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Finish {
+    Stop,
+    Length,
+    ToolCalls,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::ToolCalls => "tool_calls",
+        }
+    }
+}
+
+/// Why a version went live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LiveReason {
+    /// The guard passed under the `auto` policy.
+    Auto,
+    /// A human approved the candidate.
+    Approved,
+    /// A rollback.
+    Rollback,
+    /// At a restart, the recorded live version's adapter could not be served.
+    Fallback,
+}
+
+impl LiveReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Approved => "approved",
+            Self::Rollback => "rollback",
+            Self::Fallback => "fallback",
+        }
+    }
 }
 
 pub type EventBus = broadcast::Sender<Event>;

@@ -105,6 +105,18 @@ async fn capture_steps_are_published_on_the_event_bus() {
             other => panic!("no idle close within the deadline: {other:?}; saw {seen:#?}"),
         }
     }
+    // The reply's text streams on the bus as it is generated, then the request finishes.
+    let streamed: String = seen
+        .iter()
+        .filter_map(|e| match e {
+            Event::RequestText { request_id, text } if request_id == r1["id"].as_str().unwrap() => {
+                Some(text.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(streamed, a1.as_str().unwrap());
+    seen.retain(|e| !matches!(e, Event::RequestText { .. }));
     let kinds: Vec<&str> = seen
         .iter()
         .map(|e| match e {
@@ -148,6 +160,42 @@ async fn capture_steps_are_published_on_the_event_bus() {
     assert!(
         matches!(&seen[7], Event::SessionClosed { session_id: s, reason, .. } if s == session_id && reason == "idle")
     );
+    assert!(
+        matches!(&seen[2], Event::RequestFinished { request_id, adapter_version: 0, finish_reason, .. }
+            if request_id == r1["id"].as_str().unwrap() && *finish_reason != clawrl_tui::events::Finish::ToolCalls),
+        "{:?}",
+        seen[2]
+    );
+
+    // A client that goes away mid-stream: the request ends with exactly one `RequestCancelled`.
+    let events = &mut core.events;
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let body = json!({"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400, "stream": true}).to_string();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut first = [0u8; 512];
+        let _ = s.read(&mut first).unwrap();
+        // Dropping the stream closes the connection.
+    })
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (mut started, mut ends) = (None, Vec::new());
+    while ends.is_empty() {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(Event::RequestStarted { request_id, .. })) => started = Some(request_id),
+            Ok(Ok(
+                e @ (Event::RequestFinished { .. }
+                | Event::RequestFailed { .. }
+                | Event::RequestCancelled { .. }),
+            )) => ends.push(e),
+            Ok(Ok(_)) => {}
+            other => panic!("no final event: {other:?}"),
+        }
+    }
+    let request_id = started.expect("the request started");
+    assert_eq!(ends, [Event::RequestCancelled { request_id }]);
 
     core.stop().await;
 }
@@ -361,7 +409,7 @@ async fn training_and_gate_decisions_are_published_on_the_event_bus() {
         Event::VersionLive {
             version: 1,
             previous: 0,
-            reason: "auto".into()
+            reason: clawrl_tui::events::LiveReason::Auto
         }
     );
 

@@ -9,7 +9,7 @@ pub mod guard;
 
 use crate::config::{Config, GatePolicy, GateSection};
 use crate::engine::{Command, Engine, StartVersion};
-use crate::events::{Event, EventBus, emit};
+use crate::events::{Event, EventBus, LiveReason, emit};
 use crate::model::{LoadedModel, LoraAdapter, peft};
 use crate::store::{Store, UpdateMetrics, VersionRow, now_ms};
 use anyhow::{Context, Result};
@@ -96,7 +96,7 @@ pub fn start_version(store_path: &Path, model: &LoadedModel) -> StartVersion {
             match load_adapter(&row, model) {
                 Ok(adapter) => {
                     if v != last.version {
-                        store.set_live(v, "fallback", "restart", now_ms())?;
+                        store.set_live(v, LiveReason::Fallback.as_str(), "restart", now_ms())?;
                     }
                     return Ok((v, Some(Arc::new(adapter))));
                 }
@@ -108,7 +108,7 @@ pub fn start_version(store_path: &Path, model: &LoadedModel) -> StartVersion {
             }
         }
         if last.version != 0 {
-            store.set_live(0, "fallback", "restart", now_ms())?;
+            store.set_live(0, LiveReason::Fallback.as_str(), "restart", now_ms())?;
         }
         Ok((0, None))
     };
@@ -247,7 +247,7 @@ impl Gate {
         );
         tracing::info!(version = id, passed = report.passed, ?reasons, "candidate");
         if self.config.policy == GatePolicy::Auto && reasons.is_empty() {
-            self.switch(id, "auto", "auto")?;
+            self.switch(id, LiveReason::Auto, "auto")?;
         }
         Ok(lock(&self.store)
             .version(id)?
@@ -278,7 +278,7 @@ impl Gate {
                 )));
             }
         }
-        self.switch(id, "approved", by)?;
+        self.switch(id, LiveReason::Approved, by)?;
         self.row(id)
     }
 
@@ -336,14 +336,14 @@ impl Gate {
                 _ => {}
             }
         }
-        self.switch(to, "rollback", by)?;
+        self.switch(to, LiveReason::Rollback, by)?;
         emit(&self.bus, Event::RolledBack { from, to });
         Ok((from, to))
     }
 
     /// Serves `id` from the next request on and records it (engine first, then the store;
     /// the engine is switched back if the store cannot record it).
-    fn switch(&self, id: i64, reason: &str, by: &str) -> Result<()> {
+    fn switch(&self, id: i64, reason: LiveReason, by: &str) -> Result<()> {
         if id != 0 && !lock(&self.installed).contains(&id) {
             let row = lock(&self.store)
                 .version(id)?
@@ -365,18 +365,23 @@ impl Gate {
         }
         let previous = self.engine.live_version();
         self.engine.set_live_blocking(id)?;
-        if let Err(e) = lock(&self.store).set_live(id, reason, by, now_ms()) {
+        if let Err(e) = lock(&self.store).set_live(id, reason.as_str(), by, now_ms()) {
             let _ = self.engine.set_live_blocking(previous);
             return Err(e);
         }
-        tracing::info!(version = id, previous, reason, "version live");
-        if reason != "rollback" {
+        tracing::info!(
+            version = id,
+            previous,
+            reason = reason.as_str(),
+            "version live"
+        );
+        if reason != LiveReason::Rollback {
             emit(
                 &self.bus,
                 Event::VersionLive {
                     version: id,
                     previous,
-                    reason: reason.into(),
+                    reason,
                 },
             );
         }

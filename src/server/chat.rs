@@ -6,7 +6,7 @@ use super::http::{ApiError, Body, blocking, json_response};
 use super::tool_calls;
 use crate::capture::{TurnSlot, TurnType, random_id};
 use crate::engine::{EngineError, EngineEvent, Job, Priority, Prompt, SubmitError, Task, Version};
-use crate::events::{Event, emit};
+use crate::events::{Event, Finish, emit};
 use crate::model::{FinishReason, Generation, SamplingParams};
 use crate::store::{NewTurn, now_ms};
 use crate::telemetry::Counters;
@@ -339,8 +339,10 @@ pub async fn handle(
             ));
         }
     };
+    let id = format!("chatcmpl-{}", random_id(""));
     let call = Call {
-        id: format!("chatcmpl-{}", random_id("")),
+        lifecycle: Lifecycle::new(state.bus.clone(), id.clone()),
+        id,
         created: now_ms() / 1000,
         model: state.config.model_id.clone(),
         req,
@@ -354,6 +356,7 @@ pub async fn handle(
         Event::RequestStarted {
             request_id: call.id.clone(),
             session_id: call.slot.session_id.clone(),
+            turn_index: call.slot.turn_index,
             prompt_tokens: call.prompt_ids.len(),
             cached_tokens,
         },
@@ -365,8 +368,61 @@ pub async fn handle(
     }
 }
 
+/// Publishes a started request's progress on the bus and guarantees it exactly one final
+/// event: finished, failed, or, when dropped without either (the client went away, the
+/// connection was closed), cancelled.
+struct Lifecycle {
+    bus: crate::events::EventBus,
+    request_id: String,
+    ended: std::sync::atomic::AtomicBool,
+}
+
+impl Lifecycle {
+    fn new(bus: crate::events::EventBus, request_id: String) -> Self {
+        Self {
+            bus,
+            request_id,
+            ended: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn text(&self, text: &str) {
+        emit(
+            &self.bus,
+            Event::RequestText {
+                request_id: self.request_id.clone(),
+                text: text.to_string(),
+            },
+        );
+    }
+
+    /// Emits `event` as the final one, unless one was emitted already.
+    fn end(&self, event: Event) {
+        if !self.ended.swap(true, Relaxed) {
+            emit(&self.bus, event);
+        }
+    }
+
+    fn failed(&self, e: &ApiError) {
+        self.end(Event::RequestFailed {
+            request_id: self.request_id.clone(),
+            status: e.status.as_u16(),
+            message: e.message.clone(),
+        });
+    }
+}
+
+impl Drop for Lifecycle {
+    fn drop(&mut self) {
+        self.end(Event::RequestCancelled {
+            request_id: self.request_id.clone(),
+        });
+    }
+}
+
 /// One chat completion in flight.
 struct Call {
+    lifecycle: Lifecycle,
     id: String,
     created: i64,
     model: String,
@@ -381,7 +437,7 @@ struct Call {
 struct Reply {
     content: Option<String>,
     tool_calls: Vec<Value>,
-    finish_reason: &'static str,
+    finish_reason: Finish,
     usage: Value,
     logprobs: Value,
 }
@@ -406,11 +462,11 @@ impl Call {
             }
         };
         let finish_reason = if !parsed.tool_calls.is_empty() {
-            "tool_calls"
+            Finish::ToolCalls
         } else if g.finish == FinishReason::Length {
-            "length"
+            Finish::Length
         } else {
-            "stop"
+            Finish::Stop
         };
         let completion = g.ids.len();
         let usage = json!({
@@ -464,7 +520,7 @@ impl Call {
             tool_calls: (!reply.tool_calls.is_empty())
                 .then(|| Value::Array(reply.tool_calls.clone())),
             reply_message: Self::assistant_message(reply),
-            finish_reason: reply.finish_reason.into(),
+            finish_reason: reply.finish_reason.as_str().into(),
             adapter_version,
             sampling: json!({"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed, "max_tokens": self.req.max_tokens}),
             cached_tokens: self.cached_tokens,
@@ -475,15 +531,14 @@ impl Call {
         blocking("Could not record the turn", move || {
             capture.commit(&slot, turn)
         })
-        .await?;
-        emit(
-            &state.bus,
-            Event::RequestFinished {
-                request_id: self.id.clone(),
-                completion_tokens: g.ids.len(),
-                finish_reason: reply.finish_reason.into(),
-            },
-        );
+        .await
+        .inspect_err(|e| self.lifecycle.failed(e))?;
+        self.lifecycle.end(Event::RequestFinished {
+            request_id: self.id.clone(),
+            completion_tokens: g.ids.len(),
+            finish_reason: reply.finish_reason,
+            adapter_version,
+        });
         Ok(())
     }
 
@@ -508,19 +563,26 @@ async fn json_reply(
 ) -> Result<Response<Body>, ApiError> {
     let (g, adapter_version) = loop {
         match rx.recv().await {
+            Some(EngineEvent::Text(piece)) => call.lifecycle.text(&piece),
             Some(EngineEvent::Finished {
                 generation,
                 adapter_version,
                 ..
             }) => break (generation, adapter_version),
-            Some(EngineEvent::Failed(e)) => return Err(engine_error(e)),
+            Some(EngineEvent::Failed(e)) => {
+                let e = engine_error(e);
+                call.lifecycle.failed(&e);
+                return Err(e);
+            }
             Some(_) => {}
             None => {
-                return Err(ApiError::new(
+                let e = ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "server_error",
                     "The engine stopped.",
-                ));
+                );
+                call.lifecycle.failed(&e);
+                return Err(e);
             }
         }
     };
@@ -532,7 +594,7 @@ async fn json_reply(
     }
     let body = json!({
         "id": call.id, "object": "chat.completion", "created": call.created, "model": call.model,
-        "choices": [{"index": 0, "message": message, "logprobs": reply.logprobs, "finish_reason": reply.finish_reason}],
+        "choices": [{"index": 0, "message": message, "logprobs": reply.logprobs, "finish_reason": reply.finish_reason.as_str()}],
         "usage": reply.usage,
     });
     let mut response = json_response(StatusCode::OK, &body);
@@ -582,6 +644,7 @@ fn stream_reply(
         let (g, adapter_version) = loop {
             match rx.recv().await {
                 Some(EngineEvent::Text(piece)) => {
+                    call.lifecycle.text(&piece);
                     text.push_str(&piece);
                     // With tools on, tool-call markup is held back and sent as `tool_calls`.
                     let upto = if tools {
@@ -610,7 +673,9 @@ fn stream_reply(
                 }) => break (generation, adapter_version),
                 Some(EngineEvent::Failed(e)) => {
                     Counters::add(&state.counters.request_errors, 1);
-                    let _ = send(sse(&engine_error(e).body())).await;
+                    let e = engine_error(e);
+                    call.lifecycle.failed(&e);
+                    let _ = send(sse(&e.body())).await;
                     return;
                 }
                 Some(
@@ -674,7 +739,7 @@ fn stream_reply(
         }
         if !send(sse(&call.chunk(
             json!({}),
-            Some(reply.finish_reason),
+            Some(reply.finish_reason.as_str()),
             reply.logprobs.clone(),
         )))
         .await
