@@ -29,7 +29,7 @@ async fn post_to(port: u16, path: &'static str, body: serde_json::Value) -> serd
 /// The core served in-process on a loopback port (as the TUI will run it), with its own data
 /// directory, subscribed to the bus before anything happens.
 struct Core {
-    state: std::sync::Arc<clawrl_tui::server::AppState>,
+    state: std::sync::Arc<clawrl_tui::server::Core>,
     events: tokio::sync::broadcast::Receiver<Event>,
     port: u16,
     stop: tokio::sync::oneshot::Sender<()>,

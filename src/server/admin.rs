@@ -9,7 +9,7 @@
 //! | `POST /admin/rollback` `{"version": id}` | serves an earlier version (default: the live one's parent; 0 = base) |
 //! | `POST /admin/pause`, `POST /admin/resume` | stops / restarts training (persists across restarts) |
 
-use super::AppState;
+use super::Core;
 use super::http::{self, ApiError, Body, json_response};
 use crate::gate::GateError;
 use crate::store::VersionRow;
@@ -23,10 +23,7 @@ pub fn is_admin(path: &str) -> bool {
     path == "/admin" || path.starts_with("/admin/")
 }
 
-pub async fn route(
-    state: Arc<AppState>,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
+pub async fn route(state: Arc<Core>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     http::authorize(&req, state.config.api_key.as_deref())?;
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -177,7 +174,7 @@ pub fn version_json(v: &VersionRow) -> Value {
 }
 
 /// What `ctl status` shows (the screen folds the same facts from events).
-pub async fn status(state: &Arc<AppState>) -> Result<Value, ApiError> {
+pub async fn status(state: &Arc<Core>) -> Result<Value, ApiError> {
     let gate = state.gate.clone();
     let versions = http::blocking("Could not read the versions", move || gate.versions()).await?;
     let trainer = match &state.trainer {

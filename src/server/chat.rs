@@ -1,14 +1,13 @@
-//! `POST /v1/chat/completions`: validation, capture, the engine job, and the reply (JSON or
-//! server-sent events).
+//! `POST /v1/chat/completions`: validation, then the core's chat flow (`app::chat`), answered
+//! as JSON or server-sent events in OpenAI's shapes.
 
-use super::AppState;
-use super::http::{ApiError, Body, blocking, json_response};
-use super::tool_calls;
-use crate::capture::{TurnSlot, TurnType, random_id};
-use crate::engine::{EngineError, EngineEvent, Job, Priority, Prompt, SubmitError, Task, Version};
-use crate::events::{Event, Finish, emit};
+use super::Core;
+use super::http::{ApiError, Body, json_response};
+use crate::app::chat::{self, ChatError, ChatRequest, Reply, Step, Turn};
+use crate::capture::TurnType;
+use crate::engine::EngineError;
 use crate::model::{FinishReason, Generation, SamplingParams};
-use crate::store::{NewTurn, now_ms};
+use crate::store::now_ms;
 use crate::telemetry::Counters;
 use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
@@ -16,24 +15,14 @@ use hyper::body::Frame;
 use hyper::{HeaderMap, Response, StatusCode, header};
 use serde_json::{Value, json};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use tokio::sync::mpsc;
 
-/// The validated request.
-struct ChatRequest {
-    messages: Vec<Value>,
-    tools: Option<Value>,
-    max_tokens: usize,
-    sampling: SamplingParams,
-    stop: Vec<String>,
+/// How the client wants the reply (the HTTP face's part of a request).
+struct Format {
     stream: bool,
     include_usage: bool,
     logprobs: bool,
-    top_logprobs: usize,
-    session_id: Option<String>,
-    session_source: &'static str,
-    turn_type: TurnType,
-    session_done: bool,
 }
 
 fn truthy(v: Option<&str>) -> bool {
@@ -46,8 +35,8 @@ fn truthy(v: Option<&str>) -> bool {
 fn parse_request(
     body: &Value,
     headers: &HeaderMap,
-    state: &AppState,
-) -> Result<ChatRequest, ApiError> {
+    state: &Core,
+) -> Result<(ChatRequest, Format), ApiError> {
     let obj = body
         .as_object()
         .ok_or_else(|| ApiError::invalid("The request body must be a JSON object."))?;
@@ -241,7 +230,7 @@ fn parse_request(
             .get("session_done")
             .is_some_and(|v| v.as_bool() == Some(true) || truthy(v.as_str()));
 
-    Ok(ChatRequest {
+    let request = ChatRequest {
         messages: messages.clone(),
         tools,
         max_tokens,
@@ -252,350 +241,123 @@ fn parse_request(
             seed,
         },
         stop,
-        stream,
-        include_usage,
-        logprobs,
         top_logprobs: if logprobs { top_logprobs.max(1) } else { 0 },
         session_id,
         session_source,
         turn_type,
         session_done,
-    })
+    };
+    let format = Format {
+        stream,
+        include_usage,
+        logprobs,
+    };
+    Ok((request, format))
 }
 
-fn engine_error(e: EngineError) -> ApiError {
+/// A chat error in OpenAI's shape, with the status `chat::status_of` gives it.
+fn api_error(e: ChatError) -> ApiError {
+    let status = StatusCode::from_u16(chat::status_of(&e)).expect("a valid status");
+    let message = e.to_string();
     match e {
-        EngineError::ContextTooLong { .. } => ApiError::invalid(e.to_string())
+        ChatError::Overloaded => {
+            let mut err = ApiError::new(status, "rate_limit_error", message).code("overloaded");
+            err.retry_after_secs = Some(2);
+            err
+        }
+        ChatError::Engine(EngineError::ContextTooLong { .. }) => ApiError::invalid(message)
             .param("messages")
             .code("context_length_exceeded"),
-        EngineError::BadRequest(m) => ApiError::invalid(m),
-        EngineError::UnknownVersion(_) | EngineError::Internal(_) => {
-            let m = e.to_string();
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m)
-        }
+        ChatError::Engine(EngineError::BadRequest(_)) => ApiError::invalid(message),
+        _ => ApiError::new(status, "server_error", message),
     }
 }
 
 pub async fn handle(
-    state: Arc<AppState>,
+    state: Arc<Core>,
     headers: HeaderMap,
     body: Value,
 ) -> Result<Response<Body>, ApiError> {
-    let req = parse_request(&body, &headers, &state)?;
-    let capture = state.capture.clone();
-    let (sid, src, tt, done, msgs) = (
-        req.session_id.clone(),
-        req.session_source,
-        req.turn_type,
-        req.session_done,
-        req.messages.clone(),
-    );
-    let slot = blocking("Could not record the conversation", move || {
-        capture.begin(sid, src, tt, done, &msgs)
-    })
-    .await?;
-
-    let (job, mut rx) = Job::new(
-        Prompt::chat(req.messages.clone(), req.tools.clone()),
-        Task::Generate {
-            max_tokens: req.max_tokens,
-            sampling: req.sampling,
-            stop: req.stop.clone(),
-            top_logprobs: req.top_logprobs,
-        },
-        Version::Live,
-        Priority::User,
-    );
-    let cancel = job.cancel.clone();
-    state.engine.submit(job).map_err(|e| match e {
-        SubmitError::Overloaded => {
-            let mut err = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "The server is busy: too many requests are waiting. Retry shortly.",
-            )
-            .code("overloaded");
-            err.retry_after_secs = Some(2);
-            err
-        }
-        SubmitError::Unavailable => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "The model is not loaded yet (or failed to load); see GET /health.",
-        ),
-    })?;
-    // The prompt is computed before the reply starts, so prompt errors get a proper status.
-    let (prompt_ids, cached_tokens) = match rx.recv().await {
-        Some(EngineEvent::Admitted {
-            prompt_ids,
-            cached_tokens,
-        }) => (prompt_ids, cached_tokens),
-        Some(EngineEvent::Failed(e)) => return Err(engine_error(e)),
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "The engine stopped.",
-            ));
-        }
-    };
-    let id = format!("chatcmpl-{}", random_id(""));
+    let (req, format) = parse_request(&body, &headers, &state)?;
+    let turn = chat::start(state.clone(), req).await.map_err(api_error)?;
     let call = Call {
-        lifecycle: Lifecycle::new(state.bus.clone(), id.clone()),
-        id,
         created: now_ms() / 1000,
         model: state.config.model_id.clone(),
-        req,
-        slot,
-        prompt_ids,
-        cached_tokens,
-        cancel,
+        format,
+        turn,
     };
-    emit(
-        &state.bus,
-        Event::RequestStarted {
-            request_id: call.id.clone(),
-            session_id: call.slot.session_id.clone(),
-            turn_index: call.slot.turn_index,
-            prompt_tokens: call.prompt_ids.len(),
-            cached_tokens,
-        },
-    );
-    if call.req.stream {
-        Ok(stream_reply(state, call, rx))
+    if call.format.stream {
+        Ok(stream_reply(state, call))
     } else {
-        json_reply(state, call, rx).await
+        json_reply(state, call).await
     }
 }
 
-/// Publishes a started request's progress on the bus and guarantees it exactly one final
-/// event: finished, failed, or, when dropped without either (the client went away, the
-/// connection was closed), cancelled.
-struct Lifecycle {
-    bus: crate::events::EventBus,
-    request_id: String,
-    ended: std::sync::atomic::AtomicBool,
-}
-
-impl Lifecycle {
-    fn new(bus: crate::events::EventBus, request_id: String) -> Self {
-        Self {
-            bus,
-            request_id,
-            ended: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-
-    fn text(&self, text: &str) {
-        emit(
-            &self.bus,
-            Event::RequestText {
-                request_id: self.request_id.clone(),
-                text: text.to_string(),
-            },
-        );
-    }
-
-    /// Emits `event` as the final one, unless one was emitted already.
-    fn end(&self, event: Event) {
-        if !self.ended.swap(true, Relaxed) {
-            emit(&self.bus, event);
-        }
-    }
-
-    fn failed(&self, e: &ApiError) {
-        self.end(Event::RequestFailed {
-            request_id: self.request_id.clone(),
-            status: e.status.as_u16(),
-            message: e.message.clone(),
-        });
-    }
-}
-
-impl Drop for Lifecycle {
-    fn drop(&mut self) {
-        self.end(Event::RequestCancelled {
-            request_id: self.request_id.clone(),
-        });
-    }
-}
-
-/// One chat completion in flight.
+/// One chat completion in flight, with what answering it in OpenAI's shapes needs.
 struct Call {
-    lifecycle: Lifecycle,
-    id: String,
+    turn: Turn,
+    format: Format,
     created: i64,
     model: String,
-    req: ChatRequest,
-    slot: TurnSlot,
-    prompt_ids: Vec<u32>,
-    cached_tokens: usize,
-    cancel: Arc<AtomicBool>,
-}
-
-/// The finished reply in OpenAI terms.
-struct Reply {
-    content: Option<String>,
-    tool_calls: Vec<Value>,
-    finish_reason: Finish,
-    usage: Value,
-    logprobs: Value,
 }
 
 impl Call {
-    fn reply(&self, state: &AppState, g: &Generation) -> Reply {
-        let parsed = if self.req.tools.is_some() {
-            {
-                let names: Vec<&str> = self
-                    .req
-                    .tools
-                    .iter()
-                    .flat_map(|t| t.as_array().into_iter().flatten())
-                    .filter_map(|t| t["function"]["name"].as_str())
-                    .collect();
-                tool_calls::parse(&g.text, &names, &mut || random_id("call_"))
-            }
-        } else {
-            tool_calls::Parsed {
-                content: Some(g.text.clone()),
-                tool_calls: Vec::new(),
-            }
-        };
-        let finish_reason = if !parsed.tool_calls.is_empty() {
-            Finish::ToolCalls
-        } else if g.finish == FinishReason::Length {
-            Finish::Length
-        } else {
-            Finish::Stop
-        };
-        let completion = g.ids.len();
-        let usage = json!({
-            "prompt_tokens": self.prompt_ids.len(),
+    fn usage(&self, g: &Generation) -> Value {
+        let (prompt, completion) = (self.turn.prompt_ids.len(), g.ids.len());
+        json!({
+            "prompt_tokens": prompt,
             "completion_tokens": completion,
-            "total_tokens": self.prompt_ids.len() + completion,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-        });
-        let logprobs = if self.req.logprobs {
-            state.logprobs_json(g)
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": self.turn.cached_tokens},
+        })
+    }
+
+    fn logprobs(&self, state: &Core, g: &Generation) -> Value {
+        if self.format.logprobs {
+            super::logprobs_json(state, g)
         } else {
             Value::Null
-        };
-        Reply {
-            content: parsed.content,
-            tool_calls: parsed.tool_calls,
-            finish_reason,
-            usage,
-            logprobs,
         }
-    }
-
-    fn assistant_message(r: &Reply) -> Value {
-        let mut m = json!({"role": "assistant", "content": r.content});
-        if !r.tool_calls.is_empty() {
-            m["tool_calls"] = Value::Array(r.tool_calls.clone());
-        }
-        m
-    }
-
-    /// Commits the turn to the store (before the client sees the end of the reply).
-    async fn commit(
-        &self,
-        state: &Arc<AppState>,
-        g: &Generation,
-        adapter_version: i64,
-        reply: &Reply,
-    ) -> Result<(), ApiError> {
-        let s = &self.req.sampling;
-        let turn = NewTurn {
-            session_id: self.slot.session_id.clone(),
-            turn_index: self.slot.turn_index,
-            turn_type: self.slot.turn_type.as_str().into(),
-            response_id: self.id.clone(),
-            request_messages: Value::Array(self.req.messages.clone()),
-            tools: self.req.tools.clone(),
-            prompt_ids: self.prompt_ids.clone(),
-            response_ids: g.ids.clone(),
-            logprobs: g.logprobs.clone(),
-            response_text: g.text.clone(),
-            tool_calls: (!reply.tool_calls.is_empty())
-                .then(|| Value::Array(reply.tool_calls.clone())),
-            reply_message: Self::assistant_message(reply),
-            finish_reason: reply.finish_reason.as_str().into(),
-            adapter_version,
-            sampling: json!({"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed, "max_tokens": self.req.max_tokens}),
-            cached_tokens: self.cached_tokens,
-            created_at: self.slot.created_at,
-            completed_at: now_ms(),
-        };
-        let (capture, slot) = (state.capture.clone(), self.slot.clone());
-        blocking("Could not record the turn", move || {
-            capture.commit(&slot, turn)
-        })
-        .await
-        .inspect_err(|e| self.lifecycle.failed(e))?;
-        self.lifecycle.end(Event::RequestFinished {
-            request_id: self.id.clone(),
-            completion_tokens: g.ids.len(),
-            finish_reason: reply.finish_reason,
-            adapter_version,
-        });
-        Ok(())
     }
 
     /// `X-Session-Id` and `X-Turn-Index`: what `POST /v1/feedback` can name besides the id.
     fn turn_headers(&self, headers: &mut HeaderMap) {
-        if let Ok(v) = header::HeaderValue::from_str(&self.slot.session_id) {
+        if let Ok(v) = header::HeaderValue::from_str(&self.turn.slot.session_id) {
             headers.insert("x-session-id", v);
         }
-        headers.insert("x-turn-index", self.slot.turn_index.into());
+        headers.insert("x-turn-index", self.turn.slot.turn_index.into());
     }
 
     fn chunk(&self, delta: Value, finish: Option<&str>, logprobs: Value) -> Value {
-        json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+        json!({"id": self.turn.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
     }
 }
 
-async fn json_reply(
-    state: Arc<AppState>,
-    call: Call,
-    mut rx: mpsc::UnboundedReceiver<EngineEvent>,
-) -> Result<Response<Body>, ApiError> {
+async fn json_reply(state: Arc<Core>, mut call: Call) -> Result<Response<Body>, ApiError> {
     let (g, adapter_version) = loop {
-        match rx.recv().await {
-            Some(EngineEvent::Text(piece)) => call.lifecycle.text(&piece),
-            Some(EngineEvent::Finished {
+        match call.turn.next().await {
+            Step::Text(_) => {}
+            Step::Done {
                 generation,
                 adapter_version,
-                ..
-            }) => break (generation, adapter_version),
-            Some(EngineEvent::Failed(e)) => {
-                let e = engine_error(e);
-                call.lifecycle.failed(&e);
-                return Err(e);
-            }
-            Some(_) => {}
-            None => {
-                let e = ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    "The engine stopped.",
-                );
-                call.lifecycle.failed(&e);
-                return Err(e);
-            }
+            } => break (generation, adapter_version),
+            Step::Failed(e) => return Err(api_error(e)),
         }
     };
-    let reply = call.reply(&state, &g);
-    call.commit(&state, &g, adapter_version, &reply).await?;
-    let mut message = Call::assistant_message(&reply);
+    let reply = call.turn.reply(&g);
+    call.turn
+        .commit(&g, adapter_version, &reply)
+        .await
+        .map_err(api_error)?;
+    let mut message = reply.message();
     if message["content"].is_null() && reply.tool_calls.is_empty() {
         message["content"] = json!("");
     }
     let body = json!({
-        "id": call.id, "object": "chat.completion", "created": call.created, "model": call.model,
-        "choices": [{"index": 0, "message": message, "logprobs": reply.logprobs, "finish_reason": reply.finish_reason.as_str()}],
-        "usage": reply.usage,
+        "id": call.turn.id, "object": "chat.completion", "created": call.created, "model": call.model,
+        "choices": [{"index": 0, "message": message, "logprobs": call.logprobs(&state, &g), "finish_reason": reply.finish.as_str()}],
+        "usage": call.usage(&g),
     });
     let mut response = json_response(StatusCode::OK, &body);
     call.turn_headers(response.headers_mut());
@@ -609,19 +371,16 @@ fn sse(v: &Value) -> Chunk {
 }
 
 /// Streams the reply as server-sent events; generation stops when the client disconnects.
-fn stream_reply(
-    state: Arc<AppState>,
-    call: Call,
-    mut rx: mpsc::UnboundedReceiver<EngineEvent>,
-) -> Response<Body> {
+fn stream_reply(state: Arc<Core>, mut call: Call) -> Response<Body> {
     let (out, body_rx) = mpsc::channel::<Chunk>(64);
     let mut headers = HeaderMap::new();
     call.turn_headers(&mut headers);
     tokio::spawn(async move {
         // Sends a frame; a closed channel means the client went away: stop generating.
+        let cancel = call.turn.cancel.clone();
         let send = |frame: Chunk| {
             let out = out.clone();
-            let cancel = call.cancel.clone();
+            let cancel = cancel.clone();
             async move {
                 if out.send(frame).await.is_err() {
                     cancel.store(true, Relaxed);
@@ -639,16 +398,15 @@ fn stream_reply(
         {
             return;
         }
-        let tools = call.req.tools.is_some();
+        let tools = call.turn.req.tools.is_some();
         let (mut text, mut sent) = (String::new(), 0usize);
         let (g, adapter_version) = loop {
-            match rx.recv().await {
-                Some(EngineEvent::Text(piece)) => {
-                    call.lifecycle.text(&piece);
+            match call.turn.next().await {
+                Step::Text(piece) => {
                     text.push_str(&piece);
                     // With tools on, tool-call markup is held back and sent as `tool_calls`.
                     let upto = if tools {
-                        tool_calls::streamable_len(&text)
+                        super::tool_calls::streamable_len(&text)
                     } else {
                         text.len()
                     };
@@ -666,30 +424,21 @@ fn stream_reply(
                         }
                     }
                 }
-                Some(EngineEvent::Finished {
+                Step::Done {
                     generation,
                     adapter_version,
-                    ..
-                }) => break (generation, adapter_version),
-                Some(EngineEvent::Failed(e)) => {
+                } => break (generation, adapter_version),
+                Step::Failed(e) => {
                     Counters::add(&state.counters.request_errors, 1);
-                    let e = engine_error(e);
-                    call.lifecycle.failed(&e);
-                    let _ = send(sse(&e.body())).await;
+                    let _ = send(sse(&api_error(e).body())).await;
                     return;
                 }
-                Some(
-                    EngineEvent::Admitted { .. }
-                    | EngineEvent::Chosen { .. }
-                    | EngineEvent::Scored { .. },
-                ) => {}
-                None => return,
             }
         };
         if g.finish == FinishReason::Cancelled {
             return;
         }
-        let reply = call.reply(&state, &g);
+        let reply: Reply = call.turn.reply(&g);
         // Content not streamed yet: with tools on, text outside the held-back tool-call blocks.
         let rest = if tools {
             let content = reply.content.clone().unwrap_or_default();
@@ -732,22 +481,23 @@ fn stream_reply(
             }
         }
         // Commit before the client sees the end of the reply.
-        if let Err(e) = call.commit(&state, &g, adapter_version, &reply).await {
+        if let Err(e) = call.turn.commit(&g, adapter_version, &reply).await {
             Counters::add(&state.counters.request_errors, 1);
-            let _ = send(sse(&e.body())).await;
+            let _ = send(sse(&api_error(e).body())).await;
             return;
         }
+        let logprobs = call.logprobs(&state, &g);
         if !send(sse(&call.chunk(
             json!({}),
-            Some(reply.finish_reason.as_str()),
-            reply.logprobs.clone(),
+            Some(reply.finish.as_str()),
+            logprobs,
         )))
         .await
         {
             return;
         }
-        if call.req.include_usage {
-            let usage = json!({"id": call.id, "object": "chat.completion.chunk", "created": call.created, "model": call.model, "choices": [], "usage": reply.usage});
+        if call.format.include_usage {
+            let usage = json!({"id": call.turn.id, "object": "chat.completion.chunk", "created": call.created, "model": call.model, "choices": [], "usage": call.usage(&g)});
             if !send(sse(&usage)).await {
                 return;
             }

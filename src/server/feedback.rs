@@ -2,7 +2,7 @@
 //! completion id (`response_id`) or by `session_id` + `turn`. It overrides the judge's score
 //! for training; both are kept.
 
-use super::AppState;
+use super::Core;
 use super::http::{self, ApiError, Body, blocking, json_response};
 use crate::events::{Event, emit};
 use crate::store::{FeedbackError, TurnRef};
@@ -15,10 +15,7 @@ use std::sync::Arc;
 /// Comments longer than this are refused rather than silently cut.
 const MAX_COMMENT_CHARS: usize = 4000;
 
-pub async fn route(
-    state: Arc<AppState>,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
+pub async fn route(state: Arc<Core>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     http::authorize(&req, state.config.api_key.as_deref())?;
     let body = http::read_json(req, state.config.max_body_bytes).await?;
     let (turn, rating, comment) = parse(&body)?;

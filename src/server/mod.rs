@@ -6,10 +6,8 @@ pub mod feedback;
 pub mod http;
 pub mod tool_calls;
 
-use crate::capture::Capture;
-use crate::config::GenerationSection;
-use crate::engine::{Engine, Status};
-use crate::events::EventBus;
+pub use crate::app::{Core, ServerConfig};
+use crate::engine::Status;
 use crate::model::Generation;
 use crate::telemetry::Counters;
 use anyhow::Result;
@@ -21,73 +19,39 @@ use hyper::{Method, Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
 
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// The id clients name in `model` (and `/v1/models` lists).
-    pub model_id: String,
-    /// Other names accepted in `model` (e.g. the checkpoint's own name).
-    pub model_aliases: Vec<String>,
-    pub api_key: Option<String>,
-    pub max_body_bytes: usize,
-    pub generation: GenerationSection,
-    pub session_idle: Duration,
+/// OpenAI's `logprobs` object for a generation (the tokens as text, with alternatives).
+pub fn logprobs_json(core: &Core, g: &Generation) -> Value {
+    let tokenizer = core.engine.info().map(|i| i.tokenizer);
+    let tok = |id: u32| {
+        tokenizer
+            .as_ref()
+            .and_then(|t| t.decode(&[id]).ok())
+            .unwrap_or_default()
+    };
+    let content: Vec<Value> = g
+        .ids
+        .iter()
+        .zip(&g.logprobs)
+        .enumerate()
+        .map(|(i, (&id, &lp))| {
+            let t = tok(id);
+            let top: Vec<Value> = g.top_logprobs.get(i).map_or(Vec::new(), |alts| {
+                alts.iter()
+                    .map(|&(a, alp)| {
+                        let s = tok(a);
+                        json!({"token": s, "logprob": alp, "bytes": s.as_bytes()})
+                    })
+                    .collect()
+            });
+            json!({"token": t, "logprob": lp, "bytes": t.as_bytes(), "top_logprobs": top})
+        })
+        .collect();
+    json!({"content": content})
 }
 
-pub struct AppState {
-    pub config: ServerConfig,
-    pub engine: Engine,
-    pub capture: Arc<Capture>,
-    /// The background judge (`None` when `judge.backend = "off"`); `serve` runs it.
-    pub judge: Option<Arc<crate::judge::Judge>>,
-    /// Versions: candidates, approve / veto / rollback.
-    pub gate: Arc<crate::gate::Gate>,
-    /// The training thread (`None` when `train.enabled = false`).
-    pub trainer: Option<Arc<crate::train::TrainerHandle>>,
-    pub bus: EventBus,
-    pub counters: Arc<Counters>,
-}
-
-impl AppState {
-    pub fn serves_model(&self, m: &str) -> bool {
-        m == self.config.model_id
-            || self.config.model_aliases.iter().any(|a| a == m)
-            || self.engine.info().is_some_and(|i| i.name == m)
-    }
-
-    fn logprobs_json(&self, g: &Generation) -> Value {
-        let tokenizer = self.engine.info().map(|i| i.tokenizer);
-        let tok = |id: u32| {
-            tokenizer
-                .as_ref()
-                .and_then(|t| t.decode(&[id]).ok())
-                .unwrap_or_default()
-        };
-        let content: Vec<Value> = g
-            .ids
-            .iter()
-            .zip(&g.logprobs)
-            .enumerate()
-            .map(|(i, (&id, &lp))| {
-                let t = tok(id);
-                let top: Vec<Value> = g.top_logprobs.get(i).map_or(Vec::new(), |alts| {
-                    alts.iter()
-                        .map(|&(a, alp)| {
-                            let s = tok(a);
-                            json!({"token": s, "logprob": alp, "bytes": s.as_bytes()})
-                        })
-                        .collect()
-                });
-                json!({"token": t, "logprob": lp, "bytes": t.as_bytes(), "top_logprobs": top})
-            })
-            .collect();
-        json!({"content": content})
-    }
-}
-
-async fn route(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+async fn route(state: Arc<Core>, req: Request<Incoming>) -> Response<Body> {
     let result = match (req.method(), req.uri().path()) {
         (&Method::GET, "/health") => Ok(health(&state)),
         (&Method::GET, "/metrics") => Ok(metrics(&state)),
@@ -118,10 +82,7 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
     })
 }
 
-async fn chat_route(
-    state: Arc<AppState>,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
+async fn chat_route(state: Arc<Core>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     Counters::add(&state.counters.requests, 1);
     http::authorize(&req, state.config.api_key.as_deref())?;
     let headers = req.headers().clone();
@@ -129,7 +90,7 @@ async fn chat_route(
     chat::handle(state, headers, body).await
 }
 
-fn health(state: &AppState) -> Response<Body> {
+fn health(state: &Core) -> Response<Body> {
     match state.engine.status() {
         Status::Ready => json_response(StatusCode::OK, &json!({"status": "ok"})),
         Status::Loading => json_response(
@@ -143,7 +104,7 @@ fn health(state: &AppState) -> Response<Body> {
     }
 }
 
-fn metrics(state: &AppState) -> Response<Body> {
+fn metrics(state: &Core) -> Response<Body> {
     state.counters.active_sessions.store(
         state.capture.open_sessions() as u64,
         std::sync::atomic::Ordering::Relaxed,
@@ -185,7 +146,7 @@ fn metrics(state: &AppState) -> Response<Body> {
         .expect("static response parts")
 }
 
-fn models(state: &AppState) -> Response<Body> {
+fn models(state: &Core) -> Response<Body> {
     let created = crate::store::now_ms() / 1000;
     json_response(
         StatusCode::OK,
@@ -196,25 +157,11 @@ fn models(state: &AppState) -> Response<Body> {
 /// Serves until `shutdown` resolves, then stops accepting and lets requests in flight finish.
 pub async fn serve(
     listener: TcpListener,
-    state: Arc<AppState>,
+    state: Arc<Core>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let judge = state.judge.clone().map(|j| tokio::spawn(j.run()));
-    let idle_state = state.clone();
-    let closer = tokio::spawn(async move {
-        let mut tick =
-            tokio::time::interval(Duration::from_secs(5).min(idle_state.config.session_idle));
-        loop {
-            tick.tick().await;
-            let (capture, timeout) = (idle_state.capture.clone(), idle_state.config.session_idle);
-            match tokio::task::spawn_blocking(move || capture.close_idle(timeout)).await {
-                Ok(Err(e)) => tracing::warn!("closing idle sessions: {e:#}"),
-                Err(e) => tracing::warn!("closing idle sessions: {e}"),
-                Ok(Ok(_)) => {}
-            }
-        }
-    });
+    let background = state.start_background();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -238,15 +185,7 @@ pub async fn serve(
             _ = &mut shutdown => break,
         }
     }
-    closer.abort();
-    // An update in progress is set aside at its next micro-step; its samples stay untrained.
-    if let Some(t) = &state.trainer {
-        t.stop();
-    }
-    // A turn being judged now is judged again after a restart (nothing of it was stored).
-    if let Some(j) = judge {
-        j.abort();
-    }
+    background.stop(&state);
     tracing::info!("shutting down: waiting for requests in flight");
     graceful.shutdown().await;
     Ok(())

@@ -1,16 +1,19 @@
-//! Wiring: the core (engine, capture, judge, gate, trainer, event bus, counters) built from
-//! the configuration. The headless server uses it today; the TUI will run the same core
-//! in-process.
+//! The core (engine, capture, judge, gate, trainer, event bus, counters) built from the
+//! configuration, with its background tasks and the chat flow (`chat`). The HTTP server is one
+//! face of it; the control-center screen is to be the other.
+
+pub mod chat;
 
 use crate::capture::Capture;
 use crate::catalog;
 use crate::cli::model_path;
 use crate::config::Config;
+use crate::config::GenerationSection;
 use crate::engine::{Engine, EngineConfig};
+use crate::events::EventBus;
 use crate::events::{self, Event, emit};
 use crate::gate::Gate;
 use crate::model::LoadOptions;
-use crate::server::{AppState, ServerConfig};
 use crate::telemetry::Counters;
 use anyhow::Result;
 use std::sync::Arc;
@@ -60,8 +63,89 @@ pub fn engine_config(cfg: &Config) -> Result<EngineConfig> {
     })
 }
 
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The id clients name in `model` (and `/v1/models` lists).
+    pub model_id: String,
+    /// Other names accepted in `model` (e.g. the checkpoint's own name).
+    pub model_aliases: Vec<String>,
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
+    pub generation: GenerationSection,
+    pub session_idle: Duration,
+}
+
+/// The core: everything that serves, captures, judges, trains and decides, shared by the HTTP
+/// server and the screen (neither reaches past it into the engine or the model).
+pub struct Core {
+    pub config: ServerConfig,
+    pub engine: Engine,
+    pub capture: Arc<Capture>,
+    /// The background judge (`None` when `judge.backend = "off"`); `serve` runs it.
+    pub judge: Option<Arc<crate::judge::Judge>>,
+    /// Versions: candidates, approve / veto / rollback.
+    pub gate: Arc<crate::gate::Gate>,
+    /// The training thread (`None` when `train.enabled = false`).
+    pub trainer: Option<Arc<crate::train::TrainerHandle>>,
+    pub bus: EventBus,
+    pub counters: Arc<Counters>,
+}
+
+impl Core {
+    pub fn serves_model(&self, m: &str) -> bool {
+        m == self.config.model_id
+            || self.config.model_aliases.iter().any(|a| a == m)
+            || self.engine.info().is_some_and(|i| i.name == m)
+    }
+}
+
+/// The core's background tasks (the judge, the idle-session closer), started by whichever face
+/// runs the core.
+pub struct Background {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Core {
+    /// Starts the judge and the idle-session closer on the current tokio runtime.
+    pub fn start_background(self: &Arc<Self>) -> Background {
+        let mut tasks = Vec::new();
+        if let Some(j) = self.judge.clone() {
+            tasks.push(tokio::spawn(j.run()));
+        }
+        let core = self.clone();
+        tasks.push(tokio::spawn(async move {
+            let idle = core.config.session_idle;
+            let mut tick = tokio::time::interval(Duration::from_secs(5).min(idle));
+            loop {
+                tick.tick().await;
+                let capture = core.capture.clone();
+                match tokio::task::spawn_blocking(move || capture.close_idle(idle)).await {
+                    Ok(Err(e)) => tracing::warn!("closing idle sessions: {e:#}"),
+                    Err(e) => tracing::warn!("closing idle sessions: {e}"),
+                    Ok(Ok(_)) => {}
+                }
+            }
+        }));
+        Background { tasks }
+    }
+}
+
+impl Background {
+    /// Stops the background work: a turn being judged is judged again after a restart
+    /// (nothing of it was stored); an update in progress is set aside at its next micro-step
+    /// (its samples stay untrained).
+    pub fn stop(self, core: &Core) {
+        for t in self.tasks {
+            t.abort();
+        }
+        if let Some(t) = &core.trainer {
+            t.stop();
+        }
+    }
+}
+
 /// Builds the core; the model loads in the background (GET /health answers 503 until then).
-pub fn build(cfg: &Config) -> Result<Arc<AppState>> {
+pub fn build(cfg: &Config) -> Result<Arc<Core>> {
     let bus = events::bus();
     let counters = Arc::new(Counters::default());
     let capture = Arc::new(Capture::open(
@@ -104,7 +188,7 @@ pub fn build(cfg: &Config) -> Result<Arc<AppState>> {
         generation: cfg.generation.clone(),
         session_idle: Duration::from_secs(s.session_idle_secs.max(1)),
     };
-    Ok(Arc::new(AppState {
+    Ok(Arc::new(Core {
         config,
         engine,
         capture,
