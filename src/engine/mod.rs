@@ -565,10 +565,6 @@ impl Worker {
             if user.is_empty() && waiting_user.is_empty() {
                 self.warm(&mut warming, &mut waiting_bg, &mut bg);
             }
-            self.shared
-                .counters
-                .prefix_cache_bytes
-                .store(self.prefix.used_bytes() as u64, Relaxed);
             // One round: a token for every active user request, or else for background ones.
             let round = if user.is_empty() { &mut bg } else { &mut user };
             self.decode_round(round);
@@ -600,9 +596,23 @@ impl Worker {
                 if version != self.shared.live_version.load(Relaxed) {
                     self.adapters.remove(&version);
                     self.prefix.forget_version(version);
+                    self.report_cache_size();
                 }
             }
         }
+    }
+
+    /// Keeps a prompt's KV cache for later requests (and reports the cache's size).
+    fn cache_prompt(&mut self, version: i64, ids: &[u32], cache: &KvCache, background: bool) {
+        self.prefix.insert(version, ids, cache, background);
+        self.report_cache_size();
+    }
+
+    fn report_cache_size(&self) {
+        self.shared
+            .counters
+            .prefix_cache_bytes
+            .store(self.prefix.used_bytes() as u64, Relaxed);
     }
 
     /// The adapter of `version` (`Some(None)` for the base model; `None` if not installed).
@@ -844,7 +854,7 @@ impl Worker {
                 match self.model.sequence_logprobs(&sequences, cached) {
                     Ok((logprobs, context, cache)) => {
                         let background = job.priority == Priority::Background;
-                        self.prefix.insert(version, &context, &cache, background);
+                        self.cache_prompt(version, &context, &cache, background);
                         let _ = job.events.send(EngineEvent::Chosen { logprobs });
                     }
                     Err(e) => fail(EngineError::Internal(format!("{e:#}"))),
@@ -889,8 +899,7 @@ impl Worker {
         };
         // After the prefill the cache holds exactly the prompt: keep it for later requests.
         let background = job.priority == Priority::Background;
-        self.prefix
-            .insert(version, &prompt_ids, &decoding.cache, background);
+        self.cache_prompt(version, &prompt_ids, &decoding.cache, background);
         Counters::add(&c.cached_tokens, decoding.cached_tokens as u64);
         let _ = job.events.send(EngineEvent::Admitted {
             prompt_ids: prompt_ids.clone(),
