@@ -15,11 +15,13 @@ use std::path::PathBuf;
     name = "clawrl-tui",
     version,
     about = "Serve a local LLM, watch every conversation, and improve it from them.",
-    long_about = "Serve a local LLM, watch every conversation, and improve it from them.\n\nWithout a subcommand: loads the model and starts an interactive chat (the control center replaces it in a later version)."
+    long_about = "Serve a local LLM, watch every conversation, and improve it from them.\n\nWithout a subcommand: serves the model (as `serve`) under the control center, a terminal screen with the conversations, votes, rewards, training, versions and hardware. Press ? in it for the keys."
 )]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -69,8 +71,11 @@ pub enum Command {
     Info,
     /// Measure prefill and decode speed of several weight formats; prints ratios to the first.
     Bench(crate::bench::BenchArgs),
-    /// Run the OpenAI-compatible server and capture every conversation turn.
+    /// Run the OpenAI-compatible server and capture every conversation turn (under the control
+    /// center when the terminal allows; see --headless).
     Serve(ServeArgs),
+    /// Chat with the model on standard input and output (no server, nothing captured).
+    Chat,
     /// Write every captured turn (reads the store directly; works while the server runs).
     Export(ExportArgs),
     /// Control a running server: status, versions, approve, veto, rollback, pause, resume.
@@ -79,13 +84,22 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Run without the terminal interface (logs go to the log file; Ctrl-C or SIGTERM stops
-    /// cleanly after the requests in flight). The interface is not built yet, so this is
-    /// currently how `serve` always runs.
+    /// Run without the control center (logs go to the log file; Ctrl-C or SIGTERM stops
+    /// cleanly after the requests in flight). Also the case when standard input or output is
+    /// not a terminal.
     #[arg(long)]
     pub headless: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// Where and how the server listens.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServerArgs {
+    /// Address to listen on (default: server.host, 127.0.0.1).
     #[arg(long)]
     pub host: Option<String>,
+    /// Port to listen on (0: any free port; the screen shows it).
     #[arg(long)]
     pub port: Option<u16>,
     /// Require `Authorization: Bearer KEY` (also CLAWRL__SERVER__API_KEY).
@@ -181,7 +195,8 @@ pub fn run() -> Result<()> {
     let cfg = resolve_config(&cli.global)?;
     let _log_guard = crate::logging::init(&cfg.log_dir(), &cfg.log.level)?;
     match cli.command {
-        None => interactive(&cfg),
+        None => serve(cfg, &cli.server, false),
+        Some(Command::Chat) => interactive(&cfg),
         Some(Command::Generate(args)) => generate(&cfg, &args),
         Some(Command::FetchModel { id, all }) => {
             let ids: Vec<String> = if all {
@@ -245,13 +260,14 @@ pub fn run() -> Result<()> {
             Ok(())
         }
         Some(Command::Bench(args)) => crate::bench::run(&cfg, &args),
-        Some(Command::Serve(args)) => serve(cfg, &args),
+        Some(Command::Serve(args)) => serve(cfg, &args.server, args.headless),
         Some(Command::Export(args)) => export(&cfg, &args),
         Some(Command::Ctl(args)) => crate::ctl::run(&cfg, &args),
     }
 }
 
-fn serve(mut cfg: Config, args: &ServeArgs) -> Result<()> {
+fn serve(mut cfg: Config, args: &ServerArgs, headless: bool) -> Result<()> {
+    use std::io::IsTerminal;
     if let Some(h) = &args.host {
         cfg.server.host = h.clone();
     }
@@ -261,25 +277,58 @@ fn serve(mut cfg: Config, args: &ServeArgs) -> Result<()> {
     if let Some(k) = &args.api_key {
         cfg.server.api_key = k.clone();
     }
+    let screen = !headless && std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    let keymap = crate::tui::keymap::Keymap::new(&cfg.tui.keys)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let state = crate::app::build(&cfg)?;
+        let core = crate::app::build(&cfg)?;
+        // Subscribed before asking whether the model is loaded: no readiness is missed.
+        let events = core.bus.subscribe();
         let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         let local = listener.local_addr()?;
-        eprintln!(
-            "clawrl-tui: serving `{}` at http://{local}/v1 (store: {}; logs: {})",
-            state.config.model_id,
-            cfg.store_path().display(),
-            cfg.log_dir().display()
-        );
-        tracing::info!(%local, model = %state.config.model_id, "serving");
-        crate::server::serve(listener, state, shutdown_signal()).await?;
+        let url = format!("http://{local}/v1");
+        tracing::info!(%local, model = %core.config.model_id, "serving");
+        if !screen {
+            eprintln!(
+                "clawrl-tui: serving `{}` at {url} (store: {}; logs: {})",
+                core.config.model_id,
+                cfg.store_path().display(),
+                cfg.log_dir().display()
+            );
+            crate::server::serve(listener, core, shutdown_signal()).await?;
+            eprintln!("clawrl-tui: stopped");
+            return Ok(());
+        }
+        let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(crate::server::serve(listener, core.clone(), async {
+            let _ = server_stopped.await;
+        }));
+        let (commands, received) = tokio::sync::mpsc::unbounded_channel();
+        let executor = tokio::spawn(crate::app::commands::run(core.clone(), received));
+        let link = crate::tui::Link {
+            events,
+            commands,
+            counters: core.counters.clone(),
+            store_path: cfg.store_path(),
+            header: crate::tui::app::Header {
+                model_id: core.config.model_id.clone(),
+                url,
+            },
+            model_ready: core.engine.info().map(|i| i.name.clone()),
+        };
+        let shown = crate::tui::run(link, keymap, shutdown_signal()).await;
+        // The screen is gone: stop accepting, let requests and chats in flight finish.
+        eprintln!("clawrl-tui: stopping (requests in flight finish first)");
+        let _ = stop_server.send(());
+        server.await??;
+        executor.await?;
+        shown?;
         eprintln!("clawrl-tui: stopped");
         Ok(())
     })

@@ -23,6 +23,15 @@ pub struct Config {
     pub judge: JudgeSection,
     pub train: TrainSection,
     pub gate: GateSection,
+    pub tui: TuiSection,
+}
+
+/// The control center.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TuiSection {
+    /// Replaces an action's keys: `approve = ["a", "ctrl-a"]` (the help lists the actions).
+    pub keys: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Online training (PIPELINE.md §4–§5).
@@ -300,6 +309,7 @@ impl Default for Config {
             judge: JudgeSection::default(),
             train: TrainSection::default(),
             gate: GateSection::default(),
+            tui: TuiSection::default(),
         }
     }
 }
@@ -411,6 +421,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         crate::device::parse_dtype(&self.model.dtype)?;
+        crate::tui::keymap::Keymap::new(&self.tui.keys)?;
         let g = &self.generation;
         if !(0.0..=2.0).contains(&g.temperature) {
             bail!(

@@ -19,6 +19,8 @@ pub enum Event {
         turn_index: i64,
         prompt_tokens: usize,
         cached_tokens: usize,
+        /// The text of the request's last message (what the reply answers), shortened.
+        last_message: String,
     },
     /// Reply text as it is generated (what a client streaming the reply receives).
     RequestText {
@@ -42,24 +44,31 @@ pub enum Event {
     RequestCancelled {
         request_id: String,
     },
+    /// A request was refused before it started (nothing was captured): overloaded, model not
+    /// loaded, context too long, ...
+    RequestRefused {
+        session_id: Option<String>,
+        status: u16,
+        message: String,
+    },
     /// A turn was committed to the store.
     TurnCaptured {
         turn_id: i64,
         session_id: String,
         turn_index: i64,
-        turn_type: String,
+        turn_type: TurnType,
     },
     /// A turn received its next state (the user's reply or its tool results).
     NextStateAttached {
         turn_id: i64,
         session_id: String,
-        role: String,
+        role: NextRole,
     },
     /// A session was closed (explicitly, or after the idle timeout); its main turns still
     /// without a next state carry no signal.
     SessionClosed {
         session_id: String,
-        reason: String,
+        reason: CloseReason,
         no_signal_turns: usize,
     },
     /// The judge finished a turn: the majority score of its votes and whether a hint came out.
@@ -68,7 +77,8 @@ pub enum Event {
         session_id: String,
         score: i8,
         votes: Vec<Option<i8>>,
-        hint: bool,
+        /// The hint extracted for hindsight distillation, if any.
+        hint: Option<String>,
         error: Option<String>,
     },
     /// Turns waiting for the judge.
@@ -133,6 +143,56 @@ pub enum Event {
     },
     TrainingPaused,
     TrainingResumed,
+    /// The outcome of a command someone gave (the screen shows it; the log keeps it).
+    Notice {
+        level: Level,
+        text: String,
+    },
+}
+
+pub use crate::capture::TurnType;
+
+/// Who answered a turn: the user's next message or the results of the tools it called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NextRole {
+    User,
+    Tool,
+}
+
+impl NextRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Tool => "tool",
+        }
+    }
+}
+
+/// Why a session was closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    /// The client said so (`X-Session-Done`, a new chat in the chat box).
+    Client,
+    /// Nothing arrived for `server.session_idle_secs`.
+    Idle,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Idle => "idle",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    Info,
+    Error,
 }
 
 /// Why a reply ended (OpenAI's `finish_reason`).

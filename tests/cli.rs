@@ -231,9 +231,10 @@ fn bad_configuration_is_reported_with_its_source() {
 }
 
 #[test]
-fn starting_without_a_subcommand_chats_on_stdin() {
+fn the_chat_subcommand_chats_on_stdin() {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"))
+        .arg("chat")
         .env("CLAWRL__GENERATION__TEMPERATURE", "0")
         .env("CLAWRL__GENERATION__MAX_TOKENS", "24")
         .stdin(std::process::Stdio::piped())

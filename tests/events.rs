@@ -4,7 +4,7 @@
 
 mod common;
 use clawrl_tui::config::Config;
-use clawrl_tui::events::Event;
+use clawrl_tui::events::{CloseReason, Event, NextRole};
 use serde_json::json;
 use std::time::Duration;
 
@@ -155,10 +155,10 @@ async fn capture_steps_are_published_on_the_event_bus() {
         unreachable!()
     };
     assert!(
-        matches!(&seen[3], Event::NextStateAttached { turn_id: t, session_id: s, role } if t == turn_id && s == session_id && role == "user")
+        matches!(&seen[3], Event::NextStateAttached { turn_id: t, session_id: s, role } if t == turn_id && s == session_id && *role == NextRole::User)
     );
     assert!(
-        matches!(&seen[7], Event::SessionClosed { session_id: s, reason, .. } if s == session_id && reason == "idle")
+        matches!(&seen[7], Event::SessionClosed { session_id: s, reason, .. } if s == session_id && *reason == CloseReason::Idle)
     );
     assert!(
         matches!(&seen[2], Event::RequestFinished { request_id, adapter_version: 0, finish_reason, .. }

@@ -149,6 +149,22 @@ impl Reply {
 /// (so that prompt errors come before any reply starts). Nothing is captured for a request the
 /// engine refuses.
 pub async fn start(core: Arc<Core>, req: ChatRequest) -> Result<Turn, ChatError> {
+    let session_id = req.session_id.clone();
+    let started = admit(core.clone(), req).await;
+    if let Err(e) = &started {
+        emit(
+            &core.bus,
+            Event::RequestRefused {
+                session_id,
+                status: status_of(e),
+                message: e.to_string(),
+            },
+        );
+    }
+    started
+}
+
+async fn admit(core: Arc<Core>, req: ChatRequest) -> Result<Turn, ChatError> {
     let capture = core.capture.clone();
     let (sid, src, tt, done, msgs) = (
         req.session_id.clone(),
@@ -194,6 +210,7 @@ pub async fn start(core: Arc<Core>, req: ChatRequest) -> Result<Turn, ChatError>
             turn_index: slot.turn_index,
             prompt_tokens: prompt_ids.len(),
             cached_tokens,
+            last_message: last_message_text(&req.messages),
         },
     );
     Ok(Turn {
@@ -334,6 +351,18 @@ impl Turn {
             adapter_version,
         });
         Ok(())
+    }
+}
+
+/// The text of the last message (what a reply answers), at most 2000 characters.
+fn last_message_text(messages: &[Value]) -> String {
+    let text = messages
+        .last()
+        .map(|m| crate::capture::sessions::content_text(m.get("content")))
+        .unwrap_or_default();
+    match text.char_indices().nth(2000) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
     }
 }
 

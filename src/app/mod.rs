@@ -1,8 +1,9 @@
 //! The core (engine, capture, judge, gate, trainer, event bus, counters) built from the
-//! configuration, with its background tasks and the chat flow (`chat`). The HTTP server is one
-//! face of it; the control-center screen is to be the other.
+//! configuration, with its background tasks, the chat flow (`chat`) and the commands a face can
+//! give (`commands`). The HTTP server is one face of it; the control-center screen the other.
 
 pub mod chat;
+pub mod commands;
 
 use crate::capture::Capture;
 use crate::catalog;
@@ -14,6 +15,7 @@ use crate::events::EventBus;
 use crate::events::{self, Event, emit};
 use crate::gate::Gate;
 use crate::model::LoadOptions;
+use crate::store::{FeedbackError, FeedbackRecorded, TurnRef};
 use crate::telemetry::Counters;
 use anyhow::Result;
 use std::sync::Arc;
@@ -96,6 +98,30 @@ impl Core {
         m == self.config.model_id
             || self.config.model_aliases.iter().any(|a| a == m)
             || self.engine.info().is_some_and(|i| i.name == m)
+    }
+
+    /// Records a human rating for a turn (it overrides the judge's score for training) and
+    /// publishes it. Blocking (the store).
+    pub fn rate(
+        &self,
+        turn: &TurnRef,
+        rating: i8,
+        comment: Option<&str>,
+        source: &str,
+    ) -> Result<FeedbackRecorded, FeedbackError> {
+        let recorded = self
+            .capture
+            .record_feedback(turn, rating, comment, source)?;
+        Counters::add(&self.counters.feedback, 1);
+        emit(
+            &self.bus,
+            Event::FeedbackRecorded {
+                turn_id: recorded.turn_id,
+                session_id: recorded.session_id.clone(),
+                rating: recorded.rating,
+            },
+        );
+        Ok(recorded)
     }
 }
 

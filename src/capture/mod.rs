@@ -3,7 +3,7 @@
 
 pub mod sessions;
 
-use crate::events::{Event, EventBus, emit};
+use crate::events::{CloseReason, Event, EventBus, emit};
 use crate::store::{NewTurn, Store, now_ms};
 use anyhow::Result;
 use serde_json::Value;
@@ -12,7 +12,8 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TurnType {
     /// User-facing and trainable.
     Main,
@@ -162,7 +163,12 @@ impl Capture {
             let store = self.store();
             store.ensure_session(&session_id, source, now)?;
             if let Some(ns) = next_state {
-                if store.attach_next_state(ns.turn_id, &Value::Array(ns.messages), &ns.role, now)? {
+                if store.attach_next_state(
+                    ns.turn_id,
+                    &Value::Array(ns.messages),
+                    ns.role.as_str(),
+                    now,
+                )? {
                     emit(
                         &self.bus,
                         Event::NextStateAttached {
@@ -199,16 +205,16 @@ impl Capture {
                 turn_id: id,
                 session_id: slot.session_id.clone(),
                 turn_index: slot.turn_index,
-                turn_type: slot.turn_type.as_str().into(),
+                turn_type: slot.turn_type,
             },
         );
         if slot.session_done {
-            self.close(&slot.session_id, "client")?;
+            self.close(&slot.session_id, CloseReason::Client)?;
         }
         Ok(id)
     }
 
-    pub fn close(&self, session_id: &str, reason: &str) -> Result<()> {
+    pub fn close(&self, session_id: &str, reason: CloseReason) -> Result<()> {
         self.tracker
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -217,13 +223,15 @@ impl Capture {
     }
 
     /// Records a closed session (its unanswered turns become "no signal") and says so.
-    fn closed(&self, session_id: &str, reason: &str) -> Result<()> {
-        let no_signal_turns = self.store().close_session(session_id, reason, now_ms())?;
+    fn closed(&self, session_id: &str, reason: CloseReason) -> Result<()> {
+        let no_signal_turns = self
+            .store()
+            .close_session(session_id, reason.as_str(), now_ms())?;
         emit(
             &self.bus,
             Event::SessionClosed {
                 session_id: session_id.into(),
-                reason: reason.into(),
+                reason,
                 no_signal_turns,
             },
         );
@@ -238,7 +246,7 @@ impl Capture {
             .unwrap_or_else(|p| p.into_inner())
             .close_idle(timeout);
         for id in &idle {
-            self.closed(id, "idle")?;
+            self.closed(id, CloseReason::Idle)?;
         }
         Ok(idle.len())
     }

@@ -6,6 +6,7 @@
 //! messages after that prefix (the user's reply, or the tool results) are the previous turn's
 //! next state.
 
+use crate::events::NextRole;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -117,8 +118,8 @@ pub struct Placement {
 pub struct NextState {
     pub turn_id: i64,
     pub messages: Vec<Value>,
-    /// `tool` when every message is a tool result, else `user`.
-    pub role: String,
+    /// `Tool` when every message is a tool result, else `User`.
+    pub role: NextRole,
 }
 
 #[derive(Default)]
@@ -185,14 +186,14 @@ impl SessionTracker {
                     .iter()
                     .all(|m| m.get("role").and_then(Value::as_str) == Some("tool"))
                 {
-                    "tool"
+                    NextRole::Tool
                 } else {
-                    "user"
+                    NextRole::User
                 };
                 NextState {
                     turn_id,
                     messages: after,
-                    role: role.into(),
+                    role,
                 }
             })
         });
@@ -482,7 +483,7 @@ mod tests {
         );
         assert_eq!(p.session_id, "s");
         let ns = p.next_state_of.unwrap();
-        assert_eq!(ns.role, "tool");
+        assert_eq!(ns.role, NextRole::Tool);
         assert_eq!(ns.messages, vec![r1, r2]);
     }
 

@@ -363,7 +363,7 @@ impl Judge {
         let (turn_id, score, hint, error, elapsed_ms) = (
             j.turn_id,
             j.score,
-            j.hint.is_some(),
+            j.hint.clone(),
             j.error.clone(),
             j.elapsed_ms,
         );

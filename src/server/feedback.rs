@@ -4,9 +4,7 @@
 
 use super::Core;
 use super::http::{self, ApiError, Body, blocking, json_response};
-use crate::events::{Event, emit};
 use crate::store::{FeedbackError, TurnRef};
-use crate::telemetry::Counters;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::{Value, json};
@@ -19,9 +17,9 @@ pub async fn route(state: Arc<Core>, req: Request<Incoming>) -> Result<Response<
     http::authorize(&req, state.config.api_key.as_deref())?;
     let body = http::read_json(req, state.config.max_body_bytes).await?;
     let (turn, rating, comment) = parse(&body)?;
-    let capture = state.capture.clone();
+    let core = state.clone();
     let recorded = blocking("Could not record the feedback", move || {
-        Ok(capture.record_feedback(&turn, rating, comment.as_deref(), "api"))
+        Ok(core.rate(&turn, rating, comment.as_deref(), "api"))
     })
     .await?
     .map_err(|e| match e {
@@ -35,15 +33,6 @@ pub async fn route(state: Arc<Core>, req: Request<Incoming>) -> Result<Response<
             format!("Could not record the feedback: {e:#}"),
         ),
     })?;
-    Counters::add(&state.counters.feedback, 1);
-    emit(
-        &state.bus,
-        Event::FeedbackRecorded {
-            turn_id: recorded.turn_id,
-            session_id: recorded.session_id.clone(),
-            rating: recorded.rating,
-        },
-    );
     Ok(json_response(
         StatusCode::OK,
         &json!({

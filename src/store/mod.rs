@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 
 mod samples;
 mod versions;
+mod view;
 pub use samples::SampleRow;
 pub use versions::{LiveChange, UpdateMetrics, VersionRow};
+pub use view::{JudgmentSummary, SessionSummary, Snapshot, TurnSummary};
 
 /// Each entry migrates the schema from version i to i+1; never edit a shipped entry, append.
 const MIGRATIONS: &[&str] = &[

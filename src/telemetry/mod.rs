@@ -1,4 +1,7 @@
-//! Counters shared by the server and the engine, rendered as Prometheus text on `/metrics`.
+//! Counters shared by the server and the engine, rendered as Prometheus text on `/metrics`, and
+//! hardware readings (`hardware`).
+
+pub mod hardware;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 

@@ -7,4 +7,4 @@ pub mod optimizer;
 pub mod policy;
 pub mod trainer;
 
-pub use trainer::{TrainerHandle, TrainerStatus, spawn};
+pub use trainer::{PAUSED_SETTING, TrainerHandle, TrainerStatus, spawn};

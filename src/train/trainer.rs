@@ -24,7 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const PAUSED_KEY: &str = "training_paused";
+/// The setting that keeps "training paused" across restarts.
+pub const PAUSED_SETTING: &str = "training_paused";
 
 /// Progress of the update being computed.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -83,7 +84,7 @@ impl TrainerHandle {
     }
 
     fn set_paused(&self, paused: bool) -> Result<bool> {
-        lock(&self.store).set_setting(PAUSED_KEY, if paused { "1" } else { "0" })?;
+        lock(&self.store).set_setting(PAUSED_SETTING, if paused { "1" } else { "0" })?;
         let changed = self.paused.swap(paused, Relaxed) != paused;
         if changed {
             emit(
@@ -151,7 +152,7 @@ pub fn spawn(
     bus: EventBus,
 ) -> Result<Arc<TrainerHandle>> {
     let store = Store::open(&cfg.store_path())?;
-    let paused = store.setting(PAUSED_KEY)?.as_deref() == Some("1");
+    let paused = store.setting(PAUSED_SETTING)?.as_deref() == Some("1");
     let handle = Arc::new(TrainerHandle {
         status: Mutex::new(TrainerStatus {
             state: "starting".into(),
