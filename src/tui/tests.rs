@@ -35,6 +35,9 @@ fn app_with(keymap: Keymap) -> (App, UnboundedReceiver<Command>) {
         }),
     );
     app.now_ms = NOW;
+    app.on_event(&Event::EngineReady {
+        model: "SmolLM2".into(),
+    });
     (app, rx)
 }
 
@@ -140,6 +143,8 @@ fn feed(app: &mut App, events: impl IntoIterator<Item = Event>) {
 #[test]
 fn a_fresh_screen_says_what_to_do_at_80x24() {
     let (mut app, _) = app();
+    app.state.model = None;
+    insta::assert_snapshot!("loading_80x24", screen(&mut app, 80, 24));
     app.on_event(&Event::EngineReady {
         model: "SmolLM2".into(),
     });

@@ -31,6 +31,12 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
         Span::raw(" "),
         view(View::Training, "2 Training"),
         sep(),
+    ];
+    if s.model.is_none() {
+        left.push(Span::styled("loading the model…", theme::accent()));
+        left.push(sep());
+    }
+    left.extend([
         Span::styled(
             format!("live v{}", s.live_version),
             theme::good().add_modifier(Modifier::BOLD),
@@ -46,17 +52,14 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
         ),
         sep(),
         Span::raw(format!("judge {} queued", s.judge_pending)),
-    ];
+    ]);
     if let Some(speed) = s.decode_speed {
         left.push(sep());
         left.push(Span::raw(format!("{speed:.0} tok/s")));
     }
     let left = Line::from(left);
     // Model and address on the right, as far as they fit.
-    let model = match &s.model {
-        Some(_) => Span::raw(app.header.model_id.clone()),
-        None => Span::styled(format!("{} loading…", app.header.model_id), theme::accent()),
-    };
+    let model = Span::raw(app.header.model_id.clone());
     let room = (area.width as usize).saturating_sub(left.width() + 1);
     let with_url = Line::from(vec![
         model.clone(),

@@ -1,0 +1,230 @@
+//! The control center in a real terminal (tmux): `clawrl-tui` on the default model, driven by
+//! keys and read back from the screen.
+
+mod common;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A tmux server of its own (its own socket), killed when dropped.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn start(data: &Path, width: u16, height: u16, env: &[(&str, &str)]) -> Self {
+        // One tmux server per test (tests run in parallel).
+        let socket = format!(
+            "clawrl-test-{}",
+            data.file_name().unwrap().to_string_lossy()
+        );
+        let model = common::model_path(common::SMOLLM2);
+        let mut vars = format!("CLAWRL_DATA_DIR={} ", data.display());
+        for (k, v) in env {
+            vars.push_str(&format!("{k}={v} "));
+        }
+        let command = format!(
+            "{vars} {} --model {} --port 0; echo EXIT=$?; sleep 600",
+            env!("CARGO_BIN_EXE_clawrl-tui"),
+            model.display()
+        );
+        let t = Self { socket };
+        t.tmux(&[
+            "new-session",
+            "-d",
+            "-x",
+            &width.to_string(),
+            "-y",
+            &height.to_string(),
+            &command,
+        ]);
+        t
+    }
+
+    fn tmux(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux")
+            .args(["-L", &self.socket, "-f", "/dev/null"])
+            .args(args)
+            .output()
+            .expect("tmux runs");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn screen(&self) -> String {
+        self.tmux(&["capture-pane", "-p"])
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        for k in keys {
+            self.tmux(&["send-keys", k]);
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    }
+
+    fn type_text(&self, text: &str) {
+        self.tmux(&["send-keys", "-l", text]);
+    }
+
+    /// Waits until the screen satisfies `ok`; fails with the screen after `secs`.
+    fn wait(&self, what: &str, secs: u64, ok: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let s = self.screen();
+            if ok(&s) {
+                return s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "waited {secs}s for {what}:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The pid of clawrl-tui (the pane's shell's child).
+    fn app_pid(&self) -> String {
+        let shell = self.tmux(&["list-panes", "-F", "#{pane_pid}"]);
+        let out = Command::new("pgrep")
+            .args(["-P", shell.trim()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .expect("a child")
+            .to_string()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .status();
+    }
+}
+
+fn lines_with<'a>(screen: &'a str, needle: &str) -> Vec<&'a str> {
+    screen.lines().filter(|l| l.contains(needle)).collect()
+}
+
+#[test]
+fn a_user_chats_sees_the_judges_votes_rates_opens_help_and_quits() {
+    let data = tempfile::tempdir().unwrap();
+    let t = Tmux::start(
+        data.path(),
+        100,
+        30,
+        &[
+            ("CLAWRL__GENERATION__MAX_TOKENS", "24"),
+            ("CLAWRL__GENERATION__TEMPERATURE", "0"),
+            ("CLAWRL__TRAIN__ENABLED", "false"),
+        ],
+    );
+    t.wait("the screen", 60, |s| {
+        s.contains("Chat box") && s.contains("live v0")
+    });
+    t.wait("the model", 120, |s| !s.contains("loading the model…"));
+
+    t.type_text("What is the capital of France?");
+    t.keys(&["Enter"]);
+    t.wait("the first reply", 120, |s| {
+        s.contains("waiting for the next message")
+    });
+    t.type_text("Thanks! And of Germany?");
+    t.keys(&["Enter"]);
+    // The first turn got its next state: the judge votes on it.
+    let s = t.wait("the judge's votes on the first turn", 180, |s| {
+        s.contains("votes ")
+    });
+    assert!(
+        lines_with(&s, "#0 you")
+            .iter()
+            .any(|l| l.contains("capital of France")),
+        "{s}"
+    );
+    assert!(lines_with(&s, "Sessions (1)").len() == 1, "{s}");
+
+    // Leave the chat box, select the first turn, thumbs up.
+    t.keys(&["Escape", "k", "+"]);
+    let s = t.wait("the rating", 30, |s| s.contains("rated ▲ up"));
+    assert!(s.contains("reward +1"), "{s}");
+
+    t.keys(&["?"]);
+    let s = t.wait("the help", 10, |s| {
+        s.contains("Help") && s.contains("Everywhere")
+    });
+    for binding in [
+        "approve the candidate",
+        "rate the selected turn up",
+        "send the message",
+    ] {
+        assert!(s.contains(binding), "help lacks {binding}:\n{s}");
+    }
+    t.keys(&["Escape", "2"]);
+    t.wait("the training view", 10, |s| {
+        s.contains("Rewards") && s.contains("System")
+    });
+
+    t.keys(&["q"]);
+    let s = t.wait("a clean exit", 60, |s| s.contains("EXIT="));
+    assert!(
+        s.contains("EXIT=0") && s.contains("clawrl-tui: stopped"),
+        "{s}"
+    );
+
+    // The rating is in the store, as any client's would be.
+    let out = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"))
+        .args(["export"])
+        .env("CLAWRL_DATA_DIR", data.path())
+        .output()
+        .unwrap();
+    let turns: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(turns.len(), 2, "{turns:?}");
+    assert_eq!(turns[0]["feedback"]["rating"], "up");
+    assert_eq!(turns[0]["feedback"]["source"], "tui");
+    assert!(
+        turns[0]["judgment"]["votes"]
+            .as_array()
+            .is_some_and(|v| !v.is_empty())
+    );
+}
+
+#[test]
+fn sigterm_restores_the_terminal_and_stops_cleanly_at_80x24() {
+    let data = tempfile::tempdir().unwrap();
+    let t = Tmux::start(data.path(), 80, 24, &[("CLAWRL__JUDGE__BACKEND", "off")]);
+    let s = t.wait("the screen", 60, |s| s.contains("Chat box"));
+    assert!(
+        s.contains("1 Conversations") && s.contains("live v0"),
+        "{s}"
+    );
+    // A resize redraws to the new size.
+    t.tmux(&["resize-window", "-x", "120", "-y", "30"]);
+    t.wait("the resized screen", 10, |s| {
+        s.lines().any(|l| l.trim_end().chars().count() > 100)
+    });
+    let pid = t.app_pid();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let s = t.wait("a clean exit", 60, |s| s.contains("EXIT="));
+    assert!(s.contains("EXIT=0"), "{s}");
+    // Off the alternate screen: the shell's own lines are back, the panes are gone.
+    assert!(
+        !s.contains("Chat box") && s.contains("clawrl-tui: stopped"),
+        "{s}"
+    );
+}
