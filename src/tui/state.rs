@@ -11,6 +11,8 @@ pub const MAX_SESSIONS: usize = 200;
 pub const MAX_TURNS: usize = 2000;
 /// Seconds of serving speed kept for the sparkline.
 const SPEED_HISTORY: usize = 120;
+/// Seconds the decode speed is averaged over.
+const SPEED_WINDOW: usize = 30;
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Session {
@@ -155,9 +157,11 @@ pub struct State {
     pub rewards: Vec<(i64, f64)>,
     pub hardware: Option<Hardware>,
     pub serving: ServingSample,
-    /// Tokens generated per second, newest last.
+    /// Tokens generated per second (counted when a reply completes), newest last.
     pub tokens_per_sec: VecDeque<u64>,
-    /// Decode speed over the last second with generation (tokens per decoding second).
+    /// Microseconds spent decoding per second, aligned with `tokens_per_sec`.
+    decode_micros: VecDeque<u64>,
+    /// Decode speed over the last `SPEED_WINDOW` seconds (tokens per decoding second).
     pub decode_speed: Option<f64>,
     pub notices: Vec<Notice>,
 }
@@ -212,6 +216,7 @@ impl State {
         fresh.hardware = self.hardware.take();
         fresh.serving = self.serving;
         fresh.tokens_per_sec = std::mem::take(&mut self.tokens_per_sec);
+        fresh.decode_micros = std::mem::take(&mut self.decode_micros);
         fresh.decode_speed = self.decode_speed;
         fresh.notices = std::mem::take(&mut self.notices);
         fresh.training = self.training.take();
@@ -499,12 +504,17 @@ impl State {
         let before = self.serving;
         let tokens = now.tokens_out.saturating_sub(before.tokens_out);
         let micros = now.decode_micros.saturating_sub(before.decode_micros);
-        if before != ServingSample::default() || self.tokens_per_sec.is_empty() {
-            self.tokens_per_sec.push_back(tokens);
-        }
+        self.tokens_per_sec.push_back(tokens);
+        self.decode_micros.push_back(micros);
         if self.tokens_per_sec.len() > SPEED_HISTORY {
             self.tokens_per_sec.pop_front();
+            self.decode_micros.pop_front();
         }
+        // Tokens are counted when a reply completes, decoding time as it passes: only a
+        // window of several seconds lines the two up.
+        let recent = self.tokens_per_sec.len().saturating_sub(SPEED_WINDOW);
+        let tokens: u64 = self.tokens_per_sec.iter().skip(recent).sum();
+        let micros: u64 = self.decode_micros.iter().skip(recent).sum();
         if tokens > 0 && micros > 0 {
             self.decode_speed = Some(tokens as f64 / (micros as f64 / 1e6));
         }

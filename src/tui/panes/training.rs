@@ -27,9 +27,21 @@ pub fn activity(app: &App) -> String {
     }
 }
 
+/// A value for an axis label: 3 decimals, or scientific when smaller.
+fn number(v: f64) -> String {
+    if v == 0.0 || v.abs() >= 0.01 {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.1e}")
+    }
+}
+
 fn chart<'a>(name: &'a str, points: &'a [(f64, f64)], x: [f64; 2]) -> Chart<'a> {
-    let max = points.iter().map(|p| p.1).fold(0.0f64, f64::max);
-    let top = if max > 0.0 { max * 1.1 } else { 1.0 };
+    // Losses can be negative (the RL term): the axis spans the values and zero.
+    let low = points.iter().map(|p| p.1).fold(0.0f64, f64::min);
+    let high = points.iter().map(|p| p.1).fold(0.0f64, f64::max);
+    let pad = if high > low { (high - low) * 0.1 } else { 1.0 };
+    let (low, high) = (if low < 0.0 { low - pad } else { 0.0 }, high + pad);
     Chart::new(vec![
         Dataset::default()
             .name(name)
@@ -38,12 +50,17 @@ fn chart<'a>(name: &'a str, points: &'a [(f64, f64)], x: [f64; 2]) -> Chart<'a> 
             .style(theme::accent())
             .data(points),
     ])
-    .x_axis(Axis::default().style(theme::dim()).bounds(x))
+    .x_axis(
+        Axis::default()
+            .title(Line::styled(name, theme::accent()))
+            .style(theme::dim())
+            .bounds(x),
+    )
     .y_axis(
         Axis::default()
             .style(theme::dim())
-            .bounds([0.0, top])
-            .labels(["0".to_string(), format!("{top:.3}")]),
+            .bounds([low, high])
+            .labels([number(low), number(high)]),
     )
 }
 
@@ -72,6 +89,6 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
     let x = [first, last.max(first + 1.0)];
     let [top, bottom] =
         Layout::vertical([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(inner);
-    frame.render_widget(chart("loss per update", &loss, x), top);
+    frame.render_widget(chart("loss/update", &loss, x), top);
     frame.render_widget(chart("KL from base", &kl, x), bottom);
 }
