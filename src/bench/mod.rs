@@ -9,6 +9,7 @@ use clap::Args;
 
 pub mod judge;
 pub mod train;
+pub mod tui;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -38,6 +39,13 @@ pub struct BenchArgs {
     pub train: bool,
     #[command(flatten)]
     pub train_args: train::TrainBenchArgs,
+    /// Measure the control center instead: event folding and frame drawing time on an empty
+    /// and on a full history (no model needed).
+    #[arg(long)]
+    pub tui: bool,
+    /// With --tui: frames drawn per case (the median is reported).
+    #[arg(long, default_value_t = 50)]
+    pub frames: usize,
 }
 
 struct Row {
@@ -54,6 +62,9 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
     }
     if args.train {
         return train::run(cfg, &args.train_args);
+    }
+    if args.tui {
+        return tui::run(args.frames);
     }
     if args.variants.is_empty() || args.runs == 0 {
         bail!("bench needs at least one variant and one run");

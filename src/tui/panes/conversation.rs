@@ -199,19 +199,28 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
     };
     let n = session.turns.len();
     let selected = app.selected_turn.unwrap_or(n - 1).min(n - 1);
-    let mut lines = Vec::new();
-    let (mut start, mut end) = (0, 0);
-    for (i, t) in session.turns.iter().enumerate() {
-        if i == selected {
-            start = lines.len();
-        }
-        lines.extend(turn_lines(t, inner_width, i == selected && focused));
-        if i == selected {
-            end = lines.len();
-        }
+    let render = |i: usize| turn_lines(&session.turns[i], inner_width, i == selected && focused);
+    // Only the turns that can be seen are laid out (a long agent session has thousands): the
+    // selected one, the ones before it that fill the pane, then any after it that still fit.
+    let mut before = Vec::new();
+    let (mut i, mut above) = (selected, 0);
+    while i > 0 && above < height {
+        i -= 1;
+        let l = render(i);
+        above += l.len();
+        before.push(l);
     }
+    let mut lines: Vec<Line> = before.into_iter().rev().flatten().collect();
+    let start = lines.len();
+    lines.extend(render(selected));
+    let end = lines.len();
     // Show the selected turn's end (its newest text); its start if it is taller than the pane.
     let scroll = end.saturating_sub(height).min(start);
+    let mut next = selected + 1;
+    while next < n && lines.len() < scroll + height {
+        lines.extend(render(next));
+        next += 1;
+    }
     let paragraph = Paragraph::new(lines)
         .block(block(title, focused))
         .scroll((scroll as u16, 0));
