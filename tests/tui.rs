@@ -46,7 +46,7 @@ impl Tmux {
             .args(["-L", &self.socket, "-f", "/dev/null"])
             .args(args)
             .output()
-            .expect("tmux runs");
+            .expect("tmux runs (these tests drive a real terminal: apt install tmux)");
         assert!(
             out.status.success(),
             "tmux {args:?}: {}",
