@@ -80,6 +80,9 @@ pub enum Command {
     Export(ExportArgs),
     /// Control a running server: status, versions, approve, veto, rollback, pause, resume.
     Ctl(crate::ctl::CtlArgs),
+    /// Prove that it learns: a simulated user with a checkable preference talks to clawrl, and
+    /// a held-out set is evaluated before and after (report, CSV in the output folder).
+    Sim(crate::sim::SimArgs),
 }
 
 #[derive(Args, Debug)]
@@ -263,6 +266,7 @@ pub fn run() -> Result<()> {
         Some(Command::Serve(args)) => serve(cfg, &args.server, args.headless),
         Some(Command::Export(args)) => export(&cfg, &args),
         Some(Command::Ctl(args)) => crate::ctl::run(&cfg, &args),
+        Some(Command::Sim(args)) => crate::sim::run(&cfg, &args),
     }
 }
 

@@ -17,6 +17,7 @@ pub mod judge;
 pub mod logging;
 pub mod model;
 pub mod server;
+pub mod sim;
 pub mod store;
 pub mod telemetry;
 pub mod train;

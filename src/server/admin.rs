@@ -189,6 +189,7 @@ pub async fn status(state: &Arc<Core>) -> Result<Value, ApiError> {
         "live_version": state.gate.live_version(),
         "policy": state.gate.policy(),
         "trainer": trainer,
+        "judge_pending": state.counters.judge_queue_depth.load(std::sync::atomic::Ordering::Relaxed),
         "candidates": versions.iter().filter(|v| v.state == "candidate").map(version_json).collect::<Vec<_>>(),
         "versions": versions.len(),
     }))

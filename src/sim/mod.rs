@@ -1,0 +1,554 @@
+//! `clawrl-tui sim`: a simulated user with a checkable preference talks to clawrl over its real
+//! HTTP API (chat, next messages, thumbs) while the real judge, trainer and gate run; a held-out
+//! prompt set is evaluated (greedy) before and after, and the run's numbers are written to its
+//! output folder. `--method prompt` keeps the base weights and carries the user's corrections in
+//! the system prompt instead, so the two kinds of personalization can be compared.
+
+pub mod preference;
+pub mod report;
+
+use crate::config::Config;
+use crate::http_client::{self, Target};
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use hyper::Method;
+use preference::Preference;
+use rand::{Rng, SeedableRng};
+use report::{Interaction, Proportion};
+use serde_json::{Value, json};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug)]
+pub struct SimArgs {
+    /// What the simulated user wants: concise, no-lists, ask-back, no-preamble.
+    #[arg(long)]
+    pub preference: String,
+    #[arg(long, default_value_t = 36)]
+    pub interactions: usize,
+    /// rl | opd | combined: how the in-process clawrl trains (train.method); prompt: no
+    /// training, the user's corrections so far go into the system prompt.
+    #[arg(long, value_enum, default_value_t = SimMethod::Combined)]
+    pub method: SimMethod,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// A running clawrl to talk to (e.g. http://127.0.0.1:30000). Default: one started in this
+    /// process, on a fresh store in the output folder.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// The running clawrl's API key (default: $CLAWRL_API_KEY).
+    #[arg(long, env = "CLAWRL_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Output folder (default: <data dir>/sim/<preference>-<method>-s<seed>-<unix time>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Send no thumbs up/down: the judge's votes on the user's next message are the only reward.
+    #[arg(long)]
+    pub no_thumbs: bool,
+    /// Held-out prompts evaluated before and after the run (at most 20).
+    #[arg(long, default_value_t = 20)]
+    pub eval_prompts: usize,
+    /// Tokens per reply.
+    #[arg(long, default_value_t = 96)]
+    pub max_tokens: usize,
+    /// Longest wait after the last interaction for the judge and the trainer to finish.
+    #[arg(long, default_value_t = 600)]
+    pub settle_secs: u64,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SimMethod {
+    Rl,
+    Opd,
+    Combined,
+    Prompt,
+}
+
+impl SimMethod {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Rl => "rl",
+            Self::Opd => "opd",
+            Self::Combined => "combined",
+            Self::Prompt => "prompt",
+        }
+    }
+}
+
+/// The prompt sets (assets/sim/prompts.json, compiled in).
+#[derive(serde::Deserialize)]
+struct Prompts {
+    train: Vec<String>,
+    held_out: Vec<String>,
+}
+
+fn prompts() -> Prompts {
+    serde_json::from_str(include_str!("../../assets/sim/prompts.json"))
+        .expect("assets/sim/prompts.json parses")
+}
+
+/// Talks to clawrl's HTTP API.
+struct Client {
+    target: Target,
+    key: Option<String>,
+}
+
+impl Client {
+    async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
+        let (status, v) =
+            http_client::send(&self.target, method, path, self.key.as_deref(), body).await?;
+        if !status.is_success() {
+            bail!(
+                "{path}: {status}: {}",
+                v["error"]["message"].as_str().unwrap_or("no message")
+            );
+        }
+        Ok(v)
+    }
+
+    /// (response id, reply text, prompt tokens)
+    async fn chat(&self, body: Value) -> Result<(String, String, u64)> {
+        let v = self
+            .call(Method::POST, "/v1/chat/completions", Some(&body))
+            .await?;
+        Ok((
+            v["id"].as_str().unwrap_or_default().to_string(),
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            v["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+        ))
+    }
+
+    async fn status(&self) -> Result<Value> {
+        self.call(Method::GET, "/admin/status", None).await
+    }
+}
+
+/// A clawrl started by the simulation itself.
+struct InProcess {
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<()>>,
+}
+
+async fn start_in_process(
+    cfg: &Config,
+    method: SimMethod,
+    out: &Path,
+) -> Result<(InProcess, String)> {
+    let mut cfg = cfg.clone();
+    // The model stays where it is installed; the store, adapters and logs of the run go to
+    // its folder, so every run starts from the base model and an empty history.
+    cfg.model.path = crate::cli::model_path(&cfg)?.display().to_string();
+    cfg.paths.data_dir = out.join("data").display().to_string();
+    cfg.server.api_key = String::new();
+    match method {
+        SimMethod::Prompt => cfg.train.enabled = false,
+        SimMethod::Rl => cfg.train.method = crate::train::loss::Method::Rl,
+        SimMethod::Opd => cfg.train.method = crate::train::loss::Method::Opd,
+        SimMethod::Combined => cfg.train.method = crate::train::loss::Method::Combined,
+    }
+    let core = crate::app::build(&cfg)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::server::serve(listener, core, async {
+        let _ = stopped.await;
+    }));
+    Ok((InProcess { stop, server }, url))
+}
+
+/// Waits until the server answers /health with 200 (the model is loaded).
+async fn wait_ready(client: &Client) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if let Ok((status, _)) =
+            http_client::send(&client.target, Method::GET, "/health", None, None).await
+            && status.is_success()
+        {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            bail!(
+                "the server at {} did not get ready in 300 s",
+                client.target.authority
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// One held-out reply.
+struct Evaluated {
+    prompt: String,
+    reply: String,
+    satisfied: bool,
+    prompt_tokens: u64,
+}
+
+fn messages(system: &Option<String>, user: &str) -> Vec<Value> {
+    let mut m = Vec::new();
+    if let Some(s) = system {
+        m.push(json!({"role": "system", "content": s}));
+    }
+    m.push(json!({"role": "user", "content": user}));
+    m
+}
+
+/// The held-out prompts, greedy, as side turns (served and stored, never judged or trained on).
+async fn evaluate(
+    client: &Client,
+    prompts: &[String],
+    pref: &Preference,
+    system: &Option<String>,
+    max_tokens: usize,
+    phase: &str,
+) -> Result<Vec<Evaluated>> {
+    let mut out = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let (_, reply, prompt_tokens) = client
+            .chat(json!({
+                "messages": messages(system, p),
+                "temperature": 0,
+                "max_tokens": max_tokens,
+                "turn_type": "side",
+                "session_id": format!("sim-eval-{phase}-{i}"),
+                "session_done": true,
+            }))
+            .await
+            .with_context(|| format!("evaluating ({phase})"))?;
+        out.push(Evaluated {
+            prompt: p.clone(),
+            satisfied: pref.satisfied_by(&reply),
+            reply,
+            prompt_tokens,
+        });
+    }
+    Ok(out)
+}
+
+fn proportion(e: &[Evaluated]) -> Proportion {
+    Proportion {
+        k: e.iter().filter(|e| e.satisfied).count(),
+        n: e.len(),
+    }
+}
+
+/// The system prompt of `--method prompt`: the user's corrections so far, as memory systems
+/// keep them.
+fn memory_prompt(corrections: &[&str]) -> Option<String> {
+    (!corrections.is_empty()).then(|| {
+        let mut s = String::from("What this user has asked of you before; follow it:\n");
+        for c in corrections {
+            let _ = writeln!(s, "- {c}");
+        }
+        s
+    })
+}
+
+/// Waits until the judge has judged every turn and the trainer has turned every sample into a
+/// decided version (or holds a candidate for a human).
+async fn settle(client: &Client, limit: Duration) -> Result<String> {
+    let start = Instant::now();
+    let mut quiet = 0;
+    loop {
+        let s = client.status().await?;
+        let t = &s["trainer"];
+        let state = t["state"].as_str().unwrap_or("");
+        if state == "held" {
+            return Ok("a candidate waits for a decision (gate held it)".into());
+        }
+        let idle = s["judge_pending"].as_u64() == Some(0)
+            && t["samples_waiting"].as_u64() == Some(0)
+            && t["update"].is_null()
+            && !matches!(state, "training" | "guarding");
+        quiet = if idle { quiet + 1 } else { 0 };
+        if quiet >= 3 || state == "disabled" || state == "paused" {
+            return Ok(format!("settled in {:.0} s", start.elapsed().as_secs_f64()));
+        }
+        if start.elapsed() > limit {
+            return Ok(format!(
+                "stopped waiting after {} s (trainer: {})",
+                limit.as_secs(),
+                t["detail"].as_str().unwrap_or(state)
+            ));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+pub fn run(cfg: &Config, args: &SimArgs) -> Result<()> {
+    let pref = preference::find(&args.preference).with_context(|| {
+        format!(
+            "unknown preference {:?}; the built-in ones are {}",
+            args.preference,
+            preference::names()
+        )
+    })?;
+    if args.interactions == 0 {
+        bail!("--interactions must be at least 1");
+    }
+    let out = match &args.out {
+        Some(o) => o.clone(),
+        None => cfg.data_dir().join("sim").join(format!(
+            "{}-{}-s{}-{}",
+            pref.name,
+            args.method.name(),
+            args.seed,
+            crate::store::now_ms() / 1000
+        )),
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(simulate(cfg, args, pref, &out))
+}
+
+async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) -> Result<()> {
+    let started = Instant::now();
+    let (in_process, url) = match &args.url {
+        Some(u) => (
+            None,
+            u.trim_end_matches('/').trim_end_matches("/v1").to_string(),
+        ),
+        None => {
+            let (p, url) = start_in_process(cfg, args.method, out).await?;
+            (Some(p), url)
+        }
+    };
+    let client = Client {
+        target: Target::parse(&url, "--url")?,
+        key: if in_process.is_some() {
+            None
+        } else {
+            args.api_key.clone()
+        },
+    };
+    wait_ready(&client).await?;
+    let sets = prompts();
+    let held_out: Vec<String> = sets.held_out.into_iter().take(args.eval_prompts).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    eprintln!(
+        "sim: {} ({}), method {}, seed {}, {} interactions; output in {}",
+        pref.name,
+        pref.description,
+        args.method.name(),
+        args.seed,
+        args.interactions,
+        out.display()
+    );
+
+    let before = evaluate(&client, &held_out, &pref, &None, args.max_tokens, "before").await?;
+    eprintln!("before: {}", proportion(&before).describe());
+
+    let mut corrections: Vec<&str> = Vec::new();
+    let mut rows = Vec::new();
+    for i in 1..=args.interactions {
+        let t = Instant::now();
+        let prompt = &sets.train[rng.random_range(0..sets.train.len())];
+        let session = format!("sim-s{}-{i}", args.seed);
+        let system = if args.method == SimMethod::Prompt {
+            memory_prompt(&corrections)
+        } else {
+            None
+        };
+        let mut msgs = messages(&system, prompt);
+        let (id, reply, _) = client
+            .chat(json!({
+                "messages": msgs,
+                "max_tokens": args.max_tokens,
+                "seed": args.seed * 100_000 + i as u64,
+                "session_id": session,
+            }))
+            .await?;
+        let satisfied = pref.satisfied_by(&reply);
+        if !args.no_thumbs {
+            client
+                .call(
+                    Method::POST,
+                    "/v1/feedback",
+                    Some(&json!({"response_id": id, "rating": if satisfied { "up" } else { "down" }})),
+                )
+                .await?;
+        }
+        // The user's next message: what the judge reads to score the reply and write a hint.
+        msgs.push(json!({"role": "assistant", "content": reply}));
+        msgs.push(json!({"role": "user", "content": if satisfied { pref.praise } else { pref.correction }}));
+        client
+            .chat(json!({
+                "messages": msgs,
+                "max_tokens": 8,
+                "session_id": session,
+                "session_done": true,
+            }))
+            .await?;
+        if !satisfied && !corrections.contains(&pref.correction) {
+            corrections.push(pref.correction);
+        }
+        let live_version = client.status().await?["live_version"].as_i64().unwrap_or(0);
+        let row = Interaction {
+            index: i,
+            prompt: prompt.clone(),
+            satisfied,
+            words: preference::words(&reply),
+            live_version,
+            seconds: t.elapsed().as_secs_f64(),
+        };
+        eprintln!(
+            "{i:>3} {} {:>3} words, live v{live_version}, {:.1} s",
+            if satisfied { "+1" } else { "-1" },
+            row.words,
+            row.seconds
+        );
+        rows.push(row);
+    }
+    let settled = settle(&client, Duration::from_secs(args.settle_secs)).await?;
+    eprintln!("training: {settled}");
+
+    let memory = if args.method == SimMethod::Prompt {
+        memory_prompt(&corrections)
+    } else {
+        None
+    };
+    let after = evaluate(&client, &held_out, &pref, &memory, args.max_tokens, "after").await?;
+    let versions = client.call(Method::GET, "/admin/versions", None).await?;
+    let live = versions["live_version"].as_i64().unwrap_or(0);
+    let live_row = versions["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["id"].as_i64() == Some(live));
+    let created = versions["versions"].as_array().map_or(0, Vec::len);
+
+    // Rolling back to v0 must give back the "before" replies exactly (in-process runs only:
+    // a rollback changes what a shared server serves).
+    let rollback = if in_process.is_some() && live != 0 {
+        client
+            .call(
+                Method::POST,
+                "/admin/rollback",
+                Some(&json!({"version": 0})),
+            )
+            .await?;
+        let again = evaluate(
+            &client,
+            &held_out,
+            &pref,
+            &None,
+            args.max_tokens,
+            "rollback",
+        )
+        .await?;
+        let same = before
+            .iter()
+            .zip(&again)
+            .filter(|(a, b)| a.reply == b.reply)
+            .count();
+        Some((same, again.len()))
+    } else {
+        None
+    };
+    let wall = started.elapsed().as_secs_f64();
+
+    let b = proportion(&before);
+    let a = proportion(&after);
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "# sim: {} ({}), method {}, seed {}\n",
+        pref.name,
+        pref.description,
+        args.method.name(),
+        args.seed
+    );
+    let _ = writeln!(text, "- held-out before: {}", b.describe());
+    let _ = writeln!(text, "- held-out after:  {}", a.describe());
+    let ratio = if b.k > 0 {
+        format!("{:.1}x the base rate", a.rate() / b.rate())
+    } else {
+        "base rate 0".into()
+    };
+    let _ = writeln!(
+        text,
+        "- change: {:+.0} points ({ratio}); not preferred {} -> {}",
+        (a.rate() - b.rate()) * 100.0,
+        b.n - b.k,
+        a.n - a.k
+    );
+    let satisfied = rows.iter().filter(|r| r.satisfied).count();
+    let half = rows.len() / 2;
+    let first = rows[..half].iter().filter(|r| r.satisfied).count();
+    let second = rows[half..].iter().filter(|r| r.satisfied).count();
+    let _ = writeln!(
+        text,
+        "- during the run: {satisfied}/{} replies satisfied it (first half {first}/{half}, second half {second}/{})",
+        rows.len(),
+        rows.len() - half
+    );
+    match live_row {
+        Some(v) => {
+            let _ = writeln!(
+                text,
+                "- drift: live v{live}, KL from base on the guard's probes {} (limit {}); {created} versions created",
+                v["kl_base"]
+                    .as_f64()
+                    .map_or("-".into(), |k| format!("{k:.4}")),
+                v["guard"]["limits"]["max_kl_base"]
+            );
+        }
+        None => {
+            let _ = writeln!(
+                text,
+                "- drift: none (v{live} live, {created} versions created)"
+            );
+        }
+    }
+    let _ = writeln!(text, "- training: {settled}");
+    if args.method == SimMethod::Prompt {
+        let cost = |e: &[Evaluated]| {
+            e.iter().map(|e| e.prompt_tokens).sum::<u64>() as f64 / e.len().max(1) as f64
+        };
+        let _ = writeln!(
+            text,
+            "- prompt memory: {} correction(s), +{:.0} prompt tokens per request",
+            corrections.len(),
+            cost(&after) - cost(&before)
+        );
+    }
+    if let Some((same, n)) = rollback {
+        let _ = writeln!(
+            text,
+            "- rollback to v0 reproduces the before replies: {same}/{n} identical"
+        );
+    }
+    let _ = writeln!(
+        text,
+        "- thumbs: {}; wall time {wall:.0} s",
+        if args.no_thumbs { "off" } else { "on" }
+    );
+
+    std::fs::write(out.join("report.md"), &text)?;
+    std::fs::write(out.join("interactions.csv"), report::csv(&rows, 10))?;
+    let mut eval = String::new();
+    for (phase, set) in [("before", &before), ("after", &after)] {
+        for e in set.iter() {
+            let _ = writeln!(
+                eval,
+                "{}",
+                json!({"phase": phase, "prompt": e.prompt, "reply": e.reply, "satisfied": e.satisfied, "prompt_tokens": e.prompt_tokens})
+            );
+        }
+    }
+    std::fs::write(out.join("eval.jsonl"), eval)?;
+    print!("{text}");
+    println!("- files: {}", out.display());
+    if let Some(p) = in_process {
+        let _ = p.stop.send(());
+        p.server.await??;
+    }
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! The numbers of a run: proportions with a confidence interval, the interaction log as CSV,
+//! and the report text.
+
+use std::fmt::Write as _;
+
+/// A proportion k/n with its 95 % Wilson score interval.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Proportion {
+    pub k: usize,
+    pub n: usize,
+}
+
+impl Proportion {
+    pub fn rate(&self) -> f64 {
+        if self.n == 0 {
+            0.0
+        } else {
+            self.k as f64 / self.n as f64
+        }
+    }
+
+    /// The 95 % Wilson score interval (sound for small n and for 0 or n successes).
+    pub fn wilson(&self) -> (f64, f64) {
+        if self.n == 0 {
+            return (0.0, 1.0);
+        }
+        let z = 1.959_964f64;
+        let n = self.n as f64;
+        let p = self.rate();
+        let denom = 1.0 + z * z / n;
+        let centre = (p + z * z / (2.0 * n)) / denom;
+        let half = z * ((p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt()) / denom;
+        ((centre - half).max(0.0), (centre + half).min(1.0))
+    }
+
+    pub fn describe(&self) -> String {
+        let (lo, hi) = self.wilson();
+        format!(
+            "{}/{} ({:.0} %, 95 % CI {:.0}–{:.0} %)",
+            self.k,
+            self.n,
+            self.rate() * 100.0,
+            lo * 100.0,
+            hi * 100.0
+        )
+    }
+}
+
+/// One interaction of the simulated user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Interaction {
+    pub index: usize,
+    pub prompt: String,
+    pub satisfied: bool,
+    pub words: usize,
+    /// The version live after the interaction.
+    pub live_version: i64,
+    pub seconds: f64,
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// The interactions as CSV, with the reward (+1 satisfied, -1 not) and its moving average.
+pub fn csv(rows: &[Interaction], window: usize) -> String {
+    let mut out =
+        String::from("interaction,reward,moving_average,words,live_version,seconds,prompt\n");
+    let rewards: Vec<f64> = rows
+        .iter()
+        .map(|r| if r.satisfied { 1.0 } else { -1.0 })
+        .collect();
+    for (i, r) in rows.iter().enumerate() {
+        let from = (i + 1).saturating_sub(window);
+        let avg = rewards[from..=i].iter().sum::<f64>() / (i + 1 - from) as f64;
+        let _ = writeln!(
+            out,
+            "{},{},{avg:.3},{},{},{:.1},{}",
+            r.index,
+            rewards[i],
+            r.words,
+            r.live_version,
+            r.seconds,
+            csv_field(&r.prompt)
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wilson_intervals_match_the_textbook_values() {
+        // 3/20: 5.2 %–36.0 % (Wilson, z = 1.96).
+        let (lo, hi) = Proportion { k: 3, n: 20 }.wilson();
+        assert!(
+            (lo - 0.0524).abs() < 1e-3 && (hi - 0.3604).abs() < 1e-3,
+            "{lo} {hi}"
+        );
+        let (lo, hi) = Proportion { k: 0, n: 10 }.wilson();
+        assert!(lo == 0.0 && (hi - 0.2775).abs() < 1e-3, "{hi}");
+        assert!(
+            Proportion { k: 3, n: 20 }
+                .describe()
+                .starts_with("3/20 (15 %, 95 % CI 5–36 %)")
+        );
+    }
+
+    #[test]
+    fn the_csv_quotes_prompts_and_averages_rewards() {
+        let row = |i, ok| Interaction {
+            index: i,
+            prompt: "Hi, \"you\"".into(),
+            satisfied: ok,
+            words: 3,
+            live_version: 1,
+            seconds: 2.0,
+        };
+        let csv = csv(&[row(1, false), row(2, true)], 10);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines[1], "1,-1,-1.000,3,1,2.0,\"Hi, \"\"you\"\"\"");
+        assert_eq!(lines[2], "2,1,0.000,3,1,2.0,\"Hi, \"\"you\"\"\"");
+    }
+}

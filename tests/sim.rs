@@ -1,0 +1,115 @@
+//! `clawrl-tui sim` end to end, short: an in-process clawrl on the default model, a simulated
+//! user with a checkable preference, the real judge, trainer and gate; the report, the CSV and
+//! the evaluation files; evaluation turns never trained on; rollback to v0 gives back the
+//! "before" replies.
+
+mod common;
+use std::process::Command;
+
+#[test]
+fn a_short_simulated_run_trains_reports_and_rolls_back_to_the_same_replies() {
+    common::model_path(common::SMOLLM2);
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"))
+        .args([
+            "sim",
+            "--preference",
+            "no-lists",
+            "--interactions",
+            "4",
+            "--eval-prompts",
+            "3",
+            "--max-tokens",
+            "48",
+            "--settle-secs",
+            "180",
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stdout}\n{stderr}");
+
+    let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert_eq!(
+        report.trim_end(),
+        stdout
+            .lines()
+            .take_while(|l| !l.starts_with("- files:"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .trim_end()
+    );
+    assert!(
+        report.contains("held-out before: ") && report.contains("/3 ("),
+        "{report}"
+    );
+    assert!(report.contains("during the run: "), "{report}");
+
+    let csv = std::fs::read_to_string(out.path().join("interactions.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), 4, "{csv}");
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r[0], (i + 1).to_string());
+        assert!(r[1] == "1" || r[1] == "-1", "{csv}");
+    }
+    let satisfied = rows.iter().filter(|r| r[1] == "1").count();
+    assert!(
+        report.contains(&format!("during the run: {satisfied}/4")),
+        "{report}"
+    );
+
+    let eval: Vec<serde_json::Value> = std::fs::read_to_string(out.path().join("eval.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(eval.len(), 6);
+    let before_ok = eval[..3].iter().filter(|e| e["satisfied"] == true).count();
+    assert!(
+        report.contains(&format!("held-out before: {before_ok}/3")),
+        "{report}"
+    );
+
+    // What was stored: 4 rated main turns (+ their follow-ups) and the evaluation's side turns,
+    // which are never trained on.
+    let export = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"))
+        .args(["export", "--store"])
+        .arg(out.path().join("data").join("clawrl.sqlite"))
+        .output()
+        .unwrap();
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let turns: Vec<serde_json::Value> = String::from_utf8_lossy(&export.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let side: Vec<_> = turns.iter().filter(|t| t["turn_type"] == "side").collect();
+    assert_eq!(
+        side.len(),
+        6 + if report.contains("rollback to v0") {
+            3
+        } else {
+            0
+        }
+    );
+    assert!(
+        side.iter()
+            .all(|t| t["trained_in"].as_array().is_none_or(|v| v.is_empty()))
+    );
+    let rated: Vec<_> = turns.iter().filter(|t| !t["feedback"].is_null()).collect();
+    assert_eq!(rated.len(), 4);
+    // With a version trained, rolling back to v0 reproduces the greedy "before" replies.
+    if let Some(line) = report.lines().find(|l| l.contains("rollback to v0")) {
+        assert!(line.ends_with("3/3 identical"), "{report}");
+    }
+}
