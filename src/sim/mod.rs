@@ -4,6 +4,7 @@
 //! output folder. `--method prompt` keeps the base weights and carries the user's corrections in
 //! the system prompt instead, so the two kinds of personalization can be compared.
 
+pub mod plot;
 pub mod preference;
 pub mod report;
 
@@ -23,8 +24,8 @@ use std::time::{Duration, Instant};
 #[derive(Args, Debug)]
 pub struct SimArgs {
     /// What the simulated user wants: concise, no-lists, ask-back, no-preamble.
-    #[arg(long)]
-    pub preference: String,
+    #[arg(long, required_unless_present = "replot")]
+    pub preference: Option<String>,
     #[arg(long, default_value_t = 36)]
     pub interactions: usize,
     /// rl | opd | combined: how the in-process clawrl trains (train.method); prompt: no
@@ -52,6 +53,14 @@ pub struct SimArgs {
     /// Tokens per reply.
     #[arg(long, default_value_t = 96)]
     pub max_tokens: usize,
+    /// Seconds the user takes to read a reply and write the next message. The judge and the
+    /// trainer work while nobody is being served, so a user who never pauses gets no training
+    /// until the end (0 measures exactly that).
+    #[arg(long, default_value_t = 5.0)]
+    pub think_secs: f64,
+    /// Only redraw rewards.png from the interactions.csv of an earlier run in --out.
+    #[arg(long, requires = "out")]
+    pub replot: bool,
     /// Longest wait after the last interaction for the judge and the trainer to finish.
     #[arg(long, default_value_t = 600)]
     pub settle_secs: u64,
@@ -280,10 +289,23 @@ async fn settle(client: &Client, limit: Duration) -> Result<String> {
 }
 
 pub fn run(cfg: &Config, args: &SimArgs) -> Result<()> {
-    let pref = preference::find(&args.preference).with_context(|| {
+    if args.replot {
+        let out = args.out.as_deref().context("--replot needs --out")?;
+        let csv = std::fs::read_to_string(out.join("interactions.csv"))
+            .with_context(|| format!("cannot read {}", out.join("interactions.csv").display()))?;
+        let rows = report::parse_csv(&csv)?;
+        let title = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        plot::reward_curve(&out.join("rewards.png"), &rows, 10, &title)?;
+        println!("{}", out.join("rewards.png").display());
+        return Ok(());
+    }
+    let name = args.preference.as_deref().unwrap_or_default();
+    let pref = preference::find(name).with_context(|| {
         format!(
-            "unknown preference {:?}; the built-in ones are {}",
-            args.preference,
+            "unknown preference {name:?}; the built-in ones are {}",
             preference::names()
         )
     })?;
@@ -348,6 +370,9 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
     let mut corrections: Vec<&str> = Vec::new();
     let mut rows = Vec::new();
     for i in 1..=args.interactions {
+        if i > 1 && args.think_secs > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(args.think_secs)).await;
+        }
         let t = Instant::now();
         let prompt = &sets.train[rng.random_range(0..sets.train.len())];
         let session = format!("sim-s{}-{i}", args.seed);
@@ -527,12 +552,19 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
     }
     let _ = writeln!(
         text,
-        "- thumbs: {}; wall time {wall:.0} s",
-        if args.no_thumbs { "off" } else { "on" }
+        "- thumbs: {}; think time {} s; wall time {wall:.0} s",
+        if args.no_thumbs { "off" } else { "on" },
+        args.think_secs
     );
 
     std::fs::write(out.join("report.md"), &text)?;
     std::fs::write(out.join("interactions.csv"), report::csv(&rows, 10))?;
+    let title = format!("{} · {} · seed {}", pref.name, args.method.name(), args.seed);
+    match plot::reward_curve(&out.join("rewards.png"), &rows, 10, &title) {
+        Ok(true) => {}
+        Ok(false) => eprintln!("rewards.png has no labels: no font found (set CLAWRL_FONT)"),
+        Err(e) => eprintln!("rewards.png not written: {e:#}"),
+    }
     let mut eval = String::new();
     for (phase, set) in [("before", &before), ("after", &after)] {
         for e in set.iter() {

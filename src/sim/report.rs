@@ -1,6 +1,7 @@
 //! The numbers of a run: proportions with a confidence interval, the interaction log as CSV,
 //! and the report text.
 
+use crate::telemetry::moving_average;
 use std::fmt::Write as _;
 
 /// A proportion k/n with its 95 % Wilson score interval.
@@ -74,14 +75,12 @@ pub fn csv(rows: &[Interaction], window: usize) -> String {
         .iter()
         .map(|r| if r.satisfied { 1.0 } else { -1.0 })
         .collect();
-    for (i, r) in rows.iter().enumerate() {
-        let from = (i + 1).saturating_sub(window);
-        let avg = rewards[from..=i].iter().sum::<f64>() / (i + 1 - from) as f64;
+    let averages = moving_average(&rewards, window);
+    for ((r, reward), avg) in rows.iter().zip(&rewards).zip(averages) {
         let _ = writeln!(
             out,
-            "{},{},{avg:.3},{},{},{:.1},{}",
+            "{},{reward},{avg:.3},{},{},{:.1},{}",
             r.index,
-            rewards[i],
             r.words,
             r.live_version,
             r.seconds,
@@ -89,6 +88,29 @@ pub fn csv(rows: &[Interaction], window: usize) -> String {
         );
     }
     out
+}
+
+/// Reads back what [`csv`] wrote (the prompt is not needed for plots and is left empty).
+pub fn parse_csv(text: &str) -> anyhow::Result<Vec<Interaction>> {
+    text.lines()
+        .skip(1)
+        .enumerate()
+        .map(|(i, line)| {
+            let f: Vec<&str> = line.splitn(7, ',').collect();
+            let bad = || anyhow::anyhow!("interactions.csv line {}: {line:?}", i + 2);
+            if f.len() < 6 {
+                return Err(bad());
+            }
+            Ok(Interaction {
+                index: f[0].parse().map_err(|_| bad())?,
+                prompt: String::new(),
+                satisfied: f[1] == "1",
+                words: f[3].parse().map_err(|_| bad())?,
+                live_version: f[4].parse().map_err(|_| bad())?,
+                seconds: f[5].parse().map_err(|_| bad())?,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -126,5 +148,8 @@ mod tests {
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines[1], "1,-1,-1.000,3,1,2.0,\"Hi, \"\"you\"\"\"");
         assert_eq!(lines[2], "2,1,0.000,3,1,2.0,\"Hi, \"\"you\"\"\"");
+        let back = parse_csv(&csv).unwrap();
+        assert_eq!((back[0].satisfied, back[1].satisfied, back[1].live_version), (false, true, 1));
+        assert!(parse_csv("header\n1,x").is_err());
     }
 }

@@ -32,6 +32,26 @@ pub struct Counters {
     pub feedback: AtomicU64,
 }
 
+/// The moving average of `values` over the last `window` points, point by point (the screen's
+/// reward curve, the simulation's CSV and plot).
+pub fn moving_average(values: &[f64], window: usize) -> Vec<f64> {
+    (0..values.len())
+        .map(|i| {
+            let slice = &values[(i + 1).saturating_sub(window)..=i];
+            slice.iter().sum::<f64>() / slice.len() as f64
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_moving_average_covers_the_last_window() {
+        let avg = super::moving_average(&[1.0, -1.0, 1.0, 1.0], 2);
+        assert_eq!(avg, vec![1.0, 0.0, 0.0, 1.0]);
+    }
+}
+
 /// Appends one metric in Prometheus' text format.
 pub fn push_metric(out: &mut String, name: &str, kind: &str, help: &str, value: &str) {
     out.push_str(&format!(

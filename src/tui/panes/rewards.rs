@@ -1,6 +1,7 @@
 //! Per-turn rewards (the rating, else the judge's majority) with their moving average.
 
 use super::{block, theme};
+use crate::telemetry::moving_average;
 use crate::tui::app::App;
 use ratatui::Frame;
 use ratatui::layout::Rect;
@@ -12,17 +13,6 @@ use ratatui::widgets::{Axis, Chart, Dataset, GraphType, Paragraph};
 /// Turns shown, and the moving-average window.
 const SHOWN: usize = 120;
 pub const WINDOW: usize = 10;
-
-/// The moving average of `values` over the last `window` points, point by point.
-pub fn moving_average(values: &[f64], window: usize) -> Vec<f64> {
-    (0..values.len())
-        .map(|i| {
-            let from = (i + 1).saturating_sub(window);
-            let slice = &values[from..=i];
-            slice.iter().sum::<f64>() / slice.len() as f64
-        })
-        .collect()
-}
 
 pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
     let values: Vec<f64> = app.state.rewards.iter().map(|(_, r)| *r).collect();
@@ -76,13 +66,4 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
     )
     .style(Style::new());
     frame.render_widget(chart, area);
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_moving_average_covers_the_last_window() {
-        let avg = super::moving_average(&[1.0, -1.0, 1.0, 1.0], 2);
-        assert_eq!(avg, vec![1.0, 0.0, 0.0, 1.0]);
-    }
 }
