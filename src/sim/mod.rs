@@ -504,6 +504,14 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         b.n - b.k,
         a.n - a.k
     );
+    let loops =
+        |e: &[Evaluated]| report::repeated_trigrams(e.iter().map(|e| e.reply.as_str())) * 100.0;
+    let _ = writeln!(
+        text,
+        "- quality: repeated word trigrams within a reply {:.1} % -> {:.1} %",
+        loops(&before),
+        loops(&after)
+    );
     let satisfied = rows.iter().filter(|r| r.satisfied).count();
     let half = rows.len() / 2;
     let first = rows[..half].iter().filter(|r| r.satisfied).count();
@@ -559,7 +567,12 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
 
     std::fs::write(out.join("report.md"), &text)?;
     std::fs::write(out.join("interactions.csv"), report::csv(&rows, 10))?;
-    let title = format!("{} · {} · seed {}", pref.name, args.method.name(), args.seed);
+    let title = format!(
+        "{} · {} · seed {}",
+        pref.name,
+        args.method.name(),
+        args.seed
+    );
     match plot::reward_curve(&out.join("rewards.png"), &rows, 10, &title) {
         Ok(true) => {}
         Ok(false) => eprintln!("rewards.png has no labels: no font found (set CLAWRL_FONT)"),

@@ -63,7 +63,8 @@ pub fn reward_curve(path: &Path, rows: &[Interaction], window: usize, title: &st
     let mut mesh = chart.configure_mesh();
     mesh.light_line_style(WHITE.mix(0.0));
     if labelled {
-        mesh.x_desc("interaction").y_desc("reward (+1 preferred, -1 not)");
+        mesh.x_desc("interaction")
+            .y_desc("reward (+1 preferred, -1 not)");
     } else {
         mesh.x_labels(0).y_labels(0);
     }
@@ -79,7 +80,10 @@ pub fn reward_curve(path: &Path, rows: &[Interaction], window: usize, title: &st
                 .map_err(plotting)?;
         }
     }
-    let rewards: Vec<f64> = rows.iter().map(|r| if r.satisfied { 1.0 } else { -1.0 }).collect();
+    let rewards: Vec<f64> = rows
+        .iter()
+        .map(|r| if r.satisfied { 1.0 } else { -1.0 })
+        .collect();
     chart
         .draw_series(
             rows.iter()

@@ -47,6 +47,29 @@ impl Proportion {
     }
 }
 
+/// The share of word trigrams that repeat an earlier one in the same reply, over `replies`: a
+/// rule-independent sign that text degenerates into loops (SmolLM2-135M's base rate on the
+/// held-out set is about 12 %).
+pub fn repeated_trigrams<'a>(replies: impl IntoIterator<Item = &'a str>) -> f64 {
+    let (mut repeated, mut total) = (0usize, 0usize);
+    for r in replies {
+        let words: Vec<String> = r
+            .split(|c: char| !(c.is_alphanumeric() || c == '\''))
+            .filter(|w| !w.is_empty())
+            .map(str::to_lowercase)
+            .collect();
+        let trigrams: Vec<&[String]> = words.windows(3).collect();
+        let distinct: std::collections::HashSet<&[String]> = trigrams.iter().copied().collect();
+        repeated += trigrams.len() - distinct.len();
+        total += trigrams.len();
+    }
+    if total == 0 {
+        0.0
+    } else {
+        repeated as f64 / total as f64
+    }
+}
+
 /// One interaction of the simulated user.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Interaction {
@@ -135,6 +158,16 @@ mod tests {
     }
 
     #[test]
+    fn repeated_trigrams_count_loops_within_a_reply() {
+        assert_eq!(repeated_trigrams(["a b c d"]), 0.0);
+        // "a b c" three times: 7 trigrams, 3 distinct -> 4 repeats.
+        let r = repeated_trigrams(["a b c a b c a b c"]);
+        assert!((r - 4.0 / 7.0).abs() < 1e-9, "{r}");
+        // Not across replies.
+        assert_eq!(repeated_trigrams(["a b c", "a b c"]), 0.0);
+    }
+
+    #[test]
     fn the_csv_quotes_prompts_and_averages_rewards() {
         let row = |i, ok| Interaction {
             index: i,
@@ -149,7 +182,10 @@ mod tests {
         assert_eq!(lines[1], "1,-1,-1.000,3,1,2.0,\"Hi, \"\"you\"\"\"");
         assert_eq!(lines[2], "2,1,0.000,3,1,2.0,\"Hi, \"\"you\"\"\"");
         let back = parse_csv(&csv).unwrap();
-        assert_eq!((back[0].satisfied, back[1].satisfied, back[1].live_version), (false, true, 1));
+        assert_eq!(
+            (back[0].satisfied, back[1].satisfied, back[1].live_version),
+            (false, true, 1)
+        );
         assert!(parse_csv("header\n1,x").is_err());
     }
 }
