@@ -223,7 +223,7 @@ async fn evaluate(
                 "temperature": 0,
                 "max_tokens": max_tokens,
                 "turn_type": "side",
-                "session_id": format!("sim-eval-{phase}-{i}"),
+                "session_id": format!("sim-eval-{phase}-{}-{i}", std::process::id()),
                 "session_done": true,
             }))
             .await
@@ -375,7 +375,8 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         }
         let t = Instant::now();
         let prompt = &sets.train[rng.random_range(0..sets.train.len())];
-        let session = format!("sim-s{}-{i}", args.seed);
+        // Unique per run: a running server may see several runs.
+        let session = format!("sim-{}-s{}-{i}", std::process::id(), args.seed);
         let system = if args.method == SimMethod::Prompt {
             memory_prompt(&corrections)
         } else {

@@ -395,7 +395,7 @@ impl Store {
     /// Returns how many turns were so marked.
     pub fn close_session(&mut self, id: &str, reason: &str, at: i64) -> Result<usize> {
         let err = |e| explain(e, "closing the session", &self.path);
-        let tx = self.conn.transaction().map_err(err)?;
+        let tx = write_transaction(&mut self.conn).map_err(err)?;
         tx.execute("UPDATE sessions SET closed_at = ?2, close_reason = ?3 WHERE id = ?1 AND closed_at IS NULL", params![id, at, reason])
             .map_err(err)?;
         let marked = tx
@@ -490,7 +490,7 @@ impl Store {
     /// judgment (returns `false`), so no vote is ever stored twice.
     pub fn save_judgment(&mut self, j: &Judgment) -> Result<bool> {
         let err = |e| explain(e, "recording the judgment", &self.path);
-        let tx = self.conn.transaction().map_err(err)?;
+        let tx = write_transaction(&mut self.conn).map_err(err)?;
         let inserted = tx
             .execute(
                 "INSERT OR IGNORE INTO judgments (turn_id, backend, mode, judge_model, score, hint, error, elapsed_ms, judged_at)
@@ -728,7 +728,7 @@ fn schema_version(conn: &Connection, path: &Path) -> Result<i64> {
 fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
     let version = schema_version(conn, path)?;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let tx = conn.transaction()?;
+        let tx = write_transaction(conn)?;
         tx.execute_batch(sql).map_err(|e| {
             explain(
                 e,
@@ -762,6 +762,14 @@ pub fn parse_since(s: &str) -> Result<i64> {
     Ok(t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0))
+}
+
+/// A transaction that takes the write lock at its start. A deferred one that reads first and
+/// then writes fails at once with "database is locked" if another connection (capture, judge,
+/// trainer and gate each have one) wrote in between: in WAL mode the busy timeout does not
+/// apply to that upgrade. Seen as a 500 on a rollback while the judge was writing.
+fn write_transaction(conn: &mut Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
 }
 
 fn parse_json(s: Option<String>) -> Value {

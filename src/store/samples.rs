@@ -107,7 +107,7 @@ impl Store {
     /// Sets turns aside for good (they will not be offered again), with the reason.
     pub fn drop_samples(&mut self, turns: &[(i64, String)], at: i64) -> Result<()> {
         let err = |e| explain(e, "setting samples aside", &self.path);
-        let tx = self.conn.transaction().map_err(err)?;
+        let tx = super::write_transaction(&mut self.conn).map_err(err)?;
         for (turn_id, reason) in turns {
             tx.execute(
                 "INSERT OR IGNORE INTO dropped_samples (turn_id, reason, at) VALUES (?1, ?2, ?3)",

@@ -108,7 +108,7 @@ impl Store {
         samples: &[(i64, Option<f64>, bool)],
     ) -> Result<()> {
         let err = |e| explain(e, "recording the version", &self.path);
-        let tx = self.conn.transaction().map_err(err)?;
+        let tx = super::write_transaction(&mut self.conn).map_err(err)?;
         tx.execute(
             "INSERT INTO versions (id, parent, created_at, state, samples, tokens, loss, drift, grad_norm, mean_reward,
                 hints, train_secs, kl_base, kl_live, approved_delta, guard_passed, guard_report, path, sha256, lora)
@@ -198,7 +198,7 @@ impl Store {
     /// appended to the history, all in one transaction.
     pub fn set_live(&mut self, id: i64, reason: &str, by: &str, at: i64) -> Result<()> {
         let err = |e| explain(e, "recording the live version", &self.path);
-        let tx = self.conn.transaction().map_err(err)?;
+        let tx = super::write_transaction(&mut self.conn).map_err(err)?;
         if id != 0 {
             let state: Option<String> = tx
                 .query_row("SELECT state FROM versions WHERE id = ?1", [id], |r| {
