@@ -403,7 +403,6 @@ fn training_history(app: &mut App) {
 fn the_training_view_shows_rewards_updates_guard_verdicts_and_hardware() {
     let (mut app, _) = app();
     training_history(&mut app);
-    char_key(&mut app, '\u{1b}'); // typed into the chat box: not a command
     press(&mut app, KeyCode::Esc);
     char_key(&mut app, '2');
     assert_eq!(app.view, View::Training);

@@ -3,7 +3,7 @@
 
 use super::{commands, theme};
 use crate::events::Level;
-use crate::tui::app::{App, GLOBAL, View};
+use crate::tui::app::{App, View};
 use crate::tui::keymap::Action;
 use ratatui::Frame;
 use ratatui::layout::Rect;
@@ -106,6 +106,5 @@ pub fn draw_footer(frame: &mut Frame, area: Rect, app: &App) {
     let mut spans = vec![Span::raw(" ")];
     spans.extend(hints(app, commands(app.focus)));
     spans.extend(hints(app, &[Action::NextPane, Action::Help, Action::Quit]));
-    debug_assert!(GLOBAL.contains(&Action::Help));
     frame.render_widget(Paragraph::new(Line::from(spans)), area);
 }
