@@ -59,7 +59,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Install a model from the catalog into the data directory (checks its sha256).
     FetchModel {
-        /// Model id (default: the configured default model).
+        /// Model id (default: the models the configuration needs: the default model and the
+        /// judge's own model).
         id: Option<String>,
         /// Install every catalog model.
         #[arg(long)]
@@ -204,8 +205,18 @@ pub fn run() -> Result<()> {
         Some(Command::FetchModel { id, all }) => {
             let ids: Vec<String> = if all {
                 CATALOG.iter().map(|m| m.id.to_string()).collect()
+            } else if let Some(id) = id {
+                vec![id]
             } else {
-                vec![id.unwrap_or(cfg.model.default.clone())]
+                let mut ids = vec![cfg.model.default.clone()];
+                let judge = &cfg.judge;
+                if judge.backend == crate::config::JudgeBackend::Local
+                    && catalog::find(&judge.model).is_some()
+                    && !ids.contains(&judge.model)
+                {
+                    ids.push(judge.model.clone());
+                }
+                ids
             };
             for id in ids {
                 let m = catalog::find(&id).with_context(|| {

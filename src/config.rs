@@ -143,7 +143,7 @@ impl Default for GateSection {
 pub enum JudgeBackend {
     /// Nobody: turns are captured but not judged.
     Off,
-    /// The frozen base model on this engine, below user requests.
+    /// A local model: the policy's frozen base (below user requests) or `judge.model`.
     Local,
     /// Any OpenAI-compatible endpoint (`[judge.openai]`).
     Openai,
@@ -165,6 +165,10 @@ pub enum JudgeMode {
 #[serde(default, deny_unknown_fields)]
 pub struct JudgeSection {
     pub backend: JudgeBackend,
+    /// The local judge's own model (a catalog id, GGUF file or HF directory), loaded in the
+    /// same process beside the policy and run at the lowest CPU priority; empty = the policy's
+    /// frozen base model. Not used by other backends.
+    pub model: String,
     pub mode: JudgeMode,
     pub votes: usize,
     pub temperature: f32,
@@ -188,6 +192,7 @@ impl Default for JudgeSection {
     fn default() -> Self {
         Self {
             backend: JudgeBackend::Local,
+            model: "qwen2.5-coder-0.5b-instruct".into(),
             mode: JudgeMode::Auto,
             votes: 3,
             temperature: 0.6,

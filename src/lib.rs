@@ -2,6 +2,7 @@
 //! See docs/ARCHITECTURE.md for how the modules fit together.
 
 pub mod app;
+pub mod background;
 pub mod bench;
 pub mod capture;
 pub mod catalog;

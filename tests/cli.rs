@@ -312,4 +312,9 @@ fn bad_judge_settings_stop_the_server_at_start_with_the_key_named() {
     );
     let err = serve(&[("CLAWRL__JUDGE__VOTES", "0")]);
     assert!(err.contains("judge.votes"), "{err}");
+    let err = serve(&[("CLAWRL__JUDGE__MODEL", "no-such-judge")]);
+    assert!(
+        err.contains("judge.model") && err.contains("no-such-judge"),
+        "{err}"
+    );
 }

@@ -205,6 +205,7 @@ async fn judge_verdicts_queue_depth_feedback_and_no_signal_are_published() {
     let mut core = Core::start(|cfg| {
         cfg.server.session_idle_secs = 3;
         cfg.judge.hints = false; // the local judge in direct mode: one prefill per turn
+        cfg.judge.model.clear(); // on the policy's base model: the quickest to load
     })
     .await;
     let (port, state, events) = (core.port, core.state.clone(), &mut core.events);

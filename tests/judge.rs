@@ -387,9 +387,11 @@ fn a_crash_while_judging_loses_and_duplicates_no_votes_and_sessions_resume() {
 }
 
 #[test]
-fn the_local_judge_runs_on_the_default_model_without_blocking_serving() {
+fn the_local_judge_runs_on_its_own_model_without_blocking_serving() {
+    let judge_model = common::model_path(common::QWEN25);
     let s = Server::start(&[
         ("CLAWRL__JUDGE__BACKEND", "local"),
+        ("CLAWRL__JUDGE__MODEL", judge_model.to_str().unwrap()),
         ("CLAWRL__JUDGE__MAX_TOKENS", "24"),
     ]);
     converse(&s, "local", "No, I meant kilometres.");
@@ -401,6 +403,9 @@ fn the_local_judge_runs_on_the_default_model_without_blocking_serving() {
         (Some("local"), Some("direct")),
         "{j:#}"
     );
+    // By default the judge is a model of its own (`judge.model`), not the policy it trains.
+    let judge_model = j["judge_model"].as_str().unwrap().to_ascii_lowercase();
+    assert!(judge_model.contains("qwen2.5"), "{j:#}");
     assert!(j["error"].is_null(), "{j:#}");
     let score_votes: Vec<&Value> = j["votes"]
         .as_array()

@@ -124,6 +124,9 @@ fn a_user_chats_sees_the_judges_votes_rates_opens_help_and_quits() {
             ("CLAWRL__GENERATION__MAX_TOKENS", "24"),
             ("CLAWRL__GENERATION__TEMPERATURE", "0"),
             ("CLAWRL__TRAIN__ENABLED", "false"),
+            // The policy's base model judges (the quickest to load; tests/judge.rs covers
+            // a judge on its own model).
+            ("CLAWRL__JUDGE__MODEL", "''"),
         ],
     );
     t.wait("the screen", 60, |s| {

@@ -62,7 +62,35 @@ pub fn engine_config(cfg: &Config) -> Result<EngineConfig> {
         max_active: s.max_active,
         prefix_cache_bytes: s.prefix_cache_mb << 20,
         prefix_cache_min_tokens: s.prefix_cache_min_tokens,
+        background: false,
     })
+}
+
+/// The engine of a judge with its own model (`judge.model`), if one is configured: loaded
+/// like the policy (device, dtype, weights), one job at a time, at the lowest CPU priority.
+pub fn judge_engine_config(cfg: &Config) -> Result<Option<EngineConfig>> {
+    let spec = &cfg.judge.model;
+    if spec.is_empty() || cfg.judge.backend != crate::config::JudgeBackend::Local {
+        return Ok(None);
+    }
+    let policy = engine_config(cfg)?;
+    let model_path = catalog::resolve(spec, &cfg.data_dir())
+        .map_err(|e| anyhow::anyhow!("judge.model: {e:#}"))?;
+    // The policy's own model: its engine already holds the frozen base weights.
+    let same = |a: &std::path::Path, b: &std::path::Path| {
+        a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok() == Some(a))
+    };
+    if same(&model_path, &policy.model_path) {
+        return Ok(None);
+    }
+    Ok(Some(EngineConfig {
+        model_path,
+        max_active: 1,
+        // The judge prompts of one pass share their system prompt.
+        prefix_cache_bytes: 64 << 20,
+        background: true,
+        ..policy
+    }))
 }
 
 #[derive(Debug, Clone)]

@@ -87,6 +87,135 @@ const CASES: &[Case] = &[
         "user",
         1,
     ),
+    // The kinds of next message a personal assistant sees most: style corrections and praise.
+    (
+        "How do I boil an egg?",
+        "Here are the steps:\n- Put the egg in a pot of cold water.\n- Bring it to a boil.\n- Simmer for 9 minutes.\n- Cool it in cold water.",
+        None,
+        "Please don't use bullet lists, just tell me in a sentence or two.",
+        "user",
+        -1,
+    ),
+    (
+        "What is the capital of Australia?",
+        "Canberra.",
+        None,
+        "Nice, short and to the point. What about Canada?",
+        "user",
+        1,
+    ),
+    (
+        "Why is the sky blue?",
+        "Great question! The sky is blue because of a phenomenon called Rayleigh scattering, which is a fascinating topic in physics that has been studied for centuries by many scientists, and which involves the way light interacts with the molecules of the atmosphere, scattering shorter wavelengths more than longer ones, which is why we see blue during the day and red at sunset, and this also explains many other things.",
+        None,
+        "Way too long. Shorter please.",
+        "user",
+        -1,
+    ),
+    (
+        "Give me a word that rhymes with 'cat'.",
+        "Hat.",
+        None,
+        "Thanks!",
+        "user",
+        1,
+    ),
+    (
+        "Help me name my new puppy.",
+        "How about Biscuit? Do you want something playful or something classic?",
+        None,
+        "Playful, I like that you asked. Biscuit is cute, more like that?",
+        "user",
+        1,
+    ),
+    (
+        "How many days are in a leap year?",
+        "Sure! I'd be happy to help with that. A leap year has 366 days.",
+        None,
+        "Skip the preamble next time, just give me the answer.",
+        "user",
+        -1,
+    ),
+    (
+        "Run the unit tests.",
+        "",
+        Some(("run_command", r#"{"cmd":"cargo test"}"#)),
+        "test result: ok. 42 passed; 0 failed",
+        "tool",
+        1,
+    ),
+    (
+        "Delete the temporary files.",
+        "",
+        Some(("run_command", r#"{"cmd":"rm -rf /tmp/build-cache"}"#)),
+        "rm: cannot remove '/tmp/build-cache': Permission denied",
+        "tool",
+        -1,
+    ),
+    (
+        "What's 15% of 80?",
+        "15% of 80 is 16.",
+        None,
+        "Wrong, it's 12. Please double-check your math.",
+        "user",
+        -1,
+    ),
+    (
+        "Recommend a book about the history of science.",
+        "A Short History of Nearly Everything by Bill Bryson.",
+        None,
+        "Oh I love that one, great pick. Thanks!",
+        "user",
+        1,
+    ),
+    (
+        "Write a one-line Python function that doubles a number.",
+        "def double(x): return x * 2",
+        None,
+        "Works perfectly. Now one that triples it.",
+        "user",
+        1,
+    ),
+    (
+        "Tell me a joke.",
+        "Why did the scarecrow win an award? Because he was outstanding in his field.",
+        None,
+        "That's not funny and I've heard it a hundred times. Another one, please.",
+        "user",
+        -1,
+    ),
+    (
+        "Look up the population of Tokyo.",
+        "",
+        Some(("web_search", r#"{"query":"population of Tokyo"}"#)),
+        "Tokyo: population about 14 million (city proper), 37 million (metro area).",
+        "tool",
+        1,
+    ),
+    (
+        "Explain what a mutex is in one sentence.",
+        "A mutex is a lock that lets only one thread at a time use a shared resource.",
+        None,
+        "Clear, thanks.",
+        "user",
+        1,
+    ),
+    (
+        "Book a table for two tonight at 8.",
+        "I have booked a table for two at 8 pm tonight.",
+        None,
+        "You didn't ask which restaurant! And I see no booking. Ask me first next time.",
+        "user",
+        -1,
+    ),
+    (
+        "What's the boiling point of water in Fahrenheit?",
+        "**Answer:** The boiling point of water is **212°F**.",
+        None,
+        "Please stop using bold text and headings, plain text only.",
+        "user",
+        -1,
+    ),
 ];
 
 fn turn(i: usize, c: &Case) -> PendingTurn {
@@ -123,8 +252,13 @@ pub fn run(cfg: &Config, modes: &[String]) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        // The judge's own model when `judge.model` names one, else the policy's.
+        let engine_cfg = match crate::app::judge_engine_config(cfg)? {
+            Some(own) => own,
+            None => crate::app::engine_config(cfg)?,
+        };
         let engine = Engine::start(
-            crate::app::engine_config(cfg)?,
+            engine_cfg,
             Arc::new(Counters::default()),
             |_| (0, None),
             |_| {},
@@ -148,6 +282,7 @@ pub fn run(cfg: &Config, modes: &[String]) -> Result<()> {
             };
             let mut c = cfg.clone();
             c.judge.backend = JudgeBackend::Local;
+            c.judge.model.clear(); // `engine` is already the judge's
             c.judge.mode = mode;
             c.judge.hints = false;
             let voter = Voter::from_config(&c, &engine)?.expect("local judge");

@@ -38,6 +38,9 @@ pub struct EngineConfig {
     pub max_active: usize,
     pub prefix_cache_bytes: usize,
     pub prefix_cache_min_tokens: usize,
+    /// Run at the lowest CPU priority on a pool of its own (a judge on its own model): it
+    /// then only uses CPU time that serving and the policy's engine leave idle.
+    pub background: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -292,42 +295,18 @@ impl Engine {
         std::thread::Builder::new()
             .name("clawrl-engine".into())
             .spawn(move || {
-                let model = match LoadedModel::load(&config.model_path, &config.load) {
-                    Ok(m) => Arc::new(m),
-                    Err(e) => {
-                        tracing::error!("model failed to load: {e:#}");
-                        *s.status.write().unwrap() = Status::Failed(format!("{e:#}"));
-                        return;
+                if config.background {
+                    crate::background::lower_priority();
+                    match crate::background::low_priority_pool("clawrl-engine-bg") {
+                        Ok(pool) => {
+                            return pool.install(|| run_engine(config, s, rx, start_version, on_ready));
+                        }
+                        Err(e) => tracing::warn!(
+                            "no low-priority pool ({e:#}); the background engine shares the global one"
+                        ),
                     }
-                };
-                let (live, adapter) = start_version(&model);
-                let mut adapters = HashMap::new();
-                if let Some(a) = adapter {
-                    adapters.insert(live, a);
                 }
-                s.live_version.store(live, Relaxed);
-                let info = ModelInfo {
-                    name: model.name.clone(),
-                    context_length: model.config.context_length,
-                    summary: model.summary(),
-                    tokenizer: model.tokenizer.clone(),
-                };
-                tracing::info!(live_version = live, "engine ready: {}", info.summary);
-                *s.info.write().unwrap() = Some(info.clone());
-                *s.model.write().unwrap() = Some(model.clone());
-                *s.status.write().unwrap() = Status::Ready;
-                on_ready(&info);
-                Worker {
-                    model,
-                    prefix: PrefixCache::new(
-                        config.prefix_cache_bytes,
-                        config.prefix_cache_min_tokens,
-                    ),
-                    shared: s,
-                    max_active: config.max_active.max(1),
-                    adapters,
-                }
-                .run(rx);
+                run_engine(config, s, rx, start_version, on_ready)
             })
             .expect("spawn engine thread");
         Self { tx, shared }
@@ -463,6 +442,49 @@ struct Active {
     decoding: Decoding,
     prompt_ids: Vec<u32>,
     version: i64,
+}
+
+/// The engine thread: loads the model, then serves jobs until every handle is gone.
+fn run_engine(
+    config: EngineConfig,
+    s: Arc<Shared>,
+    rx: Receiver<Msg>,
+    start_version: impl FnOnce(&LoadedModel) -> StartVersion,
+    on_ready: impl FnOnce(&ModelInfo),
+) {
+    let model = match LoadedModel::load(&config.model_path, &config.load) {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            tracing::error!("model failed to load: {e:#}");
+            *s.status.write().unwrap() = Status::Failed(format!("{e:#}"));
+            return;
+        }
+    };
+    let (live, adapter) = start_version(&model);
+    let mut adapters = HashMap::new();
+    if let Some(a) = adapter {
+        adapters.insert(live, a);
+    }
+    s.live_version.store(live, Relaxed);
+    let info = ModelInfo {
+        name: model.name.clone(),
+        context_length: model.config.context_length,
+        summary: model.summary(),
+        tokenizer: model.tokenizer.clone(),
+    };
+    tracing::info!(live_version = live, "engine ready: {}", info.summary);
+    *s.info.write().unwrap() = Some(info.clone());
+    *s.model.write().unwrap() = Some(model.clone());
+    *s.status.write().unwrap() = Status::Ready;
+    on_ready(&info);
+    Worker {
+        model,
+        prefix: PrefixCache::new(config.prefix_cache_bytes, config.prefix_cache_min_tokens),
+        shared: s,
+        max_active: config.max_active.max(1),
+        adapters,
+    }
+    .run(rx);
 }
 
 struct Worker {

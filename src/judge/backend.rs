@@ -44,14 +44,21 @@ impl Backend {
         }
     }
 
-    /// Waits until the local engine has loaded (or failed), so that a judge starting with the
-    /// server does not count the load time as backend failures.
-    pub async fn wait_ready(&self) {
+    /// Waits until the local engine has loaded, so that a judge starting with the server does
+    /// not count the load time as backend failures; an engine that failed to load is an error.
+    pub async fn wait_ready(&self) -> Result<(), String> {
         if let Self::Local(engine) = self {
-            while engine.status() == crate::engine::Status::Loading {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            loop {
+                match engine.status() {
+                    crate::engine::Status::Loading => {
+                        tokio::time::sleep(Duration::from_millis(200)).await
+                    }
+                    crate::engine::Status::Failed(e) => return Err(e),
+                    crate::engine::Status::Ready => break,
+                }
             }
         }
+        Ok(())
     }
 
     /// A sampled reply to `messages`.

@@ -52,19 +52,36 @@ pub struct Judge {
 }
 
 impl Voter {
-    /// The voter the configuration asks for (`None` when `judge.backend = "off"`).
-    pub fn from_config(cfg: &Config, engine: &Engine) -> Result<Option<Self>> {
+    /// The voter the configuration asks for (`None` when `judge.backend = "off"`). A local
+    /// judge votes with `policy`'s frozen base model, or starts an engine of its own when
+    /// `judge.model` names one (it loads in the background).
+    pub fn from_config(cfg: &Config, policy: &Engine) -> Result<Option<Self>> {
         let j = &cfg.judge;
+        if j.backend == JudgeBackend::Off {
+            return Ok(None);
+        }
+        // The cheap checks first: a bad prompt folder fails before a model starts loading.
+        let prompts_dir = (!j.prompts_dir.is_empty()).then(|| Path::new(&j.prompts_dir));
+        let prompts = Prompts::load(prompts_dir, j.max_field_chars)?;
+        let mode = j.effective_mode()?;
         let backend = match j.backend {
             JudgeBackend::Off => return Ok(None),
-            JudgeBackend::Local => Backend::Local(engine.clone()),
+            JudgeBackend::Local => match crate::app::judge_engine_config(cfg)? {
+                // Its own counters: the judge's tokens are not serving's throughput.
+                Some(own) => Backend::Local(Engine::start(
+                    own,
+                    Arc::new(Counters::default()),
+                    |_| (0, None),
+                    |info| tracing::info!("judge model ready: {}", info.summary),
+                )),
+                None => Backend::Local(policy.clone()),
+            },
             JudgeBackend::Openai => Backend::Openai(Endpoint::new(&j.openai)?),
         };
-        let prompts_dir = (!j.prompts_dir.is_empty()).then(|| Path::new(&j.prompts_dir));
         Ok(Some(Self {
             backend: Arc::new(backend),
-            prompts: Prompts::load(prompts_dir, j.max_field_chars)?,
-            mode: j.effective_mode()?,
+            prompts,
+            mode,
             votes: j.votes,
             temperature: j.temperature,
             max_tokens: j.max_tokens,
@@ -300,7 +317,19 @@ impl Judge {
     /// backend is unreachable.
     pub async fn run(self: Arc<Self>) {
         let mut events = self.bus.subscribe();
-        self.voter.backend.wait_ready().await;
+        if let Err(e) = self.voter.backend.wait_ready().await {
+            let text =
+                format!("the judge stopped: its model failed to load ({e}); turns stay unjudged");
+            tracing::error!("{text}");
+            emit(
+                &self.bus,
+                Event::Notice {
+                    level: crate::events::Level::Error,
+                    text,
+                },
+            );
+            return;
+        }
         let mut backoff = Duration::from_secs(1);
         let mut last_depth = None;
         loop {

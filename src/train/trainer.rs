@@ -197,43 +197,14 @@ pub fn spawn(
         optimizer: None,
         last_waiting: None,
     };
-    let pool = low_priority_pool()?;
+    let pool = crate::background::low_priority_pool("clawrl-train")?;
     std::thread::Builder::new()
         .name("clawrl-trainer".into())
         .spawn(move || {
-            lower_priority();
+            crate::background::lower_priority();
             pool.install(|| trainer.run())
         })?;
     Ok(handle)
-}
-
-/// The trainer's own compute threads, at the lowest CPU priority. Burn's Flex backend
-/// parallelizes through rayon, which runs work on the pool of the calling thread: inside this
-/// pool training uses every core while serving is idle, and yields them to the engine (on the
-/// global pool, normal priority) within a scheduler tick when a request arrives mid-step.
-fn low_priority_pool() -> Result<rayon::ThreadPool> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    Ok(rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("clawrl-train-{i}"))
-        .start_handler(|_| lower_priority())
-        .build()?)
-}
-
-/// Gives the calling thread the lowest scheduling priority: Linux's SCHED_IDLE class (it runs
-/// only on CPU time nobody else wants and is preempted as soon as a serving thread wakes),
-/// else nice 19.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: gettid, sched_setscheduler and setpriority take integers and a pointer to a
-    // local, initialized sched_param.
-    unsafe {
-        let tid = libc::gettid();
-        let param = libc::sched_param { sched_priority: 0 };
-        if libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) != 0 {
-            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
-        }
-    }
 }
 
 impl Trainer {

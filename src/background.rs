@@ -1,0 +1,33 @@
+//! Compute that must never slow serving down (the trainer, a judge on its own model) runs on
+//! threads at the lowest CPU priority, with its own rayon pool: Burn's Flex backend
+//! parallelizes through rayon, which runs work on the pool of the calling thread, so inside
+//! this pool background work uses every core while serving is idle and yields them to the
+//! engine (on the global pool, normal priority) within a scheduler tick when a request arrives.
+
+use anyhow::Result;
+
+/// A rayon pool of low-priority threads named `{name}-{i}`, one per core.
+pub fn low_priority_pool(name: &'static str) -> Result<rayon::ThreadPool> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Ok(rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("{name}-{i}"))
+        .start_handler(|_| lower_priority())
+        .build()?)
+}
+
+/// Gives the calling thread the lowest scheduling priority: Linux's SCHED_IDLE class (it runs
+/// only on CPU time nobody else wants and is preempted as soon as a serving thread wakes),
+/// else nice 19.
+pub fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid, sched_setscheduler and setpriority take integers and a pointer to a
+    // local, initialized sched_param.
+    unsafe {
+        let tid = libc::gettid();
+        let param = libc::sched_param { sched_priority: 0 };
+        if libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) != 0 {
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+        }
+    }
+}
