@@ -5,7 +5,7 @@
 set -euo pipefail
 out=${1:?output folder}; methods=${2:-"rl opd combined prompt"}
 prefs=${3:-"no-lists no-preamble"}; seeds=${4:-"1 2 3"}; shift $(( $# < 4 ? $# : 4 ))
-bin="$(dirname "$0")/../target/release/clawrl-tui"
+bin="${CLAWRL_BIN:-$(dirname "$0")/../target/release/clawrl-tui}"
 mkdir -p "$out"
 for m in $methods; do for p in $prefs; do for s in $seeds; do
   run="$out/$p-$m-s$s"

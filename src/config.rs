@@ -112,6 +112,11 @@ pub struct GateSection {
     pub probes_file: String,
     pub probe_tokens: usize,
     pub approved_answers: usize,
+    /// Tokens of the candidate's own greedy reply to each probe checked for loops (0 = off).
+    pub repetition_tokens: usize,
+    /// How far the share of repeated token 4-grams in those replies may rise above the base
+    /// model's (0.1 = ten percentage points).
+    pub max_repetition_rise: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +138,8 @@ impl Default for GateSection {
             probes_file: String::new(),
             probe_tokens: 32,
             approved_answers: 4,
+            repetition_tokens: 96,
+            max_repetition_rise: 0.1,
         }
     }
 }
@@ -174,6 +181,9 @@ pub struct JudgeSection {
     pub temperature: f32,
     pub max_tokens: usize,
     pub hints: bool,
+    /// In direct mode, how many of the hint votes that draw 1 write their hint (each is a
+    /// generation, the costliest part of judging); the others count as votes without a text.
+    pub hint_texts: usize,
     pub prompts_dir: String,
     pub max_field_chars: usize,
     pub openai: JudgeEndpoint,
@@ -198,6 +208,7 @@ impl Default for JudgeSection {
             temperature: 0.6,
             max_tokens: 256,
             hints: true,
+            hint_texts: 1,
             prompts_dir: String::new(),
             max_field_chars: 2000,
             openai: JudgeEndpoint::default(),
@@ -441,6 +452,13 @@ impl Config {
         if j.votes == 0 || j.votes > 16 {
             bail!("judge.votes must be within 1..=16, got {}", j.votes);
         }
+        if j.hint_texts == 0 || j.hint_texts > j.votes {
+            bail!(
+                "judge.hint_texts must be within 1..=judge.votes ({}), got {}",
+                j.votes,
+                j.hint_texts
+            );
+        }
         if !(0.0..=2.0).contains(&j.temperature) {
             bail!(
                 "judge.temperature must be within 0..=2, got {}",
@@ -490,6 +508,7 @@ impl Config {
             ("gate.max_kl_base", g.max_kl_base),
             ("gate.max_kl_live", g.max_kl_live),
             ("gate.max_approved_drop", g.max_approved_drop),
+            ("gate.max_repetition_rise", g.max_repetition_rise),
         ] {
             if !(v >= 0.0) {
                 bail!("{k} must be a non-negative number, got {v}");

@@ -1,5 +1,6 @@
-//! A minimal HTTP/1.1 JSON client over hyper, for loopback and local-network peers (the judge
-//! endpoint, `clawrl-tui ctl` talking to a running server). Plain http only.
+//! A minimal HTTP/1.1 JSON client over hyper (the judge endpoint, `clawrl-tui ctl` and `sim`
+//! talking to a running server): plain http, or https through rustls with the system's root
+//! certificates (`SSL_CERT_FILE` / `SSL_CERT_DIR` replace them, as for OpenSSL).
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -7,12 +8,16 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use std::sync::{Arc, OnceLock};
+use tokio::io::{AsyncRead, AsyncWrite};
 
-/// Where requests go: `host:port` and a path prefix.
+/// Where requests go: `host:port`, a path prefix, and whether over TLS.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub authority: String,
     pub base_path: String,
+    /// The host name the server's certificate must be valid for (`Some` = https).
+    pub tls_host: Option<String>,
 }
 
 impl Target {
@@ -21,19 +26,20 @@ impl Target {
         let uri: Uri = url
             .parse()
             .map_err(|e| anyhow::anyhow!("{what} {url:?}: {e}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => bail!(
-                "{what} {url:?}: https is not supported; reach the endpoint over http (e.g. through a local TLS proxy such as `stunnel`)"
-            ),
-            _ => bail!("{what} {url:?} must start with http://"),
-        }
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => bail!("{what} {url:?} must start with http:// or https://"),
+        };
         let host = uri
             .host()
             .with_context(|| format!("{what} {url:?} has no host"))?;
+        let default_port = if tls { 443 } else { 80 };
         Ok(Self {
-            authority: format!("{host}:{}", uri.port_u16().unwrap_or(80)),
+            authority: format!("{host}:{}", uri.port_u16().unwrap_or(default_port)),
             base_path: uri.path().trim_end_matches('/').to_string(),
+            // An IPv6 literal is written in brackets in URLs, bare in certificates.
+            tls_host: tls.then(|| host.trim_matches(['[', ']']).to_string()),
         })
     }
 }
@@ -62,7 +68,59 @@ pub async fn send(
     let stream = tokio::net::TcpStream::connect(&target.authority)
         .await
         .map_err(|e| unreachable(&e))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let Some(host) = &target.tls_host else {
+        return exchange(stream, target, method, path, api_key, body).await;
+    };
+    let name = rustls::pki_types::ServerName::try_from(host.clone())
+        .map_err(|e| unreachable(&format!("{host:?} is not a valid TLS server name: {e}")))?;
+    let config = tls_config().map_err(|e| unreachable(&e))?;
+    let stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await
+        .map_err(|e| unreachable(&format!("TLS: {e}")))?;
+    exchange(stream, target, method, path, api_key, body).await
+}
+
+/// The TLS client settings, built once: the system's root certificates (or those in
+/// `SSL_CERT_FILE` / `SSL_CERT_DIR`).
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let found = rustls_native_certs::load_native_certs();
+            let mut roots = rustls::RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why = found.errors.first().map_or(String::new(), |e| format!(": {e}"));
+                return Err(format!(
+                    "no root certificates found for https{why} (install the system's CA certificates, e.g. the ca-certificates package, or point SSL_CERT_FILE at a PEM file)"
+                ));
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Ok(Arc::new(config))
+        })
+        .clone()
+}
+
+/// One request and its answer over an open connection (plain or TLS).
+async fn exchange(
+    io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    target: &Target,
+    method: Method,
+    path: &str,
+    api_key: Option<&str>,
+    body: Option<&Value>,
+) -> Result<(StatusCode, Value), Unreachable> {
+    let unreachable = |e: &dyn std::fmt::Display| Unreachable {
+        authority: target.authority.clone(),
+        reason: e.to_string(),
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| unreachable(&e))?;
     tokio::spawn(async move {

@@ -302,9 +302,12 @@ fn bad_judge_settings_stop_the_server_at_start_with_the_key_named() {
     let err = serve(&[
         openai[0],
         openai[1],
-        ("CLAWRL__JUDGE__OPENAI__BASE_URL", "https://example.com/v1"),
+        ("CLAWRL__JUDGE__OPENAI__BASE_URL", "ftp://example.com/v1"),
     ]);
-    assert!(err.contains("https is not supported"), "{err}");
+    assert!(
+        err.contains("judge.openai.base_url") && err.contains("http:// or https://"),
+        "{err}"
+    );
     let err = serve(&[("CLAWRL__JUDGE__PROMPTS_DIR", "/nonexistent")]);
     assert!(
         err.contains("prm_system.md") && err.contains("judge.prompts_dir"),

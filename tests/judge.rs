@@ -1,7 +1,8 @@
 //! The judge end to end: a scripted OpenAI-compatible judge on loopback (canned texts,
 //! malformed ones included) proves votes → score → hint → store → export; explicit feedback
-//! overrides the score; a crash while turns are being judged loses and duplicates nothing;
-//! and the real local judge on the default model runs without blocking serving.
+//! overrides the score; a crash while turns are being judged loses and duplicates nothing; an
+//! https judge is trusted through the system's roots only; and the real local judge on its own
+//! model runs without blocking serving.
 
 mod common;
 use common::scripted_judge::ScriptedJudge;
@@ -433,7 +434,9 @@ fn the_local_judge_runs_on_its_own_model_without_blocking_serving() {
             .count(),
         3
     );
-    // Direct hint votes: a drawn score, and for a 1 a hint written between the markers.
+    // Direct hint votes: a drawn score; the first vote that draws 1 writes its hint between
+    // the markers (`judge.hint_texts` = 1), later ones stay a bare vote.
+    let mut written = 0;
     for v in j["votes"]
         .as_array()
         .unwrap()
@@ -441,9 +444,14 @@ fn the_local_judge_runs_on_its_own_model_without_blocking_serving() {
         .filter(|v| v["kind"] == "hint")
     {
         let raw = v["raw"].as_str().unwrap();
-        let drawn_one = raw.starts_with("\\boxed{1}\n[HINT_START]") && raw.ends_with("[HINT_END]");
-        assert!(drawn_one || raw == "\\boxed{-1}", "{raw:?}");
+        let wrote = raw.starts_with("\\boxed{1}\n[HINT_START]") && raw.ends_with("[HINT_END]");
+        written += wrote as usize;
+        assert!(
+            wrote || raw == "\\boxed{1}" || raw == "\\boxed{-1}",
+            "{raw:?}"
+        );
     }
+    assert!(written <= 1, "{j:#}");
 
     // Serving goes on while the judge works: a request made now is answered.
     converse(&s, "second", "Thanks, that works!");
@@ -454,4 +462,40 @@ fn the_local_judge_runs_on_its_own_model_without_blocking_serving() {
     assert_eq!(status, 200, "{r}");
     wait_judged(&s, &["second"]);
     assert_eq!(s.metric("clawrl_judge_invalid_votes_total"), 0.0);
+}
+
+#[test]
+fn an_https_judge_is_reached_when_its_certificate_is_trusted_and_only_then() {
+    let (cert_pem, tls) = common::scripted_judge::self_signed_localhost();
+    let judge = ScriptedJudge::start_tls(&MARKERS, script, tls);
+
+    // A self-signed certificate is not among the system's roots: no request gets through.
+    let untrusted = start(&judge.env());
+    converse(&untrusted, "untrusted", "Thanks, that works!");
+    let t = Instant::now();
+    while untrusted.metric("clawrl_judge_errors_total") < 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "no judge error");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let turns = untrusted.export();
+    assert_ne!(turn(&turns, "untrusted", 0)["judge_status"], "judged");
+    assert_eq!(judge.requests_for("Thanks, that works"), 0);
+    drop(untrusted);
+
+    // Trusted through SSL_CERT_FILE (which replaces the system's roots, as for OpenSSL).
+    let dir = tempfile::tempdir().unwrap();
+    let cert_file = dir.path().join("judge-ca.pem");
+    std::fs::write(&cert_file, cert_pem).unwrap();
+    let mut env = judge.env();
+    env.push(("SSL_CERT_FILE", cert_file.display().to_string()));
+    let s = start(&env);
+    converse(&s, "thanks", "Thanks, that works!");
+    let turns = wait_judged(&s, &["thanks"]);
+    let j = &turn(&turns, "thanks", 0)["judgment"];
+    assert_eq!(
+        (j["backend"].as_str(), j["score"].as_i64()),
+        (Some("openai"), Some(1)),
+        "{j:#}"
+    );
+    assert!(judge.requests_for("Thanks, that works") >= 3);
 }

@@ -213,6 +213,12 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
     );
     assert_eq!(v1["guard_passed"], true, "{v1:#}");
     assert!(v1["kl_base"].as_f64().unwrap() >= 0.0);
+    // The degeneration check ran on the candidate's own probe replies and the base's.
+    let report = &v1["guard"];
+    for k in ["repetition", "base_repetition"] {
+        let share = report[k].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&share), "{k}: {report:#}");
+    }
     assert!(
         (v1["mean_reward"].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-9,
         "{v1:#}"

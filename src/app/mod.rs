@@ -78,7 +78,9 @@ pub fn judge_engine_config(cfg: &Config) -> Result<Option<EngineConfig>> {
         .map_err(|e| anyhow::anyhow!("judge.model: {e:#}"))?;
     // The policy's own model: its engine already holds the frozen base weights.
     let same = |a: &std::path::Path, b: &std::path::Path| {
-        a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok() == Some(a))
+        a.canonicalize()
+            .ok()
+            .is_some_and(|a| b.canonicalize().ok() == Some(a))
     };
     if same(&model_path, &policy.model_path) {
         return Ok(None);

@@ -7,6 +7,9 @@
 //! - Approved answers: the mean log-prob per token of the latest turns rewarded +1 must not fall
 //!   by more than a limit from the live version to the candidate (learning must not unlearn
 //!   what the user liked).
+//! - Degeneration: the candidate's own greedy replies to the probes must not repeat themselves
+//!   much more than the base model's (loops appear while the KL on the base's replies is
+//!   still small).
 //!
 //! Every score is computed by the engine as background work, so the guard never slows serving.
 
@@ -26,11 +29,33 @@ pub const BUILTIN_PROBES: &str = include_str!("../../assets/probes.json");
 /// Longest approved answer (prompt + reply tokens) the guard scores.
 const MAX_APPROVED_TOKENS: usize = 768;
 
-/// A probe prompt with the base model's reply to it.
+/// A probe prompt with the base model's greedy reply to it: the first `gate.probe_tokens`
+/// are scored for KL, all `gate.repetition_tokens` count for the base's repetition.
 #[derive(Debug, Clone)]
 struct Reference {
     prompt_ids: Vec<u32>,
     reply_ids: Vec<u32>,
+    long_reply_ids: Vec<u32>,
+}
+
+/// Length of the n-grams the degeneration check counts.
+const REPETITION_NGRAM: usize = 4;
+
+/// The share of n-grams, over all `sequences`, that repeat an earlier n-gram of the same
+/// sequence: near 0 for varied text, towards 1 for text stuck in a loop.
+pub fn repeated_ngram_share<T: Eq + std::hash::Hash>(sequences: &[Vec<T>], n: usize) -> f64 {
+    let (mut repeated, mut total) = (0usize, 0usize);
+    for s in sequences {
+        let grams: Vec<&[T]> = s.windows(n).collect();
+        let distinct: std::collections::HashSet<&[T]> = grams.iter().copied().collect();
+        repeated += grams.len() - distinct.len();
+        total += grams.len();
+    }
+    if total == 0 {
+        0.0
+    } else {
+        repeated as f64 / total as f64
+    }
 }
 
 pub struct Guard {
@@ -47,6 +72,8 @@ pub struct GuardReport {
     /// Mean log-prob per token of approved answers, candidate minus live (None: no answers).
     pub approved_delta: Option<f64>,
     pub approved_answers: usize,
+    /// Repeated token 4-grams in the candidate's and the base's probe replies (None: off).
+    pub repetition: Option<(f64, f64)>,
     pub passed: bool,
     pub reasons: Vec<String>,
     /// How long the guard took.
@@ -62,14 +89,55 @@ impl GuardReport {
             "kl_live": self.kl_live,
             "approved_delta": self.approved_delta,
             "approved_answers": self.approved_answers,
+            "repetition": self.repetition.map(|(c, _)| c),
+            "base_repetition": self.repetition.map(|(_, b)| b),
             "probes": probes,
             "secs": self.secs,
             "limits": {
                 "max_kl_base": limits.max_kl_base,
                 "max_kl_live": limits.max_kl_live,
                 "max_approved_drop": limits.max_approved_drop,
+                "max_repetition_rise": limits.max_repetition_rise,
             },
         })
+    }
+
+    /// Sets `reasons` (every limit exceeded) and `passed` from the measures.
+    fn decide(&mut self, l: &GateSection, live: i64) {
+        let (kl_base, kl_live) = (self.kl_base, self.kl_live);
+        self.reasons.clear();
+        if self.kl_base > l.max_kl_base {
+            self.reasons.push(format!(
+                "KL from the base {kl_base:.4} > gate.max_kl_base {}",
+                l.max_kl_base
+            ));
+        }
+        if self.kl_live > l.max_kl_live {
+            self.reasons.push(format!(
+                "KL from the live version v{live} {kl_live:.4} > gate.max_kl_live {}",
+                l.max_kl_live
+            ));
+        }
+        if let Some(d) = self.approved_delta
+            && d < -l.max_approved_drop
+        {
+            self.reasons.push(format!(
+                "approved answers' log-prob fell by {:.4} per token > gate.max_approved_drop {}",
+                -d, l.max_approved_drop
+            ));
+        }
+        if let Some((own, base)) = self.repetition
+            && own - base > l.max_repetition_rise
+        {
+            self.reasons.push(format!(
+                "its probe replies repeat themselves: {:.1} % of token 4-grams vs the base's {:.1} % (+{:.1} points > gate.max_repetition_rise {})",
+                own * 100.0,
+                base * 100.0,
+                (own - base) * 100.0,
+                l.max_repetition_rise
+            ));
+        }
+        self.passed = self.reasons.is_empty();
     }
 }
 
@@ -128,29 +196,68 @@ impl Guard {
             return Ok(r.clone());
         }
         let mut refs = Vec::with_capacity(self.probes.len());
+        let tokens = self.limits.probe_tokens.max(self.limits.repetition_tokens);
         for probe in &self.probes {
-            let task = Task::Generate {
-                max_tokens: self.limits.probe_tokens,
-                sampling: SamplingParams::greedy(),
-                stop: Vec::new(),
-                top_logprobs: 0,
-            };
-            let prompt = Prompt::chat(probe.clone(), None);
-            match engine.run_blocking(prompt, task, Version::Exactly(0)) {
-                Ok(EngineEvent::Finished {
-                    generation,
+            if let Some((prompt_ids, ids)) = self.probe_reply(engine, probe, 0, tokens)?
+                && !ids.is_empty()
+            {
+                refs.push(Reference {
                     prompt_ids,
-                    ..
-                }) if !generation.ids.is_empty() => refs.push(Reference {
-                    prompt_ids,
-                    reply_ids: generation.ids,
-                }),
-                Ok(_) => {}
-                Err(e) => bail!("the guard's probe reply: {e}"),
+                    reply_ids: ids[..ids.len().min(self.limits.probe_tokens)].to_vec(),
+                    long_reply_ids: ids[..ids.len().min(self.limits.repetition_tokens)].to_vec(),
+                });
             }
         }
         *self.references.lock().unwrap() = Some(refs.clone());
         Ok(refs)
+    }
+
+    /// `version`'s greedy reply to `probe` (prompt ids, reply ids; None if it did not finish).
+    fn probe_reply(
+        &self,
+        engine: &Engine,
+        probe: &[Value],
+        version: i64,
+        max_tokens: usize,
+    ) -> Result<Option<(Vec<u32>, Vec<u32>)>> {
+        let task = Task::Generate {
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            stop: Vec::new(),
+            top_logprobs: 0,
+        };
+        let prompt = Prompt::chat(probe.to_vec(), None);
+        match engine.run_blocking(prompt, task, Version::Exactly(version)) {
+            Ok(EngineEvent::Finished {
+                generation,
+                prompt_ids,
+                ..
+            }) => Ok(Some((prompt_ids, generation.ids))),
+            Ok(_) => Ok(None),
+            Err(e) => bail!("the guard's probe reply (v{version}): {e}"),
+        }
+    }
+
+    /// Repeated token 4-grams in `candidate`'s greedy probe replies and in the base's.
+    fn repetition(
+        &self,
+        engine: &Engine,
+        refs: &[Reference],
+        candidate: i64,
+    ) -> Result<(f64, f64)> {
+        let mut own = Vec::with_capacity(self.probes.len());
+        for probe in &self.probes {
+            if let Some((_, ids)) =
+                self.probe_reply(engine, probe, candidate, self.limits.repetition_tokens)?
+            {
+                own.push(ids);
+            }
+        }
+        let base: Vec<Vec<u32>> = refs.iter().map(|r| r.long_reply_ids.clone()).collect();
+        Ok((
+            repeated_ngram_share(&own, REPETITION_NGRAM),
+            repeated_ngram_share(&base, REPETITION_NGRAM),
+        ))
     }
 
     /// Scores `candidate` against the base model and the `live` version.
@@ -165,7 +272,8 @@ impl Guard {
         // Each version scores each reference as its own background job (the engine computes
         // it a chunk per round); the KL divergences are computed here, on the trainer's thread.
         let (mut kl_base, mut kl_live, mut tokens) = (0f64, 0f64, 0usize);
-        for r in self.references(engine)? {
+        let refs = self.references(engine)?;
+        for r in &refs {
             let dist = |version: i64| {
                 engine
                     .score_blocking(
@@ -207,44 +315,83 @@ impl Guard {
             delta_sum += mean_logprob(candidate)? - mean_logprob(live)?;
         }
         let approved_delta = (!answers.is_empty()).then(|| delta_sum / answers.len() as f64);
+        let repetition = if self.limits.repetition_tokens > 0 {
+            Some(self.repetition(engine, &refs, candidate)?)
+        } else {
+            None
+        };
 
-        let l = &self.limits;
-        let mut reasons = Vec::new();
-        if kl_base > l.max_kl_base {
-            reasons.push(format!(
-                "KL from the base {kl_base:.4} > gate.max_kl_base {}",
-                l.max_kl_base
-            ));
-        }
-        if kl_live > l.max_kl_live {
-            reasons.push(format!(
-                "KL from the live version v{live} {kl_live:.4} > gate.max_kl_live {}",
-                l.max_kl_live
-            ));
-        }
-        if let Some(d) = approved_delta
-            && d < -l.max_approved_drop
-        {
-            reasons.push(format!(
-                "approved answers' log-prob fell by {:.4} per token > gate.max_approved_drop {}",
-                -d, l.max_approved_drop
-            ));
-        }
-        Ok(GuardReport {
+        let mut report = GuardReport {
             kl_base,
             kl_live,
             approved_delta,
             approved_answers: answers.len(),
-            passed: reasons.is_empty(),
-            reasons,
+            repetition,
+            passed: false,
+            reasons: Vec::new(),
             secs: started.elapsed().as_secs_f64(),
-        })
+        };
+        report.decide(&self.limits, live);
+        Ok(report)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_candidate_that_loops_is_refused_though_its_kl_is_small() {
+        let limits = GateSection::default();
+        let mut report = GuardReport {
+            kl_base: 0.02,
+            kl_live: 0.01,
+            approved_delta: Some(-0.1),
+            approved_answers: 4,
+            // What a 1e-3 run in docs/LEARNING.md looked like: loops, tiny KL.
+            repetition: Some((0.31, 0.12)),
+            passed: true,
+            reasons: Vec::new(),
+            secs: 0.0,
+        };
+        report.decide(&limits, 3);
+        assert!(!report.passed);
+        assert_eq!(report.reasons.len(), 1, "{:?}", report.reasons);
+        assert!(
+            report.reasons[0].contains("31.0 %")
+                && report.reasons[0].contains("12.0 %")
+                && report.reasons[0].contains("gate.max_repetition_rise"),
+            "{:?}",
+            report.reasons
+        );
+        // Within the limit (and less repetitive than the base) it passes.
+        for own in [0.2, 0.05] {
+            report.repetition = Some((own, 0.12));
+            report.decide(&limits, 3);
+            assert!(report.passed, "{:?}", report.reasons);
+        }
+        // Off: nothing measured, nothing refused; other limits still apply.
+        report.repetition = None;
+        report.kl_base = 0.6;
+        report.decide(&limits, 3);
+        assert!(!report.passed && report.reasons[0].contains("gate.max_kl_base"));
+    }
+
+    #[test]
+    fn repeated_ngrams_are_counted_within_each_sequence_only() {
+        assert_eq!(repeated_ngram_share::<u32>(&[], 4), 0.0);
+        assert_eq!(repeated_ngram_share(&[vec![1, 2, 3, 4, 5, 6]], 4), 0.0);
+        // 1 2 3 4 1 2 3 4: five 4-grams, the last one repeats the first.
+        assert_eq!(
+            repeated_ngram_share(&[vec![1, 2, 3, 4, 1, 2, 3, 4]], 4),
+            0.2
+        );
+        // A loop of one token: every 4-gram after the first repeats it.
+        assert_eq!(repeated_ngram_share(&[vec![7; 11]], 4), 7.0 / 8.0);
+        // The same text in two replies is not a repetition.
+        let twice = [vec![1, 2, 3, 4], vec![1, 2, 3, 4]];
+        assert_eq!(repeated_ngram_share(&twice, 4), 0.0);
+    }
 
     #[test]
     fn the_builtin_probes_parse_and_bad_probe_files_are_refused_with_the_reason() {

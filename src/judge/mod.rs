@@ -39,6 +39,7 @@ pub struct Voter {
     temperature: f32,
     max_tokens: usize,
     hints: bool,
+    hint_texts: usize,
     markers: Vec<String>,
 }
 
@@ -86,6 +87,7 @@ impl Voter {
             temperature: j.temperature,
             max_tokens: j.max_tokens,
             hints: j.hints,
+            hint_texts: j.hint_texts,
             markers: cfg.server.internal_context_markers.clone(),
         }))
     }
@@ -202,9 +204,10 @@ impl Voter {
     }
 
     /// Hint votes in direct mode: one prefill ending in `\boxed{` gives P(1) and P(-1), from
-    /// which the m votes are drawn; only a vote that draws 1 generates its hint, started right
-    /// after `[HINT_START]` and stopped at `[HINT_END]` (a small judge otherwise spends its
-    /// tokens on preamble and rarely closes the hint: 0 usable hints in 38 turns on SmolLM2).
+    /// which the m votes are drawn; only the first `judge.hint_texts` votes that draw 1
+    /// generate their hint, started right after `[HINT_START]` and stopped at `[HINT_END]` (a
+    /// small judge otherwise spends its tokens on preamble and rarely closes the hint: 0
+    /// usable hints in 38 turns on SmolLM2). The other votes that draw 1 stay `\boxed{1}`.
     async fn direct_hints(&self, chat: Vec<Value>, seed: u64) -> Result<Vec<String>, BackendError> {
         let options = vec!["1}".to_string(), "-1}".to_string()];
         let lp = self
@@ -214,10 +217,11 @@ impl Voter {
         let probs = verdict::option_probs(&[lp[0], f32::NEG_INFINITY, lp[1]]);
         let draws = verdict::draw_votes(&probs, self.votes, self.temperature, seed);
         let mut set = tokio::task::JoinSet::new();
-        for (i, &d) in draws.iter().enumerate() {
-            if d != 1 {
-                continue;
-            }
+        let writers: Vec<usize> = (0..draws.len())
+            .filter(|&i| draws[i] == 1)
+            .take(self.hint_texts)
+            .collect();
+        for &i in &writers {
             let (backend, chat) = (self.backend.clone(), chat.clone());
             let (t, n) = (
                 self.temperature,
@@ -238,7 +242,7 @@ impl Voter {
                 (i, text)
             });
         }
-        let mut out: Vec<String> = draws.iter().map(|_| "\\boxed{-1}".to_string()).collect();
+        let mut out: Vec<String> = draws.iter().map(|d| format!("\\boxed{{{d}}}")).collect();
         while let Some(done) = set.join_next().await {
             let (i, text) = done.map_err(|e| BackendError::Transient(e.to_string()))?;
             out[i] = format!(

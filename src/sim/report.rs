@@ -51,23 +51,16 @@ impl Proportion {
 /// rule-independent sign that text degenerates into loops (SmolLM2-135M's base rate on the
 /// held-out set is about 12 %).
 pub fn repeated_trigrams<'a>(replies: impl IntoIterator<Item = &'a str>) -> f64 {
-    let (mut repeated, mut total) = (0usize, 0usize);
-    for r in replies {
-        let words: Vec<String> = r
-            .split(|c: char| !(c.is_alphanumeric() || c == '\''))
-            .filter(|w| !w.is_empty())
-            .map(str::to_lowercase)
-            .collect();
-        let trigrams: Vec<&[String]> = words.windows(3).collect();
-        let distinct: std::collections::HashSet<&[String]> = trigrams.iter().copied().collect();
-        repeated += trigrams.len() - distinct.len();
-        total += trigrams.len();
-    }
-    if total == 0 {
-        0.0
-    } else {
-        repeated as f64 / total as f64
-    }
+    let words: Vec<Vec<String>> = replies
+        .into_iter()
+        .map(|r| {
+            r.split(|c: char| !(c.is_alphanumeric() || c == '\''))
+                .filter(|w| !w.is_empty())
+                .map(str::to_lowercase)
+                .collect()
+        })
+        .collect();
+    crate::gate::guard::repeated_ngram_share(&words, 3)
 }
 
 /// One interaction of the simulated user.
