@@ -50,6 +50,9 @@ pub struct TrainSection {
     pub weight_decay: f32,
     pub betas: [f32; 2],
     pub max_grad_norm: f64,
+    /// Updates over which the learning rate grows to `learning_rate` after the optimizer
+    /// starts fresh (first update, restart, rollback).
+    pub warmup_updates: usize,
     pub clip_low: f64,
     pub clip_high: f64,
     pub w_rl: f64,
@@ -83,10 +86,11 @@ impl Default for TrainSection {
             lora_rank: 16,
             lora_alpha: 32.0,
             lora_targets: crate::model::Target::ALL.to_vec(),
-            learning_rate: 1e-4,
+            learning_rate: 3e-4,
             weight_decay: 0.1,
             betas: [0.9, 0.98],
             max_grad_norm: 1.0,
+            warmup_updates: 4,
             clip_low: 0.2,
             clip_high: 0.28,
             w_rl: 1.0,

@@ -47,6 +47,11 @@ fn a_short_simulated_run_trains_reports_and_rolls_back_to_the_same_replies() {
         "{report}"
     );
     assert!(report.contains("during the run: "), "{report}");
+    // The judge (its own model by default) is compared with the user's thumbs.
+    assert!(
+        report.contains("- judge: ") && report.contains("agreed with the thumbs on"),
+        "{report}"
+    );
 
     let csv = std::fs::read_to_string(out.path().join("interactions.csv")).unwrap();
     let rows: Vec<Vec<&str>> = csv

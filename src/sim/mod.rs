@@ -140,6 +140,18 @@ impl Client {
 struct InProcess {
     stop: tokio::sync::oneshot::Sender<()>,
     server: tokio::task::JoinHandle<Result<()>>,
+    store_path: std::path::PathBuf,
+}
+
+/// The judge's record on the run's turns, read from the run's store.
+fn judge_summary(store_path: &Path) -> Result<Option<report::JudgeSummary>> {
+    let store = crate::store::Store::open_read_only(store_path)?;
+    let mut records = Vec::new();
+    store.export(0, |r| {
+        records.push(r);
+        Ok(())
+    })?;
+    Ok(report::JudgeSummary::from_export(&records))
 }
 
 async fn start_in_process(
@@ -162,6 +174,7 @@ async fn start_in_process(
         SimMethod::Opd => cfg.train.method = crate::train::loss::Method::Opd,
         SimMethod::Combined => cfg.train.method = crate::train::loss::Method::Combined,
     }
+    let store_path = cfg.store_path();
     let core = crate::app::build(&cfg)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
@@ -169,7 +182,14 @@ async fn start_in_process(
     let server = tokio::spawn(crate::server::serve(listener, core, async {
         let _ = stopped.await;
     }));
-    Ok((InProcess { stop, server }, url))
+    Ok((
+        InProcess {
+            stop,
+            server,
+            store_path,
+        },
+        url,
+    ))
 }
 
 /// Waits until the server answers /health with 200 (the model is loaded).
@@ -437,6 +457,11 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
     }
     let settled = settle(&client, Duration::from_secs(args.settle_secs)).await?;
     eprintln!("training: {settled}");
+    // The judge against the user's thumbs (in-process runs: the store is the run's own).
+    let judge = match &in_process {
+        Some(p) => judge_summary(&p.store_path)?,
+        None => None,
+    };
 
     let memory = if args.method == SimMethod::Prompt {
         memory_prompt(&corrections)
@@ -545,6 +570,9 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         }
     }
     let _ = writeln!(text, "- training: {settled}");
+    if let Some(j) = &judge {
+        let _ = writeln!(text, "- judge: {}", j.describe());
+    }
     if args.method == SimMethod::Prompt {
         let cost = |e: &[Evaluated]| {
             e.iter().map(|e| e.prompt_tokens).sum::<u64>() as f64 / e.len().max(1) as f64

@@ -63,6 +63,74 @@ pub fn repeated_trigrams<'a>(replies: impl IntoIterator<Item = &'a str>) -> f64 
     crate::gate::guard::repeated_ngram_share(&words, 3)
 }
 
+/// How the judge did on the run's main turns, against the simulated user's thumbs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JudgeSummary {
+    pub model: String,
+    pub judged: usize,
+    pub mean_secs: f64,
+    /// Judged turns the user also rated, and those where the judge's score equals the rating.
+    pub rated: usize,
+    pub agreed: usize,
+    /// Turns the user rated down, and those the judge scored −1.
+    pub rated_down: usize,
+    pub down_and_minus: usize,
+    pub hints: usize,
+}
+
+impl JudgeSummary {
+    /// From `clawrl-tui export` records (side turns are never judged).
+    pub fn from_export(records: &[serde_json::Value]) -> Option<Self> {
+        let judged: Vec<&serde_json::Value> = records
+            .iter()
+            .filter(|r| r["judgment"].is_object() && r["judgment"]["error"].is_null())
+            .collect();
+        let first = judged.first()?;
+        let score = |r: &serde_json::Value| r["judgment"]["score"].as_i64();
+        let rating = |r: &serde_json::Value| match r["feedback"]["rating"].as_str() {
+            Some("up") => Some(1),
+            Some("down") => Some(-1),
+            _ => None,
+        };
+        let rated: Vec<_> = judged.iter().filter(|r| rating(r).is_some()).collect();
+        let down: Vec<_> = rated.iter().filter(|r| rating(r) == Some(-1)).collect();
+        Some(Self {
+            model: first["judgment"]["judge_model"]
+                .as_str()
+                .unwrap_or("?")
+                .into(),
+            judged: judged.len(),
+            mean_secs: judged
+                .iter()
+                .map(|r| r["judgment"]["elapsed_ms"].as_f64().unwrap_or(0.0) / 1000.0)
+                .sum::<f64>()
+                / judged.len() as f64,
+            rated: rated.len(),
+            agreed: rated.iter().filter(|r| score(r) == rating(r)).count(),
+            rated_down: down.len(),
+            down_and_minus: down.iter().filter(|r| score(r) == Some(-1)).count(),
+            hints: judged
+                .iter()
+                .filter(|r| r["judgment"]["hint"].is_string())
+                .count(),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{} judged {} turns, {:.1} s a turn; agreed with the thumbs on {}/{}, scored −1 on {} of the {} rated down; {} hints",
+            self.model,
+            self.judged,
+            self.mean_secs,
+            self.agreed,
+            self.rated,
+            self.down_and_minus,
+            self.rated_down,
+            self.hints
+        )
+    }
+}
+
 /// One interaction of the simulated user.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Interaction {
@@ -148,6 +216,43 @@ mod tests {
                 .describe()
                 .starts_with("3/20 (15 %, 95 % CI 5–36 %)")
         );
+    }
+
+    #[test]
+    fn the_judge_summary_compares_scores_with_thumbs() {
+        use serde_json::json;
+        let turn = |score: i64, rating: Option<&str>, hint: Option<&str>| {
+            json!({
+                "judgment": {"judge_model": "Qwen", "score": score, "hint": hint, "error": null, "elapsed_ms": 2000},
+                "feedback": rating.map(|r| json!({"rating": r})),
+            })
+        };
+        let records = [
+            turn(1, Some("up"), None),
+            turn(-1, Some("down"), Some("No lists.")),
+            turn(1, Some("down"), None),
+            turn(0, None, None),
+            json!({"judgment": null, "feedback": null}),
+        ];
+        let s = JudgeSummary::from_export(&records).unwrap();
+        assert_eq!(
+            (
+                s.judged,
+                s.rated,
+                s.agreed,
+                s.rated_down,
+                s.down_and_minus,
+                s.hints
+            ),
+            (4, 3, 2, 2, 1, 1)
+        );
+        assert!((s.mean_secs - 2.0).abs() < 1e-9);
+        assert!(
+            s.describe().contains("agreed with the thumbs on 2/3"),
+            "{}",
+            s.describe()
+        );
+        assert!(JudgeSummary::from_export(&records[4..]).is_none());
     }
 
     #[test]

@@ -17,6 +17,21 @@ pub struct OptimizerConfig {
     pub epsilon: f32,
     /// Global gradient-norm limit (0 = no clipping).
     pub max_grad_norm: f64,
+    /// The learning rate grows linearly over this many steps of a fresh optimizer state
+    /// (0 = none). Adam's first step from fresh moments is `lr · sign(g)` on every parameter
+    /// whatever the gradient's size: at full rate it can throw a small model into loops.
+    pub warmup_steps: usize,
+}
+
+impl OptimizerConfig {
+    /// The learning rate of step `step` (0-based) of a fresh optimizer state.
+    pub fn learning_rate_at(&self, step: usize) -> f64 {
+        if step >= self.warmup_steps {
+            self.learning_rate
+        } else {
+            self.learning_rate * (step + 1) as f64 / self.warmup_steps as f64
+        }
+    }
 }
 
 impl Default for OptimizerConfig {
@@ -28,6 +43,7 @@ impl Default for OptimizerConfig {
             beta2: 0.98,
             epsilon: 1e-8,
             max_grad_norm: 1.0,
+            warmup_steps: 0,
         }
     }
 }
@@ -40,6 +56,8 @@ pub struct AdapterOptimizer {
     /// Summed gradients, in the order of [`params`].
     grads: Vec<Option<Tensor<2>>>,
     micro_steps: usize,
+    /// Optimizer steps taken from this state (for the warmup).
+    steps: usize,
 }
 
 /// The parameters of an adapter, in a fixed order.
@@ -68,6 +86,7 @@ impl AdapterOptimizer {
             config,
             grads: vec![None; n],
             micro_steps: 0,
+            steps: 0,
         }
     }
 
@@ -130,7 +149,9 @@ impl AdapterOptimizer {
         }
         let stand_in = placeholder(&self.adapter);
         let adapter = std::mem::replace(&mut self.adapter, stand_in);
-        self.adapter = self.optim.step(self.config.learning_rate, adapter, params);
+        let lr = self.config.learning_rate_at(self.steps);
+        self.adapter = self.optim.step(lr, adapter, params);
+        self.steps += 1;
         norm
     }
 
@@ -145,5 +166,29 @@ fn placeholder(a: &LoraAdapter) -> LoraAdapter {
     LoraAdapter {
         layers: Vec::new(),
         config: a.config.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_learning_rate_warms_up_linearly_then_stays() {
+        let c = OptimizerConfig {
+            learning_rate: 4e-4,
+            warmup_steps: 4,
+            ..OptimizerConfig::default()
+        };
+        let rates: Vec<f64> = (0..6).map(|s| c.learning_rate_at(s)).collect();
+        let want = [1e-4, 2e-4, 3e-4, 4e-4, 4e-4, 4e-4];
+        for (got, want) in rates.iter().zip(want) {
+            assert!((got - want).abs() < 1e-12, "{rates:?}");
+        }
+        let none = OptimizerConfig {
+            warmup_steps: 0,
+            ..c
+        };
+        assert_eq!(none.learning_rate_at(0), 4e-4);
     }
 }

@@ -185,6 +185,7 @@ pub fn spawn(
             beta2: t.betas[1],
             epsilon: 1e-8,
             max_grad_norm: t.max_grad_norm,
+            warmup_steps: t.warmup_updates,
         },
         lora: cfg.lora(),
         engine,
