@@ -10,5 +10,5 @@ mkdir -p "$out"
 for m in $methods; do for p in $prefs; do for s in $seeds; do
   run="$out/$p-$m-s$s"
   [ -f "$run/report.md" ] || "$bin" sim --preference "$p" --method "$m" --seed "$s" --out "$run" "$@" > "$run.log" 2>&1
-  echo "== $p $m seed $s"; grep -E "held-out|during|drift|rollback|wall|prompt memory" "$run/report.md"
+  echo "== $p $m seed $s"; grep -E "held-out|during|drift|rollback|wall|prompt memory|judge:" "$run/report.md"
 done; done; done

@@ -119,7 +119,7 @@ pub struct GateSection {
     /// Tokens of the candidate's own greedy reply to each probe checked for loops (0 = off).
     pub repetition_tokens: usize,
     /// How far the share of repeated token 4-grams in those replies may rise above the base
-    /// model's (0.1 = ten percentage points).
+    /// model's (0.2 = twenty percentage points).
     pub max_repetition_rise: f64,
 }
 
@@ -143,7 +143,7 @@ impl Default for GateSection {
             probe_tokens: 32,
             approved_answers: 4,
             repetition_tokens: 96,
-            max_repetition_rise: 0.1,
+            max_repetition_rise: 0.2,
         }
     }
 }

@@ -433,3 +433,69 @@ async fn training_and_gate_decisions_are_published_on_the_event_bus() {
     wait_event(events, "resumed", |e| *e == Event::TrainingResumed).await;
     core.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_auto_a_refused_candidate_waits_while_training_goes_on_from_the_live_version() {
+    let mut core = Core::start(|cfg| {
+        cfg.judge.backend = clawrl_tui::config::JudgeBackend::Off;
+        cfg.train.enabled = true;
+        cfg.train.min_samples = 1;
+        cfg.gate.max_kl_base = 0.0; // any update at all is refused
+        cfg.gate.repetition_tokens = 0;
+    })
+    .await;
+    let port = core.port;
+    wait_event(&mut core.events, "the engine", |e| {
+        matches!(e, Event::EngineReady { .. })
+    })
+    .await;
+    for (i, question) in ["Name a fruit.", "Name a colour."].into_iter().enumerate() {
+        let r = post(
+            port,
+            json!({"messages": [{"role": "user", "content": question}], "max_tokens": 8}),
+        )
+        .await;
+        post_to(
+            port,
+            "/v1/feedback",
+            json!({"response_id": r["id"], "rating": "up"}),
+        )
+        .await;
+        let e = wait_event(&mut core.events, "training started", |e| {
+            matches!(e, Event::TrainingStarted { .. })
+        })
+        .await;
+        // Both updates start from the live base model, not from the refused v1.
+        assert_eq!(
+            e,
+            Event::TrainingStarted {
+                parent: 0,
+                samples: 1,
+                hints: 0
+            }
+        );
+        let Event::CandidateReady {
+            version,
+            guard_passed,
+            ..
+        } = wait_event(&mut core.events, "a candidate", |e| {
+            matches!(e, Event::CandidateReady { .. })
+        })
+        .await
+        else {
+            unreachable!()
+        };
+        assert_eq!((version, guard_passed), (i as i64 + 1, false));
+    }
+    let gate = core.state.gate.clone();
+    let versions = tokio::task::spawn_blocking(move || gate.versions().unwrap())
+        .await
+        .unwrap();
+    let states: Vec<(i64, i64, &str)> = versions
+        .iter()
+        .map(|v| (v.id, v.parent, v.state.as_str()))
+        .collect();
+    assert_eq!(states, [(1, 0, "candidate"), (2, 0, "candidate")]);
+    assert_eq!(core.state.engine.live_version(), 0);
+    core.stop().await;
+}

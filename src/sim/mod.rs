@@ -477,6 +477,12 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         .flatten()
         .find(|v| v["id"].as_i64() == Some(live));
     let created = versions["versions"].as_array().map_or(0, Vec::len);
+    let refused = versions["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["guard_passed"] == json!(false))
+        .count();
 
     // Rolling back to v0 must give back the "before" replies exactly (in-process runs only:
     // a rollback changes what a shared server serves).
@@ -555,7 +561,7 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         Some(v) => {
             let _ = writeln!(
                 text,
-                "- drift: live v{live}, KL from base on the guard's probes {} (limit {}); {created} versions created",
+                "- drift: live v{live}, KL from base on the guard's probes {} (limit {}); {created} versions created, {refused} refused by the guard",
                 v["kl_base"]
                     .as_f64()
                     .map_or("-".into(), |k| format!("{k:.4}")),
@@ -565,7 +571,7 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         None => {
             let _ = writeln!(
                 text,
-                "- drift: none (v{live} live, {created} versions created)"
+                "- drift: none (v{live} live, {created} versions created, {refused} refused by the guard)"
             );
         }
     }

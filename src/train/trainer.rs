@@ -264,7 +264,13 @@ impl Trainer {
                 .set_state("paused", "training is paused (`ctl resume` resumes it)");
             return Ok(false);
         }
-        if let Some(v) = self.gate.undecided()? {
+        // Under the manual policy every candidate waits for a decision, and training with it.
+        // Under auto an undecided candidate is one the guard refused: it waits for you, but
+        // training goes on from the live version (its samples stay with the refused one), so
+        // one bad update does not stop learning from new conversations.
+        if let Some(v) = self.gate.undecided()?
+            && self.gate.policy() == crate::config::GatePolicy::Manual
+        {
             self.handle.set_state(
                 "held",
                 format!(
