@@ -292,8 +292,13 @@ impl Engine {
             live_version: AtomicI64::new(0),
         });
         let s = shared.clone();
+        let name = if config.background {
+            "clawrl-engine-bg"
+        } else {
+            "clawrl-engine"
+        };
         std::thread::Builder::new()
-            .name("clawrl-engine".into())
+            .name(name.into())
             .spawn(move || {
                 if config.background {
                     crate::background::lower_priority();
