@@ -21,6 +21,14 @@ pub struct Target {
 }
 
 impl Target {
+    /// The error for a request to this target that got no HTTP answer.
+    fn unreachable(&self, reason: &dyn std::fmt::Display) -> Unreachable {
+        Unreachable {
+            authority: self.authority.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
     /// Parses `http://host[:port][/path]`; `what` names the setting in errors.
     pub fn parse(url: &str, what: &str) -> Result<Self> {
         let uri: Uri = url
@@ -61,10 +69,7 @@ pub async fn send(
     api_key: Option<&str>,
     body: Option<&Value>,
 ) -> Result<(StatusCode, Value), Unreachable> {
-    let unreachable = |e: &dyn std::fmt::Display| Unreachable {
-        authority: target.authority.clone(),
-        reason: e.to_string(),
-    };
+    let unreachable = |e: &dyn std::fmt::Display| target.unreachable(e);
     let stream = tokio::net::TcpStream::connect(&target.authority)
         .await
         .map_err(|e| unreachable(&e))?;
@@ -116,10 +121,7 @@ async fn exchange(
     api_key: Option<&str>,
     body: Option<&Value>,
 ) -> Result<(StatusCode, Value), Unreachable> {
-    let unreachable = |e: &dyn std::fmt::Display| Unreachable {
-        authority: target.authority.clone(),
-        reason: e.to_string(),
-    };
+    let unreachable = |e: &dyn std::fmt::Display| target.unreachable(e);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| unreachable(&e))?;

@@ -327,6 +327,21 @@ async fn wait_event(
     }
 }
 
+/// One short question, its reply rated up: a training sample.
+async fn ask_and_rate_up(port: u16, question: &str) {
+    let r = post(
+        port,
+        json!({"messages": [{"role": "user", "content": question}], "max_tokens": 8}),
+    )
+    .await;
+    post_to(
+        port,
+        "/v1/feedback",
+        json!({"response_id": r["id"], "rating": "up"}),
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn training_and_gate_decisions_are_published_on_the_event_bus() {
     let mut core = Core::start(|cfg| {
@@ -340,17 +355,7 @@ async fn training_and_gate_decisions_are_published_on_the_event_bus() {
         matches!(e, Event::EngineReady { .. })
     })
     .await;
-    let r = post(
-        port,
-        json!({"messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 8}),
-    )
-    .await;
-    post_to(
-        port,
-        "/v1/feedback",
-        json!({"response_id": r["id"], "rating": "up"}),
-    )
-    .await;
+    ask_and_rate_up(port, "Name a fruit.").await;
     let events = &mut core.events;
     let e = wait_event(events, "samples waiting", |e| {
         matches!(e, Event::SamplesWaiting { samples: 1 })
@@ -450,17 +455,7 @@ async fn under_auto_a_refused_candidate_waits_while_training_goes_on_from_the_li
     })
     .await;
     for (i, question) in ["Name a fruit.", "Name a colour."].into_iter().enumerate() {
-        let r = post(
-            port,
-            json!({"messages": [{"role": "user", "content": question}], "max_tokens": 8}),
-        )
-        .await;
-        post_to(
-            port,
-            "/v1/feedback",
-            json!({"response_id": r["id"], "rating": "up"}),
-        )
-        .await;
+        ask_and_rate_up(port, question).await;
         let e = wait_event(&mut core.events, "training started", |e| {
             matches!(e, Event::TrainingStarted { .. })
         })
