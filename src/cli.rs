@@ -309,6 +309,22 @@ fn serve(mut cfg: Config, args: &ServerArgs, headless: bool) -> Result<()> {
         let local = listener.local_addr()?;
         let url = format!("http://{local}/v1");
         tracing::info!(%local, model = %core.config.model_id, "serving");
+        if !local.ip().is_loopback() && core.config.api_key.is_none() {
+            let text = format!(
+                "listening on {local} without an API key: anyone who can reach it can use the model and write into its training data; set server.api_key (or --api-key)"
+            );
+            tracing::warn!("{text}");
+            if !screen {
+                eprintln!("clawrl-tui: warning: {text}");
+            }
+            crate::events::emit(
+                &core.bus,
+                crate::events::Event::Notice {
+                    level: crate::events::Level::Error,
+                    text,
+                },
+            );
+        }
         if !screen {
             eprintln!(
                 "clawrl-tui: serving `{}` at {url} (store: {}; logs: {})",
@@ -316,7 +332,18 @@ fn serve(mut cfg: Config, args: &ServerArgs, headless: bool) -> Result<()> {
                 cfg.store_path().display(),
                 cfg.log_dir().display()
             );
-            crate::server::serve(listener, core, shutdown_signal()).await?;
+            // Stops on a signal, or when the engine failed (so that a supervisor restarts us).
+            let mut failure = core.failure.subscribe();
+            let stop = async move {
+                tokio::select! {
+                    _ = shutdown_signal() => {}
+                    _ = failure.wait_for(Option::is_some) => {}
+                }
+            };
+            crate::server::serve(listener, core.clone(), stop).await?;
+            if let Some(why) = core.failure.borrow().clone() {
+                anyhow::bail!("stopped: {why}");
+            }
             eprintln!("clawrl-tui: stopped");
             return Ok(());
         }

@@ -259,6 +259,14 @@ pub struct ServerSection {
     pub prefix_cache_min_tokens: usize,
     pub session_idle_secs: u64,
     pub internal_context_markers: Vec<String>,
+    /// Seconds a client may take to send a request's headers, and then its body.
+    pub read_timeout_secs: u64,
+    /// Open connections at most; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Web origins (`https://app.example`) whose pages may call the API; `*` allows any.
+    /// A request carrying any other `Origin` is refused: a web page must not be able to write
+    /// into the training data.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ServerSection {
@@ -275,6 +283,9 @@ impl Default for ServerSection {
             prefix_cache_min_tokens: 32,
             session_idle_secs: 1800,
             internal_context_markers: vec!["<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>".into()],
+            read_timeout_secs: 30,
+            max_connections: 256,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -451,6 +462,10 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&g.top_p) || g.top_p == 0.0 {
             bail!("generation.top_p must be within (0, 1], got {}", g.top_p);
+        }
+        let s = &self.server;
+        if s.read_timeout_secs == 0 || s.max_connections == 0 {
+            bail!("server.read_timeout_secs and server.max_connections must be at least 1");
         }
         let j = &self.judge;
         if j.votes == 0 || j.votes > 16 {

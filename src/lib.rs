@@ -12,6 +12,7 @@ pub mod ctl;
 pub mod device;
 pub mod engine;
 pub mod events;
+pub mod failpoint;
 pub mod gate;
 pub mod http_client;
 pub mod judge;

@@ -2,6 +2,7 @@
 //! never go to it). `RUST_LOG` overrides the configured level.
 
 use anyhow::{Context, Result};
+use std::io::{self, Write};
 use std::path::Path;
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
@@ -20,10 +21,61 @@ pub fn init(log_dir: &Path, level: &str) -> Result<WorkerGuard> {
     let (writer, guard) = tracing_appender::non_blocking(appender);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     tracing_subscriber::fmt()
-        .with_writer(writer)
+        .with_writer(move || OneLine(writer.clone()))
         .with_ansi(false)
         .with_env_filter(filter)
         .try_init()
         .ok();
     Ok(guard)
+}
+
+/// Keeps each log record on one line: a newline or other control character inside it (say, in
+/// a client's `model` or session id) is written escaped, so no request can forge a log line.
+/// The formatter hands over one whole record, newline included, per write.
+struct OneLine<W>(W);
+
+impl<W: Write> Write for OneLine<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let record = buf.strip_suffix(b"\n").unwrap_or(buf);
+        let mut out = Vec::with_capacity(buf.len() + 16);
+        for &b in record {
+            match b {
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.push(b),
+                c if c < 0x20 || c == 0x7f => {
+                    out.extend_from_slice(format!("\\x{c:02x}").as_bytes())
+                }
+                c => out.push(c),
+            }
+        }
+        if record.len() != buf.len() {
+            out.push(b'\n');
+        }
+        self.0.write_all(&out)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_stays_on_one_line_whatever_its_values_hold() {
+        let mut w = OneLine(Vec::new());
+        w.write_all(b"INFO refused model=\"x\nINFO forged\r\x1b[2J\"\n")
+            .unwrap();
+        w.write_all(b"INFO next\n").unwrap();
+        let text = String::from_utf8(w.0).unwrap();
+        assert_eq!(
+            text,
+            "INFO refused model=\"x\\nINFO forged\\r\\x1b[2J\"\nINFO next\n"
+        );
+        assert_eq!(text.lines().count(), 2);
+    }
 }

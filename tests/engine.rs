@@ -242,7 +242,13 @@ fn scoring_compares_versions_token_by_token() {
     let prompt = model
         .chat_prompt(&[json!({"role": "user", "content": "What is 2+2?"})], None)
         .unwrap();
-    let continuation = model.tokenizer.encode_prompt("The answer is 4.").unwrap();
+    let continuation = model
+        .tokenizer
+        .encode_prompt(
+            "The answer is 4.",
+            &clawrl_tui::model::tokenizer::QuotedSpecials::new(),
+        )
+        .unwrap();
     let fresh = LoraAdapter::init(
         &model.config,
         LoraConfig {

@@ -17,7 +17,7 @@ async fn post_to(port: u16, path: &'static str, body: serde_json::Value) -> serd
         use std::io::{Read, Write};
         let body = body.to_string();
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        write!(s, "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        write!(s, "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         serde_json::from_str(out.split_once("\r\n\r\n").unwrap().1).unwrap()
@@ -173,7 +173,7 @@ async fn capture_steps_are_published_on_the_event_bus() {
         use std::io::{Read, Write};
         let body = json!({"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400, "stream": true}).to_string();
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
         let mut first = [0u8; 512];
         let _ = s.read(&mut first).unwrap();
         // Dropping the stream closes the connection.

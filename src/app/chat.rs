@@ -145,9 +145,9 @@ impl Reply {
     }
 }
 
-/// Opens the turn in capture, queues it in the engine and waits until its prompt is computed
-/// (so that prompt errors come before any reply starts). Nothing is captured for a request the
-/// engine refuses.
+/// Queues a chat turn in the engine and waits until its prompt is computed
+/// (so that prompt errors come before any reply starts), then opens the turn in capture: nothing
+/// is captured for a request the engine refuses.
 pub async fn start(core: Arc<Core>, req: ChatRequest) -> Result<Turn, ChatError> {
     let session_id = req.session_id.clone();
     let started = admit(core.clone(), req).await;
@@ -165,18 +165,6 @@ pub async fn start(core: Arc<Core>, req: ChatRequest) -> Result<Turn, ChatError>
 }
 
 async fn admit(core: Arc<Core>, req: ChatRequest) -> Result<Turn, ChatError> {
-    let capture = core.capture.clone();
-    let (sid, src, tt, done, msgs) = (
-        req.session_id.clone(),
-        req.session_source,
-        req.turn_type,
-        req.session_done,
-        req.messages.clone(),
-    );
-    let slot = tokio::task::spawn_blocking(move || capture.begin(sid, src, tt, done, &msgs))
-        .await
-        .map_err(|e| ChatError::Store(e.to_string()))?
-        .map_err(|e| ChatError::Store(format!("Could not record the conversation: {e:#}")))?;
     let (job, mut rx) = Job::new(
         Prompt::chat(req.messages.clone(), req.tools.clone()),
         Task::Generate {
@@ -200,6 +188,29 @@ async fn admit(core: Arc<Core>, req: ChatRequest) -> Result<Turn, ChatError> {
         }) => (prompt_ids, cached_tokens),
         Some(EngineEvent::Failed(e)) => return Err(ChatError::Engine(e)),
         _ => return Err(ChatError::EngineStopped),
+    };
+    // Only a request the engine admitted reaches capture: a refused one (queue full, context
+    // too long, bad prompt) takes no turn index, opens no session and is no one's next state.
+    let capture = core.capture.clone();
+    let (sid, src, tt, done, msgs) = (
+        req.session_id.clone(),
+        req.session_source,
+        req.turn_type,
+        req.session_done,
+        req.messages.clone(),
+    );
+    let slot = tokio::task::spawn_blocking(move || capture.begin(sid, src, tt, done, &msgs))
+        .await
+        .map_err(|e| ChatError::Store(e.to_string()))
+        .and_then(|r| {
+            r.map_err(|e| ChatError::Store(format!("Could not record the conversation: {e:#}")))
+        });
+    let slot = match slot {
+        Ok(slot) => slot,
+        Err(e) => {
+            cancel.store(true, Relaxed);
+            return Err(e);
+        }
     };
     let id = format!("chatcmpl-{}", random_id(""));
     emit(

@@ -105,6 +105,11 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub generation: GenerationSection,
     pub session_idle: Duration,
+    /// How long a client may take to send headers, then body.
+    pub read_timeout: Duration,
+    pub max_connections: usize,
+    /// Browser origins allowed to call the API (`*`: any).
+    pub allowed_origins: Vec<String>,
 }
 
 /// The core: everything that serves, captures, judges, trains and decides, shared by the HTTP
@@ -121,6 +126,18 @@ pub struct Core {
     pub trainer: Option<Arc<crate::train::TrainerHandle>>,
     pub bus: EventBus,
     pub counters: Arc<Counters>,
+    /// Why serving stopped for good (the engine failed), once the watchdog has reported it.
+    pub failure: tokio::sync::watch::Sender<Option<String>>,
+}
+
+impl ServerConfig {
+    /// How large a request body may be and how long it may take to arrive.
+    pub fn body_limits(&self) -> crate::server::http::BodyLimits {
+        crate::server::http::BodyLimits {
+            max_bytes: self.max_body_bytes,
+            timeout: self.read_timeout,
+        }
+    }
 }
 
 impl Core {
@@ -162,12 +179,50 @@ pub struct Background {
 }
 
 impl Core {
-    /// Starts the judge and the idle-session closer on the current tokio runtime.
+    /// Resolves with the reason once the engine, having served, has failed (a panic on its
+    /// thread). A model that never loaded is reported where it fails to load.
+    async fn engine_failure(&self) -> String {
+        let mut served = false;
+        loop {
+            match self.engine.status() {
+                crate::engine::Status::Ready => served = true,
+                crate::engine::Status::Failed(why) if served => return why,
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Starts the judge, the idle-session closer and the engine watchdog on the current tokio
+    /// runtime.
     pub fn start_background(self: &Arc<Self>) -> Background {
         let mut tasks = Vec::new();
-        if let Some(j) = self.judge.clone() {
-            tasks.push(tokio::spawn(j.run()));
-        }
+        let judge = self.judge.clone().map(|j| tokio::spawn(j.run()));
+        let judge_abort = judge.as_ref().map(|t| t.abort_handle());
+        tasks.extend(judge);
+        // A failed engine is said on screen and in the log, and the work that needs it stops
+        // instead of retrying forever.
+        let core = self.clone();
+        tasks.push(tokio::spawn(async move {
+            let why = core.engine_failure().await;
+            let text =
+                format!("serving stopped: {why}; requests are refused (503) until a restart");
+            tracing::error!("{text}");
+            emit(
+                &core.bus,
+                Event::Notice {
+                    level: crate::events::Level::Error,
+                    text,
+                },
+            );
+            if let Some(j) = judge_abort {
+                j.abort();
+            }
+            if let Some(t) = &core.trainer {
+                t.stop();
+            }
+            core.failure.send_replace(Some(why));
+        }));
         let core = self.clone();
         tasks.push(tokio::spawn(async move {
             let idle = core.config.session_idle;
@@ -243,6 +298,9 @@ pub fn build(cfg: &Config) -> Result<Arc<Core>> {
         max_body_bytes: s.max_body_bytes,
         generation: cfg.generation.clone(),
         session_idle: Duration::from_secs(s.session_idle_secs.max(1)),
+        read_timeout: Duration::from_secs(s.read_timeout_secs.max(1)),
+        max_connections: s.max_connections.max(1),
+        allowed_origins: s.allowed_origins.clone(),
     };
     Ok(Arc::new(Core {
         config,
@@ -253,5 +311,6 @@ pub fn build(cfg: &Config) -> Result<Arc<Core>> {
         trainer,
         bus,
         counters,
+        failure: tokio::sync::watch::Sender::new(None),
     }))
 }

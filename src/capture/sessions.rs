@@ -8,6 +8,7 @@
 
 use crate::events::NextRole;
 use serde_json::Value;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// A message reduced to what identifies it across requests.
@@ -125,6 +126,10 @@ pub struct NextState {
 #[derive(Default)]
 pub struct SessionTracker {
     open: Vec<Open>,
+    /// The next turn index handed out per session id, and when: turns in flight are not in
+    /// the store yet, so two of one session (side turns, a session closed and reopened while
+    /// a turn runs) would otherwise get the same index.
+    handed_out: HashMap<String, (i64, Instant)>,
 }
 
 impl SessionTracker {
@@ -147,7 +152,7 @@ impl SessionTracker {
         };
         let Some(i) = pos else {
             let id = explicit.map(str::to_owned).unwrap_or_else(new_id);
-            let turn_index = first_index(&id);
+            let turn_index = self.hand_out(&id, first_index(&id));
             self.open.push(Open {
                 id: id.clone(),
                 expected: Vec::new(),
@@ -162,10 +167,11 @@ impl SessionTracker {
                 next_state_of: None,
             };
         };
+        let (id, candidate) = (self.open[i].id.clone(), self.open[i].next_turn_index);
+        let turn_index = self.hand_out(&id, candidate);
         let s = &mut self.open[i];
         s.last_active = Instant::now();
-        let turn_index = s.next_turn_index;
-        s.next_turn_index += 1;
+        s.next_turn_index = turn_index + 1;
         let next_state_of = s.last_turn_id.and_then(|turn_id| {
             // Everything after the known prefix; with an explicit id whose history does not
             // match (a client sending only new messages), the messages after the last assistant one.
@@ -323,13 +329,28 @@ impl SessionTracker {
         session_id: &str,
         first_index: impl FnOnce(&str) -> i64,
     ) -> i64 {
-        match self.open.iter_mut().find(|s| s.id == session_id) {
-            Some(s) => {
-                s.next_turn_index += 1;
-                s.next_turn_index - 1
-            }
+        let open = self.open.iter().position(|s| s.id == session_id);
+        let candidate = match open {
+            Some(i) => self.open[i].next_turn_index,
             None => first_index(session_id),
+        };
+        let index = self.hand_out(session_id, candidate);
+        if let Some(i) = open {
+            self.open[i].next_turn_index = index + 1;
         }
+        index
+    }
+
+    /// `candidate`, or the next index after those already handed out for `session_id`.
+    fn hand_out(&mut self, session_id: &str, candidate: i64) -> i64 {
+        let now = Instant::now();
+        let entry = self
+            .handed_out
+            .entry(session_id.to_string())
+            .or_insert((candidate, now));
+        let index = candidate.max(entry.0);
+        *entry = (index + 1, now);
+        index
     }
 
     pub fn close(&mut self, session_id: &str) -> bool {
@@ -344,6 +365,8 @@ impl SessionTracker {
             .into_iter()
             .partition(|s| s.last_active.elapsed() > timeout);
         self.open = keep;
+        // Indexes handed out that long ago are committed (or their turn is gone).
+        self.handed_out.retain(|_, (_, at)| at.elapsed() <= timeout);
         idle.into_iter().map(|s| s.id).collect()
     }
 
@@ -424,6 +447,22 @@ mod tests {
     }
 
     const MARK: &str = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>";
+
+    #[test]
+    fn turns_in_flight_of_one_session_id_never_share_an_index() {
+        let mut t = SessionTracker::default();
+        let hi = [json!({"role": "user", "content": "Hi"})];
+        // Nothing is committed yet: the store says index 0 is free every time.
+        let side_a = t.reserve_index("s", |_| 0);
+        let side_b = t.reserve_index("s", |_| 0);
+        let main = t.place(Some("s"), &hi, ids(), |_| 0).turn_index;
+        // The client closes the session while that turn runs, and comes back at once.
+        assert!(t.close("s"));
+        let reopened = t.place(Some("s"), &hi, ids(), |_| 0).turn_index;
+        assert_eq!(vec![side_a, side_b, main, reopened], vec![0, 1, 2, 3]);
+        // A session seen in an earlier process continues after its stored turns.
+        assert_eq!(t.reserve_index("old", |_| 7), 7);
+    }
 
     #[test]
     fn headerless_turns_chain_by_history_and_ignore_internal_context() {

@@ -300,18 +300,36 @@ impl Engine {
         std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                if config.background {
-                    crate::background::lower_priority();
-                    match crate::background::low_priority_pool("clawrl-engine-bg") {
-                        Ok(pool) => {
-                            return pool.install(|| run_engine(config, s, rx, start_version, on_ready));
+                let status = s.clone();
+                let run = move || {
+                    if config.background {
+                        crate::background::lower_priority();
+                        match crate::background::low_priority_pool("clawrl-engine-bg") {
+                            Ok(pool) => {
+                                return pool
+                                    .install(|| run_engine(config, s, rx, start_version, on_ready));
+                            }
+                            Err(e) => tracing::warn!(
+                                "no low-priority pool ({e:#}); the background engine shares the global one"
+                            ),
                         }
-                        Err(e) => tracing::warn!(
-                            "no low-priority pool ({e:#}); the background engine shares the global one"
-                        ),
                     }
+                    run_engine(config, s, rx, start_version, on_ready)
+                };
+                // A bug must not leave a dead engine behind a healthy-looking server: the
+                // status says failed (GET /health: 503), new requests are refused, and the
+                // core's watchdog reports it.
+                if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown cause".into());
+                    tracing::error!("the engine thread panicked: {why}");
+                    *status.status.write().unwrap_or_else(|p| p.into_inner()) = Status::Failed(
+                        format!("the engine stopped after an internal error ({why}); restart clawrl-tui"),
+                    );
                 }
-                run_engine(config, s, rx, start_version, on_ready)
             })
             .expect("spawn engine thread");
         Self { tx, shared }
@@ -319,7 +337,11 @@ impl Engine {
 
     /// The loaded model (for the trainer, which computes with the same frozen base weights).
     pub fn model(&self) -> Option<Arc<LoadedModel>> {
-        self.shared.model.read().unwrap().clone()
+        self.shared
+            .model
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The version served to newly admitted requests.
@@ -401,11 +423,19 @@ impl Engine {
     }
 
     pub fn status(&self) -> Status {
-        self.shared.status.read().unwrap().clone()
+        self.shared
+            .status
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn info(&self) -> Option<ModelInfo> {
-        self.shared.info.read().unwrap().clone()
+        self.shared
+            .info
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Queues a job, or refuses a user job when the queue is full (background jobs wait
@@ -594,6 +624,9 @@ impl Worker {
             }
             // One round: a token for every active user request, or else for background ones.
             let round = if user.is_empty() { &mut bg } else { &mut user };
+            if !round.is_empty() {
+                crate::failpoint::hit("engine.decode");
+            }
             self.decode_round(round);
             self.shared
                 .counters

@@ -120,9 +120,16 @@ impl LoadedModel {
         tools: Option<&serde_json::Value>,
         reply_prefix: &str,
     ) -> Result<Vec<u32>> {
-        let mut text = self.template.render(messages, tools, true)?;
+        // Client text is quoted so that control tokens typed in it stay text.
+        let mut quoted = tokenizer::QuotedSpecials::new();
+        let messages: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| self.tokenizer.quote_specials(m, &mut quoted))
+            .collect();
+        let tools = tools.map(|t| self.tokenizer.quote_specials(t, &mut quoted));
+        let mut text = self.template.render(&messages, tools.as_ref(), true)?;
         text.push_str(reply_prefix);
-        self.tokenizer.encode_prompt(&text)
+        self.tokenizer.encode_prompt(&text, &quoted)
     }
 
     /// One line describing the model, for humans.

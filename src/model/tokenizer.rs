@@ -14,6 +14,10 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 #[derive(Debug)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same vocabulary with special tokens read as plain text (for untrusted text).
+    plain: tokenizers::Tokenizer,
+    /// The control tokens' texts (`<|im_start|>`, `<|endoftext|>`, …), longest first.
+    specials: Vec<String>,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
     pub bos_id: Option<u32>,
@@ -110,8 +114,19 @@ impl Tokenizer {
                 stop_ids.push(id);
             }
         }
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        let mut specials: Vec<String> = inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special && !t.content.is_empty())
+            .map(|t| t.content)
+            .collect();
+        specials.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         Self {
             inner,
+            plain,
+            specials,
             bos_token,
             eos_token,
             bos_id,
@@ -134,8 +149,20 @@ impl Tokenizer {
     }
 
     /// Ids of a rendered chat prompt: adds BOS when the model wants one and the template did not.
-    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = self.encode(text)?;
+    /// The placeholders of `quoted` (see [`Self::quote_specials`]) become their text, tokenized
+    /// as plain text: only the template's own markup yields control tokens.
+    pub fn encode_prompt(&self, text: &str, quoted: &QuotedSpecials) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        for piece in quoted.split(text) {
+            let (tokenizer, text) = match piece {
+                Piece::Markup(t) => (&self.inner, t),
+                Piece::Literal(t) => (&self.plain, t),
+            };
+            let enc = tokenizer
+                .encode(text, false)
+                .map_err(|e| anyhow!("tokenizing: {e}"))?;
+            ids.extend_from_slice(enc.get_ids());
+        }
         if let (true, Some(bos)) = (self.add_bos, self.bos_id)
             && ids.first() != Some(&bos)
         {
@@ -152,6 +179,106 @@ impl Tokenizer {
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
+    }
+
+    /// Replaces every control token's text inside the strings of `v` (messages, tools: text a
+    /// client sent) with a placeholder no client can guess, so that a typed `<|im_start|>`
+    /// cannot forge a role boundary; [`Self::encode_prompt`] turns the placeholders back into
+    /// that text, tokenized as text.
+    pub fn quote_specials(&self, v: &Value, quoted: &mut QuotedSpecials) -> Value {
+        match v {
+            Value::String(s) => Value::String(self.quote_str(s, quoted)),
+            Value::Array(a) => {
+                Value::Array(a.iter().map(|x| self.quote_specials(x, quoted)).collect())
+            }
+            Value::Object(o) => Value::Object(
+                o.iter()
+                    .map(|(k, x)| (k.clone(), self.quote_specials(x, quoted)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+
+    fn quote_str(&self, s: &str, quoted: &mut QuotedSpecials) -> String {
+        if !self.specials.iter().any(|t| s.contains(t.as_str())) {
+            return s.to_string();
+        }
+        let mut out = String::with_capacity(s.len());
+        let mut rest = s;
+        'scan: while !rest.is_empty() {
+            for t in &self.specials {
+                if let Some(after) = rest.strip_prefix(t.as_str()) {
+                    out.push_str(&quoted.placeholder(t));
+                    rest = after;
+                    continue 'scan;
+                }
+            }
+            let c = rest.chars().next().expect("rest is not empty");
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+        out
+    }
+}
+
+/// Control-token texts found in untrusted text, each replaced by `\u{E000}<nonce><n>\u{E001}`.
+#[derive(Debug)]
+pub struct QuotedSpecials {
+    nonce: String,
+    texts: Vec<String>,
+}
+
+/// A part of a rendered prompt: template markup (control tokens allowed) or quoted text.
+enum Piece<'a> {
+    Markup(&'a str),
+    Literal(&'a str),
+}
+
+impl QuotedSpecials {
+    pub fn new() -> Self {
+        use rand::Rng;
+        Self {
+            nonce: format!("{:016x}", rand::rng().random::<u64>()),
+            texts: Vec::new(),
+        }
+    }
+
+    fn placeholder(&mut self, text: &str) -> String {
+        self.texts.push(text.to_string());
+        format!("\u{E000}{}{}\u{E001}", self.nonce, self.texts.len() - 1)
+    }
+
+    /// `text` cut at the placeholders: markup and literal pieces, in order.
+    fn split<'a>(&'a self, text: &'a str) -> Vec<Piece<'a>> {
+        if self.texts.is_empty() {
+            return vec![Piece::Markup(text)];
+        }
+        let open = format!("\u{E000}{}", self.nonce);
+        let mut pieces = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find(&open) {
+            let after = &rest[at + open.len()..];
+            let Some(end) = after.find('\u{E001}') else {
+                break;
+            };
+            let Some(literal) = after[..end]
+                .parse::<usize>()
+                .ok()
+                .and_then(|n| self.texts.get(n))
+            else {
+                break;
+            };
+            if at > 0 {
+                pieces.push(Piece::Markup(&rest[..at]));
+            }
+            pieces.push(Piece::Literal(literal));
+            rest = &after[end + '\u{E001}'.len_utf8()..];
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Markup(rest));
+        }
+        pieces
     }
 }
 

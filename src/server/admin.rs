@@ -28,7 +28,14 @@ pub async fn route(state: Arc<Core>, req: Request<Incoming>) -> Result<Response<
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let body = if method == Method::POST {
-        http::read_optional_json(req, 64 << 10).await?
+        http::read_optional_json(
+            req,
+            http::BodyLimits {
+                max_bytes: 64 << 10,
+                ..state.config.body_limits()
+            },
+        )
+        .await?
     } else {
         Value::Null
     };

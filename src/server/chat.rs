@@ -174,10 +174,11 @@ fn parse_request(
     };
     let seed = match obj.get("seed") {
         None | Some(Value::Null) => None,
+        // Any 64-bit integer, signed or not (OpenAI's clients send either).
         Some(v) => Some(
-            v.as_i64()
-                .ok_or_else(|| ApiError::invalid("`seed` must be an integer.").param("seed"))?
-                as u64,
+            v.as_u64()
+                .or_else(|| v.as_i64().map(|i| i as u64))
+                .ok_or_else(|| ApiError::invalid("`seed` must be an integer.").param("seed"))?,
         ),
     };
     let logprobs = boolean("logprobs")?;

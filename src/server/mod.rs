@@ -4,6 +4,7 @@ pub mod admin;
 pub mod chat;
 pub mod feedback;
 pub mod http;
+pub mod listen;
 pub mod tool_calls;
 
 pub use crate::app::{Core, ServerConfig};
@@ -51,12 +52,31 @@ pub fn logprobs_json(core: &Core, g: &Generation) -> Value {
     json!({"content": content})
 }
 
-async fn route(state: Arc<Core>, req: Request<Incoming>) -> Response<Body> {
-    let result = match (req.method(), req.uri().path()) {
+async fn route(state: Arc<Core>, mut req: Request<Incoming>) -> Response<Body> {
+    // Web pages first: an origin not allowed is refused before anything else is looked at.
+    let origin = match http::check_origin(&req, &state.config.allowed_origins) {
+        Ok(origin) => origin,
+        Err(e) => return refused(&state, e),
+    };
+    if let (&Method::OPTIONS, Some(origin)) = (req.method(), &origin) {
+        let mut preflight = http::preflight();
+        http::allow_origin(&mut preflight, origin.clone());
+        return preflight;
+    }
+    // HEAD is GET whose body hyper leaves out.
+    if req.method() == Method::HEAD {
+        *req.method_mut() = Method::GET;
+    }
+    let path = req.uri().path().to_string();
+    let result = match (req.method(), path.as_str()) {
         (&Method::GET, "/health") => Ok(health(&state)),
         (&Method::GET, "/metrics") => Ok(metrics(&state)),
         (&Method::GET, "/v1/models") => {
             http::authorize(&req, state.config.api_key.as_deref()).map(|_| models(&state))
+        }
+        (&Method::GET, p) if p.starts_with("/v1/models/") => {
+            http::authorize(&req, state.config.api_key.as_deref())
+                .and_then(|_| model(&state, &p["/v1/models/".len()..]))
         }
         (&Method::POST, "/v1/chat/completions") => chat_route(state.clone(), req).await,
         (&Method::POST, "/v1/feedback") => feedback::route(state.clone(), req).await,
@@ -75,18 +95,25 @@ async fn route(state: Arc<Core>, req: Request<Incoming>) -> Response<Body> {
         )
         .code("not_found")),
     };
-    result.unwrap_or_else(|e| {
-        Counters::add(&state.counters.request_errors, 1);
-        tracing::info!(status = %e.status, message = %e.message, "request refused");
-        e.response()
-    })
+    let mut response = result.unwrap_or_else(|e| refused(&state, e));
+    if let Some(origin) = origin {
+        http::allow_origin(&mut response, origin);
+    }
+    response
+}
+
+/// Counts and logs a refused request (the log writer escapes what the client put in it).
+fn refused(state: &Core, e: ApiError) -> Response<Body> {
+    Counters::add(&state.counters.request_errors, 1);
+    tracing::info!(status = %e.status, message = %e.message, "request refused");
+    e.response()
 }
 
 async fn chat_route(state: Arc<Core>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     Counters::add(&state.counters.requests, 1);
     http::authorize(&req, state.config.api_key.as_deref())?;
     let headers = req.headers().clone();
-    let body = http::read_json(req, state.config.max_body_bytes).await?;
+    let body = http::read_json(req, state.config.body_limits()).await?;
     chat::handle(state, headers, body).await
 }
 
@@ -146,12 +173,32 @@ fn metrics(state: &Core) -> Response<Body> {
         .expect("static response parts")
 }
 
-fn models(state: &Core) -> Response<Body> {
+fn model_object(id: &str) -> Value {
     let created = crate::store::now_ms() / 1000;
+    json!({"id": id, "object": "model", "created": created, "owned_by": "clawrl"})
+}
+
+fn models(state: &Core) -> Response<Body> {
     json_response(
         StatusCode::OK,
-        &json!({"object": "list", "data": [{"id": state.config.model_id, "object": "model", "created": created, "owned_by": "clawrl"}]}),
+        &json!({"object": "list", "data": [model_object(&state.config.model_id)]}),
     )
+}
+
+/// `GET /v1/models/{id}`: the served model under any name it answers to.
+fn model(state: &Core, id: &str) -> Result<Response<Body>, ApiError> {
+    if !state.serves_model(id) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!(
+                "The model `{id}` does not exist. This server serves `{}`.",
+                state.config.model_id
+            ),
+        )
+        .code("model_not_found"));
+    }
+    Ok(json_response(StatusCode::OK, &model_object(id)))
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and lets requests in flight finish.
@@ -162,24 +209,29 @@ pub async fn serve(
 ) -> Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let background = state.start_background();
+    let mut acceptor = listen::Acceptor::new(listener, state.config.max_connections);
+    let read_timeout = state.config.read_timeout;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(s) => s,
-                    Err(e) => { tracing::warn!("accept: {e}"); continue; }
-                };
+            accepted = acceptor.next() => {
+                let listen::Accepted { stream, slot } = accepted;
                 let state = state.clone();
-                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, std::convert::Infallible>(route(state, req).await) }
-                }));
+                // A client that sends its headers too slowly is disconnected (the body has
+                // its own deadline: `http::read_body`).
+                let conn = http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(read_timeout)
+                    .serve_connection(TokioIo::new(stream), service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, std::convert::Infallible>(route(state, req).await) }
+                    }));
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!("connection: {e}");
                     }
+                    drop(slot);
                 });
             }
             _ = &mut shutdown => break,

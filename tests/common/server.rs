@@ -221,6 +221,15 @@ impl Server {
             .collect()
     }
 
+    /// Everything the server has logged so far.
+    pub fn log(&self) -> String {
+        let mut log = String::new();
+        for f in std::fs::read_dir(self.data.path().join("logs")).unwrap() {
+            log.push_str(&std::fs::read_to_string(f.unwrap().path()).unwrap_or_default());
+        }
+        log
+    }
+
     pub fn signal(&self, sig: &str) {
         Command::new("kill")
             .args([&format!("-{sig}"), &self.child.id().to_string()])
