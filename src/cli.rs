@@ -309,19 +309,19 @@ fn serve(mut cfg: Config, args: &ServerArgs, headless: bool) -> Result<()> {
         let local = listener.local_addr()?;
         let url = format!("http://{local}/v1");
         tracing::info!(%local, model = %core.config.model_id, "serving");
-        if !local.ip().is_loopback() && core.config.api_key.is_none() {
-            let text = format!(
+        // Reachable from elsewhere and open to anyone: said on screen, on stderr and in the log.
+        let exposed = (!local.ip().is_loopback() && core.config.api_key.is_none()).then(|| {
+            format!(
                 "listening on {local} without an API key: anyone who can reach it can use the model and write into its training data; set server.api_key (or --api-key)"
-            );
+            )
+        });
+        if let Some(text) = &exposed {
             tracing::warn!("{text}");
-            if !screen {
-                eprintln!("clawrl-tui: warning: {text}");
-            }
             crate::events::emit(
                 &core.bus,
                 crate::events::Event::Notice {
                     level: crate::events::Level::Error,
-                    text,
+                    text: text.clone(),
                 },
             );
         }
@@ -332,6 +332,9 @@ fn serve(mut cfg: Config, args: &ServerArgs, headless: bool) -> Result<()> {
                 cfg.store_path().display(),
                 cfg.log_dir().display()
             );
+            if let Some(text) = &exposed {
+                eprintln!("clawrl-tui: warning: {text}");
+            }
             // Stops on a signal, or when the engine failed (so that a supervisor restarts us).
             let mut failure = core.failure.subscribe();
             let stop = async move {

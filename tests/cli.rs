@@ -321,3 +321,35 @@ fn bad_judge_settings_stop_the_server_at_start_with_the_key_named() {
         "{err}"
     );
 }
+
+#[test]
+fn serving_beyond_loopback_without_a_key_warns() {
+    use std::io::{BufRead, BufReader};
+    let data = tempfile::tempdir().unwrap();
+    let model = common::model_path(common::SMOLLM2);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"))
+        .args(["--model", model.to_str().unwrap(), "serve", "--headless"])
+        .args(["--host", "0.0.0.0", "--port", "0"])
+        .env("CLAWRL_DATA_DIR", data.path())
+        .env("CLAWRL__JUDGE__BACKEND", "off")
+        .env("CLAWRL__TRAIN__ENABLED", "false")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let serving = lines.next().unwrap().unwrap();
+    let warning = lines.next().unwrap().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300)); // the log writer's thread
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(serving.contains("serving"), "{serving}");
+    assert!(
+        warning.contains("warning: listening on 0.0.0.0:") && warning.contains("server.api_key"),
+        "{warning}"
+    );
+    let log = std::fs::read_dir(data.path().join("logs"))
+        .unwrap()
+        .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
+        .collect::<String>();
+    assert!(log.contains("without an API key"), "and in the log: {log}");
+}

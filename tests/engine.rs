@@ -1,5 +1,6 @@
 //! The engine on the real default model: background work (the judge) never holds up a user
-//! request, not even while its long prompt is being computed; adapter versions swap between
+//! request, not even while its long prompt is being computed, and neither does another user's
+//! long prompt; adapter versions swap between
 //! requests, never inside one; scoring compares versions.
 
 mod common;
@@ -115,6 +116,36 @@ fn a_user_request_overtakes_a_long_background_prompt() {
     for (a, b) in logprobs.iter().zip(&again) {
         assert!((a - b).abs() < 1e-3, "{a} vs {b}");
     }
+}
+
+#[test]
+fn a_short_request_overtakes_a_long_user_prompt() {
+    let engine = engine();
+    let generate = |max_tokens| Task::Generate {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop: vec![],
+        top_logprobs: 0,
+    };
+    // ~3 K tokens: computed a chunk per round, between the other requests' tokens.
+    let long: String = (0..600).map(|i| format!("item {i}, ")).collect();
+    let mut long_rx = submit(&engine, &long, generate(1), Priority::User);
+    std::thread::sleep(Duration::from_millis(50));
+    let short = submit(&engine, "Hi", generate(2), Priority::User);
+    let (_, short_event) = finish(short);
+    assert!(
+        matches!(short_event, EngineEvent::Finished { .. }),
+        "{short_event:?}"
+    );
+    assert!(
+        long_rx.try_recv().is_err(),
+        "the short request finished while the long prompt was still being computed"
+    );
+    let (_, long_event) = finish(long_rx);
+    let EngineEvent::Finished { prompt_ids, .. } = long_event else {
+        panic!("{long_event:?}")
+    };
+    assert!(prompt_ids.len() > 2500, "{}", prompt_ids.len());
 }
 
 /// A greedy generation of `max_tokens` for `text` under the live version; returns its final

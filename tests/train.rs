@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const MARKERS: [&str; 2] = ["Thanks, perfect", "No, shorter please"];
 
@@ -26,28 +26,6 @@ fn script(marker: &str) -> (&'static [&'static str], &'static [&'static str]) {
             &["\\boxed{1} [HINT_START]Answer in one short sentence.[HINT_END]"],
         ),
         _ => (&["\\boxed{0}"], &["\\boxed{-1}"]),
-    }
-}
-
-fn status(s: &Server) -> Value {
-    let (code, _, body) = s.get("/admin/status", true);
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-/// Polls the status until `done` holds; fails with the last status after `secs`.
-fn wait_for(s: &Server, what: &str, secs: u64, done: impl Fn(&Value) -> bool) -> Value {
-    let t = Instant::now();
-    loop {
-        let st = status(s);
-        if done(&st) {
-            return st;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(secs),
-            "{what} did not happen within {secs} s; status: {st:#}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -100,20 +78,6 @@ fn converse(s: &Server, session: &str, question: &str, reply: &str) {
     let m2 = json!([m1[0], r1["choices"][0]["message"], {"role": "user", "content": reply}]);
     let (code, r2) = s.chat(&h, &json!({"messages": m2, "max_tokens": 8}));
     assert_eq!(code, 200, "{r2}");
-}
-
-/// One question, rated up through /v1/feedback; returns its response id.
-fn rated(s: &Server, question: &str) -> String {
-    let (code, r) = s.chat(
-        &[],
-        &json!({"messages": [{"role": "user", "content": question}], "max_tokens": 16}),
-    );
-    assert_eq!(code, 200, "{r}");
-    let id = r["id"].as_str().unwrap().to_string();
-    let body = json!({"response_id": id, "rating": "up"}).to_string();
-    let (code, _, body) = s.request("POST", "/v1/feedback", &[], &body, true);
-    assert_eq!(code, 200, "{body}");
-    id
 }
 
 /// A client that keeps chatting (side turns) and records every status it got.
@@ -188,15 +152,15 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
     ]);
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let s = Server::start(&env_refs);
-    assert_eq!(status(&s)["live_version"], 0);
+    assert_eq!(s.admin_status()["live_version"], 0);
     let before = probe(&s);
     let background = Background::start(s.port, s.key.clone());
 
     // Three samples: thanks (+1), a correction (−1 and a hint), a thumbs up (+1).
     converse(&s, "cats", "Tell me about cats.", "Thanks, perfect");
     converse(&s, "rain", "Explain why it rains.", "No, shorter please");
-    let thumbs = rated(&s, "Name a planet.");
-    let st = wait_for(&s, "v1 going live", 300, |st| st["live_version"] == 1);
+    let thumbs = s.rated("Name a planet.");
+    let st = s.wait_for_status("v1 going live", 300, |st| st["live_version"] == 1);
     assert_eq!(st["trainer"]["last_error"], Value::Null, "{st:#}");
 
     let v = versions(&s);
@@ -267,7 +231,7 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
     assert!(!ok && err.contains("already live"), "{err}");
     let (code, _, _) = s.request("GET", "/admin/status", &[], "", false);
     assert_eq!(code, 401, "the control routes need the key");
-    assert_eq!(status(&s)["live_version"], 1);
+    assert_eq!(s.admin_status()["live_version"], 1);
 
     let statuses = background.finish();
     assert!(statuses.len() >= 5, "{statuses:?}");
@@ -278,9 +242,9 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
 
     // Three more samples; kill -9 while they are being trained on.
     for q in ["Name a river.", "Name a mountain.", "Name a city."] {
-        rated(&s, q);
+        s.rated(q);
     }
-    wait_for(&s, "the second update", 120, |st| {
+    s.wait_for_status("the second update", 120, |st| {
         matches!(
             st["trainer"]["state"].as_str(),
             Some("training" | "guarding")
@@ -293,7 +257,7 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
         .chain(manual.iter().map(|(k, v)| (*k, v.as_str())))
         .collect();
     let s = s.crash_and_restart(&env2);
-    let st = wait_for(&s, "the trainer counting its samples", 60, |st| {
+    let st = s.wait_for_status("the trainer counting its samples", 60, |st| {
         st["trainer"]["samples_waiting"].as_u64().unwrap_or(0) > 0
             || st["trainer"]["state"] != "starting"
     });
@@ -309,12 +273,12 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
     assert_eq!(probe(&s), after, "v1 serves exactly as before the crash");
 
     // The samples left untrained make v2; the manual policy holds it for a decision.
-    let st = wait_for(&s, "candidate v2", 300, |st| {
+    let st = s.wait_for_status("candidate v2", 300, |st| {
         st["candidates"].as_array().is_some_and(|c| !c.is_empty())
     });
     assert_eq!(st["candidates"][0]["id"], 2);
     assert_eq!(st["live_version"], 1);
-    wait_for(&s, "the trainer holding", 30, |st| {
+    s.wait_for_status("the trainer holding", 30, |st| {
         st["trainer"]["state"] == "held"
     });
     let (ok, out, _) = ctl(&s, &["status"]);
@@ -338,9 +302,9 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
     let blocker = s.data.path().join("adapters/.v3.tmp");
     std::fs::write(&blocker, "in the way").unwrap();
     for q in ["Name a sea.", "Name a tree.", "Name a bird."] {
-        rated(&s, q);
+        s.rated(q);
     }
-    let st = wait_for(&s, "the failed write", 300, |st| {
+    let st = s.wait_for_status("the failed write", 300, |st| {
         st["trainer"]["last_error"]
             .as_str()
             .is_some_and(|e| e.contains("cannot write the adapter"))
@@ -351,11 +315,11 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
         "{st:#}"
     );
     std::fs::remove_file(&blocker).unwrap();
-    wait_for(&s, "candidate v3", 300, |st| st["candidates"][0]["id"] == 3);
+    s.wait_for_status("candidate v3", 300, |st| st["candidates"][0]["id"] == 3);
 
     // A candidate waiting for a decision is still waiting after a crash.
     let s = s.crash_and_restart(&env2);
-    let st = wait_for(&s, "the trainer holding v3 again", 60, |st| {
+    let st = s.wait_for_status("the trainer holding v3 again", 60, |st| {
         st["trainer"]["state"] == "held"
     });
     assert_eq!(
@@ -373,12 +337,12 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
     assert!(!ok && err.contains("vetoed"), "{err}");
     let (ok, _, err) = ctl(&s, &["rollback", "3"]);
     assert!(!ok && err.contains("vetoed"), "{err}");
-    assert_eq!(status(&s)["live_version"], 2);
+    assert_eq!(s.admin_status()["live_version"], 2);
 
     // Pause; the default rollback goes to the parent.
     let (ok, out, _) = ctl(&s, &["pause"]);
     assert!(ok && out.contains("paused"), "{out}");
-    wait_for(&s, "the pause", 30, |st| st["trainer"]["state"] == "paused");
+    s.wait_for_status("the pause", 30, |st| st["trainer"]["state"] == "paused");
     let (ok, out, err) = ctl(&s, &["rollback"]);
     assert!(ok && out.contains("from v2 to v1"), "{out}{err}");
     let (ok, out, _) = ctl(&s, &["versions"]);
@@ -408,13 +372,13 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
         !ok && err.contains("corrupt") && err.contains("unchanged"),
         "{err}"
     );
-    assert_eq!(status(&s)["live_version"], 1);
+    assert_eq!(s.admin_status()["live_version"], 1);
     assert_eq!(probe(&s), after, "v1 still serves");
 
     // The live version's adapter corrupt at a restart: the base model serves, the error is shown.
     corrupt("v1");
     let s = s.crash_and_restart(&env2);
-    assert_eq!(status(&s)["live_version"], 0);
+    assert_eq!(s.admin_status()["live_version"], 0);
     assert_eq!(probe(&s), before, "the base model serves");
     let (ok, out, _) = ctl(&s, &["versions"]);
     let line = out
@@ -429,7 +393,7 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
             .contains("corrupt")
     );
     assert_eq!(
-        status(&s)["trainer"]["paused"],
+        s.admin_status()["trainer"]["paused"],
         true,
         "the pause survived the restarts"
     );

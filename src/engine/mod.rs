@@ -2,7 +2,7 @@
 //!
 //! Scheduling is round-robin interleaving: each admitted request gets one decode step per
 //! round, so none starves; a new request's prompt is computed between rounds (reusing the
-//! prefix cache). A bounded queue in front answers "overloaded" instead of growing.
+//! prefix cache), a long one a chunk per round. A bounded queue in front answers "overloaded" instead of growing.
 //!
 //! Adapter versions: the engine holds the LoRA adapter of every version it may serve or score
 //! (`Command::Install`) and which one is live (`Command::SetLive`). Commands are applied
@@ -567,12 +567,17 @@ struct Scoring {
 
 /// Tokens of a background prompt computed per round.
 const BACKGROUND_CHUNK: usize = 32;
+/// Tokens of a long user prompt computed per round: the other requests get a token between
+/// chunks, so a 6 K-token prompt delays them by one chunk at a time, not by its whole prefill.
+const USER_CHUNK: usize = 128;
 
 impl Worker {
     fn run(mut self, rx: Receiver<Msg>) {
         let (mut waiting_user, mut waiting_bg) = (VecDeque::new(), VecDeque::new());
         let (mut user, mut bg): (Vec<Active>, Vec<Active>) = (Vec::new(), Vec::new());
         let mut warming: Option<Warming> = None;
+        // Long user prompts being computed a chunk per round (they count as active).
+        let mut prefilling: VecDeque<Warming> = VecDeque::new();
         let mut open = true;
         let receive = |msg: Msg,
                        me: &mut Self,
@@ -591,7 +596,8 @@ impl Worker {
             }
         };
         loop {
-            let idle = user.is_empty() && bg.is_empty() && warming.is_none();
+            let idle =
+                user.is_empty() && bg.is_empty() && warming.is_none() && prefilling.is_empty();
             // Block only when there is nothing at all to do.
             if idle && waiting_user.is_empty() && waiting_bg.is_empty() {
                 if !open {
@@ -609,17 +615,28 @@ impl Worker {
                     Err(TryRecvError::Disconnected) => open = false,
                 }
             }
-            while user.len() < self.max_active
+            while user.len() + prefilling.len() < self.max_active
                 && let Some(q) = waiting_user.pop_front()
             {
                 self.shared.counters.queue_depth.fetch_sub(1, Relaxed);
                 if let Some(p) = self.prepare(q) {
                     let cached = self.prefix.lookup(p.version, p.cache_key());
-                    self.start(p, cached, &mut user);
+                    let computed = cached.as_ref().map_or(0, KvCache::len);
+                    if p.cache_key().len() > computed + USER_CHUNK + 1 {
+                        let cache = cached.unwrap_or_else(|| self.model.transformer.new_cache());
+                        prefilling.push_back(Warming {
+                            prepared: p,
+                            cache,
+                            scored: Scoring::default(),
+                        });
+                    } else {
+                        self.start(p, cached, &mut user);
+                    }
                 }
             }
+            self.prefill_chunk(&mut prefilling, &mut user);
             // Background work: only while no user request waits or generates.
-            if user.is_empty() && waiting_user.is_empty() {
+            if user.is_empty() && waiting_user.is_empty() && prefilling.is_empty() {
                 self.warm(&mut warming, &mut waiting_bg, &mut bg);
             }
             // One round: a token for every active user request, or else for background ones.
@@ -763,6 +780,28 @@ impl Worker {
         }
         if w.cache.len() >= target {
             let w = warming.take().expect("checked above");
+            self.start(w.prepared, Some(w.cache), active);
+        }
+    }
+
+    /// Computes the next chunk of the oldest long user prompt; a complete one starts.
+    fn prefill_chunk(&mut self, prefilling: &mut VecDeque<Warming>, active: &mut Vec<Active>) {
+        let Some(w) = prefilling.front_mut() else {
+            return;
+        };
+        let job = &w.prepared.job.job;
+        if job.cancel.load(Relaxed) || job.events.is_closed() {
+            prefilling.pop_front();
+            return;
+        }
+        // The last prompt token is computed when the job starts: its logits are needed.
+        let target = w.prepared.cache_key().len() - 1;
+        let upto = (w.cache.len() + USER_CHUNK).min(target);
+        let ids = &w.prepared.cache_key()[w.cache.len()..upto];
+        self.model
+            .extend_cache(ids, &mut w.cache, w.prepared.adapter.as_deref());
+        if upto == target {
+            let w = prefilling.pop_front().expect("checked above");
             self.start(w.prepared, Some(w.cache), active);
         }
     }

@@ -157,6 +157,7 @@ fn write_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
         std::fs::create_dir(&tmp)?;
         for (file, bytes) in files {
             let mut f = std::fs::File::create(tmp.join(file))?;
+            crate::failpoint::crash("adapter.write");
             f.write_all(bytes)?;
             f.sync_all()?;
         }

@@ -533,6 +533,7 @@ impl Trainer {
         }
         self.yield_to_serving(parent)?;
         let grad_norm = optimizer.step();
+        crate::failpoint::crash("train.step");
         let rewards: Vec<f64> = batch
             .iter()
             .filter_map(|s| s.reward.map(f64::from))

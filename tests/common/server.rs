@@ -221,6 +221,48 @@ impl Server {
             .collect()
     }
 
+    /// `GET /admin/status`.
+    pub fn admin_status(&self) -> serde_json::Value {
+        let (code, _, body) = self.get("/admin/status", true);
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Polls the status until `done` holds; fails with the last status after `secs`.
+    pub fn wait_for_status(
+        &self,
+        what: &str,
+        secs: u64,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let t = Instant::now();
+        loop {
+            let st = self.admin_status();
+            if done(&st) {
+                return st;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "{what} did not happen within {secs} s; status: {st:#}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// One question, rated up through /v1/feedback; returns its response id.
+    pub fn rated(&self, question: &str) -> String {
+        let (code, r) = self.chat(
+            &[],
+            &serde_json::json!({"messages": [{"role": "user", "content": question}], "max_tokens": 16}),
+        );
+        assert_eq!(code, 200, "{r}");
+        let id = r["id"].as_str().unwrap().to_string();
+        let body = serde_json::json!({"response_id": id, "rating": "up"}).to_string();
+        let (code, _, body) = self.request("POST", "/v1/feedback", &[], &body, true);
+        assert_eq!(code, 200, "{body}");
+        id
+    }
+
     /// Everything the server has logged so far.
     pub fn log(&self) -> String {
         let mut log = String::new();
