@@ -132,3 +132,52 @@ fn a_crash_in_a_training_step_or_an_adapter_write_leaves_the_last_complete_versi
         assert!(leftovers.is_empty(), "{point}: {leftovers:?}");
     }
 }
+
+/// Sets the server's file-size limit (`prlimit`): with `Some(1)` every write past the first
+/// byte of a file fails (EFBIG), as on a full disk.
+fn limit_file_size(s: &Server, bytes: Option<u64>) {
+    let soft = bytes.map_or("unlimited".to_string(), |b| b.to_string());
+    let ok = std::process::Command::new("prlimit")
+        .arg(format!("--pid={}", s.child.id()))
+        .arg(format!("--fsize={soft}:unlimited"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "prlimit (util-linux) is needed");
+}
+
+#[test]
+fn a_store_that_cannot_be_written_costs_turns_their_capture_not_their_replies() {
+    let s = Server::start(&[]);
+    let ask = |text: &str, stream: bool| {
+        s.chat(&[], &json!({"messages": [{"role": "user", "content": text}], "max_tokens": 4, "stream": stream}))
+    };
+    let (st, first) = ask("Marker c1: name a planet.", false);
+    assert_eq!(st, 200);
+    limit_file_size(&s, Some(1));
+    let (st, r) = ask("Marker c2: name a river.", false);
+    assert_eq!(st, 200, "served though not captured: {r}");
+    assert!(r["choices"][0]["message"]["content"].is_string(), "{r}");
+    let (st, chunks) = ask("Marker c3: name a colour.", true);
+    assert_eq!(st, 200);
+    assert_eq!(chunks.as_array().unwrap().last().unwrap(), "[DONE]");
+    assert!(s.metric("clawrl_capture_errors_total") >= 2.0);
+    assert_eq!(s.get("/health", false).0, 200);
+    // Space again: capture resumes, and nothing stored before was lost.
+    limit_file_size(&s, None);
+    let (st, _) = ask("Marker c4: name a city.", false);
+    assert_eq!(st, 200);
+    let markers: Vec<String> = s
+        .export()
+        .iter()
+        .filter_map(|t| {
+            let m = t["request_messages"].to_string();
+            ["c1", "c2", "c3", "c4"]
+                .into_iter()
+                .find(|c| m.contains(&format!("Marker {c}")))
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(markers, ["c1", "c4"], "stored turns");
+    assert!(first["id"].is_string());
+}

@@ -10,6 +10,7 @@ use crate::events::{Event, EventBus, Finish, emit};
 use crate::model::{FinishReason, Generation, SamplingParams};
 use crate::server::tool_calls;
 use crate::store::{NewTurn, now_ms};
+use crate::telemetry::Counters;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -43,8 +44,6 @@ pub enum ChatError {
     Engine(EngineError),
     /// The engine stopped while the request was in flight.
     EngineStopped,
-    /// The store could not record the turn.
-    Store(String),
 }
 
 impl std::fmt::Display for ChatError {
@@ -58,7 +57,6 @@ impl std::fmt::Display for ChatError {
             }
             Self::Engine(e) => write!(f, "{e}"),
             Self::EngineStopped => f.write_str("The engine stopped."),
-            Self::Store(m) => f.write_str(m),
         }
     }
 }
@@ -199,19 +197,15 @@ async fn admit(core: Arc<Core>, req: ChatRequest) -> Result<Turn, ChatError> {
         req.session_done,
         req.messages.clone(),
     );
-    let slot = tokio::task::spawn_blocking(move || capture.begin(sid, src, tt, done, &msgs))
+    let begun = tokio::task::spawn_blocking(move || capture.begin(sid, src, tt, done, &msgs))
         .await
-        .map_err(|e| ChatError::Store(e.to_string()))
-        .and_then(|r| {
-            r.map_err(|e| ChatError::Store(format!("Could not record the conversation: {e:#}")))
-        });
-    let slot = match slot {
-        Ok(slot) => slot,
-        Err(e) => {
-            cancel.store(true, Relaxed);
-            return Err(e);
-        }
-    };
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r);
+    // A store that cannot be written (a full disk) costs the turn its capture, not its reply.
+    let slot = begun.unwrap_or_else(|e| {
+        capture_failed(&core, &e);
+        TurnSlot::unrecorded(req.session_id.clone(), req.turn_type)
+    });
     let id = format!("chatcmpl-{}", random_id(""));
     emit(
         &core.bus,
@@ -315,13 +309,21 @@ impl Turn {
     }
 
     /// Commits the turn to the store (before the client sees the end of the reply) and ends
-    /// the request as finished.
-    pub async fn commit(
-        &self,
-        g: &Generation,
-        adapter_version: i64,
-        reply: &Reply,
-    ) -> Result<(), ChatError> {
+    /// the request as finished. A store that cannot be written is reported, and the reply is
+    /// still delivered: serving goes on, only this turn is not captured.
+    pub async fn commit(&self, g: &Generation, adapter_version: i64, reply: &Reply) {
+        if self.slot.recorded {
+            self.record(g, adapter_version, reply).await;
+        }
+        self.lifecycle.end(Event::RequestFinished {
+            request_id: self.id.clone(),
+            completion_tokens: g.ids.len(),
+            finish_reason: reply.finish,
+            adapter_version,
+        });
+    }
+
+    async fn record(&self, g: &Generation, adapter_version: i64, reply: &Reply) {
         let s = &self.req.sampling;
         let turn = NewTurn {
             session_id: self.slot.session_id.clone(),
@@ -347,22 +349,26 @@ impl Turn {
         let (capture, slot) = (self.core.capture.clone(), self.slot.clone());
         let stored = tokio::task::spawn_blocking(move || capture.commit(&slot, turn))
             .await
-            .map_err(|e| ChatError::Store(e.to_string()))
-            .and_then(|r| {
-                r.map_err(|e| ChatError::Store(format!("Could not record the turn: {e:#}")))
-            });
-        if let Err(e) = &stored {
-            self.fail(e);
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r);
+        if let Err(e) = stored {
+            capture_failed(&self.core, &e);
         }
-        stored?;
-        self.lifecycle.end(Event::RequestFinished {
-            request_id: self.id.clone(),
-            completion_tokens: g.ids.len(),
-            finish_reason: reply.finish,
-            adapter_version,
-        });
-        Ok(())
     }
+}
+
+/// Says that a turn could not be captured (log, screen, `clawrl_capture_errors_total`).
+fn capture_failed(core: &Core, e: &anyhow::Error) {
+    Counters::add(&core.counters.capture_errors, 1);
+    let text = format!("a turn was served but not captured (the store cannot be written): {e:#}");
+    tracing::error!("{text}");
+    emit(
+        &core.bus,
+        Event::Notice {
+            level: crate::events::Level::Error,
+            text,
+        },
+    );
 }
 
 /// The text of the last message (what a reply answers), at most 2000 characters.
@@ -383,6 +389,6 @@ pub fn status_of(e: &ChatError) -> u16 {
         ChatError::Overloaded => 429,
         ChatError::Unavailable => 503,
         ChatError::Engine(EngineError::ContextTooLong { .. } | EngineError::BadRequest(_)) => 400,
-        ChatError::Engine(_) | ChatError::EngineStopped | ChatError::Store(_) => 500,
+        ChatError::Engine(_) | ChatError::EngineStopped => 500,
     }
 }

@@ -166,7 +166,7 @@ async fn say(core: Arc<Core>, session_id: String, messages: Vec<Value>) {
             } => {
                 let reply = turn.reply(&generation);
                 // A failed commit is published as the request's failure.
-                let _ = turn.commit(&generation, adapter_version, &reply).await;
+                turn.commit(&generation, adapter_version, &reply).await;
                 return;
             }
             Step::Failed(_) => return,

@@ -45,8 +45,25 @@ pub struct TurnSlot {
     pub turn_type: TurnType,
     pub session_done: bool,
     pub created_at: i64,
+    /// False when the store could not be written: the turn is served, not captured.
+    pub recorded: bool,
     /// The request's messages without trailing internal context (the session's history).
     history: Vec<Value>,
+}
+
+impl TurnSlot {
+    /// A turn served without capture (the store refused the write): never trained on.
+    pub fn unrecorded(session_id: Option<String>, turn_type: TurnType) -> Self {
+        Self {
+            session_id: session_id.unwrap_or_else(|| random_id("sess-")),
+            turn_index: 0,
+            turn_type,
+            session_done: false,
+            created_at: now_ms(),
+            recorded: false,
+            history: Vec::new(),
+        }
+    }
 }
 
 pub struct Capture {
@@ -186,6 +203,7 @@ impl Capture {
             turn_type,
             session_done,
             created_at: now,
+            recorded: true,
             history,
         })
     }

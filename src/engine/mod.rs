@@ -2,7 +2,8 @@
 //!
 //! Scheduling is round-robin interleaving: each admitted request gets one decode step per
 //! round, so none starves; a new request's prompt is computed between rounds (reusing the
-//! prefix cache), a long one a chunk per round. A bounded queue in front answers "overloaded" instead of growing.
+//! prefix cache), a long one a chunk per round. A bounded queue in front answers "overloaded"
+//! instead of growing.
 //!
 //! Adapter versions: the engine holds the LoRA adapter of every version it may serve or score
 //! (`Command::Install`) and which one is live (`Command::SetLive`). Commands are applied

@@ -45,16 +45,7 @@ fn parse_request(
             .as_str()
             .ok_or_else(|| ApiError::invalid("`model` must be a string.").param("model"))?;
         if !state.serves_model(m) {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                format!(
-                    "The model `{m}` does not exist. This server serves `{}`.",
-                    state.config.model_id
-                ),
-            )
-            .param("model")
-            .code("model_not_found"));
+            return Err(super::unknown_model(state, m).param("model"));
         }
     }
     let messages = obj
@@ -321,8 +312,12 @@ impl Call {
         }
     }
 
-    /// `X-Session-Id` and `X-Turn-Index`: what `POST /v1/feedback` can name besides the id.
+    /// `X-Session-Id` and `X-Turn-Index`: what `POST /v1/feedback` can name besides the id
+    /// (a turn the store could not capture has neither).
     fn turn_headers(&self, headers: &mut HeaderMap) {
+        if !self.turn.slot.recorded {
+            return;
+        }
         if let Ok(v) = header::HeaderValue::from_str(&self.turn.slot.session_id) {
             headers.insert("x-session-id", v);
         }
@@ -347,10 +342,7 @@ async fn json_reply(state: Arc<Core>, mut call: Call) -> Result<Response<Body>, 
         }
     };
     let reply = call.turn.reply(&g);
-    call.turn
-        .commit(&g, adapter_version, &reply)
-        .await
-        .map_err(api_error)?;
+    call.turn.commit(&g, adapter_version, &reply).await;
     let mut message = reply.message();
     if message["content"].is_null() && reply.tool_calls.is_empty() {
         message["content"] = json!("");
@@ -482,11 +474,7 @@ fn stream_reply(state: Arc<Core>, mut call: Call) -> Response<Body> {
             }
         }
         // Commit before the client sees the end of the reply.
-        if let Err(e) = call.turn.commit(&g, adapter_version, &reply).await {
-            Counters::add(&state.counters.request_errors, 1);
-            let _ = send(sse(&api_error(e).body())).await;
-            return;
-        }
+        call.turn.commit(&g, adapter_version, &reply).await;
         let logprobs = call.logprobs(&state, &g);
         if !send(sse(&call.chunk(
             json!({}),

@@ -188,17 +188,22 @@ fn models(state: &Core) -> Response<Body> {
 /// `GET /v1/models/{id}`: the served model under any name it answers to.
 fn model(state: &Core, id: &str) -> Result<Response<Body>, ApiError> {
     if !state.serves_model(id) {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            format!(
-                "The model `{id}` does not exist. This server serves `{}`.",
-                state.config.model_id
-            ),
-        )
-        .code("model_not_found"));
+        return Err(unknown_model(state, id));
     }
     Ok(json_response(StatusCode::OK, &model_object(id)))
+}
+
+/// OpenAI's 404 for a model this server does not serve.
+fn unknown_model(state: &Core, id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!(
+            "The model `{id}` does not exist. This server serves `{}`.",
+            state.config.model_id
+        ),
+    )
+    .code("model_not_found")
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and lets requests in flight finish.

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 pub struct Counters {
     pub requests: AtomicU64,
     pub request_errors: AtomicU64,
+    /// Turns served but not captured (the store could not be written: a full disk).
+    pub capture_errors: AtomicU64,
     pub tokens_in: AtomicU64,
     pub tokens_out: AtomicU64,
     pub cached_tokens: AtomicU64,
@@ -99,6 +101,12 @@ impl Counters {
             "counter",
             "Requests answered with an error.",
             g(&self.request_errors).to_string(),
+        );
+        metric(
+            "clawrl_capture_errors_total",
+            "counter",
+            "Turns served but not captured because the store could not be written.",
+            g(&self.capture_errors).to_string(),
         );
         metric(
             "clawrl_prompt_tokens_total",
