@@ -8,12 +8,19 @@ cd "$(dirname "$0")/.."
 bin="${CLAWRL_BIN:-target/release/clawrl-tui}"
 data=$(mktemp -d)
 key=load-test-key
+# A fresh store and log, the models already installed.
+ln -s "$("$bin" info | sed -n 's/^data dir: *//p')/models" "$data/models"
 CLAWRL_DATA_DIR="$data" "$bin" serve --headless --port 0 --api-key "$key" 2> "$data/stderr" &
 pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
-until port=$(grep -o 'http://127.0.0.1:[0-9]*' "$data/stderr" | head -1 | cut -d: -f3) && [ -n "$port" ]; do sleep 0.2; done
+until port=$(grep -o 'http://127.0.0.1:[0-9]*' "$data/stderr" | head -1 | cut -d: -f3) && [ -n "$port" ]; do
+  kill -0 $pid 2>/dev/null || { cat "$data/stderr" >&2; exit 1; }
+  sleep 0.2
+done
 url="http://127.0.0.1:$port"
 until [ "$(curl -s -o /dev/null -w '%{http_code}' "$url/health")" = 200 ]; do sleep 0.5; done
+# The judge's model loads after the server's: measure memory from when both are in.
+for _ in $(seq 360); do grep -q "judge model ready" "$data"/logs/* 2>/dev/null && break; sleep 0.5; done
 model=$(curl -s -H "Authorization: Bearer $key" "$url/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
 python3 tests/clients/load.py "$url/v1" "$key" "$model" --clients "${1:-32}" --seconds "${2:-300}" \
   --pid "$pid" --out "$data/load.json"

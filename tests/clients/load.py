@@ -120,12 +120,18 @@ deadline = t0 + args.seconds
 threads = [threading.Thread(target=client, args=(n, deadline)) for n in range(args.clients)]
 for t in threads:
     t.start()
+rss_series = []  # the server's RSS every 30 s: stable, or growing?
+while any(t.is_alive() for t in threads):
+    time.sleep(1)
+    if args.pid and int(time.time() - t0) % 30 == 0 and len(rss_series) < (time.time() - t0) // 30:
+        rss_series.append(round(rss_mb()))
 for t in threads:
     t.join()
 summary = dict(stats, clients=args.clients, seconds=round(time.time() - t0, 1),
                p50_ms=pct(latencies, 0.5), p99_ms=pct(latencies, 0.99),
                ttft_p50_ms=pct(ttfts, 0.5), ttft_p99_ms=pct(ttfts, 0.99),
                rss_start_mb=rss_start and round(rss_start), rss_end_mb=rss_mb() and round(rss_mb()),
+               rss_every_30s_mb=rss_series,
                error_samples=error_samples[:10])
 print(json.dumps(summary))
 if args.out:
