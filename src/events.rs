@@ -250,3 +250,15 @@ pub fn emit(bus: &EventBus, event: Event) {
     tracing::debug!(?event, "event");
     let _ = bus.send(event);
 }
+
+/// A failure the owner must see: logged as an error and shown on screen.
+pub fn alert(bus: &EventBus, text: String) {
+    tracing::error!("{text}");
+    emit(
+        bus,
+        Event::Notice {
+            level: Level::Error,
+            text,
+        },
+    );
+}

@@ -360,14 +360,9 @@ impl Turn {
 /// Says that a turn could not be captured (log, screen, `clawrl_capture_errors_total`).
 fn capture_failed(core: &Core, e: &anyhow::Error) {
     Counters::add(&core.counters.capture_errors, 1);
-    let text = format!("a turn was served but not captured (the store cannot be written): {e:#}");
-    tracing::error!("{text}");
-    emit(
+    crate::events::alert(
         &core.bus,
-        Event::Notice {
-            level: crate::events::Level::Error,
-            text,
-        },
+        format!("a turn was served but not captured (the store cannot be written): {e:#}"),
     );
 }
 

@@ -205,15 +205,9 @@ impl Core {
         let core = self.clone();
         tasks.push(tokio::spawn(async move {
             let why = core.engine_failure().await;
-            let text =
-                format!("serving stopped: {why}; requests are refused (503) until a restart");
-            tracing::error!("{text}");
-            emit(
+            events::alert(
                 &core.bus,
-                Event::Notice {
-                    level: crate::events::Level::Error,
-                    text,
-                },
+                format!("serving stopped: {why}; requests are refused (503) until a restart"),
             );
             if let Some(j) = judge_abort {
                 j.abort();

@@ -322,15 +322,9 @@ impl Judge {
     pub async fn run(self: Arc<Self>) {
         let mut events = self.bus.subscribe();
         if let Err(e) = self.voter.backend.wait_ready().await {
-            let text =
-                format!("the judge stopped: its model failed to load ({e}); turns stay unjudged");
-            tracing::error!("{text}");
-            emit(
+            crate::events::alert(
                 &self.bus,
-                Event::Notice {
-                    level: crate::events::Level::Error,
-                    text,
-                },
+                format!("the judge stopped: its model failed to load ({e}); turns stay unjudged"),
             );
             return;
         }
