@@ -7,7 +7,7 @@ mod common;
 use common::server::Server;
 use serde_json::{Value, json};
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Streams a reply; returns its response id if the stream ended with a finish reason (the
 /// client saw the turn complete).
@@ -93,14 +93,7 @@ fn a_crash_in_a_training_step_or_an_adapter_write_leaves_the_last_complete_versi
             .map(|q| s.rated(q))
             .collect();
         // Training starts on the three rated turns and the process dies where `point` says.
-        let t = Instant::now();
-        let exit = loop {
-            if let Some(exit) = s.child.try_wait().unwrap() {
-                break exit;
-            }
-            assert!(t.elapsed() < Duration::from_secs(300), "{point}: no crash");
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let exit = s.wait_exit(point, 300);
         assert!(!exit.success(), "{point}: {exit:?}");
         let s = s.crash_and_restart(&train);
         // The restarted engine serves the base model: nothing half-written went live.

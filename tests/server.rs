@@ -774,23 +774,12 @@ fn stalled_clients_and_exhausted_descriptors_neither_spin_nor_flood_the_log() {
 
 #[test]
 fn an_engine_that_panics_stops_the_server_visibly_instead_of_answering_ok() {
-    use std::time::{Duration, Instant};
     let mut s = Server::start(&[("CLAWRL_FAILPOINT", "engine.decode")]);
     let (st, r) = s.chat(&[], &json!({"messages": [user("Hi")], "max_tokens": 4}));
     assert!(st >= 500, "the request in flight fails: {st} {r}");
     // Headless, the server exits with an error (a supervisor restarts it) instead of saying
     // "ok" on /health while refusing every request.
-    let t = Instant::now();
-    let exit = loop {
-        if let Some(exit) = s.child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the server is still up"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let exit = s.wait_exit("the server after the panic", 60);
     assert!(!exit.success(), "{exit:?}");
     let log = s.log();
     assert!(log.contains("the engine thread panicked"), "{log}");

@@ -263,6 +263,18 @@ impl Server {
         id
     }
 
+    /// Waits until the server process exits by itself; fails if it is still up after `secs`.
+    pub fn wait_exit(&mut self, what: &str, secs: u64) -> std::process::ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(exit) = self.child.try_wait().unwrap() {
+                return exit;
+            }
+            assert!(t.elapsed() < Duration::from_secs(secs), "{what}: still up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Everything the server has logged so far.
     pub fn log(&self) -> String {
         let mut log = String::new();
