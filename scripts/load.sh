@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Load on a fresh server with the default configuration (judge and training on): CLIENTS
 # streaming clients (default 32) for SECONDS (default 300), then the lost-turn check and the
-# versions trained meanwhile. The figures in docs/RELIABILITY.md come from this script.
-#   scripts/load.sh [CLIENTS] [SECONDS]
+# versions trained meanwhile. THINK (default 0) is each client's mean pause between a reply and
+# its next message. The figures in docs/RELIABILITY.md come from this script.
+#   scripts/load.sh [CLIENTS] [SECONDS] [THINK]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin="${CLAWRL_BIN:-target/release/clawrl-tui}"
@@ -23,6 +24,7 @@ until [ "$(curl -s -o /dev/null -w '%{http_code}' "$url/health")" = 200 ]; do sl
 for _ in $(seq 360); do grep -q "judge model ready" "$data"/logs/* 2>/dev/null && break; sleep 0.5; done
 model=$(curl -s -H "Authorization: Bearer $key" "$url/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
 python3 tests/clients/load.py "$url/v1" "$key" "$model" --clients "${1:-32}" --seconds "${2:-300}" \
+  --think "${3:-0}" \
   --pid "$pid" --out "$data/load.json"
 "$bin" export --store "$data/clawrl.sqlite" > "$data/export.jsonl"
 python3 - "$data" <<'PY'

@@ -6,6 +6,11 @@ use anyhow::{Context, Result, anyhow};
 use minijinja::{Environment, Error, ErrorKind, Value};
 use serde_json::Value as Json;
 
+/// Instructions one render may execute (minijinja's fuel).
+const RENDER_FUEL: u64 = 20_000_000;
+/// `tojson(indent)` wider than this is clamped (the argument comes from the template).
+const MAX_INDENT: usize = 16;
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
@@ -15,6 +20,9 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self> {
         let mut env = Environment::new();
+        // A template comes with the checkpoint, not from us: a loop that never ends is an
+        // error after this many instructions (a 500-message chat with tools renders in ~10^5).
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -44,7 +52,7 @@ impl ChatTemplate {
                 let s = match indent {
                     Some(n) => {
                         let mut buf = Vec::new();
-                        let ind = vec![b' '; n];
+                        let ind = vec![b' '; n.min(MAX_INDENT)];
                         let fmt = serde_json::ser::PrettyFormatter::with_indent(&ind);
                         let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
                         serde::Serialize::serialize(&j, &mut ser)

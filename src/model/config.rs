@@ -97,7 +97,7 @@ impl ModelConfig {
             head_dim: g
                 .get_u64(&key("attention.key_length"))
                 .map(|v| v as usize)
-                .unwrap_or(hidden_size / num_heads),
+                .unwrap_or(hidden_size / num_heads.max(1)),
             rope_theta: g.get_f64(&key("rope.freq_base")).unwrap_or(10_000.0),
             // llama.cpp permutes q/k rows of `llama` checkpoints for the interleaved rotation.
             rope_layout: if family == Family::Llama {
@@ -149,7 +149,7 @@ impl ModelConfig {
             num_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
             head_dim: hf
                 .head_dim
-                .unwrap_or(hf.hidden_size / hf.num_attention_heads),
+                .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
             rope_theta: hf.rope_theta.unwrap_or(10_000.0),
             rope_layout: RopeLayout::Neox,
             rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
@@ -160,6 +160,21 @@ impl ModelConfig {
 
     /// Rejects shapes the transformer cannot run, with the reason.
     pub fn validate(&self) -> Result<()> {
+        // A corrupt file's sizes are refused here, before anything is allocated from them.
+        for (what, n, max) in [
+            ("vocabulary size", self.vocab_size, 1 << 22),
+            ("hidden size", self.hidden_size, 1 << 16),
+            ("intermediate size", self.intermediate_size, 1 << 18),
+            ("layer count", self.num_layers, 1 << 10),
+            ("attention head count", self.num_heads, 1 << 10),
+            ("key/value head count", self.num_kv_heads, 1 << 10),
+            ("head dimension", self.head_dim, 1 << 12),
+            ("context length", self.context_length, 1 << 24),
+        ] {
+            if n == 0 || n > max {
+                bail!("the checkpoint's {what} is {n}; expected 1 to {max}");
+            }
+        }
         if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
             bail!(
                 "{} attention heads are not a multiple of {} key/value heads",

@@ -4,6 +4,7 @@
 //! second copy of a quantized tensor. Every length and offset is checked against the file size so
 //! that a truncated or corrupt file is a clear error, never a panic.
 
+use super::linear::QuantMatrix;
 use super::quant::GgmlType;
 use anyhow::{Context, Result, bail, ensure};
 use memmap2::Mmap;
@@ -91,7 +92,8 @@ pub struct GgufFile {
     pub version: u32,
     pub metadata: BTreeMap<String, GgufValue>,
     pub tensors: BTreeMap<String, GgufTensorInfo>,
-    mmap: Mmap,
+    /// The whole file: a read-only map of it, or its bytes in memory.
+    bytes: Box<dyn AsRef<[u8]> + Send + Sync>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -160,7 +162,8 @@ impl<'a> Cursor<'a> {
                     n <= (self.buf.len() - self.pos) as u64,
                     "implausible array length {n}"
                 );
-                let mut items = Vec::with_capacity(n as usize);
+                // Grown as elements are read: a length is a claim until they are there.
+                let mut items = Vec::with_capacity((n as usize).min(4096));
                 for _ in 0..n {
                     items.push(self.value(elem_ty, depth + 1)?);
                 }
@@ -181,12 +184,19 @@ impl GgufFile {
         // worst yields wrong weights, which the loader's shape checks catch in most cases.
         let mmap = unsafe { Mmap::map(&file) }
             .with_context(|| format!("cannot map {}", path.display()))?;
-        Self::parse(path, mmap)
+        Self::parse(path, Box::new(mmap))
             .with_context(|| format!("{} is not a valid GGUF file", path.display()))
     }
 
-    fn parse(path: &Path, mmap: Mmap) -> Result<Self> {
-        let mut c = Cursor { buf: &mmap, pos: 0 };
+    /// Parses a GGUF file held in memory (`path` only names it in messages).
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        Self::parse(path, Box::new(bytes))
+            .with_context(|| format!("{} is not a valid GGUF file", path.display()))
+    }
+
+    fn parse(path: &Path, bytes: Box<dyn AsRef<[u8]> + Send + Sync>) -> Result<Self> {
+        let file: &[u8] = (*bytes).as_ref();
+        let mut c = Cursor { buf: file, pos: 0 };
         let magic = c.take(4)?;
         ensure!(
             magic == b"GGUF",
@@ -238,15 +248,19 @@ impl GgufFile {
 
         let mut tensors = BTreeMap::new();
         for (name, dims, ty, rel) in infos {
-            let n: u64 = dims.iter().product();
+            let n = dims
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d))
+                .filter(|&n| n <= file.len() as u64 * 8)
+                .with_context(|| format!("tensor {name} has implausible dimensions {dims:?}"))?;
             let len = ty
                 .bytes_for(n as usize)
                 .with_context(|| format!("tensor {name}"))?;
-            let offset = data_start + rel as usize;
+            let offset = data_start.saturating_add(rel as usize);
             ensure!(
-                offset.checked_add(len).is_some_and(|end| end <= mmap.len()),
+                offset.checked_add(len).is_some_and(|end| end <= file.len()),
                 "tensor {name} ({len} bytes at offset {offset}) runs past the end of the file ({} bytes): the file is truncated",
-                mmap.len()
+                file.len()
             );
             tensors.insert(
                 name.clone(),
@@ -264,7 +278,7 @@ impl GgufFile {
             version,
             metadata,
             tensors,
-            mmap,
+            bytes,
         })
     }
 
@@ -290,7 +304,16 @@ impl GgufFile {
     }
 
     pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> &[u8] {
-        &self.mmap[info.offset..info.offset + info.len]
+        &(*self.bytes).as_ref()[info.offset..info.offset + info.len]
+    }
+
+    /// A matrix's quantized blocks as the quantized kernels take them (`None` when the tensor
+    /// is not a matrix or its type has no such kernel).
+    pub fn quant_matrix(&self, info: &GgufTensorInfo) -> Option<QuantMatrix> {
+        let shape = info.shape();
+        (shape.len() == 2)
+            .then(|| QuantMatrix::new(info.ty, shape[0], shape[1], self.tensor_bytes(info).to_vec()))?
+            .ok()
     }
 
     /// Dequantized f32 values of a tensor, row-major in [`GgufTensorInfo::shape`] order.

@@ -56,35 +56,11 @@ impl LoadedModel {
         if opts.max_context > 0 {
             config.context_length = config.context_length.min(opts.max_context);
         }
-        let (tokenizer, template_src, name) = match &file {
-            WeightFile::Gguf(g) => {
-                let tok = Tokenizer::from_gguf(g)
-                    .with_context(|| format!("tokenizer of {}", path.display()))?;
-                let tmpl = g.get_str("tokenizer.chat_template").map(str::to_owned);
-                let name = g.get_str("general.name").map(str::to_owned);
-                (tok, tmpl, name)
-            }
-            WeightFile::Hf(_) => {
-                let tok = Tokenizer::from_hf_dir(path)?;
-                (tok, hf_chat_template(path)?, None)
-            }
-        };
-        let name = name.unwrap_or_else(|| {
-            path.file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        });
-        let template = ChatTemplate::new(
-            template_src.as_deref().unwrap_or(FALLBACK_TEMPLATE),
-            tokenizer.bos_token.as_deref(),
-            tokenizer.eos_token.as_deref(),
-        )?;
-        anyhow::ensure!(
-            tokenizer.vocab_size() <= config.vocab_size,
-            "the tokenizer has {} tokens but the model only {} embeddings",
-            tokenizer.vocab_size(),
-            config.vocab_size
-        );
+        let ChatFormat {
+            tokenizer,
+            template,
+            name,
+        } = ChatFormat::read(&file, path, &config)?;
         let transformer = Transformer::load(
             &file,
             config.clone(),
@@ -120,16 +96,7 @@ impl LoadedModel {
         tools: Option<&serde_json::Value>,
         reply_prefix: &str,
     ) -> Result<Vec<u32>> {
-        // Client text is quoted so that control tokens typed in it stay text.
-        let mut quoted = tokenizer::QuotedSpecials::new();
-        let messages: Vec<serde_json::Value> = messages
-            .iter()
-            .map(|m| self.tokenizer.quote_specials(m, &mut quoted))
-            .collect();
-        let tools = tools.map(|t| self.tokenizer.quote_specials(t, &mut quoted));
-        let mut text = self.template.render(&messages, tools.as_ref(), true)?;
-        text.push_str(reply_prefix);
-        self.tokenizer.encode_prompt(&text, &quoted)
+        chat_prompt(&self.tokenizer, &self.template, messages, tools, reply_prefix)
     }
 
     /// One line describing the model, for humans.
@@ -150,6 +117,81 @@ impl LoadedModel {
             self.transformer.device()
         )
     }
+}
+
+/// How a checkpoint turns chats into token ids: its tokenizer and chat template (and its name),
+/// read without loading any weights.
+pub struct ChatFormat {
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub name: String,
+}
+
+impl ChatFormat {
+    pub fn read(file: &WeightFile, path: &Path, config: &ModelConfig) -> Result<Self> {
+        let (tokenizer, template_src, name) = match file {
+            WeightFile::Gguf(g) => {
+                let tok = Tokenizer::from_gguf(g)
+                    .with_context(|| format!("tokenizer of {}", path.display()))?;
+                let tmpl = g.get_str("tokenizer.chat_template").map(str::to_owned);
+                let name = g.get_str("general.name").map(str::to_owned);
+                (tok, tmpl, name)
+            }
+            WeightFile::Hf(_) => {
+                let tok = Tokenizer::from_hf_dir(path)?;
+                (tok, hf_chat_template(path)?, None)
+            }
+        };
+        let name = name.unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        let template = ChatTemplate::new(
+            template_src.as_deref().unwrap_or(FALLBACK_TEMPLATE),
+            tokenizer.bos_token.as_deref(),
+            tokenizer.eos_token.as_deref(),
+        )?;
+        anyhow::ensure!(
+            tokenizer.vocab_size() <= config.vocab_size,
+            "the tokenizer has {} tokens but the model only {} embeddings",
+            tokenizer.vocab_size(),
+            config.vocab_size
+        );
+        Ok(Self {
+            tokenizer,
+            template,
+            name,
+        })
+    }
+
+    /// Renders a chat and tokenizes it, generation prompt on (see [`LoadedModel::chat_prompt`]).
+    pub fn chat_prompt(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Vec<u32>> {
+        chat_prompt(&self.tokenizer, &self.template, messages, tools, "")
+    }
+}
+
+fn chat_prompt(
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    messages: &[serde_json::Value],
+    tools: Option<&serde_json::Value>,
+    reply_prefix: &str,
+) -> Result<Vec<u32>> {
+    // Client text is quoted so that control tokens typed in it stay text.
+    let mut quoted = tokenizer::QuotedSpecials::new();
+    let messages: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|m| tokenizer.quote_specials(m, &mut quoted))
+        .collect();
+    let tools = tools.map(|t| tokenizer.quote_specials(t, &mut quoted));
+    let mut text = template.render(&messages, tools.as_ref(), true)?;
+    text.push_str(reply_prefix);
+    tokenizer.encode_prompt(&text, &quoted)
 }
 
 /// The chat template of a Hugging Face directory (`tokenizer_config.json` or `chat_template.jinja`).

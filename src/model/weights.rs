@@ -138,10 +138,13 @@ impl WeightFile {
             if !dir.index.contains_key("lm_head.weight") {
                 cfg.tie_embeddings = true;
             }
+            cfg.validate().with_context(|| cfg_path.display().to_string())?;
             Ok((Self::Hf(dir), cfg))
         } else if path.is_file() {
             let g = GgufFile::open(path)?;
-            let cfg = ModelConfig::from_gguf(&g).with_context(|| path.display().to_string())?;
+            let cfg = ModelConfig::from_gguf(&g)
+                .and_then(|c| c.validate().map(|()| c))
+                .with_context(|| path.display().to_string())?;
             Ok((Self::Gguf(g), cfg))
         } else {
             bail!(
@@ -180,10 +183,6 @@ impl WeightFile {
     /// The file's quantized blocks of a projection, when the file stores it quantized.
     pub fn quant_blocks(&self, hf_name: &str) -> Option<QuantMatrix> {
         let g = self.gguf()?;
-        let info = g.tensors.get(&gguf_name(hf_name)?)?;
-        let shape = info.shape();
-        (shape.len() == 2)
-            .then(|| QuantMatrix::new(info.ty, shape[0], shape[1], g.tensor_bytes(info).to_vec()))?
-            .ok()
+        g.quant_matrix(g.tensors.get(&gguf_name(hf_name)?)?)
     }
 }

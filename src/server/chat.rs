@@ -5,6 +5,7 @@ use super::Core;
 use super::http::{ApiError, Body, json_response};
 use crate::app::chat::{self, ChatError, ChatRequest, Reply, Step, Turn};
 use crate::capture::TurnType;
+use crate::config::GenerationSection;
 use crate::engine::EngineError;
 use crate::model::{FinishReason, Generation, SamplingParams};
 use crate::store::now_ms;
@@ -19,7 +20,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use tokio::sync::mpsc;
 
 /// How the client wants the reply (the HTTP face's part of a request).
-struct Format {
+pub struct Format {
     stream: bool,
     include_usage: bool,
     logprobs: bool,
@@ -32,10 +33,14 @@ fn truthy(v: Option<&str>) -> bool {
     )
 }
 
-fn parse_request(
+/// Checks a chat completion body against OpenAI's API and this server's limits; `known_model`
+/// refuses a `model` the server does not serve. Pure (no engine, no store): the fuzz target
+/// `chat_request` drives it.
+pub fn parse_request(
     body: &Value,
     headers: &HeaderMap,
-    state: &Core,
+    generation: &GenerationSection,
+    known_model: impl Fn(&str) -> Result<(), ApiError>,
 ) -> Result<(ChatRequest, Format), ApiError> {
     let obj = body
         .as_object()
@@ -44,9 +49,7 @@ fn parse_request(
         let m = model
             .as_str()
             .ok_or_else(|| ApiError::invalid("`model` must be a string.").param("model"))?;
-        if !state.serves_model(m) {
-            return Err(super::unknown_model(state, m).param("model"));
-        }
+        known_model(m).map_err(|e| e.param("model"))?;
     }
     let messages = obj
         .get("messages")
@@ -119,7 +122,7 @@ fn parse_request(
             Some(_) => Err(ApiError::invalid(format!("`{k}` must be a boolean.")).param(k)),
         }
     };
-    let g = &state.config.generation;
+    let g = generation;
     let max_tokens = match int("max_completion_tokens")?.or(int("max_tokens")?) {
         Some(0) => {
             return Err(ApiError::invalid("`max_tokens` must be at least 1.").param("max_tokens"));
@@ -270,7 +273,12 @@ pub async fn handle(
     headers: HeaderMap,
     body: Value,
 ) -> Result<Response<Body>, ApiError> {
-    let (req, format) = parse_request(&body, &headers, &state)?;
+    let (req, format) = parse_request(&body, &headers, &state.config.generation, |m| {
+        match state.serves_model(m) {
+            true => Ok(()),
+            false => Err(super::unknown_model(&state, m)),
+        }
+    })?;
     let turn = chat::start(state.clone(), req).await.map_err(api_error)?;
     let call = Call {
         created: now_ms() / 1000,

@@ -247,7 +247,8 @@ pub fn preflight() -> Response<Body> {
         .expect("static response parts")
 }
 
-fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
+/// A body's JSON, or OpenAI's 400 saying why it is not.
+pub fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| {
         ApiError::invalid(format!(
             "We could not parse the JSON body of your request: {e}"

@@ -1,16 +1,19 @@
 """Load: N concurrent streaming clients (the official openai SDK) against a running clawrl-tui.
 
     python3 tests/clients/load.py BASE_URL API_KEY MODEL_ID [--clients 32] [--seconds 300]
-        [--pid SERVER_PID] [--out summary.json]
+        [--think SECS] [--pid SERVER_PID] [--out summary.json]
 
 Each client holds a conversation (its own X-Session-Id, the last two exchanges as history),
 streams every reply, rates every third reply up or down through /v1/feedback (so the server
 has samples to train on), and on a 429 waits for Retry-After and goes on. A turn is
-acknowledged when its stream ended with a finish reason. Prints a summary and writes it as JSON
+acknowledged when its stream ended with a finish reason. With --think a client reads each reply
+for a random 0 to 2 x SECS before its next message, as people do (0: back-to-back). Every 30 s
+it records the server's RSS and live version (did training go on under load?). Prints a summary and writes it as JSON
 (the acknowledged response ids included, to check them against the store).
 """
 import argparse
 import json
+import random
 import threading
 import time
 import urllib.request
@@ -23,6 +26,7 @@ p.add_argument("key")
 p.add_argument("model")
 p.add_argument("--clients", type=int, default=32)
 p.add_argument("--seconds", type=float, default=300)
+p.add_argument("--think", type=float, default=0)
 p.add_argument("--pid", type=int)
 p.add_argument("--out")
 args = p.parse_args()
@@ -107,6 +111,8 @@ def client(n, deadline):
         turn += 1
         if turn % 3 == 0:
             feedback(rid, "up" if turn % 2 else "down")
+        if args.think:
+            time.sleep(min(random.uniform(0, 2 * args.think), max(0, deadline - time.time())))
 
 
 def pct(xs, q):
@@ -120,18 +126,31 @@ deadline = t0 + args.seconds
 threads = [threading.Thread(target=client, args=(n, deadline)) for n in range(args.clients)]
 for t in threads:
     t.start()
-rss_series = []  # the server's RSS every 30 s: stable, or growing?
+def live_version():
+    req = urllib.request.Request(args.base.rstrip("/").removesuffix("/v1") + "/admin/status",
+                                 headers={"Authorization": f"Bearer {args.key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.load(r).get("live_version")
+    except Exception:  # noqa: BLE001 (a missed sample is shown as null)
+        return None
+
+
+rss_series, live_series = [], []  # every 30 s: is RSS stable? does training go on?
 while any(t.is_alive() for t in threads):
     time.sleep(1)
-    if args.pid and int(time.time() - t0) % 30 == 0 and len(rss_series) < (time.time() - t0) // 30:
-        rss_series.append(round(rss_mb()))
+    if int(time.time() - t0) % 30 == 0 and len(live_series) < (time.time() - t0) // 30:
+        live_series.append(live_version())
+        if args.pid:
+            rss_series.append(round(rss_mb()))
 for t in threads:
     t.join()
 summary = dict(stats, clients=args.clients, seconds=round(time.time() - t0, 1),
                p50_ms=pct(latencies, 0.5), p99_ms=pct(latencies, 0.99),
                ttft_p50_ms=pct(ttfts, 0.5), ttft_p99_ms=pct(ttfts, 0.99),
                rss_start_mb=rss_start and round(rss_start), rss_end_mb=rss_mb() and round(rss_mb()),
-               rss_every_30s_mb=rss_series,
+               rss_every_30s_mb=rss_series, live_version_every_30s=live_series,
+               think_secs=args.think,
                error_samples=error_samples[:10])
 print(json.dumps(summary))
 if args.out:

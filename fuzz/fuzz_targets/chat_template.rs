@@ -1,0 +1,6 @@
+//! See `clawrl_tui_fuzz::chat_template`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    clawrl_tui_fuzz::chat_template(data);
+});
