@@ -102,6 +102,27 @@ meta = {"general.architecture": "llama", "general.name": "tiny",
         "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 1,
         "tokenizer.chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"}
 put("gguf", "tiny-llama", gguf(tensors, meta))
+# The same shape with quantized matrices (hidden 32: whole blocks).
+def blocks(n, block_len, block_bytes):
+    one = struct.pack("<e", 0.01) + bytes((i * 7) % 256 for i in range(block_bytes - 2))
+    return one * (n // block_len)
+
+hidden, ff, head_dim = 32, 256, 16
+Q4_0, Q4_1, Q8_0, Q4_K, Q6_K = 2, 3, 8, 12, 14
+quant = [("token_embd.weight", [hidden, vocab], Q8_0, blocks(hidden * vocab, 32, 34)),
+         ("output_norm.weight", [hidden], F32, f32(hidden, 0.1)),
+         ("blk.0.attn_norm.weight", [hidden], F32, f32(hidden, 0.1)),
+         ("blk.0.attn_q.weight", [hidden, hidden], Q4_0, blocks(hidden * hidden, 32, 18)),
+         ("blk.0.attn_k.weight", [hidden, kv * head_dim], Q4_1, blocks(hidden * kv * head_dim, 32, 20)),
+         ("blk.0.attn_v.weight", [hidden, kv * head_dim], Q8_0, blocks(hidden * kv * head_dim, 32, 34)),
+         ("blk.0.attn_output.weight", [hidden, hidden], Q4_0, blocks(hidden * hidden, 32, 18)),
+         ("blk.0.ffn_norm.weight", [hidden], F32, f32(hidden, 0.1)),
+         ("blk.0.ffn_gate.weight", [hidden, ff], Q8_0, blocks(hidden * ff, 32, 34)),
+         ("blk.0.ffn_up.weight", [hidden, ff], Q4_1, blocks(hidden * ff, 32, 20)),
+         # K-quant blocks hold 256 weights: only this matrix has rows that long.
+         ("blk.0.ffn_down.weight", [ff, hidden], Q6_K, blocks(hidden * ff, 256, 210))]
+qmeta = dict(meta, **{"llama.embedding_length": hidden, "llama.feed_forward_length": ff})
+put("gguf", "tiny-llama-quantized", gguf(quant, qmeta))
 put("gguf", "parsed-header-only", gguf([], {"general.architecture": "qwen2"}))
 
 # safetensors: 8-byte header length, JSON header, data; F32, F16 and BF16 tensors.

@@ -78,11 +78,13 @@ impl ModelConfig {
         let hidden_size = g.require_u64(&key("embedding_length"))? as usize;
         let vocab_size = match g.get_u64(&key("vocab_size")) {
             Some(v) => v as usize,
-            None => g
+            None => *g
                 .tensors
                 .get("token_embd.weight")
                 .context("token_embd.weight is missing")?
-                .shape()[0],
+                .shape()
+                .first()
+                .context("token_embd.weight has no dimensions")?,
         };
         Ok(Self {
             family,

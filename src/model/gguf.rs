@@ -231,6 +231,10 @@ impl GgufFile {
             let n_dims = c.u32()?;
             ensure!(n_dims <= 4, "tensor {name} has {n_dims} dimensions");
             let dims = (0..n_dims).map(|_| c.u64()).collect::<Result<Vec<_>>>()?;
+            ensure!(
+                dims.iter().all(|&d| d <= u32::MAX as u64),
+                "tensor {name} has implausible dimensions {dims:?}"
+            );
             let ty = GgmlType::from_id(c.u32()?).with_context(|| format!("tensor {name}"))?;
             let rel = c.u64()?;
             infos.push((name, dims, ty, rel));

@@ -25,9 +25,8 @@ impl QuantMatrix {
     pub fn new(ty: GgmlType, rows: usize, cols: usize, bytes: Vec<u8>) -> Result<Self> {
         let row_bytes = ty.bytes_for(cols)?;
         ensure!(
-            bytes.len() == rows * row_bytes,
-            "{ty:?} matrix {rows}x{cols} needs {} bytes, got {}",
-            rows * row_bytes,
+            rows.checked_mul(row_bytes) == Some(bytes.len()),
+            "{ty:?} matrix {rows}x{cols} needs {rows} x {row_bytes} bytes, got {}",
             bytes.len()
         );
         Ok(Self {

@@ -4,7 +4,7 @@
 //! formulas are checked against the PyPI `gguf` package's dequantizer in
 //! `tests/dequant_reference.rs`.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use half::{bf16, f16};
 
 /// The GGML tensor types the loader understands (ids as written in GGUF files).
@@ -71,7 +71,9 @@ impl GgmlType {
                 self.block_len()
             );
         }
-        Ok(n / self.block_len() * self.block_bytes())
+        (n / self.block_len())
+            .checked_mul(self.block_bytes())
+            .with_context(|| format!("{n} {self:?} weights do not fit in memory"))
     }
 }
 

@@ -56,6 +56,13 @@ impl Tokenizer {
             Some(a) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
             None => vec![1; tokens.len()],
         };
+        if types.len() != tokens.len() {
+            bail!(
+                "GGUF metadata has {} tokens but {} token types",
+                tokens.len(),
+                types.len()
+            );
+        }
         let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
         let json = gguf_tokenizer_json(&tokens, &merges, &types, pre);
         let inner = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&json)?)
