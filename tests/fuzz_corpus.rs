@@ -38,7 +38,12 @@ fn every_kept_fuzz_input_ends_in_a_value_and_seeds_reach_the_end() {
         let files = kept_inputs(target);
         let seeds = files
             .iter()
-            .filter(|f| f.file_name().unwrap().to_string_lossy().starts_with("seed-"))
+            .filter(|f| {
+                f.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("seed-")
+            })
             .count();
         assert!(seeds > 0, "{target}: no seeds in fuzz/corpus/{target}");
         for file in &files {

@@ -316,7 +316,14 @@ impl GgufFile {
     pub fn quant_matrix(&self, info: &GgufTensorInfo) -> Option<QuantMatrix> {
         let shape = info.shape();
         (shape.len() == 2)
-            .then(|| QuantMatrix::new(info.ty, shape[0], shape[1], self.tensor_bytes(info).to_vec()))?
+            .then(|| {
+                QuantMatrix::new(
+                    info.ty,
+                    shape[0],
+                    shape[1],
+                    self.tensor_bytes(info).to_vec(),
+                )
+            })?
             .ok()
     }
 

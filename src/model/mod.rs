@@ -96,7 +96,13 @@ impl LoadedModel {
         tools: Option<&serde_json::Value>,
         reply_prefix: &str,
     ) -> Result<Vec<u32>> {
-        chat_prompt(&self.tokenizer, &self.template, messages, tools, reply_prefix)
+        chat_prompt(
+            &self.tokenizer,
+            &self.template,
+            messages,
+            tools,
+            reply_prefix,
+        )
     }
 
     /// One line describing the model, for humans.

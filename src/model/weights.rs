@@ -138,7 +138,8 @@ impl WeightFile {
             if !dir.index.contains_key("lm_head.weight") {
                 cfg.tie_embeddings = true;
             }
-            cfg.validate().with_context(|| cfg_path.display().to_string())?;
+            cfg.validate()
+                .with_context(|| cfg_path.display().to_string())?;
             Ok((Self::Hf(dir), cfg))
         } else if path.is_file() {
             let g = GgufFile::open(path)?;

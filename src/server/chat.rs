@@ -273,11 +273,11 @@ pub async fn handle(
     headers: HeaderMap,
     body: Value,
 ) -> Result<Response<Body>, ApiError> {
-    let (req, format) = parse_request(&body, &headers, &state.config.generation, |m| {
-        match state.serves_model(m) {
-            true => Ok(()),
-            false => Err(super::unknown_model(&state, m)),
-        }
+    let (req, format) = parse_request(&body, &headers, &state.config.generation, |m| match state
+        .serves_model(m)
+    {
+        true => Ok(()),
+        false => Err(super::unknown_model(&state, m)),
     })?;
     let turn = chat::start(state.clone(), req).await.map_err(api_error)?;
     let call = Call {
