@@ -94,7 +94,7 @@ impl Default for TrainSection {
             clip_low: 0.2,
             clip_high: 0.28,
             w_rl: 1.0,
-            w_opd: 1.0,
+            w_opd: 0.25,
             kl_coef: 0.0,
             max_staleness: 4,
             teacher: Teacher::Base,

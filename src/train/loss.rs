@@ -33,6 +33,7 @@ pub struct LossConfig {
     pub kl_coef: f64,
 }
 
+/// PIPELINE.md's weights (the shipped configuration lowers `w_opd`: config/default.toml).
 impl Default for LossConfig {
     fn default() -> Self {
         Self {
