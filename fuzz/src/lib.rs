@@ -9,7 +9,7 @@ use clawrl_tui::config::{Config, GenerationSection};
 use clawrl_tui::device::{DeviceChoice, select};
 use clawrl_tui::model::gguf::GgufFile;
 use clawrl_tui::model::weights::WeightFile;
-use clawrl_tui::model::{ChatFormat, ModelConfig, Transformer, WeightMode};
+use clawrl_tui::model::{ChatFormat, ModelConfig, Transformer, WeightMode, render_prompt};
 use clawrl_tui::server::chat::parse_request;
 use clawrl_tui::server::http::parse_json;
 use serde_json::Value;
@@ -63,7 +63,15 @@ pub fn chat_request(data: &[u8]) -> Reached {
     let Ok((request, _)) = parse_request(&body, &headers, &generation, |_| Ok(())) else {
         return Reached::Parsed;
     };
-    match chat_formats()[0].chat_prompt(&request.messages, request.tools.as_ref()) {
+    let format = &chat_formats()[0];
+    let tools = request.tools.as_ref();
+    match render_prompt(
+        &format.tokenizer,
+        &format.template,
+        &request.messages,
+        tools,
+        "",
+    ) {
         Ok(ids) if !ids.is_empty() => Reached::End,
         _ => Reached::Parsed,
     }
@@ -83,7 +91,8 @@ pub fn chat_template(data: &[u8]) -> Reached {
     };
     let mut reached = Reached::Parsed;
     for format in chat_formats() {
-        if format.chat_prompt(&messages, body.get("tools")).is_ok() {
+        let tools = body.get("tools");
+        if render_prompt(&format.tokenizer, &format.template, &messages, tools, "").is_ok() {
             reached = Reached::End;
         }
     }

@@ -96,7 +96,7 @@ impl LoadedModel {
         tools: Option<&serde_json::Value>,
         reply_prefix: &str,
     ) -> Result<Vec<u32>> {
-        chat_prompt(
+        render_prompt(
             &self.tokenizer,
             &self.template,
             messages,
@@ -170,18 +170,11 @@ impl ChatFormat {
             name,
         })
     }
-
-    /// Renders a chat and tokenizes it, generation prompt on (see [`LoadedModel::chat_prompt`]).
-    pub fn chat_prompt(
-        &self,
-        messages: &[serde_json::Value],
-        tools: Option<&serde_json::Value>,
-    ) -> Result<Vec<u32>> {
-        chat_prompt(&self.tokenizer, &self.template, messages, tools, "")
-    }
 }
 
-fn chat_prompt(
+/// Renders a chat with `template` and tokenizes it, generation prompt on, the reply begun by
+/// `reply_prefix` (what [`LoadedModel::chat_prompt_continuing`] does with the model's own).
+pub fn render_prompt(
     tokenizer: &Tokenizer,
     template: &ChatTemplate,
     messages: &[serde_json::Value],
