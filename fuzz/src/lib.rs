@@ -9,7 +9,7 @@ use clawrl_tui::config::{Config, GenerationSection};
 use clawrl_tui::device::{DeviceChoice, select};
 use clawrl_tui::model::gguf::GgufFile;
 use clawrl_tui::model::weights::WeightFile;
-use clawrl_tui::model::{ChatFormat, ModelConfig, Transformer, WeightMode, render_prompt};
+use clawrl_tui::model::{ChatFormat, Transformer, WeightMode, render_prompt};
 use clawrl_tui::server::chat::parse_request;
 use clawrl_tui::server::http::parse_json;
 use serde_json::Value;
@@ -111,9 +111,7 @@ pub fn gguf(data: &[u8]) -> Reached {
         let _ = g.tensor_f32(&info.name);
         let _ = g.quant_matrix(info);
     }
-    let config = ModelConfig::from_gguf(&g).and_then(|c| c.validate().map(|()| c));
-    let file = WeightFile::Gguf(g);
-    let Ok(config) = config else {
+    let Ok((file, config)) = WeightFile::from_gguf(g) else {
         return Reached::Parsed;
     };
     if ChatFormat::read(&file, path, &config).is_err() {

@@ -142,17 +142,21 @@ impl WeightFile {
                 .with_context(|| cfg_path.display().to_string())?;
             Ok((Self::Hf(dir), cfg))
         } else if path.is_file() {
-            let g = GgufFile::open(path)?;
-            let cfg = ModelConfig::from_gguf(&g)
-                .and_then(|c| c.validate().map(|()| c))
-                .with_context(|| path.display().to_string())?;
-            Ok((Self::Gguf(g), cfg))
+            Self::from_gguf(GgufFile::open(path)?)
         } else {
             bail!(
                 "model path {} does not exist (expected a .gguf file or a Hugging Face model directory)",
                 path.display()
             )
         }
+    }
+
+    /// A parsed GGUF file and its validated hyper-parameters.
+    pub fn from_gguf(g: GgufFile) -> Result<(Self, ModelConfig)> {
+        let cfg = ModelConfig::from_gguf(&g)
+            .and_then(|c| c.validate().map(|()| c))
+            .with_context(|| g.path.display().to_string())?;
+        Ok((Self::Gguf(g), cfg))
     }
 
     pub fn gguf(&self) -> Option<&GgufFile> {
