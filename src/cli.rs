@@ -40,7 +40,8 @@ pub struct GlobalArgs {
     /// Weight dtype: f32 or f16.
     #[arg(long, global = true)]
     pub dtype: Option<String>,
-    /// Projection weights: dense (dequantized) or blocks (the GGUF's quantized blocks).
+    /// Projection weights: both (dense for training and prompts, the GGUF's quantized blocks
+    /// for decoding), dense (dequantized only) or blocks (quantized only; no training).
     #[arg(long, global = true, value_parser = parse_weight_mode)]
     pub weights: Option<WeightMode>,
 }
@@ -49,7 +50,8 @@ fn parse_weight_mode(s: &str) -> Result<WeightMode, String> {
     match s {
         "dense" => Ok(WeightMode::Dense),
         "blocks" => Ok(WeightMode::Blocks),
-        _ => Err(format!("expected dense or blocks, got {s:?}")),
+        "both" => Ok(WeightMode::Both),
+        _ => Err(format!("expected both, dense or blocks, got {s:?}")),
     }
 }
 
@@ -446,13 +448,16 @@ fn generate(cfg: &Config, args: &GenerateArgs) -> Result<()> {
         stop: args.stop.clone(),
         top_logprobs: 0,
     };
-    let mut out = std::io::stdout().lock();
-    let gen_ = model.generate(&req, |piece| {
-        out.write_all(piece.as_bytes())
-            .and_then(|_| out.flush())
-            .is_ok()
+    let pool = crate::background::serving_pool("clawrl-generate")?;
+    let gen_ = pool.install(|| {
+        let mut out = std::io::stdout().lock();
+        model.generate(&req, |piece| {
+            out.write_all(piece.as_bytes())
+                .and_then(|_| out.flush())
+                .is_ok()
+        })
     })?;
-    writeln!(out)?;
+    writeln!(std::io::stdout())?;
     eprintln!("{}", gen_.speed_line());
     tracing::info!(speed = %gen_.speed_line(), finish = ?gen_.finish, "generate");
     Ok(())

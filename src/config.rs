@@ -351,7 +351,7 @@ impl Default for ModelSection {
             default: crate::catalog::DEFAULT_MODEL.into(),
             device: DeviceChoice::Auto,
             dtype: "f32".into(),
-            weights: WeightMode::Dense,
+            weights: WeightMode::Both,
             max_context: 0,
         }
     }
@@ -519,7 +519,7 @@ impl Config {
         }
         if t.enabled && self.model.weights == WeightMode::Blocks {
             bail!(
-                "training needs dense weights: set model.weights = \"dense\" (or train.enabled = false to serve from the quantized blocks)"
+                "training needs dense weights: set model.weights = \"both\" or \"dense\" (or train.enabled = false to serve from the quantized blocks alone)"
             );
         }
         let g = &self.gate;

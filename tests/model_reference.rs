@@ -14,15 +14,24 @@ use serde_json::json;
 const LOGIT_TOL: f32 = 1e-3;
 
 fn last_logits(model: &LoadedModel, ids: &[u32]) -> Vec<f32> {
-    // Scoring the last prompt token against every vocabulary entry would be wasteful; the
-    // generation path exposes the same logits through one cached forward step.
+    logits_after(model, &[], ids)
+}
+
+/// Logits at the last of `ids` after `cached` went through the model first: with one id, the
+/// last step is a decoding step (on the quantized blocks where the model keeps them).
+fn logits_after(model: &LoadedModel, cached: &[u32], ids: &[u32]) -> Vec<f32> {
     let mut cache = model.transformer.new_cache();
-    let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let t = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
-        burn::tensor::TensorData::new(data, [1, ids.len()]),
-        &model.transformer.device(),
-    );
-    let h = model.transformer.forward(t, &mut cache, None);
+    let tokens = |ids: &[u32]| {
+        let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(data, [1, ids.len()]),
+            &model.transformer.device(),
+        )
+    };
+    if !cached.is_empty() {
+        model.transformer.forward(tokens(cached), &mut cache, None);
+    }
+    let h = model.transformer.forward(tokens(ids), &mut cache, None);
     let [_, s, d] = h.dims();
     model
         .transformer
@@ -57,28 +66,18 @@ fn check_model(model: &LoadedModel, fixture: &str) {
             .collect();
         assert_eq!(ids, want_ids, "token ids of {prompt:?}");
 
-        // Forward pass: the 40 largest logits and the log-sum-exp.
-        let logits = last_logits(model, &ids);
-        let mut max_err = 0f32;
-        for pair in case["last_logits_top"].as_array().unwrap() {
-            let (id, want) = (
-                pair[0].as_u64().unwrap() as usize,
-                pair[1].as_f64().unwrap() as f32,
-            );
-            max_err = max_err.max((logits[id] - want).abs());
-        }
-        let lse = clawrl_tui::model::sampling::log_sum_exp(&logits);
-        let lse_err = (lse - case["last_logsumexp"].as_f64().unwrap() as f32).abs();
-        eprintln!(
-            "{fixture} {prompt:?}: max top-40 logit error {max_err:.5}, logsumexp error {lse_err:.5}"
+        // Forward pass: the 40 largest logits and the log-sum-exp, computed as a prompt
+        // (dense) and as a decoding step after the rest of the prompt (quantized blocks).
+        let (head, last) = ids.split_at(ids.len() - 1);
+        check_logits(
+            &last_logits(model, &ids),
+            case,
+            &format!("{fixture} prompt"),
         );
-        assert!(
-            max_err < LOGIT_TOL,
-            "{prompt:?}: top-40 logits differ by up to {max_err}"
-        );
-        assert!(
-            lse_err < LOGIT_TOL,
-            "{prompt:?}: logsumexp differs by {lse_err}"
+        check_logits(
+            &logits_after(model, head, last),
+            case,
+            &format!("{fixture} decode"),
         );
 
         // Greedy continuation with the KV cache.
@@ -109,6 +108,32 @@ fn check_model(model: &LoadedModel, fixture: &str) {
             );
         }
     }
+}
+
+/// The fixture's 40 largest logits and log-sum-exp against `logits`, within [`LOGIT_TOL`].
+fn check_logits(logits: &[f32], case: &serde_json::Value, what: &str) {
+    let prompt = case["prompt"].as_str().unwrap();
+    let mut max_err = 0f32;
+    for pair in case["last_logits_top"].as_array().unwrap() {
+        let (id, want) = (
+            pair[0].as_u64().unwrap() as usize,
+            pair[1].as_f64().unwrap() as f32,
+        );
+        max_err = max_err.max((logits[id] - want).abs());
+    }
+    let lse = clawrl_tui::model::sampling::log_sum_exp(logits);
+    let lse_err = (lse - case["last_logsumexp"].as_f64().unwrap() as f32).abs();
+    eprintln!(
+        "{what} {prompt:?}: max top-40 logit error {max_err:.5}, logsumexp error {lse_err:.5}"
+    );
+    assert!(
+        max_err < LOGIT_TOL,
+        "{what} {prompt:?}: top-40 logits differ by up to {max_err}"
+    );
+    assert!(
+        lse_err < LOGIT_TOL,
+        "{what} {prompt:?}: logsumexp differs by {lse_err}"
+    );
 }
 
 #[test]
@@ -257,24 +282,10 @@ fn a_prompt_longer_than_the_context_is_a_clear_error() {
 }
 
 #[test]
-fn quantized_block_weights_agree_with_dense_weights() {
-    let dense = common::smollm2();
+fn the_quantized_blocks_alone_match_the_reference() {
+    // Prompts too go through the quantized kernels here (no dense copy is kept).
     let blocks = common::load(common::SMOLLM2, DType::F32, WeightMode::Blocks);
-    let ids = dense
-        .chat_prompt(
-            &[json!({"role": "user", "content": "Name a planet."})],
-            None,
-        )
-        .unwrap();
-    let a = last_logits(dense, &ids);
-    let b = last_logits(&blocks, &ids);
-    let max_err = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    // Same weights, same math; only the summation order of the dot products differs.
-    assert!(max_err < 0.01, "blocks vs dense logits differ by {max_err}");
+    check_model(&blocks, "reference-smollm2.json");
 }
 
 #[test]

@@ -303,19 +303,24 @@ impl Engine {
             .spawn(move || {
                 let status = s.clone();
                 let run = move || {
-                    if config.background {
+                    // The engine runs on a worker of its own pool, so the matmuls of a decode
+                    // step split their rows with that pool's other threads without a wake-up
+                    // per call (see background::serving_pool).
+                    let pool = if config.background {
                         crate::background::lower_priority();
-                        match crate::background::low_priority_pool("clawrl-engine-bg") {
-                            Ok(pool) => {
-                                return pool
-                                    .install(|| run_engine(config, s, rx, start_version, on_ready));
-                            }
-                            Err(e) => tracing::warn!(
-                                "no low-priority pool ({e:#}); the background engine shares the global one"
-                            ),
+                        crate::background::low_priority_pool("clawrl-engine-bg")
+                    } else {
+                        crate::background::serving_pool("clawrl-engine")
+                    };
+                    match pool {
+                        Ok(pool) => {
+                            pool.install(|| run_engine(config, s, rx, start_version, on_ready))
+                        }
+                        Err(e) => {
+                            tracing::warn!("no engine thread pool ({e:#}); using the global one");
+                            run_engine(config, s, rx, start_version, on_ready)
                         }
                     }
-                    run_engine(config, s, rx, start_version, on_ready)
                 };
                 // A bug must not leave a dead engine behind a healthy-looking server: the
                 // status says failed (GET /health: 503), new requests are refused, and the
@@ -327,9 +332,10 @@ impl Engine {
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "unknown cause".into());
                     tracing::error!("the engine thread panicked: {why}");
-                    *status.status.write().unwrap_or_else(|p| p.into_inner()) = Status::Failed(
-                        format!("the engine stopped after an internal error ({why}); restart clawrl-tui"),
-                    );
+                    *status.status.write().unwrap_or_else(|p| p.into_inner()) =
+                        Status::Failed(format!(
+                            "the engine stopped after an internal error ({why}); restart clawrl-tui"
+                        ));
                 }
             })
             .expect("spawn engine thread");

@@ -5,6 +5,7 @@
 //! blocks (faithful to what the file ships, no dequantized copy kept). The rest of the model only
 //! ever calls [`Linear::forward`], so it never depends on the representation.
 
+use super::kernels;
 use super::quant::{GgmlType, dequantize_into};
 use anyhow::{Result, ensure};
 use burn::module::{Module, Param};
@@ -39,17 +40,13 @@ impl QuantMatrix {
     }
 
     /// `x` is `[n, cols]` row-major; returns `[n, rows]` = x · Wᵀ.
-    pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let mut out = vec![0f32; n * self.rows];
-        let mut w = Vec::with_capacity(self.cols);
-        for (o, row) in self.bytes.chunks_exact(self.row_bytes).enumerate() {
-            w.clear();
-            dequantize_into(self.ty, row, self.cols, &mut w).expect("row length checked in new");
-            for (r, xr) in x.chunks_exact(self.cols).enumerate() {
-                out[r * self.rows + o] = w.iter().zip(xr).map(|(a, b)| a * b).sum();
-            }
-        }
-        out
+    pub fn matmul(&self, x: &[f32]) -> Vec<f32> {
+        let isa = kernels::Isa::selected();
+        kernels::matmul(isa, self.ty, &self.bytes, self.row_bytes, self.cols, x)
+    }
+
+    pub fn byte_len(&self) -> usize {
+        self.bytes.len()
     }
 
     pub fn to_dense(&self) -> Vec<f32> {
@@ -78,26 +75,25 @@ pub enum LinearWeight {
 #[derive(Module, Debug)]
 pub struct Linear {
     pub weight: LinearWeight,
+    /// The checkpoint's own blocks kept beside a dense weight ([`super::WeightMode::Both`]):
+    /// a few rows at a time (decoding) read these, which is 4–7× fewer bytes per token.
+    pub decode_blocks: Option<BlockWeight>,
     pub bias: Option<Param<Tensor<1>>>,
 }
 
+/// Up to this many rows (tokens) go through the quantized kernels when a dense weight is also
+/// kept; longer inputs (prompts, scoring) use the dense matrix product, which wins there.
+const DECODE_ROWS: usize = 8;
+
 impl Linear {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let y = match &self.weight {
-            LinearWeight::Dense(w) => burn::tensor::module::linear(x, w.val(), None),
-            LinearWeight::Blocks(b) => {
-                let m = &b.matrix;
-                let (device, dtype) = (x.device(), x.dtype());
-                let mut dims = x.dims();
-                let n = dims[..D - 1].iter().product();
-                let xs = x
-                    .into_data()
-                    .convert::<f32>()
-                    .try_into_vec::<f32>()
-                    .expect("f32 data");
-                dims[D - 1] = m.rows;
-                Tensor::from_data(TensorData::new(m.matmul(&xs, n), dims), (&device, dtype))
+        let y = match (&self.weight, &self.decode_blocks) {
+            // Gradients flow only through the dense weight.
+            (LinearWeight::Dense(_), Some(b)) if decodes_on_blocks(&x) => {
+                blocks_forward(&b.matrix, x)
             }
+            (LinearWeight::Dense(w), _) => burn::tensor::module::linear(x, w.val(), None),
+            (LinearWeight::Blocks(b), _) => blocks_forward(&b.matrix, x),
         };
         match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
@@ -116,12 +112,17 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         let w = match &self.weight {
             LinearWeight::Dense(w) => w.shape().num_elements() * w.dtype().size(),
-            LinearWeight::Blocks(b) => b.matrix.bytes.len(),
+            LinearWeight::Blocks(b) => b.matrix.byte_len(),
         };
-        w + self
-            .bias
+        let kept = self
+            .decode_blocks
             .as_ref()
-            .map_or(0, |b| b.shape().num_elements() * b.dtype().size())
+            .map_or(0, |b| b.matrix.byte_len());
+        w + kept
+            + self
+                .bias
+                .as_ref()
+                .map_or(0, |b| b.shape().num_elements() * b.dtype().size())
     }
 
     pub fn dtype(&self) -> Option<DType> {
@@ -130,4 +131,24 @@ impl Linear {
             LinearWeight::Blocks(_) => None,
         }
     }
+}
+
+/// Whether an input is small enough for the quantized kernels to beat the dense product, and
+/// needs no gradient (gradients flow only through dense weights).
+pub(crate) fn decodes_on_blocks<const D: usize>(x: &Tensor<D>) -> bool {
+    let rows: usize = x.dims()[..D - 1].iter().product();
+    rows <= DECODE_ROWS && !x.is_autodiff()
+}
+
+/// x · Wᵀ on the quantized blocks; `x` leaves the backend as f32 and comes back in its dtype.
+pub(crate) fn blocks_forward<const D: usize>(m: &QuantMatrix, x: Tensor<D>) -> Tensor<D> {
+    let (device, dtype) = (x.device(), x.dtype());
+    let mut dims = x.dims();
+    let xs = x
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 data");
+    dims[D - 1] = m.rows;
+    Tensor::from_data(TensorData::new(m.matmul(&xs), dims), (&device, dtype))
 }

@@ -5,6 +5,7 @@ pub mod chat_template;
 pub mod config;
 pub mod generate;
 pub mod gguf;
+pub mod kernels;
 pub mod linear;
 pub mod lora;
 pub mod peft;

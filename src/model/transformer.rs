@@ -3,7 +3,8 @@
 //! or untied output head.
 
 use super::config::{ModelConfig, RopeLayout};
-use super::linear::{BlockWeight, Linear, LinearWeight};
+use super::kernels;
+use super::linear::{self, BlockWeight, Linear, LinearWeight};
 use super::lora::{LayerLora, LoraAdapter, Target, with_delta};
 use super::weights::WeightFile;
 use anyhow::{Context, Result, ensure};
@@ -20,6 +21,9 @@ pub enum WeightMode {
     Dense,
     /// The GGUF's quantized blocks, computed on directly (GGUF only; other tensors stay dense).
     Blocks,
+    /// Both: the dense copy for training and long prompts, the blocks for decoding (a few
+    /// tokens at a time, where reading fewer bytes per weight is what counts).
+    Both,
 }
 
 #[derive(Module, Debug)]
@@ -79,6 +83,8 @@ pub struct Transformer {
     pub norm: RmsNorm,
     /// `None` when the head is tied to the embedding.
     pub lm_head: Option<Linear>,
+    /// A tied head's quantized blocks (the embedding's own), for decoding.
+    pub tied_head_blocks: Option<BlockWeight>,
     #[module(skip)]
     pub config: Arc<ModelConfig>,
 }
@@ -285,6 +291,10 @@ impl Transformer {
         let mut total =
             self.embed.shape().num_elements() * self.embed.dtype().size() + norm(&self.norm);
         total += self.lm_head.as_ref().map_or(0, Linear::weight_bytes);
+        total += self
+            .tied_head_blocks
+            .as_ref()
+            .map_or(0, |b| b.matrix.byte_len());
         for l in &self.layers {
             let a = &l.attn;
             total += [
@@ -338,10 +348,13 @@ impl Transformer {
 
     /// Logits `[n, vocab]` (f32) of hidden states `[n, hidden]`.
     pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(hidden),
+        let logits = match (&self.lm_head, &self.tied_head_blocks) {
+            (Some(head), _) => head.forward(hidden),
+            (None, Some(b)) if linear::decodes_on_blocks(&hidden) => {
+                linear::blocks_forward(&b.matrix, hidden)
+            }
             // E·hᵀ reads the embedding in place; h·Eᵀ would copy it per call.
-            None => self.embed.val().matmul(hidden.transpose()).transpose(),
+            (None, _) => self.embed.val().matmul(hidden.transpose()).transpose(),
         };
         logits.cast(FloatDType::F32)
     }
@@ -389,6 +402,7 @@ impl Transformer {
         };
         let linear = |prefix: &str, d_in: usize, d_out: usize| -> Result<Linear> {
             let wname = format!("{prefix}.weight");
+            let mut decode_blocks = None;
             let weight = match (mode, file.quant_blocks(&wname)) {
                 (WeightMode::Blocks, Some(m)) => {
                     ensure!(
@@ -403,7 +417,15 @@ impl Transformer {
                 }
                 // HF layout is [out, in]; store [in, out] contiguously so the forward pass is a
                 // plain x·W (a lazily transposed view would be re-copied on every matmul).
-                _ => {
+                (mode, blocks) => {
+                    if mode == WeightMode::Both {
+                        decode_blocks =
+                            blocks
+                                .filter(|m| kernels::has_kernel(m.ty))
+                                .map(|m| BlockWeight {
+                                    matrix: Arc::new(m),
+                                });
+                    }
                     let (v, shape) = file.f32(&wname)?;
                     ensure!(
                         shape == [d_out, d_in],
@@ -422,7 +444,11 @@ impl Transformer {
             } else {
                 None
             };
-            Ok(Linear { weight, bias })
+            Ok(Linear {
+                weight,
+                decode_blocks,
+                bias,
+            })
         };
 
         let (h, hd) = (config.hidden_size, config.head_dim);
@@ -469,6 +495,17 @@ impl Transformer {
         let embed = Param::from_tensor(
             tensor("model.embed_tokens.weight", &[config.vocab_size, h]).context("embedding")?,
         );
+        // A tied head decodes on the embedding's own blocks: the largest matrix of a small
+        // model (the lookup keeps the dense copy).
+        let tied_head_blocks = match (mode, config.tie_embeddings) {
+            (WeightMode::Blocks | WeightMode::Both, true) => file
+                .quant_blocks("model.embed_tokens.weight")
+                .filter(|m| kernels::has_kernel(m.ty))
+                .map(|m| BlockWeight {
+                    matrix: Arc::new(m),
+                }),
+            _ => None,
+        };
         let lm_head = if config.tie_embeddings {
             None
         } else {
@@ -479,6 +516,7 @@ impl Transformer {
             layers,
             norm: norm("model.norm.weight", h)?,
             lm_head,
+            tied_head_blocks,
             config: Arc::new(config),
         })
     }

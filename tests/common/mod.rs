@@ -52,15 +52,15 @@ pub fn load(id: &str, dtype: DType, weights: WeightMode) -> LoadedModel {
     .expect("model loads")
 }
 
-/// The default model in f32, loaded once per test binary.
+/// The default model as shipped (f32, dense + blocks for decoding), loaded once per test binary.
 pub fn smollm2() -> &'static LoadedModel {
     static M: OnceLock<LoadedModel> = OnceLock::new();
-    M.get_or_init(|| load(SMOLLM2, DType::F32, WeightMode::Dense))
+    M.get_or_init(|| load(SMOLLM2, DType::F32, WeightMode::Both))
 }
 
 pub fn qwen25() -> &'static LoadedModel {
     static M: OnceLock<LoadedModel> = OnceLock::new();
-    M.get_or_init(|| load(QWEN25, DType::F32, WeightMode::Dense))
+    M.get_or_init(|| load(QWEN25, DType::F32, WeightMode::Both))
 }
 
 /// Directory holding test assets fetched by `./test` (the official Qwen3 tokenizer.json).

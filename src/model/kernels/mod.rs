@@ -1,0 +1,151 @@
+//! Matrix products computed directly on a GGUF file's quantized blocks: the decode hot path.
+//!
+//! Decoding reads every weight once per token, so reading the file's 4.5–8.5 bits per weight
+//! instead of a dequantized f32 copy's 32 is what sets its speed. The weights are unpacked in
+//! registers and meet the f32 activations as they are (llama.cpp rounds activations to 8 bits,
+//! which changes greedy replies; here the result is the dequantized matrix's own product up to
+//! summation order). Each type has a SIMD kernel for x86-64 with AVX2, chosen at run time, and
+//! a portable one (dequantize a row, then dot); `CLAWRL_KERNELS=portable` forces the latter.
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use super::quant::{GgmlType, dequantize_into};
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// The instruction sets a kernel may be written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Portable,
+    /// AVX2 + FMA + F16C (x86-64-v3).
+    Avx2,
+}
+
+impl Isa {
+    /// The kernels used: the best this CPU runs, unless `CLAWRL_KERNELS=portable`.
+    pub fn selected() -> Self {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            if std::env::var("CLAWRL_KERNELS").is_ok_and(|v| v == "portable") {
+                Isa::Portable
+            } else {
+                Self::best()
+            }
+        })
+    }
+
+    /// The best kernels this CPU runs.
+    pub fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            return Isa::Avx2;
+        }
+        Isa::Portable
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+        }
+    }
+}
+
+/// Weight types with a SIMD kernel (others go through the portable path on every CPU).
+pub fn has_kernel(ty: GgmlType) -> bool {
+    matches!(
+        ty,
+        GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q8_0
+            | GgmlType::Q4_K
+            | GgmlType::Q6_K
+    )
+}
+
+/// Output rows computed per task: enough work to outweigh scheduling, enough tasks for 2+ cores.
+const ROWS_PER_TASK: usize = 32;
+
+/// `out[r, o] = Σ_c x[r, c] · W[o, c]` for a weight matrix held as `row_bytes` bytes of `ty`
+/// blocks per row; `x` is `[n, cols]`, the result `[n, rows]`. Rows are shared out over the
+/// current rayon pool (the trainer's own pool when called from training).
+pub fn matmul(
+    isa: Isa,
+    ty: GgmlType,
+    weights: &[u8],
+    row_bytes: usize,
+    cols: usize,
+    x: &[f32],
+) -> Vec<f32> {
+    assert!(cols > 0 && x.len() % cols == 0, "activation shape");
+    let rows = weights.len() / row_bytes;
+    let n = x.len() / cols;
+    let isa = if has_kernel(ty) { isa } else { Isa::Portable };
+    // Σx of every 32 activations: the weights' offsets and minimums multiply it.
+    let sums: Vec<f32> = x.chunks(32).map(|c| c.iter().sum()).collect();
+    let blocks = cols.div_ceil(32);
+    // Computed as [rows, n] so that every task writes one contiguous slice.
+    let mut out_t = vec![0f32; rows * n];
+    out_t
+        .par_chunks_mut(ROWS_PER_TASK * n)
+        .zip(weights.par_chunks(ROWS_PER_TASK * row_bytes))
+        .for_each(|(out, w)| {
+            let mut dense = Vec::new();
+            for (o, wrow) in out.chunks_exact_mut(n).zip(w.chunks_exact(row_bytes)) {
+                if isa == Isa::Portable {
+                    dense.clear();
+                    dequantize_into(ty, wrow, cols, &mut dense).expect("row length checked");
+                }
+                for (r, y) in o.iter_mut().enumerate() {
+                    let xr = &x[r * cols..(r + 1) * cols];
+                    *y = match isa {
+                        Isa::Portable => dot_f32(&dense, xr),
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: Isa::Avx2 is only chosen after detecting AVX2, FMA and F16C.
+                        Isa::Avx2 => unsafe {
+                            x86::dot(ty, wrow, xr, &sums[r * blocks..(r + 1) * blocks])
+                        },
+                        #[cfg(not(target_arch = "x86_64"))]
+                        Isa::Avx2 => unreachable!(),
+                    };
+                }
+            }
+        });
+    if n == 1 {
+        return out_t;
+    }
+    let mut out = vec![0f32; n * rows];
+    for (o, col) in out_t.chunks_exact(n).enumerate() {
+        for (r, v) in col.iter().enumerate() {
+            out[r * rows + o] = *v;
+        }
+    }
+    out
+}
+
+/// A dot product in 8 independent lanes, so that the compiler vectorizes it (one running f32
+/// sum would force strict left-to-right order).
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests;

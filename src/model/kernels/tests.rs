@@ -1,0 +1,91 @@
+use super::*;
+use crate::model::quant::dequantize;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+const TYPES: [GgmlType; 6] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q6_K,
+];
+
+/// Random blocks whose f16 scales are sane numbers (random bits could be NaN or huge).
+fn random_matrix(ty: GgmlType, rows: usize, cols: usize, rng: &mut StdRng) -> Vec<u8> {
+    let mut bytes: Vec<u8> = (0..rows * ty.bytes_for(cols).unwrap())
+        .map(|_| rng.random())
+        .collect();
+    let scale_offsets: &[usize] = match ty {
+        GgmlType::Q4_1 | GgmlType::Q4_K => &[0, 2],
+        GgmlType::Q6_K => &[208],
+        _ => &[0],
+    };
+    for block in bytes.chunks_exact_mut(ty.block_bytes()) {
+        for &o in scale_offsets {
+            let v = half::f16::from_f32(rng.random_range(-0.05f32..0.05));
+            block[o..o + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    bytes
+}
+
+/// The dequantized matrix times the activations, in f64.
+fn reference(ty: GgmlType, w: &[u8], rows: usize, cols: usize, x: &[f32]) -> Vec<f32> {
+    let dense = dequantize(ty, w, rows * cols).unwrap();
+    let n = x.len() / cols;
+    let mut out = vec![0f32; n * rows];
+    for r in 0..n {
+        let xr = &x[r * cols..(r + 1) * cols];
+        for o in 0..rows {
+            let wr = &dense[o * cols..(o + 1) * cols];
+            out[r * rows + o] = wr
+                .iter()
+                .zip(xr)
+                .map(|(w, x)| *w as f64 * *x as f64)
+                .sum::<f64>() as f32;
+        }
+    }
+    out
+}
+
+#[test]
+fn every_kernel_equals_the_dequantized_product_on_every_isa() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let (rows, cols) = (70, 512); // 70 rows: a partial last task
+    for ty in TYPES {
+        let w = random_matrix(ty, rows, cols, &mut rng);
+        for n in [1, 3] {
+            let x: Vec<f32> = (0..n * cols)
+                .map(|_| rng.random_range(-2f32..2.0))
+                .collect();
+            let want = reference(ty, &w, rows, cols, &x);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let row_bytes = ty.bytes_for(cols).unwrap();
+            for isa in [Isa::Portable, Isa::best()] {
+                let got = matmul(isa, ty, &w, row_bytes, cols, &x);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-5 * scale,
+                        "{ty:?} n={n} {}: element {i}: {g} vs {w}",
+                        isa.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn types_without_a_simd_kernel_fall_back_to_the_portable_path() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let w: Vec<u8> = (0..4 * 64)
+        .flat_map(|_| half::f16::from_f32(rng.random_range(-1f32..1.0)).to_le_bytes())
+        .collect();
+    let x: Vec<f32> = (0..64).map(|_| rng.random_range(-1f32..1.0)).collect();
+    let got = matmul(Isa::best(), GgmlType::F16, &w, 128, 64, &x);
+    let want = reference(GgmlType::F16, &w, 4, 64, &x);
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-4, "{g} vs {w}");
+    }
+}
