@@ -8,6 +8,7 @@
 
 mod common;
 use burn::tensor::DType;
+use clawrl_tui::model::generate::Decoding;
 use clawrl_tui::model::{FinishReason, GenerateRequest, LoadedModel, SamplingParams, WeightMode};
 use serde_json::json;
 
@@ -381,4 +382,56 @@ fn the_teacher_scores_the_students_exact_tokens_after_the_hinted_prompt() {
     assert!(ctx.prompt().len() > student.len());
     let teacher_logps = m.score(ctx.prompt(), ctx.response(), None).unwrap();
     assert_eq!(teacher_logps.len(), response.len());
+}
+
+#[test]
+fn streams_decoded_together_equal_streams_decoded_alone() {
+    let model = common::smollm2();
+    // Different lengths; the long one's cache grows past its first capacity (256) mid-reply.
+    let long = "Tell me about the sea. ".repeat(37);
+    let prompts = ["Name a planet.", long.as_str(), "What is 2+2?"];
+    let request = |p: &str| GenerateRequest {
+        prompt_ids: model
+            .chat_prompt(&[json!({"role": "user", "content": p})], None)
+            .unwrap(),
+        max_tokens: 12,
+        sampling: SamplingParams::greedy(),
+        stop: vec![],
+        top_logprobs: 0,
+    };
+    let lens: Vec<usize> = prompts
+        .iter()
+        .map(|p| request(p).prompt_ids.len())
+        .collect();
+    assert!(
+        lens[1] < 256 && lens[1] + 12 > 256,
+        "prompt lengths {lens:?}"
+    );
+    let alone: Vec<_> = prompts
+        .iter()
+        .map(|p| model.generate(&request(p), |_| true).unwrap())
+        .collect();
+    let mut streams: Vec<_> = prompts
+        .iter()
+        .map(|p| model.start_decoding(&request(p), None, None).unwrap())
+        .collect();
+    for _ in 0..12 {
+        for d in streams.iter_mut() {
+            model.decode_step(d).unwrap();
+        }
+        let before: Vec<usize> = streams.iter().map(|d| d.cache.len()).collect();
+        let mut refs: Vec<&mut Decoding> = streams.iter_mut().collect();
+        model.feed_batch(&mut refs);
+        for (d, n) in streams.iter().zip(before) {
+            if !d.done {
+                assert_eq!(d.cache.len(), n + 1, "fed in the batch");
+            }
+        }
+    }
+    for (together, alone) in streams.iter().zip(&alone) {
+        assert_eq!(together.out.ids, alone.ids);
+        for (a, b) in together.out.logprobs.iter().zip(&alone.logprobs) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
 }

@@ -819,6 +819,16 @@ impl Worker {
             let job = &a.job.job;
             if job.cancel.load(Relaxed) || job.events.is_closed() {
                 a.decoding.cancel();
+            }
+        }
+        // Streams on the same version advance in one forward pass; each then only samples.
+        let t = std::time::Instant::now();
+        let mut streams: Vec<&mut Decoding> = active.iter_mut().map(|a| &mut a.decoding).collect();
+        self.model.feed_batch(&mut streams);
+        Counters::add(&c.decode_micros, t.elapsed().as_micros() as u64);
+        for a in active.iter_mut() {
+            let job = &a.job.job;
+            if a.decoding.done {
                 continue;
             }
             let t = std::time::Instant::now();

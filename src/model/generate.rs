@@ -219,6 +219,57 @@ impl LoadedModel {
         Ok(d)
     }
 
+    /// Runs the token each of `ds` still has to feed through the model, several streams per
+    /// forward pass (those sharing an adapter, up to [`super::linear::DECODE_ROWS`] at a time:
+    /// the weights are read once for all of them). Each one's next [`Self::decode_step`] then
+    /// only samples. Streams left alone are fed by `decode_step` as usual.
+    pub fn feed_batch(&self, ds: &mut [&mut Decoding]) {
+        let mut pending: Vec<&mut Decoding> = ds
+            .iter_mut()
+            .map(|d| &mut **d)
+            .filter(|d| !d.done && d.feed.is_some())
+            .collect();
+        while let Some(first) = pending.first() {
+            let key = first.adapter.as_ref().map(Arc::as_ptr);
+            let (mut group, rest): (Vec<_>, Vec<_>) = pending
+                .into_iter()
+                .partition(|d| d.adapter.as_ref().map(Arc::as_ptr) == key);
+            for batch in group.chunks_mut(super::linear::DECODE_ROWS) {
+                if batch.len() > 1 {
+                    self.feed_together(batch);
+                }
+            }
+            pending = rest;
+        }
+    }
+
+    /// One forward pass for the pending tokens of `batch` (same adapter).
+    fn feed_together(&self, batch: &mut [&mut Decoding]) {
+        let n = batch.len();
+        let ids: Vec<i64> = batch
+            .iter()
+            .map(|d| d.feed.expect("pending") as i64)
+            .collect();
+        let tokens = Tensor::from_data(TensorData::new(ids, [n, 1]), &self.transformer.device());
+        let adapter = batch[0].adapter.clone();
+        let mut caches: Vec<&mut super::KvCache> = batch.iter_mut().map(|d| &mut d.cache).collect();
+        let hidden = self
+            .transformer
+            .forward_batch(tokens, &mut caches, adapter.as_deref());
+        let h = hidden.dims()[2];
+        let logits = self
+            .transformer
+            .logits(hidden.reshape([n, h]))
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("logits are f32");
+        let vocab = logits.len() / n;
+        for (d, row) in batch.iter_mut().zip(logits.chunks_exact(vocab)) {
+            d.logits = row.to_vec();
+            d.feed = None;
+        }
+    }
+
     /// Samples one token; returns the text that became final with it (may be empty).
     pub fn decode_step(&self, d: &mut Decoding) -> Result<String> {
         if d.done {

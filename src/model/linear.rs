@@ -83,7 +83,7 @@ pub struct Linear {
 
 /// Up to this many rows (tokens) go through the quantized kernels when a dense weight is also
 /// kept; longer inputs (prompts, scoring) use the dense matrix product, which wins there.
-const DECODE_ROWS: usize = 8;
+pub const DECODE_ROWS: usize = 8;
 
 impl Linear {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {

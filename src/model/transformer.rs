@@ -89,11 +89,70 @@ pub struct Transformer {
     pub config: Arc<ModelConfig>,
 }
 
-/// Keys and values of every layer for the positions seen so far: `[batch, kv_heads, len, head_dim]`.
+/// Keys and values of every layer for the positions seen so far.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    layers: Vec<LayerCache>,
     len: usize,
+}
+
+/// One layer's keys and values, `[batch, kv_heads, capacity, head_dim]`, of which the first
+/// `len` positions (the cache's) are written. Decoding writes each new position in place and
+/// attends to a view of the written part: no per-token copy or allocation of the cache; the
+/// capacity doubles when full. A copy sharing the buffer (the prefix cache's) is copied once,
+/// on its first write.
+#[derive(Debug, Clone, Default)]
+struct LayerCache {
+    kv: Option<(Tensor<4>, Tensor<4>)>,
+}
+
+/// Smallest capacity allocated, in positions.
+const MIN_CACHE_CAPACITY: usize = 256;
+
+impl LayerCache {
+    /// Appends `k`, `v` (`[b, h, s, d]`) after the first `start` positions; returns the keys
+    /// and values of positions `0..start+s`.
+    fn append(&mut self, k: Tensor<4>, v: Tensor<4>, start: usize) -> (Tensor<4>, Tensor<4>) {
+        let [b, h, s, d] = k.dims();
+        let end = start + s;
+        if k.is_autodiff() {
+            // Training: concatenation keeps the graph simple (few, long chunks; no decoding).
+            let (k, v) = match self.kv.take() {
+                Some((pk, pv)) => (
+                    Tensor::cat(vec![pk.narrow(2, 0, start), k], 2),
+                    Tensor::cat(vec![pv.narrow(2, 0, start), v], 2),
+                ),
+                None => (k, v),
+            };
+            self.kv = Some((k.clone(), v.clone()));
+            return (k, v);
+        }
+        let (mut ck, mut cv) = match self.kv.take() {
+            Some((ck, cv)) if ck.dims()[2] >= end => (ck, cv),
+            old => {
+                let capacity = end.next_power_of_two().max(MIN_CACHE_CAPACITY);
+                let (device, dtype) = (k.device(), k.dtype());
+                let mut ck = Tensor::<4>::zeros([b, h, capacity, d], (&device, dtype));
+                let mut cv = Tensor::<4>::zeros([b, h, capacity, d], (&device, dtype));
+                if let Some((ok, ov)) = old.filter(|_| start > 0) {
+                    ck = ck.slice_assign([0..b, 0..h, 0..start, 0..d], ok.narrow(2, 0, start));
+                    cv = cv.slice_assign([0..b, 0..h, 0..start, 0..d], ov.narrow(2, 0, start));
+                }
+                (ck, cv)
+            }
+        };
+        ck = ck.slice_assign([0..b, 0..h, start..end, 0..d], k);
+        cv = cv.slice_assign([0..b, 0..h, start..end, 0..d], v);
+        let view = (ck.clone().narrow(2, 0, end), cv.clone().narrow(2, 0, end));
+        self.kv = Some((ck, cv));
+        view
+    }
+
+    fn bytes(&self) -> usize {
+        self.kv.as_ref().map_or(0, |(k, v)| {
+            (k.shape().num_elements() + v.shape().num_elements()) * k.dtype().size()
+        })
+    }
 }
 
 impl KvCache {
@@ -104,27 +163,17 @@ impl KvCache {
         self.len == 0
     }
 
-    /// The cache of the first `n` positions (shares storage; later appends copy).
+    /// The cache of the first `n` positions (shares storage; the first write copies).
     pub fn truncated(&self, n: usize) -> Self {
-        let n = n.min(self.len);
-        let layers = self
-            .layers
-            .iter()
-            .map(|kv| {
-                kv.as_ref()
-                    .map(|(k, v)| (k.clone().narrow(2, 0, n), v.clone().narrow(2, 0, n)))
-            })
-            .collect();
-        Self { layers, len: n }
+        Self {
+            layers: self.layers.clone(),
+            len: n.min(self.len),
+        }
     }
 
-    /// Bytes held by the keys and values.
+    /// Bytes held by the keys and values (allocated capacity).
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(k, v)| (k.shape().num_elements() + v.shape().num_elements()) * k.dtype().size())
-            .sum()
+        self.layers.iter().map(LayerCache::bytes).sum()
     }
 }
 
@@ -203,13 +252,16 @@ fn apply_rope(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>, layout: RopeLayout
 }
 
 impl Attention {
+    /// `x` is `[b, s, hidden]`: `b` sequences, each with its own cache, start position and
+    /// rotation tables. The projections run on all of them at once (one pass over the weights
+    /// for a batch of decoding streams); attention runs per sequence.
     fn forward(
         &self,
         x: Tensor<3>,
         cfg: &ModelConfig,
-        rope: &(Tensor<2>, Tensor<2>),
-        cache: &mut Option<(Tensor<4>, Tensor<4>)>,
-        start: usize,
+        ropes: &[(Tensor<2>, Tensor<2>)],
+        caches: &mut [&mut LayerCache],
+        starts: &[usize],
         lora: Option<&LayerLora>,
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
@@ -224,38 +276,54 @@ impl Attention {
             q = qn.forward(q);
             k = kn.forward(k);
         }
-        let q = apply_rope(q, &rope.0, &rope.1, cfg.rope_layout);
-        let k = apply_rope(k, &rope.0, &rope.1, cfg.rope_layout);
-        let (k, v) = match cache.take() {
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
-            None => (k, v),
+        let row = |t: &Tensor<4>, r: usize| {
+            if b == 1 {
+                t.clone()
+            } else {
+                t.clone().narrow(0, r, 1)
+            }
         };
-        *cache = Some((k.clone(), v.clone()));
-        let t = k.dims()[2];
-        let rep = nh / nkv;
-        // Grouped-query attention without copying K/V per query head: fold the `rep` query
-        // heads of each KV group into the row axis.
-        let qg = q.reshape([b, nkv, rep * s, hd]);
-        let scores = qg
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (hd as f64).sqrt());
-        let mut scores = scores.reshape([b, nh, s, t]);
-        if s > 1 {
-            // Query i (absolute position start+i) may see keys 0..=start+i.
-            let mask = Tensor::<2, Bool>::tril_mask([s, t], start as i64, &scores.device());
-            scores = scores.mask_fill(
-                mask.unsqueeze::<4>().expand([b, nh, s, t]),
-                f32::NEG_INFINITY,
-            );
+        let mut outs = Vec::with_capacity(b);
+        for (r, cache) in caches.iter_mut().enumerate() {
+            let (cos, sin) = &ropes[r];
+            let q = apply_rope(row(&q, r), cos, sin, cfg.rope_layout);
+            let k = apply_rope(row(&k, r), cos, sin, cfg.rope_layout);
+            let (k, v) = cache.append(k, row(&v, r), starts[r]);
+            outs.push(attend(q, k, v, starts[r], nkv));
         }
-        let probs = softmax(scores, 3).reshape([b, nkv, rep * s, t]);
-        let out = probs
-            .matmul(v)
-            .reshape([b, nh, s, hd])
-            .swap_dims(1, 2)
-            .reshape([b, s, nh * hd]);
+        let out = if b == 1 {
+            outs.pop().expect("one row")
+        } else {
+            Tensor::cat(outs, 0)
+        };
+        let out = out.swap_dims(1, 2).reshape([b, s, nh * hd]);
         proj(&self.o_proj, Target::OProj, out)
     }
+}
+
+/// Causal attention of one sequence: `q` `[1, heads, s, d]` at positions `start..start+s`,
+/// over `k`, `v` `[1, kv_heads, t, d]`; returns `[1, heads, s, d]`.
+fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, start: usize, nkv: usize) -> Tensor<4> {
+    let [b, nh, s, hd] = q.dims();
+    let t = k.dims()[2];
+    let rep = nh / nkv;
+    // Grouped-query attention without copying K/V per query head: fold the `rep` query
+    // heads of each KV group into the row axis.
+    let qg = q.reshape([b, nkv, rep * s, hd]);
+    let scores = qg
+        .matmul(k.swap_dims(2, 3))
+        .mul_scalar(1.0 / (hd as f64).sqrt());
+    let mut scores = scores.reshape([b, nh, s, t]);
+    if s > 1 {
+        // Query i (absolute position start+i) may see keys 0..=start+i.
+        let mask = Tensor::<2, Bool>::tril_mask([s, t], start as i64, &scores.device());
+        scores = scores.mask_fill(
+            mask.unsqueeze::<4>().expand([b, nh, s, t]),
+            f32::NEG_INFINITY,
+        );
+    }
+    let probs = softmax(scores, 3).reshape([b, nkv, rep * s, t]);
+    probs.matmul(v).reshape([b, nh, s, hd])
 }
 
 impl Mlp {
@@ -271,7 +339,7 @@ impl Mlp {
 impl Transformer {
     pub fn new_cache(&self) -> KvCache {
         KvCache {
-            layers: vec![None; self.layers.len()],
+            layers: vec![LayerCache::default(); self.layers.len()],
             len: 0,
         }
     }
@@ -315,8 +383,8 @@ impl Transformer {
         total
     }
 
-    /// Runs `tokens` `[batch, seq]` after the cached positions, with `adapter`'s low-rank
-    /// updates when given; returns the final-norm hidden states `[batch, seq, hidden]` and
+    /// Runs `tokens` `[1, seq]` after the cached positions, with `adapter`'s low-rank
+    /// updates when given; returns the final-norm hidden states `[1, seq, hidden]` and
     /// extends the cache.
     pub fn forward(
         &self,
@@ -324,25 +392,44 @@ impl Transformer {
         cache: &mut KvCache,
         adapter: Option<&LoraAdapter>,
     ) -> Tensor<3> {
+        self.forward_batch(tokens, &mut [cache], adapter)
+    }
+
+    /// Runs `tokens` `[b, seq]`: row `r` continues `caches[r]`, whatever its length (batched
+    /// decoding of several streams reads the weights once for all). Returns `[b, seq, hidden]`.
+    pub fn forward_batch(
+        &self,
+        tokens: Tensor<2, Int>,
+        caches: &mut [&mut KvCache],
+        adapter: Option<&LoraAdapter>,
+    ) -> Tensor<3> {
         let cfg = &self.config;
-        let [_, s] = tokens.dims();
-        let start = cache.len;
-        let rope = rope_tables(cfg, start, s, &self.device(), self.dtype());
+        let [b, s] = tokens.dims();
+        assert_eq!(b, caches.len(), "one cache per sequence");
+        let starts: Vec<usize> = caches.iter().map(|c| c.len).collect();
+        let ropes: Vec<_> = starts
+            .iter()
+            .map(|&start| rope_tables(cfg, start, s, &self.device(), self.dtype()))
+            .collect();
         let mut x = burn::tensor::module::embedding(self.embed.val(), tokens);
-        for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+        for (i, layer) in self.layers.iter().enumerate() {
             let lora = adapter.and_then(|a| a.layers.get(i));
+            let mut layer_caches: Vec<&mut LayerCache> =
+                caches.iter_mut().map(|c| &mut c.layers[i]).collect();
             let h = layer.attn.forward(
                 layer.input_norm.forward(x.clone()),
                 cfg,
-                &rope,
-                kv,
-                start,
+                &ropes,
+                &mut layer_caches,
+                &starts,
                 lora,
             );
             x = x + h;
             x = x.clone() + layer.mlp.forward(layer.post_attn_norm.forward(x), lora);
         }
-        cache.len += s;
+        for c in caches.iter_mut() {
+            c.len += s;
+        }
         self.norm.forward(x)
     }
 
