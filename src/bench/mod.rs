@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 
 pub mod judge;
+pub mod llama_cpp;
 pub mod train;
 pub mod tui;
 
@@ -39,6 +40,14 @@ pub struct BenchArgs {
     pub train: bool,
     #[command(flatten)]
     pub train_args: train::TrainBenchArgs,
+    /// Measure the serving engine against llama.cpp on the same GGUF and token ids: prefill,
+    /// decode, 4 streams, decode at 4 K context, TTFT of a repeated 5 K-token system prompt,
+    /// and the physical bound of decoding (install llama.cpp with scripts/install-llama-cpp.sh).
+    #[arg(long)]
+    pub against_llama_cpp: bool,
+    /// With --against-llama-cpp: the Python that has llama-cpp-python.
+    #[arg(long, default_value = "target/llama-cpp/bin/python")]
+    pub llama_cpp_python: std::path::PathBuf,
     /// Measure the control center instead: event folding and frame drawing time on an empty
     /// and on a full history (no model needed).
     #[arg(long)]
@@ -66,6 +75,9 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
     if args.tui {
         return tui::run(args.frames);
     }
+    if args.against_llama_cpp {
+        return llama_cpp::run(cfg, &args.llama_cpp_python);
+    }
     if args.variants.is_empty() || args.runs == 0 {
         bail!("bench needs at least one variant and one run");
     }
@@ -82,16 +94,14 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
         c.model.weights = match weights {
             "dense" => WeightMode::Dense,
             "blocks" => WeightMode::Blocks,
+            "both" => WeightMode::Both,
             other => bail!("unknown weight mode {other:?} in variant {v:?}"),
         };
         let t = std::time::Instant::now();
         let model = load_model(&c)?;
         let load_secs = t.elapsed().as_secs_f64();
         // A fixed, model-independent prompt: the same ids for every variant.
-        let vocab = model.config.vocab_size as u32;
-        let prompt_ids: Vec<u32> = (0..args.prompt_tokens as u32)
-            .map(|i| 100 + (i * 7919) % (vocab - 200))
-            .collect();
+        let prompt_ids = synthetic_prompt(model.config.vocab_size, args.prompt_tokens, 0);
         let req = GenerateRequest {
             prompt_ids,
             max_tokens: args.decode_tokens,
@@ -138,6 +148,14 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `n` token ids spread over the vocabulary (away from its special ends); `salt` varies them.
+pub(crate) fn synthetic_prompt(vocab: usize, n: usize, salt: u32) -> Vec<u32> {
+    let vocab = vocab as u32;
+    (0..n as u32)
+        .map(|i| 100 + (i * 7919 + salt * 104_729) % (vocab - 200))
+        .collect()
 }
 
 fn median(v: &mut [f64]) -> f64 {

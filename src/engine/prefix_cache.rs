@@ -67,6 +67,7 @@ impl PrefixCache {
         if ids.len() < self.min_tokens || cache.len() != ids.len() {
             return;
         }
+        let cache = cache.compacted();
         let bytes = cache.bytes();
         if bytes > self.budget_bytes {
             return;
@@ -80,7 +81,7 @@ impl PrefixCache {
             version,
             background,
             ids: ids.to_vec(),
-            cache: cache.clone(),
+            cache,
             bytes,
             last_used: self.clock,
         });

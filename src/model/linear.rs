@@ -118,11 +118,22 @@ impl Linear {
             .decode_blocks
             .as_ref()
             .map_or(0, |b| b.matrix.byte_len());
-        w + kept
-            + self
-                .bias
-                .as_ref()
-                .map_or(0, |b| b.shape().num_elements() * b.dtype().size())
+        w + kept + self.bias_bytes()
+    }
+
+    /// Bytes read per decoded token: the blocks when decoding uses them, else the weight.
+    pub fn decode_bytes(&self) -> usize {
+        let w = match (&self.decode_blocks, &self.weight) {
+            (Some(b), _) | (None, LinearWeight::Blocks(b)) => b.matrix.byte_len(),
+            (None, LinearWeight::Dense(w)) => w.shape().num_elements() * w.dtype().size(),
+        };
+        w + self.bias_bytes()
+    }
+
+    fn bias_bytes(&self) -> usize {
+        self.bias
+            .as_ref()
+            .map_or(0, |b| b.shape().num_elements() * b.dtype().size())
     }
 
     pub fn dtype(&self) -> Option<DType> {

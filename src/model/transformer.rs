@@ -148,6 +148,22 @@ impl LayerCache {
         view
     }
 
+    /// A copy holding exactly the first `len` positions, sharing nothing.
+    fn compacted(&self, len: usize) -> Self {
+        let copy = |t: &Tensor<4>| {
+            let [b, h, _, d] = t.dims();
+            Tensor::<4>::zeros([b, h, len, d], (&t.device(), t.dtype()))
+                .slice_assign([0..b, 0..h, 0..len, 0..d], t.clone().narrow(2, 0, len))
+        };
+        Self {
+            kv: self
+                .kv
+                .as_ref()
+                .filter(|_| len > 0)
+                .map(|(k, v)| (copy(k), copy(v))),
+        }
+    }
+
     fn bytes(&self) -> usize {
         self.kv.as_ref().map_or(0, |(k, v)| {
             (k.shape().num_elements() + v.shape().num_elements()) * k.dtype().size()
@@ -168,6 +184,15 @@ impl KvCache {
         Self {
             layers: self.layers.clone(),
             len: n.min(self.len),
+        }
+    }
+
+    /// A copy of exactly the written positions, sharing no storage (for keeping: the prefix
+    /// cache). The original keeps writing in place, and the copy wastes no spare capacity.
+    pub fn compacted(&self) -> Self {
+        Self {
+            layers: self.layers.iter().map(|l| l.compacted(self.len)).collect(),
+            len: self.len,
         }
     }
 
@@ -352,35 +377,55 @@ impl Transformer {
         self.embed.dtype()
     }
 
-    /// Bytes held by the weights (projections as stored: dense or quantized blocks).
+    /// Bytes held by the weights (projections as stored: dense and/or quantized blocks).
     pub fn weight_bytes(&self) -> usize {
-        let tensor = |t: &Param<Tensor<1>>| t.shape().num_elements() * t.dtype().size();
-        let norm = |n: &RmsNorm| tensor(&n.weight);
-        let mut total =
-            self.embed.shape().num_elements() * self.embed.dtype().size() + norm(&self.norm);
-        total += self.lm_head.as_ref().map_or(0, Linear::weight_bytes);
-        total += self
+        let embed = self.embed.shape().num_elements() * self.embed.dtype().size();
+        let tied = self
             .tied_head_blocks
             .as_ref()
             .map_or(0, |b| b.matrix.byte_len());
-        for l in &self.layers {
-            let a = &l.attn;
-            total += [
-                &a.q_proj,
-                &a.k_proj,
-                &a.v_proj,
-                &a.o_proj,
-                &l.mlp.gate_proj,
-                &l.mlp.up_proj,
-                &l.mlp.down_proj,
-            ]
+        embed + tied + self.norm_bytes() + self.linears().map(Linear::weight_bytes).sum::<usize>()
+    }
+
+    /// Bytes of weights read to decode one token: each projection's decoding form, the head,
+    /// the norms and one embedding row (the physical bound of decoding is bandwidth / this).
+    pub fn decode_bytes_per_token(&self) -> usize {
+        let embed_bytes = self.embed.shape().num_elements() * self.embed.dtype().size();
+        let head = match (&self.lm_head, &self.tied_head_blocks) {
+            (Some(_), _) => 0, // among the linears
+            (None, Some(b)) => b.matrix.byte_len(),
+            (None, None) => embed_bytes,
+        };
+        let row = embed_bytes / self.config.vocab_size.max(1);
+        row + head + self.norm_bytes() + self.linears().map(Linear::decode_bytes).sum::<usize>()
+    }
+
+    /// Every projection, the untied head included.
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers
             .iter()
-            .map(|p| p.weight_bytes())
-            .sum::<usize>();
-            total += norm(&l.input_norm) + norm(&l.post_attn_norm);
-            total += a.q_norm.as_ref().map_or(0, norm) + a.k_norm.as_ref().map_or(0, norm);
-        }
-        total
+            .flat_map(|l| {
+                let a = &l.attn;
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]
+                    .into_iter()
+                    .chain([&l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj])
+            })
+            .chain(self.lm_head.as_ref())
+    }
+
+    fn norm_bytes(&self) -> usize {
+        let norm = |n: &RmsNorm| n.weight.shape().num_elements() * n.weight.dtype().size();
+        self.layers
+            .iter()
+            .map(|l| {
+                let a = &l.attn;
+                norm(&l.input_norm)
+                    + norm(&l.post_attn_norm)
+                    + a.q_norm.as_ref().map_or(0, norm)
+                    + a.k_norm.as_ref().map_or(0, norm)
+            })
+            .sum::<usize>()
+            + norm(&self.norm)
     }
 
     /// Runs `tokens` `[1, seq]` after the cached positions, with `adapter`'s low-rank

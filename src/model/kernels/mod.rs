@@ -20,6 +20,8 @@ pub enum Isa {
     Portable,
     /// AVX2 + FMA + F16C (x86-64-v3).
     Avx2,
+    /// AVX-512 F + BW (x86-64-v4).
+    Avx512,
 }
 
 impl Isa {
@@ -37,20 +39,30 @@ impl Isa {
 
     /// The best kernels this CPU runs.
     pub fn best() -> Self {
+        *Self::supported().last().expect("portable always runs")
+    }
+
+    /// Every instruction set this CPU runs kernels for, from the fallback to the best.
+    pub fn supported() -> Vec<Self> {
+        let mut isas = vec![Isa::Portable];
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
         {
-            return Isa::Avx2;
+            isas.push(Isa::Avx2);
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                isas.push(Isa::Avx512);
+            }
         }
-        Isa::Portable
+        isas
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
         }
     }
 }
@@ -103,15 +115,17 @@ pub fn matmul(
                 }
                 for (r, y) in o.iter_mut().enumerate() {
                     let xr = &x[r * cols..(r + 1) * cols];
+                    let sums = &sums[r * blocks..(r + 1) * blocks];
                     *y = match isa {
                         Isa::Portable => dot_f32(&dense, xr),
+                        // SAFETY: an Isa other than Portable is only chosen after detecting
+                        // its instruction set (Isa::supported).
                         #[cfg(target_arch = "x86_64")]
-                        // SAFETY: Isa::Avx2 is only chosen after detecting AVX2, FMA and F16C.
-                        Isa::Avx2 => unsafe {
-                            x86::dot(ty, wrow, xr, &sums[r * blocks..(r + 1) * blocks])
-                        },
+                        Isa::Avx2 => unsafe { x86::avx2::dot(ty, wrow, xr, sums) },
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx512 => unsafe { x86::avx512::dot(ty, wrow, xr, sums) },
                         #[cfg(not(target_arch = "x86_64"))]
-                        Isa::Avx2 => unreachable!(),
+                        _ => unreachable!(),
                     };
                 }
             }

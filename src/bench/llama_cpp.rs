@@ -1,0 +1,336 @@
+//! `clawrl-tui bench --against-llama-cpp`: clawrl's serving engine and llama.cpp on the same
+//! GGUF, the same token ids and the same threads, side by side in one invocation, with the
+//! physical bound of decoding (bytes read per token / measured memory bandwidth).
+//!
+//! llama.cpp runs through llama-cpp-python's low-level bindings (`scripts/bench_llama_cpp.py`,
+//! embedded here; install with `scripts/install-llama-cpp.sh`).
+
+use crate::app::engine_config;
+use crate::cli::model_path;
+use crate::config::Config;
+use crate::engine::{Engine, EngineEvent, Job, Priority, Prompt, Status, Task, Version};
+use crate::model::{Generation, SamplingParams, kernels::Isa};
+use crate::telemetry::Counters;
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const SCRIPT: &str = include_str!("../../scripts/bench_llama_cpp.py");
+const DECODE_TOKENS: usize = 128;
+const PREFILL_TOKENS: usize = 512;
+const LONG_CONTEXT: usize = 4096;
+const LONG_DECODE_TOKENS: usize = 64;
+const SYSTEM_PROMPT_TOKENS: usize = 5000;
+const STREAMS: usize = 4;
+
+pub fn run(cfg: &Config, python: &Path) -> Result<()> {
+    if !python.exists() {
+        bail!(
+            "{} not found: install llama-cpp-python with scripts/install-llama-cpp.sh (or pass --llama-cpp-python)",
+            python.display()
+        );
+    }
+    let model = model_path(cfg)?;
+    let mut cfg = cfg.clone();
+    cfg.server.max_active = cfg.server.max_active.max(STREAMS);
+    let engine = start_engine(&cfg)?;
+    let info = engine.info().context("engine info")?;
+    let loaded = engine.model().context("engine model")?;
+    let tokenizer = &info.tokenizer;
+    println!("model: {}", model.display());
+    println!(
+        "clawrl: {} (kernels: {})",
+        info.summary,
+        Isa::selected().name()
+    );
+
+    // The workloads, as token ids both sides use.
+    let chat = |system: &str, user: &str| -> Result<Vec<u32>> {
+        let mut m = Vec::new();
+        if !system.is_empty() {
+            m.push(json!({"role": "system", "content": system}));
+        }
+        m.push(json!({"role": "user", "content": user}));
+        loaded.chat_prompt(&m, None)
+    };
+    let synthetic = |n, salt| super::synthetic_prompt(loaded.config.vocab_size, n, salt);
+    let story = "Write a long story about a lighthouse keeper who finds a message in a bottle.";
+    let long_system = |tokens: usize| -> Result<String> {
+        let sentence =
+            "The keeper logged the weather, the ships and the tides in a worn notebook. ";
+        let per = tokenizer.encode(sentence)?.len().max(1);
+        Ok(sentence.repeat(tokens / per))
+    };
+    let system = long_system(SYSTEM_PROMPT_TOKENS)?;
+    let w = json!({
+        "n_ctx": (SYSTEM_PROMPT_TOKENS + LONG_CONTEXT).min(loaded.config.context_length),
+        "prefill": synthetic(PREFILL_TOKENS, 1),
+        "decode": chat("", story)?,
+        "decode_tokens": DECODE_TOKENS,
+        "long": chat(&long_system(LONG_CONTEXT)?, "Continue the log for one more day.")?,
+        "long_decode_tokens": LONG_DECODE_TOKENS,
+        "system_first": chat(&system, "What did the keeper log?")?,
+        "system_second": chat(&system, "Which word appears most often?")?,
+    });
+    let ids = |k: &str| -> Vec<u32> {
+        w[k].as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_u64())
+                    .map(|v| v as u32)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    // clawrl, through the serving engine (prefix cache, batching, kernels as shipped).
+    let generate = |prompt: Vec<u32>, max_tokens: usize| run_job(&engine, prompt, max_tokens);
+    generate(synthetic(PREFILL_TOKENS, 2), 8)?; // warm-up
+    let ours_prefill = {
+        let g = generate(ids("prefill"), 1)?.0;
+        g.prompt_tokens as f64 / g.prefill_secs
+    };
+    let ours_decode = decode_rate(&generate(ids("decode"), DECODE_TOKENS)?.0);
+    let ours_streams = streams(&engine, &ids("decode"), STREAMS)?;
+    let ours_long = decode_rate(&generate(ids("long"), LONG_DECODE_TOKENS)?.0);
+    let ours_ttft1 = generate(ids("system_first"), 1)?.1;
+    let ours_ttft2 = generate(ids("system_second"), 1)?.1;
+    let short_ctx = ids("decode").len();
+    let long_ctx = ids("long").len();
+    let bytes_per_token = loaded.transformer.decode_bytes_per_token();
+    drop(engine);
+
+    // llama.cpp, on the same ids.
+    let dir = std::env::temp_dir().join(format!("clawrl-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (script, tokens) = (dir.join("bench.py"), dir.join("tokens.json"));
+    std::fs::write(&script, SCRIPT)?;
+    std::fs::write(&tokens, w.to_string())?;
+    println!("running llama.cpp ({}) ...", python.display());
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg("--model")
+        .arg(&model)
+        .arg("--tokens")
+        .arg(&tokens)
+        .arg("--threads")
+        .arg(rayon::current_num_threads().to_string())
+        .output()
+        .context("running the llama.cpp script");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(15).collect();
+        bail!(
+            "the llama.cpp script failed:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    let theirs: Value = serde_json::from_slice(
+        out.stdout
+            .split(|&b| b == b'\n')
+            .rfind(|l| l.starts_with(b"{"))
+            .unwrap_or_default(),
+    )
+    .context("reading the llama.cpp script's JSON")?;
+    let t = |k: &str| theirs[k].as_f64().unwrap_or(f64::NAN);
+
+    let bandwidth = measure_bandwidth();
+    let bound = bandwidth / bytes_per_token as f64;
+    println!(
+        "\n{:<42} {:>10} {:>10} {:>8}",
+        "", "clawrl", "llama.cpp", "ratio"
+    );
+    let row = |name: &str, ours: f64, theirs: f64, unit: &str, higher_is_better: bool| {
+        let ratio = if higher_is_better {
+            ours / theirs
+        } else {
+            theirs / ours
+        };
+        println!("{name:<42} {ours:>10.1} {theirs:>10.1} {ratio:>7.2}x  {unit}");
+    };
+    row(
+        &format!("prefill ({PREFILL_TOKENS} tokens)"),
+        ours_prefill,
+        t("prefill_tps"),
+        "tok/s",
+        true,
+    );
+    row(
+        &format!("decode (batch 1, {DECODE_TOKENS} tokens)"),
+        ours_decode,
+        t("decode_tps"),
+        "tok/s",
+        true,
+    );
+    row(
+        &format!("{STREAMS} streams, aggregate decode"),
+        ours_streams,
+        t("streams4_tps"),
+        "tok/s",
+        true,
+    );
+    row(
+        &format!("decode at {long_ctx} tokens of context"),
+        ours_long,
+        t("long_decode_tps"),
+        "tok/s",
+        true,
+    );
+    row(
+        "TTFT, 5K-token system prompt, 1st turn",
+        ours_ttft1 * 1e3,
+        t("ttft_first_s") * 1e3,
+        "ms (ratio: llama.cpp / clawrl)",
+        false,
+    );
+    row(
+        "TTFT, same system prompt, 2nd turn",
+        ours_ttft2 * 1e3,
+        t("ttft_second_s") * 1e3,
+        "ms (ratio: llama.cpp / clawrl)",
+        false,
+    );
+    println!("\nclawrl's own ratios:");
+    println!(
+        "  {STREAMS} streams / 1 stream: {:.2}x",
+        ours_streams / ours_decode
+    );
+    println!(
+        "  decode at {long_ctx} / at {short_ctx} tokens of context: {:.2}x",
+        ours_long / ours_decode
+    );
+    println!("  2nd / 1st turn TTFT: {:.3}x", ours_ttft2 / ours_ttft1);
+    println!(
+        "\nphysical bound of decode: {:.1} MB read per token / {:.1} GB/s measured bandwidth = {:.0} tok/s",
+        bytes_per_token as f64 / 1e6,
+        bandwidth / 1e9,
+        bound
+    );
+    println!(
+        "  clawrl decode at {:.0}% of it, llama.cpp at {:.0}%",
+        100.0 * ours_decode / bound,
+        100.0 * t("decode_tps") / bound
+    );
+    Ok(())
+}
+
+fn start_engine(cfg: &Config) -> Result<Engine> {
+    let engine = Engine::start(
+        engine_config(cfg)?,
+        Arc::new(Counters::default()),
+        |_| (0, None),
+        |_| {},
+    );
+    let t = Instant::now();
+    loop {
+        match engine.status() {
+            Status::Ready => return Ok(engine),
+            Status::Failed(e) => bail!("the model failed to load: {e}"),
+            _ if t.elapsed() > Duration::from_secs(600) => {
+                bail!("the model took over 10 minutes to load")
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn job(
+    prompt: Vec<u32>,
+    max_tokens: usize,
+) -> (Job, tokio::sync::mpsc::UnboundedReceiver<EngineEvent>) {
+    let task = Task::Generate {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop: vec![],
+        top_logprobs: 0,
+    };
+    Job::new(Prompt::Ids(prompt), task, Version::Live, Priority::User)
+}
+
+/// Runs one generation; returns it and its time to first token (submission to first token).
+fn run_job(engine: &Engine, prompt: Vec<u32>, max_tokens: usize) -> Result<(Generation, f64)> {
+    let (job, mut rx) = job(prompt, max_tokens);
+    let t = Instant::now();
+    engine.submit(job).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let mut first = None;
+    loop {
+        match rx.blocking_recv() {
+            Some(EngineEvent::Text(_)) => {
+                first.get_or_insert(t.elapsed().as_secs_f64());
+            }
+            Some(EngineEvent::Finished { generation, .. }) => {
+                let ttft = first.unwrap_or(t.elapsed().as_secs_f64());
+                return Ok((generation, ttft));
+            }
+            Some(EngineEvent::Failed(e)) => bail!("generation failed: {e:?}"),
+            Some(_) => {}
+            None => bail!("the engine stopped"),
+        }
+    }
+}
+
+/// Tokens per second after the first (which comes out of the prompt's computation).
+fn decode_rate(g: &Generation) -> f64 {
+    g.ids.len().saturating_sub(1) as f64 / g.decode_secs.max(1e-9)
+}
+
+/// `n` concurrent generations of `prompt`: decoded tokens per second of wall time, from the
+/// moment all were admitted to the last one's end.
+fn streams(engine: &Engine, prompt: &[u32], n: usize) -> Result<f64> {
+    let mut rxs = Vec::new();
+    for _ in 0..n {
+        let (job, rx) = job(prompt.to_vec(), DECODE_TOKENS);
+        engine.submit(job).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        rxs.push(rx);
+    }
+    let handles: Vec<_> = rxs
+        .into_iter()
+        .map(|mut rx| {
+            std::thread::spawn(move || {
+                let mut admitted = None;
+                loop {
+                    match rx.blocking_recv() {
+                        Some(EngineEvent::Admitted { .. }) => admitted = Some(Instant::now()),
+                        Some(EngineEvent::Finished { generation, .. }) => {
+                            return Some((admitted?, Instant::now(), generation.ids.len()));
+                        }
+                        Some(EngineEvent::Failed(_)) | None => return None,
+                        Some(_) => {}
+                    }
+                }
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().ok().flatten().context("a stream failed"))
+        .collect::<Result<_>>()?;
+    let start = results.iter().map(|r| r.0).max().expect("n > 0");
+    let end = results.iter().map(|r| r.1).max().expect("n > 0");
+    // Tokens decoded after the last admission: the first token of each comes from its prompt.
+    let tokens: usize = results.iter().map(|r| r.2.saturating_sub(1)).sum();
+    Ok(tokens as f64 / (end - start).as_secs_f64().max(1e-9))
+}
+
+/// Read bandwidth of this machine's memory with every core streaming a 256 MB buffer (bytes/s).
+fn measure_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let buf = vec![1u64; 32 << 20];
+    let chunk = buf.len() / rayon::current_num_threads().max(1);
+    let pass = || {
+        buf.par_chunks(chunk)
+            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+            .sum::<u64>()
+    };
+    std::hint::black_box(pass());
+    let t = Instant::now();
+    let passes = 5;
+    for _ in 0..passes {
+        std::hint::black_box(pass());
+    }
+    (passes * buf.len() * 8) as f64 / t.elapsed().as_secs_f64()
+}
