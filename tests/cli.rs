@@ -136,11 +136,14 @@ fn every_weight_mode_and_kernel_path_gives_the_same_greedy_reply() {
     assert!(dense.trim().len() > 10, "reply: {dense:?}");
     // The quantized kernels compute the dequantized matrix's own product, so greedy decoding
     // picks the same tokens: on the SIMD kernels and on the portable ones.
+    // Each instruction set the CPU lacks falls back to the best one it has.
     for (weights, kernels) in [
         ("both", None),
         ("blocks", None),
         ("both", Some("portable")),
         ("blocks", Some("portable")),
+        ("both", Some("avx2")),
+        ("both", Some("avx512")),
     ] {
         assert_eq!(generate(weights, kernels), dense, "{weights} {kernels:?}");
     }

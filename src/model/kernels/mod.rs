@@ -4,8 +4,9 @@
 //! instead of a dequantized f32 copy's 32 is what sets its speed. The weights are unpacked in
 //! registers and meet the f32 activations as they are (llama.cpp rounds activations to 8 bits,
 //! which changes greedy replies; here the result is the dequantized matrix's own product up to
-//! summation order). Each type has a SIMD kernel for x86-64 with AVX2, chosen at run time, and
-//! a portable one (dequantize a row, then dot); `CLAWRL_KERNELS=portable` forces the latter.
+//! summation order). Each type has SIMD kernels for x86-64 (AVX2, AVX-512), chosen at run time,
+//! and a portable one (dequantize a row, then dot); `CLAWRL_KERNELS=portable|avx2|avx512`
+//! picks one.
 
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -25,14 +26,25 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The kernels used: the best this CPU runs, unless `CLAWRL_KERNELS=portable`.
+    /// The kernels used: the best this CPU runs, or the one `CLAWRL_KERNELS` names
+    /// (`portable`, `avx2`, `avx512`) when this CPU runs it.
     pub fn selected() -> Self {
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
-            if std::env::var("CLAWRL_KERNELS").is_ok_and(|v| v == "portable") {
-                Isa::Portable
-            } else {
-                Self::best()
+            let wanted = std::env::var("CLAWRL_KERNELS").unwrap_or_default();
+            let supported = Self::supported();
+            match supported.iter().find(|i| i.name() == wanted) {
+                Some(isa) => *isa,
+                None => {
+                    if !wanted.is_empty() {
+                        tracing::warn!(
+                            "CLAWRL_KERNELS={wanted:?} is not one this CPU runs ({}); using {}",
+                            supported.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "),
+                            Self::best().name()
+                        );
+                    }
+                    Self::best()
+                }
             }
         })
     }
