@@ -158,7 +158,8 @@ mod tests {
     #[test]
     fn background_prompts_are_evicted_before_user_prompts() {
         let model = tiny();
-        let one = cache_of(&model, &[1, 2, 3, 4]).bytes();
+        // Entries are stored compacted (no spare capacity).
+        let one = cache_of(&model, &[1, 2, 3, 4]).compacted().bytes();
         let mut pc = PrefixCache::new(2 * one, 2);
         pc.insert(0, &[1, 2, 3, 4], &cache_of(&model, &[1, 2, 3, 4]), false);
         pc.insert(0, &[5, 6, 7, 8], &cache_of(&model, &[5, 6, 7, 8]), true);

@@ -6,10 +6,12 @@ pub mod config;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;
+pub mod kv_cache;
 pub mod linear;
 pub mod lora;
 pub mod peft;
 pub mod quant;
+pub mod rope;
 pub mod sampling;
 pub mod scoring;
 pub mod tokenizer;
@@ -18,9 +20,10 @@ pub mod weights;
 
 pub use config::{Family, ModelConfig};
 pub use generate::{FinishReason, GenerateRequest, Generation};
+pub use kv_cache::KvCache;
 pub use lora::{LoraAdapter, LoraConfig, Target};
 pub use sampling::SamplingParams;
-pub use transformer::{KvCache, Transformer, WeightMode};
+pub use transformer::{Transformer, WeightMode};
 
 use anyhow::{Context, Result};
 use burn::tensor::{DType, Device};

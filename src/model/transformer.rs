@@ -2,10 +2,12 @@
 //! RoPE (NEOX or interleaved), grouped-query attention with a KV cache, SwiGLU MLP, and a tied
 //! or untied output head.
 
-use super::config::{ModelConfig, RopeLayout};
+use super::config::ModelConfig;
 use super::kernels;
+use super::kv_cache::{KvCache, LayerCache};
 use super::linear::{self, BlockWeight, Linear, LinearWeight};
 use super::lora::{LayerLora, LoraAdapter, Target, with_delta};
+use super::rope::Rope;
 use super::weights::WeightFile;
 use anyhow::{Context, Result, ensure};
 use burn::module::{Module, Param};
@@ -87,119 +89,8 @@ pub struct Transformer {
     pub tied_head_blocks: Option<BlockWeight>,
     #[module(skip)]
     pub config: Arc<ModelConfig>,
-}
-
-/// Keys and values of every layer for the positions seen so far.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    layers: Vec<LayerCache>,
-    len: usize,
-}
-
-/// One layer's keys and values, `[batch, kv_heads, capacity, head_dim]`, of which the first
-/// `len` positions (the cache's) are written. Decoding writes each new position in place and
-/// attends to a view of the written part: no per-token copy or allocation of the cache; the
-/// capacity doubles when full. A copy sharing the buffer (the prefix cache's) is copied once,
-/// on its first write.
-#[derive(Debug, Clone, Default)]
-struct LayerCache {
-    kv: Option<(Tensor<4>, Tensor<4>)>,
-}
-
-/// Smallest capacity allocated, in positions.
-const MIN_CACHE_CAPACITY: usize = 256;
-
-impl LayerCache {
-    /// Appends `k`, `v` (`[b, h, s, d]`) after the first `start` positions; returns the keys
-    /// and values of positions `0..start+s`.
-    fn append(&mut self, k: Tensor<4>, v: Tensor<4>, start: usize) -> (Tensor<4>, Tensor<4>) {
-        let [b, h, s, d] = k.dims();
-        let end = start + s;
-        if k.is_autodiff() {
-            // Training: concatenation keeps the graph simple (few, long chunks; no decoding).
-            let (k, v) = match self.kv.take() {
-                Some((pk, pv)) => (
-                    Tensor::cat(vec![pk.narrow(2, 0, start), k], 2),
-                    Tensor::cat(vec![pv.narrow(2, 0, start), v], 2),
-                ),
-                None => (k, v),
-            };
-            self.kv = Some((k.clone(), v.clone()));
-            return (k, v);
-        }
-        let (mut ck, mut cv) = match self.kv.take() {
-            Some((ck, cv)) if ck.dims()[2] >= end => (ck, cv),
-            old => {
-                let capacity = end.next_power_of_two().max(MIN_CACHE_CAPACITY);
-                let (device, dtype) = (k.device(), k.dtype());
-                let mut ck = Tensor::<4>::zeros([b, h, capacity, d], (&device, dtype));
-                let mut cv = Tensor::<4>::zeros([b, h, capacity, d], (&device, dtype));
-                if let Some((ok, ov)) = old.filter(|_| start > 0) {
-                    ck = ck.slice_assign([0..b, 0..h, 0..start, 0..d], ok.narrow(2, 0, start));
-                    cv = cv.slice_assign([0..b, 0..h, 0..start, 0..d], ov.narrow(2, 0, start));
-                }
-                (ck, cv)
-            }
-        };
-        ck = ck.slice_assign([0..b, 0..h, start..end, 0..d], k);
-        cv = cv.slice_assign([0..b, 0..h, start..end, 0..d], v);
-        let view = (ck.clone().narrow(2, 0, end), cv.clone().narrow(2, 0, end));
-        self.kv = Some((ck, cv));
-        view
-    }
-
-    /// A copy holding exactly the first `len` positions, sharing nothing.
-    fn compacted(&self, len: usize) -> Self {
-        let copy = |t: &Tensor<4>| {
-            let [b, h, _, d] = t.dims();
-            Tensor::<4>::zeros([b, h, len, d], (&t.device(), t.dtype()))
-                .slice_assign([0..b, 0..h, 0..len, 0..d], t.clone().narrow(2, 0, len))
-        };
-        Self {
-            kv: self
-                .kv
-                .as_ref()
-                .filter(|_| len > 0)
-                .map(|(k, v)| (copy(k), copy(v))),
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        self.kv.as_ref().map_or(0, |(k, v)| {
-            (k.shape().num_elements() + v.shape().num_elements()) * k.dtype().size()
-        })
-    }
-}
-
-impl KvCache {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The cache of the first `n` positions (shares storage; the first write copies).
-    pub fn truncated(&self, n: usize) -> Self {
-        Self {
-            layers: self.layers.clone(),
-            len: n.min(self.len),
-        }
-    }
-
-    /// A copy of exactly the written positions, sharing no storage (for keeping: the prefix
-    /// cache). The original keeps writing in place, and the copy wastes no spare capacity.
-    pub fn compacted(&self) -> Self {
-        Self {
-            layers: self.layers.iter().map(|l| l.compacted(self.len)).collect(),
-            len: self.len,
-        }
-    }
-
-    /// Bytes held by the keys and values (allocated capacity).
-    pub fn bytes(&self) -> usize {
-        self.layers.iter().map(LayerCache::bytes).sum()
-    }
+    #[module(skip)]
+    rope: Rope,
 }
 
 fn float_dtype(d: DType) -> FloatDType {
@@ -209,29 +100,6 @@ fn float_dtype(d: DType) -> FloatDType {
         DType::F64 => FloatDType::F64,
         _ => FloatDType::F32,
     }
-}
-
-/// cos and sin of the rotation angles for positions `start..start+len`, `[len, head_dim/2]`.
-fn rope_tables(
-    cfg: &ModelConfig,
-    start: usize,
-    len: usize,
-    device: &Device,
-    dtype: DType,
-) -> (Tensor<2>, Tensor<2>) {
-    let half = cfg.head_dim / 2;
-    let mut cos = Vec::with_capacity(len * half);
-    let mut sin = Vec::with_capacity(len * half);
-    for p in start..start + len {
-        for i in 0..half {
-            let inv_freq = cfg.rope_theta.powf(-(2.0 * i as f64) / cfg.head_dim as f64);
-            let angle = p as f64 * inv_freq;
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
-    let make = |v| Tensor::<2>::from_data(TensorData::new(v, [len, half]), (device, dtype));
-    (make(cos), make(sin))
 }
 
 /// Row-major `[rows, cols]` → `[cols, rows]`.
@@ -251,79 +119,82 @@ fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// Rotates `x` `[b, h, s, d]` by the given angles.
-fn apply_rope(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>, layout: RopeLayout) -> Tensor<4> {
-    let [b, h, s, d] = x.dims();
-    let half = d / 2;
-    let cos = cos.clone().unsqueeze::<4>();
-    let sin = sin.clone().unsqueeze::<4>();
-    match layout {
-        RopeLayout::Neox => {
-            let x1 = x.clone().narrow(3, 0, half);
-            let x2 = x.narrow(3, half, half);
-            let r1 = x1.clone() * cos.clone() - x2.clone() * sin.clone();
-            let r2 = x1 * sin + x2 * cos;
-            Tensor::cat(vec![r1, r2], 3)
-        }
-        RopeLayout::Interleaved => {
-            let pairs = x.reshape([b, h, s, half, 2]);
-            let xe = pairs.clone().narrow(4, 0, 1).reshape([b, h, s, half]);
-            let xo = pairs.narrow(4, 1, 1).reshape([b, h, s, half]);
-            let re = xe.clone() * cos.clone() - xo.clone() * sin.clone();
-            let ro = xe * sin + xo * cos;
-            Tensor::stack::<5>(vec![re, ro], 4).reshape([b, h, s, d])
-        }
-    }
-}
-
 impl Attention {
-    /// `x` is `[b, s, hidden]`: `b` sequences, each with its own cache, start position and
-    /// rotation tables. The projections run on all of them at once (one pass over the weights
-    /// for a batch of decoding streams); attention runs per sequence.
+    /// `x` is `[b, s, hidden]`: `b` sequences, each with its own cache and start position.
+    /// The projections run on all of them at once (one pass over the weights for a batch of
+    /// decoding streams); attention runs per sequence.
     fn forward(
         &self,
         x: Tensor<3>,
         cfg: &ModelConfig,
-        ropes: &[(Tensor<2>, Tensor<2>)],
+        rope: &Rope,
         caches: &mut [&mut LayerCache],
         starts: &[usize],
         lora: Option<&LayerLora>,
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
         let proj =
             |p: &Linear, t: Target, x: Tensor<3>| with_delta(p.forward(x.clone()), lora, t, x);
-        let mut q = heads(proj(&self.q_proj, Target::QProj, x.clone()), nh);
-        let mut k = heads(proj(&self.k_proj, Target::KProj, x.clone()), nkv);
-        let v = heads(proj(&self.v_proj, Target::VProj, x), nkv);
+        let mut q = proj(&self.q_proj, Target::QProj, x.clone());
+        let mut k = proj(&self.k_proj, Target::KProj, x.clone());
+        let v = proj(&self.v_proj, Target::VProj, x);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = qn.forward(q);
-            k = kn.forward(k);
+            q = qn
+                .forward(q.reshape([b, s, nh, hd]))
+                .reshape([b, s, nh * hd]);
+            k = kn
+                .forward(k.reshape([b, s, nkv, hd]))
+                .reshape([b, s, nkv * hd]);
         }
-        let row = |t: &Tensor<4>, r: usize| {
-            if b == 1 {
-                t.clone()
-            } else {
-                t.clone().narrow(0, r, 1)
+        let out = if s == 1 && !q.is_autodiff() {
+            // Decoding: rotation, cache write and attention on plain vectors, per sequence.
+            let (device, dtype) = (q.device(), q.dtype());
+            let (mut q, mut k, v) = (to_vec(q), to_vec(k), to_vec(v));
+            let mut out = vec![0f32; b * nh * hd];
+            for (r, cache) in caches.iter_mut().enumerate() {
+                let q = &mut q[r * nh * hd..(r + 1) * nh * hd];
+                let k = &mut k[r * nkv * hd..(r + 1) * nkv * hd];
+                rope.rotate(q, starts[r]);
+                rope.rotate(k, starts[r]);
+                let v = &v[r * nkv * hd..(r + 1) * nkv * hd];
+                let o = &mut out[r * nh * hd..(r + 1) * nh * hd];
+                cache.decode(k, v, q, starts[r], nkv, o);
             }
-        };
-        let mut outs = Vec::with_capacity(b);
-        for (r, cache) in caches.iter_mut().enumerate() {
-            let (cos, sin) = &ropes[r];
-            let q = apply_rope(row(&q, r), cos, sin, cfg.rope_layout);
-            let k = apply_rope(row(&k, r), cos, sin, cfg.rope_layout);
-            let (k, v) = cache.append(k, row(&v, r), starts[r]);
-            outs.push(attend(q, k, v, starts[r], nkv));
-        }
-        let out = if b == 1 {
-            outs.pop().expect("one row")
+            Tensor::from_data(TensorData::new(out, [b, 1, nh * hd]), (&device, dtype))
         } else {
-            Tensor::cat(outs, 0)
+            let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
+            let (q, k, v) = (heads(q, nh), heads(k, nkv), heads(v, nkv));
+            let row = |t: &Tensor<4>, r: usize| {
+                if b == 1 {
+                    t.clone()
+                } else {
+                    t.clone().narrow(0, r, 1)
+                }
+            };
+            let mut outs = Vec::with_capacity(b);
+            for (r, cache) in caches.iter_mut().enumerate() {
+                let q = rope.apply(row(&q, r), starts[r]);
+                let k = rope.apply(row(&k, r), starts[r]);
+                let (k, v) = cache.append(k, row(&v, r), starts[r]);
+                outs.push(attend(q, k, v, starts[r], nkv));
+            }
+            let out = if b == 1 {
+                outs.pop().expect("one row")
+            } else {
+                Tensor::cat(outs, 0)
+            };
+            out.swap_dims(1, 2).reshape([b, s, nh * hd])
         };
-        let out = out.swap_dims(1, 2).reshape([b, s, nh * hd]);
         proj(&self.o_proj, Target::OProj, out)
     }
+}
+
+fn to_vec(t: Tensor<3>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 data")
 }
 
 /// Causal attention of one sequence: `q` `[1, heads, s, d]` at positions `start..start+s`,
@@ -363,10 +234,7 @@ impl Mlp {
 
 impl Transformer {
     pub fn new_cache(&self) -> KvCache {
-        KvCache {
-            layers: vec![LayerCache::default(); self.layers.len()],
-            len: 0,
-        }
+        KvCache::new(self.layers.len())
     }
 
     pub fn device(&self) -> Device {
@@ -452,10 +320,6 @@ impl Transformer {
         let [b, s] = tokens.dims();
         assert_eq!(b, caches.len(), "one cache per sequence");
         let starts: Vec<usize> = caches.iter().map(|c| c.len).collect();
-        let ropes: Vec<_> = starts
-            .iter()
-            .map(|&start| rope_tables(cfg, start, s, &self.device(), self.dtype()))
-            .collect();
         let mut x = burn::tensor::module::embedding(self.embed.val(), tokens);
         for (i, layer) in self.layers.iter().enumerate() {
             let lora = adapter.and_then(|a| a.layers.get(i));
@@ -464,7 +328,7 @@ impl Transformer {
             let h = layer.attn.forward(
                 layer.input_norm.forward(x.clone()),
                 cfg,
-                &ropes,
+                &self.rope,
                 &mut layer_caches,
                 &starts,
                 lora,
@@ -649,6 +513,7 @@ impl Transformer {
             norm: norm("model.norm.weight", h)?,
             lm_head,
             tied_head_blocks,
+            rope: Rope::new(&config),
             config: Arc::new(config),
         })
     }

@@ -39,7 +39,11 @@ impl Isa {
                     if !wanted.is_empty() {
                         tracing::warn!(
                             "CLAWRL_KERNELS={wanted:?} is not one this CPU runs ({}); using {}",
-                            supported.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "),
+                            supported
+                                .iter()
+                                .map(|i| i.name())
+                                .collect::<Vec<_>>()
+                                .join(", "),
                             Self::best().name()
                         );
                     }
@@ -156,7 +160,7 @@ pub fn matmul(
 
 /// A dot product in 8 independent lanes, so that the compiler vectorizes it (one running f32
 /// sum would force strict left-to-right order).
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ac

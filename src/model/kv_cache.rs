@@ -1,0 +1,363 @@
+//! The KV cache: keys and values of every layer for the positions seen so far.
+//!
+//! For inference they live in buffers this module owns, `[kv_heads][capacity][head_dim]` per
+//! layer: a decoding step writes its position in place and attends over the buffers directly
+//! ([`Buffers::attend`]: one pass over the keys, one over the values), so neither the cache nor
+//! the attention costs a copy or an allocation per token; the capacity doubles when full.
+//! Clones share the buffers until one of them writes (the prefix cache's copies). Prompts
+//! (several positions at once) read the cache as Burn tensors. Training keeps Burn tensors
+//! throughout, so that gradients flow through them.
+
+use super::kernels::dot_f32;
+use burn::tensor::{Tensor, TensorData};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub(super) layers: Vec<LayerCache>,
+    pub(super) len: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(super) enum LayerCache {
+    #[default]
+    Empty,
+    Buffers(Buffers),
+    /// Training: `[1, kv_heads, len, head_dim]` tensors in the autodiff graph.
+    Graph(Tensor<4>, Tensor<4>),
+}
+
+/// Smallest capacity allocated, in positions.
+const MIN_CAPACITY: usize = 256;
+
+/// Keys and values `[heads][capacity][dim]`, the first `len` positions (the cache's) written.
+#[derive(Debug, Clone)]
+pub(super) struct Buffers {
+    k: Arc<Vec<f32>>,
+    v: Arc<Vec<f32>>,
+    heads: usize,
+    dim: usize,
+    capacity: usize,
+}
+
+impl Buffers {
+    fn new(heads: usize, dim: usize, capacity: usize) -> Self {
+        Self {
+            k: Arc::new(vec![0.0; heads * capacity * dim]),
+            v: Arc::new(vec![0.0; heads * capacity * dim]),
+            heads,
+            dim,
+            capacity,
+        }
+    }
+
+    /// Makes room for `end` positions, keeping the first `keep`; unshares the buffers.
+    fn reserve(&mut self, end: usize, keep: usize) {
+        if end > self.capacity {
+            let mut grown = Self::new(
+                self.heads,
+                self.dim,
+                end.next_power_of_two().max(MIN_CAPACITY),
+            );
+            grown.copy_prefix(self, keep);
+            *self = grown;
+        }
+        Arc::make_mut(&mut self.k);
+        Arc::make_mut(&mut self.v);
+    }
+
+    fn copy_prefix(&mut self, from: &Buffers, n: usize) {
+        let (d, n) = (self.dim, n.min(from.capacity));
+        let (k, v) = (Arc::make_mut(&mut self.k), Arc::make_mut(&mut self.v));
+        for h in 0..self.heads {
+            let (dst, src) = (h * self.capacity * d, h * from.capacity * d);
+            k[dst..dst + n * d].copy_from_slice(&from.k[src..src + n * d]);
+            v[dst..dst + n * d].copy_from_slice(&from.v[src..src + n * d]);
+        }
+    }
+
+    /// Writes `s` positions from `start`; `k`, `v` are `[heads][s][dim]`.
+    fn write(&mut self, start: usize, s: usize, k: &[f32], v: &[f32]) {
+        self.reserve(start + s, start);
+        let (d, cap) = (self.dim, self.capacity);
+        let (kb, vb) = (Arc::make_mut(&mut self.k), Arc::make_mut(&mut self.v));
+        for h in 0..self.heads {
+            let dst = (h * cap + start) * d;
+            kb[dst..dst + s * d].copy_from_slice(&k[h * s * d..(h + 1) * s * d]);
+            vb[dst..dst + s * d].copy_from_slice(&v[h * s * d..(h + 1) * s * d]);
+        }
+    }
+
+    /// Keys and values of positions `0..len` as `[1, heads, len, dim]` tensors like `like`'s.
+    fn tensors(&self, len: usize, like: &Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let d = self.dim;
+        let take = |b: &[f32]| {
+            let mut out = Vec::with_capacity(self.heads * len * d);
+            for h in 0..self.heads {
+                let at = h * self.capacity * d;
+                out.extend_from_slice(&b[at..at + len * d]);
+            }
+            Tensor::<4>::from_data(
+                TensorData::new(out, [1, self.heads, len, d]),
+                (&like.device(), like.dtype()),
+            )
+        };
+        (take(&self.k), take(&self.v))
+    }
+
+    /// Attention of one query position over positions `0..len`: `q` and `out` are
+    /// `[query_heads][dim]`; query head `h` reads KV head `h / (query_heads / heads)`.
+    fn attend(&self, q: &[f32], len: usize, out: &mut [f32]) {
+        let d = self.dim;
+        let rep = q.len() / d / self.heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let group = |g: usize, out: &mut [f32]| {
+            let at = g * self.capacity * d;
+            let (keys, values) = (&self.k[at..at + len * d], &self.v[at..at + len * d]);
+            let qs = &q[g * rep * d..(g + 1) * rep * d];
+            let mut scores = vec![0f32; rep * len];
+            for (j, key) in keys.chunks_exact(d).enumerate() {
+                for (r, qr) in qs.chunks_exact(d).enumerate() {
+                    scores[r * len + j] = dot_f32(qr, key) * scale;
+                }
+            }
+            for row in scores.chunks_exact_mut(len) {
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut sum = 0.0;
+                for v in row.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                row.iter_mut().for_each(|v| *v /= sum);
+            }
+            out.fill(0.0);
+            for (j, value) in values.chunks_exact(d).enumerate() {
+                for (r, o) in out.chunks_exact_mut(d).enumerate() {
+                    let p = scores[r * len + j];
+                    o.iter_mut().zip(value).for_each(|(o, v)| *o += p * v);
+                }
+            }
+        };
+        // Long contexts: the KV heads in parallel (each reads its own keys and values).
+        if len * self.heads >= 4096 {
+            out.par_chunks_mut(rep * d)
+                .enumerate()
+                .for_each(|(g, o)| group(g, o));
+        } else {
+            out.chunks_mut(rep * d)
+                .enumerate()
+                .for_each(|(g, o)| group(g, o));
+        }
+    }
+
+    fn compacted(&self, len: usize) -> Self {
+        let mut c = Self::new(self.heads, self.dim, len);
+        c.copy_prefix(self, len);
+        c
+    }
+
+    fn bytes(&self) -> usize {
+        (self.k.len() + self.v.len()) * std::mem::size_of::<f32>()
+    }
+}
+
+fn to_vec(t: Tensor<4>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 data")
+}
+
+impl LayerCache {
+    /// Appends `k`, `v` (`[1, kv_heads, s, head_dim]`) after the first `start` positions;
+    /// returns the keys and values of positions `0..start+s` as tensors.
+    pub(super) fn append(
+        &mut self,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        start: usize,
+    ) -> (Tensor<4>, Tensor<4>) {
+        let [_, h, s, d] = k.dims();
+        if k.is_autodiff() {
+            // Training: concatenation keeps the graph simple (few, long chunks; no decoding).
+            let earlier = match std::mem::take(self) {
+                LayerCache::Graph(pk, pv) => Some((pk.narrow(2, 0, start), pv.narrow(2, 0, start))),
+                // A prompt head computed without gradients, continued with them.
+                LayerCache::Buffers(b) if start > 0 => Some(b.tensors(start, &k)),
+                _ => None,
+            };
+            let (k, v) = match earlier {
+                Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+                None => (k, v),
+            };
+            *self = LayerCache::Graph(k.clone(), v.clone());
+            return (k, v);
+        }
+        let like = k.clone();
+        self.buffers(h, d, start)
+            .write(start, s, &to_vec(k), &to_vec(v));
+        match self {
+            LayerCache::Buffers(b) => b.tensors(start + s, &like),
+            _ => unreachable!("written above"),
+        }
+    }
+
+    /// Decodes one position: appends its key and value (`[kv_heads][dim]`) at `start` and
+    /// returns the attention output for `q` (`[query_heads][dim]`) into `out`.
+    pub(super) fn decode(
+        &mut self,
+        k: &[f32],
+        v: &[f32],
+        q: &[f32],
+        start: usize,
+        heads: usize,
+        out: &mut [f32],
+    ) {
+        let dim = k.len() / heads;
+        let b = self.buffers(heads, dim, start);
+        b.write(start, 1, k, v);
+        b.attend(q, start + 1, out);
+    }
+
+    /// The buffers, holding the first `start` positions of whatever held them before.
+    fn buffers(&mut self, heads: usize, dim: usize, start: usize) -> &mut Buffers {
+        match std::mem::take(self) {
+            LayerCache::Buffers(b) => *self = LayerCache::Buffers(b),
+            LayerCache::Graph(k, v) if start > 0 => {
+                let mut b = Buffers::new(heads, dim, MIN_CAPACITY);
+                let (k, v) = (k.narrow(2, 0, start), v.narrow(2, 0, start));
+                b.write(0, start, &to_vec(k), &to_vec(v));
+                *self = LayerCache::Buffers(b);
+            }
+            _ => *self = LayerCache::Buffers(Buffers::new(heads, dim, MIN_CAPACITY)),
+        }
+        match self {
+            LayerCache::Buffers(b) => b,
+            _ => unreachable!("set above"),
+        }
+    }
+
+    fn compacted(&self, len: usize) -> Self {
+        match self {
+            LayerCache::Buffers(b) if len > 0 => LayerCache::Buffers(b.compacted(len)),
+            LayerCache::Graph(k, v) if len > 0 => {
+                LayerCache::Graph(k.clone().narrow(2, 0, len), v.clone().narrow(2, 0, len))
+            }
+            _ => LayerCache::Empty,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            LayerCache::Empty => 0,
+            LayerCache::Buffers(b) => b.bytes(),
+            LayerCache::Graph(k, v) => {
+                (k.shape().num_elements() + v.shape().num_elements()) * k.dtype().size()
+            }
+        }
+    }
+}
+
+impl KvCache {
+    pub(super) fn new(layers: usize) -> Self {
+        Self {
+            layers: vec![LayerCache::Empty; layers],
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The cache of the first `n` positions (shares the buffers; the first write copies).
+    pub fn truncated(&self, n: usize) -> Self {
+        Self {
+            layers: self.layers.clone(),
+            len: n.min(self.len),
+        }
+    }
+
+    /// A copy of exactly the written positions, sharing nothing (what the prefix cache keeps:
+    /// no spare capacity, and the original goes on writing in place).
+    pub fn compacted(&self) -> Self {
+        Self {
+            layers: self.layers.iter().map(|l| l.compacted(self.len)).collect(),
+            len: self.len,
+        }
+    }
+
+    /// Bytes held by the keys and values (allocated capacity).
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(LayerCache::bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(b: &Buffers, len: usize) -> Vec<f32> {
+        (0..b.heads)
+            .flat_map(|h| b.k[h * b.capacity * b.dim..][..len * b.dim].to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn clones_share_until_written_and_growth_keeps_the_written_part() {
+        let (heads, dim) = (2, 4);
+        let rows = |n: usize, base: f32| -> Vec<f32> {
+            (0..heads * n * dim).map(|i| base + i as f32).collect()
+        };
+        let mut a = Buffers::new(heads, dim, MIN_CAPACITY);
+        a.write(0, 3, &rows(3, 0.0), &rows(3, 0.0));
+        let before = keys(&a, 3);
+        // A copy writing over position 2 (a truncated prefix) leaves the original alone.
+        let mut b = a.clone();
+        b.write(2, 1, &rows(1, 100.0), &rows(1, 100.0));
+        assert_eq!(keys(&a, 3), before);
+        assert_ne!(keys(&b, 3), before);
+        assert_eq!(keys(&b, 2), keys(&a, 2));
+        // Writing past the capacity doubles it and keeps what was written.
+        a.write(
+            3,
+            MIN_CAPACITY,
+            &rows(MIN_CAPACITY, 7.0),
+            &rows(MIN_CAPACITY, 7.0),
+        );
+        assert_eq!(a.capacity, 2 * MIN_CAPACITY);
+        assert_eq!(keys(&a, 3), before);
+        let c = a.compacted(3);
+        assert_eq!((c.capacity, keys(&c, 3)), (3, before));
+    }
+
+    #[test]
+    fn attention_of_one_position_equals_the_softmax_formula() {
+        let (heads, dim, len) = (1, 2, 3);
+        let mut b = Buffers::new(heads, dim, MIN_CAPACITY);
+        let k = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+        let v = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        b.write(0, len, &k, &v);
+        // Two query heads share the one KV head.
+        let q = [2.0, 0.0, 0.0, 2.0];
+        let mut out = [0f32; 4];
+        b.attend(&q, len, &mut out);
+        let s = 1.0 / 2f32.sqrt();
+        for (h, qh) in q.chunks(2).enumerate() {
+            let scores: Vec<f32> = k
+                .chunks(2)
+                .map(|k| (qh[0] * k[0] + qh[1] * k[1]) * s)
+                .collect();
+            let z: f32 = scores.iter().map(|x| x.exp()).sum();
+            for c in 0..2 {
+                let want: f32 = (0..len).map(|j| scores[j].exp() / z * v[2 * j + c]).sum();
+                assert!((out[2 * h + c] - want).abs() < 1e-5, "head {h}: {out:?}");
+            }
+        }
+    }
+}
