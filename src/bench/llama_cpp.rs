@@ -57,19 +57,20 @@ pub fn run(cfg: &Config, python: &Path) -> Result<()> {
     };
     let synthetic = |n, salt| super::synthetic_prompt(loaded.config.vocab_size, n, salt);
     let story = "Write a long story about a lighthouse keeper who finds a message in a bottle.";
-    let long_system = |tokens: usize| -> Result<String> {
-        let sentence =
-            "The keeper logged the weather, the ships and the tides in a worn notebook. ";
+    // Two different texts: the first-turn TTFT must find nothing of its prompt cached.
+    let long_text = |sentence: &str, tokens: usize| -> Result<String> {
         let per = tokenizer.encode(sentence)?.len().max(1);
         Ok(sentence.repeat(tokens / per))
     };
-    let system = long_system(SYSTEM_PROMPT_TOKENS)?;
+    let log = "The keeper logged the weather, the ships and the tides in a worn notebook. ";
+    let rules = "Answer briefly, cite the manual's section, and never invent a tool. ";
+    let system = long_text(rules, SYSTEM_PROMPT_TOKENS)?;
     let w = json!({
         "n_ctx": (SYSTEM_PROMPT_TOKENS + LONG_CONTEXT).min(loaded.config.context_length),
         "prefill": synthetic(PREFILL_TOKENS, 1),
         "decode": chat("", story)?,
         "decode_tokens": DECODE_TOKENS,
-        "long": chat(&long_system(LONG_CONTEXT)?, "Continue the log for one more day.")?,
+        "long": chat(&long_text(log, LONG_CONTEXT)?, "Continue the log for one more day.")?,
         "long_decode_tokens": LONG_DECODE_TOKENS,
         "system_first": chat(&system, "What did the keeper log?")?,
         "system_second": chat(&system, "Which word appears most often?")?,

@@ -5,11 +5,13 @@
 //! ([`Buffers::attend`]: one pass over the keys, one over the values), so neither the cache nor
 //! the attention costs a copy or an allocation per token; the capacity doubles when full.
 //! Clones share the buffers until one of them writes (the prefix cache's copies). Prompts
-//! (several positions at once) read the cache as Burn tensors. Training keeps Burn tensors
-//! throughout, so that gradients flow through them.
+//! (several positions at once) read the cache as Burn tensors: on the CPU backend, views of
+//! the same bytes (no copy). Training keeps Burn tensors throughout, so that gradients flow
+//! through them.
 
 use super::kernels::dot_f32;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Bytes, DType, FloatDType, Shape, Tensor, TensorData};
+use burn_flex::{Flex, FlexTensor, Layout};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -34,8 +36,8 @@ const MIN_CAPACITY: usize = 256;
 /// Keys and values `[heads][capacity][dim]`, the first `len` positions (the cache's) written.
 #[derive(Debug, Clone)]
 pub(super) struct Buffers {
-    k: Arc<Vec<f32>>,
-    v: Arc<Vec<f32>>,
+    k: Arc<Bytes>,
+    v: Arc<Bytes>,
     heads: usize,
     dim: usize,
     capacity: usize,
@@ -43,13 +45,30 @@ pub(super) struct Buffers {
 
 impl Buffers {
     fn new(heads: usize, dim: usize, capacity: usize) -> Self {
+        let zeros = || Arc::new(Bytes::from_elems(vec![0f32; heads * capacity * dim]));
         Self {
-            k: Arc::new(vec![0.0; heads * capacity * dim]),
-            v: Arc::new(vec![0.0; heads * capacity * dim]),
+            k: zeros(),
+            v: zeros(),
             heads,
             dim,
             capacity,
         }
+    }
+
+    fn keys(&self) -> &[f32] {
+        bytemuck::cast_slice(&self.k)
+    }
+
+    fn values(&self) -> &[f32] {
+        bytemuck::cast_slice(&self.v)
+    }
+
+    /// Keys and values for writing (copied first if shared).
+    fn both_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+        (
+            bytemuck::cast_slice_mut(&mut Arc::make_mut(&mut self.k)[..]),
+            bytemuck::cast_slice_mut(&mut Arc::make_mut(&mut self.v)[..]),
+        )
     }
 
     /// Makes room for `end` positions, keeping the first `keep`; unshares the buffers.
@@ -63,26 +82,25 @@ impl Buffers {
             grown.copy_prefix(self, keep);
             *self = grown;
         }
-        Arc::make_mut(&mut self.k);
-        Arc::make_mut(&mut self.v);
     }
 
     fn copy_prefix(&mut self, from: &Buffers, n: usize) {
-        let (d, n) = (self.dim, n.min(from.capacity));
-        let (k, v) = (Arc::make_mut(&mut self.k), Arc::make_mut(&mut self.v));
-        for h in 0..self.heads {
-            let (dst, src) = (h * self.capacity * d, h * from.capacity * d);
-            k[dst..dst + n * d].copy_from_slice(&from.k[src..src + n * d]);
-            v[dst..dst + n * d].copy_from_slice(&from.v[src..src + n * d]);
+        let (d, n, cap) = (self.dim, n.min(from.capacity), self.capacity);
+        let (fk, fv) = (from.keys(), from.values());
+        let (k, v) = self.both_mut();
+        for h in 0..from.heads {
+            let (dst, src) = (h * cap * d, h * from.capacity * d);
+            k[dst..dst + n * d].copy_from_slice(&fk[src..src + n * d]);
+            v[dst..dst + n * d].copy_from_slice(&fv[src..src + n * d]);
         }
     }
 
     /// Writes `s` positions from `start`; `k`, `v` are `[heads][s][dim]`.
     fn write(&mut self, start: usize, s: usize, k: &[f32], v: &[f32]) {
         self.reserve(start + s, start);
-        let (d, cap) = (self.dim, self.capacity);
-        let (kb, vb) = (Arc::make_mut(&mut self.k), Arc::make_mut(&mut self.v));
-        for h in 0..self.heads {
+        let (d, cap, heads) = (self.dim, self.capacity, self.heads);
+        let (kb, vb) = self.both_mut();
+        for h in 0..heads {
             let dst = (h * cap + start) * d;
             kb[dst..dst + s * d].copy_from_slice(&k[h * s * d..(h + 1) * s * d]);
             vb[dst..dst + s * d].copy_from_slice(&v[h * s * d..(h + 1) * s * d]);
@@ -91,7 +109,25 @@ impl Buffers {
 
     /// Keys and values of positions `0..len` as `[1, heads, len, dim]` tensors like `like`'s.
     fn tensors(&self, len: usize, like: &Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let d = self.dim;
+        let (h, d, cap) = (self.heads, self.dim, self.capacity);
+        if like.clone().try_into_primitive::<Flex>().is_ok() {
+            // The CPU backend reads the buffers in place: strided views, no copy.
+            let view = |data: &Arc<Bytes>| {
+                let strides = vec![(h * cap * d) as isize, (cap * d) as isize, d as isize, 1];
+                let layout = Layout::new(Shape::new([1, h, len, d]), strides, 0);
+                let t = Tensor::<4>::from_primitive::<Flex>(FlexTensor::from_arc(
+                    data.clone(),
+                    layout,
+                    DType::F32,
+                ));
+                match like.dtype() {
+                    DType::F16 => t.cast(FloatDType::F16),
+                    DType::BF16 => t.cast(FloatDType::BF16),
+                    _ => t,
+                }
+            };
+            return (view(&self.k), view(&self.v));
+        }
         let take = |b: &[f32]| {
             let mut out = Vec::with_capacity(self.heads * len * d);
             for h in 0..self.heads {
@@ -103,7 +139,7 @@ impl Buffers {
                 (&like.device(), like.dtype()),
             )
         };
-        (take(&self.k), take(&self.v))
+        (take(self.keys()), take(self.values()))
     }
 
     /// Attention of one query position over positions `0..len`: `q` and `out` are
@@ -114,7 +150,10 @@ impl Buffers {
         let scale = 1.0 / (d as f32).sqrt();
         let group = |g: usize, out: &mut [f32]| {
             let at = g * self.capacity * d;
-            let (keys, values) = (&self.k[at..at + len * d], &self.v[at..at + len * d]);
+            let (keys, values) = (
+                &self.keys()[at..at + len * d],
+                &self.values()[at..at + len * d],
+            );
             let qs = &q[g * rep * d..(g + 1) * rep * d];
             let mut scores = vec![0f32; rep * len];
             for (j, key) in keys.chunks_exact(d).enumerate() {
@@ -158,7 +197,7 @@ impl Buffers {
     }
 
     fn bytes(&self) -> usize {
-        (self.k.len() + self.v.len()) * std::mem::size_of::<f32>()
+        self.k.len() + self.v.len()
     }
 }
 
@@ -304,7 +343,7 @@ mod tests {
 
     fn keys(b: &Buffers, len: usize) -> Vec<f32> {
         (0..b.heads)
-            .flat_map(|h| b.k[h * b.capacity * b.dim..][..len * b.dim].to_vec())
+            .flat_map(|h| b.keys()[h * b.capacity * b.dim..][..len * b.dim].to_vec())
             .collect()
     }
 

@@ -12,6 +12,7 @@ use super::weights::WeightFile;
 use anyhow::{Context, Result, ensure};
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
 use std::sync::Arc;
 
@@ -177,7 +178,18 @@ impl Attention {
                 let q = rope.apply(row(&q, r), starts[r]);
                 let k = rope.apply(row(&k, r), starts[r]);
                 let (k, v) = cache.append(k, row(&v, r), starts[r]);
-                outs.push(attend(q, k, v, starts[r], nkv));
+                outs.push(if q.is_autodiff() {
+                    attend(q, k, v, starts[r], nkv)
+                } else {
+                    // The backend's fused attention (tiled, online softmax, grouped heads):
+                    // a long prompt never materializes its score matrix.
+                    let causal = AttentionModuleOptions {
+                        scale: None,
+                        softcap: None,
+                        is_causal: true,
+                    };
+                    burn::tensor::module::attention(q, k, v, None, None, causal)
+                });
             }
             let out = if b == 1 {
                 outs.pop().expect("one row")
