@@ -435,3 +435,68 @@ fn streams_decoded_together_equal_streams_decoded_alone() {
         }
     }
 }
+
+#[test]
+fn serving_copies_of_an_adapter_decode_like_the_adapter_itself() {
+    use clawrl_tui::model::{LoraAdapter, LoraConfig, Target};
+    use rand::{Rng, SeedableRng};
+    let model = common::smollm2();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let config = LoraConfig {
+        rank: 8,
+        alpha: 16.0,
+        targets: Target::ALL.to_vec(),
+    };
+    let adapter = LoraAdapter::build(
+        &model.config,
+        config,
+        |_, _, din, dout, r| {
+            let a = (0..din * r)
+                .map(|_| rng.random_range(-0.05..0.05))
+                .collect();
+            let b = (0..r * dout)
+                .map(|_| rng.random_range(-0.05..0.05))
+                .collect();
+            Ok((a, b))
+        },
+        &model.transformer.device(),
+    )
+    .unwrap();
+    let request = GenerateRequest {
+        prompt_ids: model
+            .chat_prompt(
+                &[json!({"role": "user", "content": "Name a planet."})],
+                None,
+            )
+            .unwrap(),
+        max_tokens: 12,
+        sampling: SamplingParams::greedy(),
+        stop: vec![],
+        top_logprobs: 0,
+    };
+    let decode = |adapter: Option<LoraAdapter>| {
+        let mut d = model
+            .start_decoding(&request, None, adapter.map(std::sync::Arc::new))
+            .unwrap();
+        while !d.done {
+            model.decode_step(&mut d).unwrap();
+        }
+        d.out
+    };
+    // The update on plain vectors (what the engine serves) against the update as tensor ops.
+    let served = decode(Some(adapter.for_serving()));
+    let tensors = decode(Some(adapter.frozen()));
+    let base = decode(None);
+    assert_eq!(served.ids, tensors.ids);
+    for (a, b) in served.logprobs.iter().zip(&tensors.logprobs) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+    assert!(
+        served
+            .logprobs
+            .iter()
+            .zip(&base.logprobs)
+            .any(|(a, b)| (a - b).abs() > 1e-3),
+        "the adapter changes the log-probs"
+    );
+}

@@ -14,7 +14,8 @@ pub mod tui;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Variants as DTYPE or DTYPE:WEIGHTS (e.g. f32, f16, f32:blocks); the first is the baseline.
+    /// Variants as DTYPE or DTYPE:WEIGHTS (e.g. f32, f16, f32:dense, f32:blocks; without WEIGHTS
+    /// the config's model.weights); the first is the baseline.
     #[arg(long, value_delimiter = ',', default_value = "f32,f16")]
     pub variants: Vec<String>,
     /// Prompt length in tokens.
@@ -88,14 +89,20 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
     );
     let mut rows: Vec<Row> = Vec::new();
     for v in &args.variants {
-        let (dtype, weights) = v.split_once(':').unwrap_or((v, "dense"));
+        let (dtype, weights) = match v.split_once(':') {
+            Some((d, w)) => (d, Some(w)),
+            None => (v.as_str(), None),
+        };
         let mut c = cfg.clone();
         c.model.dtype = dtype.to_string();
         c.model.weights = match weights {
-            "dense" => WeightMode::Dense,
-            "blocks" => WeightMode::Blocks,
-            "both" => WeightMode::Both,
-            other => bail!("unknown weight mode {other:?} in variant {v:?}"),
+            None => cfg.model.weights,
+            Some("both") => WeightMode::Both,
+            Some("dense") => WeightMode::Dense,
+            Some("blocks") => WeightMode::Blocks,
+            Some(other) => {
+                bail!("unknown weight mode {other:?} in variant {v:?} (both, dense, blocks)")
+            }
         };
         let t = std::time::Instant::now();
         let model = load_model(&c)?;
@@ -111,9 +118,11 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
         };
         let mut prefill = Vec::new();
         let mut decode = Vec::new();
+        // On a pool of its own, as the engine runs (see background::serving_pool).
+        let pool = crate::background::serving_pool("clawrl-bench")?;
         for i in 0..=args.runs {
             // Rates use the tokens actually decoded (a stop token may end a run early).
-            let g = model.generate(&req, |_| true)?;
+            let g = pool.install(|| model.generate(&req, |_| true))?;
             if i == 0 {
                 continue;
             }

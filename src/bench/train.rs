@@ -399,11 +399,15 @@ fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         (2 * n) as f64 / step,
         median(&mut optim)
     );
-    let adapter = Arc::new(opt.snapshot());
-    let (without, with) = (
-        decode_speed(&model, None)?,
-        decode_speed(&model, Some(adapter))?,
-    );
+    // As the engine serves a version: on its own pool, with the plain copies.
+    let adapter = Arc::new(opt.snapshot().for_serving());
+    let pool = crate::background::serving_pool("clawrl-bench")?;
+    let (without, with) = pool.install(|| -> Result<_> {
+        Ok((
+            decode_speed(&model, None)?,
+            decode_speed(&model, Some(adapter))?,
+        ))
+    })?;
     println!(
         "decode (64 tokens, median of 3): without adapter {without:.1} tok/s, with the adapter {with:.1} tok/s x{:.2}",
         with / without

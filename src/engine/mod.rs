@@ -505,7 +505,7 @@ fn run_engine(
     let (live, adapter) = start_version(&model);
     let mut adapters = HashMap::new();
     if let Some(a) = adapter {
-        adapters.insert(live, a);
+        adapters.insert(live, Arc::new(a.for_serving()));
     }
     s.live_version.store(live, Relaxed);
     let info = ModelInfo {
@@ -664,7 +664,9 @@ impl Worker {
     fn apply(&mut self, command: Command) {
         match command {
             Command::Install { version, adapter } => {
-                self.adapters.insert(version, adapter);
+                // With plain copies of its matrices for decoding (see LoraAdapter::for_serving).
+                self.adapters
+                    .insert(version, Arc::new(adapter.for_serving()));
             }
             Command::SetLive { version, done } => {
                 let result = if version == 0 || self.adapters.contains_key(&version) {

@@ -6,6 +6,7 @@
 //! ever calls [`Linear::forward`], so it never depends on the representation.
 
 use super::kernels;
+use super::lora::LoraPair;
 use super::quant::{GgmlType, dequantize_into};
 use anyhow::{Result, ensure};
 use burn::module::{Module, Param};
@@ -39,10 +40,18 @@ impl QuantMatrix {
         })
     }
 
-    /// `x` is `[n, cols]` row-major; returns `[n, rows]` = x · Wᵀ.
-    pub fn matmul(&self, x: &[f32]) -> Vec<f32> {
+    /// `x` is `[n, cols]` row-major; returns `[n, rows]` = x · Wᵀ (+ `update`).
+    pub fn matmul(&self, x: &[f32], update: Option<&kernels::LowRank>) -> Vec<f32> {
         let isa = kernels::Isa::selected();
-        kernels::matmul(isa, self.ty, &self.bytes, self.row_bytes, self.cols, x)
+        kernels::matmul(
+            isa,
+            self.ty,
+            &self.bytes,
+            self.row_bytes,
+            self.cols,
+            x,
+            update,
+        )
     }
 
     pub fn byte_len(&self) -> usize {
@@ -87,14 +96,34 @@ pub const DECODE_ROWS: usize = 8;
 
 impl Linear {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.forward_adapted(x, None)
+    }
+
+    /// `x·W` (+ bias) plus the low-rank update of `lora` when given.
+    pub fn forward_adapted<const D: usize>(
+        &self,
+        x: Tensor<D>,
+        lora: Option<&LoraPair>,
+    ) -> Tensor<D> {
         let y = match (&self.weight, &self.decode_blocks) {
             // Gradients flow only through the dense weight.
             (LinearWeight::Dense(_), Some(b)) if decodes_on_blocks(&x) => {
-                blocks_forward(&b.matrix, x)
+                return self.add_bias(blocks_forward_adapted(&b.matrix, x, lora));
             }
-            (LinearWeight::Dense(w), _) => burn::tensor::module::linear(x, w.val(), None),
-            (LinearWeight::Blocks(b), _) => blocks_forward(&b.matrix, x),
+            (LinearWeight::Blocks(b), _) if decodes_on_blocks(&x) => {
+                return self.add_bias(blocks_forward_adapted(&b.matrix, x, lora));
+            }
+            (LinearWeight::Dense(w), _) => burn::tensor::module::linear(x.clone(), w.val(), None),
+            (LinearWeight::Blocks(b), _) => blocks_forward(&b.matrix, x.clone()),
         };
+        let y = match lora {
+            Some(pair) => y + pair.delta(x),
+            None => y,
+        };
+        self.add_bias(y)
+    }
+
+    fn add_bias<const D: usize>(&self, y: Tensor<D>) -> Tensor<D> {
         match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
             None => y,
@@ -153,13 +182,32 @@ pub(crate) fn decodes_on_blocks<const D: usize>(x: &Tensor<D>) -> bool {
 
 /// x · Wᵀ on the quantized blocks; `x` leaves the backend as f32 and comes back in its dtype.
 pub(crate) fn blocks_forward<const D: usize>(m: &QuantMatrix, x: Tensor<D>) -> Tensor<D> {
+    blocks_forward_adapted(m, x, None)
+}
+
+/// [`blocks_forward`] plus the low-rank update of `lora`, added on the plain vectors when the
+/// pair has plain copies (a serving version), else with tensor ops.
+fn blocks_forward_adapted<const D: usize>(
+    m: &QuantMatrix,
+    x: Tensor<D>,
+    lora: Option<&LoraPair>,
+) -> Tensor<D> {
     let (device, dtype) = (x.device(), x.dtype());
     let mut dims = x.dims();
+    let rows = dims[..D - 1].iter().product();
     let xs = x
+        .clone()
         .into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
         .expect("f32 data");
+    let update = lora.and_then(|pair| pair.plain_update(&xs, rows));
+    let y = m.matmul(&xs, update.as_ref());
+    let added = lora.is_none() || update.is_some();
     dims[D - 1] = m.rows;
-    Tensor::from_data(TensorData::new(m.matmul(&xs), dims), (&device, dtype))
+    let y = Tensor::from_data(TensorData::new(y, dims), (&device, dtype));
+    match lora {
+        Some(pair) if !added => y + pair.delta(x),
+        _ => y,
+    }
 }

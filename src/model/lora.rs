@@ -7,6 +7,7 @@
 //! parameters are the only ones with gradients (the base is shared, never copied).
 
 use super::config::ModelConfig;
+use super::kernels::LowRank;
 use anyhow::{Result, bail};
 use burn::module::{Module, Param};
 use burn::tensor::{DType, Device, Tensor, TensorData};
@@ -122,6 +123,19 @@ pub struct LoraPair {
     pub b: Param<Tensor<2>>,
     #[module(skip)]
     pub scale: f64,
+    /// A and B as plain vectors, for decoding without tensor ops; only in the copies the engine
+    /// serves ([`LoraAdapter::for_serving`]), never in one whose values are still trained.
+    #[module(skip)]
+    pub plain: Option<Arc<PlainPair>>,
+}
+
+/// A pair's matrices, row-major: `a_t` = Aᵀ `[rank][in]` and `up_t` = s·Bᵀ `[out][rank]`, so
+/// that both products are contiguous dot products.
+#[derive(Debug, Clone)]
+pub struct PlainPair {
+    a_t: Vec<f32>,
+    up_t: Vec<f32>,
+    rank: usize,
 }
 
 impl LoraPair {
@@ -129,6 +143,26 @@ impl LoraPair {
     pub fn delta<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let down = burn::tensor::module::linear(x, self.a.val(), None);
         burn::tensor::module::linear(down, self.b.val(), None).mul_scalar(self.scale)
+    }
+
+    /// The low-rank update of `x` (`[rows][in]`) from the plain copies, for the kernels to
+    /// add to each output as they compute it: `None` when this pair has no plain copies.
+    pub fn plain_update(&self, x: &[f32], rows: usize) -> Option<LowRank<'_>> {
+        let p = self.plain.as_ref()?;
+        let din = x.len() / rows;
+        let down = x
+            .chunks_exact(din)
+            .flat_map(|xr| {
+                p.a_t
+                    .chunks_exact(din)
+                    .map(|a| super::kernels::dot_f32(xr, a))
+            })
+            .collect();
+        Some(LowRank {
+            down,
+            up_t: &p.up_t,
+            rank: p.rank,
+        })
     }
 }
 
@@ -141,19 +175,6 @@ pub struct LayerLora {
 impl LayerLora {
     pub fn get(&self, t: Target) -> Option<&LoraPair> {
         self.pairs.get(t.index()).and_then(Option::as_ref)
-    }
-}
-
-/// `proj(x)` plus the adapter's update when the layer has one for this target.
-pub fn with_delta<const D: usize>(
-    base: Tensor<D>,
-    lora: Option<&LayerLora>,
-    target: Target,
-    x: Tensor<D>,
-) -> Tensor<D> {
-    match lora.and_then(|l| l.get(target)) {
-        Some(pair) => base + pair.delta(x),
-        None => base,
     }
 }
 
@@ -206,6 +227,7 @@ impl LoraAdapter {
                     a: tensor(a, [din, rank]),
                     b: tensor(b, [rank, dout]),
                     scale,
+                    plain: None,
                 });
             }
             layers.push(LayerLora { pairs });
@@ -235,6 +257,29 @@ impl LoraAdapter {
         self.map_tensors(|t| t.detach().without_autodiff())
     }
 
+    /// A frozen copy that also holds every pair's matrices as plain vectors: decoding then
+    /// adds the updates on the vectors it already has, instead of 4 tensor ops per projection
+    /// (which cost a version 28 % of its decoding speed). For the versions the engine serves.
+    pub fn for_serving(&self) -> Self {
+        let mut out = self.frozen();
+        for layer in &mut out.layers {
+            for pair in layer.pairs.iter_mut().flatten() {
+                let plain = |t: Tensor<2>| {
+                    t.into_data()
+                        .convert::<f32>()
+                        .try_into_vec::<f32>()
+                        .expect("f32 data")
+                };
+                pair.plain = Some(Arc::new(PlainPair {
+                    a_t: plain(pair.a.val().transpose()),
+                    up_t: plain(pair.b.val().transpose().mul_scalar(pair.scale)),
+                    rank: pair.a.dims()[1],
+                }));
+            }
+        }
+        out
+    }
+
     fn map_tensors(&self, f: impl Fn(Tensor<2>) -> Tensor<2>) -> Self {
         let layers = self
             .layers
@@ -248,6 +293,7 @@ impl LoraAdapter {
                             a: Param::from_tensor(f(p.a.val())),
                             b: Param::from_tensor(f(p.b.val())),
                             scale: p.scale,
+                            plain: None,
                         })
                     })
                     .collect(),

@@ -6,7 +6,7 @@ use super::config::ModelConfig;
 use super::kernels;
 use super::kv_cache::{KvCache, LayerCache};
 use super::linear::{self, BlockWeight, Linear, LinearWeight};
-use super::lora::{LayerLora, LoraAdapter, Target, with_delta};
+use super::lora::{LayerLora, LoraAdapter, Target};
 use super::rope::Rope;
 use super::weights::WeightFile;
 use anyhow::{Context, Result, ensure};
@@ -136,7 +136,7 @@ impl Attention {
         let [b, s, _] = x.dims();
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let proj =
-            |p: &Linear, t: Target, x: Tensor<3>| with_delta(p.forward(x.clone()), lora, t, x);
+            |p: &Linear, t: Target, x: Tensor<3>| p.forward_adapted(x, lora.and_then(|l| l.get(t)));
         let mut q = proj(&self.q_proj, Target::QProj, x.clone());
         let mut k = proj(&self.k_proj, Target::KProj, x.clone());
         let v = proj(&self.v_proj, Target::VProj, x);
@@ -237,7 +237,7 @@ fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, start: usize, nkv: usize) ->
 impl Mlp {
     fn forward(&self, x: Tensor<3>, lora: Option<&LayerLora>) -> Tensor<3> {
         let proj =
-            |p: &Linear, t: Target, x: Tensor<3>| with_delta(p.forward(x.clone()), lora, t, x);
+            |p: &Linear, t: Target, x: Tensor<3>| p.forward_adapted(x, lora.and_then(|l| l.get(t)));
         let gate = proj(&self.gate_proj, Target::GateProj, x.clone());
         let up = proj(&self.up_proj, Target::UpProj, x);
         proj(&self.down_proj, Target::DownProj, silu(gate) * up)

@@ -96,11 +96,19 @@ pub fn has_kernel(ty: GgmlType) -> bool {
     )
 }
 
+/// A low-rank update added to every output: `out[r][o] += down[r] · up_t[o]` (a LoRA pair's
+/// `s·(x·A)·B`, with `down` = x·A already computed and `up_t` = s·Bᵀ `[rows][rank]`).
+pub struct LowRank<'a> {
+    pub down: Vec<f32>,
+    pub up_t: &'a [f32],
+    pub rank: usize,
+}
+
 /// Output rows computed per task: enough work to outweigh scheduling, enough tasks for 2+ cores.
 const ROWS_PER_TASK: usize = 32;
 
-/// `out[r, o] = Σ_c x[r, c] · W[o, c]` for a weight matrix held as `row_bytes` bytes of `ty`
-/// blocks per row; `x` is `[n, cols]`, the result `[n, rows]`. Rows are shared out over the
+/// `out[r, o] = Σ_c x[r, c] · W[o, c]` (+ the low-rank `update`) for a weight matrix held as
+/// `row_bytes` bytes of `ty` blocks per row; `x` is `[n, cols]`, the result `[n, rows]`. Rows are shared out over the
 /// current rayon pool (the trainer's own pool when called from training).
 pub fn matmul(
     isa: Isa,
@@ -109,6 +117,7 @@ pub fn matmul(
     row_bytes: usize,
     cols: usize,
     x: &[f32],
+    update: Option<&LowRank>,
 ) -> Vec<f32> {
     assert!(cols > 0 && x.len() % cols == 0, "activation shape");
     let rows = weights.len() / row_bytes;
@@ -122,9 +131,11 @@ pub fn matmul(
     out_t
         .par_chunks_mut(ROWS_PER_TASK * n)
         .zip(weights.par_chunks(ROWS_PER_TASK * row_bytes))
-        .for_each(|(out, w)| {
+        .enumerate()
+        .for_each(|(task, (out, w))| {
             let mut dense = Vec::new();
-            for (o, wrow) in out.chunks_exact_mut(n).zip(w.chunks_exact(row_bytes)) {
+            let rows = out.chunks_exact_mut(n).zip(w.chunks_exact(row_bytes));
+            for (i, (o, wrow)) in rows.enumerate() {
                 if isa == Isa::Portable {
                     dense.clear();
                     dequantize_into(ty, wrow, cols, &mut dense).expect("row length checked");
@@ -143,6 +154,10 @@ pub fn matmul(
                         #[cfg(not(target_arch = "x86_64"))]
                         _ => unreachable!(),
                     };
+                    if let Some(u) = update {
+                        let up = &u.up_t[(task * ROWS_PER_TASK + i) * u.rank..][..u.rank];
+                        *y += dot_f32(&u.down[r * u.rank..(r + 1) * u.rank], up);
+                    }
                 }
             }
         });

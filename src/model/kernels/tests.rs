@@ -63,7 +63,7 @@ fn every_kernel_equals_the_dequantized_product_on_every_isa() {
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             let row_bytes = ty.bytes_for(cols).unwrap();
             for isa in Isa::supported() {
-                let got = matmul(isa, ty, &w, row_bytes, cols, &x);
+                let got = matmul(isa, ty, &w, row_bytes, cols, &x, None);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (g - w).abs() <= 1e-5 * scale,
@@ -83,7 +83,7 @@ fn types_without_a_simd_kernel_fall_back_to_the_portable_path() {
         .flat_map(|_| half::f16::from_f32(rng.random_range(-1f32..1.0)).to_le_bytes())
         .collect();
     let x: Vec<f32> = (0..64).map(|_| rng.random_range(-1f32..1.0)).collect();
-    let got = matmul(Isa::best(), GgmlType::F16, &w, 128, 64, &x);
+    let got = matmul(Isa::best(), GgmlType::F16, &w, 128, 64, &x, None);
     let want = reference(GgmlType::F16, &w, 4, 64, &x);
     for (g, w) in got.iter().zip(&want) {
         assert!((g - w).abs() < 1e-4, "{g} vs {w}");
