@@ -2,8 +2,10 @@
 //! checkpoint's own quantized GGUF blocks.
 //!
 //! Training and LoRA need the dense form; a memory-lean decode path can compute directly on the
-//! blocks (faithful to what the file ships, no dequantized copy kept). The rest of the model only
-//! ever calls [`Linear::forward`], so it never depends on the representation.
+//! blocks (faithful to what the file ships, no dequantized copy kept), and the default keeps both:
+//! inputs of a few rows (decoding) read the blocks, longer ones and training the dense weight.
+//! The rest of the model only calls [`Linear::forward`] / [`Linear::forward_adapted`], so it
+//! never depends on the representation.
 
 use super::kernels;
 use super::lora::LoraPair;
@@ -105,16 +107,16 @@ impl Linear {
         x: Tensor<D>,
         lora: Option<&LoraPair>,
     ) -> Tensor<D> {
-        let y = match (&self.weight, &self.decode_blocks) {
-            // Gradients flow only through the dense weight.
-            (LinearWeight::Dense(_), Some(b)) if decodes_on_blocks(&x) => {
-                return self.add_bias(blocks_forward_adapted(&b.matrix, x, lora));
-            }
-            (LinearWeight::Blocks(b), _) if decodes_on_blocks(&x) => {
-                return self.add_bias(blocks_forward_adapted(&b.matrix, x, lora));
-            }
-            (LinearWeight::Dense(w), _) => burn::tensor::module::linear(x.clone(), w.val(), None),
-            (LinearWeight::Blocks(b), _) => blocks_forward(&b.matrix, x.clone()),
+        let blocks = match (&self.weight, &self.decode_blocks) {
+            (LinearWeight::Blocks(b), _) | (_, Some(b)) => Some(&b.matrix),
+            _ => None,
+        };
+        if let Some(m) = blocks.filter(|_| decodes_on_blocks(&x)) {
+            return self.add_bias(blocks_forward_adapted(m, x, lora));
+        }
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => burn::tensor::module::linear(x.clone(), w.val(), None),
+            LinearWeight::Blocks(b) => blocks_forward(&b.matrix, x.clone()),
         };
         let y = match lora {
             Some(pair) => y + pair.delta(x),
