@@ -45,15 +45,20 @@ impl QuantMatrix {
     /// `x` is `[n, cols]` row-major; returns `[n, rows]` = x · Wᵀ (+ `update`).
     pub fn matmul(&self, x: &[f32], update: Option<&kernels::LowRank>) -> Vec<f32> {
         let isa = kernels::Isa::selected();
-        kernels::matmul(
-            isa,
-            self.ty,
-            &self.bytes,
-            self.row_bytes,
-            self.cols,
-            x,
+        let product = self.product(update);
+        kernels::matmul_many(isa, &[product], self.cols, x)
+            .pop()
+            .expect("one product")
+    }
+
+    /// This matrix as a kernel operand.
+    pub fn product<'a>(&'a self, update: Option<&'a kernels::LowRank<'a>>) -> kernels::Product<'a> {
+        kernels::Product {
+            ty: self.ty,
+            weights: &self.bytes,
+            row_bytes: self.row_bytes,
             update,
-        )
+        }
     }
 
     pub fn byte_len(&self) -> usize {
@@ -107,12 +112,10 @@ impl Linear {
         x: Tensor<D>,
         lora: Option<&LoraPair>,
     ) -> Tensor<D> {
-        let blocks = match (&self.weight, &self.decode_blocks) {
-            (LinearWeight::Blocks(b), _) | (_, Some(b)) => Some(&b.matrix),
-            _ => None,
-        };
-        if let Some(m) = blocks.filter(|_| decodes_on_blocks(&x)) {
-            return self.add_bias(blocks_forward_adapted(m, x, lora));
+        if let Some(m) = self.blocks().filter(|_| on_blocks(&x, lora)) {
+            return blocks_forward_many(&[(self, lora)], &[m], x)
+                .pop()
+                .expect("one projection");
         }
         let y = match &self.weight {
             LinearWeight::Dense(w) => burn::tensor::module::linear(x.clone(), w.val(), None),
@@ -123,6 +126,33 @@ impl Linear {
             None => y,
         };
         self.add_bias(y)
+    }
+
+    /// Several projections of the same input (q, k and v; gate and up), each with its optional
+    /// update: when decoding on blocks, one parallel pass over all their rows; else one by one.
+    pub fn forward_many<const D: usize>(
+        projections: &[(&Linear, Option<&LoraPair>)],
+        x: Tensor<D>,
+    ) -> Vec<Tensor<D>> {
+        let blocks: Option<Vec<&QuantMatrix>> = projections
+            .iter()
+            .map(|(l, lora)| l.blocks().filter(|_| on_blocks(&x, *lora)))
+            .collect();
+        match blocks {
+            Some(blocks) => blocks_forward_many(projections, &blocks, x),
+            None => projections
+                .iter()
+                .map(|(l, lora)| l.forward_adapted(x.clone(), *lora))
+                .collect(),
+        }
+    }
+
+    /// The blocks this projection computes small batches on, if it has them.
+    fn blocks(&self) -> Option<&QuantMatrix> {
+        match (&self.weight, &self.decode_blocks) {
+            (LinearWeight::Blocks(b), _) | (_, Some(b)) => Some(&b.matrix),
+            _ => None,
+        }
     }
 
     fn add_bias<const D: usize>(&self, y: Tensor<D>) -> Tensor<D> {
@@ -182,34 +212,57 @@ pub(crate) fn decodes_on_blocks<const D: usize>(x: &Tensor<D>) -> bool {
     rows <= DECODE_ROWS && !x.is_autodiff()
 }
 
-/// x · Wᵀ on the quantized blocks; `x` leaves the backend as f32 and comes back in its dtype.
-pub(crate) fn blocks_forward<const D: usize>(m: &QuantMatrix, x: Tensor<D>) -> Tensor<D> {
-    blocks_forward_adapted(m, x, None)
+/// Whether `x` goes through the quantized kernels with `lora`'s update (a served version's,
+/// which has plain copies of its matrices).
+fn on_blocks<const D: usize>(x: &Tensor<D>, lora: Option<&LoraPair>) -> bool {
+    decodes_on_blocks(x) && lora.is_none_or(|p| p.plain.is_some())
 }
 
-/// [`blocks_forward`] plus the low-rank update of `lora`, added on the plain vectors when the
-/// pair has plain copies (a serving version), else with tensor ops.
-fn blocks_forward_adapted<const D: usize>(
-    m: &QuantMatrix,
+/// x · Wᵀ on the quantized blocks; `x` leaves the backend as f32 and comes back in its dtype.
+pub(crate) fn blocks_forward<const D: usize>(m: &QuantMatrix, x: Tensor<D>) -> Tensor<D> {
+    let (device, dtype, mut dims) = (x.device(), x.dtype(), x.dims());
+    let y = m.matmul(&to_vec(x), None);
+    dims[D - 1] = m.rows;
+    Tensor::from_data(TensorData::new(y, dims), (&device, dtype))
+}
+
+/// The projections of `x` on their `blocks`, with biases and plain-vector updates, in one
+/// parallel pass.
+fn blocks_forward_many<const D: usize>(
+    projections: &[(&Linear, Option<&LoraPair>)],
+    blocks: &[&QuantMatrix],
     x: Tensor<D>,
-    lora: Option<&LoraPair>,
-) -> Tensor<D> {
-    let (device, dtype) = (x.device(), x.dtype());
-    let mut dims = x.dims();
+) -> Vec<Tensor<D>> {
+    let (device, dtype, dims) = (x.device(), x.dtype(), x.dims());
     let rows = dims[..D - 1].iter().product();
-    let xs = x
-        .clone()
-        .into_data()
+    let xs = to_vec(x);
+    let updates: Vec<_> = projections
+        .iter()
+        .map(|(_, lora)| lora.and_then(|p| p.plain_update(&xs, rows)))
+        .collect();
+    let products: Vec<_> = blocks
+        .iter()
+        .zip(&updates)
+        .map(|(m, u)| m.product(u.as_ref()))
+        .collect();
+    let ys = kernels::matmul_many(kernels::Isa::selected(), &products, blocks[0].cols, &xs);
+    ys.into_iter()
+        .zip(blocks)
+        .zip(projections)
+        .map(|((y, m), (linear, _))| {
+            let mut dims = dims;
+            dims[D - 1] = m.rows;
+            linear.add_bias(Tensor::from_data(
+                TensorData::new(y, dims),
+                (&device, dtype),
+            ))
+        })
+        .collect()
+}
+
+fn to_vec<const D: usize>(x: Tensor<D>) -> Vec<f32> {
+    x.into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
-        .expect("f32 data");
-    let update = lora.and_then(|pair| pair.plain_update(&xs, rows));
-    let y = m.matmul(&xs, update.as_ref());
-    let added = lora.is_none() || update.is_some();
-    dims[D - 1] = m.rows;
-    let y = Tensor::from_data(TensorData::new(y, dims), (&device, dtype));
-    match lora {
-        Some(pair) if !added => y + pair.delta(x),
-        _ => y,
-    }
+        .expect("f32 data")
 }

@@ -135,11 +135,16 @@ impl Attention {
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let proj =
-            |p: &Linear, t: Target, x: Tensor<3>| p.forward_adapted(x, lora.and_then(|l| l.get(t)));
-        let mut q = proj(&self.q_proj, Target::QProj, x.clone());
-        let mut k = proj(&self.k_proj, Target::KProj, x.clone());
-        let v = proj(&self.v_proj, Target::VProj, x);
+        let pair = |t: Target| lora.and_then(|l| l.get(t));
+        let qkv = Linear::forward_many(
+            &[
+                (&self.q_proj, pair(Target::QProj)),
+                (&self.k_proj, pair(Target::KProj)),
+                (&self.v_proj, pair(Target::VProj)),
+            ],
+            x,
+        );
+        let [mut q, mut k, v]: [Tensor<3>; 3] = qkv.try_into().expect("three projections");
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn
                 .forward(q.reshape([b, s, nh, hd]))
@@ -198,7 +203,7 @@ impl Attention {
             };
             out.swap_dims(1, 2).reshape([b, s, nh * hd])
         };
-        proj(&self.o_proj, Target::OProj, out)
+        self.o_proj.forward_adapted(out, pair(Target::OProj))
     }
 }
 
@@ -236,11 +241,17 @@ fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, start: usize, nkv: usize) ->
 
 impl Mlp {
     fn forward(&self, x: Tensor<3>, lora: Option<&LayerLora>) -> Tensor<3> {
-        let proj =
-            |p: &Linear, t: Target, x: Tensor<3>| p.forward_adapted(x, lora.and_then(|l| l.get(t)));
-        let gate = proj(&self.gate_proj, Target::GateProj, x.clone());
-        let up = proj(&self.up_proj, Target::UpProj, x);
-        proj(&self.down_proj, Target::DownProj, silu(gate) * up)
+        let pair = |t: Target| lora.and_then(|l| l.get(t));
+        let gate_up = Linear::forward_many(
+            &[
+                (&self.gate_proj, pair(Target::GateProj)),
+                (&self.up_proj, pair(Target::UpProj)),
+            ],
+            x,
+        );
+        let [gate, up]: [Tensor<3>; 2] = gate_up.try_into().expect("two projections");
+        self.down_proj
+            .forward_adapted(silu(gate) * up, pair(Target::DownProj))
     }
 }
 

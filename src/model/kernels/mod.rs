@@ -107,9 +107,23 @@ pub struct LowRank<'a> {
 /// Output rows computed per task: enough work to outweigh scheduling, enough tasks for 2+ cores.
 const ROWS_PER_TASK: usize = 32;
 
+/// One weight matrix to multiply: `row_bytes` bytes of `ty` blocks per row, plus an optional
+/// low-rank update of its outputs.
+pub struct Product<'a> {
+    pub ty: GgmlType,
+    pub weights: &'a [u8],
+    pub row_bytes: usize,
+    pub update: Option<&'a LowRank<'a>>,
+}
+
+impl Product<'_> {
+    fn rows(&self) -> usize {
+        self.weights.len() / self.row_bytes
+    }
+}
+
 /// `out[r, o] = Σ_c x[r, c] · W[o, c]` (+ the low-rank `update`) for a weight matrix held as
-/// `row_bytes` bytes of `ty` blocks per row; `x` is `[n, cols]`, the result `[n, rows]`. Rows are shared out over the
-/// current rayon pool (the trainer's own pool when called from training).
+/// `row_bytes` bytes of `ty` blocks per row; `x` is `[n, cols]`, the result `[n, rows]`.
 pub fn matmul(
     isa: Isa,
     ty: GgmlType,
@@ -119,58 +133,80 @@ pub fn matmul(
     x: &[f32],
     update: Option<&LowRank>,
 ) -> Vec<f32> {
+    let product = Product {
+        ty,
+        weights,
+        row_bytes,
+        update,
+    };
+    matmul_many(isa, &[product], cols, x)
+        .pop()
+        .expect("one product")
+}
+
+/// [`matmul`] for several matrices of the same input (q, k and v; gate and up): their rows
+/// are shared out over the current rayon pool in one pass (the trainer's own pool when called
+/// from training), so the threads meet once instead of once per matrix.
+pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Vec<Vec<f32>> {
     assert!(cols > 0 && x.len() % cols == 0, "activation shape");
-    let rows = weights.len() / row_bytes;
     let n = x.len() / cols;
-    let isa = if has_kernel(ty) { isa } else { Isa::Portable };
     // Σx of every 32 activations: the weights' offsets and minimums multiply it.
     let sums: Vec<f32> = x.chunks(32).map(|c| c.iter().sum()).collect();
     let blocks = cols.div_ceil(32);
-    // Computed as [rows, n] so that every task writes one contiguous slice.
-    let mut out_t = vec![0f32; rows * n];
-    out_t
-        .par_chunks_mut(ROWS_PER_TASK * n)
-        .zip(weights.par_chunks(ROWS_PER_TASK * row_bytes))
-        .enumerate()
-        .for_each(|(task, (out, w))| {
-            let mut dense = Vec::new();
-            let rows = out.chunks_exact_mut(n).zip(w.chunks_exact(row_bytes));
-            for (i, (o, wrow)) in rows.enumerate() {
-                if isa == Isa::Portable {
-                    dense.clear();
-                    dequantize_into(ty, wrow, cols, &mut dense).expect("row length checked");
-                }
-                for (r, y) in o.iter_mut().enumerate() {
-                    let xr = &x[r * cols..(r + 1) * cols];
-                    let sums = &sums[r * blocks..(r + 1) * blocks];
-                    *y = match isa {
-                        Isa::Portable => dot_f32(&dense, xr),
-                        // SAFETY: an Isa other than Portable is only chosen after detecting
-                        // its instruction set (Isa::supported).
-                        #[cfg(target_arch = "x86_64")]
-                        Isa::Avx2 => unsafe { x86::avx2::dot(ty, wrow, xr, sums) },
-                        #[cfg(target_arch = "x86_64")]
-                        Isa::Avx512 => unsafe { x86::avx512::dot(ty, wrow, xr, sums) },
-                        #[cfg(not(target_arch = "x86_64"))]
-                        _ => unreachable!(),
-                    };
-                    if let Some(u) = update {
-                        let up = &u.up_t[(task * ROWS_PER_TASK + i) * u.rank..][..u.rank];
-                        *y += dot_f32(&u.down[r * u.rank..(r + 1) * u.rank], up);
-                    }
-                }
-            }
-        });
-    if n == 1 {
-        return out_t;
-    }
-    let mut out = vec![0f32; n * rows];
-    for (o, col) in out_t.chunks_exact(n).enumerate() {
-        for (r, v) in col.iter().enumerate() {
-            out[r * rows + o] = *v;
+    // Each product's outputs as [rows, n], so that every task writes one contiguous slice.
+    let mut outs: Vec<Vec<f32>> = products.iter().map(|p| vec![0f32; p.rows() * n]).collect();
+    let mut tasks = Vec::new();
+    for (p, out) in products.iter().zip(outs.iter_mut()) {
+        let weights = p.weights.chunks(ROWS_PER_TASK * p.row_bytes);
+        for (c, (out, w)) in out.chunks_mut(ROWS_PER_TASK * n).zip(weights).enumerate() {
+            tasks.push((p, c * ROWS_PER_TASK, out, w));
         }
     }
-    out
+    tasks.into_par_iter().for_each(|(p, first, out, w)| {
+        let isa = if has_kernel(p.ty) { isa } else { Isa::Portable };
+        let mut dense = Vec::new();
+        let rows = out.chunks_exact_mut(n).zip(w.chunks_exact(p.row_bytes));
+        for (i, (o, wrow)) in rows.enumerate() {
+            if isa == Isa::Portable {
+                dense.clear();
+                dequantize_into(p.ty, wrow, cols, &mut dense).expect("row length checked");
+            }
+            for (r, y) in o.iter_mut().enumerate() {
+                let xr = &x[r * cols..(r + 1) * cols];
+                let sums = &sums[r * blocks..(r + 1) * blocks];
+                *y = match isa {
+                    Isa::Portable => dot_f32(&dense, xr),
+                    // SAFETY: an Isa other than Portable is only chosen after detecting its
+                    // instruction set (Isa::supported).
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe { x86::avx2::dot(p.ty, wrow, xr, sums) },
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => unsafe { x86::avx512::dot(p.ty, wrow, xr, sums) },
+                    #[cfg(not(target_arch = "x86_64"))]
+                    _ => unreachable!(),
+                };
+                if let Some(u) = p.update {
+                    let up = &u.up_t[(first + i) * u.rank..][..u.rank];
+                    *y += dot_f32(&u.down[r * u.rank..(r + 1) * u.rank], up);
+                }
+            }
+        }
+    });
+    if n == 1 {
+        return outs;
+    }
+    outs.into_iter()
+        .map(|out_t| {
+            let rows = out_t.len() / n;
+            let mut out = vec![0f32; n * rows];
+            for (o, col) in out_t.chunks_exact(n).enumerate() {
+                for (r, v) in col.iter().enumerate() {
+                    out[r * rows + o] = *v;
+                }
+            }
+            out
+        })
+        .collect()
 }
 
 /// A dot product in 8 independent lanes, so that the compiler vectorizes it (one running f32
