@@ -11,7 +11,6 @@ use clawrl_tui::engine::{
 use clawrl_tui::model::SamplingParams;
 use clawrl_tui::model::{LoraAdapter, LoraConfig, Target};
 use clawrl_tui::telemetry::Counters;
-use rand::SeedableRng;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -199,28 +198,7 @@ fn a_swap_of_the_live_version_applies_to_the_next_request_never_to_one_in_flight
     let engine = engine();
     let model = engine.model().expect("loaded");
     // An adapter that changes the model: random A and B.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let lora = LoraConfig {
-        rank: 4,
-        alpha: 8.0,
-        targets: Target::ALL.to_vec(),
-    };
-    let adapter = LoraAdapter::build(
-        &model.config,
-        lora,
-        |_, _, din, dout, r| {
-            use rand::Rng;
-            let a = (0..din * r)
-                .map(|_| rng.random_range(-0.05..0.05))
-                .collect();
-            let b = (0..r * dout)
-                .map(|_| rng.random_range(-0.05..0.05))
-                .collect();
-            Ok((a, b))
-        },
-        &model.transformer.device(),
-    )
-    .unwrap();
+    let adapter = common::random_adapter(&model, 4, 5);
     engine
         .command(Command::Install {
             version: 1,

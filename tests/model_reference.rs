@@ -438,30 +438,8 @@ fn streams_decoded_together_equal_streams_decoded_alone() {
 
 #[test]
 fn serving_copies_of_an_adapter_decode_like_the_adapter_itself() {
-    use clawrl_tui::model::{LoraAdapter, LoraConfig, Target};
-    use rand::{Rng, SeedableRng};
     let model = common::smollm2();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let config = LoraConfig {
-        rank: 8,
-        alpha: 16.0,
-        targets: Target::ALL.to_vec(),
-    };
-    let adapter = LoraAdapter::build(
-        &model.config,
-        config,
-        |_, _, din, dout, r| {
-            let a = (0..din * r)
-                .map(|_| rng.random_range(-0.05..0.05))
-                .collect();
-            let b = (0..r * dout)
-                .map(|_| rng.random_range(-0.05..0.05))
-                .collect();
-            Ok((a, b))
-        },
-        &model.transformer.device(),
-    )
-    .unwrap();
+    let adapter = common::random_adapter(model, 8, 5);
     let request = GenerateRequest {
         prompt_ids: model
             .chat_prompt(
@@ -474,7 +452,7 @@ fn serving_copies_of_an_adapter_decode_like_the_adapter_itself() {
         stop: vec![],
         top_logprobs: 0,
     };
-    let decode = |adapter: Option<LoraAdapter>| {
+    let decode = |adapter: Option<clawrl_tui::model::LoraAdapter>| {
         let mut d = model
             .start_decoding(&request, None, adapter.map(std::sync::Arc::new))
             .unwrap();

@@ -4,7 +4,7 @@
 use burn::tensor::{DType, Device};
 use clawrl_tui::catalog;
 use clawrl_tui::config::Config;
-use clawrl_tui::model::{LoadOptions, LoadedModel, WeightMode};
+use clawrl_tui::model::{LoadOptions, LoadedModel, LoraAdapter, LoraConfig, Target, WeightMode};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -61,6 +61,33 @@ pub fn smollm2() -> &'static LoadedModel {
 pub fn qwen25() -> &'static LoadedModel {
     static M: OnceLock<LoadedModel> = OnceLock::new();
     M.get_or_init(|| load(QWEN25, DType::F32, WeightMode::Both))
+}
+
+/// An adapter on every projection of `model` with A and B uniform in ±0.05: it changes the
+/// model's outputs (a fresh adapter has B = 0 and changes nothing).
+pub fn random_adapter(model: &LoadedModel, rank: usize, seed: u64) -> LoraAdapter {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let config = LoraConfig {
+        rank,
+        alpha: 2.0 * rank as f64,
+        targets: Target::ALL.to_vec(),
+    };
+    LoraAdapter::build(
+        &model.config,
+        config,
+        |_, _, din, dout, r| {
+            let a = (0..din * r)
+                .map(|_| rng.random_range(-0.05..0.05))
+                .collect();
+            let b = (0..r * dout)
+                .map(|_| rng.random_range(-0.05..0.05))
+                .collect();
+            Ok((a, b))
+        },
+        &model.transformer.device(),
+    )
+    .expect("adapter builds")
 }
 
 /// Directory holding test assets fetched by `./test` (the official Qwen3 tokenizer.json).
