@@ -389,7 +389,13 @@ fn streams_decoded_together_equal_streams_decoded_alone() {
     let model = common::smollm2();
     // Different lengths; the long one's cache grows past its first capacity (256) mid-reply.
     let long = "Tell me about the sea. ".repeat(37);
-    let prompts = ["Name a planet.", long.as_str(), "What is 2+2?"];
+    // Four on one version: a whole group for the 4-row kernels.
+    let prompts = [
+        "Name a planet.",
+        long.as_str(),
+        "What is 2+2?",
+        "Write a haiku.",
+    ];
     let request = |p: &str| GenerateRequest {
         prompt_ids: model
             .chat_prompt(&[json!({"role": "user", "content": p})], None)

@@ -171,20 +171,28 @@ pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Ve
                 dense.clear();
                 dequantize_into(p.ty, wrow, cols, &mut dense).expect("row length checked");
             }
+            // Whole groups of 4 activation rows (batched decoding) share each unpacked block.
+            let grouped = if n >= 4 {
+                dot_groups_of_4(isa, p.ty, wrow, x, &sums, cols, o)
+            } else {
+                0
+            };
             for (r, y) in o.iter_mut().enumerate() {
                 let xr = &x[r * cols..(r + 1) * cols];
                 let sums = &sums[r * blocks..(r + 1) * blocks];
-                *y = match isa {
-                    Isa::Portable => dot_f32(&dense, xr),
-                    // SAFETY: an Isa other than Portable is only chosen after detecting its
-                    // instruction set (Isa::supported).
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe { x86::avx2::dot(p.ty, wrow, xr, sums) },
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => unsafe { x86::avx512::dot(p.ty, wrow, xr, sums) },
-                    #[cfg(not(target_arch = "x86_64"))]
-                    _ => unreachable!(),
-                };
+                if r >= grouped {
+                    *y = match isa {
+                        Isa::Portable => dot_f32(&dense, xr),
+                        // SAFETY: an Isa other than Portable is only chosen after detecting its
+                        // instruction set (Isa::supported).
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx2 => unsafe { x86::avx2::dot(p.ty, wrow, xr, sums) },
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx512 => unsafe { x86::avx512::dot(p.ty, wrow, xr, sums) },
+                        #[cfg(not(target_arch = "x86_64"))]
+                        _ => unreachable!(),
+                    };
+                }
                 if let Some(u) = p.update {
                     let up = &u.up_t[(first + i) * u.rank..][..u.rank];
                     *y += dot_f32(&u.down[r * u.rank..(r + 1) * u.rank], up);
@@ -207,6 +215,43 @@ pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Ve
             out
         })
         .collect()
+}
+
+/// Fills `out[..4k]` with the dot products of `w` and the first 4k rows of `x` through the
+/// 4-row kernels; returns 4k (0 where the type or instruction set has none).
+fn dot_groups_of_4(
+    isa: Isa,
+    ty: GgmlType,
+    w: &[u8],
+    x: &[f32],
+    sums: &[f32],
+    cols: usize,
+    out: &mut [f32],
+) -> usize {
+    let blocks = cols.div_ceil(32);
+    let row = |r: usize| &x[r * cols..(r + 1) * cols];
+    let sum = |r: usize| &sums[r * blocks..(r + 1) * blocks];
+    let mut done = 0;
+    for (g, o) in out.chunks_exact_mut(4).enumerate() {
+        let r = 4 * g;
+        let (xs, ss) = (
+            [row(r), row(r + 1), row(r + 2), row(r + 3)],
+            [sum(r), sum(r + 1), sum(r + 2), sum(r + 3)],
+        );
+        // SAFETY: an Isa other than Portable is only chosen after detecting its instruction
+        // set (Isa::supported).
+        let four = match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { x86::avx2::dot4(ty, w, xs, ss) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { x86::avx512::dot4(ty, w, xs, ss) },
+            _ => None,
+        };
+        let Some(four) = four else { break };
+        o.copy_from_slice(&four);
+        done += 4;
+    }
+    done
 }
 
 /// A dot product in 8 independent lanes, so that the compiler vectorizes it (one running f32

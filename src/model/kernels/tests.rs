@@ -89,3 +89,48 @@ fn types_without_a_simd_kernel_fall_back_to_the_portable_path() {
         assert!((g - w).abs() < 1e-4, "{g} vs {w}");
     }
 }
+
+#[test]
+fn a_low_rank_update_is_added_to_every_output_on_every_isa() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let (rows, cols, rank, n) = (40, 64, 3, 6);
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_0] {
+        let w = random_matrix(ty, rows, cols, &mut rng);
+        let x: Vec<f32> = (0..n * cols)
+            .map(|_| rng.random_range(-1f32..1.0))
+            .collect();
+        let down: Vec<f32> = (0..n * rank)
+            .map(|_| rng.random_range(-1f32..1.0))
+            .collect();
+        let up_t: Vec<f32> = (0..rows * rank)
+            .map(|_| rng.random_range(-1f32..1.0))
+            .collect();
+        let mut want = reference(ty, &w, rows, cols, &x);
+        for r in 0..n {
+            for o in 0..rows {
+                let d = &down[r * rank..(r + 1) * rank];
+                want[r * rows + o] += d
+                    .iter()
+                    .zip(&up_t[o * rank..])
+                    .map(|(a, b)| a * b)
+                    .sum::<f32>();
+            }
+        }
+        let update = LowRank {
+            down: down.clone(),
+            up_t: &up_t,
+            rank,
+        };
+        let row_bytes = ty.bytes_for(cols).unwrap();
+        for isa in Isa::supported() {
+            let got = matmul(isa, ty, &w, row_bytes, cols, &x, Some(&update));
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() < 1e-4,
+                    "{ty:?} {}: element {i}: {g} vs {w}",
+                    isa.name()
+                );
+            }
+        }
+    }
+}

@@ -63,6 +63,70 @@ macro_rules! kernels {
             }
         }
 
+        #[target_feature(enable = $features)]
+        fn dot16<const SIGNED: bool>(q: __m128i, x: &[f32], at: usize, acc: Acc) -> Acc {
+            fma16(widen16::<SIGNED>(q), x, at, acc)
+        }
+
+        /// Dot products of the weight row `w` with 4 activation rows at once, for the types
+        /// batched decoding meets most (the default model's): each block is unpacked and
+        /// widened once for the 4 rows. `None` for other types.
+        ///
+        /// # Safety
+        /// The CPU must support the module's instruction set.
+        #[target_feature(enable = $features)]
+        pub unsafe fn dot4(
+            ty: GgmlType,
+            w: &[u8],
+            x: [&[f32]; 4],
+            sums: [&[f32]; 4],
+        ) -> Option<[f32; 4]> {
+            let (mut a0, mut a1, mut a2, mut a3) = (zero(), zero(), zero(), zero());
+            let mut offset = [0f32; 4];
+            // acc + scale · Σ over the block's 32 widened weights (lo, hi) · x's block `i`.
+            let block = |acc: Acc, scale: f32, lo: W, hi: W, x: &[f32], i: usize| {
+                scaled(
+                    acc,
+                    scale,
+                    fma16(hi, x, 32 * i + 16, fma16(lo, x, 32 * i, zero())),
+                )
+            };
+            match ty {
+                GgmlType::Q4_1 => {
+                    for (i, b) in w.chunks_exact(20).enumerate() {
+                        let (d, m) = (f16(b, 0), f16(b, 2));
+                        let (lo, hi) = nibbles(&b[4..20]);
+                        let (lo, hi) = (widen16::<false>(lo), widen16::<false>(hi));
+                        a0 = block(a0, d, lo, hi, x[0], i);
+                        a1 = block(a1, d, lo, hi, x[1], i);
+                        a2 = block(a2, d, lo, hi, x[2], i);
+                        a3 = block(a3, d, lo, hi, x[3], i);
+                        for (o, s) in offset.iter_mut().zip(&sums) {
+                            *o += m * s[i];
+                        }
+                    }
+                }
+                GgmlType::Q8_0 => {
+                    for (i, b) in w.chunks_exact(34).enumerate() {
+                        let d = f16(b, 0);
+                        let lo = widen16::<true>(load16(&b[2..18]));
+                        let hi = widen16::<true>(load16(&b[18..34]));
+                        a0 = block(a0, d, lo, hi, x[0], i);
+                        a1 = block(a1, d, lo, hi, x[1], i);
+                        a2 = block(a2, d, lo, hi, x[2], i);
+                        a3 = block(a3, d, lo, hi, x[3], i);
+                    }
+                }
+                _ => return None,
+            }
+            Some([
+                hsum(a0) + offset[0],
+                hsum(a1) + offset[1],
+                hsum(a2) + offset[2],
+                hsum(a3) + offset[3],
+            ])
+        }
+
         /// Σ over 32 unsigned 4-bit weights · x of one block.
         #[target_feature(enable = $features)]
         fn nibble_block(qs: &[u8], x: &[f32], at: usize) -> Acc {
@@ -225,8 +289,11 @@ pub mod avx2 {
         unsafe { _mm256_loadu_ps(x.as_ptr().add(at)) }
     }
 
+    /// 16 weights as two 8-lane halves.
+    type W = (__m256, __m256);
+
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn dot16<const SIGNED: bool>(q: __m128i, x: &[f32], at: usize, acc: Acc) -> Acc {
+    fn widen16<const SIGNED: bool>(q: __m128i) -> W {
         let widen = |v: __m128i| {
             if SIGNED {
                 _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
@@ -234,8 +301,16 @@ pub mod avx2 {
                 _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
             }
         };
-        let acc = _mm256_fmadd_ps(widen(q), load_x(x, at), acc);
-        _mm256_fmadd_ps(widen(_mm_unpackhi_epi64(q, q)), load_x(x, at + 8), acc)
+        (widen(q), widen(_mm_unpackhi_epi64(q, q)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn fma16(w: W, x: &[f32], at: usize, acc: Acc) -> Acc {
+        _mm256_fmadd_ps(
+            w.1,
+            load_x(x, at + 8),
+            _mm256_fmadd_ps(w.0, load_x(x, at), acc),
+        )
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -269,16 +344,22 @@ pub mod avx512 {
         _mm512_setzero_ps()
     }
 
+    type W = __m512;
+
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-    fn dot16<const SIGNED: bool>(q: __m128i, x: &[f32], at: usize, acc: Acc) -> Acc {
-        assert!(x.len() >= at + 16);
-        // SAFETY: 16 readable floats checked above.
-        let xs = unsafe { _mm512_loadu_ps(x.as_ptr().add(at)) };
-        let w = if SIGNED {
+    fn widen16<const SIGNED: bool>(q: __m128i) -> W {
+        if SIGNED {
             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q))
         } else {
             _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q))
-        };
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn fma16(w: W, x: &[f32], at: usize, acc: Acc) -> Acc {
+        assert!(x.len() >= at + 16);
+        // SAFETY: 16 readable floats checked above.
+        let xs = unsafe { _mm512_loadu_ps(x.as_ptr().add(at)) };
         _mm512_fmadd_ps(w, xs, acc)
     }
 
