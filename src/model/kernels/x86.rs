@@ -69,8 +69,8 @@ macro_rules! kernels {
         }
 
         /// Dot products of the weight row `w` with 4 activation rows at once, for the types
-        /// batched decoding meets most (the default model's): each block is unpacked and
-        /// widened once for the 4 rows. `None` for other types.
+        /// batched decoding meets most (the default model's, and Qwen2.5's Q5_0): each block is
+        /// unpacked and widened once for the 4 rows. `None` for other types.
         ///
         /// # Safety
         /// The CPU must support the module's instruction set.
@@ -115,6 +115,22 @@ macro_rules! kernels {
                         a1 = block(a1, d, lo, hi, x[1], i);
                         a2 = block(a2, d, lo, hi, x[2], i);
                         a3 = block(a3, d, lo, hi, x[3], i);
+                    }
+                }
+                GgmlType::Q5_0 => {
+                    for (i, b) in w.chunks_exact(22).enumerate() {
+                        let d = f16(b, 0);
+                        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                        let (lo, hi) = nibbles(&b[6..22]);
+                        let lo = widen16::<false>(_mm_or_si128(lo, fifth_bits(qh & 0xFFFF)));
+                        let hi = widen16::<false>(_mm_or_si128(hi, fifth_bits(qh >> 16)));
+                        a0 = block(a0, d, lo, hi, x[0], i);
+                        a1 = block(a1, d, lo, hi, x[1], i);
+                        a2 = block(a2, d, lo, hi, x[2], i);
+                        a3 = block(a3, d, lo, hi, x[3], i);
+                        for (o, s) in offset.iter_mut().zip(&sums) {
+                            *o -= 16.0 * d * s[i];
+                        }
                     }
                 }
                 _ => return None,
