@@ -122,31 +122,10 @@ impl Product<'_> {
     }
 }
 
-/// `out[r, o] = Σ_c x[r, c] · W[o, c]` (+ the low-rank `update`) for a weight matrix held as
-/// `row_bytes` bytes of `ty` blocks per row; `x` is `[n, cols]`, the result `[n, rows]`.
-pub fn matmul(
-    isa: Isa,
-    ty: GgmlType,
-    weights: &[u8],
-    row_bytes: usize,
-    cols: usize,
-    x: &[f32],
-    update: Option<&LowRank>,
-) -> Vec<f32> {
-    let product = Product {
-        ty,
-        weights,
-        row_bytes,
-        update,
-    };
-    matmul_many(isa, &[product], cols, x)
-        .pop()
-        .expect("one product")
-}
-
-/// [`matmul`] for several matrices of the same input (q, k and v; gate and up): their rows
-/// are shared out over the current rayon pool in one pass (the trainer's own pool when called
-/// from training), so the threads meet once instead of once per matrix.
+/// `out[r, o] = Σ_c x[r, c] · W[o, c]` (+ the low-rank update) for each product, all of the
+/// same input `x` `[n, cols]` (one matrix; or q, k and v; gate and up); each result is
+/// `[n, rows]`. Their rows are shared out over the current rayon pool in one pass (the
+/// trainer's own pool when called from training), so the threads meet once per call.
 pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Vec<Vec<f32>> {
     assert!(cols > 0 && x.len() % cols == 0, "activation shape");
     let n = x.len() / cols;

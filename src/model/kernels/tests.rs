@@ -30,6 +30,27 @@ fn random_matrix(ty: GgmlType, rows: usize, cols: usize, rng: &mut StdRng) -> Ve
     bytes
 }
 
+/// One product through [`matmul_many`].
+fn matmul(
+    isa: Isa,
+    ty: GgmlType,
+    weights: &[u8],
+    row_bytes: usize,
+    cols: usize,
+    x: &[f32],
+    update: Option<&LowRank>,
+) -> Vec<f32> {
+    let product = Product {
+        ty,
+        weights,
+        row_bytes,
+        update,
+    };
+    matmul_many(isa, &[product], cols, x)
+        .pop()
+        .expect("one product")
+}
+
 /// The dequantized matrix times the activations, in f64.
 fn reference(ty: GgmlType, w: &[u8], rows: usize, cols: usize, x: &[f32]) -> Vec<f32> {
     let dense = dequantize(ty, w, rows * cols).unwrap();
