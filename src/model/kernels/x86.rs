@@ -43,7 +43,7 @@ fn fifth_bits(bits: u32) -> __m128i {
 
 /// The six kernels and their dispatcher, for one instruction set. Expects in scope: `Acc`
 /// (the accumulator vector), `zero()`, `dot16::<SIGNED>(bytes, x, at, acc)` (acc + 16 bytes ·
-/// x[at..at+16]), `scaled(acc, s, block)` (acc + s·block), `add(a, b)` and `hsum(acc)`.
+/// x[at..at+16]), `widen16_5(nibbles, bits)` (16 Q5_0 weights), `scaled(acc, s, block)` (acc + s·block), `add(a, b)` and `hsum(acc)`.
 macro_rules! kernels {
     ($features:literal) => {
         /// `sums[b]` is the sum of `x[32b..32b+32]`.
@@ -122,8 +122,7 @@ macro_rules! kernels {
                         let d = f16(b, 0);
                         let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
                         let (lo, hi) = nibbles(&b[6..22]);
-                        let lo = widen16::<false>(_mm_or_si128(lo, fifth_bits(qh & 0xFFFF)));
-                        let hi = widen16::<false>(_mm_or_si128(hi, fifth_bits(qh >> 16)));
+                        let (lo, hi) = (widen16_5(lo, qh & 0xFFFF), widen16_5(hi, qh >> 16));
                         a0 = block(a0, d, lo, hi, x[0], i);
                         a1 = block(a1, d, lo, hi, x[1], i);
                         a2 = block(a2, d, lo, hi, x[2], i);
@@ -214,10 +213,8 @@ macro_rules! kernels {
                 let d = f16(b, 0);
                 let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
                 let (lo, hi) = nibbles(&b[6..22]);
-                let lo = _mm_or_si128(lo, fifth_bits(qh & 0xFFFF));
-                let hi = _mm_or_si128(hi, fifth_bits(qh >> 16));
-                let block =
-                    dot16::<false>(hi, x, 32 * i + 16, dot16::<false>(lo, x, 32 * i, zero()));
+                let (lo, hi) = (widen16_5(lo, qh & 0xFFFF), widen16_5(hi, qh >> 16));
+                let block = fma16(hi, x, 32 * i + 16, fma16(lo, x, 32 * i, zero()));
                 (d, block, -16.0 * d * sums[i])
             })
         }
@@ -320,6 +317,12 @@ pub mod avx2 {
         (widen(q), widen(_mm_unpackhi_epi64(q, q)))
     }
 
+    /// 16 Q5_0 weights: 4-bit values, plus 16 where bit k of `bits` is set.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn widen16_5(q: __m128i, bits: u32) -> W {
+        widen16::<false>(_mm_or_si128(q, fifth_bits(bits)))
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     fn fma16(w: W, x: &[f32], at: usize, acc: Acc) -> Acc {
         _mm256_fmadd_ps(
@@ -369,6 +372,14 @@ pub mod avx512 {
         } else {
             _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q))
         }
+    }
+
+    /// 16 Q5_0 weights: 4-bit values, plus 16 where bit k of `bits` is set (one masked add
+    /// after widening; the byte shuffles of [`fifth_bits`] made Q5_0 the slowest kernel).
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn widen16_5(q: __m128i, bits: u32) -> W {
+        let w = widen16::<false>(q);
+        _mm512_mask_add_ps(w, bits as __mmask16, w, _mm512_set1_ps(16.0))
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
