@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 
 pub mod judge;
+pub mod kernels;
 pub mod llama_cpp;
 pub mod train;
 pub mod tui;
@@ -49,6 +50,10 @@ pub struct BenchArgs {
     /// With --against-llama-cpp: the Python that has llama-cpp-python.
     #[arg(long, default_value = "target/llama-cpp/bin/python")]
     pub llama_cpp_python: std::path::PathBuf,
+    /// Measure the decode kernels alone: each quantized type × 1 and 4 activation rows × every
+    /// instruction set this CPU runs (ns per 32 weights, GB/s, speed-up over the portable kernel).
+    #[arg(long)]
+    pub kernels: bool,
     /// Measure the control center instead: event folding and frame drawing time on an empty
     /// and on a full history (no model needed).
     #[arg(long)]
@@ -75,6 +80,9 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
     }
     if args.tui {
         return tui::run(args.frames);
+    }
+    if args.kernels {
+        return kernels::run(args.runs.max(1));
     }
     if args.against_llama_cpp {
         return llama_cpp::run(cfg, &args.llama_cpp_python);

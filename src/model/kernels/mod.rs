@@ -84,16 +84,37 @@ impl Isa {
 }
 
 /// Weight types with a SIMD kernel (others go through the portable path on every CPU).
+pub const SIMD_TYPES: [GgmlType; 6] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q6_K,
+];
+
 pub fn has_kernel(ty: GgmlType) -> bool {
-    matches!(
-        ty,
-        GgmlType::Q4_0
-            | GgmlType::Q4_1
-            | GgmlType::Q5_0
-            | GgmlType::Q8_0
-            | GgmlType::Q4_K
-            | GgmlType::Q6_K
-    )
+    SIMD_TYPES.contains(&ty)
+}
+
+/// A `rows × cols` matrix of random `ty` blocks whose f16 scales are sane numbers (random bits
+/// could be NaN or huge): what the kernel tests and `bench --kernels` multiply.
+pub fn random_matrix(ty: GgmlType, rows: usize, cols: usize, rng: &mut impl rand::Rng) -> Vec<u8> {
+    let mut bytes: Vec<u8> = (0..rows * ty.bytes_for(cols).expect("whole blocks"))
+        .map(|_| rng.random())
+        .collect();
+    let scale_offsets: &[usize] = match ty {
+        GgmlType::Q4_1 | GgmlType::Q4_K => &[0, 2],
+        GgmlType::Q6_K => &[208],
+        _ => &[0],
+    };
+    for block in bytes.chunks_exact_mut(ty.block_bytes()) {
+        for &o in scale_offsets {
+            let v = half::f16::from_f32(rng.random_range(-0.05f32..0.05));
+            block[o..o + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    bytes
 }
 
 /// A low-rank update added to every output: `out[r][o] += down[r] · up_t[o]` (a LoRA pair's

@@ -2,34 +2,6 @@ use super::*;
 use crate::model::quant::dequantize;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-const TYPES: [GgmlType; 6] = [
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q8_0,
-    GgmlType::Q4_K,
-    GgmlType::Q6_K,
-];
-
-/// Random blocks whose f16 scales are sane numbers (random bits could be NaN or huge).
-fn random_matrix(ty: GgmlType, rows: usize, cols: usize, rng: &mut StdRng) -> Vec<u8> {
-    let mut bytes: Vec<u8> = (0..rows * ty.bytes_for(cols).unwrap())
-        .map(|_| rng.random())
-        .collect();
-    let scale_offsets: &[usize] = match ty {
-        GgmlType::Q4_1 | GgmlType::Q4_K => &[0, 2],
-        GgmlType::Q6_K => &[208],
-        _ => &[0],
-    };
-    for block in bytes.chunks_exact_mut(ty.block_bytes()) {
-        for &o in scale_offsets {
-            let v = half::f16::from_f32(rng.random_range(-0.05f32..0.05));
-            block[o..o + 2].copy_from_slice(&v.to_le_bytes());
-        }
-    }
-    bytes
-}
-
 /// One product through [`matmul_many`].
 fn matmul(
     isa: Isa,
@@ -74,7 +46,7 @@ fn reference(ty: GgmlType, w: &[u8], rows: usize, cols: usize, x: &[f32]) -> Vec
 fn every_kernel_equals_the_dequantized_product_on_every_isa() {
     let mut rng = StdRng::seed_from_u64(7);
     let (rows, cols) = (70, 512); // 70 rows: a partial last task
-    for ty in TYPES {
+    for ty in SIMD_TYPES {
         let w = random_matrix(ty, rows, cols, &mut rng);
         for n in [1, 3, 6] {
             let x: Vec<f32> = (0..n * cols)
