@@ -43,7 +43,7 @@ fn fifth_bits(bits: u32) -> __m128i {
 
 /// The six kernels and their dispatcher, for one instruction set. Expects in scope: `Acc`
 /// (the accumulator vector), `zero()`, `dot16::<SIGNED>(bytes, x, at, acc)` (acc + 16 bytes ·
-/// x[at..at+16]), `widen16_5(nibbles, bits)` (16 Q5_0 weights), `scaled(acc, s, block)` (acc + s·block), `add(a, b)` and `hsum(acc)`.
+/// x[at..at+16]), `widen16_5(nibbles, bits)` (16 Q5_0 weights), `times(w, s)` (widened weights · s), `scaled(acc, s, block)` (acc + s·block), `add(a, b)` and `hsum(acc)`.
 macro_rules! kernels {
     ($features:literal) => {
         /// `sums[b]` is the sum of `x[32b..32b+32]`.
@@ -68,9 +68,9 @@ macro_rules! kernels {
             fma16(widen16::<SIGNED>(q), x, at, acc)
         }
 
-        /// Dot products of the weight row `w` with 4 activation rows at once, for the types
-        /// batched decoding meets most (the default model's, and Qwen2.5's Q5_0): each block is
-        /// unpacked and widened once for the 4 rows. `None` for other types.
+        /// Dot products of the weight row `w` with 4 activation rows at once (batched
+        /// decoding): each block is unpacked and widened once for the 4 rows. `None` for types
+        /// without one (Q4_0).
         ///
         /// # Safety
         /// The CPU must support the module's instruction set.
@@ -129,6 +129,74 @@ macro_rules! kernels {
                         a3 = block(a3, d, lo, hi, x[3], i);
                         for (o, s) in offset.iter_mut().zip(&sums) {
                             *o -= 16.0 * d * s[i];
+                        }
+                    }
+                }
+                GgmlType::Q4_K => {
+                    let mask = _mm_set1_epi8(0x0F);
+                    for (i, b) in w.chunks_exact(144).enumerate() {
+                        let (d, dmin) = (f16(b, 0), f16(b, 2));
+                        // Sub-block j = 2c + h: the low (h = 0) or high nibbles of chunk c.
+                        for (c, qs) in b[16..144].chunks_exact(32).enumerate() {
+                            let (a, z) = (load16(&qs[..16]), load16(&qs[16..]));
+                            for h in 0..2 {
+                                let (a, z) = if h == 1 {
+                                    (_mm_srli_epi16(a, 4), _mm_srli_epi16(z, 4))
+                                } else {
+                                    (a, z)
+                                };
+                                let j = 2 * c + h;
+                                let lo = widen16::<false>(_mm_and_si128(a, mask));
+                                let hi = widen16::<false>(_mm_and_si128(z, mask));
+                                let (sc, m) = scale_min_k4(j, &b[4..16]);
+                                let (scale, min) = (d * sc as f32, dmin * m as f32);
+                                // Sub-block j of block i is 32-weight block 8i + j.
+                                let k = 8 * i + j;
+                                a0 = block(a0, scale, lo, hi, x[0], k);
+                                a1 = block(a1, scale, lo, hi, x[1], k);
+                                a2 = block(a2, scale, lo, hi, x[2], k);
+                                a3 = block(a3, scale, lo, hi, x[3], k);
+                                for (o, s) in offset.iter_mut().zip(&sums) {
+                                    *o -= min * s[k];
+                                }
+                            }
+                        }
+                    }
+                }
+                GgmlType::Q6_K => {
+                    let (low4, low2, bias) =
+                        (_mm_set1_epi8(0x0F), _mm_set1_epi8(3), _mm_set1_epi8(32));
+                    for (i, b) in w.chunks_exact(210).enumerate() {
+                        let d = f16(b, 208);
+                        for h in 0..2 {
+                            let ql = &b[h * 64..h * 64 + 64];
+                            let qh = &b[128 + h * 32..128 + h * 32 + 32];
+                            let sc = &b[192 + h * 8..192 + h * 8 + 8];
+                            for k in 0..4 {
+                                let lo_at = 32 * (k & 1);
+                                let shift = _mm_cvtsi32_si128(4 * (k >> 1) as i32);
+                                for s in 0..2 {
+                                    let low = _mm_and_si128(
+                                        _mm_srl_epi16(load16(&ql[lo_at + 16 * s..]), shift),
+                                        low4,
+                                    );
+                                    let high = _mm_srl_epi16(
+                                        load16(&qh[16 * s..]),
+                                        _mm_cvtsi32_si128(2 * k as i32),
+                                    );
+                                    let high = _mm_slli_epi16(_mm_and_si128(high, low2), 4);
+                                    let q = _mm_sub_epi8(_mm_or_si128(low, high), bias);
+                                    // Every 16 weights have their own scale: applied to the
+                                    // weights once, then one multiply-add per row.
+                                    let scale = d * (sc[2 * k + s] as i8) as f32;
+                                    let q = times(widen16::<true>(q), scale);
+                                    let at = 256 * i + 128 * h + 32 * k + 16 * s;
+                                    a0 = fma16(q, x[0], at, a0);
+                                    a1 = fma16(q, x[1], at, a1);
+                                    a2 = fma16(q, x[2], at, a2);
+                                    a3 = fma16(q, x[3], at, a3);
+                                }
+                            }
                         }
                     }
                 }
@@ -333,6 +401,12 @@ pub mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
+    fn times(w: W, s: f32) -> W {
+        let s = _mm256_set1_ps(s);
+        (_mm256_mul_ps(w.0, s), _mm256_mul_ps(w.1, s))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn scaled(acc: Acc, scale: f32, block: Acc) -> Acc {
         _mm256_fmadd_ps(_mm256_set1_ps(scale), block, acc)
     }
@@ -388,6 +462,11 @@ pub mod avx512 {
         // SAFETY: 16 readable floats checked above.
         let xs = unsafe { _mm512_loadu_ps(x.as_ptr().add(at)) };
         _mm512_fmadd_ps(w, xs, acc)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn times(w: W, s: f32) -> W {
+        _mm512_mul_ps(w, _mm512_set1_ps(s))
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
