@@ -390,3 +390,35 @@ fn serving_beyond_loopback_without_a_key_warns() {
         .collect::<String>();
     assert!(log.contains("without an API key"), "and in the log: {log}");
 }
+
+#[test]
+fn bench_kernels_measures_every_type_row_count_and_instruction_set() {
+    use clawrl_tui::model::kernels::{Isa, SIMD_TYPES};
+    let out = run(&["bench", "--kernels", "--runs", "1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for ty in SIMD_TYPES {
+        for rows in ["1", "4"] {
+            for isa in Isa::supported() {
+                let line = stdout
+                    .lines()
+                    .find(|l| {
+                        let f: Vec<&str> = l.split_whitespace().collect();
+                        f.len() == 7
+                            && f[0] == format!("{ty:?}")
+                            && f[1] == rows
+                            && f[2] == isa.name()
+                    })
+                    .unwrap_or_else(|| panic!("no {ty:?} {rows} {} row in:\n{stdout}", isa.name()));
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let ns: f64 = f[3].parse().unwrap();
+                assert!(ns > 0.0 && ns.is_finite(), "{line}");
+                // The portable kernel is the baseline of its own row count.
+                if isa == Isa::Portable {
+                    assert_eq!(f[5], "1.00x", "{line}");
+                }
+                assert_eq!(f[6] == "—", rows == "1", "{line}");
+            }
+        }
+    }
+}
