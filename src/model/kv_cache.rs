@@ -9,7 +9,7 @@
 //! the same bytes (no copy). Training keeps Burn tensors throughout, so that gradients flow
 //! through them.
 
-use super::kernels::dot_f32;
+use super::kernels;
 use burn::tensor::{Bytes, DType, FloatDType, Shape, Tensor, TensorData};
 use burn_flex::{Flex, FlexTensor, Layout};
 use rayon::prelude::*;
@@ -148,6 +148,7 @@ impl Buffers {
         let d = self.dim;
         let rep = q.len() / d / self.heads;
         let scale = 1.0 / (d as f32).sqrt();
+        let isa = kernels::Isa::selected();
         let group = |g: usize, out: &mut [f32]| {
             let at = g * self.capacity * d;
             let (keys, values) = (
@@ -155,28 +156,7 @@ impl Buffers {
                 &self.values()[at..at + len * d],
             );
             let qs = &q[g * rep * d..(g + 1) * rep * d];
-            let mut scores = vec![0f32; rep * len];
-            for (j, key) in keys.chunks_exact(d).enumerate() {
-                for (r, qr) in qs.chunks_exact(d).enumerate() {
-                    scores[r * len + j] = dot_f32(qr, key) * scale;
-                }
-            }
-            for row in scores.chunks_exact_mut(len) {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let mut sum = 0.0;
-                for v in row.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                row.iter_mut().for_each(|v| *v /= sum);
-            }
-            out.fill(0.0);
-            for (j, value) in values.chunks_exact(d).enumerate() {
-                for (r, o) in out.chunks_exact_mut(d).enumerate() {
-                    let p = scores[r * len + j];
-                    o.iter_mut().zip(value).for_each(|(o, v)| *o += p * v);
-                }
-            }
+            kernels::attend_group(isa, qs, keys, values, d, scale, out);
         };
         // Long contexts: the KV heads in parallel (each reads its own keys and values).
         if len * self.heads >= 4096 {

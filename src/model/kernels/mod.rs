@@ -254,6 +254,66 @@ fn dot_groups_of_4(
     done
 }
 
+/// Attention of `rep` query rows `qs` (`[rep][d]`) over the `len` positions of one KV head
+/// (`keys`, `values`: `[len][d]`), scores scaled by `scale`, into `out` (`[rep][d]`): the
+/// decode step's attention, which at long contexts costs more than all the weights.
+pub fn attend_group(
+    isa: Isa,
+    qs: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    // SAFETY: an Isa other than Portable is only chosen after detecting its instruction set
+    // (Isa::supported).
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if d % 64 == 0 => unsafe {
+            x86::avx2::attend_group(qs, keys, values, d, scale, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if d % 64 == 0 => unsafe {
+            x86::avx512::attend_group(qs, keys, values, d, scale, out)
+        },
+        _ => attend_group_portable(qs, keys, values, d, scale, out),
+    }
+}
+
+fn attend_group_portable(
+    qs: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let len = keys.len() / d;
+    let mut scores = vec![0f32; qs.len() / d * len];
+    for (j, key) in keys.chunks_exact(d).enumerate() {
+        for (r, q) in qs.chunks_exact(d).enumerate() {
+            scores[r * len + j] = dot_f32(q, key) * scale;
+        }
+    }
+    for row in scores.chunks_exact_mut(len) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0.0;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        row.iter_mut().for_each(|v| *v /= sum);
+    }
+    out.fill(0.0);
+    for (j, value) in values.chunks_exact(d).enumerate() {
+        for (r, o) in out.chunks_exact_mut(d).enumerate() {
+            let p = scores[r * len + j];
+            o.iter_mut().zip(value).for_each(|(o, v)| *o += p * v);
+        }
+    }
+}
+
 /// A dot product in 8 independent lanes, so that the compiler vectorizes it (one running f32
 /// sum would force strict left-to-right order).
 pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {

@@ -127,3 +127,72 @@ fn a_low_rank_update_is_added_to_every_output_on_every_isa() {
         }
     }
 }
+
+/// Softmax attention in f64: `qs` `[rep][d]` over `keys`, `values` `[len][d]`.
+fn attention_reference(qs: &[f32], keys: &[f32], values: &[f32], d: usize, scale: f32) -> Vec<f32> {
+    let len = keys.len() / d;
+    let mut out = Vec::new();
+    for q in qs.chunks_exact(d) {
+        let scores: Vec<f64> = keys
+            .chunks_exact(d)
+            .map(|k| {
+                q.iter()
+                    .zip(k)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>()
+                    * scale as f64
+            })
+            .collect();
+        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f64 = e.iter().sum();
+        for c in 0..d {
+            out.push(
+                (0..len)
+                    .map(|j| e[j] * values[j * d + c] as f64)
+                    .sum::<f64>()
+                    / total,
+            );
+        }
+    }
+    out.into_iter().map(|v| v as f32).collect()
+}
+
+#[test]
+fn decode_attention_equals_the_exact_softmax_on_every_isa() {
+    let mut rng = StdRng::seed_from_u64(5);
+    // Lengths around the 64-position chunks and the 16-wide softmax; d = 48 is not a
+    // multiple of 64: the portable path on every instruction set.
+    for (rep, d, len) in [
+        (3, 64, 1),
+        (3, 64, 17),
+        (7, 64, 64),
+        (7, 64, 300),
+        (2, 128, 129),
+        (3, 48, 20),
+    ] {
+        let mut random = |n: usize, spread: f32| -> Vec<f32> {
+            (0..n).map(|_| rng.random_range(-spread..spread)).collect()
+        };
+        // Scores spread widely: softmax must subtract its maximum, and positions far below
+        // it must count as (almost) nothing, not as NaN.
+        let (qs, keys, values) = (
+            random(rep * d, 3.0),
+            random(len * d, 3.0),
+            random(len * d, 1.0),
+        );
+        let scale = 1.0 / (d as f32).sqrt();
+        let want = attention_reference(&qs, &keys, &values, d, scale);
+        for isa in Isa::supported() {
+            let mut out = vec![f32::NAN; rep * d];
+            attend_group(isa, &qs, &keys, &values, d, scale, &mut out);
+            for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5,
+                    "rep {rep} d {d} len {len} {}: element {i}: {g} vs {w}",
+                    isa.name()
+                );
+            }
+        }
+    }
+}

@@ -41,9 +41,26 @@ fn fifth_bits(bits: u32) -> __m128i {
     _mm_and_si128(set, _mm_set1_epi8(0x10))
 }
 
+/// ln 2 in two parts (Cephes): n·C1 is exact in f32, so x − n·ln 2 keeps its low bits.
+const EXP_C1: f32 = 0.693_359_375;
+const EXP_C2: f32 = -2.121_944_4e-4;
+/// exp(r) ≈ 1 + r + r²·P(r) on |r| ≤ ln 2 / 2, highest power first (Cephes' expf).
+const EXP_P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+/// Positions per pass of decoding attention's weighted sum (64 × 64 floats: 16 KB of values).
+const ATTEND_CHUNK: usize = 64;
+
 /// The six kernels and their dispatcher, for one instruction set. Expects in scope: `Acc`
 /// (the accumulator vector), `zero()`, `dot16::<SIGNED>(bytes, x, at, acc)` (acc + 16 bytes ·
-/// x[at..at+16]), `widen16_5(nibbles, bits)` (16 Q5_0 weights), `times(w, s)` (widened weights · s), `scaled(acc, s, block)` (acc + s·block), `add(a, b)` and `hsum(acc)`.
+/// x[at..at+16]), `widen16_5(nibbles, bits)` (16 Q5_0 weights), `times(w, s)` (widened weights · s), `scaled(acc, s, block)` (acc + s·block), `add(a, b)`, `hsum(acc)`, and for
+/// attention `load_w`/`store_w` (16 floats), `fma_w(p, w, acc)` (acc + p·w),
+/// `exp_minus16(w, m)` (exp(w − m)) and `sum16(w, acc)` (acc + w).
 macro_rules! kernels {
     ($features:literal) => {
         /// `sums[b]` is the sum of `x[32b..32b+32]`.
@@ -208,6 +225,80 @@ macro_rules! kernels {
                 hsum(a2) + offset[2],
                 hsum(a3) + offset[3],
             ])
+        }
+
+        /// Attention of `rep` query rows `qs` (`[rep][d]`) over the `len` positions of one KV
+        /// head (`keys`, `values`: `[len][d]`) into `out` (`[rep][d]`); `d` a multiple of 64.
+        ///
+        /// # Safety
+        /// The CPU must support the module's instruction set.
+        #[target_feature(enable = $features)]
+        pub unsafe fn attend_group(
+            qs: &[f32],
+            keys: &[f32],
+            values: &[f32],
+            d: usize,
+            scale: f32,
+            out: &mut [f32],
+        ) {
+            assert!(d % 64 == 0 && qs.len() % d == 0 && out.len() == qs.len());
+            let len = keys.len() / d;
+            let mut scores = vec![0f32; qs.len() / d * len];
+            for (j, key) in keys.chunks_exact(d).enumerate() {
+                for (r, q) in qs.chunks_exact(d).enumerate() {
+                    let (mut a, mut b) = (zero(), zero());
+                    for at in (0..d).step_by(32) {
+                        a = fma16(load_w(key, at), q, at, a);
+                        b = fma16(load_w(key, at + 16), q, at + 16, b);
+                    }
+                    scores[r * len + j] = hsum(add(a, b)) * scale;
+                }
+            }
+            // Softmax without its division: each output row is divided by its sum at the end.
+            let mut sums = Vec::with_capacity(qs.len() / d);
+            for row in scores.chunks_exact_mut(len) {
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut total = zero();
+                let mut chunks = row.chunks_exact_mut(16);
+                for c in chunks.by_ref() {
+                    let e = exp_minus16(load_w(c, 0), max);
+                    store_w(c, 0, e);
+                    total = sum16(e, total);
+                }
+                let mut sum = hsum(total);
+                for v in chunks.into_remainder() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                sums.push(sum);
+            }
+            // Σ_j p_j · value_j, 64 positions at a time (their values stay in the L1 cache for
+            // every query row), 64 outputs in registers across them.
+            out.fill(0.0);
+            for (c, chunk) in values.chunks(ATTEND_CHUNK * d).enumerate() {
+                for (r, o) in out.chunks_exact_mut(d).enumerate() {
+                    let p = &scores[r * len + c * ATTEND_CHUNK..];
+                    for at in (0..d).step_by(64) {
+                        let (mut a0, mut a1) = (load_w(o, at), load_w(o, at + 16));
+                        let (mut a2, mut a3) = (load_w(o, at + 32), load_w(o, at + 48));
+                        for (value, &p) in chunk.chunks_exact(d).zip(p) {
+                            a0 = fma_w(p, load_w(value, at), a0);
+                            a1 = fma_w(p, load_w(value, at + 16), a1);
+                            a2 = fma_w(p, load_w(value, at + 32), a2);
+                            a3 = fma_w(p, load_w(value, at + 48), a3);
+                        }
+                        store_w(o, at, a0);
+                        store_w(o, at + 16, a1);
+                        store_w(o, at + 32, a2);
+                        store_w(o, at + 48, a3);
+                    }
+                }
+            }
+            for (o, sum) in out.chunks_exact_mut(d).zip(sums) {
+                for at in (0..d).step_by(16) {
+                    store_w(o, at, times(load_w(o, at), 1.0 / sum));
+                }
+            }
         }
 
         /// Σ over 32 unsigned 4-bit weights · x of one block.
@@ -407,6 +498,62 @@ pub mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
+    fn load_w(x: &[f32], at: usize) -> W {
+        (load_x(x, at), load_x(x, at + 8))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn store_w(out: &mut [f32], at: usize, w: W) {
+        assert!(out.len() >= at + 16);
+        // SAFETY: 16 writable floats checked above.
+        unsafe {
+            _mm256_storeu_ps(out.as_mut_ptr().add(at), w.0);
+            _mm256_storeu_ps(out.as_mut_ptr().add(at + 8), w.1);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn fma_w(p: f32, w: W, acc: W) -> W {
+        let p = _mm256_set1_ps(p);
+        (
+            _mm256_fmadd_ps(p, w.0, acc.0),
+            _mm256_fmadd_ps(p, w.1, acc.1),
+        )
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn sum16(w: W, acc: Acc) -> Acc {
+        _mm256_add_ps(acc, _mm256_add_ps(w.0, w.1))
+    }
+
+    /// exp(w − m) by Cephes' single-precision polynomial (about 1 ulp); inputs more than 87
+    /// below `m` give ~1e-38 (softmax after its maximum needs no less).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn exp_minus16(w: W, m: f32) -> W {
+        let exp8 = |x: __m256| {
+            let x = _mm256_max_ps(_mm256_sub_ps(x, _mm256_set1_ps(m)), _mm256_set1_ps(-87.0));
+            let n = _mm256_round_ps(
+                _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_C1), x);
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_C2), r);
+            let mut y = _mm256_set1_ps(EXP_P[0]);
+            for c in &EXP_P[1..] {
+                y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(*c));
+            }
+            let one_r = _mm256_add_ps(r, _mm256_set1_ps(1.0));
+            let y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), one_r);
+            let pow2 = _mm256_slli_epi32(
+                _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+                23,
+            );
+            _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
+        };
+        (exp8(w.0), exp8(w.1))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn scaled(acc: Acc, scale: f32, block: Acc) -> Acc {
         _mm256_fmadd_ps(_mm256_set1_ps(scale), block, acc)
     }
@@ -467,6 +614,51 @@ pub mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     fn times(w: W, s: f32) -> W {
         _mm512_mul_ps(w, _mm512_set1_ps(s))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn load_w(x: &[f32], at: usize) -> W {
+        assert!(x.len() >= at + 16);
+        // SAFETY: 16 readable floats checked above.
+        unsafe { _mm512_loadu_ps(x.as_ptr().add(at)) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn store_w(out: &mut [f32], at: usize, w: W) {
+        assert!(out.len() >= at + 16);
+        // SAFETY: 16 writable floats checked above.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(at), w) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn fma_w(p: f32, w: W, acc: W) -> W {
+        _mm512_fmadd_ps(_mm512_set1_ps(p), w, acc)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn sum16(w: W, acc: Acc) -> Acc {
+        _mm512_add_ps(acc, w)
+    }
+
+    /// exp(w − m), as the AVX2 one; 2ⁿ by `scalef`.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn exp_minus16(w: W, m: f32) -> W {
+        let x = _mm512_max_ps(_mm512_sub_ps(w, _mm512_set1_ps(m)), _mm512_set1_ps(-87.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_C1), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_C2), r);
+        let mut y = _mm512_set1_ps(EXP_P[0]);
+        for c in &EXP_P[1..] {
+            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(*c));
+        }
+        let y = _mm512_fmadd_ps(
+            y,
+            _mm512_mul_ps(r, r),
+            _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+        );
+        _mm512_scalef_ps(y, n)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
