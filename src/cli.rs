@@ -191,6 +191,7 @@ pub fn load_model(cfg: &Config) -> Result<LoadedModel> {
         dtype: device::parse_dtype(&cfg.model.dtype)?,
         weights: cfg.model.weights,
         max_context: cfg.model.max_context,
+        kv_cache: cfg.model.kv_cache,
     };
     tracing::info!(path = %path.display(), ?opts, "loading model");
     LoadedModel::load(&path, &opts)

@@ -3,6 +3,7 @@
 //! command-line flags (applied by the caller).
 
 use crate::device::DeviceChoice;
+use crate::model::KvDtype;
 use crate::model::WeightMode;
 use anyhow::{Context, Result, bail};
 use directories::ProjectDirs;
@@ -305,6 +306,7 @@ pub struct ModelSection {
     pub dtype: String,
     pub weights: WeightMode,
     pub max_context: usize,
+    pub kv_cache: KvDtype,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -353,6 +355,7 @@ impl Default for ModelSection {
             dtype: "f32".into(),
             weights: WeightMode::Both,
             max_context: 0,
+            kv_cache: KvDtype::F32,
         }
     }
 }

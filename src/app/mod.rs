@@ -57,6 +57,7 @@ pub fn engine_config(cfg: &Config) -> Result<EngineConfig> {
             dtype: crate::device::parse_dtype(&cfg.model.dtype)?,
             weights: cfg.model.weights,
             max_context: cfg.model.max_context,
+            kv_cache: cfg.model.kv_cache,
         },
         max_queue: s.max_queue,
         max_active: s.max_active,

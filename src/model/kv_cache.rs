@@ -7,27 +7,58 @@
 //! Clones share the buffers until one of them writes (the prefix cache's copies). Prompts
 //! (several positions at once) read the cache as Burn tensors: on the CPU backend, views of
 //! the same bytes (no copy). Training keeps Burn tensors throughout, so that gradients flow
-//! through them.
+//! through them. The buffers hold f32, or f16 (`model.kv_cache`): half the memory and half
+//! the bytes a long context's decoding reads per token, rounded to 11 significant bits.
 
 use super::kernels;
 use burn::tensor::{Bytes, DType, FloatDType, Shape, Tensor, TensorData};
 use burn_flex::{Flex, FlexTensor, Layout};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+
+/// What the cache stores keys and values in (`model.kv_cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    /// Exact: decoding equals the dense model's attention.
+    #[default]
+    F32,
+    /// Half the memory; keys and values rounded to f16.
+    F16,
+}
+
+impl KvDtype {
+    fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     pub(super) layers: Vec<LayerCache>,
     pub(super) len: usize,
+    dtype: KvDtype,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(super) enum LayerCache {
-    #[default]
-    Empty,
+    /// Nothing written yet; buffers will hold this type.
+    Empty(KvDtype),
     Buffers(Buffers),
     /// Training: `[1, kv_heads, len, head_dim]` tensors in the autodiff graph.
     Graph(Tensor<4>, Tensor<4>),
+}
+
+impl Default for LayerCache {
+    fn default() -> Self {
+        LayerCache::Empty(KvDtype::default())
+    }
 }
 
 /// Smallest capacity allocated, in positions.
@@ -41,34 +72,51 @@ pub(super) struct Buffers {
     heads: usize,
     dim: usize,
     capacity: usize,
+    dtype: KvDtype,
 }
 
 impl Buffers {
-    fn new(heads: usize, dim: usize, capacity: usize) -> Self {
-        let zeros = || Arc::new(Bytes::from_elems(vec![0f32; heads * capacity * dim]));
+    fn new(heads: usize, dim: usize, capacity: usize, dtype: KvDtype) -> Self {
+        let n = heads * capacity * dim;
+        let zeros = || {
+            Arc::new(match dtype {
+                KvDtype::F32 => Bytes::from_elems(vec![0f32; n]),
+                KvDtype::F16 => Bytes::from_elems(vec![f16::ZERO; n]),
+            })
+        };
         Self {
             k: zeros(),
             v: zeros(),
             heads,
             dim,
             capacity,
+            dtype,
         }
     }
 
-    fn keys(&self) -> &[f32] {
-        bytemuck::cast_slice(&self.k)
-    }
-
-    fn values(&self) -> &[f32] {
-        bytemuck::cast_slice(&self.v)
-    }
-
-    /// Keys and values for writing (copied first if shared).
-    fn both_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+    /// Keys and values for writing, as bytes (copied first if shared).
+    fn both_mut(&mut self) -> (&mut [u8], &mut [u8]) {
         (
-            bytemuck::cast_slice_mut(&mut Arc::make_mut(&mut self.k)[..]),
-            bytemuck::cast_slice_mut(&mut Arc::make_mut(&mut self.v)[..]),
+            &mut Arc::make_mut(&mut self.k)[..],
+            &mut Arc::make_mut(&mut self.v)[..],
         )
+    }
+
+    /// Positions `0..len` of `buffer` (keys or values) as f32, `[heads][len][dim]`.
+    fn widened(&self, buffer: &[u8], len: usize) -> Vec<f32> {
+        let (d, cap) = (self.dim, self.capacity);
+        let mut out = vec![0f32; self.heads * len * d];
+        for (h, o) in out.chunks_exact_mut((len * d).max(1)).enumerate() {
+            let at = h * cap * d;
+            match self.dtype {
+                KvDtype::F32 => {
+                    o.copy_from_slice(&bytemuck::cast_slice::<u8, f32>(buffer)[at..at + len * d])
+                }
+                KvDtype::F16 => bytemuck::cast_slice::<u8, f16>(buffer)[at..at + len * d]
+                    .convert_to_f32_slice(o),
+            }
+        }
+        out
     }
 
     /// Makes room for `end` positions, keeping the first `keep`; unshares the buffers.
@@ -78,6 +126,7 @@ impl Buffers {
                 self.heads,
                 self.dim,
                 end.next_power_of_two().max(MIN_CAPACITY),
+                self.dtype,
             );
             grown.copy_prefix(self, keep);
             *self = grown;
@@ -85,8 +134,9 @@ impl Buffers {
     }
 
     fn copy_prefix(&mut self, from: &Buffers, n: usize) {
-        let (d, n, cap) = (self.dim, n.min(from.capacity), self.capacity);
-        let (fk, fv) = (from.keys(), from.values());
+        let es = self.dtype.size();
+        let (d, n, cap) = (self.dim * es, n.min(from.capacity), self.capacity);
+        let (fk, fv) = (from.k.clone(), from.v.clone());
         let (k, v) = self.both_mut();
         for h in 0..from.heads {
             let (dst, src) = (h * cap * d, h * from.capacity * d);
@@ -98,12 +148,18 @@ impl Buffers {
     /// Writes `s` positions from `start`; `k`, `v` are `[heads][s][dim]`.
     fn write(&mut self, start: usize, s: usize, k: &[f32], v: &[f32]) {
         self.reserve(start + s, start);
-        let (d, cap, heads) = (self.dim, self.capacity, self.heads);
+        let (d, cap, heads, dtype) = (self.dim, self.capacity, self.heads, self.dtype);
         let (kb, vb) = self.both_mut();
-        for h in 0..heads {
-            let dst = (h * cap + start) * d;
-            kb[dst..dst + s * d].copy_from_slice(&k[h * s * d..(h + 1) * s * d]);
-            vb[dst..dst + s * d].copy_from_slice(&v[h * s * d..(h + 1) * s * d]);
+        for (buffer, from) in [(kb, k), (vb, v)] {
+            for h in 0..heads {
+                let (dst, src) = ((h * cap + start) * d, &from[h * s * d..(h + 1) * s * d]);
+                match dtype {
+                    KvDtype::F32 => bytemuck::cast_slice_mut::<u8, f32>(buffer)[dst..dst + s * d]
+                        .copy_from_slice(src),
+                    KvDtype::F16 => bytemuck::cast_slice_mut::<u8, f16>(buffer)[dst..dst + s * d]
+                        .convert_from_f32_slice(src),
+                }
+            }
         }
     }
 
@@ -115,31 +171,31 @@ impl Buffers {
             let view = |data: &Arc<Bytes>| {
                 let strides = vec![(h * cap * d) as isize, (cap * d) as isize, d as isize, 1];
                 let layout = Layout::new(Shape::new([1, h, len, d]), strides, 0);
+                let stored = match self.dtype {
+                    KvDtype::F32 => DType::F32,
+                    KvDtype::F16 => DType::F16,
+                };
                 let t = Tensor::<4>::from_primitive::<Flex>(FlexTensor::from_arc(
                     data.clone(),
                     layout,
-                    DType::F32,
+                    stored,
                 ));
                 match like.dtype() {
+                    same if same == stored => t,
                     DType::F16 => t.cast(FloatDType::F16),
                     DType::BF16 => t.cast(FloatDType::BF16),
-                    _ => t,
+                    _ => t.cast(FloatDType::F32),
                 }
             };
             return (view(&self.k), view(&self.v));
         }
-        let take = |b: &[f32]| {
-            let mut out = Vec::with_capacity(self.heads * len * d);
-            for h in 0..self.heads {
-                let at = h * self.capacity * d;
-                out.extend_from_slice(&b[at..at + len * d]);
-            }
+        let take = |b: &[u8]| {
             Tensor::<4>::from_data(
-                TensorData::new(out, [1, self.heads, len, d]),
+                TensorData::new(self.widened(b, len), [1, self.heads, len, d]),
                 (&like.device(), like.dtype()),
             )
         };
-        (take(self.keys()), take(self.values()))
+        (take(&self.k), take(&self.v))
     }
 
     /// Attention of one query position over positions `0..len`: `q` and `out` are
@@ -151,12 +207,21 @@ impl Buffers {
         let isa = kernels::Isa::selected();
         let group = |g: usize, out: &mut [f32]| {
             let at = g * self.capacity * d;
-            let (keys, values) = (
-                &self.keys()[at..at + len * d],
-                &self.values()[at..at + len * d],
-            );
             let qs = &q[g * rep * d..(g + 1) * rep * d];
-            kernels::attend_group(isa, qs, keys, values, d, scale, out);
+            match self.dtype {
+                KvDtype::F32 => {
+                    let (k, v): (&[f32], &[f32]) =
+                        (bytemuck::cast_slice(&self.k), bytemuck::cast_slice(&self.v));
+                    let (k, v) = (&k[at..at + len * d], &v[at..at + len * d]);
+                    kernels::attend_group(isa, qs, k, v, d, scale, out)
+                }
+                KvDtype::F16 => {
+                    let (k, v): (&[f16], &[f16]) =
+                        (bytemuck::cast_slice(&self.k), bytemuck::cast_slice(&self.v));
+                    let (k, v) = (&k[at..at + len * d], &v[at..at + len * d]);
+                    kernels::attend_group_f16(isa, qs, k, v, d, scale, out)
+                }
+            }
         };
         // Long contexts: the KV heads in parallel (each reads its own keys and values).
         if len * self.heads >= 4096 {
@@ -171,7 +236,7 @@ impl Buffers {
     }
 
     fn compacted(&self, len: usize) -> Self {
-        let mut c = Self::new(self.heads, self.dim, len);
+        let mut c = Self::new(self.heads, self.dim, len, self.dtype);
         c.copy_prefix(self, len);
         c
     }
@@ -244,12 +309,17 @@ impl LayerCache {
         match std::mem::take(self) {
             LayerCache::Buffers(b) => *self = LayerCache::Buffers(b),
             LayerCache::Graph(k, v) if start > 0 => {
-                let mut b = Buffers::new(heads, dim, MIN_CAPACITY);
+                let mut b = Buffers::new(heads, dim, MIN_CAPACITY, KvDtype::F32);
                 let (k, v) = (k.narrow(2, 0, start), v.narrow(2, 0, start));
                 b.write(0, start, &to_vec(k), &to_vec(v));
                 *self = LayerCache::Buffers(b);
             }
-            _ => *self = LayerCache::Buffers(Buffers::new(heads, dim, MIN_CAPACITY)),
+            LayerCache::Empty(dtype) => {
+                *self = LayerCache::Buffers(Buffers::new(heads, dim, MIN_CAPACITY, dtype))
+            }
+            LayerCache::Graph(..) => {
+                *self = LayerCache::Buffers(Buffers::new(heads, dim, MIN_CAPACITY, KvDtype::F32))
+            }
         }
         match self {
             LayerCache::Buffers(b) => b,
@@ -263,13 +333,15 @@ impl LayerCache {
             LayerCache::Graph(k, v) if len > 0 => {
                 LayerCache::Graph(k.clone().narrow(2, 0, len), v.clone().narrow(2, 0, len))
             }
-            _ => LayerCache::Empty,
+            LayerCache::Buffers(b) => LayerCache::Empty(b.dtype),
+            LayerCache::Empty(dtype) => LayerCache::Empty(*dtype),
+            LayerCache::Graph(..) => LayerCache::Empty(KvDtype::F32),
         }
     }
 
     fn bytes(&self) -> usize {
         match self {
-            LayerCache::Empty => 0,
+            LayerCache::Empty(_) => 0,
             LayerCache::Buffers(b) => b.bytes(),
             LayerCache::Graph(k, v) => {
                 (k.shape().num_elements() + v.shape().num_elements()) * k.dtype().size()
@@ -279,11 +351,17 @@ impl LayerCache {
 }
 
 impl KvCache {
-    pub(super) fn new(layers: usize) -> Self {
+    pub(super) fn new(layers: usize, dtype: KvDtype) -> Self {
         Self {
-            layers: vec![LayerCache::Empty; layers],
+            layers: vec![LayerCache::Empty(dtype); layers],
             len: 0,
+            dtype,
         }
+    }
+
+    /// What keys and values are stored in.
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
     }
 
     pub fn len(&self) -> usize {
@@ -299,6 +377,7 @@ impl KvCache {
         Self {
             layers: self.layers.clone(),
             len: n.min(self.len),
+            dtype: self.dtype,
         }
     }
 
@@ -308,6 +387,7 @@ impl KvCache {
         Self {
             layers: self.layers.iter().map(|l| l.compacted(self.len)).collect(),
             len: self.len,
+            dtype: self.dtype,
         }
     }
 
@@ -322,43 +402,79 @@ mod tests {
     use super::*;
 
     fn keys(b: &Buffers, len: usize) -> Vec<f32> {
-        (0..b.heads)
-            .flat_map(|h| b.keys()[h * b.capacity * b.dim..][..len * b.dim].to_vec())
-            .collect()
+        b.widened(&b.k, len)
     }
 
     #[test]
     fn clones_share_until_written_and_growth_keeps_the_written_part() {
-        let (heads, dim) = (2, 4);
-        let rows = |n: usize, base: f32| -> Vec<f32> {
-            (0..heads * n * dim).map(|i| base + i as f32).collect()
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let (heads, dim) = (2, 4);
+            // Integers below 2048: exact in f16 too.
+            let rows = |n: usize, base: f32| -> Vec<f32> {
+                (0..heads * n * dim)
+                    .map(|i| base + (i % 1000) as f32)
+                    .collect()
+            };
+            let mut a = Buffers::new(heads, dim, MIN_CAPACITY, dtype);
+            a.write(0, 3, &rows(3, 0.0), &rows(3, 0.0));
+            let before = keys(&a, 3);
+            assert_eq!(before, rows(3, 0.0));
+            // A copy writing over position 2 (a truncated prefix) leaves the original alone.
+            let mut b = a.clone();
+            b.write(2, 1, &rows(1, 100.0), &rows(1, 100.0));
+            assert_eq!(keys(&a, 3), before);
+            assert_ne!(keys(&b, 3), before);
+            assert_eq!(keys(&b, 2), keys(&a, 2));
+            // Writing past the capacity doubles it and keeps what was written.
+            a.write(
+                3,
+                MIN_CAPACITY,
+                &rows(MIN_CAPACITY, 7.0),
+                &rows(MIN_CAPACITY, 7.0),
+            );
+            assert_eq!(a.capacity, 2 * MIN_CAPACITY);
+            assert_eq!(keys(&a, 3), before);
+            let c = a.compacted(3);
+            assert_eq!((c.capacity, keys(&c, 3)), (3, before));
+            // An f16 cache holds half the bytes.
+            assert_eq!(c.bytes(), 2 * heads * 3 * dim * dtype.size());
+        }
+    }
+
+    #[test]
+    fn an_f16_cache_rounds_to_f16_and_attends_like_f32_over_the_rounded_values() {
+        let (heads, dim, len) = (2, 64, 40);
+        let values = |seed: u32| -> Vec<f32> {
+            (0..heads * len * dim)
+                .map(|i| {
+                    ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 333.3
+                        - 1.5
+                })
+                .collect()
         };
-        let mut a = Buffers::new(heads, dim, MIN_CAPACITY);
-        a.write(0, 3, &rows(3, 0.0), &rows(3, 0.0));
-        let before = keys(&a, 3);
-        // A copy writing over position 2 (a truncated prefix) leaves the original alone.
-        let mut b = a.clone();
-        b.write(2, 1, &rows(1, 100.0), &rows(1, 100.0));
-        assert_eq!(keys(&a, 3), before);
-        assert_ne!(keys(&b, 3), before);
-        assert_eq!(keys(&b, 2), keys(&a, 2));
-        // Writing past the capacity doubles it and keeps what was written.
-        a.write(
-            3,
-            MIN_CAPACITY,
-            &rows(MIN_CAPACITY, 7.0),
-            &rows(MIN_CAPACITY, 7.0),
-        );
-        assert_eq!(a.capacity, 2 * MIN_CAPACITY);
-        assert_eq!(keys(&a, 3), before);
-        let c = a.compacted(3);
-        assert_eq!((c.capacity, keys(&c, 3)), (3, before));
+        let (k, v) = (values(1), values(2));
+        let rounded =
+            |x: &[f32]| -> Vec<f32> { x.iter().map(|&x| f16::from_f32(x).to_f32()).collect() };
+        let mut half = Buffers::new(heads, dim, MIN_CAPACITY, KvDtype::F16);
+        half.write(0, len, &k, &v);
+        let mut exact = Buffers::new(heads, dim, MIN_CAPACITY, KvDtype::F32);
+        exact.write(0, len, &rounded(&k), &rounded(&v));
+        assert_eq!(keys(&half, len), rounded(&k));
+        let q: Vec<f32> = (0..2 * heads * dim)
+            .map(|i| (i % 7) as f32 * 0.3 - 0.9)
+            .collect();
+        let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+        half.attend(&q, len, &mut a);
+        exact.attend(&q, len, &mut b);
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
     }
 
     #[test]
     fn attention_of_one_position_equals_the_softmax_formula() {
         let (heads, dim, len) = (1, 2, 3);
-        let mut b = Buffers::new(heads, dim, MIN_CAPACITY);
+        let mut b = Buffers::new(heads, dim, MIN_CAPACITY, KvDtype::F32);
         let k = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
         let v = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         b.write(0, len, &k, &v);

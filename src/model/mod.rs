@@ -20,7 +20,7 @@ pub mod weights;
 
 pub use config::{Family, ModelConfig};
 pub use generate::{FinishReason, GenerateRequest, Generation};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvDtype};
 pub use lora::{LoraAdapter, LoraConfig, Target};
 pub use sampling::SamplingParams;
 pub use transformer::{Transformer, WeightMode};
@@ -42,6 +42,8 @@ pub struct LoadOptions {
     pub weights: WeightMode,
     /// Caps the context length below the model's own (0 = the model's); bounds KV memory.
     pub max_context: usize,
+    /// What the KV cache stores keys and values in.
+    pub kv_cache: KvDtype,
 }
 
 /// A ready-to-run model: weights, tokenizer and chat template.
@@ -73,6 +75,8 @@ impl LoadedModel {
             opts.weights,
         )
         .with_context(|| format!("loading weights from {}", path.display()))?;
+        let mut transformer = transformer;
+        transformer.kv_dtype = opts.kv_cache;
         Ok(Self {
             transformer,
             tokenizer: tokenizer.into(),

@@ -4,7 +4,7 @@
 
 use super::config::ModelConfig;
 use super::kernels;
-use super::kv_cache::{KvCache, LayerCache};
+use super::kv_cache::{KvCache, KvDtype, LayerCache};
 use super::linear::{self, BlockWeight, Linear, LinearWeight};
 use super::lora::{LayerLora, LoraAdapter, Target};
 use super::rope::Rope;
@@ -92,6 +92,9 @@ pub struct Transformer {
     pub config: Arc<ModelConfig>,
     #[module(skip)]
     rope: Rope,
+    /// What new KV caches store keys and values in (`model.kv_cache`).
+    #[module(skip)]
+    pub kv_dtype: KvDtype,
 }
 
 fn float_dtype(d: DType) -> FloatDType {
@@ -257,7 +260,7 @@ impl Mlp {
 
 impl Transformer {
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+        KvCache::new(self.layers.len(), self.kv_dtype)
     }
 
     pub fn device(&self) -> Device {
@@ -537,6 +540,7 @@ impl Transformer {
             lm_head,
             tied_head_blocks,
             rope: Rope::new(&config),
+            kv_dtype: KvDtype::F32,
             config: Arc::new(config),
         })
     }

@@ -4,7 +4,9 @@
 use burn::tensor::{DType, Device};
 use clawrl_tui::catalog;
 use clawrl_tui::config::Config;
-use clawrl_tui::model::{LoadOptions, LoadedModel, LoraAdapter, LoraConfig, Target, WeightMode};
+use clawrl_tui::model::{
+    KvDtype, LoadOptions, LoadedModel, LoraAdapter, LoraConfig, Target, WeightMode,
+};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -47,6 +49,7 @@ pub fn load(id: &str, dtype: DType, weights: WeightMode) -> LoadedModel {
             dtype,
             weights,
             max_context: 0,
+            kv_cache: KvDtype::F32,
         },
     )
     .expect("model loads")

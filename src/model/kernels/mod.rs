@@ -12,6 +12,7 @@
 mod x86;
 
 use super::quant::{GgmlType, dequantize_into};
+use half::f16;
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -266,18 +267,49 @@ pub fn attend_group(
     scale: f32,
     out: &mut [f32],
 ) {
+    let (keys_b, values_b): (&[u8], &[u8]) =
+        (bytemuck::cast_slice(keys), bytemuck::cast_slice(values));
     // SAFETY: an Isa other than Portable is only chosen after detecting its instruction set
     // (Isa::supported).
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if d % 64 == 0 => unsafe {
-            x86::avx2::attend_group(qs, keys, values, d, scale, out)
+            x86::avx2::attend_group::<false>(qs, keys_b, values_b, d, scale, out)
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if d % 64 == 0 => unsafe {
-            x86::avx512::attend_group(qs, keys, values, d, scale, out)
+            x86::avx512::attend_group::<false>(qs, keys_b, values_b, d, scale, out)
         },
         _ => attend_group_portable(qs, keys, values, d, scale, out),
+    }
+}
+
+/// [`attend_group`] over keys and values stored in f16 (`model.kv_cache = "f16"`).
+pub fn attend_group_f16(
+    isa: Isa,
+    qs: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let (keys_b, values_b): (&[u8], &[u8]) =
+        (bytemuck::cast_slice(keys), bytemuck::cast_slice(values));
+    // SAFETY: as in attend_group.
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if d % 64 == 0 => unsafe {
+            x86::avx2::attend_group::<true>(qs, keys_b, values_b, d, scale, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if d % 64 == 0 => unsafe {
+            x86::avx512::attend_group::<true>(qs, keys_b, values_b, d, scale, out)
+        },
+        _ => {
+            let wide = |x: &[f16]| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
+            attend_group_portable(qs, &wide(keys), &wide(values), d, scale, out)
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 use super::*;
 use crate::model::quant::dequantize;
+use half::f16;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 /// One product through [`matmul_many`].
@@ -183,15 +184,24 @@ fn decode_attention_equals_the_exact_softmax_on_every_isa() {
         );
         let scale = 1.0 / (d as f32).sqrt();
         let want = attention_reference(&qs, &keys, &values, d, scale);
+        // Stored in f16: the same attention over the rounded keys and values.
+        let half = |x: &[f32]| -> Vec<f16> { x.iter().map(|&v| f16::from_f32(v)).collect() };
+        let (keys_h, values_h) = (half(&keys), half(&values));
+        let wide = |x: &[f16]| -> Vec<f32> { x.iter().map(|v| v.to_f32()).collect() };
+        let want_h = attention_reference(&qs, &wide(&keys_h), &wide(&values_h), d, scale);
         for isa in Isa::supported() {
             let mut out = vec![f32::NAN; rep * d];
             attend_group(isa, &qs, &keys, &values, d, scale, &mut out);
-            for (i, (g, w)) in out.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - w).abs() <= 1e-5,
-                    "rep {rep} d {d} len {len} {}: element {i}: {g} vs {w}",
-                    isa.name()
-                );
+            let mut out_h = vec![f32::NAN; rep * d];
+            attend_group_f16(isa, &qs, &keys_h, &values_h, d, scale, &mut out_h);
+            for (what, out, want) in [("f32", &out, &want), ("f16", &out_h, &want_h)] {
+                for (i, (g, w)) in out.iter().zip(want.iter()).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-5,
+                        "{what} rep {rep} d {d} len {len} {}: element {i}: {g} vs {w}",
+                        isa.name()
+                    );
+                }
             }
         }
     }

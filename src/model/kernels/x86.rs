@@ -59,7 +59,8 @@ const ATTEND_CHUNK: usize = 64;
 /// The six kernels and their dispatcher, for one instruction set. Expects in scope: `Acc`
 /// (the accumulator vector), `zero()`, `dot16::<SIGNED>(bytes, x, at, acc)` (acc + 16 bytes ·
 /// x[at..at+16]), `widen16_5(nibbles, bits)` (16 Q5_0 weights), `times(w, s)` (widened weights · s), `scaled(acc, s, block)` (acc + s·block), `add(a, b)`, `hsum(acc)`, and for
-/// attention `load_w`/`store_w` (16 floats), `fma_w(p, w, acc)` (acc + p·w),
+/// attention `load_w`/`store_w` (16 floats), `load_kv::<HALF>(bytes, at)` (16 cached f32 or
+/// f16 values), `fma_w(p, w, acc)` (acc + p·w),
 /// `exp_minus16(w, m)` (exp(w − m)) and `sum16(w, acc)` (acc + w).
 macro_rules! kernels {
     ($features:literal) => {
@@ -228,28 +229,30 @@ macro_rules! kernels {
         }
 
         /// Attention of `rep` query rows `qs` (`[rep][d]`) over the `len` positions of one KV
-        /// head (`keys`, `values`: `[len][d]`) into `out` (`[rep][d]`); `d` a multiple of 64.
+        /// head (`keys`, `values`: `[len][d]` of f32, or of f16 when `HALF`, as bytes) into
+        /// `out` (`[rep][d]`); `d` a multiple of 64.
         ///
         /// # Safety
         /// The CPU must support the module's instruction set.
         #[target_feature(enable = $features)]
-        pub unsafe fn attend_group(
+        pub unsafe fn attend_group<const HALF: bool>(
             qs: &[f32],
-            keys: &[f32],
-            values: &[f32],
+            keys: &[u8],
+            values: &[u8],
             d: usize,
             scale: f32,
             out: &mut [f32],
         ) {
             assert!(d % 64 == 0 && qs.len() % d == 0 && out.len() == qs.len());
-            let len = keys.len() / d;
+            let row_bytes = d * if HALF { 2 } else { 4 };
+            let len = keys.len() / row_bytes;
             let mut scores = vec![0f32; qs.len() / d * len];
-            for (j, key) in keys.chunks_exact(d).enumerate() {
+            for (j, key) in keys.chunks_exact(row_bytes).enumerate() {
                 for (r, q) in qs.chunks_exact(d).enumerate() {
                     let (mut a, mut b) = (zero(), zero());
                     for at in (0..d).step_by(32) {
-                        a = fma16(load_w(key, at), q, at, a);
-                        b = fma16(load_w(key, at + 16), q, at + 16, b);
+                        a = fma16(load_kv::<HALF>(key, at), q, at, a);
+                        b = fma16(load_kv::<HALF>(key, at + 16), q, at + 16, b);
                     }
                     scores[r * len + j] = hsum(add(a, b)) * scale;
                 }
@@ -275,17 +278,17 @@ macro_rules! kernels {
             // Σ_j p_j · value_j, 64 positions at a time (their values stay in the L1 cache for
             // every query row), 64 outputs in registers across them.
             out.fill(0.0);
-            for (c, chunk) in values.chunks(ATTEND_CHUNK * d).enumerate() {
+            for (c, chunk) in values.chunks(ATTEND_CHUNK * row_bytes).enumerate() {
                 for (r, o) in out.chunks_exact_mut(d).enumerate() {
                     let p = &scores[r * len + c * ATTEND_CHUNK..];
                     for at in (0..d).step_by(64) {
                         let (mut a0, mut a1) = (load_w(o, at), load_w(o, at + 16));
                         let (mut a2, mut a3) = (load_w(o, at + 32), load_w(o, at + 48));
-                        for (value, &p) in chunk.chunks_exact(d).zip(p) {
-                            a0 = fma_w(p, load_w(value, at), a0);
-                            a1 = fma_w(p, load_w(value, at + 16), a1);
-                            a2 = fma_w(p, load_w(value, at + 32), a2);
-                            a3 = fma_w(p, load_w(value, at + 48), a3);
+                        for (value, &p) in chunk.chunks_exact(row_bytes).zip(p) {
+                            a0 = fma_w(p, load_kv::<HALF>(value, at), a0);
+                            a1 = fma_w(p, load_kv::<HALF>(value, at + 16), a1);
+                            a2 = fma_w(p, load_kv::<HALF>(value, at + 32), a2);
+                            a3 = fma_w(p, load_kv::<HALF>(value, at + 48), a3);
                         }
                         store_w(o, at, a0);
                         store_w(o, at + 16, a1);
@@ -503,6 +506,28 @@ pub mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
+    fn load_kv<const HALF: bool>(b: &[u8], at: usize) -> W {
+        if HALF {
+            assert!(b.len() >= 2 * at + 32);
+            // SAFETY: 32 readable bytes checked above; loadu has no alignment requirement.
+            unsafe {
+                let p = b.as_ptr().add(2 * at);
+                (
+                    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                    _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i)),
+                )
+            }
+        } else {
+            assert!(b.len() >= 4 * at + 64);
+            // SAFETY: 64 readable bytes checked above.
+            unsafe {
+                let p = b.as_ptr().add(4 * at) as *const f32;
+                (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn store_w(out: &mut [f32], at: usize, w: W) {
         assert!(out.len() >= at + 16);
         // SAFETY: 16 writable floats checked above.
@@ -621,6 +646,19 @@ pub mod avx512 {
         assert!(x.len() >= at + 16);
         // SAFETY: 16 readable floats checked above.
         unsafe { _mm512_loadu_ps(x.as_ptr().add(at)) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn load_kv<const HALF: bool>(b: &[u8], at: usize) -> W {
+        if HALF {
+            assert!(b.len() >= 2 * at + 32);
+            // SAFETY: 32 readable bytes checked above; loadu has no alignment requirement.
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(b.as_ptr().add(2 * at) as *const __m256i)) }
+        } else {
+            assert!(b.len() >= 4 * at + 64);
+            // SAFETY: 64 readable bytes checked above.
+            unsafe { _mm512_loadu_ps(b.as_ptr().add(4 * at) as *const f32) }
+        }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
