@@ -5,7 +5,35 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Servers still running. A server kept in a `static` (one shared by a test file) is never
+/// dropped, so the test binary kills what is left here when it exits; otherwise those
+/// processes would outlive the test run.
+static RUNNING: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+extern "C" fn kill_running_servers() {
+    if let Ok(pids) = RUNNING.lock() {
+        for &pid in pids.iter() {
+            // SAFETY: kill takes plain integers; the pids are children not yet waited for.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
+
+fn track(pid: u32) {
+    static AT_EXIT: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a plain extern "C" function with no arguments.
+    AT_EXIT.call_once(|| unsafe {
+        libc::atexit(kill_running_servers);
+    });
+    RUNNING.lock().unwrap().push(pid);
+}
+
+fn untrack(pid: u32) {
+    RUNNING.lock().unwrap().retain(|&p| p != pid);
+}
 
 pub struct Server {
     pub child: Child,
@@ -49,6 +77,7 @@ impl Server {
     pub fn crash_and_restart(mut self, env: &[(&str, &str)]) -> Self {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        untrack(self.child.id());
         let data = std::mem::replace(&mut self.data, tempfile::tempdir().unwrap());
         let s = Self::spawn_in(
             data,
@@ -88,6 +117,7 @@ impl Server {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().unwrap();
+        track(child.id());
         let stderr = child.stderr.take().unwrap();
         let mut lines = BufReader::new(stderr).lines();
         let line = lines.next().expect("server prints its address").unwrap();
@@ -296,5 +326,6 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        untrack(self.child.id());
     }
 }

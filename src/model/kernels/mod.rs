@@ -149,7 +149,7 @@ impl Product<'_> {
 /// `[n, rows]`. Their rows are shared out over the current rayon pool in one pass (the
 /// trainer's own pool when called from training), so the threads meet once per call.
 pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Vec<Vec<f32>> {
-    assert!(cols > 0 && x.len() % cols == 0, "activation shape");
+    assert!(cols > 0 && x.len().is_multiple_of(cols), "activation shape");
     let n = x.len() / cols;
     // Σx of every 32 activations: the weights' offsets and minimums multiply it.
     let sums: Vec<f32> = x.chunks(32).map(|c| c.iter().sum()).collect();
@@ -273,11 +273,11 @@ pub fn attend_group(
     // (Isa::supported).
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if d % 64 == 0 => unsafe {
+        Isa::Avx2 if d.is_multiple_of(64) => unsafe {
             x86::avx2::attend_group::<false>(qs, keys_b, values_b, d, scale, out)
         },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if d % 64 == 0 => unsafe {
+        Isa::Avx512 if d.is_multiple_of(64) => unsafe {
             x86::avx512::attend_group::<false>(qs, keys_b, values_b, d, scale, out)
         },
         _ => attend_group_portable(qs, keys, values, d, scale, out),
@@ -299,11 +299,11 @@ pub fn attend_group_f16(
     // SAFETY: as in attend_group.
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if d % 64 == 0 => unsafe {
+        Isa::Avx2 if d.is_multiple_of(64) => unsafe {
             x86::avx2::attend_group::<true>(qs, keys_b, values_b, d, scale, out)
         },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if d % 64 == 0 => unsafe {
+        Isa::Avx512 if d.is_multiple_of(64) => unsafe {
             x86::avx512::attend_group::<true>(qs, keys_b, values_b, d, scale, out)
         },
         _ => {

@@ -42,7 +42,7 @@ fn fifth_bits(bits: u32) -> __m128i {
 }
 
 /// ln 2 in two parts (Cephes): n·C1 is exact in f32, so x − n·ln 2 keeps its low bits.
-const EXP_C1: f32 = 0.693_359_375;
+const EXP_C1: f32 = 0.693_359_4;
 const EXP_C2: f32 = -2.121_944_4e-4;
 /// exp(r) ≈ 1 + r + r²·P(r) on |r| ≤ ln 2 / 2, highest power first (Cephes' expf).
 const EXP_P: [f32; 6] = [
@@ -243,7 +243,7 @@ macro_rules! kernels {
             scale: f32,
             out: &mut [f32],
         ) {
-            assert!(d % 64 == 0 && qs.len() % d == 0 && out.len() == qs.len());
+            assert!(d.is_multiple_of(64) && qs.len().is_multiple_of(d) && out.len() == qs.len());
             let row_bytes = d * if HALF { 2 } else { 4 };
             let len = keys.len() / row_bytes;
             let mut scores = vec![0f32; qs.len() / d * len];
