@@ -10,7 +10,7 @@
 //! through them. The buffers hold f32, or f16 (`model.kv_cache`): half the memory and half
 //! the bytes a long context's decoding reads per token, rounded to 11 significant bits.
 
-use super::kernels;
+use super::kernels::{self, KvSlice};
 use burn::tensor::{Bytes, DType, FloatDType, Shape, Tensor, TensorData};
 use burn_flex::{Flex, FlexTensor, Layout};
 use half::f16;
@@ -102,21 +102,21 @@ impl Buffers {
         )
     }
 
-    /// Positions `0..len` of `buffer` (keys or values) as f32, `[heads][len][dim]`.
-    fn widened(&self, buffer: &[u8], len: usize) -> Vec<f32> {
-        let (d, cap) = (self.dim, self.capacity);
-        let mut out = vec![0f32; self.heads * len * d];
-        for (h, o) in out.chunks_exact_mut((len * d).max(1)).enumerate() {
-            let at = h * cap * d;
-            match self.dtype {
-                KvDtype::F32 => {
-                    o.copy_from_slice(&bytemuck::cast_slice::<u8, f32>(buffer)[at..at + len * d])
-                }
-                KvDtype::F16 => bytemuck::cast_slice::<u8, f16>(buffer)[at..at + len * d]
-                    .convert_to_f32_slice(o),
-            }
+    /// Positions `0..len` of KV head `h` in `buffer` (the keys or the values), as stored.
+    fn head<'a>(&self, buffer: &'a [u8], h: usize, len: usize) -> KvSlice<'a> {
+        let at = h * self.capacity * self.dim;
+        let range = at..at + len * self.dim;
+        match self.dtype {
+            KvDtype::F32 => KvSlice::F32(&bytemuck::cast_slice(buffer)[range]),
+            KvDtype::F16 => KvSlice::F16(&bytemuck::cast_slice(buffer)[range]),
         }
-        out
+    }
+
+    /// Positions `0..len` of `buffer` (the keys or the values) as f32, `[heads][len][dim]`.
+    fn widened(&self, buffer: &[u8], len: usize) -> Vec<f32> {
+        (0..self.heads)
+            .flat_map(|h| self.head(buffer, h, len).widened().into_owned())
+            .collect()
     }
 
     /// Makes room for `end` positions, keeping the first `keep`; unshares the buffers.
@@ -206,22 +206,9 @@ impl Buffers {
         let scale = 1.0 / (d as f32).sqrt();
         let isa = kernels::Isa::selected();
         let group = |g: usize, out: &mut [f32]| {
-            let at = g * self.capacity * d;
             let qs = &q[g * rep * d..(g + 1) * rep * d];
-            match self.dtype {
-                KvDtype::F32 => {
-                    let (k, v): (&[f32], &[f32]) =
-                        (bytemuck::cast_slice(&self.k), bytemuck::cast_slice(&self.v));
-                    let (k, v) = (&k[at..at + len * d], &v[at..at + len * d]);
-                    kernels::attend_group(isa, qs, k, v, d, scale, out)
-                }
-                KvDtype::F16 => {
-                    let (k, v): (&[f16], &[f16]) =
-                        (bytemuck::cast_slice(&self.k), bytemuck::cast_slice(&self.v));
-                    let (k, v) = (&k[at..at + len * d], &v[at..at + len * d]);
-                    kernels::attend_group_f16(isa, qs, k, v, d, scale, out)
-                }
-            }
+            let (k, v) = (self.head(&self.k, g, len), self.head(&self.v, g, len));
+            kernels::attend_group(isa, qs, k, v, d, scale, out);
         };
         // Long contexts: the KV heads in parallel (each reads its own keys and values).
         if len * self.heads >= 4096 {

@@ -255,61 +255,68 @@ fn dot_groups_of_4(
     done
 }
 
+/// Keys or values of one KV head, `[len][d]`, as the cache stores them.
+#[derive(Clone, Copy)]
+pub enum KvSlice<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl KvSlice<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            KvSlice::F32(x) => bytemuck::cast_slice(x),
+            KvSlice::F16(x) => bytemuck::cast_slice(x),
+        }
+    }
+
+    pub fn widened(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            KvSlice::F32(x) => (*x).into(),
+            KvSlice::F16(x) => x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>().into(),
+        }
+    }
+}
+
 /// Attention of `rep` query rows `qs` (`[rep][d]`) over the `len` positions of one KV head
-/// (`keys`, `values`: `[len][d]`), scores scaled by `scale`, into `out` (`[rep][d]`): the
-/// decode step's attention, which at long contexts costs more than all the weights.
+/// (`keys`, `values`, of the same type), scores scaled by `scale`, into `out` (`[rep][d]`):
+/// the decode step's attention, which at long contexts costs more than all the weights.
 pub fn attend_group(
     isa: Isa,
     qs: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: KvSlice,
+    values: KvSlice,
     d: usize,
     scale: f32,
     out: &mut [f32],
 ) {
-    let (keys_b, values_b): (&[u8], &[u8]) =
-        (bytemuck::cast_slice(keys), bytemuck::cast_slice(values));
+    let half = matches!(keys, KvSlice::F16(_));
+    assert_eq!(
+        half,
+        matches!(values, KvSlice::F16(_)),
+        "keys and values of one type"
+    );
+    let (k, v) = (keys.bytes(), values.bytes());
     // SAFETY: an Isa other than Portable is only chosen after detecting its instruction set
     // (Isa::supported).
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if d.is_multiple_of(64) => unsafe {
-            x86::avx2::attend_group::<false>(qs, keys_b, values_b, d, scale, out)
+            if half {
+                x86::avx2::attend_group::<true>(qs, k, v, d, scale, out)
+            } else {
+                x86::avx2::attend_group::<false>(qs, k, v, d, scale, out)
+            }
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if d.is_multiple_of(64) => unsafe {
-            x86::avx512::attend_group::<false>(qs, keys_b, values_b, d, scale, out)
+            if half {
+                x86::avx512::attend_group::<true>(qs, k, v, d, scale, out)
+            } else {
+                x86::avx512::attend_group::<false>(qs, k, v, d, scale, out)
+            }
         },
-        _ => attend_group_portable(qs, keys, values, d, scale, out),
-    }
-}
-
-/// [`attend_group`] over keys and values stored in f16 (`model.kv_cache = "f16"`).
-pub fn attend_group_f16(
-    isa: Isa,
-    qs: &[f32],
-    keys: &[f16],
-    values: &[f16],
-    d: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    let (keys_b, values_b): (&[u8], &[u8]) =
-        (bytemuck::cast_slice(keys), bytemuck::cast_slice(values));
-    // SAFETY: as in attend_group.
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if d.is_multiple_of(64) => unsafe {
-            x86::avx2::attend_group::<true>(qs, keys_b, values_b, d, scale, out)
-        },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if d.is_multiple_of(64) => unsafe {
-            x86::avx512::attend_group::<true>(qs, keys_b, values_b, d, scale, out)
-        },
-        _ => {
-            let wide = |x: &[f16]| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
-            attend_group_portable(qs, &wide(keys), &wide(values), d, scale, out)
-        }
+        _ => attend_group_portable(qs, &keys.widened(), &values.widened(), d, scale, out),
     }
 }
 

@@ -191,9 +191,11 @@ fn decode_attention_equals_the_exact_softmax_on_every_isa() {
         let want_h = attention_reference(&qs, &wide(&keys_h), &wide(&values_h), d, scale);
         for isa in Isa::supported() {
             let mut out = vec![f32::NAN; rep * d];
-            attend_group(isa, &qs, &keys, &values, d, scale, &mut out);
+            let (k, v) = (KvSlice::F32(&keys), KvSlice::F32(&values));
+            attend_group(isa, &qs, k, v, d, scale, &mut out);
             let mut out_h = vec![f32::NAN; rep * d];
-            attend_group_f16(isa, &qs, &keys_h, &values_h, d, scale, &mut out_h);
+            let (k, v) = (KvSlice::F16(&keys_h), KvSlice::F16(&values_h));
+            attend_group(isa, &qs, k, v, d, scale, &mut out_h);
             for (what, out, want) in [("f32", &out, &want), ("f16", &out_h, &want_h)] {
                 for (i, (g, w)) in out.iter().zip(want.iter()).enumerate() {
                     assert!(
