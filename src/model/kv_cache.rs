@@ -134,9 +134,10 @@ impl Buffers {
     }
 
     fn copy_prefix(&mut self, from: &Buffers, n: usize) {
+        debug_assert_eq!(self.dtype, from.dtype, "a byte copy needs one element type");
         let es = self.dtype.size();
         let (d, n, cap) = (self.dim * es, n.min(from.capacity), self.capacity);
-        let (fk, fv) = (from.k.clone(), from.v.clone());
+        let (fk, fv) = (&from.k[..], &from.v[..]);
         let (k, v) = self.both_mut();
         for h in 0..from.heads {
             let (dst, src) = (h * cap * d, h * from.capacity * d);
