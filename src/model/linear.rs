@@ -100,7 +100,7 @@ pub struct Linear {
 /// Up to this many rows (tokens) go through the quantized kernels when a dense weight is also
 /// kept; longer inputs (prompts, scoring) use the dense matrix product, which wins there.
 /// Measured (`bench --prompt-tokens N`): the kernels win up to ~16 rows on SmolLM2 (10 rows:
-/// 1.35×, 24 rows: 0.85×) and ~12 on Qwen2.5 (10 rows: 1.24×, 16 rows: 0.94×); short turns
+/// 1.35×, 24 rows: 0.84×) and ~12 on Qwen2.5 (10 rows: 1.24×, 16 rows: 0.94×); short turns
 /// and the new tail of a cached conversation are this size.
 pub const DECODE_ROWS: usize = 16;
 
