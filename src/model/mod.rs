@@ -67,7 +67,7 @@ impl LoadedModel {
             template,
             name,
         } = ChatFormat::read(&file, path, &config)?;
-        let transformer = Transformer::load(
+        let mut transformer = Transformer::load(
             &file,
             config.clone(),
             &opts.device,
@@ -75,7 +75,6 @@ impl LoadedModel {
             opts.weights,
         )
         .with_context(|| format!("loading weights from {}", path.display()))?;
-        let mut transformer = transformer;
         transformer.kv_dtype = opts.kv_cache;
         Ok(Self {
             transformer,
