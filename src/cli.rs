@@ -34,7 +34,7 @@ pub struct GlobalArgs {
     /// Model: a .gguf file, a Hugging Face model directory, or a model id (see `models`).
     #[arg(long, global = true, value_name = "PATH")]
     pub model: Option<String>,
-    /// Compute device: auto, cpu or cuda.
+    /// Compute device: auto, cpu, cuda or wgpu.
     #[arg(long, global = true)]
     pub device: Option<DeviceChoice>,
     /// Weight dtype: f32 or f16.

@@ -3,6 +3,9 @@
 //! `auto` takes the first CUDA GPU when the binary was built with `--features cuda` and an
 //! NVIDIA driver answers, otherwise the Flex CPU backend. (Burn's `Device::default()` would
 //! pick CUDA whenever the feature is compiled in, even with no driver, and panic on first use.)
+//! `wgpu` (built with `--features wgpu`) runs the same model code on any Vulkan, Metal or DX12
+//! GPU; it is asked for by name only, since wgpu falls back to a software renderer when there
+//! is no GPU, which would be far slower than Flex.
 
 use anyhow::{Result, bail};
 use burn::tensor::{DType, Device};
@@ -15,6 +18,7 @@ pub enum DeviceChoice {
     Auto,
     Cpu,
     Cuda,
+    Wgpu,
 }
 
 impl std::str::FromStr for DeviceChoice {
@@ -24,7 +28,8 @@ impl std::str::FromStr for DeviceChoice {
             "auto" => Self::Auto,
             "cpu" | "flex" => Self::Cpu,
             "cuda" | "gpu" => Self::Cuda,
-            other => bail!("unknown device {other:?} (expected auto, cpu or cuda)"),
+            "wgpu" | "vulkan" => Self::Wgpu,
+            other => bail!("unknown device {other:?} (expected auto, cpu, cuda or wgpu)"),
         })
     }
 }
@@ -46,6 +51,7 @@ pub fn select(choice: DeviceChoice) -> Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::flex()),
         DeviceChoice::Cuda => cuda(true),
+        DeviceChoice::Wgpu => wgpu(),
         DeviceChoice::Auto => cuda(false).or_else(|_| Ok(Device::flex())),
     }
 }
@@ -67,6 +73,18 @@ fn cuda(required: bool) -> Result<Device> {
         )
     }
     bail!("no CUDA support built in")
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu() -> Result<Device> {
+    Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu() -> Result<Device> {
+    bail!(
+        "device = \"wgpu\" but this binary was built without wgpu support; rebuild with `cargo build --release --features wgpu`"
+    )
 }
 
 /// The compute dtype named in the config.

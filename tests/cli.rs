@@ -268,6 +268,41 @@ fn bad_configuration_is_reported_with_its_source() {
 }
 
 #[test]
+fn devices_this_build_cannot_use_are_refused_with_the_way_to_get_them() {
+    let out = run(&["--device", "tpu", "info"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("expected auto, cpu, cuda or wgpu"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&["bench", "--variants", "f32@tpu", "--runs", "1"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("unknown device \"tpu\""),
+        "{}",
+        text(&out.stderr)
+    );
+    if !cfg!(feature = "wgpu") {
+        let out = run(&[
+            "--device",
+            "wgpu",
+            "generate",
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "1",
+        ]);
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains("--features wgpu"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
 fn the_chat_subcommand_chats_on_stdin() {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"))

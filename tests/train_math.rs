@@ -4,7 +4,7 @@
 
 mod common;
 use burn::module::Param;
-use burn::tensor::{DType, Device};
+use burn::tensor::DType;
 use clawrl_tui::model::linear::LinearWeight;
 use clawrl_tui::model::lora::{LoraPair, values};
 use clawrl_tui::model::weights::WeightFile;
@@ -17,7 +17,14 @@ use rand::{Rng, SeedableRng};
 
 fn tiny() -> Transformer {
     let (file, cfg) = WeightFile::open(&common::fixture("tiny-qwen3")).unwrap();
-    Transformer::load(&file, cfg, &Device::flex(), DType::F32, WeightMode::Dense).unwrap()
+    Transformer::load(
+        &file,
+        cfg,
+        &common::test_device(),
+        DType::F32,
+        WeightMode::Dense,
+    )
+    .unwrap()
 }
 
 fn lora_config(rank: usize) -> LoraConfig {
@@ -41,7 +48,7 @@ fn random_adapter(model: &Transformer, seed: u64, b_scale: f32) -> LoraAdapter {
                 .collect();
             Ok((a, b))
         },
-        &Device::flex(),
+        &common::test_device(),
     )
     .unwrap()
 }
@@ -92,7 +99,7 @@ fn the_adapter_computes_the_same_as_merged_weights() {
         );
     }
     // A fresh adapter (B = 0) is the base model exactly.
-    let fresh = LoraAdapter::init(&model.config, lora_config(4), &Device::flex(), 7);
+    let fresh = LoraAdapter::init(&model.config, lora_config(4), &common::test_device(), 7);
     assert_eq!(logprobs(&model, Some(&fresh)), base);
 }
 
@@ -123,7 +130,7 @@ fn nudged(
             }
             Ok((a, b))
         },
-        &Device::flex(),
+        &common::test_device(),
     )
     .unwrap()
 }
@@ -184,7 +191,7 @@ fn one_update(
     reward: Option<f32>,
     teacher: Option<Vec<f32>>,
 ) -> (Vec<f32>, Vec<f32>) {
-    let start = LoraAdapter::init(&model.config, lora_config(4), &Device::flex(), 3);
+    let start = LoraAdapter::init(&model.config, lora_config(4), &common::test_device(), 3);
     let before = logprobs(model, Some(&start));
     let mut opt = AdapterOptimizer::new(
         &start,

@@ -1,5 +1,5 @@
-//! `clawrl-tui bench`: prefill and decode speed of several weight formats of the same model,
-//! measured in one invocation and printed as ratios to the first (the baseline).
+//! `clawrl-tui bench`: prefill and decode speed of several weight formats (and devices) of the
+//! same model, measured in one invocation and printed as ratios to the first (the baseline).
 
 use crate::cli::{load_model, model_path};
 use crate::config::Config;
@@ -15,8 +15,9 @@ pub mod tui;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Variants as DTYPE or DTYPE:WEIGHTS (e.g. f32, f16, f32:dense, f32:blocks; without WEIGHTS
-    /// the config's model.weights); the first is the baseline.
+    /// Variants as DTYPE[:WEIGHTS][@DEVICE] (e.g. f32, f16, f32:dense, f32:blocks,
+    /// f32:dense@wgpu; without WEIGHTS the config's model.weights, without DEVICE its
+    /// model.device); the first is the baseline.
     #[arg(long, value_delimiter = ',', default_value = "f32,f16")]
     pub variants: Vec<String>,
     /// Prompt length in tokens.
@@ -97,11 +98,16 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
     );
     let mut rows: Vec<Row> = Vec::new();
     for v in &args.variants {
-        let (dtype, weights) = match v.split_once(':') {
-            Some((d, w)) => (d, Some(w)),
+        let (v_format, device) = match v.split_once('@') {
+            Some((f, d)) => (f, Some(d.parse()?)),
             None => (v.as_str(), None),
         };
+        let (dtype, weights) = match v_format.split_once(':') {
+            Some((d, w)) => (d, Some(w)),
+            None => (v_format, None),
+        };
         let mut c = cfg.clone();
+        c.model.device = device.unwrap_or(cfg.model.device);
         c.model.dtype = dtype.to_string();
         c.model.weights = match weights {
             None => cfg.model.weights,
@@ -113,7 +119,16 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
             }
         };
         let t = std::time::Instant::now();
-        let model = load_model(&c)?;
+        let model = match load_model(&c) {
+            Ok(m) => m,
+            // A variant this machine cannot run (f16 on a GPU without it) is reported, not fatal;
+            // the baseline must load.
+            Err(e) if !rows.is_empty() => {
+                println!("{v:<16} skipped: {e:#}");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let load_secs = t.elapsed().as_secs_f64();
         // A fixed, model-independent prompt: the same ids for every variant.
         let prompt_ids = synthetic_prompt(model.config.vocab_size, args.prompt_tokens, 0);
@@ -146,7 +161,7 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
         });
         let r = rows.last().expect("just pushed");
         println!(
-            "{:<12} load {:>6.2} s  weights {:>7.1} MB  prefill {:>8.1} tok/s  decode {:>7.1} tok/s",
+            "{:<16} load {:>6.2} s  weights {:>7.1} MB  prefill {:>8.1} tok/s  decode {:>7.1} tok/s",
             r.name, r.load_secs, r.weight_mb, r.prefill, r.decode
         );
     }
@@ -157,7 +172,7 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
     );
     for r in &rows {
         println!(
-            "{:<12} weights x{:.2}  prefill x{:.2}  decode x{:.2}",
+            "{:<16} weights x{:.2}  prefill x{:.2}  decode x{:.2}",
             r.name,
             r.weight_mb / base.weight_mb,
             r.prefill / base.prefill,

@@ -9,9 +9,12 @@
 //! the same bytes (no copy). Training keeps Burn tensors throughout, so that gradients flow
 //! through them. The buffers hold f32, or f16 (`model.kv_cache`): half the memory and half
 //! the bytes a long context's decoding reads per token, rounded to 11 significant bits.
+//! On a GPU the keys and values stay Burn tensors on the device (concatenated per step): the
+//! buffers live in host memory, and reading them back per layer and token would cost a
+//! device round trip each time.
 
 use super::kernels::{self, KvSlice};
-use burn::tensor::{Bytes, DType, FloatDType, Shape, Tensor, TensorData};
+use burn::tensor::{Bytes, DType, Device, FloatDType, Shape, Tensor, TensorData};
 use burn_flex::{Flex, FlexTensor, Layout};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -51,7 +54,7 @@ pub(super) enum LayerCache {
     /// Nothing written yet; buffers will hold this type.
     Empty(KvDtype),
     Buffers(Buffers),
-    /// Training: `[1, kv_heads, len, head_dim]` tensors in the autodiff graph.
+    /// Training (in the autodiff graph) and GPU devices: `[1, kv_heads, len, head_dim]` tensors.
     Graph(Tensor<4>, Tensor<4>),
 }
 
@@ -234,6 +237,11 @@ impl Buffers {
     }
 }
 
+/// Whether `t` lives on the CPU backend, where the cache's buffers and kernels work in place.
+pub(super) fn on_host<const D: usize>(t: &Tensor<D>) -> bool {
+    t.device().without_autodiff() == Device::flex()
+}
+
 fn to_vec(t: Tensor<4>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
@@ -251,8 +259,9 @@ impl LayerCache {
         start: usize,
     ) -> (Tensor<4>, Tensor<4>) {
         let [_, h, s, d] = k.dims();
-        if k.is_autodiff() {
+        if k.is_autodiff() || !on_host(&k) {
             // Training: concatenation keeps the graph simple (few, long chunks; no decoding).
+            // A GPU: the tensors stay on the device.
             let earlier = match std::mem::take(self) {
                 LayerCache::Graph(pk, pv) => Some((pk.narrow(2, 0, start), pv.narrow(2, 0, start))),
                 // A prompt head computed without gradients, continued with them.

@@ -4,12 +4,12 @@
 
 use super::config::ModelConfig;
 use super::kernels;
-use super::kv_cache::{KvCache, KvDtype, LayerCache};
+use super::kv_cache::{self, KvCache, KvDtype, LayerCache};
 use super::linear::{self, BlockWeight, Linear, LinearWeight};
 use super::lora::{LayerLora, LoraAdapter, Target};
 use super::rope::Rope;
 use super::weights::WeightFile;
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::ops::AttentionModuleOptions;
@@ -156,7 +156,7 @@ impl Attention {
                 .forward(k.reshape([b, s, nkv, hd]))
                 .reshape([b, s, nkv * hd]);
         }
-        let out = if s == 1 && !q.is_autodiff() {
+        let out = if s == 1 && !q.is_autodiff() && kv_cache::on_host(&q) {
             // Decoding: rotation, cache write and attention on plain vectors, per sequence.
             let (device, dtype) = (q.device(), q.dtype());
             let (mut q, mut k, v) = (to_vec(q), to_vec(k), to_vec(v));
@@ -186,7 +186,9 @@ impl Attention {
                 let q = rope.apply(row(&q, r), starts[r]);
                 let k = rope.apply(row(&k, r), starts[r]);
                 let (k, v) = cache.append(k, row(&v, r), starts[r]);
-                outs.push(if q.is_autodiff() {
+                // Training, and GPUs (whose fused attention in Burn 0.22 takes no grouped
+                // heads): the explicit product.
+                outs.push(if q.is_autodiff() || !kv_cache::on_host(&q) {
                     attend(q, k, v, starts[r], nkv)
                 } else {
                     // The backend's fused attention (tiled, online softmax, grouped heads):
@@ -394,6 +396,20 @@ impl Transformer {
             matches!(dtype, DType::F32 | DType::F16 | DType::BF16),
             "unsupported compute dtype {dtype:?}"
         );
+        ensure!(
+            device.supports_dtype(dtype),
+            "this device cannot compute in {dtype:?} (set model.dtype = \"f32\")"
+        );
+        // The quantized kernels run on this CPU: on a GPU, decoding on them would ship every
+        // activation to the host and back, so there the dense weights do all the work.
+        let on_cpu = device.clone().without_autodiff() == Device::flex();
+        let mode = match mode {
+            WeightMode::Both if !on_cpu => WeightMode::Dense,
+            WeightMode::Blocks if !on_cpu => {
+                bail!("weights = \"blocks\" runs on the CPU kernels only; use \"dense\" on a GPU")
+            }
+            mode => mode,
+        };
         let tensor = |name: &str, expect: &[usize]| -> Result<Tensor<2>> {
             let (v, shape) = file.f32(name)?;
             ensure!(

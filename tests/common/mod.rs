@@ -41,6 +41,16 @@ pub fn read_json(name: &str) -> serde_json::Value {
         .expect("fixture JSON")
 }
 
+/// The device the device-independent model tests run on: `CLAWRL_TEST_DEVICE` (cpu, cuda,
+/// wgpu; a GPU needs a binary built with its feature), the CPU when unset.
+pub fn test_device() -> Device {
+    let choice = std::env::var("CLAWRL_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let device = clawrl_tui::device::select(choice.parse().expect("CLAWRL_TEST_DEVICE"))
+        .expect("CLAWRL_TEST_DEVICE names a device this build can use");
+    eprintln!("test device: {device:?}");
+    device
+}
+
 pub fn load(id: &str, dtype: DType, weights: WeightMode) -> LoadedModel {
     LoadedModel::load(
         &model_path(id),
