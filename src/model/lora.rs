@@ -10,7 +10,7 @@ use super::config::ModelConfig;
 use super::kernels::LowRank;
 use anyhow::{Result, bail};
 use burn::module::{Module, Param};
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -129,12 +129,14 @@ pub struct LoraPair {
     pub plain: Option<Arc<PlainPair>>,
 }
 
-/// A pair's matrices, row-major: `a_t` = Aᵀ `[rank][in]` and `up_t` = s·Bᵀ `[out][rank]`, so
-/// that both products are contiguous dot products.
+/// A pair's matrices in f16 (half the bytes a decoded token reads): `a_t` = Aᵀ `[rank][in]`
+/// (x·A as contiguous dot products) and `up` = s·B in groups of 16 outputs
+/// (`kernels::group_outputs`: each rank's contribution added to 16 outputs at once, from
+/// contiguous memory).
 #[derive(Debug, Clone)]
 pub struct PlainPair {
-    a_t: Vec<f32>,
-    up_t: Vec<f32>,
+    a_t: Vec<half::f16>,
+    up: Vec<half::f16>,
     rank: usize,
 }
 
@@ -150,17 +152,18 @@ impl LoraPair {
     pub fn plain_update(&self, x: &[f32], rows: usize) -> Option<LowRank<'_>> {
         let p = self.plain.as_ref()?;
         let din = x.len() / rows;
+        let isa = super::kernels::Isa::selected();
         let down = x
             .chunks_exact(din)
             .flat_map(|xr| {
                 p.a_t
                     .chunks_exact(din)
-                    .map(|a| super::kernels::dot_f32(xr, a))
+                    .map(move |a| super::kernels::dot_half(isa, xr, a))
             })
             .collect();
         Some(LowRank {
             down,
-            up_t: &p.up_t,
+            up: &p.up,
             rank: p.rank,
         })
     }
@@ -260,8 +263,18 @@ impl LoraAdapter {
     /// A frozen copy that also holds every pair's matrices as plain vectors: decoding then
     /// adds the updates on the vectors it already has, instead of 4 tensor ops per projection
     /// (which cost a version 28 % of its decoding speed). For the versions the engine serves.
+    /// The matrices are rounded to f16 (the plain copies are kept in f16: half the bytes per
+    /// token), the tensors too, so that prompts and decoding compute the same version.
     pub fn for_serving(&self) -> Self {
-        let mut out = self.frozen();
+        let mut out = self.map_tensors(|t| {
+            let stored = t.dtype();
+            let rounded = t.detach().without_autodiff().cast(FloatDType::F16);
+            match stored {
+                DType::F16 => rounded,
+                DType::BF16 => rounded.cast(FloatDType::BF16),
+                _ => rounded.cast(FloatDType::F32),
+            }
+        });
         for layer in &mut out.layers {
             for pair in layer.pairs.iter_mut().flatten() {
                 let plain = |t: Tensor<2>| {
@@ -271,8 +284,14 @@ impl LoraAdapter {
                         .expect("f32 data")
                 };
                 pair.plain = Some(Arc::new(PlainPair {
-                    a_t: plain(pair.a.val().transpose()),
-                    up_t: plain(pair.b.val().transpose().mul_scalar(pair.scale)),
+                    a_t: plain(pair.a.val().transpose())
+                        .into_iter()
+                        .map(half::f16::from_f32)
+                        .collect(),
+                    up: super::kernels::group_outputs(
+                        &plain(pair.b.val().mul_scalar(pair.scale)),
+                        pair.a.dims()[1],
+                    ),
                     rank: pair.a.dims()[1],
                 }));
             }

@@ -87,8 +87,15 @@ fn types_without_a_simd_kernel_fall_back_to_the_portable_path() {
 #[test]
 fn a_low_rank_update_is_added_to_every_output_on_every_isa() {
     let mut rng = StdRng::seed_from_u64(11);
-    let (rows, cols, rank, n) = (40, 64, 3, 6);
-    for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_0] {
+    // 40 rows: a task of 32 outputs (two SIMD runs of 16) and one of 8 (the scalar tail); one
+    // row (decoding) and 6 (batched, strided outputs).
+    let (rows, cols, rank) = (40, 64, 3);
+    for (ty, n) in [
+        (GgmlType::Q4_1, 6),
+        (GgmlType::Q8_0, 1),
+        (GgmlType::Q4_0, 6),
+        (GgmlType::Q4_1, 1),
+    ] {
         let w = random_matrix(ty, rows, cols, &mut rng);
         let x: Vec<f32> = (0..n * cols)
             .map(|_| rng.random_range(-1f32..1.0))
@@ -96,23 +103,22 @@ fn a_low_rank_update_is_added_to_every_output_on_every_isa() {
         let down: Vec<f32> = (0..n * rank)
             .map(|_| rng.random_range(-1f32..1.0))
             .collect();
-        let up_t: Vec<f32> = (0..rows * rank)
+        let up: Vec<f32> = (0..rank * rows)
             .map(|_| rng.random_range(-1f32..1.0))
             .collect();
         let mut want = reference(ty, &w, rows, cols, &x);
         for r in 0..n {
             for o in 0..rows {
-                let d = &down[r * rank..(r + 1) * rank];
-                want[r * rows + o] += d
-                    .iter()
-                    .zip(&up_t[o * rank..])
-                    .map(|(a, b)| a * b)
+                // The update's matrix is kept in f16: the reference uses the rounded values.
+                want[r * rows + o] += (0..rank)
+                    .map(|k| down[r * rank + k] * f16::from_f32(up[k * rows + o]).to_f32())
                     .sum::<f32>();
             }
         }
+        let grouped = group_outputs(&up, rank);
         let update = LowRank {
             down: down.clone(),
-            up_t: &up_t,
+            up: &grouped,
             rank,
         };
         let row_bytes = ty.bytes_for(cols).unwrap();
@@ -121,10 +127,30 @@ fn a_low_rank_update_is_added_to_every_output_on_every_isa() {
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (g - w).abs() < 1e-4,
-                    "{ty:?} {}: element {i}: {g} vs {w}",
+                    "{ty:?} n={n} {}: element {i}: {g} vs {w}",
                     isa.name()
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn f32_by_f16_dot_products_match_on_every_isa() {
+    let mut rng = StdRng::seed_from_u64(12);
+    for len in [1, 16, 50, 576, 1536] {
+        let x: Vec<f32> = (0..len).map(|_| rng.random_range(-1f32..1.0)).collect();
+        let w: Vec<f16> = (0..len)
+            .map(|_| f16::from_f32(rng.random_range(-1f32..1.0)))
+            .collect();
+        let want: f64 = x.iter().zip(&w).map(|(a, b)| *a as f64 * b.to_f64()).sum();
+        for isa in Isa::supported() {
+            let got = dot_half(isa, &x, &w);
+            assert!(
+                (got as f64 - want).abs() < 1e-4 * len as f64,
+                "{} len {len}: {got} vs {want}",
+                isa.name()
+            );
         }
     }
 }

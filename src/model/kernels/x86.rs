@@ -308,6 +308,55 @@ macro_rules! kernels {
             }
         }
 
+        /// Σ x[i]·w[i] of an f32 vector and an f16 one of the same length (a LoRA input times
+        /// a row of A).
+        ///
+        /// # Safety
+        /// The CPU must support the module's instruction set.
+        #[target_feature(enable = $features)]
+        pub unsafe fn dot_half(x: &[f32], w: &[half::f16]) -> f32 {
+            assert_eq!(x.len(), w.len());
+            let bytes: &[u8] = bytemuck::cast_slice(w);
+            let whole = x.len() / 32 * 32;
+            let (mut a, mut b) = (zero(), zero());
+            for at in (0..whole).step_by(32) {
+                a = fma16(load_kv::<true>(bytes, at), x, at, a);
+                b = fma16(load_kv::<true>(bytes, at + 16), x, at + 16, b);
+            }
+            let tail: f32 = x[whole..]
+                .iter()
+                .zip(&w[whole..])
+                .map(|(x, w)| x * w.to_f32())
+                .sum();
+            hsum(add(a, b)) + tail
+        }
+
+        /// A run of outputs' low-rank update: `y[16g + j] += Σ_k down[k] · up[(g·rank + k)·16 + j]`
+        /// (`up` in groups of 16 outputs, each `[rank][16]`: contiguous reads, and one
+        /// multiply-add per rank for 16 outputs, no horizontal sums).
+        ///
+        /// # Safety
+        /// The CPU must support the module's instruction set.
+        #[target_feature(enable = $features)]
+        pub unsafe fn add_low_rank(y: &mut [f32], down: &[f32], up: &[half::f16]) {
+            let rank = down.len();
+            let whole = y.len() / 16 * 16;
+            for at in (0..whole).step_by(16) {
+                let group: &[u8] = bytemuck::cast_slice(&up[at * rank..(at + 16) * rank]);
+                let mut acc = load_w(y, at);
+                for (k, &d) in down.iter().enumerate() {
+                    acc = fma_w(d, load_kv::<true>(group, 16 * k), acc);
+                }
+                store_w(y, at, acc);
+            }
+            for (i, y) in y.iter_mut().enumerate().skip(whole) {
+                let (g, j) = (i / 16, i % 16);
+                *y += (0..rank)
+                    .map(|k| down[k] * up[(g * rank + k) * 16 + j].to_f32())
+                    .sum::<f32>();
+            }
+        }
+
         /// Σ over 32 unsigned 4-bit weights · x of one block.
         #[target_feature(enable = $features)]
         fn nibble_block(qs: &[u8], x: &[f32], at: usize) -> Acc {
