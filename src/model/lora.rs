@@ -10,7 +10,8 @@ use super::config::ModelConfig;
 use super::kernels::LowRank;
 use anyhow::{Result, bail};
 use burn::module::{Module, Param};
-use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use half::f16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -130,13 +131,13 @@ pub struct LoraPair {
 }
 
 /// A pair's matrices in f16 (half the bytes a decoded token reads): `a_t` = Aᵀ `[rank][in]`
-/// (x·A as contiguous dot products) and `up` = s·B in groups of 16 outputs
+/// (x·A as contiguous dot products, scaled by s) and `up` = B in groups of 16 outputs
 /// (`kernels::group_outputs`: each rank's contribution added to 16 outputs at once, from
 /// contiguous memory).
 #[derive(Debug, Clone)]
 pub struct PlainPair {
-    a_t: Vec<half::f16>,
-    up: Vec<half::f16>,
+    a_t: Vec<f16>,
+    up: Vec<f16>,
     rank: usize,
 }
 
@@ -153,12 +154,13 @@ impl LoraPair {
         let p = self.plain.as_ref()?;
         let din = x.len() / rows;
         let isa = super::kernels::Isa::selected();
+        let scale = self.scale as f32;
         let down = x
             .chunks_exact(din)
             .flat_map(|xr| {
                 p.a_t
                     .chunks_exact(din)
-                    .map(move |a| super::kernels::dot_half(isa, xr, a))
+                    .map(move |a| super::kernels::dot_half(isa, xr, a) * scale)
             })
             .collect();
         Some(LowRank {
@@ -266,34 +268,38 @@ impl LoraAdapter {
     /// The matrices are rounded to f16 (the plain copies are kept in f16: half the bytes per
     /// token), the tensors too, so that prompts and decoding compute the same version.
     pub fn for_serving(&self) -> Self {
-        let mut out = self.map_tensors(|t| {
-            let stored = t.dtype();
-            let rounded = t.detach().without_autodiff().cast(FloatDType::F16);
-            match stored {
-                DType::F16 => rounded,
-                DType::BF16 => rounded.cast(FloatDType::BF16),
-                _ => rounded.cast(FloatDType::F32),
-            }
-        });
+        let plain = |t: Tensor<2>| {
+            t.into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("f32 data")
+        };
+        // Rebuilt from their values (contiguous, whatever the source's layout), so that a
+        // version served after training and the same version read back from disk compute
+        // bit for bit alike.
+        let rounded = |t: Tensor<2>| {
+            let (device, dtype, dims) = (t.device(), t.dtype(), t.dims());
+            let v: Vec<f32> = plain(t)
+                .into_iter()
+                .map(|x| f16::from_f32(x).to_f32())
+                .collect();
+            Tensor::<2>::from_data(TensorData::new(v, dims), (&device, dtype))
+        };
+        let mut out = self.frozen();
         for layer in &mut out.layers {
             for pair in layer.pairs.iter_mut().flatten() {
-                let plain = |t: Tensor<2>| {
-                    t.into_data()
-                        .convert::<f32>()
-                        .try_into_vec::<f32>()
-                        .expect("f32 data")
-                };
+                let (a, b) = (rounded(pair.a.val()), rounded(pair.b.val()));
+                let rank = a.dims()[1];
                 pair.plain = Some(Arc::new(PlainPair {
-                    a_t: plain(pair.a.val().transpose())
+                    a_t: plain(a.clone().transpose())
                         .into_iter()
-                        .map(half::f16::from_f32)
+                        .map(f16::from_f32)
                         .collect(),
-                    up: super::kernels::group_outputs(
-                        &plain(pair.b.val().mul_scalar(pair.scale)),
-                        pair.a.dims()[1],
-                    ),
-                    rank: pair.a.dims()[1],
+                    up: super::kernels::group_outputs(&plain(b.clone()), rank),
+                    rank,
                 }));
+                pair.a = Param::from_tensor(a);
+                pair.b = Param::from_tensor(b);
             }
         }
         out

@@ -119,7 +119,7 @@ pub fn random_matrix(ty: GgmlType, rows: usize, cols: usize, rng: &mut impl rand
 }
 
 /// A low-rank update added to every output: `out[r][o] += Σ_k down[r][k] · up[k][o]` (a LoRA
-/// pair's `s·(x·A)·B`, with `down` = x·A `[rows][rank]` already computed and `up` = s·B in
+/// pair's `s·(x·A)·B`, with `down` = s·(x·A) `[rows][rank]` already computed and `up` = B in
 /// f16, in groups of 16 outputs ([`group_outputs`])). f16 halves the bytes each token reads
 /// (a rank-16 adapter on all 7 projections of SmolLM2: 20 → 10 MB, beside 98 MB of weights).
 pub struct LowRank<'a> {
@@ -142,13 +142,6 @@ pub fn group_outputs(up: &[f32], rank: usize) -> Vec<f16> {
         }
     }
     grouped
-}
-
-impl LowRank<'_> {
-    /// `up`'s entry for rank `k` and output `o`.
-    fn up_at(&self, k: usize, o: usize) -> f32 {
-        self.up[((o / 16) * self.rank + k) * 16 + o % 16].to_f32()
-    }
 }
 
 /// Output rows computed per task: enough work to outweigh scheduling, enough tasks for 2+ cores.
@@ -193,7 +186,7 @@ pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Ve
         let isa = if has_kernel(p.ty) { isa } else { Isa::Portable };
         let mut dense = Vec::new();
         let rows = out.chunks_exact_mut(n).zip(w.chunks_exact(p.row_bytes));
-        for (i, (o, wrow)) in rows.enumerate() {
+        for (o, wrow) in rows {
             if isa == Isa::Portable {
                 dense.clear();
                 dequantize_into(p.ty, wrow, cols, &mut dense).expect("row length checked");
@@ -220,16 +213,33 @@ pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Ve
                         _ => unreachable!(),
                     };
                 }
-                // Batched rows' outputs are strided here: their update one by one.
-                if let (Some(u), true) = (p.update, n > 1) {
-                    let down = &u.down[r * u.rank..(r + 1) * u.rank];
-                    let o = first + i;
-                    *y += (0..u.rank).map(|k| down[k] * u.up_at(k, o)).sum::<f32>();
-                }
             }
         }
-        if let (Some(u), 1) = (p.update, n) {
-            add_low_rank(dense_isa, out, &u.down, &u.up[first * u.rank..]);
+        if let Some(u) = p.update {
+            let up = &u.up[first * u.rank..];
+            if n == 1 {
+                add_low_rank(dense_isa, out, &u.down, up);
+            } else {
+                // Each batched row's outputs (strided here) through the same kernel as a lone
+                // row's: a stream decodes bit for bit alike batched or alone.
+                let mut run = vec![0f32; out.len() / n];
+                for r in 0..n {
+                    run.iter_mut()
+                        .zip(out.iter().skip(r).step_by(n))
+                        .for_each(|(v, o)| *v = *o);
+                    add_low_rank(
+                        dense_isa,
+                        &mut run,
+                        &u.down[r * u.rank..(r + 1) * u.rank],
+                        up,
+                    );
+                    out.iter_mut()
+                        .skip(r)
+                        .step_by(n)
+                        .zip(&run)
+                        .for_each(|(o, v)| *o = *v);
+                }
+            }
         }
     });
     if n == 1 {

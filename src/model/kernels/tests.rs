@@ -136,6 +136,57 @@ fn a_low_rank_update_is_added_to_every_output_on_every_isa() {
 }
 
 #[test]
+fn a_batched_row_gets_the_same_update_bits_as_the_row_alone() {
+    // Q4_0 has no 4-row kernel: its base products are the same alone and batched, so any
+    // difference would be the update's (a version must decode alike batched or not).
+    let mut rng = StdRng::seed_from_u64(13);
+    let (ty, rows, cols, rank, n) = (GgmlType::Q4_0, 72, 64, 16, 5);
+    let w = random_matrix(ty, rows, cols, &mut rng);
+    let x: Vec<f32> = (0..n * cols)
+        .map(|_| rng.random_range(-1f32..1.0))
+        .collect();
+    let down: Vec<f32> = (0..n * rank)
+        .map(|_| rng.random_range(-1f32..1.0))
+        .collect();
+    let up: Vec<f32> = (0..rank * rows)
+        .map(|_| rng.random_range(-1f32..1.0))
+        .collect();
+    let grouped = group_outputs(&up, rank);
+    let row_bytes = ty.bytes_for(cols).unwrap();
+    for isa in Isa::supported() {
+        let all = LowRank {
+            down: down.clone(),
+            up: &grouped,
+            rank,
+        };
+        let batched = matmul(isa, ty, &w, row_bytes, cols, &x, Some(&all));
+        for r in 0..n {
+            let one = LowRank {
+                down: down[r * rank..(r + 1) * rank].to_vec(),
+                up: &grouped,
+                rank,
+            };
+            let alone = matmul(
+                isa,
+                ty,
+                &w,
+                row_bytes,
+                cols,
+                &x[r * cols..(r + 1) * cols],
+                Some(&one),
+            );
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&batched[r * rows..(r + 1) * rows]),
+                bits(&alone),
+                "{} row {r}",
+                isa.name()
+            );
+        }
+    }
+}
+
+#[test]
 fn f32_by_f16_dot_products_match_on_every_isa() {
     let mut rng = StdRng::seed_from_u64(12);
     for len in [1, 16, 50, 576, 1536] {
