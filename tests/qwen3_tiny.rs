@@ -83,8 +83,7 @@ fn qwen3_logits_match_numpy_reference_in_f16() {
             DType::F16,
             WeightMode::Dense,
         )
-        .err()
-        .expect("f16 refused where unsupported");
+        .expect_err("f16 refused where unsupported");
         assert!(err.to_string().contains("cannot compute in F16"), "{err}");
         return;
     }
