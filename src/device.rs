@@ -34,6 +34,12 @@ impl std::str::FromStr for DeviceChoice {
     }
 }
 
+/// Whether `device` is the CPU backend (Flex), where the quantized kernels, the KV cache's
+/// buffers and the SIMD attention work on host memory.
+pub fn is_host(device: &Device) -> bool {
+    device.clone().without_autodiff() == Device::flex()
+}
+
 /// Whether an NVIDIA driver answers and reports at least one GPU.
 pub fn cuda_driver_present() -> bool {
     nvml_wrapper::Nvml::init()

@@ -14,7 +14,7 @@
 //! device round trip each time.
 
 use super::kernels::{self, KvSlice};
-use burn::tensor::{Bytes, DType, Device, FloatDType, Shape, Tensor, TensorData};
+use burn::tensor::{Bytes, DType, FloatDType, Shape, Tensor, TensorData};
 use burn_flex::{Flex, FlexTensor, Layout};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -239,7 +239,7 @@ impl Buffers {
 
 /// Whether `t` lives on the CPU backend, where the cache's buffers and kernels work in place.
 pub(super) fn on_host<const D: usize>(t: &Tensor<D>) -> bool {
-    t.device().without_autodiff() == Device::flex()
+    crate::device::is_host(&t.device())
 }
 
 fn to_vec(t: Tensor<4>) -> Vec<f32> {

@@ -402,7 +402,7 @@ impl Transformer {
         );
         // The quantized kernels run on this CPU: on a GPU, decoding on them would ship every
         // activation to the host and back, so there the dense weights do all the work.
-        let on_cpu = device.clone().without_autodiff() == Device::flex();
+        let on_cpu = crate::device::is_host(device);
         let mode = match mode {
             WeightMode::Both if !on_cpu => WeightMode::Dense,
             WeightMode::Blocks if !on_cpu => {

@@ -25,6 +25,11 @@ fn matmul(
 }
 
 /// The dequantized matrix times the activations, in f64.
+/// `n` values uniform in [-1, 1).
+fn uniform(n: usize, rng: &mut StdRng) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1f32..1.0)).collect()
+}
+
 fn reference(ty: GgmlType, w: &[u8], rows: usize, cols: usize, x: &[f32]) -> Vec<f32> {
     let dense = dequantize(ty, w, rows * cols).unwrap();
     let n = x.len() / cols;
@@ -76,7 +81,7 @@ fn types_without_a_simd_kernel_fall_back_to_the_portable_path() {
     let w: Vec<u8> = (0..4 * 64)
         .flat_map(|_| half::f16::from_f32(rng.random_range(-1f32..1.0)).to_le_bytes())
         .collect();
-    let x: Vec<f32> = (0..64).map(|_| rng.random_range(-1f32..1.0)).collect();
+    let x: Vec<f32> = uniform(64, &mut rng);
     let got = matmul(Isa::best(), GgmlType::F16, &w, 128, 64, &x, None);
     let want = reference(GgmlType::F16, &w, 4, 64, &x);
     for (g, w) in got.iter().zip(&want) {
@@ -97,15 +102,9 @@ fn a_low_rank_update_is_added_to_every_output_on_every_isa() {
         (GgmlType::Q4_1, 1),
     ] {
         let w = random_matrix(ty, rows, cols, &mut rng);
-        let x: Vec<f32> = (0..n * cols)
-            .map(|_| rng.random_range(-1f32..1.0))
-            .collect();
-        let down: Vec<f32> = (0..n * rank)
-            .map(|_| rng.random_range(-1f32..1.0))
-            .collect();
-        let up: Vec<f32> = (0..rank * rows)
-            .map(|_| rng.random_range(-1f32..1.0))
-            .collect();
+        let x: Vec<f32> = uniform(n * cols, &mut rng);
+        let down: Vec<f32> = uniform(n * rank, &mut rng);
+        let up: Vec<f32> = uniform(rank * rows, &mut rng);
         let mut want = reference(ty, &w, rows, cols, &x);
         for r in 0..n {
             for o in 0..rows {
@@ -142,15 +141,9 @@ fn a_batched_row_gets_the_same_update_bits_as_the_row_alone() {
     let mut rng = StdRng::seed_from_u64(13);
     let (ty, rows, cols, rank, n) = (GgmlType::Q4_0, 72, 64, 16, 5);
     let w = random_matrix(ty, rows, cols, &mut rng);
-    let x: Vec<f32> = (0..n * cols)
-        .map(|_| rng.random_range(-1f32..1.0))
-        .collect();
-    let down: Vec<f32> = (0..n * rank)
-        .map(|_| rng.random_range(-1f32..1.0))
-        .collect();
-    let up: Vec<f32> = (0..rank * rows)
-        .map(|_| rng.random_range(-1f32..1.0))
-        .collect();
+    let x: Vec<f32> = uniform(n * cols, &mut rng);
+    let down: Vec<f32> = uniform(n * rank, &mut rng);
+    let up: Vec<f32> = uniform(rank * rows, &mut rng);
     let grouped = group_outputs(&up, rank);
     let row_bytes = ty.bytes_for(cols).unwrap();
     for isa in Isa::supported() {
@@ -190,7 +183,7 @@ fn a_batched_row_gets_the_same_update_bits_as_the_row_alone() {
 fn f32_by_f16_dot_products_match_on_every_isa() {
     let mut rng = StdRng::seed_from_u64(12);
     for len in [1, 16, 50, 576, 1536] {
-        let x: Vec<f32> = (0..len).map(|_| rng.random_range(-1f32..1.0)).collect();
+        let x: Vec<f32> = uniform(len, &mut rng);
         let w: Vec<f16> = (0..len)
             .map(|_| f16::from_f32(rng.random_range(-1f32..1.0)))
             .collect();
