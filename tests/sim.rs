@@ -47,9 +47,17 @@ fn a_short_simulated_run_trains_reports_and_rolls_back_to_the_same_replies() {
         "{report}"
     );
     assert!(report.contains("during the run: "), "{report}");
-    // The judge (its own model by default) is compared with the user's thumbs.
+    // The judge (its own model by default) is compared with the user's verdicts on its 4
+    // replies (with or without thumbs).
+    let agreement = report
+        .split("agreed with the user on ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("no judge agreement in {report}"));
+    let (agreed, of) = agreement.split_once('/').unwrap();
+    let (agreed, of): (usize, usize) = (agreed.parse().unwrap(), of.parse().unwrap());
     assert!(
-        report.contains("- judge: ") && report.contains("agreed with the thumbs on"),
+        report.contains("- judge: ") && (1..=4).contains(&of) && agreed <= of,
         "{report}"
     );
 

@@ -17,6 +17,7 @@ use preference::Preference;
 use rand::{Rng, SeedableRng};
 use report::{Interaction, Proportion};
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -144,14 +145,17 @@ struct InProcess {
 }
 
 /// The judge's record on the run's turns, read from the run's store.
-fn judge_summary(store_path: &Path) -> Result<Option<report::JudgeSummary>> {
+fn judge_summary(
+    store_path: &Path,
+    verdicts: &HashMap<String, bool>,
+) -> Result<Option<report::JudgeSummary>> {
     let store = crate::store::Store::open_read_only(store_path)?;
     let mut records = Vec::new();
     store.export(0, |r| {
         records.push(r);
         Ok(())
     })?;
-    Ok(report::JudgeSummary::from_export(&records))
+    Ok(report::JudgeSummary::from_export(&records, verdicts))
 }
 
 async fn start_in_process(
@@ -392,6 +396,8 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
 
     let mut corrections: Vec<&str> = Vec::new();
     let mut rows = Vec::new();
+    // The user's verdict on each reply, by response id: what the judge is measured against.
+    let mut verdicts = HashMap::new();
     for i in 1..=args.interactions {
         if i > 1 && args.think_secs > 0.0 {
             tokio::time::sleep(Duration::from_secs_f64(args.think_secs)).await;
@@ -415,6 +421,7 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
             }))
             .await?;
         let satisfied = pref.satisfied_by(&reply);
+        verdicts.insert(id.clone(), satisfied);
         if !args.no_thumbs {
             client
                 .call(
@@ -457,9 +464,9 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
     }
     let settled = settle(&client, Duration::from_secs(args.settle_secs)).await?;
     eprintln!("training: {settled}");
-    // The judge against the user's thumbs (in-process runs: the store is the run's own).
+    // The judge against the user's verdicts (in-process runs: the store is the run's own).
     let judge = match &in_process {
-        Some(p) => judge_summary(&p.store_path)?,
+        Some(p) => judge_summary(&p.store_path, &verdicts)?,
         None => None,
     };
 

@@ -2,6 +2,7 @@
 //! and the report text.
 
 use crate::telemetry::moving_average;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
 /// A proportion k/n with its 95 % Wilson score interval.
@@ -63,34 +64,38 @@ pub fn repeated_trigrams<'a>(replies: impl IntoIterator<Item = &'a str>) -> f64 
     crate::gate::guard::repeated_ngram_share(&words, 3)
 }
 
-/// How the judge did on the run's main turns, against the simulated user's thumbs.
+/// How the judge did on the run's main turns, against the simulated user's own verdicts (its
+/// rule: what its thumbs say when it sends them, and still known when it does not).
 #[derive(Debug, Clone, PartialEq)]
 pub struct JudgeSummary {
     pub model: String,
     pub judged: usize,
     pub mean_secs: f64,
-    /// Judged turns the user also rated, and those where the judge's score equals the rating.
+    /// Judged turns of the user's, and those where the judge's score equals its verdict.
     pub rated: usize,
     pub agreed: usize,
-    /// Turns the user rated down, and those the judge scored −1.
+    /// Replies the user disliked, and those the judge scored −1.
     pub rated_down: usize,
     pub down_and_minus: usize,
     pub hints: usize,
 }
 
 impl JudgeSummary {
-    /// From `clawrl-tui export` records (side turns are never judged).
-    pub fn from_export(records: &[serde_json::Value]) -> Option<Self> {
+    /// From `clawrl-tui export` records (side turns are never judged) and the user's verdict
+    /// on each of its replies, by response id.
+    pub fn from_export(
+        records: &[serde_json::Value],
+        verdicts: &HashMap<String, bool>,
+    ) -> Option<Self> {
         let judged: Vec<&serde_json::Value> = records
             .iter()
             .filter(|r| r["judgment"].is_object() && r["judgment"]["error"].is_null())
             .collect();
         let first = judged.first()?;
         let score = |r: &serde_json::Value| r["judgment"]["score"].as_i64();
-        let rating = |r: &serde_json::Value| match r["feedback"]["rating"].as_str() {
-            Some("up") => Some(1),
-            Some("down") => Some(-1),
-            _ => None,
+        let rating = |r: &serde_json::Value| {
+            let satisfied = verdicts.get(r["response_id"].as_str()?)?;
+            Some(if *satisfied { 1 } else { -1 })
         };
         let rated: Vec<_> = judged.iter().filter(|r| rating(r).is_some()).collect();
         let down: Vec<_> = rated.iter().filter(|r| rating(r) == Some(-1)).collect();
@@ -118,7 +123,7 @@ impl JudgeSummary {
 
     pub fn describe(&self) -> String {
         format!(
-            "{} judged {} turns, {:.1} s a turn; agreed with the thumbs on {}/{}, scored −1 on {} of the {} rated down; {} hints",
+            "{} judged {} turns, {:.1} s a turn; agreed with the user on {}/{}, scored −1 on {} of the {} replies it disliked; {} hints",
             self.model,
             self.judged,
             self.mean_secs,
@@ -219,22 +224,28 @@ mod tests {
     }
 
     #[test]
-    fn the_judge_summary_compares_scores_with_thumbs() {
+    fn the_judge_summary_compares_scores_with_the_users_verdicts() {
         use serde_json::json;
-        let turn = |score: i64, rating: Option<&str>, hint: Option<&str>| {
+        let turn = |id: &str, score: i64, hint: Option<&str>| {
             json!({
+                "response_id": id,
                 "judgment": {"judge_model": "Qwen", "score": score, "hint": hint, "error": null, "elapsed_ms": 2000},
-                "feedback": rating.map(|r| json!({"rating": r})),
             })
         };
         let records = [
-            turn(1, Some("up"), None),
-            turn(-1, Some("down"), Some("No lists.")),
-            turn(1, Some("down"), None),
-            turn(0, None, None),
-            json!({"judgment": null, "feedback": null}),
+            turn("a", 1, None),
+            turn("b", -1, Some("No lists.")),
+            turn("c", 1, None),
+            // A turn that is not one of the user's (a side turn of another client).
+            turn("d", 0, None),
+            json!({"response_id": "e", "judgment": null}),
         ];
-        let s = JudgeSummary::from_export(&records).unwrap();
+        let verdicts: HashMap<String, bool> =
+            [("a", true), ("b", false), ("c", false), ("e", true)]
+                .into_iter()
+                .map(|(id, v)| (id.to_string(), v))
+                .collect();
+        let s = JudgeSummary::from_export(&records, &verdicts).unwrap();
         assert_eq!(
             (
                 s.judged,
@@ -248,11 +259,11 @@ mod tests {
         );
         assert!((s.mean_secs - 2.0).abs() < 1e-9);
         assert!(
-            s.describe().contains("agreed with the thumbs on 2/3"),
+            s.describe().contains("agreed with the user on 2/3"),
             "{}",
             s.describe()
         );
-        assert!(JudgeSummary::from_export(&records[4..]).is_none());
+        assert!(JudgeSummary::from_export(&records[4..], &verdicts).is_none());
     }
 
     #[test]
