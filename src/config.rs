@@ -58,6 +58,8 @@ pub struct TrainSection {
     pub clip_high: f64,
     pub w_rl: f64,
     pub w_opd: f64,
+    /// Subtract a batch's mean reward when it is negative (`train::loss::balanced_rewards`).
+    pub balance_rewards: bool,
     pub kl_coef: f64,
     pub max_staleness: i64,
     pub teacher: Teacher,
@@ -96,6 +98,7 @@ impl Default for TrainSection {
             clip_high: 0.28,
             w_rl: 1.0,
             w_opd: 0.25,
+            balance_rewards: true,
             kl_coef: 0.0,
             max_staleness: 4,
             teacher: Teacher::Base,

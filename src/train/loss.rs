@@ -6,6 +6,7 @@
 //!   signal gets exactly that term (the other is 0, not a noisy difference).
 //! - PPO clipped surrogate: max(−ρ_t·A_t, −clip(ρ_t, 1−ε_low, 1+ε_high)·A_t), ρ_t =
 //!   exp(logp_new_t − logp_old_t), logp_old the log-probs recorded when the turn was sampled.
+//! - Rewards of a batch whose mean is negative get that mean subtracted ([`balanced_rewards`]).
 //! - Optional k3 KL penalty to the base model: exp(−Δ) − 1 + Δ, Δ = logp_new − logp_base,
 //!   clamped to ±10.
 
@@ -30,7 +31,24 @@ pub struct LossConfig {
     pub clip_high: f64,
     pub w_rl: f64,
     pub w_opd: f64,
+    /// Rewards through [`balanced_rewards`] (PIPELINE.md: A = r as given).
+    pub balance_rewards: bool,
     pub kl_coef: f64,
+}
+
+/// The rewards of an update's samples as its RL term uses them. Replies rated down alone give
+/// Binary RL nothing to move toward: pushing their tokens down spreads probability over
+/// everything else, and on a small model that ends in loops or nonsense within a few updates
+/// (docs/LEARNING.md: a preference the model never satisfies, every update rated down). So when
+/// a batch's mean reward is negative it is subtracted, as a baseline: the replies rated down
+/// then push down only as much as those rated up push up, and a batch with none rated up
+/// leaves the term at 0 (its hints still count). A batch whose mean is ≥ 0 keeps PIPELINE.md's
+/// A = r.
+pub fn balanced_rewards(rewards: &[Option<f32>]) -> Vec<Option<f32>> {
+    let given: Vec<f32> = rewards.iter().flatten().copied().collect();
+    let mean = given.iter().sum::<f32>() / given.len().max(1) as f32;
+    let baseline = mean.min(0.0);
+    rewards.iter().map(|r| r.map(|r| r - baseline)).collect()
 }
 
 /// PIPELINE.md's weights (the shipped configuration lowers `w_opd`: config/default.toml).
@@ -42,6 +60,7 @@ impl Default for LossConfig {
             clip_high: 0.28,
             w_rl: 1.0,
             w_opd: 1.0,
+            balance_rewards: false,
             kl_coef: 0.0,
         }
     }
@@ -59,11 +78,21 @@ pub struct Signals {
 }
 
 impl LossConfig {
-    /// Whether the method uses the sample at all.
-    pub fn uses(&self, s: &Signals) -> bool {
-        let rl = s.reward.is_some() && self.method != Method::Opd;
-        let opd = s.teacher_logp.is_some() && self.method != Method::Rl;
+    /// Whether a sample gives the method anything to move toward: a non-zero reward (as the
+    /// RL term uses it) or a hint.
+    pub fn moves(&self, reward: Option<f32>, hint: bool) -> bool {
+        let rl = reward.is_some_and(|r| r != 0.0) && self.method != Method::Opd;
+        let opd = hint && self.method != Method::Rl;
         rl || opd
+    }
+
+    /// The rewards of an update's samples as the RL term uses them.
+    pub fn rewards(&self, rewards: &[Option<f32>]) -> Vec<Option<f32>> {
+        if self.balance_rewards {
+            balanced_rewards(rewards)
+        } else {
+            rewards.to_vec()
+        }
     }
 
     /// Per-token advantages of a sample under this method.
@@ -194,6 +223,23 @@ mod tests {
     }
 
     #[test]
+    fn rewards_push_down_no_more_than_up() {
+        // Mostly rated up (the usual case): as specified, A = r.
+        let up = [Some(1.0), Some(1.0), Some(-1.0), None];
+        assert_eq!(balanced_rewards(&up), up.to_vec());
+        // Mostly rated down: the mean (-0.5) is subtracted, so the terms sum to 0.
+        let down = balanced_rewards(&[Some(-1.0), Some(1.0), None, Some(-1.0), Some(-1.0)]);
+        assert_eq!(down, [Some(-0.5), Some(1.5), None, Some(-0.5), Some(-0.5)]);
+        assert_eq!(down.iter().flatten().sum::<f32>(), 0.0);
+        // All rated down: nothing to move toward, the RL term is 0 (a hint may still teach).
+        assert_eq!(
+            balanced_rewards(&[Some(-1.0), Some(-1.0)]),
+            [Some(0.0), Some(0.0)]
+        );
+        assert_eq!(balanced_rewards(&[None, None]), [None, None]);
+    }
+
+    #[test]
     fn a_sample_with_only_a_reward_has_no_opd_term_and_only_a_hint_no_rl_term() {
         let cfg = LossConfig::default();
         assert_eq!(cfg.advantages(&signals(3, Some(-1.0), None)), vec![-1.0; 3]);
@@ -212,13 +258,21 @@ mod tests {
         };
         let both = signals(3, Some(1.0), Some(teacher));
         assert_eq!(rl.advantages(&both), vec![1.0; 3]);
-        assert!(!rl.uses(&s), "RL has nothing to learn from a hint alone");
+        assert!(
+            !rl.moves(None, true),
+            "RL has nothing to learn from a hint alone"
+        );
+        assert!(
+            !rl.moves(Some(0.0), true),
+            "nor from a reward balanced to 0"
+        );
+        assert!(rl.moves(Some(-0.5), false) && cfg.moves(Some(0.0), true));
         let opd = LossConfig {
             method: Method::Opd,
             ..cfg
         };
         assert_eq!(opd.advantages(&both), want);
-        assert!(!opd.uses(&signals(3, Some(1.0), None)));
+        assert!(!opd.moves(Some(1.0), false));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! prompt). An update interrupted by a pause, a change of the live version or a crash leaves
 //! its samples untouched; they go into the next update.
 
-use super::loss::{LossConfig, Signals};
+use super::loss::{LossConfig, Method, Signals};
 use super::optimizer::{AdapterOptimizer, OptimizerConfig};
 use super::policy::micro_step;
 use crate::config::{Config, JudgeBackend, Teacher, TrainSection};
@@ -176,6 +176,7 @@ pub fn spawn(
             clip_high: t.clip_high,
             w_rl: t.w_rl,
             w_opd: t.w_opd,
+            balance_rewards: t.balance_rewards,
             kl_coef: t.kl_coef,
         },
         optim: OptimizerConfig {
@@ -308,9 +309,29 @@ impl Trainer {
             return Ok(false);
         }
         let batch: Vec<SampleRow> = samples.into_iter().take(self.cfg.max_samples).collect();
+        let rewards = self.loss.rewards(
+            &batch
+                .iter()
+                .map(|s| s.reward.map(f32::from))
+                .collect::<Vec<_>>(),
+        );
+        // Every reply rated down and no hint the method uses: nothing to move toward
+        // (balanced_rewards). Set them aside rather than make a version of nothing.
+        let moves = batch
+            .iter()
+            .zip(&rewards)
+            .any(|(s, r)| self.loss.moves(*r, s.hint.is_some()));
+        if !moves {
+            let why = "rated down with none rated up beside it and no hint: nothing to move toward";
+            let dropped: Vec<(i64, String)> =
+                batch.iter().map(|s| (s.turn_id, why.to_string())).collect();
+            tracing::info!(count = dropped.len(), "samples set aside: {why}");
+            self.store.drop_samples(&dropped, now_ms())?;
+            return Ok(false);
+        }
         self.handle
             .set(|s| s.samples_waiting = waiting - batch.len());
-        match self.update(live, batch) {
+        match self.update(live, batch, rewards) {
             Ok(()) => Ok(true),
             Err(e) => match e.downcast_ref::<InterruptedError>() {
                 Some(InterruptedError(why)) => {
@@ -338,11 +359,6 @@ impl Trainer {
         let mut keep = Vec::new();
         let mut dropped = Vec::new();
         for r in rows {
-            let signals = Signals {
-                logp_old: Vec::new(),
-                reward: r.reward.map(f32::from),
-                teacher_logp: r.hint.as_ref().map(|_| Vec::new()),
-            };
             if r.response_ids.is_empty()
                 || r.logprobs.len() != r.response_ids.len()
                 || r.prompt_ids.is_empty()
@@ -359,7 +375,7 @@ impl Trainer {
                         r.adapter_version, self.cfg.max_staleness
                     ),
                 ));
-            } else if !self.loss.uses(&signals) {
+            } else if !self.loss.moves(r.reward.map(f32::from), r.hint.is_some()) {
                 dropped.push((
                     r.turn_id,
                     format!("no signal for train.method {:?}", self.cfg.method),
@@ -395,7 +411,13 @@ impl Trainer {
         }
     }
 
-    fn update(&mut self, parent: i64, batch: Vec<SampleRow>) -> Result<()> {
+    /// One update from `parent` on `batch`, whose rewards the RL term uses as `rewards`.
+    fn update(
+        &mut self,
+        parent: i64,
+        batch: Vec<SampleRow>,
+        rewards: Vec<Option<f32>>,
+    ) -> Result<()> {
         let started = Instant::now();
         let model = match self.engine.model() {
             Some(m) => m,
@@ -438,7 +460,7 @@ impl Trainer {
                 AdapterOptimizer::new(&start, self.optim.clone())
             }
         };
-        let result = self.train(&model, &mut optimizer, parent, &batch, started);
+        let result = self.train(&model, &mut optimizer, parent, &batch, rewards, started);
         match result {
             Ok(candidate) => {
                 self.handle
@@ -467,6 +489,7 @@ impl Trainer {
         optimizer: &mut AdapterOptimizer,
         parent: i64,
         batch: &[SampleRow],
+        rewards: Vec<Option<f32>>,
         started: Instant,
     ) -> Result<Candidate> {
         let n = batch.len();
@@ -474,12 +497,12 @@ impl Trainer {
         let (mut loss_sum, mut drift_sum, mut tokens) = (0f64, 0f64, 0usize);
         let mut used = Vec::with_capacity(n);
         let mut hints = 0;
-        for (i, s) in batch.iter().enumerate() {
+        for ((i, s), reward) in batch.iter().enumerate().zip(rewards) {
             self.yield_to_serving(parent)?;
             let response = &s.response_ids[..s.response_ids.len().min(max)];
             let logp_old = s.logprobs[..response.len()].to_vec();
             let teacher_logp = match &s.hint {
-                Some(hint) if self.loss.method != super::loss::Method::Rl => {
+                Some(hint) if self.loss.method != Method::Rl => {
                     self.teacher_logprobs(s, hint, response, parent)
                 }
                 _ => None,
@@ -487,7 +510,7 @@ impl Trainer {
             hints += usize::from(teacher_logp.is_some());
             let signals = Signals {
                 logp_old,
-                reward: s.reward.map(f32::from),
+                reward,
                 teacher_logp,
             };
             self.yield_to_serving(parent)?;
@@ -534,7 +557,8 @@ impl Trainer {
         self.yield_to_serving(parent)?;
         let grad_norm = optimizer.step();
         crate::failpoint::crash("train.step");
-        let rewards: Vec<f64> = batch
+        // The mean of the rewards as given (not as balanced), for the version's record.
+        let given: Vec<f64> = batch
             .iter()
             .filter_map(|s| s.reward.map(f64::from))
             .collect();
@@ -547,8 +571,8 @@ impl Trainer {
                 loss: loss_sum / n as f64,
                 drift: drift_sum / n as f64,
                 grad_norm,
-                mean_reward: (!rewards.is_empty())
-                    .then(|| rewards.iter().sum::<f64>() / rewards.len() as f64),
+                mean_reward: (!given.is_empty())
+                    .then(|| given.iter().sum::<f64>() / given.len() as f64),
                 hints,
                 train_secs: started.elapsed().as_secs_f64(),
             },
