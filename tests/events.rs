@@ -440,6 +440,66 @@ async fn training_and_gate_decisions_are_published_on_the_event_bus() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_rated_down_with_nothing_to_move_toward_is_set_aside_not_trained_on() {
+    let mut core = Core::start(|cfg| {
+        cfg.judge.backend = clawrl_tui::config::JudgeBackend::Off;
+        cfg.train.enabled = true;
+        cfg.train.min_samples = 1;
+    })
+    .await;
+    let (port, store) = (core.port, core._data.path().join("clawrl.sqlite"));
+    wait_event(&mut core.events, "the engine", |e| {
+        matches!(e, Event::EngineReady { .. })
+    })
+    .await;
+    let r = post(
+        port,
+        json!({"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8}),
+    )
+    .await;
+    post_to(
+        port,
+        "/v1/feedback",
+        json!({"response_id": r["id"], "rating": "down"}),
+    )
+    .await;
+    let events = &mut core.events;
+    wait_event(events, "the sample waiting", |e| {
+        matches!(e, Event::SamplesWaiting { samples: 1 })
+    })
+    .await;
+    // Balanced rewards: one reply rated down, none rated up, no hint (judge off) → its reward
+    // term is 0 and there is nothing else: set aside, no update.
+    wait_event(events, "the sample set aside", |e| {
+        assert!(
+            !matches!(e, Event::TrainingStarted { .. }),
+            "trained on a reply rated down alone: {e:?}"
+        );
+        matches!(e, Event::SamplesWaiting { samples: 0 })
+    })
+    .await;
+    let store = clawrl_tui::store::Store::open_read_only(&store).unwrap();
+    let mut records = Vec::new();
+    store
+        .export(0, |r| {
+            records.push(r);
+            Ok(())
+        })
+        .unwrap();
+    let turn = records
+        .iter()
+        .find(|t| t["response_id"] == r["id"])
+        .unwrap();
+    assert!(
+        turn["training_dropped"]
+            .as_str()
+            .is_some_and(|why| why.contains("nothing to move toward")),
+        "{turn:#}"
+    );
+    core.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_auto_a_refused_candidate_waits_while_training_goes_on_from_the_live_version() {
     let mut core = Core::start(|cfg| {
         cfg.judge.backend = clawrl_tui::config::JudgeBackend::Off;
