@@ -327,8 +327,9 @@ async fn wait_event(
     }
 }
 
-/// One short question, its reply rated up: a training sample.
-async fn ask_and_rate_up(port: u16, question: &str) {
+/// One short question, its reply rated `rating` ("up" or "down"): a training sample. Returns
+/// the reply's id.
+async fn ask_and_rate(port: u16, question: &str, rating: &str) -> serde_json::Value {
     let r = post(
         port,
         json!({"messages": [{"role": "user", "content": question}], "max_tokens": 8}),
@@ -337,9 +338,10 @@ async fn ask_and_rate_up(port: u16, question: &str) {
     post_to(
         port,
         "/v1/feedback",
-        json!({"response_id": r["id"], "rating": "up"}),
+        json!({"response_id": r["id"], "rating": rating}),
     )
     .await;
+    r["id"].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -355,7 +357,7 @@ async fn training_and_gate_decisions_are_published_on_the_event_bus() {
         matches!(e, Event::EngineReady { .. })
     })
     .await;
-    ask_and_rate_up(port, "Name a fruit.").await;
+    ask_and_rate(port, "Name a fruit.", "up").await;
     let events = &mut core.events;
     let e = wait_event(events, "samples waiting", |e| {
         matches!(e, Event::SamplesWaiting { samples: 1 })
@@ -452,17 +454,7 @@ async fn a_reply_rated_down_with_nothing_to_move_toward_is_set_aside_not_trained
         matches!(e, Event::EngineReady { .. })
     })
     .await;
-    let r = post(
-        port,
-        json!({"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8}),
-    )
-    .await;
-    post_to(
-        port,
-        "/v1/feedback",
-        json!({"response_id": r["id"], "rating": "down"}),
-    )
-    .await;
+    let id = ask_and_rate(port, "Name a colour.", "down").await;
     let events = &mut core.events;
     wait_event(events, "the sample waiting", |e| {
         matches!(e, Event::SamplesWaiting { samples: 1 })
@@ -486,10 +478,7 @@ async fn a_reply_rated_down_with_nothing_to_move_toward_is_set_aside_not_trained
             Ok(())
         })
         .unwrap();
-    let turn = records
-        .iter()
-        .find(|t| t["response_id"] == r["id"])
-        .unwrap();
+    let turn = records.iter().find(|t| t["response_id"] == id).unwrap();
     assert!(
         turn["training_dropped"]
             .as_str()
@@ -515,7 +504,7 @@ async fn under_auto_a_refused_candidate_waits_while_training_goes_on_from_the_li
     })
     .await;
     for (i, question) in ["Name a fruit.", "Name a colour."].into_iter().enumerate() {
-        ask_and_rate_up(port, question).await;
+        ask_and_rate(port, question, "up").await;
         let e = wait_event(&mut core.events, "training started", |e| {
             matches!(e, Event::TrainingStarted { .. })
         })
