@@ -95,6 +95,11 @@ pub enum Event {
     SamplesWaiting {
         samples: usize,
     },
+    /// The trainer set samples aside for good, without an update, and why.
+    SamplesSetAside {
+        samples: usize,
+        reason: String,
+    },
     /// The trainer started an update from `parent` on these samples.
     TrainingStarted {
         parent: i64,

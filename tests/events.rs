@@ -462,11 +462,21 @@ async fn a_reply_rated_down_with_nothing_to_move_toward_is_set_aside_not_trained
     .await;
     // Balanced rewards: one reply rated down, none rated up, no hint (judge off) → its reward
     // term is 0 and there is nothing else: set aside, no update.
-    wait_event(events, "the sample set aside", |e| {
+    let e = wait_event(events, "the sample set aside", |e| {
         assert!(
             !matches!(e, Event::TrainingStarted { .. }),
             "trained on a reply rated down alone: {e:?}"
         );
+        matches!(e, Event::SamplesSetAside { .. })
+    })
+    .await;
+    let Event::SamplesSetAside { samples, reason } = e else {
+        unreachable!()
+    };
+    assert_eq!(samples, 1);
+    assert!(reason.contains("nothing to move toward"), "{reason}");
+    wait_event(events, "no sample waiting", |e| {
+        assert!(!matches!(e, Event::TrainingStarted { .. }), "{e:?}");
         matches!(e, Event::SamplesWaiting { samples: 0 })
     })
     .await;

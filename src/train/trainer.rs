@@ -327,6 +327,13 @@ impl Trainer {
                 batch.iter().map(|s| (s.turn_id, why.to_string())).collect();
             tracing::info!(count = dropped.len(), "samples set aside: {why}");
             self.store.drop_samples(&dropped, now_ms())?;
+            emit(
+                &self.bus,
+                Event::SamplesSetAside {
+                    samples: dropped.len(),
+                    reason: why.to_string(),
+                },
+            );
             return Ok(false);
         }
         self.handle

@@ -431,6 +431,13 @@ impl State {
                 self.reward_changed(*turn_id);
             }
             Event::SamplesWaiting { samples } => self.samples_waiting = *samples,
+            Event::SamplesSetAside { samples, reason } => {
+                self.notice(
+                    Level::Info,
+                    format!("Set aside {samples} sample(s), not trained on: {reason}"),
+                    now_ms,
+                );
+            }
             Event::TrainingStarted {
                 parent, samples, ..
             } => {

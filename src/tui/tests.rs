@@ -613,3 +613,17 @@ fn a_restarted_screen_shows_the_stored_history() {
     assert!(t.contains("no signal: the session closed"), "{t}");
     insta::assert_snapshot!("restarted_80x24", s);
 }
+
+#[test]
+fn samples_set_aside_without_an_update_are_told_on_screen() {
+    let (mut app, _) = app();
+    feed(
+        &mut app,
+        [Event::SamplesSetAside {
+            samples: 1,
+            reason: "rated down with none rated up beside it and no hint".into(),
+        }],
+    );
+    let t = text(&screen(&mut app, 100, 30));
+    assert!(t.contains("Set aside 1 sample(s), not trained on"), "{t}");
+}
