@@ -64,6 +64,22 @@ impl Core {
         }
     }
 
+    /// A core that trains on every sample at once (judge off), once its engine is ready.
+    async fn training(tune: impl FnOnce(&mut Config)) -> Self {
+        let mut core = Self::start(|cfg| {
+            cfg.judge.backend = clawrl_tui::config::JudgeBackend::Off;
+            cfg.train.enabled = true;
+            cfg.train.min_samples = 1;
+            tune(cfg);
+        })
+        .await;
+        wait_event(&mut core.events, "the engine", |e| {
+            matches!(e, Event::EngineReady { .. })
+        })
+        .await;
+        core
+    }
+
     async fn stop(self) {
         self.stop.send(()).unwrap();
         self.server.await.unwrap().unwrap();
@@ -346,17 +362,8 @@ async fn ask_and_rate(port: u16, question: &str, rating: &str) -> serde_json::Va
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn training_and_gate_decisions_are_published_on_the_event_bus() {
-    let mut core = Core::start(|cfg| {
-        cfg.judge.backend = clawrl_tui::config::JudgeBackend::Off;
-        cfg.train.enabled = true;
-        cfg.train.min_samples = 1;
-    })
-    .await;
+    let mut core = Core::training(|_| {}).await;
     let port = core.port;
-    wait_event(&mut core.events, "the engine", |e| {
-        matches!(e, Event::EngineReady { .. })
-    })
-    .await;
     ask_and_rate(port, "Name a fruit.", "up").await;
     let events = &mut core.events;
     let e = wait_event(events, "samples waiting", |e| {
@@ -443,17 +450,8 @@ async fn training_and_gate_decisions_are_published_on_the_event_bus() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_rated_down_with_nothing_to_move_toward_is_set_aside_not_trained_on() {
-    let mut core = Core::start(|cfg| {
-        cfg.judge.backend = clawrl_tui::config::JudgeBackend::Off;
-        cfg.train.enabled = true;
-        cfg.train.min_samples = 1;
-    })
-    .await;
+    let mut core = Core::training(|_| {}).await;
     let (port, store) = (core.port, core._data.path().join("clawrl.sqlite"));
-    wait_event(&mut core.events, "the engine", |e| {
-        matches!(e, Event::EngineReady { .. })
-    })
-    .await;
     let id = ask_and_rate(port, "Name a colour.", "down").await;
     let events = &mut core.events;
     wait_event(events, "the sample waiting", |e| {
@@ -500,19 +498,12 @@ async fn a_reply_rated_down_with_nothing_to_move_toward_is_set_aside_not_trained
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_auto_a_refused_candidate_waits_while_training_goes_on_from_the_live_version() {
-    let mut core = Core::start(|cfg| {
-        cfg.judge.backend = clawrl_tui::config::JudgeBackend::Off;
-        cfg.train.enabled = true;
-        cfg.train.min_samples = 1;
+    let mut core = Core::training(|cfg| {
         cfg.gate.max_kl_base = 0.0; // any update at all is refused
         cfg.gate.repetition_tokens = 0;
     })
     .await;
     let port = core.port;
-    wait_event(&mut core.events, "the engine", |e| {
-        matches!(e, Event::EngineReady { .. })
-    })
-    .await;
     for (i, question) in ["Name a fruit.", "Name a colour."].into_iter().enumerate() {
         ask_and_rate(port, question, "up").await;
         let e = wait_event(&mut core.events, "training started", |e| {
