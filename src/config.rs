@@ -60,6 +60,9 @@ pub struct TrainSection {
     pub w_opd: f64,
     /// Subtract a batch's mean reward when it is negative (`train::loss::balanced_rewards`).
     pub balance_rewards: bool,
+    /// Size each update's step by the weight of the signals it carries
+    /// (`train::loss::LossConfig::step_scale`).
+    pub signal_sized_steps: bool,
     pub kl_coef: f64,
     pub max_staleness: i64,
     pub teacher: Teacher,
@@ -99,6 +102,7 @@ impl Default for TrainSection {
             w_rl: 1.0,
             w_opd: 0.25,
             balance_rewards: true,
+            signal_sized_steps: true,
             kl_coef: 0.0,
             max_staleness: 4,
             teacher: Teacher::Base,

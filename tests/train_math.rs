@@ -191,6 +191,18 @@ fn one_update(
     reward: Option<f32>,
     teacher: Option<Vec<f32>>,
 ) -> (Vec<f32>, Vec<f32>) {
+    let (before, after, _) = scaled_update(model, method, reward, teacher, 1.0);
+    (before, after)
+}
+
+/// [`one_update`] with its step at `lr_scale` of the learning rate; also returns the adapter.
+fn scaled_update(
+    model: &Transformer,
+    method: Method,
+    reward: Option<f32>,
+    teacher: Option<Vec<f32>>,
+    lr_scale: f64,
+) -> (Vec<f32>, Vec<f32>, LoraAdapter) {
     let start = LoraAdapter::init(&model.config, lora_config(4), &common::test_device(), 3);
     let before = logprobs(model, Some(&start));
     let mut opt = AdapterOptimizer::new(
@@ -222,8 +234,42 @@ fn one_update(
     );
     assert_eq!(m.tokens, RESPONSE.len());
     assert!(m.drift.abs() < 1e-9, "on-policy: no drift before the step");
-    opt.step();
-    (before, logprobs(model, Some(&opt.snapshot())))
+    let step = opt.step(lr_scale);
+    assert!((step.learning_rate - 1e-3 * lr_scale).abs() < 1e-12, "{step:?}");
+    let after = opt.snapshot();
+    (before, logprobs(model, Some(&after)), after)
+}
+
+/// Every value of an adapter, in a fixed order.
+fn adapter_values(a: &LoraAdapter) -> Vec<f32> {
+    a.pairs()
+        .flat_map(|(_, _, p)| [values(&p.a.val()), values(&p.b.val())].concat())
+        .collect()
+}
+
+#[test]
+fn a_step_at_a_quarter_of_the_rate_moves_the_adapter_a_quarter_as_far() {
+    // train.signal_sized_steps: an update of hints alone steps at w_opd of the rate. Adam
+    // would otherwise step about the same distance whatever the loss's scale.
+    let model = tiny();
+    let start = adapter_values(&LoraAdapter::init(
+        &model.config,
+        lora_config(4),
+        &common::test_device(),
+        3,
+    ));
+    let moved = |scale: f64| {
+        let (_, _, after) = scaled_update(&model, Method::Rl, Some(1.0), None, scale);
+        adapter_values(&after)
+            .iter()
+            .zip(&start)
+            .map(|(a, b)| (a - b).abs() as f64)
+            .sum::<f64>()
+    };
+    let (full, quarter) = (moved(1.0), moved(0.25));
+    assert!(full > 1e-3, "the full step moved the adapter by {full}");
+    let ratio = quarter / full;
+    assert!((ratio - 0.25).abs() < 0.01, "moved {quarter} vs {full}: ratio {ratio}");
 }
 
 #[test]

@@ -387,7 +387,7 @@ fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         );
         steps.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        opt.step();
+        opt.step(1.0);
         optim.push(t.elapsed().as_secs_f64());
     }
     let step = median(&mut steps);

@@ -166,6 +166,7 @@ pub fn version_json(v: &VersionRow) -> Value {
         "kl_live": v.kl_live,
         "drift": v.metrics.drift,
         "grad_norm": v.metrics.grad_norm,
+        "learning_rate": v.metrics.learning_rate,
         "mean_reward": v.metrics.mean_reward,
         "approved_delta": v.approved_delta,
         "train_secs": v.metrics.train_secs,

@@ -143,6 +143,11 @@ CREATE TABLE settings (
     value TEXT NOT NULL
 );
 "#,
+    r#"
+-- The learning rate the version's optimizer step used (warmup and signal sizing applied);
+-- NULL for versions trained before it was recorded.
+ALTER TABLE versions ADD COLUMN learning_rate REAL;
+"#,
 ];
 
 pub fn now_ms() -> i64 {

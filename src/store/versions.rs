@@ -24,6 +24,9 @@ pub struct UpdateMetrics {
     /// Samples with a distillation (OPD) signal.
     pub hints: usize,
     pub train_secs: f64,
+    /// The learning rate of the update's step (train.learning_rate after warmup and
+    /// `train.signal_sized_steps`); `None` for versions from before it was recorded.
+    pub learning_rate: Option<f64>,
 }
 
 /// A version: recorded as a candidate, then decided.
@@ -58,7 +61,7 @@ pub struct LiveChange {
 
 const COLUMNS: &str = "id, parent, created_at, state, samples, tokens, loss, drift, grad_norm, mean_reward, hints,
     train_secs, kl_base, kl_live, approved_delta, guard_passed, guard_report, path, sha256, lora, decided_at,
-    decided_by, error";
+    decided_by, error, learning_rate";
 
 fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
     Ok(VersionRow {
@@ -75,6 +78,7 @@ fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
             mean_reward: r.get(9)?,
             hints: r.get::<_, i64>(10)? as usize,
             train_secs: r.get(11)?,
+            learning_rate: r.get(23)?,
         },
         kl_base: r.get(12)?,
         kl_live: r.get(13)?,
@@ -111,8 +115,9 @@ impl Store {
         let tx = super::write_transaction(&mut self.conn).map_err(err)?;
         tx.execute(
             "INSERT INTO versions (id, parent, created_at, state, samples, tokens, loss, drift, grad_norm, mean_reward,
-                hints, train_secs, kl_base, kl_live, approved_delta, guard_passed, guard_report, path, sha256, lora)
-             VALUES (?1, ?2, ?3, 'candidate', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+                hints, train_secs, kl_base, kl_live, approved_delta, guard_passed, guard_report, path, sha256, lora,
+                learning_rate)
+             VALUES (?1, ?2, ?3, 'candidate', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
             params![
                 v.id,
                 v.parent,
@@ -133,6 +138,7 @@ impl Store {
                 v.path,
                 v.sha256,
                 v.lora.to_string(),
+                v.metrics.learning_rate,
             ],
         )
         .map_err(err)?;

@@ -7,6 +7,7 @@
 //! - PPO clipped surrogate: max(−ρ_t·A_t, −clip(ρ_t, 1−ε_low, 1+ε_high)·A_t), ρ_t =
 //!   exp(logp_new_t − logp_old_t), logp_old the log-probs recorded when the turn was sampled.
 //! - Rewards of a batch whose mean is negative get that mean subtracted ([`balanced_rewards`]).
+//! - An update's step is sized by the weight of the signals it carries ([`LossConfig::step_scale`]).
 //! - Optional k3 KL penalty to the base model: exp(−Δ) − 1 + Δ, Δ = logp_new − logp_base,
 //!   clamped to ±10.
 
@@ -33,6 +34,8 @@ pub struct LossConfig {
     pub w_opd: f64,
     /// Rewards through [`balanced_rewards`] (PIPELINE.md: A = r as given).
     pub balance_rewards: bool,
+    /// Steps sized by [`LossConfig::step_scale`] (PIPELINE.md: every step at the learning rate).
+    pub signal_sized_steps: bool,
     pub kl_coef: f64,
 }
 
@@ -61,6 +64,7 @@ impl Default for LossConfig {
             w_rl: 1.0,
             w_opd: 1.0,
             balance_rewards: false,
+            signal_sized_steps: false,
             kl_coef: 0.0,
         }
     }
@@ -84,6 +88,34 @@ impl LossConfig {
         let rl = reward.is_some_and(|r| r != 0.0) && self.method != Method::Opd;
         let opd = hint && self.method != Method::Rl;
         rl || opd
+    }
+
+    /// How far an update's optimizer step goes, as a share of the learning rate: the mean over
+    /// its samples of the weight of the largest term each one has (`reward`: as the RL term
+    /// uses it; `hint`: a teacher's log-probs were computed), against the method's largest
+    /// weight. Adam divides each gradient by its own running size, so a loss scaled down by
+    /// `w_opd` still steps about `lr`: without this an update of hints alone (every reply
+    /// rated down, rewards balanced to 0) moves the weights as far as one of rewards, and a
+    /// weak hint signal drifted the model (docs/LEARNING.md). 1 when the sizing is off, and for
+    /// every update with a reward on each sample.
+    pub fn step_scale(&self, samples: &[(Option<f32>, bool)]) -> f64 {
+        if !self.signal_sized_steps || samples.is_empty() {
+            return 1.0;
+        }
+        let uses_rl = self.method != Method::Opd;
+        let uses_opd = self.method != Method::Rl;
+        let w_rl = if uses_rl { self.w_rl.abs() } else { 0.0 };
+        let w_opd = if uses_opd { self.w_opd.abs() } else { 0.0 };
+        let top = w_rl.max(w_opd);
+        if top == 0.0 {
+            return 1.0;
+        }
+        let weight = |&(reward, hint): &(Option<f32>, bool)| {
+            let rl = if reward.is_some_and(|r| r != 0.0) { w_rl } else { 0.0 };
+            let opd = if hint { w_opd } else { 0.0 };
+            rl.max(opd) / top
+        };
+        samples.iter().map(weight).sum::<f64>() / samples.len() as f64
     }
 
     /// The rewards of an update's samples as the RL term uses them.
@@ -237,6 +269,29 @@ mod tests {
             [Some(0.0), Some(0.0)]
         );
         assert_eq!(balanced_rewards(&[None, None]), [None, None]);
+    }
+
+    #[test]
+    fn an_update_of_hints_alone_steps_by_the_hints_weight() {
+        let cfg = LossConfig {
+            w_opd: 0.25,
+            signal_sized_steps: true,
+            ..LossConfig::default()
+        };
+        // A reward on every sample (a hint beside it or not): the full step.
+        assert_eq!(cfg.step_scale(&[(Some(1.0), true), (Some(-0.5), false)]), 1.0);
+        // Every reply rated down, balanced to 0: only the hints teach, at their weight.
+        assert_eq!(cfg.step_scale(&[(Some(0.0), true), (Some(0.0), true)]), 0.25);
+        // Half and half: the mean.
+        assert_eq!(cfg.step_scale(&[(Some(1.0), false), (None, true)]), 0.625);
+        // A method with one signal: its weight is the whole step, whatever w_opd says.
+        let opd = LossConfig { method: Method::Opd, ..cfg.clone() };
+        assert_eq!(opd.step_scale(&[(Some(1.0), true), (None, true)]), 1.0);
+        let rl = LossConfig { method: Method::Rl, ..cfg.clone() };
+        assert_eq!(rl.step_scale(&[(Some(1.0), true), (Some(-1.0), false)]), 1.0);
+        // Off (PIPELINE.md): every step at the learning rate.
+        let off = LossConfig { signal_sized_steps: false, ..cfg };
+        assert_eq!(off.step_scale(&[(Some(0.0), true)]), 1.0);
     }
 
     #[test]

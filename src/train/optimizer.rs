@@ -48,6 +48,15 @@ impl Default for OptimizerConfig {
     }
 }
 
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Step {
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The learning rate the step used.
+    pub learning_rate: f64,
+}
+
 /// A trainable copy of an adapter with its optimizer state and the gradients summed so far.
 pub struct AdapterOptimizer {
     adapter: LoraAdapter,
@@ -120,9 +129,9 @@ impl AdapterOptimizer {
         self.micro_steps
     }
 
-    /// Clips the summed gradients by their global norm and takes one AdamW step. Returns the
-    /// norm before clipping.
-    pub fn step(&mut self) -> f64 {
+    /// Clips the summed gradients by their global norm and takes one AdamW step at
+    /// `lr_scale` times the (warmed-up) learning rate.
+    pub fn step(&mut self, lr_scale: f64) -> Step {
         let ids: Vec<ParamId> = params(&self.adapter)
             .into_iter()
             .map(|(id, _)| id)
@@ -149,10 +158,13 @@ impl AdapterOptimizer {
         }
         let stand_in = placeholder(&self.adapter);
         let adapter = std::mem::replace(&mut self.adapter, stand_in);
-        let lr = self.config.learning_rate_at(self.steps);
-        self.adapter = self.optim.step(lr, adapter, params);
+        let learning_rate = self.config.learning_rate_at(self.steps) * lr_scale;
+        self.adapter = self.optim.step(learning_rate, adapter, params);
         self.steps += 1;
-        norm
+        Step {
+            grad_norm: norm,
+            learning_rate,
+        }
     }
 
     /// The current values as a plain (serving) adapter.

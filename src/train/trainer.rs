@@ -177,6 +177,7 @@ pub fn spawn(
             w_rl: t.w_rl,
             w_opd: t.w_opd,
             balance_rewards: t.balance_rewards,
+            signal_sized_steps: t.signal_sized_steps,
             kl_coef: t.kl_coef,
         },
         optim: OptimizerConfig {
@@ -503,6 +504,8 @@ impl Trainer {
         let max = self.cfg.max_response_tokens;
         let (mut loss_sum, mut drift_sum, mut tokens) = (0f64, 0f64, 0usize);
         let mut used = Vec::with_capacity(n);
+        // Each sample's reward as the RL term used it and whether it had a teacher.
+        let mut carried = Vec::with_capacity(n);
         let mut hints = 0;
         for ((i, s), reward) in batch.iter().enumerate().zip(rewards) {
             self.yield_to_serving(parent)?;
@@ -515,6 +518,7 @@ impl Trainer {
                 _ => None,
             };
             hints += usize::from(teacher_logp.is_some());
+            carried.push((reward, teacher_logp.is_some()));
             let signals = Signals {
                 logp_old,
                 reward,
@@ -562,7 +566,7 @@ impl Trainer {
             );
         }
         self.yield_to_serving(parent)?;
-        let grad_norm = optimizer.step();
+        let step = optimizer.step(self.loss.step_scale(&carried));
         crate::failpoint::crash("train.step");
         // The mean of the rewards as given (not as balanced), for the version's record.
         let given: Vec<f64> = batch
@@ -577,11 +581,12 @@ impl Trainer {
                 tokens,
                 loss: loss_sum / n as f64,
                 drift: drift_sum / n as f64,
-                grad_norm,
+                grad_norm: step.grad_norm,
                 mean_reward: (!given.is_empty())
                     .then(|| given.iter().sum::<f64>() / given.len() as f64),
                 hints,
                 train_secs: started.elapsed().as_secs_f64(),
+                learning_rate: Some(step.learning_rate),
             },
             samples: used,
         })
