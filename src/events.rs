@@ -127,6 +127,8 @@ pub enum Event {
         kl_base: Option<f64>,
         kl_live: Option<f64>,
         mean_reward: Option<f64>,
+        /// The learning rate of the update's step (`None`: not recorded).
+        learning_rate: Option<f64>,
         guard_passed: bool,
         reasons: Vec<String>,
     },

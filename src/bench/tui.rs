@@ -68,6 +68,7 @@ fn full_state() -> State {
             kl_base: Some(0.0001 * v as f64),
             kl_live: Some(0.0001),
             mean_reward: Some(0.5),
+            learning_rate: Some(3e-4),
             guard_passed: true,
             reasons: Vec::new(),
         });

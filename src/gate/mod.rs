@@ -241,6 +241,7 @@ impl Gate {
                 kl_base: version.kl_base,
                 kl_live: version.kl_live,
                 mean_reward: c.metrics.mean_reward,
+                learning_rate: c.metrics.learning_rate,
                 guard_passed: report.passed,
                 reasons: reasons.clone(),
             },

@@ -87,6 +87,8 @@ pub struct Version {
     pub kl_base: Option<f64>,
     pub kl_live: Option<f64>,
     pub mean_reward: Option<f64>,
+    /// The learning rate its step used.
+    pub learning_rate: Option<f64>,
     pub guard_passed: bool,
     pub reasons: Vec<String>,
 }
@@ -102,6 +104,7 @@ impl From<&VersionRow> for Version {
             kl_base: v.kl_base,
             kl_live: v.kl_live,
             mean_reward: v.metrics.mean_reward,
+            learning_rate: v.metrics.learning_rate,
             guard_passed: v.guard_passed,
             reasons: v.guard_report["reasons"]
                 .as_array()
@@ -472,6 +475,7 @@ impl State {
                 kl_base,
                 kl_live,
                 mean_reward,
+                learning_rate,
                 guard_passed,
                 reasons,
             } => {
@@ -486,6 +490,7 @@ impl State {
                     kl_base: *kl_base,
                     kl_live: *kl_live,
                     mean_reward: *mean_reward,
+                    learning_rate: *learning_rate,
                     guard_passed: *guard_passed,
                     reasons: reasons.clone(),
                 });

@@ -94,8 +94,11 @@ fn detail(app: &App, id: i64) -> Vec<Line<'static>> {
     if v.state == "candidate" {
         lines.push(Line::styled("a approves · v vetoes", theme::accent()));
     }
+    let rate = v
+        .learning_rate
+        .map_or(String::new(), |lr| format!(" · lr {lr:.1e}"));
     lines.push(Line::raw(format!(
-        "from v{} · {} samples · mean reward {reward} · KL from parent {kl_live}",
+        "from v{} · {} samples{rate} · mean reward {reward} · KL from parent {kl_live}",
         v.parent, v.samples
     )));
     lines
