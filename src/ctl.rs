@@ -30,7 +30,8 @@ pub struct CtlArgs {
 pub enum CtlCommand {
     /// The live version, the trainer's state, samples waiting and candidates.
     Status,
-    /// Every version: parent, time, samples, loss, KL, mean reward, guard verdict, state.
+    /// Every version: parent, time, samples, loss, KL, mean reward, learning rate, guard verdict,
+    /// state.
     Versions,
     /// Make a candidate live.
     Approve { id: String },
@@ -169,15 +170,25 @@ pub fn human(command: &CtlCommand, a: &Value) -> String {
             let live = a["live_version"].as_i64().unwrap_or(0);
             let _ = writeln!(
                 out,
-                "  {:<5} {:<6} {:<20} {:>7} {:>9} {:>8} {:>7} {:<28} {}",
-                "id", "parent", "created", "samples", "loss", "KL base", "reward", "guard", "state"
+                "  {:<5} {:<6} {:<20} {:>7} {:>9} {:>8} {:>7} {:>7} {:<28} {}",
+                "id",
+                "parent",
+                "created",
+                "samples",
+                "loss",
+                "KL base",
+                "reward",
+                "lr",
+                "guard",
+                "state"
             );
             let base_state = if live == 0 { "live" } else { "base" };
             let _ = writeln!(
                 out,
-                "{} {:<5} {:<6} {:<20} {:>7} {:>9} {:>8} {:>7} {:<28} {}",
+                "{} {:<5} {:<6} {:<20} {:>7} {:>9} {:>8} {:>7} {:>7} {:<28} {}",
                 if live == 0 { "*" } else { " " },
                 "v0",
+                "-",
                 "-",
                 "-",
                 "-",
@@ -195,7 +206,7 @@ pub fn human(command: &CtlCommand, a: &Value) -> String {
                 }
                 let _ = writeln!(
                     out,
-                    "{} {:<5} {:<6} {:<20} {:>7} {:>9} {:>8} {:>7} {:<28} {}",
+                    "{} {:<5} {:<6} {:<20} {:>7} {:>9} {:>8} {:>7} {:>7} {:<28} {}",
                     if v["id"].as_i64() == Some(live) {
                         "*"
                     } else {
@@ -210,6 +221,9 @@ pub fn human(command: &CtlCommand, a: &Value) -> String {
                     v["mean_reward"]
                         .as_f64()
                         .map_or("-".into(), |r| format!("{r:+.2}")),
+                    v["learning_rate"]
+                        .as_f64()
+                        .map_or("-".into(), |lr| format!("{lr:.1e}")),
                     truncate(&verdict(v), 28),
                     state
                 );

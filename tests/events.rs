@@ -546,7 +546,11 @@ async fn under_auto_a_refused_candidate_waits_while_training_goes_on_from_the_li
     let first_step = t.learning_rate / t.warmup_updates as f64;
     for v in &versions {
         let lr = v.metrics.learning_rate.unwrap();
-        assert!((lr - first_step).abs() < 1e-12, "v{}: {lr} vs {first_step}", v.id);
+        assert!(
+            (lr - first_step).abs() < 1e-12,
+            "v{}: {lr} vs {first_step}",
+            v.id
+        );
     }
     assert_eq!(core.state.engine.live_version(), 0);
     core.stop().await;

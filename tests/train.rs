@@ -187,6 +187,11 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
         (v1["mean_reward"].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-9,
         "{v1:#}"
     );
+    // Every sample carried a reward: the full rate of the first warmup step (3e-4 / 4).
+    assert!(
+        (v1["learning_rate"].as_f64().unwrap() - 7.5e-5).abs() < 1e-12,
+        "{v1:#}"
+    );
     let dir = std::path::Path::new(v1["path"].as_str().unwrap());
     assert!(
         dir.join("adapter_config.json").exists() && dir.join("adapter_model.safetensors").exists()
@@ -354,6 +359,9 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
             .unwrap_or_else(|| panic!("{out}"));
         assert!(line.trim_end().ends_with(state), "{line}");
     }
+    // Each trained version shows the learning rate its step used (warmup: 1/4, 2/4, … of it).
+    let v1 = out.lines().find(|l| l.contains(" v1 ")).unwrap();
+    assert!(v1.contains(" 7.5e-5 "), "{out}");
 
     // A corrupt adapter is never served: rolling forward to it is refused, the live version stays.
     let corrupt = |v: &str| {

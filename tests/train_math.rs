@@ -235,7 +235,10 @@ fn scaled_update(
     assert_eq!(m.tokens, RESPONSE.len());
     assert!(m.drift.abs() < 1e-9, "on-policy: no drift before the step");
     let step = opt.step(lr_scale);
-    assert!((step.learning_rate - 1e-3 * lr_scale).abs() < 1e-12, "{step:?}");
+    assert!(
+        (step.learning_rate - 1e-3 * lr_scale).abs() < 1e-12,
+        "{step:?}"
+    );
     let after = opt.snapshot();
     (before, logprobs(model, Some(&after)), after)
 }
@@ -269,7 +272,10 @@ fn a_step_at_a_quarter_of_the_rate_moves_the_adapter_a_quarter_as_far() {
     let (full, quarter) = (moved(1.0), moved(0.25));
     assert!(full > 1e-3, "the full step moved the adapter by {full}");
     let ratio = quarter / full;
-    assert!((ratio - 0.25).abs() < 0.01, "moved {quarter} vs {full}: ratio {ratio}");
+    assert!(
+        (ratio - 0.25).abs() < 0.01,
+        "moved {quarter} vs {full}: ratio {ratio}"
+    );
 }
 
 #[test]

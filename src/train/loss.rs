@@ -111,7 +111,11 @@ impl LossConfig {
             return 1.0;
         }
         let weight = |&(reward, hint): &(Option<f32>, bool)| {
-            let rl = if reward.is_some_and(|r| r != 0.0) { w_rl } else { 0.0 };
+            let rl = if reward.is_some_and(|r| r != 0.0) {
+                w_rl
+            } else {
+                0.0
+            };
             let opd = if hint { w_opd } else { 0.0 };
             rl.max(opd) / top
         };
@@ -279,18 +283,36 @@ mod tests {
             ..LossConfig::default()
         };
         // A reward on every sample (a hint beside it or not): the full step.
-        assert_eq!(cfg.step_scale(&[(Some(1.0), true), (Some(-0.5), false)]), 1.0);
+        assert_eq!(
+            cfg.step_scale(&[(Some(1.0), true), (Some(-0.5), false)]),
+            1.0
+        );
         // Every reply rated down, balanced to 0: only the hints teach, at their weight.
-        assert_eq!(cfg.step_scale(&[(Some(0.0), true), (Some(0.0), true)]), 0.25);
+        assert_eq!(
+            cfg.step_scale(&[(Some(0.0), true), (Some(0.0), true)]),
+            0.25
+        );
         // Half and half: the mean.
         assert_eq!(cfg.step_scale(&[(Some(1.0), false), (None, true)]), 0.625);
         // A method with one signal: its weight is the whole step, whatever w_opd says.
-        let opd = LossConfig { method: Method::Opd, ..cfg.clone() };
+        let opd = LossConfig {
+            method: Method::Opd,
+            ..cfg.clone()
+        };
         assert_eq!(opd.step_scale(&[(Some(1.0), true), (None, true)]), 1.0);
-        let rl = LossConfig { method: Method::Rl, ..cfg.clone() };
-        assert_eq!(rl.step_scale(&[(Some(1.0), true), (Some(-1.0), false)]), 1.0);
+        let rl = LossConfig {
+            method: Method::Rl,
+            ..cfg.clone()
+        };
+        assert_eq!(
+            rl.step_scale(&[(Some(1.0), true), (Some(-1.0), false)]),
+            1.0
+        );
         // Off (PIPELINE.md): every step at the learning rate.
-        let off = LossConfig { signal_sized_steps: false, ..cfg };
+        let off = LossConfig {
+            signal_sized_steps: false,
+            ..cfg
+        };
         assert_eq!(off.step_scale(&[(Some(0.0), true)]), 1.0);
     }
 

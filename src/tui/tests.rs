@@ -417,8 +417,11 @@ fn the_training_view_shows_rewards_updates_guard_verdicts_and_hardware() {
     assert!(t.contains("no GPU (no NVML library)"), "{t}");
     assert!(t.contains("training from v3: 2/4 samples"), "{t}");
     insta::assert_snapshot!("training_100x30", s);
-    insta::assert_snapshot!("training_80x24", screen(&mut app, 80, 24));    // The candidate's detail names the learning rate its step used.
-    assert!(t.contains("from v3 · 4 samples · lr 7.5e-5 · mean reward"), "{t}");
+    insta::assert_snapshot!("training_80x24", screen(&mut app, 80, 24)); // The candidate's detail names the learning rate its step used.
+    assert!(
+        t.contains("from v3 · 4 samples · lr 7.5e-5 · mean reward"),
+        "{t}"
+    );
 }
 
 #[test]
