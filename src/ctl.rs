@@ -168,19 +168,10 @@ pub fn human(command: &CtlCommand, a: &Value) -> String {
         }
         CtlCommand::Versions => {
             let live = a["live_version"].as_i64().unwrap_or(0);
+            // The columns of the rows below (widths as their format).
             let _ = writeln!(
                 out,
-                "  {:<5} {:<6} {:<20} {:>7} {:>9} {:>8} {:>7} {:>7} {:<28} {}",
-                "id",
-                "parent",
-                "created",
-                "samples",
-                "loss",
-                "KL base",
-                "reward",
-                "lr",
-                "guard",
-                "state"
+                "  id    parent created              samples      loss  KL base  reward      lr guard                        state"
             );
             let base_state = if live == 0 { "live" } else { "base" };
             let _ = writeln!(
