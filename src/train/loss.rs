@@ -85,9 +85,16 @@ impl LossConfig {
     /// Whether a sample gives the method anything to move toward: a non-zero reward (as the
     /// RL term uses it) or a hint.
     pub fn moves(&self, reward: Option<f32>, hint: bool) -> bool {
+        let (rl, opd) = self.terms(reward, hint);
+        rl || opd
+    }
+
+    /// Which of the method's terms a sample has: (a non-zero reward for the RL term, a hint
+    /// for the OPD term).
+    fn terms(&self, reward: Option<f32>, hint: bool) -> (bool, bool) {
         let rl = reward.is_some_and(|r| r != 0.0) && self.method != Method::Opd;
         let opd = hint && self.method != Method::Rl;
-        rl || opd
+        (rl, opd)
     }
 
     /// How far an update's optimizer step goes, as a share of the learning rate: the mean over
@@ -102,22 +109,16 @@ impl LossConfig {
         if !self.signal_sized_steps || samples.is_empty() {
             return 1.0;
         }
-        let uses_rl = self.method != Method::Opd;
-        let uses_opd = self.method != Method::Rl;
-        let w_rl = if uses_rl { self.w_rl.abs() } else { 0.0 };
-        let w_opd = if uses_opd { self.w_opd.abs() } else { 0.0 };
+        let w = |on: bool, w: f64| if on { w.abs() } else { 0.0 };
+        let w_rl = w(self.method != Method::Opd, self.w_rl);
+        let w_opd = w(self.method != Method::Rl, self.w_opd);
         let top = w_rl.max(w_opd);
         if top == 0.0 {
             return 1.0;
         }
         let weight = |&(reward, hint): &(Option<f32>, bool)| {
-            let rl = if reward.is_some_and(|r| r != 0.0) {
-                w_rl
-            } else {
-                0.0
-            };
-            let opd = if hint { w_opd } else { 0.0 };
-            rl.max(opd) / top
+            let (rl, opd) = self.terms(reward, hint);
+            w(rl, w_rl).max(w(opd, w_opd)) / top
         };
         samples.iter().map(weight).sum::<f64>() / samples.len() as f64
     }
