@@ -121,6 +121,20 @@ fn a_short_simulated_run_trains_reports_and_rolls_back_to_the_same_replies() {
     );
     let rated: Vec<_> = turns.iter().filter(|t| !t["feedback"].is_null()).collect();
     assert_eq!(rated.len(), 4);
+    // Each version created lists the learning rate its step used, at most the configured one.
+    let created: usize = report
+        .split(" versions created")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no version count in {report}"));
+    let rates: Vec<f64> = report
+        .lines()
+        .find_map(|l| l.split("learning rate of each version's step: ").nth(1))
+        .map(|r| r.split(' ').map(|x| x.parse().unwrap()).collect())
+        .unwrap_or_default();
+    assert_eq!(rates.len(), created, "{report}");
+    assert!(rates.iter().all(|&lr| lr > 0.0 && lr <= 3e-4), "{report}");
     // With a version trained, rolling back to v0 reproduces the greedy "before" replies.
     if let Some(line) = report.lines().find(|l| l.contains("rollback to v0")) {
         assert!(line.ends_with("3/3 identical"), "{report}");

@@ -490,6 +490,14 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         .flatten()
         .filter(|v| v["guard_passed"] == json!(false))
         .count();
+    // Each version's step (an update of hints alone steps at a fraction of the rate).
+    let rates: Vec<String> = versions["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["learning_rate"].as_f64())
+        .map(|lr| format!("{lr:.2e}"))
+        .collect();
 
     // Rolling back to v0 must give back the "before" replies exactly (in-process runs only:
     // a rollback changes what a shared server serves).
@@ -582,7 +590,15 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
             );
         }
     }
-    let _ = writeln!(text, "- training: {settled}");
+    if rates.is_empty() {
+        let _ = writeln!(text, "- training: {settled}");
+    } else {
+        let _ = writeln!(
+            text,
+            "- training: {settled}; learning rate of each version's step: {}",
+            rates.join(" ")
+        );
+    }
     if let Some(j) = &judge {
         let _ = writeln!(text, "- judge: {}", j.describe());
     }
