@@ -785,4 +785,17 @@ fn an_engine_that_panics_stops_the_server_visibly_instead_of_answering_ok() {
     assert!(log.contains("the engine thread panicked"), "{log}");
     assert!(log.contains("serving stopped"), "{log}");
     assert!(s.export().is_empty(), "the failed turn was not captured");
+
+    // The same when the engine fails the moment it is ready, before any poll could see it ready
+    // (the watchdog once missed such a failure and the server stayed up).
+    let mut s = Server::spawn(
+        &common::model_path(common::SMOLLM2),
+        "smollm2-135m-instruct",
+        &[("CLAWRL_FAILPOINT", "engine.ready")],
+    );
+    let exit = s.wait_exit("the server after a panic at ready", 60);
+    assert!(!exit.success(), "{exit:?}");
+    let log = s.log();
+    assert!(log.contains("the engine thread panicked"), "{log}");
+    assert!(log.contains("serving stopped"), "{log}");
 }

@@ -180,15 +180,17 @@ pub struct Background {
 }
 
 impl Core {
-    /// Resolves with the reason once the engine, having served, has failed (a panic on its
-    /// thread). A model that never loaded is reported where it fails to load.
+    /// Resolves with the reason once the engine, having loaded its model, has failed (a panic
+    /// on its thread). A model that never loaded is reported where it fails to load. Whether it
+    /// had loaded is read from the engine, not from a status seen between two polls: an engine
+    /// that panics on the first request within one poll of becoming ready was otherwise never
+    /// reported, and a headless server kept running (seen once in a full test run).
     async fn engine_failure(&self) -> String {
-        let mut served = false;
         loop {
-            match self.engine.status() {
-                crate::engine::Status::Ready => served = true,
-                crate::engine::Status::Failed(why) if served => return why,
-                _ => {}
+            if let crate::engine::Status::Failed(why) = self.engine.status()
+                && self.engine.model().is_some()
+            {
+                return why;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }

@@ -519,6 +519,7 @@ fn run_engine(
     *s.model.write().unwrap() = Some(model.clone());
     *s.status.write().unwrap() = Status::Ready;
     on_ready(&info);
+    crate::failpoint::hit("engine.ready");
     Worker {
         model,
         prefix: PrefixCache::new(config.prefix_cache_bytes, config.prefix_cache_min_tokens),
