@@ -478,23 +478,18 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
     let after = evaluate(&client, &held_out, &pref, &memory, args.max_tokens, "after").await?;
     let versions = client.call(Method::GET, "/admin/versions", None).await?;
     let live = versions["live_version"].as_i64().unwrap_or(0);
-    let live_row = versions["versions"]
+    let version_rows = versions["versions"]
         .as_array()
-        .into_iter()
-        .flatten()
-        .find(|v| v["id"].as_i64() == Some(live));
-    let created = versions["versions"].as_array().map_or(0, Vec::len);
-    let refused = versions["versions"]
-        .as_array()
-        .into_iter()
-        .flatten()
+        .map_or(&[][..], Vec::as_slice);
+    let live_row = version_rows.iter().find(|v| v["id"].as_i64() == Some(live));
+    let created = version_rows.len();
+    let refused = version_rows
+        .iter()
         .filter(|v| v["guard_passed"] == json!(false))
         .count();
     // Each version's step (an update of hints alone steps at a fraction of the rate).
-    let rates: Vec<String> = versions["versions"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let rates: Vec<String> = version_rows
+        .iter()
         .filter_map(|v| v["learning_rate"].as_f64())
         .map(|lr| format!("{lr:.2e}"))
         .collect();
@@ -590,15 +585,15 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
             );
         }
     }
-    if rates.is_empty() {
-        let _ = writeln!(text, "- training: {settled}");
+    let rates = if rates.is_empty() {
+        String::new()
     } else {
-        let _ = writeln!(
-            text,
-            "- training: {settled}; learning rate of each version's step: {}",
+        format!(
+            "; learning rate of each version's step: {}",
             rates.join(" ")
-        );
-    }
+        )
+    };
+    let _ = writeln!(text, "- training: {settled}{rates}");
     if let Some(j) = &judge {
         let _ = writeln!(text, "- judge: {}", j.describe());
     }

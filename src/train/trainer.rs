@@ -506,7 +506,6 @@ impl Trainer {
         let mut used = Vec::with_capacity(n);
         // Each sample's reward as the RL term used it and whether it had a teacher.
         let mut carried = Vec::with_capacity(n);
-        let mut hints = 0;
         for ((i, s), reward) in batch.iter().enumerate().zip(rewards) {
             self.yield_to_serving(parent)?;
             let response = &s.response_ids[..s.response_ids.len().min(max)];
@@ -517,7 +516,6 @@ impl Trainer {
                 }
                 _ => None,
             };
-            hints += usize::from(teacher_logp.is_some());
             carried.push((reward, teacher_logp.is_some()));
             let signals = Signals {
                 logp_old,
@@ -584,7 +582,7 @@ impl Trainer {
                 grad_norm: step.grad_norm,
                 mean_reward: (!given.is_empty())
                     .then(|| given.iter().sum::<f64>() / given.len() as f64),
-                hints,
+                hints: carried.iter().filter(|(_, hint)| *hint).count(),
                 train_secs: started.elapsed().as_secs_f64(),
                 learning_rate: Some(step.learning_rate),
             },
