@@ -142,7 +142,7 @@ pub fn run(cfg: &Config, python: &Path) -> Result<()> {
     let t = |k: &str| theirs[k].as_f64().unwrap_or(f64::NAN);
 
     let bandwidth = measure_bandwidth();
-    let bound = bandwidth / bytes_per_token as f64;
+    let bound = bandwidth / bytes_per_token.file as f64;
     println!(
         "\n{:<42} {:>10} {:>10} {:>8}",
         "", "clawrl", "llama.cpp", "ratio"
@@ -209,10 +209,16 @@ pub fn run(cfg: &Config, python: &Path) -> Result<()> {
     println!("  2nd / 1st turn TTFT: {:.3}x", ours_ttft2 / ours_ttft1);
     println!(
         "\nphysical bound of decode: {:.1} MB read per token / {:.1} GB/s measured bandwidth = {:.0} tok/s",
-        bytes_per_token as f64 / 1e6,
+        bytes_per_token.file as f64 / 1e6,
         bandwidth / 1e9,
         bound
     );
+    if bytes_per_token.held != bytes_per_token.file {
+        println!(
+            "  (clawrl reads {:.1} MB per token: it holds Q5_0 blocks as Q8_0, faster to unpack)",
+            bytes_per_token.held as f64 / 1e6
+        );
+    }
     println!(
         "  clawrl decode at {:.0}% of it, llama.cpp at {:.0}%",
         100.0 * ours_decode / bound,

@@ -196,6 +196,23 @@ pub fn dequantize_into(ty: GgmlType, bytes: &[u8], n: usize, out: &mut Vec<f32>)
 }
 
 /// Convenience wrapper returning a fresh vector.
+/// Q5_0 blocks rewritten as Q8_0 blocks of the same values: each 5-bit weight minus 16 as a
+/// signed byte, the same f16 scale, so both dequantize to the same numbers. 34 bytes per 32
+/// weights instead of 22, but the Q8_0 kernel skips gathering each weight's fifth bit, which
+/// made Q5_0 the slowest kernel per weight (docs/BENCHMARKS.md).
+pub fn q5_0_as_q8_0(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() / 22 * 34);
+    for b in bytes.chunks_exact(22) {
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let qs = &b[6..22];
+        let fifth = |j: usize| (((qh >> j) & 1) << 4) as u8;
+        out.extend_from_slice(&b[..2]);
+        out.extend((0..16).map(|j| ((qs[j] & 0x0F) | fifth(j)).wrapping_sub(16)));
+        out.extend((0..16).map(|j| ((qs[j] >> 4) | fifth(j + 16)).wrapping_sub(16)));
+    }
+    out
+}
+
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(n);
     dequantize_into(ty, bytes, n, &mut out)?;
@@ -211,5 +228,35 @@ pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
             (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
             (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::linear::QuantMatrix;
+    use rand::{SeedableRng, rngs::StdRng};
+
+    #[test]
+    fn q5_0_kept_as_q8_0_holds_the_same_weights() {
+        let (rows, cols) = (8, 96);
+        let file = crate::model::kernels::random_matrix(
+            GgmlType::Q5_0,
+            rows,
+            cols,
+            &mut StdRng::seed_from_u64(5),
+        );
+        let want = dequantize(GgmlType::Q5_0, &file, rows * cols).unwrap();
+        // Every fifth bit and every nibble value occurs, so a wrong bit would show.
+        assert!(want.iter().filter(|v| **v != 0.0).count() > rows * cols / 2);
+        let kept = q5_0_as_q8_0(&file);
+        assert_eq!(kept.len(), file.len() / 22 * 34);
+        assert_eq!(dequantize(GgmlType::Q8_0, &kept, rows * cols).unwrap(), want);
+
+        let m = QuantMatrix::new(GgmlType::Q5_0, rows, cols, file.clone()).unwrap();
+        assert_eq!(m.ty, GgmlType::Q8_0);
+        assert_eq!(m.to_dense(), want);
+        let bytes = m.decode_bytes();
+        assert_eq!((bytes.file, bytes.held), (file.len(), kept.len()));
     }
 }

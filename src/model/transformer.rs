@@ -5,7 +5,7 @@
 use super::config::ModelConfig;
 use super::kernels;
 use super::kv_cache::{self, KvCache, KvDtype, LayerCache};
-use super::linear::{self, BlockWeight, Linear, LinearWeight};
+use super::linear::{self, BlockWeight, DecodeBytes, Linear, LinearWeight};
 use super::lora::{LayerLora, LoraAdapter, Target};
 use super::rope::Rope;
 use super::weights::WeightFile;
@@ -284,16 +284,19 @@ impl Transformer {
     }
 
     /// Bytes of weights read to decode one token: each projection's decoding form, the head,
-    /// the norms and one embedding row (the physical bound of decoding is bandwidth / this).
-    pub fn decode_bytes_per_token(&self) -> usize {
+    /// the norms and one embedding row (the physical bound of decoding is bandwidth / the
+    /// checkpoint's count).
+    pub fn decode_bytes_per_token(&self) -> DecodeBytes {
         let embed_bytes = self.embed.shape().num_elements() * self.embed.dtype().size();
         let head = match (&self.lm_head, &self.tied_head_blocks) {
-            (Some(_), _) => 0, // among the linears
-            (None, Some(b)) => b.matrix.byte_len(),
-            (None, None) => embed_bytes,
+            (Some(_), _) => DecodeBytes::default(), // among the linears
+            (None, Some(b)) => b.matrix.decode_bytes(),
+            (None, None) => DecodeBytes::same(embed_bytes),
         };
         let row = embed_bytes / self.config.vocab_size.max(1);
-        row + head + self.norm_bytes() + self.linears().map(Linear::decode_bytes).sum::<usize>()
+        DecodeBytes::same(row + self.norm_bytes())
+            + head
+            + self.linears().map(Linear::decode_bytes).sum::<DecodeBytes>()
     }
 
     /// Every projection, the untied head included.
