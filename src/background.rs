@@ -4,6 +4,7 @@
 //! this pool background work uses every core while serving is idle and yields them to the
 //! engine (on the global pool, normal priority) within a scheduler tick when a request arrives.
 
+use crate::model::kernels::team::{self, Team};
 use anyhow::Result;
 
 /// A rayon pool of low-priority threads named `{name}-{i}`, one per core.
@@ -17,14 +18,22 @@ pub fn low_priority_pool(name: &'static str) -> Result<rayon::ThreadPool> {
 /// `install` executes on one of its workers, so the parallel matmuls of a decode step split
 /// their work with the pool's other threads directly instead of injecting a job from outside
 /// and sleeping on a latch (a wake-up per matmul cost a third of a decode step on 2 cores).
+/// Its threads carry a [`Team`]: the products of a decoding step are split between them in
+/// contiguous ranges, and the helpers stay awake between products.
 pub fn serving_pool(name: &'static str) -> Result<rayon::ThreadPool> {
-    Ok(pool_builder(name).build()?)
+    let team = Team::new(threads());
+    Ok(pool_builder(name)
+        .start_handler(move |_| team::join(team.clone()))
+        .build()?)
+}
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn pool_builder(name: &'static str) -> rayon::ThreadPoolBuilder {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
+        .num_threads(threads())
         .thread_name(move |i| format!("{name}-{i}"))
 }
 

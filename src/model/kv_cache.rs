@@ -18,7 +18,6 @@ use burn::tensor::{Bytes, DType, FloatDType, Shape, Tensor, TensorData};
 use burn_flex::{Flex, FlexTensor, Layout};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -216,9 +215,11 @@ impl Buffers {
         };
         // Long contexts: the KV heads in parallel (each reads its own keys and values).
         if len * self.heads >= 4096 {
-            out.par_chunks_mut(rep * d)
-                .enumerate()
-                .for_each(|(g, o)| group(g, o));
+            let outs = kernels::team::Slots::new(out.chunks_mut(rep * d).collect());
+            kernels::team::for_each_index(outs.len(), |g| {
+                // SAFETY: for_each_index runs each index once.
+                group(g, unsafe { outs.take(g) })
+            });
         } else {
             out.chunks_mut(rep * d)
                 .enumerate()

@@ -251,7 +251,10 @@ mod tests {
         assert!(want.iter().filter(|v| **v != 0.0).count() > rows * cols / 2);
         let kept = q5_0_as_q8_0(&file);
         assert_eq!(kept.len(), file.len() / 22 * 34);
-        assert_eq!(dequantize(GgmlType::Q8_0, &kept, rows * cols).unwrap(), want);
+        assert_eq!(
+            dequantize(GgmlType::Q8_0, &kept, rows * cols).unwrap(),
+            want
+        );
 
         let m = QuantMatrix::new(GgmlType::Q5_0, rows, cols, file.clone()).unwrap();
         assert_eq!(m.ty, GgmlType::Q8_0);

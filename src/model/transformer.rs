@@ -296,7 +296,10 @@ impl Transformer {
         let row = embed_bytes / self.config.vocab_size.max(1);
         DecodeBytes::same(row + self.norm_bytes())
             + head
-            + self.linears().map(Linear::decode_bytes).sum::<DecodeBytes>()
+            + self
+                .linears()
+                .map(Linear::decode_bytes)
+                .sum::<DecodeBytes>()
     }
 
     /// Every projection, the untied head included.

@@ -8,12 +8,12 @@
 //! and a portable one (dequantize a row, then dot); `CLAWRL_KERNELS=portable|avx2|avx512`
 //! picks one.
 
+pub mod team;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 use super::quant::{GgmlType, dequantize_into};
 use half::f16;
-use rayon::prelude::*;
 use std::sync::OnceLock;
 
 /// The instruction sets a kernel may be written for.
@@ -164,8 +164,9 @@ impl Product<'_> {
 
 /// `out[r, o] = Σ_c x[r, c] · W[o, c]` (+ the low-rank update) for each product, all of the
 /// same input `x` `[n, cols]` (one matrix; or q, k and v; gate and up); each result is
-/// `[n, rows]`. Their rows are shared out over the current rayon pool in one pass (the
-/// trainer's own pool when called from training), so the threads meet once per call.
+/// `[n, rows]`. Their rows are shared out in one pass over the calling serving thread's
+/// [`team`] (else the current rayon pool: the trainer's own when called from training), so
+/// the threads meet once per call.
 pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Vec<Vec<f32>> {
     assert!(cols > 0 && x.len().is_multiple_of(cols), "activation shape");
     let n = x.len() / cols;
@@ -182,7 +183,10 @@ pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Ve
         }
     }
     let dense_isa = isa;
-    tasks.into_par_iter().for_each(|(p, first, out, w)| {
+    let tasks = team::Slots::new(tasks);
+    team::for_each_index(tasks.len(), |i| {
+        // SAFETY: for_each_index runs each index once.
+        let (p, first, out, w) = unsafe { tasks.take(i) };
         let isa = if has_kernel(p.ty) { isa } else { Isa::Portable };
         let mut dense = Vec::new();
         let rows = out.chunks_exact_mut(n).zip(w.chunks_exact(p.row_bytes));
