@@ -195,8 +195,12 @@ impl Team {
                     continue;
                 }
                 // The pool's other work (the tensor library's parallel operations between
-                // products: a prompt's attention) goes first.
-                if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                // products: a prompt's attention) goes first; meanwhile this thread is no
+                // helper (a product run by that work gets one of its own).
+                self.active.fetch_sub(1, Ordering::Relaxed);
+                let ran = rayon::yield_now() == Some(rayon::Yield::Executed);
+                self.active.fetch_add(1, Ordering::Relaxed);
+                if ran {
                     idle = Instant::now();
                     continue;
                 }
@@ -294,5 +298,18 @@ mod tests {
             });
             assert_eq!(sum.load(Ordering::Relaxed), 4950);
         });
+        // Products each run through `install` from outside the pool (as `bench --kernels`
+        // does): one may land on the thread still helping after the last one, which must then
+        // get a helper of its own rather than run alone.
+        for round in 0..10 {
+            let threads = Mutex::new(std::collections::HashSet::new());
+            pool.install(|| {
+                for_each_index(16, |_| {
+                    std::thread::sleep(Duration::from_millis(4));
+                    threads.lock().unwrap().insert(std::thread::current().id());
+                })
+            });
+            assert!(threads.lock().unwrap().len() > 1, "round {round} ran alone");
+        }
     }
 }
