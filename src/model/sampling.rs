@@ -49,7 +49,7 @@ pub struct Sampler {
 /// log Σ exp(x), stable.
 pub fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let sum = super::kernels::sum_exp_minus(super::kernels::Isa::selected(), logits, max);
     max + sum.ln() as f32
 }
 

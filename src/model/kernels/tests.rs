@@ -278,3 +278,25 @@ fn decode_attention_equals_the_exact_softmax_on_every_isa() {
         }
     }
 }
+
+#[test]
+fn the_sum_of_exponentials_matches_f64_on_every_isa() {
+    let mut rng = StdRng::seed_from_u64(13);
+    // A vocabulary's logits: a few large, most far below the maximum, some masked out.
+    for len in [1, 255, 256, 1000, 151_936] {
+        let mut x: Vec<f32> = (0..len).map(|_| rng.random_range(-30f32..12.0)).collect();
+        if len > 1 {
+            x[len / 2] = f32::NEG_INFINITY;
+        }
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let want: f64 = x.iter().map(|&l| ((l - max) as f64).exp()).sum();
+        for isa in Isa::supported() {
+            let got = sum_exp_minus(isa, &x, max);
+            assert!(
+                ((got - want) / want).abs() < 1e-6,
+                "{} len {len}: {got} vs {want}",
+                isa.name()
+            );
+        }
+    }
+}

@@ -308,6 +308,29 @@ macro_rules! kernels {
             }
         }
 
+        /// Σ exp(x − max) over `xs`: runs of 256 in f32 registers, added up in f64.
+        ///
+        /// # Safety
+        /// The CPU must support the module's instruction set.
+        #[target_feature(enable = $features)]
+        pub unsafe fn sum_exp_minus(xs: &[f32], max: f32) -> f64 {
+            let mut chunks = xs.chunks_exact(256);
+            let mut total = 0f64;
+            for run in chunks.by_ref() {
+                let mut acc = zero();
+                for at in (0..256).step_by(16) {
+                    acc = sum16(exp_minus16(load_w(run, at), max), acc);
+                }
+                total += hsum(acc) as f64;
+            }
+            let tail: f64 = chunks
+                .remainder()
+                .iter()
+                .map(|&l| ((l - max) as f64).exp())
+                .sum();
+            total + tail
+        }
+
         /// Σ x[i]·w[i] of an f32 vector and an f16 one of the same length (a LoRA input times
         /// a row of A).
         ///
