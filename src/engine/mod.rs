@@ -578,6 +578,10 @@ const BACKGROUND_CHUNK: usize = 32;
 /// Tokens of a long user prompt computed per round: the other requests get a token between
 /// chunks, so a 6 K-token prompt delays them by one chunk at a time, not by its whole prefill.
 const USER_CHUNK: usize = 128;
+/// The same when no other request is generating or prefilling: larger products run faster
+/// (Qwen2.5, a 512-token prompt: 324 tok/s in chunks of 128, ~375 in chunks of 256), and a
+/// request arriving meanwhile waits for at most this many tokens.
+const SOLO_CHUNK: usize = 256;
 
 impl Worker {
     fn run(mut self, rx: Receiver<Msg>) {
@@ -796,6 +800,11 @@ impl Worker {
 
     /// Computes the next chunk of the oldest long user prompt; a complete one starts.
     fn prefill_chunk(&mut self, prefilling: &mut VecDeque<Warming>, active: &mut Vec<Active>) {
+        let chunk = if active.is_empty() && prefilling.len() == 1 {
+            SOLO_CHUNK
+        } else {
+            USER_CHUNK
+        };
         let Some(w) = prefilling.front_mut() else {
             return;
         };
@@ -806,7 +815,7 @@ impl Worker {
         }
         // The last prompt token is computed when the job starts: its logits are needed.
         let target = w.prepared.cache_key().len() - 1;
-        let upto = (w.cache.len() + USER_CHUNK).min(target);
+        let upto = (w.cache.len() + chunk).min(target);
         let ids = &w.prepared.cache_key()[w.cache.len()..upto];
         self.model
             .extend_cache(ids, &mut w.cache, w.prepared.adapter.as_deref());
