@@ -152,10 +152,11 @@ pub struct Linear {
 
 /// Up to this many rows (tokens) go through the quantized kernels when a dense weight is also
 /// kept; longer inputs (prompts, scoring) use the dense matrix product, which wins there.
-/// Measured (`bench --prompt-tokens N`): the kernels win up to ~16 rows on SmolLM2 (10 rows:
-/// 1.35×, 24 rows: 0.84×) and ~12 on Qwen2.5 (10 rows: 1.24×, 16 rows: 0.94×); short turns
-/// and the new tail of a cached conversation are this size.
-pub const DECODE_ROWS: usize = 16;
+/// Measured (`bench --prompt-tokens N`) since the dense product uses gemm's AVX-512 kernels:
+/// with 8 here instead of 16, Qwen2.5's 10 and 16 rows ran 1.15× and 1.85× faster, SmolLM2's
+/// 0.97× and 1.07× (with the AVX2 kernels the quantized ones had won up to ~16 rows). Short
+/// turns and the new tail of a cached conversation are this size.
+pub const DECODE_ROWS: usize = 8;
 
 impl Linear {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
