@@ -142,9 +142,11 @@ impl Team {
             return (0..n).into_par_iter().for_each(f);
         }
         let seen = self.epoch.load(Ordering::Acquire);
-        while let helper @ 0.. = self.active.load(Ordering::Relaxed)
-            && helper < self.helpers
-        {
+        loop {
+            let helper = self.active.load(Ordering::Relaxed);
+            if helper >= self.helpers {
+                break;
+            }
             // The helper is a job of the caller's own pool (a thread of it that would else
             // sleep between products), not a thread of its own: another thread would compete
             // for the cores with the pool's, which the tensor library's operations use.
