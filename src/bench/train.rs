@@ -112,13 +112,26 @@ async fn chat(target: &Target, key: Option<&str>, body: Value) -> Result<(f64, V
     Ok((t.elapsed().as_secs_f64(), reply))
 }
 
-fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
-    let data = tempdir()?;
+/// The configuration of the loop: `cfg` with a fresh data directory (store, checkpoints), its
+/// models named by path, since catalog ids resolve in the data directory's models folder.
+fn loop_config(cfg: &Config, data: &std::path::Path) -> Result<Config> {
     let mut c = cfg.clone();
     c.paths.data_dir = data.display().to_string();
     c.store.path = String::new();
     c.model.path = crate::cli::model_path(cfg)?.display().to_string();
+    if !cfg.judge.model.is_empty() && cfg.judge.backend == crate::config::JudgeBackend::Local {
+        c.judge.model = crate::catalog::resolve(&cfg.judge.model, &cfg.data_dir())
+            .context("judge.model")?
+            .display()
+            .to_string();
+    }
     c.train.enabled = true;
+    Ok(c)
+}
+
+fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
+    let data = tempdir()?;
+    let c = loop_config(cfg, &data)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -442,4 +455,34 @@ fn decode_speed(model: &LoadedModel, adapter: Option<Arc<LoraAdapter>>) -> Resul
         }
     }
     Ok(median(&mut speeds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The loop moves the data directory; a judge named by catalog id (the default) must
+    /// still be found where it is installed (it was not: "judge.model: model … is not
+    /// installed").
+    #[test]
+    fn the_loop_finds_the_judge_installed_in_the_users_data_directory() {
+        let home = std::env::temp_dir().join(format!("clawrl-loop-config-{}", std::process::id()));
+        let mut cfg = Config::default();
+        cfg.paths.data_dir = home.display().to_string();
+        let judge =
+            crate::catalog::find(&cfg.judge.model).expect("the default judge is a catalog id");
+        let policy =
+            crate::catalog::find(&cfg.model.default).expect("the default model is a catalog id");
+        for m in [judge, policy] {
+            let p = m.path(&home);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, b"not read here").unwrap();
+        }
+        let loop_dir = home.join("loop");
+        let c = loop_config(&cfg, &loop_dir).unwrap();
+        assert_eq!(c.paths.data_dir, loop_dir.display().to_string());
+        assert_eq!(std::path::PathBuf::from(&c.judge.model), judge.path(&home));
+        assert!(crate::app::judge_engine_config(&c).unwrap().is_some());
+        std::fs::remove_dir_all(&home).unwrap();
+    }
 }
