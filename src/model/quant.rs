@@ -195,7 +195,6 @@ pub fn dequantize_into(ty: GgmlType, bytes: &[u8], n: usize, out: &mut Vec<f32>)
     Ok(())
 }
 
-/// Convenience wrapper returning a fresh vector.
 /// Q5_0 blocks rewritten as Q8_0 blocks of the same values: each 5-bit weight minus 16 as a
 /// signed byte, the same f16 scale, so both dequantize to the same numbers. 34 bytes per 32
 /// weights instead of 22, but the Q8_0 kernel skips gathering each weight's fifth bit, which
@@ -213,6 +212,7 @@ pub fn q5_0_as_q8_0(bytes: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Convenience wrapper returning a fresh vector.
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(n);
     dequantize_into(ty, bytes, n, &mut out)?;
