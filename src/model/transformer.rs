@@ -161,14 +161,28 @@ impl Attention {
             let (device, dtype) = (q.device(), q.dtype());
             let (mut q, mut k, v) = (to_vec(q), to_vec(k), to_vec(v));
             let mut out = vec![0f32; b * nh * hd];
-            for (r, cache) in caches.iter_mut().enumerate() {
-                let q = &mut q[r * nh * hd..(r + 1) * nh * hd];
-                let k = &mut k[r * nkv * hd..(r + 1) * nkv * hd];
-                rope.rotate(q, starts[r]);
-                rope.rotate(k, starts[r]);
-                let v = &v[r * nkv * hd..(r + 1) * nkv * hd];
-                let o = &mut out[r * nh * hd..(r + 1) * nh * hd];
-                cache.decode(k, v, q, starts[r], nkv, o);
+            let streams: Vec<Stream> = caches
+                .iter_mut()
+                .map(|c| &mut **c)
+                .zip(q.chunks_mut(nh * hd).zip(k.chunks_mut(nkv * hd)))
+                .zip(v.chunks(nkv * hd).zip(out.chunks_mut(nh * hd)))
+                .zip(starts)
+                .collect();
+            let stream = |(((cache, (q, k)), (v, o)), &start): Stream| {
+                rope.rotate(q, start);
+                rope.rotate(k, start);
+                cache.decode(k, v, q, start, nkv, o);
+            };
+            if b > 1 {
+                // Batched streams: one task each, shared with the team (a stream alone splits
+                // only a long context's heads, in `decode`).
+                let streams = kernels::team::Slots::new(streams);
+                kernels::team::for_each_index(streams.len(), |r| {
+                    // SAFETY: for_each_index runs each index once.
+                    stream(unsafe { streams.take(r) })
+                });
+            } else {
+                streams.into_iter().for_each(stream);
             }
             Tensor::from_data(TensorData::new(out, [b, 1, nh * hd]), (&device, dtype))
         } else {
@@ -211,6 +225,12 @@ impl Attention {
         self.o_proj.forward_adapted(out, pair(Target::OProj))
     }
 }
+
+/// One decoding stream's layer cache, query, key, value, output and position.
+type Stream<'a> = (
+    ((&'a mut LayerCache, (&'a mut [f32], &'a mut [f32])), (&'a [f32], &'a mut [f32])),
+    &'a usize,
+);
 
 fn to_vec(t: Tensor<3>) -> Vec<f32> {
     t.into_data()
@@ -255,8 +275,16 @@ impl Mlp {
             x,
         );
         let [gate, up]: [Tensor<3>; 2] = gate_up.try_into().expect("two projections");
-        self.down_proj
-            .forward_adapted(silu(gate) * up, pair(Target::DownProj))
+        let hidden = if !gate.is_autodiff() && kv_cache::on_host(&gate) && gate.dtype() == DType::F32
+        {
+            let (shape, device) = (gate.dims(), gate.device());
+            let (mut gate, up) = (to_vec(gate), to_vec(up));
+            kernels::silu_mul(kernels::Isa::selected(), &mut gate, &up);
+            Tensor::from_data(TensorData::new(gate, shape), (&device, DType::F32))
+        } else {
+            silu(gate) * up
+        };
+        self.down_proj.forward_adapted(hidden, pair(Target::DownProj))
     }
 }
 

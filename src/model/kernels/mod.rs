@@ -315,6 +315,25 @@ pub fn sum_exp_minus(isa: Isa, xs: &[f32], max: f32) -> f64 {
     }
 }
 
+/// `gate[i] = silu(gate[i]) · up[i]`: the MLP's activation, in SIMD (the tensor library's
+/// runs a scalar `expf` per element: ~4 % of a step with 4 streams on SmolLM2).
+pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "gate and up");
+    match isa {
+        // SAFETY: an Isa other than Portable is only chosen after detecting its instruction
+        // set (Isa::supported).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::avx2::silu_mul(gate, up) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::avx512::silu_mul(gate, up) },
+        _ => gate.iter_mut().zip(up).for_each(|(g, u)| *g = silu(*g) * u),
+    }
+}
+
+pub(super) fn silu(g: f32) -> f32 {
+    g / (1.0 + (-g).exp())
+}
+
 /// Keys or values of one KV head, `[len][d]`, as the cache stores them.
 #[derive(Clone, Copy)]
 pub enum KvSlice<'a> {

@@ -300,3 +300,29 @@ fn the_sum_of_exponentials_matches_f64_on_every_isa() {
         }
     }
 }
+
+#[test]
+fn silu_times_up_matches_the_scalar_formula_on_every_isa() {
+    let mut rng = StdRng::seed_from_u64(11);
+    // 1,541: whole vectors and a tail; extremes where exp(−g) overflows an f32.
+    let mut gate: Vec<f32> = (0..1541).map(|_| rng.random_range(-12f32..12.0)).collect();
+    gate[..4].copy_from_slice(&[-1000.0, -90.0, 90.0, 1000.0]);
+    let up = uniform(gate.len(), &mut rng);
+    let want: Vec<f64> = gate
+        .iter()
+        .zip(&up)
+        .map(|(&g, &u)| g as f64 / (1.0 + (-g as f64).exp()) * u as f64)
+        .collect();
+    for isa in Isa::supported() {
+        let mut got = gate.clone();
+        silu_mul(isa, &mut got, &up);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                ((*g as f64) - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                "{} element {i} (gate {}): {g} vs {w}",
+                isa.name(),
+                gate[i]
+            );
+        }
+    }
+}
