@@ -62,8 +62,8 @@ const ATTEND_CHUNK: usize = 64;
 /// attention `load_w`/`store_w` (16 floats), `load_kv::<HALF>(bytes, at)` (16 cached f32 or
 /// f16 values), `fma_w(p, w, acc)` (acc + p·w),
 /// `exp_minus16(w, m)` (exp(w − m)) and `sum16(w, acc)` (acc + w), `mul_w(a, b)` and `silu16(w)`
-/// (w / (1 + exp(−w))); `Q4_1_BY_TABLE` and
-/// `q4_1_weights(block)` (a Q4_1 block's 32 weights, d·q + m) choose how 4 rows meet Q4_1.
+/// (w / (1 + exp(−w))); `BY_TABLE`, `indexes(bytes)`, `table(scale, offset)` and
+/// `lookup::<HIGH>(indexes, table)` choose how 4 rows meet 4-bit blocks.
 macro_rules! kernels {
     ($features:literal) => {
         /// `sums[b]` is the sum of `x[32b..32b+32]`.
@@ -88,9 +88,66 @@ macro_rules! kernels {
             fma16(widen16::<SIGNED>(q), x, at, acc)
         }
 
+        /// A Q4_0 or Q4_1 block (`bytes` long: scale, [minimum,] 16 bytes of nibbles) as its
+        /// weights, low and high 16, looked up in the block's table.
+        #[target_feature(enable = $features)]
+        fn q4_block(ty: GgmlType, b: &[u8]) -> (W, W) {
+            let t = if ty == GgmlType::Q4_0 {
+                let d = f16(b, 0);
+                table(d, -8.0 * d)
+            } else {
+                table(f16(b, 0), f16(b, 2))
+            };
+            let x = indexes(&b[b.len() - 16..]);
+            (lookup::<false>(x, t), lookup::<true>(x, t))
+        }
+
+        /// Sub-block `j` of a Q4_K block by table: the low (even `j`) or high nibbles of the
+        /// 32 bytes of chunk j / 2.
+        #[target_feature(enable = $features)]
+        fn q4_k_sub_block(b: &[u8], j: usize) -> (W, W) {
+            let (d, dmin) = (f16(b, 0), f16(b, 2));
+            let (sc, m) = scale_min_k4(j, &b[4..16]);
+            let t = table(d * sc as f32, -dmin * m as f32);
+            let qs = &b[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
+            let (a, z) = (indexes(&qs[..16]), indexes(&qs[16..]));
+            if j % 2 == 0 {
+                (lookup::<false>(a, t), lookup::<false>(z, t))
+            } else {
+                (lookup::<true>(a, t), lookup::<true>(z, t))
+            }
+        }
+
+        /// 4 rows of activations times a row of `blocks` 32-weight blocks, `block(i)` giving
+        /// block i's weights: two multiply-adds a row and block (no scale or minimum per row).
+        /// The high halves get accumulators of their own, so that no row waits on two
+        /// dependent multiply-adds a block.
+        #[target_feature(enable = $features)]
+        fn rows4_by_table(
+            blocks: usize,
+            block: impl Fn(usize) -> (W, W),
+            x: [&[f32]; 4],
+        ) -> (Acc, Acc, Acc, Acc) {
+            let (mut a0, mut a1, mut a2, mut a3) = (zero(), zero(), zero(), zero());
+            let (mut h0, mut h1, mut h2, mut h3) = (zero(), zero(), zero(), zero());
+            for i in 0..blocks {
+                let (lo, hi) = block(i);
+                let (at, at_hi) = (32 * i, 32 * i + 16);
+                a0 = fma16(lo, x[0], at, a0);
+                h0 = fma16(hi, x[0], at_hi, h0);
+                a1 = fma16(lo, x[1], at, a1);
+                h1 = fma16(hi, x[1], at_hi, h1);
+                a2 = fma16(lo, x[2], at, a2);
+                h2 = fma16(hi, x[2], at_hi, h2);
+                a3 = fma16(lo, x[3], at, a3);
+                h3 = fma16(hi, x[3], at_hi, h3);
+            }
+            (add(a0, h0), add(a1, h1), add(a2, h2), add(a3, h3))
+        }
+
         /// Dot products of the weight row `w` with 4 activation rows at once (batched
-        /// decoding): each block is unpacked and widened once for the 4 rows. `None` for types
-        /// without one (Q4_0).
+        /// decoding): each block is unpacked once for the 4 rows. `None` for types without
+        /// one.
         ///
         /// # Safety
         /// The CPU must support the module's instruction set.
@@ -116,29 +173,23 @@ macro_rules! kernels {
                 )
             };
             match ty {
-                GgmlType::Q4_1 if Q4_1_BY_TABLE => {
-                    // The block's weights themselves (d·q + m), then two multiply-adds a row:
-                    // no scale or minimum per row. The high halves get accumulators of their
-                    // own, so that no row waits on two dependent multiply-adds a block.
-                    let (mut h0, mut h1, mut h2, mut h3) = (zero(), zero(), zero(), zero());
-                    for (i, b) in w.chunks_exact(20).enumerate() {
-                        let (lo, hi) = q4_1_weights(b);
-                        let (at, at_hi) = (32 * i, 32 * i + 16);
-                        a0 = fma16(lo, x[0], at, a0);
-                        h0 = fma16(hi, x[0], at_hi, h0);
-                        a1 = fma16(lo, x[1], at, a1);
-                        h1 = fma16(hi, x[1], at_hi, h1);
-                        a2 = fma16(lo, x[2], at, a2);
-                        h2 = fma16(hi, x[2], at_hi, h2);
-                        a3 = fma16(lo, x[3], at, a3);
-                        h3 = fma16(hi, x[3], at_hi, h3);
-                    }
-                    (a0, a1, a2, a3) = (add(a0, h0), add(a1, h1), add(a2, h2), add(a3, h3));
+                // 4-bit blocks by table: the block's weights themselves meet the rows.
+                GgmlType::Q4_0 | GgmlType::Q4_1 if BY_TABLE => {
+                    let bytes = if ty == GgmlType::Q4_0 { 18 } else { 20 };
+                    let block = |i: usize| q4_block(ty, &w[bytes * i..bytes * (i + 1)]);
+                    (a0, a1, a2, a3) = rows4_by_table(w.len() / bytes, block, x);
                 }
-                GgmlType::Q4_1 => {
-                    for (i, b) in w.chunks_exact(20).enumerate() {
-                        let (d, m) = (f16(b, 0), f16(b, 2));
-                        let (lo, hi) = nibbles(&b[4..20]);
+                GgmlType::Q4_K if BY_TABLE => {
+                    let block = |i: usize| q4_k_sub_block(&w[144 * (i / 8)..144 * (i / 8 + 1)], i % 8);
+                    (a0, a1, a2, a3) = rows4_by_table(w.len() / 144 * 8, block, x);
+                }
+                GgmlType::Q4_0 | GgmlType::Q4_1 => {
+                    let bytes = if ty == GgmlType::Q4_0 { 18 } else { 20 };
+                    for (i, b) in w.chunks_exact(bytes).enumerate() {
+                        // Q4_0's weights are d·(q − 8): a minimum of −8d.
+                        let d = f16(b, 0);
+                        let m = if ty == GgmlType::Q4_0 { -8.0 * d } else { f16(b, 2) };
+                        let (lo, hi) = nibbles(&b[bytes - 16..]);
                         let (lo, hi) = (widen16::<false>(lo), widen16::<false>(hi));
                         a0 = block(a0, d, lo, hi, x[0], i);
                         a1 = block(a1, d, lo, hi, x[1], i);
@@ -593,14 +644,25 @@ pub mod avx2 {
         (widen(q), widen(_mm_unpackhi_epi64(q, q)))
     }
 
-    /// Scaling each block once for the 4 rows measured slower here (`bench --kernels`: 0.62 →
-    /// 0.76 ns a row) than scaling each row's sum: AVX2 has no 16-float permute for a table.
-    const Q4_1_BY_TABLE: bool = false;
+    /// Scaling each block once for the 4 rows measured slower here (`bench --kernels`, Q4_1:
+    /// 0.62 → 0.76 ns a row) than scaling each row's sum: AVX2 has no 16-float permute for a
+    /// table of a block's weights.
+    const BY_TABLE: bool = false;
 
-    /// Never called: [`Q4_1_BY_TABLE`] is false.
+    /// Never called ([`BY_TABLE`] is false), nor the two below.
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn q4_1_weights(_: &[u8]) -> (W, W) {
-        unreachable!("AVX2 scales Q4_1's sums per row")
+    fn indexes(_: &[u8]) {
+        unreachable!("AVX2 scales 4-bit blocks' sums per row")
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn table(_: f32, _: f32) {
+        unreachable!("AVX2 scales 4-bit blocks' sums per row")
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn lookup<const HIGH: bool>(_: (), _: ()) -> W {
+        unreachable!("AVX2 scales 4-bit blocks' sums per row")
     }
 
     /// 16 Q5_0 weights: 4-bit values, plus 16 where bit k of `bits` is set.
@@ -762,28 +824,36 @@ pub mod avx512 {
         }
     }
 
-    /// With 4 rows, a Q4_1 block's weights are looked up once in a table (`bench --kernels`:
-    /// 0.50 → 0.40–0.42 ns a row); one row keeps scaling its sum (0.87 → 1.28–1.37 ns by table).
-    const Q4_1_BY_TABLE: bool = true;
+    /// With 4 rows, a 4-bit block's weights are looked up once in a table of its 16 values
+    /// (`bench --kernels`, Q4_1: 0.50 → 0.40–0.42 ns a row); one row keeps scaling its sum (by
+    /// table: 0.87 → 1.28–1.37 ns).
+    const BY_TABLE: bool = true;
 
-    /// A Q4_1 block's 32 weights (d·q + m) looked up in a table of its 16 values: the
-    /// nibbles index a permute (only each lane's low 4 bits count), so the block costs one
-    /// multiply-add for the table instead of two conversions and a scale a row.
+    /// 16 bytes of packed nibbles as 16 lane indexes for [`lookup`].
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-    fn q4_1_weights(b: &[u8]) -> (W, W) {
+    fn indexes(b: &[u8]) -> __m512i {
+        _mm512_cvtepu8_epi32(load16(b))
+    }
+
+    /// The 16 values `scale · q + offset` of 4-bit weights q (a block's or sub-block's).
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn table(scale: f32, offset: f32) -> W {
         let iota = _mm512_setr_ps(
             0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
         );
-        let table = _mm512_fmadd_ps(
-            iota,
-            _mm512_set1_ps(f16(b, 0)),
-            _mm512_set1_ps(f16(b, 2)),
-        );
-        let bytes = _mm512_cvtepu8_epi32(load16(&b[4..20]));
-        (
-            _mm512_permutexvar_ps(bytes, table),
-            _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), table),
-        )
+        _mm512_fmadd_ps(iota, _mm512_set1_ps(scale), _mm512_set1_ps(offset))
+    }
+
+    /// The weights of the low (or `HIGH`) nibbles of `indexes`, looked up in `table`: one
+    /// permute (it reads only each lane's low 4 bits).
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn lookup<const HIGH: bool>(indexes: __m512i, table: W) -> W {
+        let i = if HIGH {
+            _mm512_srli_epi32::<4>(indexes)
+        } else {
+            indexes
+        };
+        _mm512_permutexvar_ps(i, table)
     }
 
     /// 16 Q5_0 weights: 4-bit values, plus 16 where bit k of `bits` is set (one masked add
