@@ -172,95 +172,130 @@ pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Ve
     let n = x.len() / cols;
     // Σx of every 32 activations: the weights' offsets and minimums multiply it.
     let sums: Vec<f32> = x.chunks(32).map(|c| c.iter().sum()).collect();
-    let blocks = cols.div_ceil(32);
-    // Each product's outputs as [rows, n], so that every task writes one contiguous slice.
     let mut outs: Vec<Vec<f32>> = products.iter().map(|p| vec![0f32; p.rows() * n]).collect();
+    let dests: Vec<Dest> = outs
+        .iter_mut()
+        .zip(products)
+        .map(|(out, p)| Dest {
+            at: out.as_mut_ptr(),
+            rows: p.rows(),
+        })
+        .collect();
     let mut tasks = Vec::new();
-    for (p, out) in products.iter().zip(outs.iter_mut()) {
+    for (k, p) in products.iter().enumerate() {
         let weights = p.weights.chunks(ROWS_PER_TASK * p.row_bytes);
-        for (c, (out, w)) in out.chunks_mut(ROWS_PER_TASK * n).zip(weights).enumerate() {
-            tasks.push((p, c * ROWS_PER_TASK, out, w));
-        }
+        tasks.extend(weights.enumerate().map(|(c, w)| (k, c * ROWS_PER_TASK, w)));
     }
     let dense_isa = isa;
-    let tasks = team::Slots::new(tasks);
     team::for_each_index(tasks.len(), |i| {
-        // SAFETY: for_each_index runs each index once.
-        let (p, first, out, w) = unsafe { tasks.take(i) };
-        let isa = if has_kernel(p.ty) { isa } else { Isa::Portable };
-        let mut dense = Vec::new();
-        let rows = out.chunks_exact_mut(n).zip(w.chunks_exact(p.row_bytes));
-        for (o, wrow) in rows {
-            if isa == Isa::Portable {
-                dense.clear();
-                dequantize_into(p.ty, wrow, cols, &mut dense).expect("row length checked");
-            }
-            // Whole groups of 4 activation rows (batched decoding) share each unpacked block.
-            let grouped = if n >= 4 {
-                dot_groups_of_4(isa, p.ty, wrow, x, &sums, cols, o)
-            } else {
-                0
-            };
-            for (r, y) in o.iter_mut().enumerate() {
-                let xr = &x[r * cols..(r + 1) * cols];
-                let sums = &sums[r * blocks..(r + 1) * blocks];
-                if r >= grouped {
-                    *y = match isa {
-                        Isa::Portable => dot_f32(&dense, xr),
-                        // SAFETY: an Isa other than Portable is only chosen after detecting its
-                        // instruction set (Isa::supported).
-                        #[cfg(target_arch = "x86_64")]
-                        Isa::Avx2 => unsafe { x86::avx2::dot(p.ty, wrow, xr, sums) },
-                        #[cfg(target_arch = "x86_64")]
-                        Isa::Avx512 => unsafe { x86::avx512::dot(p.ty, wrow, xr, sums) },
-                        #[cfg(not(target_arch = "x86_64"))]
-                        _ => unreachable!(),
-                    };
+        let (k, first, w) = tasks[i];
+        let p = &products[k];
+        // The task's outputs as [its rows, n] (each weight row meets all n activation rows),
+        // then written to their places in the product's [n, rows].
+        SCRATCH.with_borrow_mut(|out| {
+            out.clear();
+            out.resize(w.len() / p.row_bytes * n, 0.0);
+            task(isa, dense_isa, p, first, w, x, &sums, cols, n, out);
+            for (o, values) in out.chunks_exact(n).enumerate() {
+                for (r, v) in values.iter().enumerate() {
+                    // SAFETY: tasks cover disjoint rows `first..first + their count` of each
+                    // product, and `outs` outlives for_each_index.
+                    unsafe { *dests[k].at.add(r * dests[k].rows + first + o) = *v };
                 }
             }
-        }
-        if let Some(u) = p.update {
-            let up = &u.up[first * u.rank..];
-            if n == 1 {
-                add_low_rank(dense_isa, out, &u.down, up);
-            } else {
-                // Each batched row's outputs (strided here) through the same kernel as a lone
-                // row's: a stream decodes bit for bit alike batched or alone.
-                let mut run = vec![0f32; out.len() / n];
-                for r in 0..n {
-                    run.iter_mut()
-                        .zip(out.iter().skip(r).step_by(n))
-                        .for_each(|(v, o)| *v = *o);
-                    add_low_rank(
-                        dense_isa,
-                        &mut run,
-                        &u.down[r * u.rank..(r + 1) * u.rank],
-                        up,
-                    );
-                    out.iter_mut()
-                        .skip(r)
-                        .step_by(n)
-                        .zip(&run)
-                        .for_each(|(o, v)| *o = *v);
-                }
-            }
-        }
+        });
     });
-    if n == 1 {
-        return outs;
-    }
-    outs.into_iter()
-        .map(|out_t| {
-            let rows = out_t.len() / n;
-            let mut out = vec![0f32; n * rows];
-            for (o, col) in out_t.chunks_exact(n).enumerate() {
-                for (r, v) in col.iter().enumerate() {
-                    out[r * rows + o] = *v;
-                }
+    outs
+}
+
+thread_local! {
+    /// A task's outputs before they go to their places (no allocation per task).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Where a product's outputs `[n, rows]` go; tasks write disjoint rows of it.
+struct Dest {
+    at: *mut f32,
+    rows: usize,
+}
+
+// SAFETY: tasks write through `at` only at their own rows (see matmul_many).
+unsafe impl Sync for Dest {}
+
+/// Weight rows `first..` of product `p` (their bytes `w`) times the `n` activation rows `x`
+/// into `out` (`[rows of w, n]`), plus the product's low-rank update.
+#[allow(clippy::too_many_arguments)]
+fn task(
+    isa: Isa,
+    dense_isa: Isa,
+    p: &Product,
+    first: usize,
+    w: &[u8],
+    x: &[f32],
+    sums: &[f32],
+    cols: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    let blocks = cols.div_ceil(32);
+    let isa = if has_kernel(p.ty) { isa } else { Isa::Portable };
+    let mut dense = Vec::new();
+    let rows = out.chunks_exact_mut(n).zip(w.chunks_exact(p.row_bytes));
+    for (o, wrow) in rows {
+        if isa == Isa::Portable {
+            dense.clear();
+            dequantize_into(p.ty, wrow, cols, &mut dense).expect("row length checked");
+        }
+        // Whole groups of 4 activation rows (batched decoding) share each unpacked block.
+        let grouped = if n >= 4 {
+            dot_groups_of_4(isa, p.ty, wrow, x, sums, cols, o)
+        } else {
+            0
+        };
+        for (r, y) in o.iter_mut().enumerate() {
+            let xr = &x[r * cols..(r + 1) * cols];
+            let sums = &sums[r * blocks..(r + 1) * blocks];
+            if r >= grouped {
+                *y = match isa {
+                    Isa::Portable => dot_f32(&dense, xr),
+                    // SAFETY: an Isa other than Portable is only chosen after detecting its
+                    // instruction set (Isa::supported).
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe { x86::avx2::dot(p.ty, wrow, xr, sums) },
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => unsafe { x86::avx512::dot(p.ty, wrow, xr, sums) },
+                    #[cfg(not(target_arch = "x86_64"))]
+                    _ => unreachable!(),
+                };
             }
-            out
-        })
-        .collect()
+        }
+    }
+    if let Some(u) = p.update {
+        let up = &u.up[first * u.rank..];
+        if n == 1 {
+            add_low_rank(dense_isa, out, &u.down, up);
+        } else {
+            // Each batched row's outputs (strided here) through the same kernel as a lone
+            // row's: a stream decodes bit for bit alike batched or alone.
+            let mut run = vec![0f32; out.len() / n];
+            for r in 0..n {
+                run.iter_mut()
+                    .zip(out.iter().skip(r).step_by(n))
+                    .for_each(|(v, o)| *v = *o);
+                add_low_rank(
+                    dense_isa,
+                    &mut run,
+                    &u.down[r * u.rank..(r + 1) * u.rank],
+                    up,
+                );
+                out.iter_mut()
+                    .skip(r)
+                    .step_by(n)
+                    .zip(&run)
+                    .for_each(|(o, v)| *o = *v);
+            }
+        }
+    }
 }
 
 /// Fills `out[..4k]` with the dot products of `w` and the first 4k rows of `x` through the
