@@ -61,7 +61,8 @@ const ATTEND_CHUNK: usize = 64;
 /// x[at..at+16]), `widen16_5(nibbles, bits)` (16 Q5_0 weights), `times(w, s)` (widened weights · s), `scaled(acc, s, block)` (acc + s·block), `add(a, b)`, `hsum(acc)`, and for
 /// attention `load_w`/`store_w` (16 floats), `load_kv::<HALF>(bytes, at)` (16 cached f32 or
 /// f16 values), `fma_w(p, w, acc)` (acc + p·w),
-/// `exp_minus16(w, m)` (exp(w − m)) and `sum16(w, acc)` (acc + w), `mul_w(a, b)` and `silu16(w)`
+/// `exp_minus16(w, m)` (exp(w − m)) and `sum16(w, acc)` (acc + w), `scores16::<HALF>(keys,
+/// q, d)` (q · 16 cached keys), `mul_w(a, b)` and `silu16(w)`
 /// (w / (1 + exp(−w))); `BY_TABLE`, `indexes(bytes)`, `table(scale, offset)` and
 /// `lookup::<HIGH>(indexes, table)` choose how 4 rows meet 4-bit blocks.
 macro_rules! kernels {
@@ -323,7 +324,16 @@ macro_rules! kernels {
             let row_bytes = d * if HALF { 2 } else { 4 };
             let len = keys.len() / row_bytes;
             let mut scores = vec![0f32; qs.len() / d * len];
-            for (j, key) in keys.chunks_exact(row_bytes).enumerate() {
+            // 16 keys at a time: their sums across lanes come out of one reduction.
+            let whole = len / 16 * 16;
+            for j in (0..whole).step_by(16) {
+                let sixteen = &keys[j * row_bytes..(j + 16) * row_bytes];
+                for (r, q) in qs.chunks_exact(d).enumerate() {
+                    let s = times(scores16::<HALF>(sixteen, q, d), scale);
+                    store_w(&mut scores[r * len..], j, s);
+                }
+            }
+            for (j, key) in keys.chunks_exact(row_bytes).enumerate().skip(whole) {
                 for (r, q) in qs.chunks_exact(d).enumerate() {
                     let (mut a, mut b) = (zero(), zero());
                     for at in (0..d).step_by(32) {
@@ -713,6 +723,22 @@ pub mod avx2 {
         }
     }
 
+    /// The dot products of `q` (`d` floats) with 16 cached keys (`keys`: 16 rows).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn scores16<const HALF: bool>(keys: &[u8], q: &[f32], d: usize) -> W {
+        let mut s = [0f32; 16];
+        for (k, key) in keys.chunks_exact(keys.len() / 16).enumerate() {
+            let (mut a, mut b) = (zero(), zero());
+            for at in (0..d).step_by(16) {
+                let w = load_kv::<HALF>(key, at);
+                a = _mm256_fmadd_ps(w.0, load_x(q, at), a);
+                b = _mm256_fmadd_ps(w.1, load_x(q, at + 8), b);
+            }
+            s[k] = hsum(add(a, b));
+        }
+        load_w(&s, 0)
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     fn store_w(out: &mut [f32], at: usize, w: W) {
         assert!(out.len() >= at + 16);
@@ -895,6 +921,46 @@ pub mod avx512 {
             // SAFETY: 64 readable bytes checked above.
             unsafe { _mm512_loadu_ps(b.as_ptr().add(4 * at) as *const f32) }
         }
+    }
+
+    /// The dot products of `q` (`d` floats) with 16 cached keys (`keys`: 16 rows): each
+    /// key's 16 lanes of partial sums, then one transposing reduction for all 16 (a full
+    /// horizontal sum per key cost more than its multiply-adds at short contexts).
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn scores16<const HALF: bool>(keys: &[u8], q: &[f32], d: usize) -> W {
+        let row = keys.len() / 16;
+        let key = |k: usize| {
+            let key = &keys[k * row..(k + 1) * row];
+            let (mut a, mut b) = (zero(), zero());
+            for at in (0..d).step_by(32) {
+                a = fma16(load_kv::<HALF>(key, at), q, at, a);
+                b = fma16(load_kv::<HALF>(key, at + 16), q, at + 16, b);
+            }
+            _mm512_add_ps(a, b)
+        };
+        // Keys 4g..4g+4: 128-bit lane L of the result holds their 4 sums over lane L.
+        let four = |g: usize| {
+            let (a, b, c, e) = (key(4 * g), key(4 * g + 1), key(4 * g + 2), key(4 * g + 3));
+            let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+            let ce = _mm512_add_ps(_mm512_unpacklo_ps(c, e), _mm512_unpackhi_ps(c, e));
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(ab, ce),
+                _mm512_shuffle_ps::<0xEE>(ab, ce),
+            )
+        };
+        let (u0, u1, u2, u3) = (four(0), four(1), four(2), four(3));
+        // The four 128-bit lanes of each summed, keys in order.
+        let halves = |x: __m512, y: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(x, y),
+                _mm512_shuffle_f32x4::<0xEE>(x, y),
+            )
+        };
+        let (y01, y23) = (halves(u0, u1), halves(u2, u3));
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(y01, y23),
+            _mm512_shuffle_f32x4::<0xDD>(y01, y23),
+        )
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
