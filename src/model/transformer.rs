@@ -228,7 +228,10 @@ impl Attention {
 
 /// One decoding stream's layer cache, query, key, value, output and position.
 type Stream<'a> = (
-    ((&'a mut LayerCache, (&'a mut [f32], &'a mut [f32])), (&'a [f32], &'a mut [f32])),
+    (
+        (&'a mut LayerCache, (&'a mut [f32], &'a mut [f32])),
+        (&'a [f32], &'a mut [f32]),
+    ),
     &'a usize,
 );
 
@@ -275,16 +278,17 @@ impl Mlp {
             x,
         );
         let [gate, up]: [Tensor<3>; 2] = gate_up.try_into().expect("two projections");
-        let hidden = if !gate.is_autodiff() && kv_cache::on_host(&gate) && gate.dtype() == DType::F32
-        {
-            let (shape, device) = (gate.dims(), gate.device());
-            let (mut gate, up) = (to_vec(gate), to_vec(up));
-            kernels::silu_mul(kernels::Isa::selected(), &mut gate, &up);
-            Tensor::from_data(TensorData::new(gate, shape), (&device, DType::F32))
-        } else {
-            silu(gate) * up
-        };
-        self.down_proj.forward_adapted(hidden, pair(Target::DownProj))
+        let hidden =
+            if !gate.is_autodiff() && kv_cache::on_host(&gate) && gate.dtype() == DType::F32 {
+                let (shape, device) = (gate.dims(), gate.device());
+                let (mut gate, up) = (to_vec(gate), to_vec(up));
+                kernels::silu_mul(kernels::Isa::selected(), &mut gate, &up);
+                Tensor::from_data(TensorData::new(gate, shape), (&device, DType::F32))
+            } else {
+                silu(gate) * up
+            };
+        self.down_proj
+            .forward_adapted(hidden, pair(Target::DownProj))
     }
 }
 

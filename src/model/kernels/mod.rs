@@ -404,12 +404,32 @@ pub fn attend_group(
     scale: f32,
     out: &mut [f32],
 ) {
+    let stats = attend_part(isa, qs, keys, values, d, scale, out);
+    for (o, (_, sum)) in out.chunks_exact_mut(d).zip(stats) {
+        let inverse = 1.0 / sum;
+        o.iter_mut().for_each(|v| *v *= inverse);
+    }
+}
+
+/// [`attend_group`] over some of the positions, unnormalized: `out` gets Σ_j exp(s_j − m)·v_j
+/// per query row, and each row's `(m, Σ_j exp(s_j − m))` (m its largest score) is returned,
+/// so that parts over disjoint positions combine exactly ([`merge_parts`]).
+pub fn attend_part(
+    isa: Isa,
+    qs: &[f32],
+    keys: KvSlice,
+    values: KvSlice,
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Vec<(f32, f32)> {
     let half = matches!(keys, KvSlice::F16(_));
     assert_eq!(
         half,
         matches!(values, KvSlice::F16(_)),
         "keys and values of one type"
     );
+    let mut stats = vec![(0f32, 0f32); qs.len() / d];
     let (k, v) = (keys.bytes(), values.bytes());
     // SAFETY: an Isa other than Portable is only chosen after detecting its instruction set
     // (Isa::supported).
@@ -417,30 +437,57 @@ pub fn attend_group(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if d.is_multiple_of(64) => unsafe {
             if half {
-                x86::avx2::attend_group::<true>(qs, k, v, d, scale, out)
+                x86::avx2::attend_part::<true>(qs, k, v, d, scale, out, &mut stats)
             } else {
-                x86::avx2::attend_group::<false>(qs, k, v, d, scale, out)
+                x86::avx2::attend_part::<false>(qs, k, v, d, scale, out, &mut stats)
             }
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if d.is_multiple_of(64) => unsafe {
             if half {
-                x86::avx512::attend_group::<true>(qs, k, v, d, scale, out)
+                x86::avx512::attend_part::<true>(qs, k, v, d, scale, out, &mut stats)
             } else {
-                x86::avx512::attend_group::<false>(qs, k, v, d, scale, out)
+                x86::avx512::attend_part::<false>(qs, k, v, d, scale, out, &mut stats)
             }
         },
-        _ => attend_group_portable(qs, &keys.widened(), &values.widened(), d, scale, out),
+        _ => {
+            let (keys, values) = (keys.widened(), values.widened());
+            attend_part_portable(qs, &keys, &values, d, scale, out, &mut stats)
+        }
+    }
+    stats
+}
+
+/// Attention over all positions from [`attend_part`]s over disjoint ranges of them: each
+/// part's unnormalized rows (`[rep][d]`) and stats. Each part's sums rescale by exp(its
+/// maximum − the overall one).
+pub fn merge_parts(parts: &[(&[f32], &[(f32, f32)])], d: usize, out: &mut [f32]) {
+    for (r, o) in out.chunks_exact_mut(d).enumerate() {
+        let max = parts
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, (_, stats)| m.max(stats[r].0));
+        let mut total = 0f32;
+        o.fill(0.0);
+        for (rows, stats) in parts {
+            let (m, sum) = stats[r];
+            let weight = (m - max).exp();
+            total += weight * sum;
+            let row = &rows[r * d..(r + 1) * d];
+            o.iter_mut().zip(row).for_each(|(o, v)| *o += weight * v);
+        }
+        let inverse = 1.0 / total;
+        o.iter_mut().for_each(|v| *v *= inverse);
     }
 }
 
-fn attend_group_portable(
+fn attend_part_portable(
     qs: &[f32],
     keys: &[f32],
     values: &[f32],
     d: usize,
     scale: f32,
     out: &mut [f32],
+    stats: &mut [(f32, f32)],
 ) {
     let len = keys.len() / d;
     let mut scores = vec![0f32; qs.len() / d * len];
@@ -449,14 +496,14 @@ fn attend_group_portable(
             scores[r * len + j] = dot_f32(q, key) * scale;
         }
     }
-    for row in scores.chunks_exact_mut(len) {
+    for (row, stat) in scores.chunks_exact_mut(len).zip(stats.iter_mut()) {
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let mut sum = 0.0;
         for v in row.iter_mut() {
             *v = (*v - max).exp();
             sum += *v;
         }
-        row.iter_mut().for_each(|v| *v /= sum);
+        *stat = (max, sum);
     }
     out.fill(0.0);
     for (j, value) in values.chunks_exact(d).enumerate() {

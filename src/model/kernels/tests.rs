@@ -327,3 +327,60 @@ fn silu_times_up_matches_the_scalar_formula_on_every_isa() {
         }
     }
 }
+
+#[test]
+fn attention_in_parts_merges_to_attention_over_all_positions_on_every_isa() {
+    let mut rng = StdRng::seed_from_u64(17);
+    let (rep, d, len) = (3, 64, 1000);
+    let mut random = |n: usize, spread: f32| -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-spread..spread)).collect()
+    };
+    let (qs, keys, values) = (
+        random(rep * d, 3.0),
+        random(len * d, 3.0),
+        random(len * d, 1.0),
+    );
+    let scale = 1.0 / (d as f32).sqrt();
+    for isa in Isa::supported() {
+        let mut whole = vec![0f32; rep * d];
+        attend_group(
+            isa,
+            &qs,
+            KvSlice::F32(&keys),
+            KvSlice::F32(&values),
+            d,
+            scale,
+            &mut whole,
+        );
+        // Three unequal parts, each with its own maximum.
+        let bounds = [0, 100, 640, len];
+        let parts: Vec<(Vec<f32>, Vec<(f32, f32)>)> = bounds
+            .windows(2)
+            .map(|b| {
+                let (k, v) = (&keys[b[0] * d..b[1] * d], &values[b[0] * d..b[1] * d]);
+                let mut rows = vec![0f32; rep * d];
+                let stats = attend_part(
+                    isa,
+                    &qs,
+                    KvSlice::F32(k),
+                    KvSlice::F32(v),
+                    d,
+                    scale,
+                    &mut rows,
+                );
+                (rows, stats)
+            })
+            .collect();
+        let views: Vec<(&[f32], &[(f32, f32)])> =
+            parts.iter().map(|(r, s)| (&r[..], &s[..])).collect();
+        let mut merged = vec![f32::NAN; rep * d];
+        merge_parts(&views, d, &mut merged);
+        for (i, (m, w)) in merged.iter().zip(&whole).enumerate() {
+            assert!(
+                (m - w).abs() <= 1e-5,
+                "{} element {i}: {m} vs {w}",
+                isa.name()
+            );
+        }
+    }
+}

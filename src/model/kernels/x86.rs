@@ -181,7 +181,8 @@ macro_rules! kernels {
                     (a0, a1, a2, a3) = rows4_by_table(w.len() / bytes, block, x);
                 }
                 GgmlType::Q4_K if BY_TABLE => {
-                    let block = |i: usize| q4_k_sub_block(&w[144 * (i / 8)..144 * (i / 8 + 1)], i % 8);
+                    let block =
+                        |i: usize| q4_k_sub_block(&w[144 * (i / 8)..144 * (i / 8 + 1)], i % 8);
                     (a0, a1, a2, a3) = rows4_by_table(w.len() / 144 * 8, block, x);
                 }
                 GgmlType::Q4_0 | GgmlType::Q4_1 => {
@@ -189,7 +190,11 @@ macro_rules! kernels {
                     for (i, b) in w.chunks_exact(bytes).enumerate() {
                         // Q4_0's weights are d·(q − 8): a minimum of −8d.
                         let d = f16(b, 0);
-                        let m = if ty == GgmlType::Q4_0 { -8.0 * d } else { f16(b, 2) };
+                        let m = if ty == GgmlType::Q4_0 {
+                            -8.0 * d
+                        } else {
+                            f16(b, 2)
+                        };
                         let (lo, hi) = nibbles(&b[bytes - 16..]);
                         let (lo, hi) = (widen16::<false>(lo), widen16::<false>(hi));
                         a0 = block(a0, d, lo, hi, x[0], i);
@@ -307,18 +312,20 @@ macro_rules! kernels {
 
         /// Attention of `rep` query rows `qs` (`[rep][d]`) over the `len` positions of one KV
         /// head (`keys`, `values`: `[len][d]` of f32, or of f16 when `HALF`, as bytes) into
-        /// `out` (`[rep][d]`); `d` a multiple of 64.
+        /// `out` (`[rep][d]`), unnormalized (`kernels::attend_part`): each row's (maximum
+        /// score, Σ exp(score − maximum)) go to `stats`; `d` a multiple of 64.
         ///
         /// # Safety
         /// The CPU must support the module's instruction set.
         #[target_feature(enable = $features)]
-        pub unsafe fn attend_group<const HALF: bool>(
+        pub unsafe fn attend_part<const HALF: bool>(
             qs: &[f32],
             keys: &[u8],
             values: &[u8],
             d: usize,
             scale: f32,
             out: &mut [f32],
+            stats: &mut [(f32, f32)],
         ) {
             assert!(d.is_multiple_of(64) && qs.len().is_multiple_of(d) && out.len() == qs.len());
             let row_bytes = d * if HALF { 2 } else { 4 };
@@ -344,8 +351,7 @@ macro_rules! kernels {
                 }
             }
             // Softmax without its division: each output row is divided by its sum at the end.
-            let mut sums = Vec::with_capacity(qs.len() / d);
-            for row in scores.chunks_exact_mut(len) {
+            for (row, stat) in scores.chunks_exact_mut(len).zip(stats.iter_mut()) {
                 let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
                 let mut total = zero();
                 let mut chunks = row.chunks_exact_mut(16);
@@ -359,7 +365,7 @@ macro_rules! kernels {
                     *v = (*v - max).exp();
                     sum += *v;
                 }
-                sums.push(sum);
+                *stat = (max, sum);
             }
             // Σ_j p_j · value_j, 64 positions at a time (their values stay in the L1 cache for
             // every query row), 64 outputs in registers across them.
@@ -381,11 +387,6 @@ macro_rules! kernels {
                         store_w(o, at + 32, a2);
                         store_w(o, at + 48, a3);
                     }
-                }
-            }
-            for (o, sum) in out.chunks_exact_mut(d).zip(sums) {
-                for at in (0..d).step_by(16) {
-                    store_w(o, at, times(load_w(o, at), 1.0 / sum));
                 }
             }
         }
@@ -799,7 +800,8 @@ pub mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     fn silu16(g: W) -> W {
         let (lo, hi) = (_mm256_set1_ps(-87.0), _mm256_set1_ps(87.0));
-        let minus = |v: __m256| _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), v), lo), hi);
+        let minus =
+            |v: __m256| _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), v), lo), hi);
         let e = exp_minus16((minus(g.0), minus(g.1)), 0.0);
         let one = _mm256_set1_ps(1.0);
         (
