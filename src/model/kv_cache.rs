@@ -217,7 +217,7 @@ impl Buffers {
         let queries = |g: usize| &q[g * rep * d..(g + 1) * rep * d];
         // Long contexts: every KV head in parts of its positions, all in parallel, so that
         // the threads get equal work whatever the number of heads (SmolLM2's 3 heads split
-        // 2 : 1 over 2 threads decoded 98 tok/s at 3.7 K tokens, equal parts 118).
+        // 2 : 1 over 2 threads decoded 96–98 tok/s at 3.7 K tokens, in parts 110–111).
         if len * self.heads >= 4096 {
             let threads = rayon::current_num_threads();
             let parts = (2 * threads).div_ceil(self.heads).min(len / 512).max(1);

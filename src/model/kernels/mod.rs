@@ -186,7 +186,6 @@ pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Ve
         let weights = p.weights.chunks(ROWS_PER_TASK * p.row_bytes);
         tasks.extend(weights.enumerate().map(|(c, w)| (k, c * ROWS_PER_TASK, w)));
     }
-    let dense_isa = isa;
     team::for_each_index(tasks.len(), |i| {
         let (k, first, w) = tasks[i];
         let p = &products[k];
@@ -195,7 +194,7 @@ pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Ve
         SCRATCH.with_borrow_mut(|out| {
             out.clear();
             out.resize(w.len() / p.row_bytes * n, 0.0);
-            task(isa, dense_isa, p, first, w, x, &sums, cols, n, out);
+            task(isa, p, first, w, x, &sums, cols, n, out);
             for (o, values) in out.chunks_exact(n).enumerate() {
                 for (r, v) in values.iter().enumerate() {
                     // SAFETY: tasks cover disjoint rows `first..first + their count` of each
@@ -227,7 +226,6 @@ unsafe impl Sync for Dest {}
 #[allow(clippy::too_many_arguments)]
 fn task(
     isa: Isa,
-    dense_isa: Isa,
     p: &Product,
     first: usize,
     w: &[u8],
@@ -238,7 +236,8 @@ fn task(
     out: &mut [f32],
 ) {
     let blocks = cols.div_ceil(32);
-    let isa = if has_kernel(p.ty) { isa } else { Isa::Portable };
+    // The low-rank update runs on `isa` whatever the type; the blocks need a kernel for it.
+    let (dense_isa, isa) = (isa, if has_kernel(p.ty) { isa } else { Isa::Portable });
     let mut dense = Vec::new();
     let rows = out.chunks_exact_mut(n).zip(w.chunks_exact(p.row_bytes));
     for (o, wrow) in rows {

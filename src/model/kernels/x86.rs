@@ -350,7 +350,7 @@ macro_rules! kernels {
                     scores[r * len + j] = hsum(add(a, b)) * scale;
                 }
             }
-            // Softmax without its division: each output row is divided by its sum at the end.
+            // Softmax without its division: the caller divides each output row by its sum.
             for (row, stat) in scores.chunks_exact_mut(len).zip(stats.iter_mut()) {
                 let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
                 let mut total = zero();
