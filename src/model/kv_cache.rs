@@ -238,7 +238,7 @@ impl Buffers {
                 *stats = kernels::attend_part(isa, queries(g), k, v, d, scale, rows);
             });
             for (g, out) in out.chunks_mut(rep * d).enumerate() {
-                let of_head: Vec<(&[f32], &[(f32, f32)])> = (g * parts..(g + 1) * parts)
+                let of_head: Vec<kernels::Part> = (g * parts..(g + 1) * parts)
                     .map(|t| (&rows[t * rep * d..(t + 1) * rep * d], &stats[t][..]))
                     .collect();
                 kernels::merge_parts(&of_head, d, out);

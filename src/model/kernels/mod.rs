@@ -421,7 +421,7 @@ pub fn attend_part(
     d: usize,
     scale: f32,
     out: &mut [f32],
-) -> Vec<(f32, f32)> {
+) -> Vec<RowStats> {
     let half = matches!(keys, KvSlice::F16(_));
     assert_eq!(
         half,
@@ -457,10 +457,15 @@ pub fn attend_part(
     stats
 }
 
-/// Attention over all positions from [`attend_part`]s over disjoint ranges of them: each
-/// part's unnormalized rows (`[rep][d]`) and stats. Each part's sums rescale by exp(its
-/// maximum − the overall one).
-pub fn merge_parts(parts: &[(&[f32], &[(f32, f32)])], d: usize, out: &mut [f32]) {
+/// A query row's largest score and Σ exp(score − it) over some positions ([`attend_part`]).
+pub type RowStats = (f32, f32);
+
+/// One [`attend_part`]: its unnormalized rows (`[rep][d]`) and their stats.
+pub type Part<'a> = (&'a [f32], &'a [RowStats]);
+
+/// Attention over all positions from [`attend_part`]s over disjoint ranges of them. Each
+/// part's sums rescale by exp(its maximum − the overall one).
+pub fn merge_parts(parts: &[Part], d: usize, out: &mut [f32]) {
     for (r, o) in out.chunks_exact_mut(d).enumerate() {
         let max = parts
             .iter()
@@ -486,7 +491,7 @@ fn attend_part_portable(
     d: usize,
     scale: f32,
     out: &mut [f32],
-    stats: &mut [(f32, f32)],
+    stats: &mut [RowStats],
 ) {
     let len = keys.len() / d;
     let mut scores = vec![0f32; qs.len() / d * len];

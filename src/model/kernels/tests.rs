@@ -354,7 +354,7 @@ fn attention_in_parts_merges_to_attention_over_all_positions_on_every_isa() {
         );
         // Three unequal parts, each with its own maximum.
         let bounds = [0, 100, 640, len];
-        let parts: Vec<(Vec<f32>, Vec<(f32, f32)>)> = bounds
+        let parts: Vec<(Vec<f32>, Vec<RowStats>)> = bounds
             .windows(2)
             .map(|b| {
                 let (k, v) = (&keys[b[0] * d..b[1] * d], &values[b[0] * d..b[1] * d]);
@@ -371,8 +371,7 @@ fn attention_in_parts_merges_to_attention_over_all_positions_on_every_isa() {
                 (rows, stats)
             })
             .collect();
-        let views: Vec<(&[f32], &[(f32, f32)])> =
-            parts.iter().map(|(r, s)| (&r[..], &s[..])).collect();
+        let views: Vec<Part> = parts.iter().map(|(r, s)| (&r[..], &s[..])).collect();
         let mut merged = vec![f32::NAN; rep * d];
         merge_parts(&views, d, &mut merged);
         for (i, (m, w)) in merged.iter().zip(&whole).enumerate() {
