@@ -427,6 +427,15 @@ mod tests {
         b.widened(&b.k, len)
     }
 
+    /// `n` values in [−1.5, 1.5), scattered by `seed`.
+    fn spread(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 333.3 - 1.5
+            })
+            .collect()
+    }
+
     #[test]
     fn clones_share_until_written_and_growth_keeps_the_written_part() {
         for dtype in [KvDtype::F32, KvDtype::F16] {
@@ -466,15 +475,7 @@ mod tests {
     #[test]
     fn an_f16_cache_rounds_to_f16_and_attends_like_f32_over_the_rounded_values() {
         let (heads, dim, len) = (2, 64, 40);
-        let values = |seed: u32| -> Vec<f32> {
-            (0..heads * len * dim)
-                .map(|i| {
-                    ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 333.3
-                        - 1.5
-                })
-                .collect()
-        };
-        let (k, v) = (values(1), values(2));
+        let (k, v) = (spread(heads * len * dim, 1), spread(heads * len * dim, 2));
         let rounded =
             |x: &[f32]| -> Vec<f32> { x.iter().map(|&x| f16::from_f32(x).to_f32()).collect() };
         let mut half = Buffers::new(heads, dim, MIN_CAPACITY, KvDtype::F16);
@@ -497,16 +498,9 @@ mod tests {
     fn a_long_context_attends_in_parallel_parts_like_one_pass_per_head() {
         // 3 KV heads × 1,500 positions: past the parallel threshold, split into parts.
         let (heads, dim, len, rep) = (3, 64, 1500, 3);
-        let values = |seed: u32| -> Vec<f32> {
-            (0..heads * len * dim)
-                .map(|i| {
-                    ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 250.0
-                        - 2.0
-                })
-                .collect()
-        };
         let mut b = Buffers::new(heads, dim, MIN_CAPACITY, KvDtype::F32);
-        b.write(0, len, &values(1), &values(2));
+        let n = heads * len * dim;
+        b.write(0, len, &spread(n, 1), &spread(n, 2));
         let q: Vec<f32> = (0..rep * heads * dim)
             .map(|i| (i % 11) as f32 * 0.2 - 1.0)
             .collect();

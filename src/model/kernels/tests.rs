@@ -230,6 +230,24 @@ fn attention_reference(qs: &[f32], keys: &[f32], values: &[f32], d: usize, scale
     out.into_iter().map(|v| v as f32).collect()
 }
 
+/// `rep` query rows and `len` keys and values of `d`. Scores spread widely: softmax must
+/// subtract its maximum, and positions far below it must count as (almost) nothing, not NaN.
+fn attention_inputs(
+    rep: usize,
+    d: usize,
+    len: usize,
+    rng: &mut StdRng,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut random = |n: usize, spread: f32| -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-spread..spread)).collect()
+    };
+    (
+        random(rep * d, 3.0),
+        random(len * d, 3.0),
+        random(len * d, 1.0),
+    )
+}
+
 #[test]
 fn decode_attention_equals_the_exact_softmax_on_every_isa() {
     let mut rng = StdRng::seed_from_u64(5);
@@ -243,16 +261,7 @@ fn decode_attention_equals_the_exact_softmax_on_every_isa() {
         (2, 128, 129),
         (3, 48, 20),
     ] {
-        let mut random = |n: usize, spread: f32| -> Vec<f32> {
-            (0..n).map(|_| rng.random_range(-spread..spread)).collect()
-        };
-        // Scores spread widely: softmax must subtract its maximum, and positions far below
-        // it must count as (almost) nothing, not as NaN.
-        let (qs, keys, values) = (
-            random(rep * d, 3.0),
-            random(len * d, 3.0),
-            random(len * d, 1.0),
-        );
+        let (qs, keys, values) = attention_inputs(rep, d, len, &mut rng);
         let scale = 1.0 / (d as f32).sqrt();
         let want = attention_reference(&qs, &keys, &values, d, scale);
         // Stored in f16: the same attention over the rounded keys and values.
@@ -332,14 +341,7 @@ fn silu_times_up_matches_the_scalar_formula_on_every_isa() {
 fn attention_in_parts_merges_to_attention_over_all_positions_on_every_isa() {
     let mut rng = StdRng::seed_from_u64(17);
     let (rep, d, len) = (3, 64, 1000);
-    let mut random = |n: usize, spread: f32| -> Vec<f32> {
-        (0..n).map(|_| rng.random_range(-spread..spread)).collect()
-    };
-    let (qs, keys, values) = (
-        random(rep * d, 3.0),
-        random(len * d, 3.0),
-        random(len * d, 1.0),
-    );
+    let (qs, keys, values) = attention_inputs(rep, d, len, &mut rng);
     let scale = 1.0 / (d as f32).sqrt();
     for isa in Isa::supported() {
         let mut whole = vec![0f32; rep * d];
