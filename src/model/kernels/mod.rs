@@ -188,18 +188,27 @@ pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Ve
     }
     team::for_each_index(tasks.len(), |i| {
         let (k, first, w) = tasks[i];
-        let p = &products[k];
-        // The task's outputs as [its rows, n] (each weight row meets all n activation rows),
-        // then written to their places in the product's [n, rows].
-        SCRATCH.with_borrow_mut(|out| {
-            out.clear();
-            out.resize(w.len() / p.row_bytes * n, 0.0);
+        let (p, dest) = (&products[k], &dests[k]);
+        let count = w.len() / p.row_bytes;
+        if n == 1 {
+            // One activation row: the task's outputs are one run of the product's.
+            // SAFETY: tasks cover disjoint rows `first..first + count` of each product, and
+            // `outs` outlives for_each_index.
+            let out = unsafe { std::slice::from_raw_parts_mut(dest.at.add(first), count) };
+            return task(isa, p, first, w, x, &sums, cols, n, out);
+        }
+        // The task's outputs as [its rows, n] (each weight row meets all n activation rows;
+        // `task` sets every one), then written to their places in the product's [n, rows].
+        SCRATCH.with_borrow_mut(|scratch| {
+            if scratch.len() < count * n {
+                scratch.resize(count * n, 0.0);
+            }
+            let out = &mut scratch[..count * n];
             task(isa, p, first, w, x, &sums, cols, n, out);
             for (o, values) in out.chunks_exact(n).enumerate() {
                 for (r, v) in values.iter().enumerate() {
-                    // SAFETY: tasks cover disjoint rows `first..first + their count` of each
-                    // product, and `outs` outlives for_each_index.
-                    unsafe { *dests[k].at.add(r * dests[k].rows + first + o) = *v };
+                    // SAFETY: as above.
+                    unsafe { *dest.at.add(r * dest.rows + first + o) = *v };
                 }
             }
         });
