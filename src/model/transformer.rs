@@ -175,7 +175,7 @@ impl Attention {
             };
             if b > 1 {
                 // Batched streams: one task each, shared with the team (a stream alone splits
-                // only a long context's heads, in `decode`).
+                // only a long context's attention, into parts of its heads, in `decode`).
                 let streams = kernels::team::Slots::new(streams);
                 kernels::team::for_each_index(streams.len(), |r| {
                     // SAFETY: for_each_index runs each index once.
