@@ -9,7 +9,7 @@ use crate::app::engine_config;
 use crate::cli::model_path;
 use crate::config::Config;
 use crate::engine::{Engine, EngineEvent, Job, Priority, Prompt, Status, Task, Version};
-use crate::model::{Generation, SamplingParams, kernels::Isa};
+use crate::model::{Generation, KvDtype, SamplingParams, kernels::Isa};
 use crate::telemetry::Counters;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -234,6 +234,25 @@ pub fn run(cfg: &Config, python: &Path) -> Result<()> {
         "  clawrl decode at {:.0}% of it, llama.cpp at {:.0}%",
         100.0 * ours_decode / bound,
         100.0 * t("decode_tps") / bound
+    );
+    // At a long context each step also reads the whole cache, so the bound falls with it:
+    // llama.cpp's cache is f16 by default.
+    let long_bound = |cache: KvDtype| {
+        let cache_bytes = cache.bytes_per_position(&loaded.config) * long_ctx;
+        bandwidth / (bytes_per_token.file + cache_bytes) as f64
+    };
+    let (ours_cache, theirs_cache) = (cfg.model.kv_cache, KvDtype::F16);
+    println!(
+        "physical bound at {long_ctx} tokens of context: + {:.1} MB of {ours_cache:?} KV cache = {:.0} tok/s ({:.2}x the short bound)",
+        (ours_cache.bytes_per_position(&loaded.config) * long_ctx) as f64 / 1e6,
+        long_bound(ours_cache),
+        long_bound(ours_cache) / bound
+    );
+    println!(
+        "  clawrl decode at {:.0}% of it, llama.cpp at {:.0}% of its own ({theirs_cache:?} cache: {:.0} tok/s)",
+        100.0 * ours_long / long_bound(ours_cache),
+        100.0 * t("long_decode_tps") / long_bound(theirs_cache),
+        long_bound(theirs_cache)
     );
     Ok(())
 }

@@ -635,7 +635,9 @@ impl Worker {
                     let cached = self.prefix.lookup(p.version, p.cache_key());
                     let computed = cached.as_ref().map_or(0, KvCache::len);
                     if p.cache_key().len() > computed + USER_CHUNK + 1 {
-                        let cache = cached.unwrap_or_else(|| self.model.transformer.new_cache());
+                        let mut cache =
+                            cached.unwrap_or_else(|| self.model.transformer.new_cache());
+                        cache.reserve(p.cache_key().len());
                         prefilling.push_back(Warming {
                             prepared: p,
                             cache,

@@ -11,7 +11,6 @@ struct Entry {
     background: bool,
     ids: Vec<u32>,
     cache: KvCache,
-    bytes: usize,
     last_used: u64,
 }
 
@@ -67,9 +66,9 @@ impl PrefixCache {
         if ids.len() < self.min_tokens || cache.len() != ids.len() {
             return;
         }
-        let cache = cache.compacted();
-        let bytes = cache.bytes();
-        if bytes > self.budget_bytes {
+        // Shared, not copied: the request goes on writing its reply into segments of its own.
+        let cache = cache.truncated(cache.len());
+        if cache.bytes() > self.budget_bytes {
             return;
         }
         // An entry that is a prefix of this one is superseded by it.
@@ -82,7 +81,6 @@ impl PrefixCache {
             background,
             ids: ids.to_vec(),
             cache,
-            bytes,
             last_used: self.clock,
         });
         while self.used_bytes() > self.budget_bytes {
@@ -104,8 +102,16 @@ impl PrefixCache {
         self.entries.retain(|e| e.version != version);
     }
 
+    /// Memory the entries hold, each allocation counted once: a conversation's later turns
+    /// share the earlier turns' keys and values.
     pub fn used_bytes(&self) -> usize {
-        self.entries.iter().map(|e| e.bytes).sum()
+        let mut seen = std::collections::HashSet::new();
+        self.entries
+            .iter()
+            .flat_map(|e| e.cache.allocations())
+            .filter(|(id, _)| id.is_none_or(|id| seen.insert(id)))
+            .map(|(_, bytes)| bytes)
+            .sum()
     }
 
     pub fn len(&self) -> usize {
@@ -156,10 +162,37 @@ mod tests {
     }
 
     #[test]
+    fn a_prompt_continuing_a_cached_one_shares_its_memory() {
+        let model = tiny();
+        let mut pc = PrefixCache::new(1 << 30, 2);
+        let first = [1, 2, 3, 4, 5, 6];
+        let first_cache = cache_of(&model, &first);
+        pc.insert(0, &first, &first_cache, false);
+        // A second turn: the first four tokens are found, the rest computed after them.
+        let second = [1, 2, 3, 4, 9, 10, 11];
+        let mut cache = pc.lookup(0, &second).expect("a shared prefix");
+        assert_eq!(cache.len(), 4);
+        scoring::extend(&model, &second[4..], &mut cache, None, 64);
+        pc.insert(0, &second, &cache, false);
+        assert_eq!(pc.len(), 2);
+        // Its keys and values are the first prompt's allocations plus its own new ones.
+        assert!(cache.bytes() > first_cache.bytes());
+        assert_eq!(pc.used_bytes(), cache.bytes());
+        // And they are what computing it from scratch gives.
+        let fresh = cache_of(&model, &second);
+        let next = |c: &KvCache| {
+            let token = scoring::ids_tensor(&model, &[7]);
+            model.forward(token, &mut c.clone(), None).into_data()
+        };
+        let (a, b) = (next(&cache), next(&fresh));
+        a.assert_approx_eq::<f32>(&b, burn::tensor::Tolerance::absolute(1e-5));
+    }
+
+    #[test]
     fn background_prompts_are_evicted_before_user_prompts() {
         let model = tiny();
-        // Entries are stored compacted (no spare capacity).
-        let one = cache_of(&model, &[1, 2, 3, 4]).compacted().bytes();
+        // Entries hold the caches they are given (shared, spare capacity included).
+        let one = cache_of(&model, &[1, 2, 3, 4]).bytes();
         let mut pc = PrefixCache::new(2 * one, 2);
         pc.insert(0, &[1, 2, 3, 4], &cache_of(&model, &[1, 2, 3, 4]), false);
         pc.insert(0, &[5, 6, 7, 8], &cache_of(&model, &[5, 6, 7, 8]), true);

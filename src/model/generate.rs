@@ -207,6 +207,8 @@ impl LoadedModel {
         };
         if !d.done {
             let t0 = Instant::now();
+            // The prompt kept in the prefix cache then holds exactly its positions.
+            cache.reserve(req.prompt_ids.len());
             d.logits = self.step(
                 &req.prompt_ids[cached_tokens..],
                 &mut cache,
@@ -455,6 +457,7 @@ impl LoadedModel {
             Some(c) => c.truncated(shared - 1),
             None => self.transformer.new_cache(),
         };
+        cache.reserve(shared);
         let logits = self.step(&context[cache.len()..], &mut cache, None);
         let logp = |logits: &[f32], id: u32| {
             logits

@@ -12,7 +12,6 @@ use super::weights::WeightFile;
 use anyhow::{Context, Result, bail, ensure};
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
 use std::sync::Arc;
 
@@ -199,20 +198,16 @@ impl Attention {
             for (r, cache) in caches.iter_mut().enumerate() {
                 let q = rope.apply(row(&q, r), starts[r]);
                 let k = rope.apply(row(&k, r), starts[r]);
-                let (k, v) = cache.append(k, row(&v, r), starts[r]);
-                // Training, and GPUs (whose fused attention in Burn 0.22 takes no grouped
-                // heads): the explicit product.
-                outs.push(if q.is_autodiff() || !kv_cache::on_host(&q) {
-                    attend(q, k, v, starts[r], nkv)
+                outs.push(if !q.is_autodiff() && kv_cache::on_host(&q) {
+                    // The cache's kernels, over its segments in place (the backend's fused
+                    // attention needed one contiguous cache, and ran a 5 K-token prompt's
+                    // first turn in 13–15 s against 11–12 s here).
+                    cache.attend_prompt(q, k, row(&v, r), starts[r])
                 } else {
-                    // The backend's fused attention (tiled, online softmax, grouped heads):
-                    // a long prompt never materializes its score matrix.
-                    let causal = AttentionModuleOptions {
-                        scale: None,
-                        softcap: None,
-                        is_causal: true,
-                    };
-                    burn::tensor::module::attention(q, k, v, None, None, causal)
+                    // Training, and GPUs (whose fused attention in Burn 0.22 takes no grouped
+                    // heads): the explicit product.
+                    let (k, v) = cache.append(k, row(&v, r), starts[r]);
+                    attend(q, k, v, starts[r], nkv)
                 });
             }
             let out = if b == 1 {
