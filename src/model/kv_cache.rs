@@ -301,10 +301,12 @@ impl Buffers {
     fn attend_head(&self, qs: &[f32], g: usize, len: usize, out: &mut [f32]) {
         let (d, isa) = (self.dim, kernels::Isa::selected());
         let scale = 1.0 / (d as f32).sqrt();
-        let runs = self.runs(g, 0..len, usize::MAX);
-        if let [(k, v)] = runs[..] {
+        if let [one] = &self.segments[..] {
+            // Decoding a short context: no allocation.
+            let (k, v) = self.run(one, g, 0..len);
             return kernels::attend_group(isa, qs, k, v, d, scale, out);
         }
+        let runs = self.runs(g, 0..len, usize::MAX);
         let mut rows = vec![0f32; runs.len() * qs.len()];
         let stats: Vec<Vec<kernels::RowStats>> = runs
             .into_iter()
