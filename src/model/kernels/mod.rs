@@ -451,6 +451,14 @@ pub fn attend_part(
             }
         },
         #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if d == 64 => unsafe {
+            if half {
+                x86::avx512::attend_part64::<true>(qs, k, v, scale, out, &mut stats)
+            } else {
+                x86::avx512::attend_part64::<false>(qs, k, v, scale, out, &mut stats)
+            }
+        },
+        #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if d.is_multiple_of(64) => unsafe {
             if half {
                 x86::avx512::attend_part::<true>(qs, k, v, d, scale, out, &mut stats)

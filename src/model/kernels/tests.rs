@@ -260,6 +260,10 @@ fn decode_attention_equals_the_exact_softmax_on_every_isa() {
         (7, 64, 300),
         (2, 128, 129),
         (3, 48, 20),
+        // A prompt block's rows (the 64-wide kernel takes rows 2 and up to 4 at a time).
+        (1, 64, 33),
+        (5, 64, 16),
+        (63, 64, 100),
     ] {
         let (qs, keys, values) = attention_inputs(rep, d, len, &mut rng);
         let scale = 1.0 / (d as f32).sqrt();

@@ -1034,5 +1034,218 @@ pub mod avx512 {
         _mm512_reduce_add_ps(v)
     }
 
+    /// One key or value row of 64 (f32, or f16 when `HALF`) at `at` bytes: 4 registers.
+    ///
+    /// # Safety
+    /// `at` plus the row's bytes must be within the caller's slice.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn row64<const HALF: bool>(base: *const u8, at: usize) -> [__m512; 4] {
+        // SAFETY: the caller's bounds.
+        unsafe {
+            let p = base.add(at);
+            if HALF {
+                let h =
+                    |i: usize| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32 * i) as *const __m256i));
+                [h(0), h(1), h(2), h(3)]
+            } else {
+                let f = |i: usize| _mm512_loadu_ps((p as *const f32).add(16 * i));
+                [f(0), f(1), f(2), f(3)]
+            }
+        }
+    }
+
+    /// 4 vectors' lanes summed: 128-bit lane L of the result holds their 4 sums over lane L
+    /// (`scores16`'s first step).
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn four_sums(a: __m512, b: __m512, c: __m512, e: __m512) -> __m512 {
+        let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        let ce = _mm512_add_ps(_mm512_unpacklo_ps(c, e), _mm512_unpackhi_ps(c, e));
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0x44>(ab, ce),
+            _mm512_shuffle_ps::<0xEE>(ab, ce),
+        )
+    }
+
+    /// 4 [`four_sums`] (keys 0–3, 4–7, …) as the 16 keys' sums in order.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn sixteen_sums(u: [__m512; 4]) -> __m512 {
+        let halves = |x: __m512, y: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(x, y),
+                _mm512_shuffle_f32x4::<0xEE>(x, y),
+            )
+        };
+        let (y01, y23) = (halves(u[0], u[1]), halves(u[2], u[3]));
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(y01, y23),
+            _mm512_shuffle_f32x4::<0xDD>(y01, y23),
+        )
+    }
+
+    /// `attend_part` for 64-wide heads, query rows `R` at a time: each key and value is
+    /// loaded once for the `R` rows, the queries and the output rows stay in registers, and
+    /// no load is bounds-checked on its own (one check up front). A prompt's block of
+    /// positions brings up to 64 rows; decoding 3 (SmolLM2) or 7 (Qwen2.5).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub unsafe fn attend_part64<const HALF: bool>(
+        qs: &[f32],
+        keys: &[u8],
+        values: &[u8],
+        scale: f32,
+        out: &mut [f32],
+        stats: &mut [(f32, f32)],
+    ) {
+        let row_bytes = 64 * if HALF { 2 } else { 4 };
+        let (rows, len) = (qs.len() / 64, keys.len() / row_bytes);
+        assert!(
+            qs.len() == rows * 64
+                && out.len() == qs.len()
+                && stats.len() == rows
+                && keys.len() == len * row_bytes
+                && values.len() == keys.len()
+        );
+        let mut scores = vec![0f32; rows * len];
+        let mut r = 0;
+        while r < rows {
+            // SAFETY: rows r..r+R and every key row are within the slices checked above.
+            unsafe {
+                if rows - r >= 2 {
+                    scores64::<HALF, 2>(qs, r, keys, len, scale, &mut scores);
+                    r += 2;
+                } else {
+                    scores64::<HALF, 1>(qs, r, keys, len, scale, &mut scores);
+                    r += 1;
+                }
+            }
+        }
+        // Softmax without its division (as the general kernel).
+        for (row, stat) in scores.chunks_exact_mut(len.max(1)).zip(stats.iter_mut()) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut total = zero();
+            let mut chunks = row.chunks_exact_mut(16);
+            for c in chunks.by_ref() {
+                let e = exp_minus16(load_w(c, 0), max);
+                store_w(c, 0, e);
+                total = sum16(e, total);
+            }
+            let mut sum = hsum(total);
+            for v in chunks.into_remainder() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            *stat = (max, sum);
+        }
+        let mut r = 0;
+        while r < rows {
+            // SAFETY: as above.
+            unsafe {
+                match rows - r {
+                    1 => weigh64::<HALF, 1>(&scores, r, values, len, out),
+                    2 => weigh64::<HALF, 2>(&scores, r, values, len, out),
+                    3 => weigh64::<HALF, 3>(&scores, r, values, len, out),
+                    _ => weigh64::<HALF, 4>(&scores, r, values, len, out),
+                }
+            }
+            r += 4;
+        }
+    }
+
+    /// Scaled scores of query rows `first..first + R` against every key, into `scores`
+    /// (`[row][len]`): 16 keys per transposing reduction, 4 keys per partial one.
+    ///
+    /// # Safety
+    /// Rows `first..first + R` of `qs` and `len` key rows must exist.
+    // Registers indexed by row and position: the loops are over both.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn scores64<const HALF: bool, const R: usize>(
+        qs: &[f32],
+        first: usize,
+        keys: &[u8],
+        len: usize,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let row_bytes = 64 * if HALF { 2 } else { 4 };
+        let q: [[__m512; 4]; R] =
+            std::array::from_fn(|r| std::array::from_fn(|i| load_w(qs, (first + r) * 64 + 16 * i)));
+        // SAFETY (every key load): j < len rows of `keys`, per the caller.
+        let dot = |j: usize| -> [__m512; R] {
+            let k = unsafe { row64::<HALF>(keys.as_ptr(), j * row_bytes) };
+            std::array::from_fn(|r| {
+                let a = _mm512_fmadd_ps(q[r][1], k[1], _mm512_mul_ps(q[r][0], k[0]));
+                let b = _mm512_fmadd_ps(q[r][3], k[3], _mm512_mul_ps(q[r][2], k[2]));
+                _mm512_add_ps(a, b)
+            })
+        };
+        let whole = len / 16 * 16;
+        let s = _mm512_set1_ps(scale);
+        for j in (0..whole).step_by(16) {
+            let mut u = [[zero(); 4]; R];
+            for g in 0..4 {
+                let (a, b, c, e) = (
+                    dot(j + 4 * g),
+                    dot(j + 4 * g + 1),
+                    dot(j + 4 * g + 2),
+                    dot(j + 4 * g + 3),
+                );
+                for r in 0..R {
+                    u[r][g] = four_sums(a[r], b[r], c[r], e[r]);
+                }
+            }
+            for (r, u) in u.into_iter().enumerate() {
+                store_w(
+                    scores,
+                    (first + r) * len + j,
+                    _mm512_mul_ps(sixteen_sums(u), s),
+                );
+            }
+        }
+        for j in whole..len {
+            for (r, v) in dot(j).into_iter().enumerate() {
+                scores[(first + r) * len + j] = _mm512_reduce_add_ps(v) * scale;
+            }
+        }
+    }
+
+    /// Σ_j p_j · value_j for rows `first..first + R` (at most the rows left), 64 outputs a
+    /// row in registers over all positions.
+    ///
+    /// # Safety
+    /// `len` value rows must exist; `scores` holds `[row][len]`.
+    // Registers indexed by row and position: the loops are over both.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn weigh64<const HALF: bool, const R: usize>(
+        scores: &[f32],
+        first: usize,
+        values: &[u8],
+        len: usize,
+        out: &mut [f32],
+    ) {
+        let row_bytes = 64 * if HALF { 2 } else { 4 };
+        let p: [&[f32]; R] =
+            std::array::from_fn(|r| &scores[(first + r) * len..(first + r + 1) * len]);
+        let mut acc = [[zero(); 4]; R];
+        for j in 0..len {
+            // SAFETY: j < len rows of `values`, per the caller.
+            let v = unsafe { row64::<HALF>(values.as_ptr(), j * row_bytes) };
+            for r in 0..R {
+                let w = _mm512_set1_ps(p[r][j]);
+                for i in 0..4 {
+                    acc[r][i] = _mm512_fmadd_ps(w, v[i], acc[r][i]);
+                }
+            }
+        }
+        for (r, acc) in acc.into_iter().enumerate() {
+            for (i, a) in acc.into_iter().enumerate() {
+                store_w(out, (first + r) * 64 + 16 * i, a);
+            }
+        }
+    }
+
     kernels!("avx512f,avx512bw,avx2,fma,f16c");
 }
