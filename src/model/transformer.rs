@@ -12,6 +12,7 @@ use super::weights::WeightFile;
 use anyhow::{Context, Result, bail, ensure};
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
 use std::sync::Arc;
 
@@ -198,17 +199,30 @@ impl Attention {
             for (r, cache) in caches.iter_mut().enumerate() {
                 let q = rope.apply(row(&q, r), starts[r]);
                 let k = rope.apply(row(&k, r), starts[r]);
-                outs.push(if !q.is_autodiff() && kv_cache::on_host(&q) {
-                    // The cache's kernels, over its segments in place (the backend's fused
-                    // attention needed one contiguous cache, and ran a 5 K-token prompt's
-                    // first turn in 13–15 s against 11–12 s here).
-                    cache.attend_prompt(q, k, row(&v, r), starts[r])
-                } else {
-                    // Training, and GPUs (whose fused attention in Burn 0.22 takes no grouped
-                    // heads): the explicit product.
-                    let (k, v) = cache.append(k, row(&v, r), starts[r]);
-                    attend(q, k, v, starts[r], nkv)
-                });
+                let host = !q.is_autodiff() && kv_cache::on_host(&q);
+                outs.push(
+                    if host && kernels::Isa::selected() != kernels::Isa::Portable {
+                        // The cache's kernels, over its segments in place (the backend's fused
+                        // attention needed one contiguous cache, and ran a 5 K-token prompt's
+                        // first turn in 13–15 s against 8 s here).
+                        cache.attend_prompt(q, k, row(&v, r), starts[r])
+                    } else if host {
+                        // No SIMD kernels for this CPU: the backend's fused attention (tiled,
+                        // online softmax, grouped heads), on views of the cache.
+                        let (k, v) = cache.append_viewed(k, row(&v, r), starts[r]);
+                        let causal = AttentionModuleOptions {
+                            scale: None,
+                            softcap: None,
+                            is_causal: true,
+                        };
+                        burn::tensor::module::attention(q, k, v, None, None, causal)
+                    } else {
+                        // Training, and GPUs (whose fused attention in Burn 0.22 takes no grouped
+                        // heads): the explicit product.
+                        let (k, v) = cache.append(k, row(&v, r), starts[r]);
+                        attend(q, k, v, starts[r], nkv)
+                    },
+                );
             }
             let out = if b == 1 {
                 outs.pop().expect("one row")
