@@ -351,22 +351,7 @@ macro_rules! kernels {
                 }
             }
             // Softmax without its division: the caller divides each output row by its sum.
-            for (row, stat) in scores.chunks_exact_mut(len).zip(stats.iter_mut()) {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let mut total = zero();
-                let mut chunks = row.chunks_exact_mut(16);
-                for c in chunks.by_ref() {
-                    let e = exp_minus16(load_w(c, 0), max);
-                    store_w(c, 0, e);
-                    total = sum16(e, total);
-                }
-                let mut sum = hsum(total);
-                for v in chunks.into_remainder() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                *stat = (max, sum);
-            }
+            exponentiate(&mut scores, len, stats);
             // Σ_j p_j · value_j, 64 positions at a time (their values stay in the L1 cache for
             // every query row), 64 outputs in registers across them.
             out.fill(0.0);
@@ -388,6 +373,28 @@ macro_rules! kernels {
                         store_w(o, at + 48, a3);
                     }
                 }
+            }
+        }
+
+        /// Each row of `scores` (`[row][len]`) as exp(score − the row's maximum), with the row's
+        /// (maximum, Σ of them) into `stats`: a softmax without its division.
+        #[target_feature(enable = $features)]
+        fn exponentiate(scores: &mut [f32], len: usize, stats: &mut [(f32, f32)]) {
+            for (row, stat) in scores.chunks_exact_mut(len.max(1)).zip(stats.iter_mut()) {
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut total = zero();
+                let mut chunks = row.chunks_exact_mut(16);
+                for c in chunks.by_ref() {
+                    let e = exp_minus16(load_w(c, 0), max);
+                    store_w(c, 0, e);
+                    total = sum16(e, total);
+                }
+                let mut sum = hsum(total);
+                for v in chunks.into_remainder() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                *stat = (max, sum);
             }
         }
 
@@ -1122,22 +1129,7 @@ pub mod avx512 {
             }
         }
         // Softmax without its division (as the general kernel).
-        for (row, stat) in scores.chunks_exact_mut(len.max(1)).zip(stats.iter_mut()) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut total = zero();
-            let mut chunks = row.chunks_exact_mut(16);
-            for c in chunks.by_ref() {
-                let e = exp_minus16(load_w(c, 0), max);
-                store_w(c, 0, e);
-                total = sum16(e, total);
-            }
-            let mut sum = hsum(total);
-            for v in chunks.into_remainder() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            *stat = (max, sum);
-        }
+        exponentiate(&mut scores, len, stats);
         let mut r = 0;
         while r < rows {
             // SAFETY: as above.
