@@ -172,7 +172,9 @@ mod tests {
         let second = [1, 2, 3, 4, 9, 10, 11];
         let mut cache = pc.lookup(0, &second).expect("a shared prefix");
         assert_eq!(cache.len(), 4);
-        scoring::extend(&model, &second[4..], &mut cache, None, 64);
+        // One token at a time: the test model's 16-wide heads take the backend's attention for
+        // prompts (on one contiguous copy); decoding steps write where they share nothing.
+        scoring::extend(&model, &second[4..], &mut cache, None, 1);
         pc.insert(0, &second, &cache, false);
         assert_eq!(pc.len(), 2);
         // Its keys and values are the first prompt's allocations plus its own new ones.

@@ -201,14 +201,14 @@ impl Attention {
                 let k = rope.apply(row(&k, r), starts[r]);
                 let host = !q.is_autodiff() && kv_cache::on_host(&q);
                 outs.push(
-                    if host && kernels::Isa::selected() != kernels::Isa::Portable {
+                    if host && kernels::attends_on_simd(kernels::Isa::selected(), hd) {
                         // The cache's kernels, over its segments in place (the backend's fused
                         // attention needed one contiguous cache, and ran a 5 K-token prompt's
                         // first turn in 13–15 s against 8 s here).
                         cache.attend_prompt(q, k, row(&v, r), starts[r])
                     } else if host {
-                        // No SIMD kernels for this CPU: the backend's fused attention (tiled,
-                        // online softmax, grouped heads), on views of the cache.
+                        // No SIMD kernels for this CPU or head width: the backend's fused
+                        // attention (tiled, online softmax, grouped heads), on views of the cache.
                         let (k, v) = cache.append_viewed(k, row(&v, r), starts[r]);
                         let causal = AttentionModuleOptions {
                             scale: None,

@@ -400,6 +400,11 @@ impl KvSlice<'_> {
     }
 }
 
+/// Whether attention of `d`-wide heads runs on SIMD kernels here (else the portable loops).
+pub fn attends_on_simd(isa: Isa, d: usize) -> bool {
+    isa != Isa::Portable && d.is_multiple_of(64)
+}
+
 /// Attention of `rep` query rows `qs` (`[rep][d]`) over the `len` positions of one KV head
 /// (`keys`, `values`, of the same type), scores scaled by `scale`, into `out` (`[rep][d]`):
 /// the decode step's attention, which at long contexts costs more than all the weights.
