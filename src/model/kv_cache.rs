@@ -354,15 +354,18 @@ impl Buffers {
     }
 
     /// Attention of one query position over positions `0..len`: `q` and `out` are
-    /// `[query_heads][dim]`; query head `h` reads KV head `h / (query_heads / heads)`.
-    fn attend(&self, q: &[f32], len: usize, out: &mut [f32]) {
+    /// `[query_heads][dim]`; query head `h` reads KV head `h / (query_heads / heads)`. On the
+    /// calling thread alone unless `parallel`.
+    fn attend(&self, q: &[f32], len: usize, out: &mut [f32], parallel: bool) {
         let d = self.dim;
         let rep = q.len() / d / self.heads;
         let queries = |g: usize| &q[g * rep * d..(g + 1) * rep * d];
-        // Long contexts: every KV head in parts of its positions, all in parallel, so that
+        // Longer contexts: every KV head in parts of its positions, all in parallel, so that
         // the threads get equal work whatever the number of heads (SmolLM2's 3 heads split
-        // 2 : 1 over 2 threads decoded 96–98 tok/s at 3.7 K tokens, in parts 110–111).
-        if len * self.heads < 4096 {
+        // 2 : 1 over 2 threads decoded 96–98 tok/s at 3.7 K tokens, in parts 110–111). From
+        // 768 head-positions, not 4,096: SmolLM2 at 512 and 1,024 tokens decoded 167 → 184
+        // and 152 → 179 tok/s. A stream of a batch is one task of its own already.
+        if !parallel || len * self.heads < 768 {
             for (g, out) in out.chunks_mut(rep * d).enumerate() {
                 self.attend_head(queries(g), g, len, out);
             }
@@ -604,19 +607,20 @@ impl LayerCache {
 
     /// Decodes one position: appends its key and value (`[kv_heads][dim]`) at `start` and
     /// returns the attention output for `q` (`[query_heads][dim]`) into `out`.
+    /// `parallel`: whether the attention may use the other threads (a stream decoding alone).
     pub(super) fn decode(
         &mut self,
-        k: &[f32],
-        v: &[f32],
+        (k, v): (&[f32], &[f32]),
         q: &[f32],
         start: usize,
         heads: usize,
         out: &mut [f32],
+        parallel: bool,
     ) {
         let dim = k.len() / heads;
         let b = self.buffers(heads, dim, start);
         b.write(start, 1, k, v);
-        b.attend(q, start + 1, out);
+        b.attend(q, start + 1, out, parallel);
     }
 
     /// The buffers, holding the first `start` positions of whatever held them before.
@@ -805,8 +809,8 @@ mod tests {
             .map(|i| (i % 7) as f32 * 0.3 - 0.9)
             .collect();
         let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
-        half.attend(&q, len, &mut a);
-        exact.attend(&q, len, &mut b);
+        half.attend(&q, len, &mut a, true);
+        exact.attend(&q, len, &mut b, true);
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() < 1e-5, "{x} vs {y}");
         }
@@ -823,7 +827,7 @@ mod tests {
             .map(|i| (i % 11) as f32 * 0.2 - 1.0)
             .collect();
         let mut parallel = vec![0f32; q.len()];
-        b.attend(&q, len, &mut parallel);
+        b.attend(&q, len, &mut parallel, true);
         let isa = kernels::Isa::selected();
         for (g, want_out) in parallel.chunks(rep * dim).enumerate() {
             let mut one_pass = vec![0f32; rep * dim];
@@ -848,7 +852,7 @@ mod tests {
         // Two query heads share the one KV head.
         let q = [2.0, 0.0, 0.0, 2.0];
         let mut out = [0f32; 4];
-        b.attend(&q, len, &mut out);
+        b.attend(&q, len, &mut out, true);
         let s = 1.0 / 2f32.sqrt();
         for (h, qh) in q.chunks(2).enumerate() {
             let scores: Vec<f32> = k
@@ -911,8 +915,8 @@ mod tests {
                 .map(|i| (i % 13) as f32 * 0.15 - 0.9)
                 .collect();
             let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
-            cache.attend(&q, len, &mut a);
-            one.attend(&q, len, &mut b);
+            cache.attend(&q, len, &mut a, true);
+            one.attend(&q, len, &mut b, true);
             for (x, y) in a.iter().zip(&b) {
                 assert!((x - y).abs() < 1e-5, "len {len}: {x} vs {y}");
             }
@@ -932,7 +936,7 @@ mod tests {
                         .collect()
                 };
                 let mut want = vec![0f32; rep * heads * dim];
-                one.attend(&row(&qs), len - s + i + 1, &mut want);
+                one.attend(&row(&qs), len - s + i + 1, &mut want, true);
                 for (x, y) in row(&out).iter().zip(&want) {
                     assert!((x - y).abs() < 1e-5, "len {len}, position {i}: {x} vs {y}");
                 }

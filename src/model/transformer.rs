@@ -171,11 +171,12 @@ impl Attention {
             let stream = |(((cache, (q, k)), (v, o)), &start): Stream| {
                 rope.rotate(q, start);
                 rope.rotate(k, start);
-                cache.decode(k, v, q, start, nkv, o);
+                cache.decode((k, v), q, start, nkv, o, b == 1);
             };
             if b > 1 {
                 // Batched streams: one task each, shared with the team (a stream alone splits
-                // only a long context's attention, into parts of its heads, in `decode`).
+                // its attention over the threads once its context is long enough, in
+                // `decode`; a batch's streams keep theirs on their own task).
                 let streams = kernels::team::Slots::new(streams);
                 kernels::team::for_each_index(streams.len(), |r| {
                     // SAFETY: for_each_index runs each index once.
