@@ -237,22 +237,20 @@ pub fn run(cfg: &Config, python: &Path) -> Result<()> {
     );
     // At a long context each step also reads the whole cache, so the bound falls with it:
     // llama.cpp's cache is f16 by default.
-    let long_bound = |cache: KvDtype| {
-        let cache_bytes = cache.bytes_per_position(&loaded.config) * long_ctx;
-        bandwidth / (bytes_per_token.file + cache_bytes) as f64
-    };
+    let cache_bytes = |cache: KvDtype| cache.bytes_per_position(&loaded.config) * long_ctx;
+    let long_bound =
+        |cache: KvDtype| bandwidth / (bytes_per_token.file + cache_bytes(cache)) as f64;
     let (ours_cache, theirs_cache) = (cfg.model.kv_cache, KvDtype::F16);
+    let (ours_bound, theirs_bound) = (long_bound(ours_cache), long_bound(theirs_cache));
     println!(
-        "physical bound at {long_ctx} tokens of context: + {:.1} MB of {ours_cache:?} KV cache = {:.0} tok/s ({:.2}x the short bound)",
-        (ours_cache.bytes_per_position(&loaded.config) * long_ctx) as f64 / 1e6,
-        long_bound(ours_cache),
-        long_bound(ours_cache) / bound
+        "physical bound at {long_ctx} tokens of context: + {:.1} MB of {ours_cache:?} KV cache = {ours_bound:.0} tok/s ({:.2}x the short bound)",
+        cache_bytes(ours_cache) as f64 / 1e6,
+        ours_bound / bound
     );
     println!(
-        "  clawrl decode at {:.0}% of it, llama.cpp at {:.0}% of its own ({theirs_cache:?} cache: {:.0} tok/s)",
-        100.0 * ours_long / long_bound(ours_cache),
-        100.0 * t("long_decode_tps") / long_bound(theirs_cache),
-        long_bound(theirs_cache)
+        "  clawrl decode at {:.0}% of it, llama.cpp at {:.0}% of its own ({theirs_cache:?} cache: {theirs_bound:.0} tok/s)",
+        100.0 * ours_long / ours_bound,
+        100.0 * t("long_decode_tps") / theirs_bound,
     );
     Ok(())
 }

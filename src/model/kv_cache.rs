@@ -464,13 +464,16 @@ impl Buffers {
             for (n, i) in range.clone().enumerate() {
                 let at = n * rep * d..(n + 1) * rep * d;
                 let (stats_at, own) = (n * rep..(n + 1) * rep, start + range.start..start + i + 1);
-                let mut rows = vec![0f32; rep * d];
-                let mut own_parts = Vec::new();
-                for (k, v) in self.runs(g, own, usize::MAX) {
-                    let stats =
-                        kernels::attend_part(isa, &qs[at.clone()], k, v, d, scale, &mut rows);
-                    own_parts.push((rows.clone(), stats));
-                }
+                let own_parts: Vec<(Vec<f32>, Vec<kernels::RowStats>)> = self
+                    .runs(g, own, usize::MAX)
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let mut rows = vec![0f32; rep * d];
+                        let stats =
+                            kernels::attend_part(isa, &qs[at.clone()], k, v, d, scale, &mut rows);
+                        (rows, stats)
+                    })
+                    .collect();
                 let all: Vec<kernels::Part> = of_block
                     .iter()
                     .map(|(rows, stats)| (&rows[at.clone()], &stats[stats_at.clone()]))
