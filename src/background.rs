@@ -27,13 +27,28 @@ pub fn serving_pool(name: &'static str) -> Result<rayon::ThreadPool> {
         .build()?)
 }
 
+/// Gives rayon's global pool (tensor operations run outside the pools above) the same stack.
+/// Call once, before any parallel work; a second call changes nothing.
+pub fn init_global_pool() {
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(STACK_BYTES)
+        .build_global();
+}
+
 fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Stack of every compute thread. Rayon's default (the platform's 2 MiB) left no margin: a
+/// worker waiting inside a parallel operation runs other jobs of its pool on top of its own
+/// stack, and a stack overflow cannot be caught, it aborts the server with every request in
+/// flight. Only the pages a thread touches are resident, so the size costs address space.
+pub const STACK_BYTES: usize = 16 << 20;
+
 fn pool_builder(name: &'static str) -> rayon::ThreadPoolBuilder {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads())
+        .stack_size(STACK_BYTES)
         .thread_name(move |i| format!("{name}-{i}"))
 }
 

@@ -28,7 +28,16 @@ const AWAKE: Duration = Duration::from_micros(300);
 
 thread_local! {
     static TEAM: RefCell<Option<Arc<Team>>> = const { RefCell::new(None) };
+    /// This thread is inside [`Team::help`]. A helper that yields to the pool may run another
+    /// helper's job there (the leader spawns one whenever a helper has stepped out to yield);
+    /// run inside the first, it would yield again, and so on: under steady load each level
+    /// put another `help` frame on the stack until the thread overflowed it (issue 25's
+    /// `clawrl-engine-1` stack overflow). A nested helper therefore returns at once.
+    static HELPING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
+
+/// The deepest `help` nesting that took jobs, on any thread (1: helpers never nested).
+static DEEPEST_HELP: AtomicUsize = AtomicUsize::new(0);
 
 /// Runs `f(i)` for every `i` in `0..n`, each exactly once, shared between the calling thread
 /// and its team (a serving pool's thread), else over the current rayon pool.
@@ -175,7 +184,12 @@ impl Team {
     /// [`AWAKE`]. Returns at once on the thread that spawned it (it may pop its own job
     /// while waiting inside the tensor library, and would wait there for itself).
     fn help(&self, me: usize, leader: std::thread::ThreadId, mut seen: u64) {
-        if std::thread::current().id() != leader {
+        let depth = HELPING.with(|h| {
+            h.set(h.get() + 1);
+            h.get()
+        });
+        if depth == 1 && std::thread::current().id() != leader {
+            DEEPEST_HELP.fetch_max(depth, Ordering::Relaxed);
             let mut idle = Instant::now();
             let mut polls = 0u32;
             loop {
@@ -215,6 +229,7 @@ impl Team {
                 }
             }
         }
+        HELPING.with(|h| h.set(depth - 1));
         self.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -258,6 +273,43 @@ impl<T> Slots<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Serving under steady load: products back to back with the pool's other work between
+    /// them (a prompt's attention), which a waiting helper runs when it yields. Helpers once
+    /// ran each other's jobs inside that yield, one level deeper each time, until the
+    /// engine's thread overflowed its stack (issue 25); now a helper never runs inside one.
+    #[test]
+    fn helpers_never_nest_under_back_to_back_products() {
+        let team = Team::new(2);
+        let joined = team.clone();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .start_handler(move |_| join(joined.clone()))
+            .build()
+            .unwrap();
+        let sum = AtomicUsize::new(0);
+        let until = Instant::now() + Duration::from_secs(3);
+        pool.install(|| {
+            while Instant::now() < until {
+                for _ in 0..50 {
+                    for_each_index(4, |i| {
+                        sum.fetch_add(i, Ordering::Relaxed);
+                    });
+                    (0..8).into_par_iter().for_each(|i| {
+                        sum.fetch_add(i, Ordering::Relaxed);
+                    });
+                }
+                // A gap as between two decoding steps, long enough for helpers to yield.
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        });
+        assert!(sum.load(Ordering::Relaxed) > 0);
+        assert_eq!(
+            DEEPEST_HELP.load(Ordering::Relaxed),
+            1,
+            "a helper took jobs inside another helper"
+        );
+    }
 
     #[test]
     fn every_index_runs_exactly_once_on_a_team_and_a_panic_reaches_the_caller() {
