@@ -66,9 +66,31 @@ pub struct TrainSection {
     pub kl_coef: f64,
     pub max_staleness: i64,
     pub teacher: Teacher,
+    /// The distillation term's form: over the sampling policy's top-K tokens, or the sampled one.
+    pub opd: crate::train::loss::OpdForm,
+    /// K of the top-K form (and of the hint selection's overlap).
+    pub topk: usize,
+    /// The top-K form's clip on each token's teacher − student log-prob difference (0: none).
+    pub opd_clip: f64,
+    /// Which hint candidate a sample distils from (`train::hints`).
+    pub hint_selection: HintSelection,
     pub max_response_tokens: usize,
     pub grad_context_tokens: usize,
     pub seed: u64,
+}
+
+/// Which of a sample's hint candidates (the judge's hint, the user's next message) its
+/// teacher reads (PIPELINE.md §4b).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HintSelection {
+    /// The one whose teacher's top-K tokens overlap the student's most over the reply (the
+    /// published `sequence_optimal` rule).
+    Overlap,
+    /// The first: the judge's hint when there is one (before candidates, the only hint).
+    First,
+    /// The user's own next message when there is one.
+    User,
 }
 
 /// Who scores a hinted turn for distillation.
@@ -106,6 +128,10 @@ impl Default for TrainSection {
             kl_coef: 0.0,
             max_staleness: 4,
             teacher: Teacher::Base,
+            opd: crate::train::loss::OpdForm::Topk,
+            topk: 16,
+            opd_clip: 2.0,
+            hint_selection: HintSelection::Overlap,
             max_response_tokens: 256,
             grad_context_tokens: 256,
             seed: 0,
@@ -522,6 +548,15 @@ impl Config {
                 "train.clip_low must be within [0, 1) and train.clip_high positive, got {} and {}",
                 t.clip_low,
                 t.clip_high
+            );
+        }
+        if !(1..=256).contains(&t.topk) {
+            bail!("train.topk must be within 1..=256, got {}", t.topk);
+        }
+        if !(t.opd_clip >= 0.0) {
+            bail!(
+                "train.opd_clip must be a non-negative number (0: no clip), got {}",
+                t.opd_clip
             );
         }
         if t.max_response_tokens == 0 || t.grad_context_tokens == 0 {

@@ -95,6 +95,15 @@ pub enum Event {
     SamplesWaiting {
         samples: usize,
     },
+    /// The trainer chose what a sample distils from (of `candidates` hint candidates).
+    HintChosen {
+        turn_id: i64,
+        source: crate::train::hints::HintSource,
+        hint: String,
+        /// The chosen teacher's mean top-K overlap with the student, when scored.
+        overlap: Option<f64>,
+        candidates: usize,
+    },
     /// The trainer set samples aside for good, without an update, and why.
     SamplesSetAside {
         samples: usize,

@@ -79,3 +79,57 @@ mod tests {
         assert_eq!(text.lines().count(), 2);
     }
 }
+
+/// Lets a repeated log line through at most once per interval (per message), so that a loop
+/// meeting the same condition every second does not fill the log with it.
+pub struct Repeats {
+    every: std::time::Duration,
+    /// Per message: when it was last let through, and how often it was held back since.
+    last: std::collections::HashMap<String, (std::time::Instant, u64)>,
+}
+
+impl Repeats {
+    pub fn new(every: std::time::Duration) -> Self {
+        Self {
+            every,
+            last: Default::default(),
+        }
+    }
+
+    /// `Some(held back since the last time)` when `message` may be logged now.
+    pub fn fresh(&mut self, message: &str) -> Option<u64> {
+        let now = std::time::Instant::now();
+        match self.last.get_mut(message) {
+            Some((at, held)) if now.duration_since(*at) < self.every => {
+                *held += 1;
+                None
+            }
+            Some((at, held)) => {
+                *at = now;
+                Some(std::mem::take(held))
+            }
+            None => {
+                self.last.insert(message.to_string(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod repeats_tests {
+    use super::Repeats;
+    use std::time::Duration;
+
+    #[test]
+    fn a_repeated_message_passes_once_per_interval_with_the_count_held_back() {
+        let mut r = Repeats::new(Duration::from_millis(200));
+        assert_eq!(r.fresh("set aside"), Some(0));
+        assert_eq!(r.fresh("set aside"), None);
+        assert_eq!(r.fresh("set aside"), None);
+        assert_eq!(r.fresh("another"), Some(0), "each message on its own");
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(r.fresh("set aside"), Some(2));
+        assert_eq!(r.fresh("set aside"), None);
+    }
+}

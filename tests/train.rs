@@ -206,6 +206,41 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
     assert_eq!(trained.len(), 3, "{turns:#?}");
     assert!(trained.iter().any(|t| t["response_id"] == thumbs.as_str()));
     assert!(trained.iter().all(|t| t["adapter_version"] == 0));
+    // The correction distilled from one of two candidates, the judge's hint and the user's own
+    // words, chosen by their teachers' top-K overlap with the student; the others had none.
+    let choices: Vec<&Value> = trained
+        .iter()
+        .flat_map(|t| t["hint_choices"].as_array().unwrap())
+        .collect();
+    assert_eq!(choices.len(), 1, "{turns:#?}");
+    let c = choices[0];
+    assert_eq!(
+        (c["version"].as_i64(), c["rule"].as_str(), c["k"].as_u64()),
+        (Some(1), Some("overlap"), Some(16)),
+        "{c:#}"
+    );
+    let candidates = c["candidates"].as_array().unwrap();
+    let said: Vec<(&str, &str)> = candidates
+        .iter()
+        .map(|x| (x["source"].as_str().unwrap(), x["text"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        said,
+        [
+            ("judge", "Answer in one short sentence."),
+            ("user", "No, shorter please")
+        ],
+        "{c:#}"
+    );
+    for x in candidates {
+        let overlap = x["overlap"].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=16.0).contains(&overlap), "{c:#}");
+    }
+    let chosen = c["chosen"].as_u64().unwrap() as usize;
+    assert!(
+        candidates[chosen]["overlap"].as_f64() >= candidates[1 - chosen]["overlap"].as_f64(),
+        "{c:#}"
+    );
 
     // The live version serves differently; rolling back to the base restores every log-prob.
     let after = probe(&s);

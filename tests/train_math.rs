@@ -9,9 +9,9 @@ use clawrl_tui::model::linear::LinearWeight;
 use clawrl_tui::model::lora::{LoraPair, values};
 use clawrl_tui::model::weights::WeightFile;
 use clawrl_tui::model::{LoraAdapter, LoraConfig, Target, Transformer, WeightMode, scoring};
-use clawrl_tui::train::loss::{LossConfig, Method, Signals};
+use clawrl_tui::train::loss::{LossConfig, Method, Signals, TopK};
 use clawrl_tui::train::optimizer::{AdapterOptimizer, OptimizerConfig};
-use clawrl_tui::train::policy::{micro_step, response_logprobs};
+use clawrl_tui::train::policy::{micro_step, response_log_distributions, response_logprobs};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -145,6 +145,7 @@ fn lora_gradients_match_finite_differences() {
         logp_old: current.iter().map(|l| l - 0.05).collect(),
         reward: Some(1.0),
         teacher_logp: Some(current.iter().map(|l| l + 0.3).collect()),
+        topk: None,
     };
     let trainable = adapter.trainable();
     // The whole prompt with gradients (a shorter window leaves out the head's keys and values).
@@ -216,6 +217,7 @@ fn scaled_update(
         logp_old: before.clone(),
         reward,
         teacher_logp: teacher,
+        topk: None,
     };
     let loss = LossConfig {
         method,
@@ -334,4 +336,89 @@ fn computing_the_prompt_head_without_gradients_gives_the_same_log_probs() {
     for (a, b) in full.iter().zip(&tail) {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
+}
+
+/// The log-distributions `[n, vocab]` over the response positions, on the host.
+fn distributions(model: &Transformer, adapter: &LoraAdapter) -> (Vec<f32>, usize) {
+    let d = response_log_distributions(model, adapter, &PROMPT, &RESPONSE, 64, &|| {});
+    let [_, vocab] = d.dims();
+    (d.into_data().try_into_vec::<f32>().unwrap(), vocab)
+}
+
+#[test]
+fn top_k_distillation_raises_a_token_the_reply_did_not_contain() {
+    // The hint makes the teacher favour, at the first position, the student's second choice:
+    // a token the sampled reply does not contain (as the end of the turn after a short
+    // answer would be). The top-K form raises it; the sampled-token form cannot see it.
+    let model = tiny();
+    let start = LoraAdapter::init(&model.config, lora_config(4), &common::test_device(), 3);
+    let (old, vocab) = distributions(&model, &start);
+    let k = 8;
+    let (ids, old_top) = TopK::select(&old, vocab, k);
+    let favoured = ids[..k]
+        .iter()
+        .copied()
+        .find(|&v| v != RESPONSE[0] && !RESPONSE.contains(&v))
+        .expect("a top-K token outside the reply");
+    let teacher: Vec<f32> = ids
+        .iter()
+        .zip(&old_top)
+        .enumerate()
+        .map(|(i, (&v, &o))| if i < k && v == favoured { o + 1.5 } else { o })
+        .collect();
+    let sampled: Vec<f32> = RESPONSE
+        .iter()
+        .enumerate()
+        .map(|(t, &y)| old[t * vocab + y as usize])
+        .collect();
+    let step = |topk: Option<TopK>| {
+        let mut opt = AdapterOptimizer::new(
+            &start,
+            OptimizerConfig {
+                learning_rate: 1e-3,
+                ..OptimizerConfig::default()
+            },
+        );
+        let signals = Signals {
+            logp_old: sampled.clone(),
+            reward: None,
+            // The teacher agrees with the student on every sampled token.
+            teacher_logp: Some(sampled.clone()),
+            topk,
+        };
+        let loss = LossConfig {
+            method: Method::Opd,
+            ..LossConfig::default()
+        };
+        micro_step(
+            &model,
+            &mut opt,
+            &loss,
+            &PROMPT,
+            &RESPONSE,
+            &signals,
+            64,
+            1.0,
+            &|| {},
+        );
+        opt.step(1.0);
+        let (after, _) = distributions(&model, &opt.snapshot());
+        after[favoured as usize]
+    };
+    let before = old[favoured as usize];
+    let topk = step(Some(TopK {
+        k,
+        ids: ids.clone(),
+        old: old_top.clone(),
+        teacher,
+    }));
+    assert!(
+        topk > before + 1e-3,
+        "top-K: log p(favoured) {before} -> {topk}"
+    );
+    let sampled_form = step(None);
+    assert!(
+        (sampled_form - before).abs() < 1e-6,
+        "the sampled-token form has nothing to move: {before} -> {sampled_form}"
+    );
 }

@@ -380,6 +380,7 @@ fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         logp_old: logp_old.clone(),
         reward: Some(1.0),
         teacher_logp: Some(logp_old.iter().map(|l| l + 0.1).collect()),
+        topk: None,
     };
     let loss = LossConfig::default();
     let grad_context = cfg.train.grad_context_tokens;

@@ -36,8 +36,8 @@ pub enum GateError {
 pub struct Candidate {
     pub adapter: LoraAdapter,
     pub parent: i64,
-    /// The turns it was trained on: (turn id, reward, had a hint).
-    pub samples: Vec<(i64, Option<f64>, bool)>,
+    /// The turns it was trained on.
+    pub samples: Vec<crate::store::TrainedSample>,
     pub metrics: UpdateMetrics,
 }
 

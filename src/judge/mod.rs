@@ -130,7 +130,7 @@ impl Voter {
                     .collect();
                 Ok(judgment(
                     verdict::majority(&scores),
-                    verdict::best_hint(&hints),
+                    verdict::best_hint(&hints, &view.response),
                     None,
                     votes,
                 ))

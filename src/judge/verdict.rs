@@ -61,11 +61,50 @@ pub fn usable_hint(text: &str) -> Option<String> {
     extract_hint(text).filter(|h| h.chars().count() > MIN_HINT_CHARS)
 }
 
-/// The longest usable hint among the votes (the first of equally long ones).
-pub fn best_hint(votes: &[String]) -> Option<String> {
+/// Lowercase words of letters and digits.
+fn words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// Whether `hint` merely restates `reply`: at least half of its word pairs occur in the reply
+/// (a copy), or at least three quarters of its longer words do (a rewrite of the same content).
+/// Small judges write such hints on most corrections (issue 25: Qwen2.5-Coder-0.5B on 15 of
+/// 15), and a teacher reading one prefers the very reply the user refused, so distilling from
+/// it trains toward what the user asked to change.
+pub fn restates(hint: &str, reply: &str) -> bool {
+    let (h, r) = (words(hint), words(reply));
+    let reply_pairs: std::collections::HashSet<(&str, &str)> = r
+        .windows(2)
+        .map(|w| (w[0].as_str(), w[1].as_str()))
+        .collect();
+    let pairs: Vec<(&str, &str)> = h
+        .windows(2)
+        .map(|w| (w[0].as_str(), w[1].as_str()))
+        .collect();
+    let copied = pairs.iter().filter(|p| reply_pairs.contains(p)).count();
+    if !pairs.is_empty() && copied * 2 >= pairs.len() {
+        return true;
+    }
+    let reply_words: std::collections::HashSet<&str> = r.iter().map(String::as_str).collect();
+    let long: Vec<&str> = h
+        .iter()
+        .map(String::as_str)
+        .filter(|w| w.chars().count() >= 4)
+        .collect();
+    let shared = long.iter().filter(|w| reply_words.contains(*w)).count();
+    long.len() >= 4 && shared * 4 >= long.len() * 3
+}
+
+/// The longest usable hint among the votes (the first of equally long ones) that does not
+/// merely restate `reply` ([`restates`]).
+pub fn best_hint(votes: &[String], reply: &str) -> Option<String> {
     votes
         .iter()
         .filter_map(|v| usable_hint(v))
+        .filter(|h| !restates(h, reply))
         .fold(None, |best: Option<String>, h| match best {
             Some(b) if b.chars().count() >= h.chars().count() => Some(b),
             _ => Some(h),
@@ -176,10 +215,44 @@ mod tests {
             .map(|s| s.to_string())
             .collect();
         assert_eq!(
-            best_hint(&votes).as_deref(),
+            best_hint(&votes, "5 miles is 8 km.").as_deref(),
             Some("The user wants metric units and short answers without lists.")
         );
-        assert_eq!(best_hint(&votes[1..2]), None);
+        assert_eq!(best_hint(&votes[1..2], ""), None);
+        // A hint that restates the reply is no hint.
+        let reply = "The user wants short answers without lists.";
+        assert_eq!(
+            best_hint(&votes, reply).as_deref(),
+            Some("Use metric units, the user is in Europe.")
+        );
+    }
+
+    #[test]
+    fn a_copy_or_rewrite_of_the_reply_restates_it_and_a_wish_does_not() {
+        // Hints of Qwen2.5-Coder-0.5B on corrections (issue 25), and wishes.
+        let reply = "Cats – they're the most versatile pets on the planet! They are independent, \
+            clean, and affectionate. Here's why: 1. Cats groom themselves. 2. They adapt to small flats.";
+        assert!(restates(
+            "Cats – they're the most versatile pets on the planet…",
+            reply
+        ));
+        let packing = "Packing for a weekend hike: 1. A lightweight tent that is waterproof. \
+            2. A warm sleeping bag. 3. Water bottles and a filter. 4. Snacks and a first aid kit.";
+        assert!(restates(
+            "Pack a lightweight waterproof tent, a warm sleeping bag, water bottles and snacks.",
+            packing
+        ));
+        for wish in [
+            "Answer in under 20 words.",
+            "Keep it to three items and skip the explanations.",
+            "The user wants plain sentences without lists or bold text.",
+            "End the reply with a question to the user.",
+            "Pack only three things: a tent, water and a map.",
+        ] {
+            assert!(!restates(wish, packing), "{wish}");
+            assert!(!restates(wish, reply), "{wish}");
+        }
+        assert!(!restates("", reply));
     }
 
     #[test]

@@ -55,10 +55,16 @@ pub fn continuation_logits(
 
 /// The log-probability `[n]` of each token of `continuation` under `logits` `[n, vocab]`.
 pub fn gather_logprobs(logits: Tensor<2>, continuation: &[u32]) -> Tensor<1> {
+    gather(log_softmax(logits, 1), continuation)
+}
+
+/// The log-probability `[n]` of each token of `continuation` in log-distributions `[n, vocab]`
+/// (with their gradients).
+pub fn gather(log_dist: Tensor<2>, continuation: &[u32]) -> Tensor<1> {
     let n = continuation.len();
     let targets: Vec<i64> = continuation.iter().map(|&i| i as i64).collect();
-    let idx = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &logits.device());
-    log_softmax(logits, 1).gather(1, idx).reshape([n])
+    let idx = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &log_dist.device());
+    log_dist.gather(1, idx).reshape([n])
 }
 
 /// The log-probability of each token of `continuation` from log-distributions `[n, vocab]`.

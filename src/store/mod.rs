@@ -11,7 +11,7 @@ mod samples;
 mod versions;
 mod view;
 pub use samples::SampleRow;
-pub use versions::{LiveChange, UpdateMetrics, VersionRow};
+pub use versions::{LiveChange, TrainedSample, UpdateMetrics, VersionRow};
 pub use view::{JudgmentSummary, SessionSummary, Snapshot, TurnSummary};
 
 /// Each entry migrates the schema from version i to i+1; never edit a shipped entry, append.
@@ -147,6 +147,11 @@ CREATE TABLE settings (
 -- The learning rate the version's optimizer step used (warmup and signal sizing applied);
 -- NULL for versions trained before it was recorded.
 ALTER TABLE versions ADD COLUMN learning_rate REAL;
+"#,
+    r#"
+-- What a sample distilled from: every hint candidate (the judge's, the user's next message)
+-- with its top-K overlap, the chosen one and the rule (JSON, train::hints::HintChoice).
+ALTER TABLE version_samples ADD COLUMN hint_choice TEXT;
 "#,
 ];
 
@@ -709,6 +714,8 @@ impl Store {
             record["reward"] = json!(rating.or(judge_score.filter(|_| !judge_failed)));
             // Which versions learned from this turn (and why none will, if it was set aside).
             record["trained_in"] = json!(self.trained_in(turn_id)?);
+            // What its distillation read, per version that trained on it.
+            record["hint_choices"] = json!(self.hint_choices(turn_id)?);
             record["training_dropped"] = json!(self.dropped_reason(turn_id)?);
             each(record)?;
             n += 1;

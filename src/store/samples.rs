@@ -18,7 +18,11 @@ pub struct SampleRow {
     pub request_messages: Value,
     pub tools: Option<Value>,
     pub reward: Option<i8>,
+    /// The judge's hint.
     pub hint: Option<String>,
+    /// The messages that answered the turn (JSON array) and whose they were (user | tool).
+    pub next_state: Option<Value>,
+    pub next_state_role: Option<String>,
     /// When its last signal arrived (unix ms).
     pub signal_at: i64,
 }
@@ -36,7 +40,8 @@ impl Store {
         let mut stmt = self.conn.prepare_cached(
             "SELECT t.id, t.adapter_version, t.prompt_ids, t.response_ids, t.logprobs, t.request_messages, t.tools,
                     f.rating, f.created_at, j.score, j.hint, j.judged_at,
-                    EXISTS (SELECT 1 FROM judgments a WHERE a.turn_id = t.id), t.next_state IS NOT NULL
+                    EXISTS (SELECT 1 FROM judgments a WHERE a.turn_id = t.id), t.next_state IS NOT NULL,
+                    t.next_state, t.next_state_role
              FROM turns t
              LEFT JOIN judgments j ON j.turn_id = t.id AND j.error IS NULL
              LEFT JOIN feedback f ON f.id = (SELECT MAX(id) FROM feedback WHERE turn_id = t.id)
@@ -80,6 +85,8 @@ impl Store {
                 tools: r.get::<_, Option<String>>(6)?.map(|s| parse_json(Some(s))),
                 reward: rating.or(judge_score),
                 hint: r.get(10)?,
+                next_state: r.get::<_, Option<String>>(14)?.map(|s| parse_json(Some(s))),
+                next_state_role: r.get(15)?,
                 signal_at,
             });
             if out.len() >= limit {
@@ -279,7 +286,14 @@ mod tests {
             error: None,
         };
         store
-            .insert_version(&version, &[(ids[0], Some(1.0), false)])
+            .insert_version(
+                &version,
+                &[super::super::TrainedSample {
+                    turn_id: ids[0],
+                    reward: Some(1.0),
+                    hint_choice: None,
+                }],
+            )
             .unwrap();
         store
             .drop_samples(&[(ids[3], "stale".into())], 7_000)

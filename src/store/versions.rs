@@ -29,6 +29,16 @@ pub struct UpdateMetrics {
     pub learning_rate: Option<f64>,
 }
 
+/// A turn a version was trained on, as recorded with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainedSample {
+    pub turn_id: i64,
+    /// The reward as given (a rating, else the judge's score).
+    pub reward: Option<f64>,
+    /// What its distillation read (`train::hints::HintChoice` as JSON), when it had a teacher.
+    pub hint_choice: Option<Value>,
+}
+
 /// A version: recorded as a candidate, then decided.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct VersionRow {
@@ -106,11 +116,7 @@ impl Store {
 
     /// Records a candidate (its state and decision fields are ignored) and the turns it was
     /// trained on, in one transaction: the samples count as used exactly when the version exists.
-    pub fn insert_version(
-        &mut self,
-        v: &VersionRow,
-        samples: &[(i64, Option<f64>, bool)],
-    ) -> Result<()> {
+    pub fn insert_version(&mut self, v: &VersionRow, samples: &[TrainedSample]) -> Result<()> {
         let err = |e| explain(e, "recording the version", &self.path);
         let tx = super::write_transaction(&mut self.conn).map_err(err)?;
         tx.execute(
@@ -142,10 +148,16 @@ impl Store {
             ],
         )
         .map_err(err)?;
-        for (turn_id, reward, hint) in samples {
+        for s in samples {
             tx.execute(
-                "INSERT INTO version_samples (version_id, turn_id, reward, hint) VALUES (?1, ?2, ?3, ?4)",
-                params![v.id, turn_id, reward, hint],
+                "INSERT INTO version_samples (version_id, turn_id, reward, hint, hint_choice) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    v.id,
+                    s.turn_id,
+                    s.reward,
+                    s.hint_choice.is_some(),
+                    s.hint_choice.as_ref().map(Value::to_string)
+                ],
             )
             .map_err(err)?;
         }
@@ -265,6 +277,28 @@ impl Store {
     }
 
     /// The versions trained on a turn.
+    /// The hint choices recorded for `turn_id` by the versions that distilled from it:
+    /// `{"version": id, ...HintChoice}`.
+    pub fn hint_choices(&self, turn_id: i64) -> Result<Vec<Value>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT version_id, hint_choice FROM version_samples
+             WHERE turn_id = ?1 AND hint_choice IS NOT NULL ORDER BY version_id",
+        )?;
+        let rows = stmt.query_map([turn_id], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (version, choice) = row?;
+            let mut v = parse_json(Some(choice));
+            if let Some(o) = v.as_object_mut() {
+                o.insert("version".into(), version.into());
+            }
+            out.push(v);
+        }
+        Ok(out)
+    }
+
     pub fn trained_in(&self, turn_id: i64) -> Result<Vec<i64>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT version_id FROM version_samples WHERE turn_id = ?1 ORDER BY version_id",

@@ -38,6 +38,8 @@ pub struct TurnSummary {
     pub judgment: Option<JudgmentSummary>,
     /// The latest human rating.
     pub rating: Option<i8>,
+    /// The hint its latest distillation read (train.hint_selection's choice).
+    pub distilled: Option<crate::train::hints::HintCandidate>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -128,6 +130,7 @@ impl Store {
                         None => None,
                     },
                     rating: None,
+                    distilled: None,
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;
@@ -161,6 +164,20 @@ impl Store {
             let (turn_id, rating) = row?;
             if let Some(&i) = at.get(&turn_id) {
                 turns[i].rating = Some(rating);
+            }
+        }
+        let mut choices = self.conn.prepare_cached(
+            "SELECT turn_id, hint_choice FROM version_samples
+             WHERE turn_id >= ?1 AND hint_choice IS NOT NULL ORDER BY version_id",
+        )?;
+        for row in choices.query_map(params![first], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })? {
+            let (turn_id, choice) = row?;
+            let choice: Option<crate::train::hints::HintChoice> =
+                serde_json::from_str(&choice).ok();
+            if let (Some(&i), Some(c)) = (at.get(&turn_id), choice) {
+                turns[i].distilled = c.candidates.get(c.chosen).cloned();
             }
         }
         Ok(turns)

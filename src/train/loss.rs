@@ -10,8 +10,22 @@
 //! - An update's step is sized by the weight of the signals it carries ([`LossConfig::step_scale`]).
 //! - Optional k3 KL penalty to the base model: exp(−Δ) − 1 + Δ, Δ = logp_new − logp_base,
 //!   clamped to ±10.
+//! - Top-K distillation (PIPELINE.md §4b, [`TopK`]): the OPD term over the K tokens the
+//!   sampling policy found likeliest at each position, not the sampled token alone, so a hint
+//!   can raise a token the reply did not contain (the end of the turn after a short answer).
 
-use burn::tensor::{Tensor, TensorData};
+use crate::model::scoring::gather;
+use burn::tensor::{Int, Tensor, TensorData};
+
+/// Which form the distillation term takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpdForm {
+    /// Over the sampling policy's top-K tokens at every position (PIPELINE.md §4b).
+    Topk,
+    /// On the sampled token alone (PIPELINE.md §4).
+    Sampled,
+}
 
 /// Which signals train the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -37,6 +51,8 @@ pub struct LossConfig {
     /// Steps sized by [`LossConfig::step_scale`] (PIPELINE.md: every step at the learning rate).
     pub signal_sized_steps: bool,
     pub kl_coef: f64,
+    /// The top-K term's clip on ℓ_teacher − ℓ_old per token (`None`: unclipped).
+    pub opd_clip: Option<f64>,
 }
 
 /// The rewards of an update's samples as its RL term uses them. Replies rated down alone give
@@ -66,6 +82,7 @@ impl Default for LossConfig {
             balance_rewards: false,
             signal_sized_steps: false,
             kl_coef: 0.0,
+            opd_clip: Some(2.0),
         }
     }
 }
@@ -79,6 +96,64 @@ pub struct Signals {
     pub reward: Option<f32>,
     /// The teacher's log-probs of the same tokens (a hint was extracted).
     pub teacher_logp: Option<Vec<f32>>,
+    /// The distillation target over the top-K tokens; when set, the OPD term uses it instead
+    /// of `teacher_logp`.
+    pub topk: Option<TopK>,
+}
+
+/// A sample's top-K distillation target (PIPELINE.md §4b), row-major `[n, k]`, all detached:
+/// S_t, the K likeliest tokens of the policy that sampled the reply at each response position,
+/// with their log-probs under it and under the hinted teacher.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopK {
+    pub k: usize,
+    pub ids: Vec<u32>,
+    /// ℓ_old(v): the sampling policy's log-prob of each id.
+    pub old: Vec<f32>,
+    /// ℓ_teacher(v): the hinted teacher's log-prob of each id.
+    pub teacher: Vec<f32>,
+}
+
+impl TopK {
+    /// The K likeliest ids of each row of log-distributions `[n, vocab]` (flattened) with
+    /// their log-probs, likeliest first.
+    pub fn select(dist: &[f32], vocab: usize, k: usize) -> (Vec<u32>, Vec<f32>) {
+        let k = k.min(vocab);
+        let mut ids = Vec::with_capacity(dist.len() / vocab.max(1) * k);
+        let mut lps = Vec::with_capacity(ids.capacity());
+        let mut order: Vec<u32> = Vec::with_capacity(vocab);
+        for row in dist.chunks_exact(vocab) {
+            order.clear();
+            order.extend(0..vocab as u32);
+            let by_prob = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]);
+            if k < vocab {
+                order.select_nth_unstable_by(k, by_prob);
+            }
+            order.truncate(k);
+            order.sort_unstable_by(by_prob);
+            ids.extend_from_slice(&order);
+            lps.extend(order.iter().map(|&v| row[v as usize]));
+        }
+        (ids, lps)
+    }
+
+    /// The log-probs of each row's `ids` (`[n, k]`) in log-distributions `[n, vocab]`.
+    pub fn gather(dist: &[f32], vocab: usize, ids: &[u32], k: usize) -> Vec<f32> {
+        ids.chunks_exact(k)
+            .zip(dist.chunks_exact(vocab))
+            .flat_map(|(row_ids, row)| row_ids.iter().map(|&v| row[v as usize]))
+            .collect()
+    }
+
+    /// |S^q_t ∩ S^p_t| summed over the positions: how much of the student's top-K a teacher's
+    /// top-K keeps (the published `sequence_optimal` selection signal).
+    pub fn overlap(student: &[u32], teacher: &[u32], k: usize) -> usize {
+        student
+            .chunks_exact(k)
+            .zip(teacher.chunks_exact(k))
+            .map(|(s, t)| s.iter().filter(|v| t.contains(v)).count())
+            .sum()
+    }
 }
 
 impl LossConfig {
@@ -161,6 +236,97 @@ impl LossConfig {
         let unclipped_loss = ratio.neg() * adv.clone();
         let clipped_loss = clipped.neg() * adv;
         unclipped_loss.max_pair(clipped_loss)
+    }
+
+    /// The sample's loss from the response positions' log-distributions `[n, vocab]` (with
+    /// gradients): the top-K form when the sample has a [`TopK`] target and the method
+    /// distils, else [`LossConfig::sample_loss`] on the sampled tokens.
+    pub fn distribution_loss(
+        &self,
+        log_dist: Tensor<2>,
+        response: &[u32],
+        signals: &Signals,
+        logp_base: Option<&[f32]>,
+    ) -> Tensor<1> {
+        match &signals.topk {
+            Some(topk) if self.method != Method::Rl => {
+                self.topk_loss(log_dist, response, signals, topk, logp_base)
+            }
+            _ => self.sample_loss(gather(log_dist, response), signals, logp_base),
+        }
+    }
+
+    /// The top-K form (PIPELINE.md §4b). Per position t the columns are S_t and then the
+    /// sampled token y_t; column v's advantage is
+    /// A_v = w_opd·clip(ℓ_teacher(v) − ℓ_old(v), ±opd_clip)·w_v, w_v = softmax over S_t of
+    /// ℓ_old, plus the RL term w_rl·r on the column holding y_t (S_t's own when y_t is in it,
+    /// else the last, whose ℓ_old is the recorded one). The clipped surrogate of each column is
+    /// summed over the columns and averaged over the positions: with K = 1 and S_t = {y_t} this
+    /// is [`LossConfig::sample_loss`] exactly (inside the clip).
+    fn topk_loss(
+        &self,
+        log_dist: Tensor<2>,
+        response: &[u32],
+        s: &Signals,
+        topk: &TopK,
+        logp_base: Option<&[f32]>,
+    ) -> Tensor<1> {
+        let (n, k) = (response.len(), topk.k);
+        let cols = k + 1;
+        let rl = match (s.reward, self.method) {
+            (Some(r), Method::Combined) => (self.w_rl * r as f64) as f32,
+            _ => 0.0,
+        };
+        let clip = |d: f32| match self.opd_clip {
+            Some(c) => d.clamp(-c as f32, c as f32),
+            None => d,
+        };
+        let (mut ids, mut old, mut adv) = (
+            Vec::with_capacity(n * cols),
+            Vec::with_capacity(n * cols),
+            Vec::with_capacity(n * cols),
+        );
+        for t in 0..n {
+            let row = t * k..(t + 1) * k;
+            let (row_ids, row_old, row_teacher) = (
+                &topk.ids[row.clone()],
+                &topk.old[row.clone()],
+                &topk.teacher[row],
+            );
+            let max = row_old.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = row_old.iter().map(|l| (l - max).exp()).sum();
+            let mut sampled_in_set = false;
+            for j in 0..k {
+                let w = (row_old[j] - max).exp() / z;
+                let mut a = (self.w_opd * (clip(row_teacher[j] - row_old[j]) * w) as f64) as f32;
+                if row_ids[j] == response[t] {
+                    a += rl;
+                    sampled_in_set = true;
+                }
+                ids.push(row_ids[j] as i64);
+                old.push(row_old[j]);
+                adv.push(a);
+            }
+            ids.push(response[t] as i64);
+            old.push(s.logp_old[t]);
+            adv.push(if sampled_in_set { 0.0 } else { rl });
+        }
+        let device = log_dist.device();
+        let idx = Tensor::<2, Int>::from_data(TensorData::new(ids, [n, cols]), &device);
+        let lp = log_dist.gather(1, idx);
+        let ratio =
+            (lp.clone() - Tensor::<2>::from_data(TensorData::new(old, [n, cols]), &device)).exp();
+        let adv = Tensor::<2>::from_data(TensorData::new(adv, [n, cols]), &device);
+        let clipped = ratio
+            .clone()
+            .clamp(1.0 - self.clip_low, 1.0 + self.clip_high);
+        let surrogate = (ratio.neg() * adv.clone()).max_pair(clipped.neg() * adv);
+        let mut per_token = surrogate.sum_dim(1).reshape([n]);
+        if let (Some(base), true) = (logp_base, self.kl_coef > 0.0) {
+            let sampled = lp.slice([0..n, k..cols]).reshape([n]);
+            per_token = per_token + k3(sampled, base).mul_scalar(self.kl_coef);
+        }
+        per_token.mean()
     }
 
     /// The sample's loss (a scalar `[1]`): mean over its tokens of the surrogate, plus the k3
@@ -256,6 +422,7 @@ mod tests {
             logp_old: (0..n).map(|i| -0.5 - 0.1 * i as f32).collect(),
             reward,
             teacher_logp: teacher,
+            topk: None,
         }
     }
 
@@ -378,6 +545,219 @@ mod tests {
             "{combined} vs {rl} + {opd}"
         );
         assert!(rl != 0.0 && opd != 0.0);
+    }
+
+    /// Log-distributions `[n, v]` from fixed pseudo-random logits, and the logits tensor
+    /// (with gradients when `device` is autodiff).
+    fn log_dist(n: usize, v: usize, device: &Device) -> (Tensor<2>, Vec<f32>) {
+        let logits: Vec<f32> = (0..n * v)
+            .map(|i| ((i * 7919 % 97) as f32 / 97.0 - 0.5) * 4.0)
+            .collect();
+        let t = Tensor::<2>::from_data(TensorData::new(logits.clone(), [n, v]), device);
+        (t, logits)
+    }
+
+    fn host_log_softmax(logits: &[f32], v: usize) -> Vec<f32> {
+        logits
+            .chunks_exact(v)
+            .flat_map(|row| {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let z = row.iter().map(|x| (x - m).exp()).sum::<f32>().ln() + m;
+                row.iter().map(move |x| x - z).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    const RESPONSE: [u32; 4] = [3, 0, 7, 5];
+    const VOCAB: usize = 9;
+
+    /// A top-K target from the old distribution `old_dist` (`[n, VOCAB]`) with the teacher
+    /// at `teacher_shift(t, v)` above the old log-prob.
+    fn topk_target(old_dist: &[f32], k: usize, teacher_shift: impl Fn(usize, u32) -> f32) -> TopK {
+        let (ids, old) = TopK::select(old_dist, VOCAB, k);
+        let teacher = ids
+            .iter()
+            .zip(&old)
+            .enumerate()
+            .map(|(i, (&v, &o))| o + teacher_shift(i / k, v))
+            .collect();
+        TopK {
+            k,
+            ids,
+            old,
+            teacher,
+        }
+    }
+
+    #[test]
+    fn top_k_selection_gathering_and_overlap() {
+        let dist = [
+            -3.0, -0.5, -2.0, -1.0, /* row 2 */ -0.1, -4.0, -3.0, -2.5,
+        ];
+        let (ids, lps) = TopK::select(&dist, 4, 2);
+        assert_eq!(ids, [1, 3, 0, 3]);
+        assert_eq!(lps, [-0.5, -1.0, -0.1, -2.5]);
+        assert_eq!(
+            TopK::gather(&dist, 4, &[2, 0, 1, 2], 2),
+            [-2.0, -3.0, -4.0, -3.0]
+        );
+        // Row 1 shares one of two, row 2 both.
+        assert_eq!(TopK::overlap(&[1, 3, 0, 3], &[3, 2, 3, 0], 2), 3);
+    }
+
+    #[test]
+    fn k_1_on_the_sampled_token_is_the_sampled_token_loss_exactly() {
+        let device = Device::flex();
+        let (logits, _) = log_dist(RESPONSE.len(), VOCAB, &device);
+        let dist = burn::tensor::activation::log_softmax(logits, 1);
+        let now = crate::model::lora::values(&gather(dist.clone(), &RESPONSE).unsqueeze::<2>());
+        // Ratios inside and outside the trust region, both signs of the advantage.
+        let logp_old: Vec<f32> = now
+            .iter()
+            .zip([0.0, 0.5, -0.4, 0.1])
+            .map(|(n, d)| n - d)
+            .collect();
+        let teacher: Vec<f32> = logp_old
+            .iter()
+            .zip([0.7, -1.2, 1.9, -0.3])
+            .map(|(o, d)| o + d)
+            .collect();
+        for (method, reward) in [
+            (Method::Combined, Some(1.0)),
+            (Method::Combined, Some(-1.0)),
+            (Method::Combined, None),
+            (Method::Opd, Some(1.0)),
+        ] {
+            let cfg = LossConfig {
+                method,
+                w_opd: 0.25,
+                ..LossConfig::default()
+            };
+            let sampled = Signals {
+                logp_old: logp_old.clone(),
+                reward,
+                teacher_logp: Some(teacher.clone()),
+                topk: None,
+            };
+            let topk = Signals {
+                topk: Some(TopK {
+                    k: 1,
+                    ids: RESPONSE.to_vec(),
+                    old: logp_old.clone(),
+                    teacher: teacher.clone(),
+                }),
+                ..sampled.clone()
+            };
+            let a = cfg
+                .distribution_loss(dist.clone(), &RESPONSE, &sampled, None)
+                .into_scalar::<f32>();
+            let b = cfg
+                .distribution_loss(dist.clone(), &RESPONSE, &topk, None)
+                .into_scalar::<f32>();
+            assert!(
+                a != 0.0 && (a - b).abs() < 1e-6,
+                "{method:?} {reward:?}: {a} vs {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn top_k_gradients_match_finite_differences() {
+        let device = Device::flex().autodiff();
+        let (n, k) = (RESPONSE.len(), 4);
+        let (logits, host) = log_dist(n, VOCAB, &device);
+        let logits = logits.require_grad();
+        let now = host_log_softmax(&host, VOCAB);
+        // Old slightly off the current policy (ratios inside the clip), a teacher that likes
+        // some of the top tokens more and others less, one |difference| past the clip.
+        let old_dist: Vec<f32> = now
+            .iter()
+            .enumerate()
+            .map(|(i, l)| l - 0.03 * (i % 3) as f32)
+            .collect();
+        let target = topk_target(&old_dist, k, |t, v| match (t + v as usize) % 4 {
+            0 => 0.8,
+            1 => -0.6,
+            2 => 3.5,
+            _ => 0.1,
+        });
+        let signals = Signals {
+            logp_old: RESPONSE
+                .iter()
+                .enumerate()
+                .map(|(t, &y)| old_dist[t * VOCAB + y as usize])
+                .collect(),
+            reward: Some(1.0),
+            teacher_logp: None,
+            topk: Some(target),
+        };
+        let cfg = LossConfig::default();
+        let loss_of = |logits: Vec<f32>| {
+            let t = Tensor::<2>::from_data(TensorData::new(logits, [n, VOCAB]), &Device::flex());
+            let dist = burn::tensor::activation::log_softmax(t, 1);
+            cfg.distribution_loss(dist, &RESPONSE, &signals, None)
+                .into_scalar::<f32>() as f64
+        };
+        let dist = burn::tensor::activation::log_softmax(logits.clone(), 1);
+        let grads = cfg
+            .distribution_loss(dist, &RESPONSE, &signals, None)
+            .backward();
+        let analytic = logits
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
+        let h = 1e-2;
+        let mut checked = 0;
+        for i in 0..n * VOCAB {
+            let mut up = host.clone();
+            up[i] += h;
+            let mut down = host.clone();
+            down[i] -= h;
+            let numeric = (loss_of(up) - loss_of(down)) / (2.0 * h as f64);
+            let a = analytic[i] as f64;
+            assert!(
+                (a - numeric).abs() <= 1e-3 + 0.02 * numeric.abs(),
+                "logit {i}: autodiff {a:.6} vs finite differences {numeric:.6}"
+            );
+            checked += (a.abs() > 1e-4) as usize;
+        }
+        assert!(checked > n * k, "most logits get a gradient ({checked})");
+    }
+
+    #[test]
+    fn the_teacher_difference_is_clipped_and_weighted_by_the_old_policy() {
+        let device = Device::flex();
+        let (logits, host) = log_dist(RESPONSE.len(), VOCAB, &device);
+        let dist = burn::tensor::activation::log_softmax(logits, 1);
+        let old_dist = host_log_softmax(&host, VOCAB);
+        let loss = |cfg: &LossConfig, shift: f32| {
+            let s = Signals {
+                logp_old: vec![-1.0; RESPONSE.len()],
+                reward: None,
+                teacher_logp: None,
+                topk: Some(topk_target(&old_dist, 3, |_, _| shift)),
+            };
+            cfg.distribution_loss(dist.clone(), &RESPONSE, &s, None)
+                .into_scalar::<f32>()
+        };
+        let clipped = LossConfig::default();
+        // On-policy (ratio 1) the loss is −Σ_t Σ_v w_v·A_v / n: the clip holds it at ±2.
+        assert!((loss(&clipped, 10.0) - loss(&clipped, 2.0)).abs() < 1e-6);
+        assert!((loss(&clipped, -10.0) - loss(&clipped, -2.0)).abs() < 1e-6);
+        assert!((loss(&clipped, 1.0) - 0.5 * loss(&clipped, 2.0)).abs() < 1e-6);
+        let unclipped = LossConfig {
+            opd_clip: None,
+            ..LossConfig::default()
+        };
+        assert!((loss(&unclipped, 10.0) - 5.0 * loss(&unclipped, 2.0)).abs() < 1e-4);
+        // A uniform shift s gives A_v = s·w_v, whose weights sum to 1 per position: −s.
+        assert!(
+            (loss(&clipped, 1.5) + 1.5).abs() < 1e-5,
+            "{}",
+            loss(&clipped, 1.5)
+        );
     }
 
     #[test]

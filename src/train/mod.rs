@@ -2,6 +2,7 @@
 //! samples; a background thread turns them into LoRA updates, one micro-step (one sample's
 //! forward and backward pass) at a time, yielding to serving between micro-steps.
 
+pub mod hints;
 pub mod loss;
 pub mod optimizer;
 pub mod policy;

@@ -6,17 +6,13 @@ use super::optimizer::AdapterOptimizer;
 use crate::model::lora::values;
 use crate::model::{LoraAdapter, Transformer, scoring};
 use burn::tensor::Tensor;
+use burn::tensor::activation::log_softmax;
 
 /// Prompt tokens per pass when computing a prompt's head without gradients.
 const CHUNK: usize = 256;
 
-/// Log-probs `[n]` of `response` after `prompt` under the base model plus `adapter`.
-///
-/// Only the last `grad_context` prompt tokens (and the response) are computed with the
-/// trainable adapter; the prompt's head goes through with a frozen copy of the same values,
-/// so every log-prob is exact and the gradient ignores only the head's keys and values (an
-/// agent's 5 K-token system prompt would otherwise cost a 5 K-token backward pass).
-/// `pause_point` runs before each chunk of the head (the trainer waits there while serving).
+/// Log-probs `[n]` of `response` after `prompt` under the base model plus `adapter`
+/// (see [`response_log_distributions`]).
 pub fn response_logprobs(
     model: &Transformer,
     adapter: &LoraAdapter,
@@ -25,6 +21,27 @@ pub fn response_logprobs(
     grad_context: usize,
     pause_point: &dyn Fn(),
 ) -> Tensor<1> {
+    let dist =
+        response_log_distributions(model, adapter, prompt, response, grad_context, pause_point);
+    scoring::gather(dist, response)
+}
+
+/// The log-distributions `[n, vocab]` over the next token at each of `response`'s positions
+/// after `prompt`, under the base model plus `adapter`.
+///
+/// Only the last `grad_context` prompt tokens (and the response) are computed with the
+/// trainable adapter; the prompt's head goes through with a frozen copy of the same values,
+/// so every log-prob is exact and the gradient ignores only the head's keys and values (an
+/// agent's 5 K-token system prompt would otherwise cost a 5 K-token backward pass).
+/// `pause_point` runs before each chunk of the head (the trainer waits there while serving).
+pub fn response_log_distributions(
+    model: &Transformer,
+    adapter: &LoraAdapter,
+    prompt: &[u32],
+    response: &[u32],
+    grad_context: usize,
+    pause_point: &dyn Fn(),
+) -> Tensor<2> {
     let split = prompt.len().saturating_sub(grad_context.max(1));
     let mut cache = model.new_cache();
     let frozen = adapter.frozen();
@@ -35,7 +52,7 @@ pub fn response_logprobs(
     let logits =
         scoring::continuation_logits(model, prompt, response, &mut cache, Some(adapter), CHUNK)
             .expect("a sample has a prompt and a response");
-    scoring::gather_logprobs(logits, response)
+    log_softmax(logits, 1)
 }
 
 /// What one micro-step measured.
@@ -64,7 +81,7 @@ pub fn micro_step(
     weight: f64,
     pause_point: &dyn Fn(),
 ) -> MicroStep {
-    let logp_new = response_logprobs(
+    let log_dist = response_log_distributions(
         model,
         optimizer.trainable(),
         prompt,
@@ -72,6 +89,7 @@ pub fn micro_step(
         grad_context,
         pause_point,
     );
+    let logp_new = scoring::gather(log_dist.clone(), response);
     let base = (loss.kl_coef > 0.0).then(|| {
         let mut cache = model.new_cache();
         let logits = scoring::continuation_logits(model, prompt, response, &mut cache, None, CHUNK)
@@ -80,7 +98,7 @@ pub fn micro_step(
         values(&lp.unsqueeze::<2>())
     });
     let now = values(&logp_new.clone().unsqueeze::<2>());
-    let sample_loss = loss.sample_loss(logp_new, signals, base.as_deref());
+    let sample_loss = loss.distribution_loss(log_dist, response, signals, base.as_deref());
     let value = values(&sample_loss.clone().unsqueeze::<2>())[0] as f64;
     optimizer.backward(sample_loss.mul_scalar(weight));
     let clipped = now

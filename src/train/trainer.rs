@@ -8,7 +8,8 @@
 //! prompt). An update interrupted by a pause, a change of the live version or a crash leaves
 //! its samples untouched; they go into the next update.
 
-use super::loss::{LossConfig, Method, Signals};
+use super::hints::{self, HintCandidate, HintChoice};
+use super::loss::{LossConfig, Method, OpdForm, Signals, TopK};
 use super::optimizer::{AdapterOptimizer, OptimizerConfig};
 use super::policy::micro_step;
 use crate::config::{Config, JudgeBackend, Teacher, TrainSection};
@@ -17,7 +18,7 @@ use crate::events::{Event, EventBus, emit};
 use crate::gate::{Candidate, Gate};
 use crate::judge::teacher::hinted_messages;
 use crate::model::{LoraAdapter, LoraConfig};
-use crate::store::{SampleRow, Store, UpdateMetrics, now_ms};
+use crate::store::{SampleRow, Store, TrainedSample, UpdateMetrics, now_ms};
 use anyhow::{Result, bail};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -141,6 +142,24 @@ struct Trainer {
     /// The trainable adapter and the version its values are (reused while that one is live).
     optimizer: Option<(i64, AdapterOptimizer)>,
     last_waiting: Option<usize>,
+    /// Client-internal context markers (never a hint).
+    markers: Vec<String>,
+    /// Rate-limits repeated log lines.
+    log: crate::logging::Repeats,
+}
+
+/// A ready sample and its hint candidates.
+struct Sample {
+    row: SampleRow,
+    hints: Vec<HintCandidate>,
+}
+
+/// What a sample distils from: the chosen teacher's log-probs of the sampled tokens, the
+/// top-K target (the top-K form), and the record of the choice.
+struct Distillation {
+    teacher_logp: Vec<f32>,
+    topk: Option<TopK>,
+    choice: HintChoice,
 }
 
 /// Starts the trainer thread. Training starts paused if it was paused when the last process
@@ -179,6 +198,7 @@ pub fn spawn(
             balance_rewards: t.balance_rewards,
             signal_sized_steps: t.signal_sized_steps,
             kl_coef: t.kl_coef,
+            opd_clip: (t.opd_clip > 0.0).then_some(t.opd_clip),
         },
         optim: OptimizerConfig {
             learning_rate: t.learning_rate,
@@ -199,6 +219,8 @@ pub fn spawn(
             .then_some(t.max_wait_secs as i64 * 1000),
         optimizer: None,
         last_waiting: None,
+        markers: cfg.server.internal_context_markers.clone(),
+        log: crate::logging::Repeats::new(Duration::from_secs(60)),
     };
     let pool = crate::background::low_priority_pool("clawrl-train")?;
     std::thread::Builder::new()
@@ -291,7 +313,7 @@ impl Trainer {
         }
         let oldest_wait_ms = samples
             .iter()
-            .map(|s| now_ms() - s.signal_at)
+            .map(|s| now_ms() - s.row.signal_at)
             .max()
             .unwrap_or(0);
         let due = waiting >= self.cfg.min_samples
@@ -309,11 +331,11 @@ impl Trainer {
             self.handle.set_state("waiting", detail);
             return Ok(false);
         }
-        let batch: Vec<SampleRow> = samples.into_iter().take(self.cfg.max_samples).collect();
+        let batch: Vec<Sample> = samples.into_iter().take(self.cfg.max_samples).collect();
         let rewards = self.loss.rewards(
             &batch
                 .iter()
-                .map(|s| s.reward.map(f32::from))
+                .map(|s| s.row.reward.map(f32::from))
                 .collect::<Vec<_>>(),
         );
         // Every reply rated down and no hint the method uses: nothing to move toward
@@ -321,12 +343,19 @@ impl Trainer {
         let moves = batch
             .iter()
             .zip(&rewards)
-            .any(|(s, r)| self.loss.moves(*r, s.hint.is_some()));
+            .any(|(s, r)| self.loss.moves(*r, !s.hints.is_empty()));
         if !moves {
             let why = "rated down with none rated up beside it and no hint: nothing to move toward";
-            let dropped: Vec<(i64, String)> =
-                batch.iter().map(|s| (s.turn_id, why.to_string())).collect();
-            tracing::info!(count = dropped.len(), "samples set aside: {why}");
+            let dropped: Vec<(i64, String)> = batch
+                .iter()
+                .map(|s| (s.row.turn_id, why.to_string()))
+                .collect();
+            if let Some(held_back) = self.log.fresh(why) {
+                tracing::info!(
+                    count = dropped.len(),
+                    "samples set aside: {why} ({held_back} more such lines held back)"
+                );
+            }
             self.store.drop_samples(&dropped, now_ms())?;
             emit(
                 &self.bus,
@@ -359,14 +388,22 @@ impl Trainer {
         }
     }
 
-    /// Ready samples the method can use; stale or malformed ones are set aside for good.
-    fn ready_samples(&mut self, live: i64) -> Result<Vec<SampleRow>> {
+    /// Ready samples the method can use, with their hint candidates; stale or malformed ones
+    /// are set aside for good.
+    fn ready_samples(&mut self, live: i64) -> Result<Vec<Sample>> {
         let rows = self
             .store
             .ready_samples(self.wait_for_judge, 50 * self.cfg.max_samples)?;
         let mut keep = Vec::new();
         let mut dropped = Vec::new();
         for r in rows {
+            let hints = hints::candidates(
+                r.hint.as_deref(),
+                r.next_state.as_ref(),
+                r.next_state_role.as_deref(),
+                r.reward,
+                &self.markers,
+            );
             if r.response_ids.is_empty()
                 || r.logprobs.len() != r.response_ids.len()
                 || r.prompt_ids.is_empty()
@@ -383,17 +420,22 @@ impl Trainer {
                         r.adapter_version, self.cfg.max_staleness
                     ),
                 ));
-            } else if !self.loss.moves(r.reward.map(f32::from), r.hint.is_some()) {
+            } else if !self.loss.moves(r.reward.map(f32::from), !hints.is_empty()) {
                 dropped.push((
                     r.turn_id,
                     format!("no signal for train.method {:?}", self.cfg.method),
                 ));
             } else {
-                keep.push(r);
+                keep.push(Sample { row: r, hints });
             }
         }
         if !dropped.is_empty() {
-            tracing::info!(count = dropped.len(), "samples set aside");
+            if let Some(held_back) = self.log.fresh("samples set aside") {
+                tracing::info!(
+                    count = dropped.len(),
+                    "samples set aside ({held_back} more such lines held back)"
+                );
+            }
             self.store.drop_samples(&dropped, now_ms())?;
         }
         Ok(keep)
@@ -420,18 +462,13 @@ impl Trainer {
     }
 
     /// One update from `parent` on `batch`, whose rewards the RL term uses as `rewards`.
-    fn update(
-        &mut self,
-        parent: i64,
-        batch: Vec<SampleRow>,
-        rewards: Vec<Option<f32>>,
-    ) -> Result<()> {
+    fn update(&mut self, parent: i64, batch: Vec<Sample>, rewards: Vec<Option<f32>>) -> Result<()> {
         let started = Instant::now();
         let model = match self.engine.model() {
             Some(m) => m,
             None => bail!("the model is not loaded"),
         };
-        let hints = batch.iter().filter(|s| s.hint.is_some()).count();
+        let hints = batch.iter().filter(|s| !s.hints.is_empty()).count();
         let n = batch.len();
         emit(
             &self.bus,
@@ -496,7 +533,7 @@ impl Trainer {
         model: &crate::model::LoadedModel,
         optimizer: &mut AdapterOptimizer,
         parent: i64,
-        batch: &[SampleRow],
+        batch: &[Sample],
         rewards: Vec<Option<f32>>,
         started: Instant,
     ) -> Result<Candidate> {
@@ -506,21 +543,38 @@ impl Trainer {
         let mut used = Vec::with_capacity(n);
         // Each sample's reward as the RL term used it and whether it had a teacher.
         let mut carried = Vec::with_capacity(n);
-        for ((i, s), reward) in batch.iter().enumerate().zip(rewards) {
+        for ((i, sample), reward) in batch.iter().enumerate().zip(rewards) {
+            let s = &sample.row;
             self.yield_to_serving(parent)?;
             let response = &s.response_ids[..s.response_ids.len().min(max)];
             let logp_old = s.logprobs[..response.len()].to_vec();
-            let teacher_logp = match &s.hint {
-                Some(hint) if self.loss.method != Method::Rl => {
-                    self.teacher_logprobs(s, hint, response, parent)
-                }
-                _ => None,
+            let distilled = match self.loss.method {
+                Method::Rl => None,
+                _ => self.distillation(sample, response, parent),
             };
-            carried.push((reward, teacher_logp.is_some()));
+            carried.push((reward, distilled.is_some()));
+            let (teacher_logp, topk, hint_choice) = match distilled {
+                Some(d) => (Some(d.teacher_logp), d.topk, Some(d.choice)),
+                None => (None, None, None),
+            };
+            if let Some(c) = &hint_choice {
+                let chosen = c.chosen();
+                emit(
+                    &self.bus,
+                    Event::HintChosen {
+                        turn_id: s.turn_id,
+                        source: chosen.source,
+                        hint: chosen.text.clone(),
+                        overlap: chosen.overlap,
+                        candidates: c.candidates.len(),
+                    },
+                );
+            }
             let signals = Signals {
                 logp_old,
                 reward,
                 teacher_logp,
+                topk,
             };
             self.yield_to_serving(parent)?;
             let m = micro_step(
@@ -541,11 +595,11 @@ impl Trainer {
             loss_sum += m.loss;
             drift_sum += m.drift;
             tokens += m.tokens;
-            used.push((
-                s.turn_id,
-                s.reward.map(f64::from),
-                signals.teacher_logp.is_some(),
-            ));
+            used.push(TrainedSample {
+                turn_id: s.turn_id,
+                reward: s.reward.map(f64::from),
+                hint_choice: hint_choice.map(|c| serde_json::to_value(c).unwrap_or_default()),
+            });
             let done = i + 1;
             self.handle.set(|st| {
                 if let Some(u) = st.update.as_mut() {
@@ -569,7 +623,7 @@ impl Trainer {
         // The mean of the rewards as given (not as balanced), for the version's record.
         let given: Vec<f64> = batch
             .iter()
-            .filter_map(|s| s.reward.map(f64::from))
+            .filter_map(|s| s.row.reward.map(f64::from))
             .collect();
         Ok(Candidate {
             adapter: optimizer.snapshot(),
@@ -590,40 +644,128 @@ impl Trainer {
         })
     }
 
-    /// The teacher's log-probs of the response given the hinted context (PIPELINE.md §3),
-    /// computed by the engine. `None` (no distillation signal) when it cannot be computed.
-    fn teacher_logprobs(
-        &self,
-        s: &SampleRow,
-        hint: &str,
-        response: &[u32],
-        live: i64,
-    ) -> Option<Vec<f32>> {
-        let messages = s.request_messages.as_array()?;
-        let hinted = match hinted_messages(messages, hint) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::info!(turn = s.turn_id, "no teacher context: {e:#}");
-                return None;
+    /// The sample's distillation target (PIPELINE.md §3, §4b): its hint candidates' teachers
+    /// scored by the engine, one chosen by `train.hint_selection`, and with the top-K form the
+    /// sampling policy's top-K tokens at each position with both sides' log-probs. `None` (no
+    /// distillation signal) when no candidate's teacher can be computed.
+    fn distillation(&self, sample: &Sample, response: &[u32], live: i64) -> Option<Distillation> {
+        let s = &sample.row;
+        let mut candidates = sample.hints.clone();
+        let rule = self.cfg.hint_selection;
+        let unscored = hints::pick_unscored(rule, &candidates);
+        if candidates.is_empty() {
+            return None;
+        }
+        let k = self.cfg.topk;
+        // S^q: the top-K of the version that sampled, for the top-K form and for choosing.
+        let student = if self.cfg.opd == OpdForm::Topk || unscored.is_none() {
+            let scored = self.engine.score_blocking(
+                Prompt::Ids(s.prompt_ids.clone()),
+                response.to_vec(),
+                s.adapter_version,
+                true,
+            );
+            match scored {
+                Ok((_, Some(dist))) => {
+                    let [_, vocab] = dist.dims();
+                    let dist = values(dist);
+                    let (ids, old) = TopK::select(&dist, vocab, k);
+                    Some((ids, old, vocab))
+                }
+                Ok((_, None)) => None,
+                Err(e) => {
+                    tracing::info!(
+                        turn = s.turn_id,
+                        version = s.adapter_version,
+                        "no top-K of the sampling policy (the sampled-token form instead): {e}"
+                    );
+                    None
+                }
             }
+        } else {
+            None
         };
         let version = match self.cfg.teacher {
             Teacher::Base => 0,
             Teacher::Policy => live,
         };
-        let prompt = Prompt::chat(hinted, s.tools.clone());
-        match self
-            .engine
-            .score_blocking(prompt, response.to_vec(), version, false)
-        {
-            Ok((lp, _)) if lp.len() == response.len() => Some(lp),
-            Ok(_) => None,
-            Err(e) => {
-                tracing::info!(turn = s.turn_id, "no teacher log-probs: {e}");
-                None
+        // Each candidate's teacher: (its log-probs of the sampled tokens, of S^q).
+        let mut teachers: Vec<Option<(Vec<f32>, Option<Vec<f32>>)>> = vec![None; candidates.len()];
+        let to_score: Vec<usize> = match (unscored, &student) {
+            (Some(i), _) => vec![i],
+            (None, Some(_)) => (0..candidates.len()).collect(),
+            // No student top-K to choose by: the first.
+            (None, None) => vec![0],
+        };
+        for i in to_score {
+            let messages = s.request_messages.as_array()?;
+            let hinted = match hinted_messages(messages, &candidates[i].text) {
+                Ok(m) => m,
+                Err(e) => {
+                    candidates[i].error = Some(format!("{e:#}"));
+                    continue;
+                }
+            };
+            let prompt = Prompt::chat(hinted, s.tools.clone());
+            let scored =
+                self.engine
+                    .score_blocking(prompt, response.to_vec(), version, student.is_some());
+            match scored {
+                Ok((lp, dist)) if lp.len() == response.len() => {
+                    let at_student = match (&student, dist) {
+                        (Some((ids, _, vocab)), Some(dist)) => {
+                            let dist = values(dist);
+                            let (teacher_ids, _) = TopK::select(&dist, *vocab, k);
+                            let overlap = TopK::overlap(ids, &teacher_ids, k);
+                            candidates[i].overlap = Some(overlap as f64 / response.len() as f64);
+                            Some(TopK::gather(&dist, *vocab, ids, k))
+                        }
+                        _ => None,
+                    };
+                    teachers[i] = Some((lp, at_student));
+                }
+                Ok(_) => candidates[i].error = Some("the teacher scored another length".into()),
+                Err(e) => candidates[i].error = Some(e.to_string()),
             }
         }
+        let chosen = match unscored {
+            Some(i) => i,
+            None => hints::pick_by_overlap(&candidates)
+                .or_else(|| teachers.iter().position(Option::is_some))?,
+        };
+        let Some((teacher_logp, at_student)) = teachers[chosen].take() else {
+            tracing::info!(
+                turn = s.turn_id,
+                "no teacher log-probs: {}",
+                candidates[chosen].error.as_deref().unwrap_or("unknown")
+            );
+            return None;
+        };
+        let topk = match (self.cfg.opd, student, at_student) {
+            (OpdForm::Topk, Some((ids, old, _)), Some(teacher)) => Some(TopK {
+                k,
+                ids,
+                old,
+                teacher,
+            }),
+            _ => None,
+        };
+        Some(Distillation {
+            teacher_logp,
+            topk,
+            choice: HintChoice {
+                rule,
+                chosen,
+                k,
+                candidates,
+            },
+        })
     }
+}
+
+/// A tensor's values (on the host).
+fn values(t: burn::tensor::Tensor<2>) -> Vec<f32> {
+    t.into_data().try_into_vec_as::<f32>().expect("f32 data")
 }
 
 /// An update set aside (not a failure).

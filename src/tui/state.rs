@@ -4,6 +4,7 @@
 use crate::events::{Event, Level};
 use crate::store::{JudgmentSummary, Snapshot, TurnSummary, VersionRow};
 use crate::telemetry::hardware::Hardware;
+use crate::train::hints::HintCandidate;
 use std::collections::VecDeque;
 
 /// Sessions and turns the screen keeps (the oldest are forgotten).
@@ -41,6 +42,8 @@ pub struct Turn {
     pub no_signal: bool,
     pub judgment: Option<JudgmentSummary>,
     pub rating: Option<i8>,
+    /// The hint its distillation read, once trained on.
+    pub distilled: Option<HintCandidate>,
 }
 
 impl Turn {
@@ -71,6 +74,7 @@ impl From<TurnSummary> for Turn {
             no_signal: t.no_signal,
             judgment: t.judgment,
             rating: t.rating,
+            distilled: t.distilled,
         }
     }
 }
@@ -423,6 +427,22 @@ impl State {
                     });
                 }
                 self.reward_changed(*turn_id);
+            }
+            Event::HintChosen {
+                turn_id,
+                source,
+                hint,
+                overlap,
+                ..
+            } => {
+                if let Some(t) = self.by_id(*turn_id) {
+                    t.distilled = Some(HintCandidate {
+                        source: *source,
+                        text: hint.clone(),
+                        overlap: *overlap,
+                        error: None,
+                    });
+                }
             }
             Event::JudgeQueue { pending } => self.judge_pending = *pending,
             Event::FeedbackRecorded {
