@@ -67,3 +67,29 @@ pub fn lower_priority() {
         }
     }
 }
+
+/// Background work that waits for CPU time while serving keeps the cores busy (the trainer
+/// in an update, a judge on its own model with turns to judge). The serving engine pauses for
+/// it in slices (`engine.background_share`); without demand it never pauses.
+static DEMAND: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Whether some background work waits for CPU time.
+pub fn demand() -> bool {
+    DEMAND.load(std::sync::atomic::Ordering::Relaxed) > 0
+}
+
+/// Registers background demand until dropped.
+pub struct Demand(());
+
+impl Demand {
+    pub fn hold() -> Self {
+        DEMAND.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(())
+    }
+}
+
+impl Drop for Demand {
+    fn drop(&mut self) {
+        DEMAND.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}

@@ -18,6 +18,7 @@ pub struct Config {
     pub model: ModelSection,
     pub generation: GenerationSection,
     pub server: ServerSection,
+    pub engine: EngineSection,
     pub store: StoreSection,
     pub paths: PathsSection,
     pub log: LogSection,
@@ -357,6 +358,23 @@ pub struct PathsSection {
     pub data_dir: String,
 }
 
+/// How the engine divides its time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSection {
+    /// The share of the engine's time background work (the judge, the trainer, the guard) gets
+    /// while user requests would keep it busy (0: only when no user request waits).
+    pub background_share: f64,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        Self {
+            background_share: 0.2,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogSection {
@@ -369,6 +387,7 @@ impl Default for Config {
             model: ModelSection::default(),
             generation: GenerationSection::default(),
             server: ServerSection::default(),
+            engine: EngineSection::default(),
             store: StoreSection::default(),
             paths: PathsSection::default(),
             log: LogSection::default(),
@@ -549,6 +568,10 @@ impl Config {
                 t.clip_low,
                 t.clip_high
             );
+        }
+        let share = self.engine.background_share;
+        if !(0.0..=0.5).contains(&share) {
+            bail!("engine.background_share must be within [0, 0.5], got {share}");
         }
         if !(1..=256).contains(&t.topk) {
             bail!("train.topk must be within 1..=256, got {}", t.topk);

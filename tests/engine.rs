@@ -147,6 +147,93 @@ fn a_short_request_overtakes_a_long_user_prompt() {
     assert!(prompt_ids.len() > 2500, "{}", prompt_ids.len());
 }
 
+/// Two clients sending requests back to back until `stop`; returns when each request finished.
+fn back_to_back_load(
+    engine: &Engine,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<Vec<Instant>>> {
+    (0..2)
+        .map(|client| {
+            let (engine, stop) = (engine.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut done = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let task = Task::Generate {
+                        max_tokens: 48,
+                        sampling: SamplingParams::greedy(),
+                        stop: vec![],
+                        top_logprobs: 0,
+                    };
+                    let text = format!("Client {client}: tell me a story, part {}.", done.len());
+                    let (at, e) = finish(submit(&engine, &text, task, Priority::User));
+                    assert!(matches!(e, EngineEvent::Finished { .. }), "{e:?}");
+                    done.push(at);
+                }
+                done
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn background_work_gets_its_share_while_clients_never_pause() {
+    // engine.background_share (0.2 by default): background work runs while user requests
+    // keep the engine busy, instead of waiting for a pause that an agent never makes
+    // (issue 25: a candidate waited in the guard for 6 minutes under such load).
+    let engine = engine();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = back_to_back_load(&engine, stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    // The engine's own background work: a judge prompt of ~1 K tokens.
+    let long: String = (0..200).map(|i| format!("item {i}, ")).collect();
+    let choose = Task::Choose {
+        options: vec!["1}".into(), "0}".into(), "-1}".into()],
+    };
+    let mut judge = submit(&engine, &long, choose, Priority::Background);
+    let asked = Instant::now();
+    let judged_at = loop {
+        match judge.try_recv() {
+            Ok(EngineEvent::Chosen { .. }) => break Instant::now(),
+            Ok(e) => panic!("{e:?}"),
+            Err(_) => {
+                // Stop the clients either way, so that a failure does not hang the test.
+                if asked.elapsed() > Duration::from_secs(120) {
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    panic!("the judge prompt waited 120 s while the clients kept the engine busy");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    // Another thread's (the trainer's): the engine pauses serving for it, which the trainer
+    // sees as serving not busy although requests wait.
+    let demand = clawrl_tui::background::Demand::hold();
+    let (mut polls, mut paused) = (0u32, 0u32);
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_secs(4) {
+        polls += 1;
+        paused += !engine.serving_busy() as u32;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    drop(demand);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let finished: Vec<Instant> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    let after_judge = finished.iter().filter(|&&t| t > judged_at).count();
+    assert!(
+        after_judge >= 2,
+        "the judge prompt finished while the clients were still being served ({after_judge} requests after it)"
+    );
+    let share = paused as f64 / polls as f64;
+    assert!(
+        (0.08..0.5).contains(&share),
+        "serving paused for the trainer {:.0} % of the time (engine.background_share 20 %)",
+        share * 100.0
+    );
+}
+
 /// A greedy generation of `max_tokens` for `text` under the live version; returns its final
 /// event once finished, after running `meanwhile` when the first token arrived.
 fn generate_with(

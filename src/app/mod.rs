@@ -64,6 +64,7 @@ pub fn engine_config(cfg: &Config) -> Result<EngineConfig> {
         prefix_cache_bytes: s.prefix_cache_mb << 20,
         prefix_cache_min_tokens: s.prefix_cache_min_tokens,
         background: false,
+        background_share: cfg.engine.background_share,
     })
 }
 

@@ -42,6 +42,9 @@ pub struct EngineConfig {
     /// Run at the lowest CPU priority on a pool of its own (a judge on its own model): it
     /// then only uses CPU time that serving and the policy's engine leave idle.
     pub background: bool,
+    /// The share of time background work gets while user requests would keep this engine
+    /// busy (`engine.background_share`; see [`Share`]).
+    pub background_share: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -259,6 +262,8 @@ struct Shared {
     /// User requests submitted and not yet finished.
     user_inflight: AtomicUsize,
     live_version: AtomicI64,
+    /// The engine pauses serving for background work (its share of the time).
+    yielding: AtomicBool,
 }
 
 /// The version to serve once the model is loaded, chosen by the caller (the gate), and its
@@ -291,6 +296,7 @@ impl Engine {
             max_queue: config.max_queue,
             user_inflight: AtomicUsize::new(0),
             live_version: AtomicI64::new(0),
+            yielding: AtomicBool::new(false),
         });
         let s = shared.clone();
         let name = if config.background {
@@ -356,9 +362,10 @@ impl Engine {
         self.shared.live_version.load(Relaxed)
     }
 
-    /// Whether a user request is waiting or being generated (background work yields to it).
+    /// Whether a user request is waiting or being generated and the engine is serving it
+    /// (background work yields to it, but for the engine's pauses for background work).
     pub fn serving_busy(&self) -> bool {
-        self.shared.user_inflight.load(Relaxed) > 0
+        self.shared.user_inflight.load(Relaxed) > 0 && !self.shared.yielding.load(Relaxed)
     }
 
     /// Runs a background job to its end and returns its final event (`Finished`, `Chosen` or
@@ -526,6 +533,8 @@ fn run_engine(
         shared: s,
         max_active: config.max_active.max(1),
         adapters,
+        share: Share::new(config.background_share),
+        background: config.background,
     }
     .run(rx);
 }
@@ -537,6 +546,66 @@ struct Worker {
     max_active: usize,
     /// The adapter of every installed version (the base model, 0, has none).
     adapters: HashMap<i64, Arc<LoraAdapter>>,
+    share: Share,
+    /// A background engine (a judge on its own model) registers demand while it has work.
+    background: bool,
+}
+
+/// Background work's guaranteed share of a busy engine's time. While user requests keep the
+/// engine busy and background work waits (the engine's own: judge prompts, teacher and guard
+/// scores; or another thread's: [`crate::background::demand`]), the time owed to background
+/// work grows by `share / (1 − share)` of the time spent serving; once it reaches
+/// [`MIN_SLICE`] the engine pauses serving for it, running its own background jobs or, with
+/// none, sleeping so that the low-priority trainer and judge threads get the cores. User
+/// requests then take up to 1 / (1 − share) as long; without it an agent sending requests
+/// back to back stopped learning altogether (issue 25: a candidate waited 6 minutes).
+struct Share {
+    share: f64,
+    owed: std::time::Duration,
+    last: std::time::Instant,
+}
+
+/// The shortest pause for background work (a decoding step of the default model takes ~5 ms).
+const MIN_SLICE: std::time::Duration = std::time::Duration::from_millis(200);
+/// The longest one.
+const MAX_SLICE: std::time::Duration = std::time::Duration::from_millis(1000);
+/// How often a pause checks that background work still waits (else serving resumes).
+const POLL_IN_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
+impl Share {
+    fn new(share: f64) -> Self {
+        Self {
+            share: share.clamp(0.0, 0.9),
+            owed: std::time::Duration::ZERO,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Accounts the time since the last call; returns how long to pause serving now, if at all.
+    fn pause(
+        &mut self,
+        now: std::time::Instant,
+        users_busy: bool,
+        background_waits: bool,
+    ) -> Option<std::time::Duration> {
+        let dt = now.duration_since(self.last);
+        self.last = now;
+        if self.share <= 0.0 || !background_waits {
+            self.owed = std::time::Duration::ZERO;
+            return None;
+        }
+        if !users_busy {
+            return None;
+        }
+        self.owed += dt.mul_f64(self.share / (1.0 - self.share));
+        (self.owed >= MIN_SLICE).then(|| self.owed.min(MAX_SLICE))
+    }
+
+    /// A pause of `took` ended at `now` (it is not serving time).
+    fn paused(&mut self, took: std::time::Duration, now: std::time::Instant) {
+        self.owed = self.owed.saturating_sub(took);
+        self.last = now;
+    }
 }
 
 /// A job whose prompt is rendered, tokenized and checked against the context.
@@ -591,6 +660,7 @@ impl Worker {
         // Long user prompts being computed a chunk per round (they count as active).
         let mut prefilling: VecDeque<Warming> = VecDeque::new();
         let mut open = true;
+        let mut demand: Option<crate::background::Demand> = None;
         let receive = |msg: Msg,
                        me: &mut Self,
                        wu: &mut VecDeque<Queued>,
@@ -647,6 +717,48 @@ impl Worker {
                         self.start(p, cached, &mut user);
                     }
                 }
+            }
+            let own_background = warming.is_some() || !waiting_bg.is_empty() || !bg.is_empty();
+            if self.background {
+                // A judge on its own model: its work waits on the serving engine's pauses.
+                match (own_background, &demand) {
+                    (true, None) => demand = Some(crate::background::Demand::hold()),
+                    (false, Some(_)) => demand = None,
+                    _ => {}
+                }
+            }
+            let users_busy = !user.is_empty() || !waiting_user.is_empty() || !prefilling.is_empty();
+            let waits = own_background || (!self.background && crate::background::demand());
+            if let Some(slice) = self
+                .share
+                .pause(std::time::Instant::now(), users_busy, waits)
+            {
+                let started = std::time::Instant::now();
+                self.shared.yielding.store(true, Relaxed);
+                while started.elapsed() < slice {
+                    if warming.is_some() || !waiting_bg.is_empty() || !bg.is_empty() {
+                        self.warm(&mut warming, &mut waiting_bg, &mut bg);
+                        self.decode_round(&mut bg);
+                        continue;
+                    }
+                    if !crate::background::demand() {
+                        break;
+                    }
+                    // Nothing of the engine's own: leave the cores to the trainer and the
+                    // judge, taking messages meanwhile (new requests wait for the pause's end).
+                    let wait = slice.saturating_sub(started.elapsed()).min(POLL_IN_PAUSE);
+                    match rx.recv_timeout(wait) {
+                        Ok(msg) => receive(msg, &mut self, &mut waiting_user, &mut waiting_bg),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                            open = false;
+                            break;
+                        }
+                    }
+                }
+                self.shared.yielding.store(false, Relaxed);
+                self.share
+                    .paused(started.elapsed(), std::time::Instant::now());
             }
             self.prefill_chunk(&mut prefilling, &mut user);
             // Background work: only while no user request waits or generates.
@@ -1049,5 +1161,37 @@ impl Worker {
             prompt_ids,
             version,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn background_is_owed_its_share_of_serving_time_and_nothing_without_demand() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut s = Share::new(0.2);
+        s.last = t0;
+        // 0.2 / 0.8 of serving time: 200 ms owed after 800 ms of serving.
+        assert_eq!(s.pause(at(400), true, true), None);
+        assert_eq!(
+            s.pause(at(800), true, true),
+            Some(Duration::from_millis(200))
+        );
+        s.paused(Duration::from_millis(200), at(1000));
+        assert_eq!(s.pause(at(1400), true, true), None, "the pause paid it");
+        // Idle serving owes nothing; no demand forgets what was owed.
+        assert_eq!(s.pause(at(5000), false, true), None);
+        assert_eq!(s.pause(at(5400), true, false), None);
+        assert_eq!(s.pause(at(5800), true, true), None);
+        // Long stretches are paid in pauses of at most MAX_SLICE.
+        assert_eq!(s.pause(at(30_000), true, true), Some(MAX_SLICE));
+        // Share 0: never.
+        let mut off = Share::new(0.0);
+        off.last = t0;
+        assert_eq!(off.pause(at(60_000), true, true), None);
     }
 }

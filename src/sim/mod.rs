@@ -65,6 +65,20 @@ pub struct SimArgs {
     /// Longest wait after the last interaction for the judge and the trainer to finish.
     #[arg(long, default_value_t = 600)]
     pub settle_secs: u64,
+    /// One seed, one result: after each interaction the user waits until the judge and the
+    /// trainer are done with it (instead of --think-secs), and an update starts exactly when
+    /// train.min_samples samples are ready (never on train.max_wait_secs), so that no timing
+    /// decides which replies go into which update.
+    #[arg(long)]
+    pub deterministic: bool,
+    /// Evaluate the held-out prompts after every N interactions too (0: only before and after),
+    /// to report the interactions to the first visible effect.
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// A user who corrects every reply: each is rated down (unless --no-thumbs) and answered
+    /// with the preference's correction, whether it satisfied the rule or not.
+    #[arg(long)]
+    pub correct_every_reply: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,9 +175,14 @@ fn judge_summary(
 async fn start_in_process(
     cfg: &Config,
     method: SimMethod,
+    deterministic: bool,
     out: &Path,
 ) -> Result<(InProcess, String)> {
     let mut cfg = cfg.clone();
+    if deterministic {
+        // Updates start on train.min_samples alone; the user waits for each interaction's work.
+        cfg.train.max_wait_secs = u32::MAX as u64;
+    }
     // The model stays where it is installed; the store, adapters and logs of the run go to
     // its folder, so every run starts from the base model and an empty history.
     cfg.model.path = crate::cli::model_path(&cfg)?.display().to_string();
@@ -315,6 +334,34 @@ async fn settle(client: &Client, limit: Duration) -> Result<String> {
     }
 }
 
+/// Waits until the judge has judged every turn and the trainer has no update to make: no
+/// update in progress or in the guard, fewer samples ready than start one (`min_samples`).
+/// Three quiet looks in a row, since a sample becomes ready only after its judgment lands.
+async fn quiesce(client: &Client, min_samples: u64, limit: Duration) -> Result<()> {
+    let start = Instant::now();
+    let mut quiet = 0;
+    while quiet < 3 {
+        let s = client.status().await?;
+        let t = &s["trainer"];
+        let state = t["state"].as_str().unwrap_or("");
+        let idle = s["judge_pending"].as_u64() == Some(0)
+            && t["update"].is_null()
+            && !matches!(state, "training" | "guarding" | "starting")
+            && (t["samples_waiting"].as_u64().unwrap_or(0) < min_samples
+                || matches!(state, "held" | "paused" | "disabled"));
+        quiet = if idle { quiet + 1 } else { 0 };
+        if start.elapsed() > limit {
+            bail!(
+                "--deterministic: the judge and trainer were not done after {} s (trainer: {})",
+                limit.as_secs(),
+                t["detail"].as_str().unwrap_or(state)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    Ok(())
+}
+
 pub fn run(cfg: &Config, args: &SimArgs) -> Result<()> {
     if args.replot {
         let out = args.out.as_deref().context("--replot needs --out")?;
@@ -365,7 +412,7 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
             u.trim_end_matches('/').trim_end_matches("/v1").to_string(),
         ),
         None => {
-            let (p, url) = start_in_process(cfg, args.method, out).await?;
+            let (p, url) = start_in_process(cfg, args.method, args.deterministic, out).await?;
             (Some(p), url)
         }
     };
@@ -396,10 +443,12 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
 
     let mut corrections: Vec<&str> = Vec::new();
     let mut rows = Vec::new();
+    // Held-out checks during the run (--eval-every): (after interaction, not preferred).
+    let mut checkpoints: Vec<(usize, usize)> = Vec::new();
     // The user's verdict on each reply, by response id: what the judge is measured against.
     let mut verdicts = HashMap::new();
     for i in 1..=args.interactions {
-        if i > 1 && args.think_secs > 0.0 {
+        if i > 1 && args.think_secs > 0.0 && !args.deterministic {
             tokio::time::sleep(Duration::from_secs_f64(args.think_secs)).await;
         }
         let t = Instant::now();
@@ -421,19 +470,23 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
             }))
             .await?;
         let satisfied = pref.satisfied_by(&reply);
-        verdicts.insert(id.clone(), satisfied);
+        // What the user says of it: the rule's verdict, or always a correction.
+        let approves = satisfied && !args.correct_every_reply;
+        verdicts.insert(id.clone(), approves);
         if !args.no_thumbs {
             client
                 .call(
                     Method::POST,
                     "/v1/feedback",
-                    Some(&json!({"response_id": id, "rating": if satisfied { "up" } else { "down" }})),
+                    Some(
+                        &json!({"response_id": id, "rating": if approves { "up" } else { "down" }}),
+                    ),
                 )
                 .await?;
         }
         // The user's next message: what the judge reads to score the reply and write a hint.
         msgs.push(json!({"role": "assistant", "content": reply}));
-        msgs.push(json!({"role": "user", "content": if satisfied { pref.praise } else { pref.correction }}));
+        msgs.push(json!({"role": "user", "content": if approves { pref.praise } else { pref.correction }}));
         client
             .chat(json!({
                 "messages": msgs,
@@ -442,8 +495,26 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
                 "session_done": true,
             }))
             .await?;
-        if !satisfied && !corrections.contains(&pref.correction) {
+        if !approves && !corrections.contains(&pref.correction) {
             corrections.push(pref.correction);
+        }
+        if args.deterministic {
+            quiesce(
+                &client,
+                cfg.train.min_samples as u64,
+                Duration::from_secs(args.settle_secs),
+            )
+            .await?;
+        }
+        if args.eval_every > 0 && i % args.eval_every == 0 && i < args.interactions {
+            let memory = (args.method == SimMethod::Prompt)
+                .then(|| memory_prompt(&corrections))
+                .flatten();
+            let phase = format!("after-{i}");
+            let e = evaluate(&client, &held_out, &pref, &memory, args.max_tokens, &phase).await?;
+            let p = proportion(&e);
+            eprintln!("held-out after {i}: {}", p.describe());
+            checkpoints.push((i, p.n - p.k));
         }
         let live_version = client.status().await?["live_version"].as_i64().unwrap_or(0);
         let row = Interaction {
@@ -462,7 +533,18 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         );
         rows.push(row);
     }
-    let settled = settle(&client, Duration::from_secs(args.settle_secs)).await?;
+    let settled = if args.deterministic {
+        quiesce(
+            &client,
+            cfg.train.min_samples as u64,
+            Duration::from_secs(args.settle_secs),
+        )
+        .await?;
+        "settled (deterministic: the last samples short of train.min_samples stay untrained)"
+            .to_string()
+    } else {
+        settle(&client, Duration::from_secs(args.settle_secs)).await?
+    };
     eprintln!("training: {settled}");
     // The judge against the user's verdicts (in-process runs: the store is the run's own).
     let judge = match &in_process {
@@ -557,6 +639,25 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         loops(&before),
         loops(&after)
     );
+    if args.eval_every > 0 {
+        checkpoints.push((args.interactions, a.n - a.k));
+        let before_not = b.n - b.k;
+        // Visible: at least 3 held-out replies fewer breaking the rule than before (20
+        // held-out questions leave about ±3 replies of noise between runs).
+        let first = checkpoints.iter().find(|(_, not)| *not + 3 <= before_not);
+        let trail: Vec<String> = checkpoints
+            .iter()
+            .map(|(i, not)| format!("{i}: {not}"))
+            .collect();
+        let _ = writeln!(
+            text,
+            "- first visible effect (held-out not preferred at least 3 below {before_not}): {}; not preferred after each check {}",
+            first.map_or("none".to_string(), |(i, _)| format!(
+                "after {i} interactions"
+            )),
+            trail.join(", ")
+        );
+    }
     let satisfied = rows.iter().filter(|r| r.satisfied).count();
     let half = rows.len() / 2;
     let first = rows[..half].iter().filter(|r| r.satisfied).count();
@@ -616,9 +717,18 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
     }
     let _ = writeln!(
         text,
-        "- thumbs: {}; think time {} s; wall time {wall:.0} s",
+        "- thumbs: {}{}; {}; wall time {wall:.0} s",
         if args.no_thumbs { "off" } else { "on" },
-        args.think_secs
+        if args.correct_every_reply {
+            ", every reply corrected"
+        } else {
+            ""
+        },
+        if args.deterministic {
+            "deterministic (waits for the judge and trainer)".to_string()
+        } else {
+            format!("think time {} s", args.think_secs)
+        }
     );
 
     std::fs::write(out.join("report.md"), &text)?;

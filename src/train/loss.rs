@@ -102,13 +102,14 @@ pub struct Signals {
 }
 
 /// A sample's top-K distillation target (PIPELINE.md §4b), row-major `[n, k]`, all detached:
-/// S_t, the K likeliest tokens of the policy that sampled the reply at each response position,
-/// with their log-probs under it and under the hinted teacher.
+/// S_t, the K likeliest tokens at each response position of the policy the update starts from
+/// (the one that sampled the reply, or a version at most `train.max_staleness` newer), with
+/// their log-probs under it and under the hinted teacher.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TopK {
     pub k: usize,
     pub ids: Vec<u32>,
-    /// ℓ_old(v): the sampling policy's log-prob of each id.
+    /// ℓ_old(v): that policy's log-prob of each id.
     pub old: Vec<f32>,
     /// ℓ_teacher(v): the hinted teacher's log-prob of each id.
     pub teacher: Vec<f32>,

@@ -505,7 +505,10 @@ impl Trainer {
                 AdapterOptimizer::new(&start, self.optim.clone())
             }
         };
+        // While it trains, the serving engine pauses for it in slices (engine.background_share).
+        let demand = crate::background::Demand::hold();
         let result = self.train(&model, &mut optimizer, parent, &batch, rewards, started);
+        drop(demand);
         match result {
             Ok(candidate) => {
                 self.handle
@@ -657,12 +660,15 @@ impl Trainer {
             return None;
         }
         let k = self.cfg.topk;
-        // S^q: the top-K of the version that sampled, for the top-K form and for choosing.
+        // S^q: the top-K of the version the update starts from, for the top-K form and for
+        // choosing: the one that sampled the reply, or one at most train.max_staleness newer
+        // (the engine keeps only the live version's adapter; the sampled token's own ℓ_old
+        // stays the one recorded when it was sampled).
         let student = if self.cfg.opd == OpdForm::Topk || unscored.is_none() {
             let scored = self.engine.score_blocking(
                 Prompt::Ids(s.prompt_ids.clone()),
                 response.to_vec(),
-                s.adapter_version,
+                live,
                 true,
             );
             match scored {
@@ -676,8 +682,8 @@ impl Trainer {
                 Err(e) => {
                     tracing::info!(
                         turn = s.turn_id,
-                        version = s.adapter_version,
-                        "no top-K of the sampling policy (the sampled-token form instead): {e}"
+                        version = live,
+                        "no top-K of the policy (the sampled-token form instead): {e}"
                     );
                     None
                 }
