@@ -223,6 +223,9 @@ pub struct JudgeSection {
     /// In direct mode, how many of the hint votes that draw 1 write their hint (each is a
     /// generation, the costliest part of judging); the others count as votes without a text.
     pub hint_texts: usize,
+    /// Direct mode: every vote is −1 when p(−1) reaches this (0: votes drawn from all three
+    /// probabilities). Small judges rarely make −1 the likeliest answer to a polite correction.
+    pub minus_threshold: f64,
     pub prompts_dir: String,
     pub max_field_chars: usize,
     pub openai: JudgeEndpoint,
@@ -248,6 +251,7 @@ impl Default for JudgeSection {
             max_tokens: 256,
             hints: true,
             hint_texts: 1,
+            minus_threshold: 0.25,
             prompts_dir: String::new(),
             max_field_chars: 2000,
             openai: JudgeEndpoint::default(),
@@ -567,6 +571,12 @@ impl Config {
                 "train.clip_low must be within [0, 1) and train.clip_high positive, got {} and {}",
                 t.clip_low,
                 t.clip_high
+            );
+        }
+        if !(0.0..1.0).contains(&j.minus_threshold) {
+            bail!(
+                "judge.minus_threshold must be within [0, 1) (0: off), got {}",
+                j.minus_threshold
             );
         }
         let share = self.engine.background_share;

@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// With --judge: the voting modes to compare; the first is the baseline.
     #[arg(long, value_delimiter = ',', default_value = "reason,direct")]
     pub modes: Vec<String>,
+    /// With --judge: also ask for hints, and count on the corrections how many are usable and
+    /// how many merely restate the reply (dropped before they reach the teacher).
+    #[arg(long)]
+    pub hints: bool,
     /// Measure online training instead: serving latency with training on vs off, the time
     /// from a next state to a version trained on it serving, peak RSS, step time, and decode
     /// with an adapter vs without.
@@ -74,7 +78,7 @@ struct Row {
 
 pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
     if args.judge {
-        return judge::run(cfg, &args.modes);
+        return judge::run(cfg, &args.modes, args.hints);
     }
     if args.train {
         return train::run(cfg, &args.train_args);

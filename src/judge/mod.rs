@@ -40,6 +40,7 @@ pub struct Voter {
     max_tokens: usize,
     hints: bool,
     hint_texts: usize,
+    minus_threshold: f64,
     markers: Vec<String>,
 }
 
@@ -88,6 +89,7 @@ impl Voter {
             max_tokens: j.max_tokens,
             hints: j.hints,
             hint_texts: j.hint_texts,
+            minus_threshold: j.minus_threshold,
             markers: cfg.server.internal_context_markers.clone(),
         }))
     }
@@ -155,18 +157,24 @@ impl Voter {
                     .await?;
                 let probs = verdict::option_probs(&[lp[0], lp[1], lp[2]]);
                 let record = json!({"1": probs[0], "0": probs[1], "-1": probs[2]});
-                verdict::draw_votes(&probs, self.votes, self.temperature, seed)
-                    .into_iter()
-                    .enumerate()
-                    .map(|(index, s)| Vote {
-                        kind: "score",
-                        index,
-                        raw: format!("\\boxed{{{s}}}"),
-                        score: Some(s),
-                        hint: None,
-                        probs: Some(record.clone()),
-                    })
-                    .collect()
+                verdict::calibrated_votes(
+                    &probs,
+                    self.votes,
+                    self.temperature,
+                    seed,
+                    self.minus_threshold,
+                )
+                .into_iter()
+                .enumerate()
+                .map(|(index, s)| Vote {
+                    kind: "score",
+                    index,
+                    raw: format!("\\boxed{{{s}}}"),
+                    score: Some(s),
+                    hint: None,
+                    probs: Some(record.clone()),
+                })
+                .collect()
             }
             _ => {
                 let chat = self.prompts.prm(view, false).map_err(prompt_error)?;

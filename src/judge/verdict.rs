@@ -125,6 +125,25 @@ pub fn option_probs(logprobs: &[f32; 3]) -> [f64; 3] {
     e.map(|x| x / sum)
 }
 
+/// Direct-mode votes with a calibrated threshold on p(−1) (`judge.minus_threshold`): all −1
+/// once p(−1) reaches `minus_threshold`, else drawn from p(+1) and p(0) alone; with a
+/// threshold of 0, [`draw_votes`] from all three.
+pub fn calibrated_votes(
+    probs: &[f64; 3],
+    m: usize,
+    temperature: f32,
+    seed: u64,
+    minus_threshold: f64,
+) -> Vec<i8> {
+    if minus_threshold <= 0.0 {
+        return draw_votes(probs, m, temperature, seed);
+    }
+    if probs[2] >= minus_threshold {
+        return vec![-1; m];
+    }
+    draw_votes(&[probs[0], probs[1], 0.0], m, temperature, seed)
+}
+
 /// `m` votes drawn from the direct-mode probabilities, tempered by `temperature` (0 = the most
 /// likely score every time), reproducibly from `seed`.
 pub fn draw_votes(probs: &[f64; 3], m: usize, temperature: f32, seed: u64) -> Vec<i8> {
@@ -275,5 +294,21 @@ mod tests {
             "seeded"
         );
         assert_eq!(option_probs(&[f32::NEG_INFINITY; 3]), [1.0 / 3.0; 3]);
+    }
+
+    #[test]
+    fn a_calibrated_threshold_makes_a_likely_enough_minus_one_unanimous() {
+        let p = [0.55, 0.15, 0.30];
+        assert_eq!(calibrated_votes(&p, 3, 0.6, 1, 0.25), vec![-1, -1, -1]);
+        // Below it, −1 is never drawn, whatever the seed.
+        let p = [0.60, 0.20, 0.20];
+        for seed in 0..50 {
+            assert!(!calibrated_votes(&p, 3, 1.0, seed, 0.25).contains(&-1));
+        }
+        // Off: the plain draw.
+        assert_eq!(
+            calibrated_votes(&p, 5, 0.6, 9, 0.0),
+            draw_votes(&p, 5, 0.6, 9)
+        );
     }
 }

@@ -233,6 +233,23 @@ fn a_conversation_streams_then_shows_votes_hint_rating_and_version() {
     insta::assert_snapshot!("judged_and_rated_80x24", s);
     // The rating overrides the judge's +1 in the rewards.
     assert_eq!(app.state.rewards, vec![(11, -1.0), (12, -1.0)]);
+    // Once trained on, the turn shows what its distillation read: here the user's own words.
+    feed(
+        &mut app,
+        vec![Event::HintChosen {
+            turn_id: 11,
+            source: crate::train::hints::HintSource::User,
+            hint: "And of Germany? Answer in one word.".into(),
+            overlap: Some(12.5),
+            candidates: 2,
+        }],
+    );
+    let t = text(&screen(&mut app, 80, 24));
+    assert!(t.contains("learned from the user “And of Germany?"), "{t}");
+    assert!(
+        t.contains("hint “Answer in one word as asked.”"),
+        "the other turn still shows its judge's hint: {t}"
+    );
 }
 
 #[test]

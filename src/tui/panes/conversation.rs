@@ -157,17 +157,17 @@ fn verdict(t: &Turn) -> Vec<Span<'static>> {
         out.push(Span::styled(text, style.add_modifier(Modifier::BOLD)));
     }
     // What distillation read once trained on (the judge's hint or the user's own words), else
-    // the judge's hint as a candidate.
+    // the judge's hint, a candidate.
     match (
         &t.distilled,
         t.judgment.as_ref().and_then(|j| j.hint.as_deref()),
     ) {
         (Some(d), _) => out.push(Span::styled(
-            format!("learned {} “{}”", d.source.describe(), shorten(&d.text, 40)),
+            format!("learned {} “{}”", d.source.describe(), shorten(&d.text, 18)),
             theme::accent(),
         )),
         (None, Some(h)) => out.push(Span::styled(
-            format!("hint from the judge “{}”", shorten(h, 40)),
+            format!("hint “{}”", shorten(h, 48)),
             theme::accent(),
         )),
         (None, None) => {}
