@@ -23,6 +23,11 @@ fn a_short_simulated_run_trains_reports_and_rolls_back_to_the_same_replies() {
             "48",
             "--settle-secs",
             "180",
+            // The user waits for the judge and trainer after each interaction, and the held-out
+            // set is checked halfway.
+            "--deterministic",
+            "--eval-every",
+            "2",
             "--out",
         ])
         .arg(out.path())
@@ -78,12 +83,22 @@ fn a_short_simulated_run_trains_reports_and_rolls_back_to_the_same_replies() {
         "{report}"
     );
 
+    assert!(
+        report.contains("deterministic (waits for the judge and trainer)"),
+        "{report}"
+    );
+    let checks = report
+        .lines()
+        .find_map(|l| l.split("not preferred after each check ").nth(1))
+        .unwrap_or_else(|| panic!("no held-out checks in {report}"));
+    assert_eq!(checks.split(", ").count(), 2, "after 2 and after 4: {report}");
     let eval: Vec<serde_json::Value> = std::fs::read_to_string(out.path().join("eval.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(eval.len(), 6);
+    assert_eq!(eval.len(), 9, "before, after 2, after");
+    assert_eq!(eval[3]["phase"], "after-2");
     let before_ok = eval[..3].iter().filter(|e| e["satisfied"] == true).count();
     assert!(
         report.contains(&format!("held-out before: {before_ok}/3")),
@@ -109,7 +124,7 @@ fn a_short_simulated_run_trains_reports_and_rolls_back_to_the_same_replies() {
     let side: Vec<_> = turns.iter().filter(|t| t["turn_type"] == "side").collect();
     assert_eq!(
         side.len(),
-        6 + if report.contains("rollback to v0") {
+        9 + if report.contains("rollback to v0") {
             3
         } else {
             0

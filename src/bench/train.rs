@@ -35,6 +35,9 @@ pub struct TrainBenchArgs {
     /// Seconds the simulated user waits before answering (reading and typing).
     #[arg(long, default_value_t = 5.0)]
     pub think_secs: f64,
+    /// Simulated users at once (with --think-secs 0: agents sending requests back to back).
+    #[arg(long, default_value_t = 1)]
+    pub clients: usize,
     /// Seconds of the baseline (training paused).
     #[arg(long, default_value_t = 60)]
     pub baseline_secs: u64,
@@ -164,22 +167,25 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         let target = Target::parse(&format!("http://127.0.0.1:{port}/v1"), "bench")?;
         let key = (!c.server.api_key.is_empty()).then(|| c.server.api_key.clone());
         println!(
-            "loop: {} (train: min_samples {}, max_wait {} s, max_samples {}; judge: {:?}, hints {}; gate: {:?})",
+            "loop: {} (train: min_samples {}, max_wait {} s, max_samples {}; judge: {:?}, hints {}; gate: {:?}); {} client(s), think {} s, engine.background_share {}",
             state.config.model_id,
             c.train.min_samples,
             c.train.max_wait_secs,
             c.train.max_samples,
             c.judge.backend,
             c.judge.hints,
-            c.gate.policy
+            c.gate.policy,
+            args.clients.max(1),
+            args.think_secs,
+            c.engine.background_share
         );
 
         // The simulated user and the probe run through both phases.
         let running = Arc::new(AtomicBool::new(true));
-        let user = {
+        let users: Vec<_> = (0..args.clients.max(1)).map(|client| {
             let (target, key, running, think) = (target.clone(), key.clone(), running.clone(), args.think_secs);
             tokio::spawn(async move {
-                let mut k = 0usize;
+                let mut k = client * 1001;
                 while running.load(Ordering::SeqCst) {
                     let session = format!("bench-{k}");
                     let mut messages = vec![json!({"role": "user", "content": QUESTIONS[k % QUESTIONS.len()]})];
@@ -203,7 +209,7 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
                     k += 1;
                 }
             })
-        };
+        }).collect();
         let probes = Arc::new(std::sync::Mutex::new(Vec::<(f64, String)>::new()));
         let probe = {
             let (target, key, running, probes, trainer) =
@@ -257,7 +263,10 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         trainer.pause()?;
         tokio::time::sleep(Duration::from_secs(args.baseline_secs)).await;
         running.store(false, Ordering::SeqCst);
-        let _ = tokio::join!(user, probe);
+        for user in users {
+            let _ = user.await;
+        }
+        let _ = probe.await;
         let rss = peak_rss_mb();
         let _ = stop_tx.send(());
         let _ = server.await;
@@ -414,6 +423,7 @@ fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         optim.push(t.elapsed().as_secs_f64());
     }
     let step = median(&mut steps);
+    let sampled_rss = peak_rss_mb();
     println!(
         "training micro-step (forward + backward, rank {}, {} targets): {step:.2} s = {:.0} trained tokens/s, {:.0} tokens/s through the model; optimizer step {:.3} s",
         lora.rank,
@@ -421,6 +431,55 @@ fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         n as f64 / step,
         (2 * n) as f64 / step,
         median(&mut optim)
+    );
+    // The top-K form (train.opd = "topk"): a target of K tokens per position, built from one
+    // forward pass without gradients per side (the policy's top-K, each candidate's teacher).
+    let k = cfg.train.topk;
+    let mut prepare = Vec::new();
+    let mut topk = None;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let logits = model.teacher_forced(&prompt, &response, None, None)?;
+        let [_, vocab] = logits.dims();
+        let dist = burn::tensor::activation::log_softmax(logits, 1)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let (ids, old) = crate::train::loss::TopK::select(&dist, vocab, k);
+        let teacher = crate::train::loss::TopK::gather(&dist, vocab, &ids, k);
+        prepare.push(t.elapsed().as_secs_f64());
+        topk = Some(crate::train::loss::TopK {
+            k,
+            ids,
+            old,
+            teacher: teacher.iter().map(|l| l + 0.1).collect(),
+        });
+    }
+    let signals = Signals { topk, ..signals };
+    let mut topk_steps = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        micro_step(
+            &model.transformer,
+            &mut opt,
+            &loss,
+            &prompt,
+            &response,
+            &signals,
+            grad_context,
+            1.0,
+            &|| {},
+        );
+        topk_steps.push(t.elapsed().as_secs_f64());
+        opt.step(1.0);
+    }
+    let topk_step = median(&mut topk_steps);
+    println!(
+        "top-K micro-step (K {k}): {topk_step:.2} s x{:.2} the sampled-token form; its target: {:.2} s per side (the policy's top-K, each hint candidate's teacher), peak RSS {} MB -> {} MB",
+        topk_step / step,
+        median(&mut prepare),
+        sampled_rss.map_or("?".into(), |m| format!("{m:.0}")),
+        peak_rss_mb().map_or("?".into(), |m| format!("{m:.0}"))
     );
     // As the engine serves a version: on its own pool, with the plain copies.
     let adapter = Arc::new(opt.snapshot().for_serving());

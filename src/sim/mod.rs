@@ -443,8 +443,10 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
 
     let mut corrections: Vec<&str> = Vec::new();
     let mut rows = Vec::new();
-    // Held-out checks during the run (--eval-every): (after interaction, not preferred).
+    // Held-out checks during the run (--eval-every): (after interaction, not preferred), and
+    // their replies.
     let mut checkpoints: Vec<(usize, usize)> = Vec::new();
+    let mut checked: Vec<(String, Vec<Evaluated>)> = Vec::new();
     // The user's verdict on each reply, by response id: what the judge is measured against.
     let mut verdicts = HashMap::new();
     for i in 1..=args.interactions {
@@ -470,8 +472,15 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
             }))
             .await?;
         let satisfied = pref.satisfied_by(&reply);
-        // What the user says of it: the rule's verdict, or always a correction.
-        let approves = satisfied && !args.correct_every_reply;
+        // What the user says of it: the rule's verdict (a reply that loops pleases nobody), or
+        // always a correction.
+        let loops = preference::loops(&reply);
+        let approves = satisfied && !loops && !args.correct_every_reply;
+        let correction = if satisfied && loops {
+            preference::LOOP_CORRECTION
+        } else {
+            pref.correction
+        };
         verdicts.insert(id.clone(), approves);
         if !args.no_thumbs {
             client
@@ -486,7 +495,7 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         }
         // The user's next message: what the judge reads to score the reply and write a hint.
         msgs.push(json!({"role": "assistant", "content": reply}));
-        msgs.push(json!({"role": "user", "content": if approves { pref.praise } else { pref.correction }}));
+        msgs.push(json!({"role": "user", "content": if approves { pref.praise } else { correction }}));
         client
             .chat(json!({
                 "messages": msgs,
@@ -495,8 +504,8 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
                 "session_done": true,
             }))
             .await?;
-        if !approves && !corrections.contains(&pref.correction) {
-            corrections.push(pref.correction);
+        if !approves && !corrections.contains(&correction) {
+            corrections.push(correction);
         }
         if args.deterministic {
             quiesce(
@@ -515,6 +524,7 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
             let p = proportion(&e);
             eprintln!("held-out after {i}: {}", p.describe());
             checkpoints.push((i, p.n - p.k));
+            checked.push((phase, e));
         }
         let live_version = client.status().await?["live_version"].as_i64().unwrap_or(0);
         let row = Interaction {
@@ -745,7 +755,10 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         Err(e) => eprintln!("rewards.png not written: {e:#}"),
     }
     let mut eval = String::new();
-    for (phase, set) in [("before", &before), ("after", &after)] {
+    let sets = std::iter::once(("before", &before))
+        .chain(checked.iter().map(|(p, e)| (p.as_str(), e)))
+        .chain([("after", &after)]);
+    for (phase, set) in sets {
         for e in set.iter() {
             let _ = writeln!(
                 eval,
