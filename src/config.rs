@@ -132,7 +132,7 @@ impl Default for TrainSection {
             opd: crate::train::loss::OpdForm::Topk,
             topk: 16,
             opd_clip: 2.0,
-            hint_selection: HintSelection::Overlap,
+            hint_selection: HintSelection::User,
             max_response_tokens: 256,
             grad_context_tokens: 256,
             seed: 0,

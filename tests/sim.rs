@@ -91,7 +91,11 @@ fn a_short_simulated_run_trains_reports_and_rolls_back_to_the_same_replies() {
         .lines()
         .find_map(|l| l.split("not preferred after each check ").nth(1))
         .unwrap_or_else(|| panic!("no held-out checks in {report}"));
-    assert_eq!(checks.split(", ").count(), 2, "after 2 and after 4: {report}");
+    assert_eq!(
+        checks.split(", ").count(),
+        2,
+        "after 2 and after 4: {report}"
+    );
     let eval: Vec<serde_json::Value> = std::fs::read_to_string(out.path().join("eval.jsonl"))
         .unwrap()
         .lines()

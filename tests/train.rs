@@ -147,6 +147,8 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
         ("CLAWRL__TRAIN__ENABLED", "true".to_string()),
         ("CLAWRL__TRAIN__MIN_SAMPLES", "3".into()),
         ("CLAWRL__TRAIN__MAX_WAIT_SECS", "120".into()),
+        // Every hint candidate scored (the default, `user`, scores only the user's words).
+        ("CLAWRL__TRAIN__HINT_SELECTION", "overlap".into()),
         // Bit-exact comparisons: no prompt reuse from the KV prefix cache.
         ("CLAWRL__SERVER__PREFIX_CACHE_MB", "0".into()),
     ]);

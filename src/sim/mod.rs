@@ -495,7 +495,9 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         }
         // The user's next message: what the judge reads to score the reply and write a hint.
         msgs.push(json!({"role": "assistant", "content": reply}));
-        msgs.push(json!({"role": "user", "content": if approves { pref.praise } else { correction }}));
+        msgs.push(
+            json!({"role": "user", "content": if approves { pref.praise } else { correction }}),
+        );
         client
             .chat(json!({
                 "messages": msgs,
@@ -648,6 +650,21 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         "- quality: repeated word trigrams within a reply {:.1} % -> {:.1} %",
         loops(&before),
         loops(&after)
+    );
+    // The rule met by a reply a person would accept: one that does not loop (a looping list
+    // is short in words for its tokens).
+    let clean = |e: &[Evaluated]| {
+        e.iter()
+            .filter(|e| e.satisfied && !preference::loops(&e.reply))
+            .count()
+    };
+    let _ = writeln!(
+        text,
+        "- preferred and not looping (under 30 % repeated trigrams): {}/{} -> {}/{}",
+        clean(&before),
+        before.len(),
+        clean(&after),
+        after.len()
     );
     if args.eval_every > 0 {
         checkpoints.push((args.interactions, a.n - a.k));

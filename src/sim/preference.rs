@@ -134,7 +134,9 @@ mod tests {
         assert!(!p("no-preamble").satisfied_by("Good question. Here is how."));
         assert!(p("no-preamble").satisfied_by("Where is the kettle? Somewhere."));
         assert!(loops(&"Read more books. ".repeat(8)));
-        assert!(!loops("Use fresh beans and water just off the boil. Grind them coarse."));
+        assert!(!loops(
+            "Use fresh beans and water just off the boil. Grind them coarse."
+        ));
         assert!(find("none").is_none());
         assert!(names().contains("concise"));
     }
