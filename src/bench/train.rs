@@ -402,26 +402,30 @@ fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
     };
     let loss = LossConfig::default();
     let grad_context = cfg.train.grad_context_tokens;
-    let mut steps = Vec::new();
-    let mut optim = Vec::new();
-    for _ in 0..3 {
-        let t = Instant::now();
-        micro_step(
-            &model.transformer,
-            &mut opt,
-            &loss,
-            &prompt,
-            &response,
-            &signals,
-            grad_context,
-            1.0,
-            &|| {},
-        );
-        steps.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        opt.step(1.0);
-        optim.push(t.elapsed().as_secs_f64());
-    }
+    // Three micro-steps on `signals`, each followed by an optimizer step: their seconds.
+    let time_steps = |opt: &mut AdapterOptimizer, signals: &Signals| {
+        let (mut steps, mut optim) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            let t = Instant::now();
+            micro_step(
+                &model.transformer,
+                opt,
+                &loss,
+                &prompt,
+                &response,
+                signals,
+                grad_context,
+                1.0,
+                &|| {},
+            );
+            steps.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            opt.step(1.0);
+            optim.push(t.elapsed().as_secs_f64());
+        }
+        (steps, optim)
+    };
+    let (mut steps, mut optim) = time_steps(&mut opt, &signals);
     let step = median(&mut steps);
     let sampled_rss = peak_rss_mb();
     println!(
@@ -456,23 +460,7 @@ fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         });
     }
     let signals = Signals { topk, ..signals };
-    let mut topk_steps = Vec::new();
-    for _ in 0..3 {
-        let t = Instant::now();
-        micro_step(
-            &model.transformer,
-            &mut opt,
-            &loss,
-            &prompt,
-            &response,
-            &signals,
-            grad_context,
-            1.0,
-            &|| {},
-        );
-        topk_steps.push(t.elapsed().as_secs_f64());
-        opt.step(1.0);
-    }
+    let (mut topk_steps, _) = time_steps(&mut opt, &signals);
     let topk_step = median(&mut topk_steps);
     println!(
         "top-K micro-step (K {k}): {topk_step:.2} s x{:.2} the sampled-token form; its target: {:.2} s per side (the policy's top-K, each hint candidate's teacher), peak RSS {} MB -> {} MB",

@@ -314,6 +314,15 @@ impl Judge {
         })))
     }
 
+    /// Turns whose next state arrived and that are not judged yet, read from the store (the
+    /// queue-depth counter says 0 until the judge's model has loaded and it first looks).
+    pub fn pending(&self) -> Result<usize> {
+        self.store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .count_pending_judgments()
+    }
+
     async fn with_store<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&mut Store) -> Result<T> + Send + 'static,

@@ -193,11 +193,15 @@ pub async fn status(state: &Arc<Core>) -> Result<Value, ApiError> {
         }
         None => json!({"state": "disabled", "detail": "train.enabled = false", "paused": false}),
     };
+    let judge_pending = match state.judge.clone() {
+        Some(j) => http::blocking("Could not read the judge's queue", move || j.pending()).await?,
+        None => 0,
+    };
     Ok(json!({
         "live_version": state.gate.live_version(),
         "policy": state.gate.policy(),
         "trainer": trainer,
-        "judge_pending": state.counters.judge_queue_depth.load(std::sync::atomic::Ordering::Relaxed),
+        "judge_pending": judge_pending,
         "candidates": versions.iter().filter(|v| v.state == "candidate").map(version_json).collect::<Vec<_>>(),
         "versions": versions.len(),
     }))

@@ -336,7 +336,8 @@ async fn settle(client: &Client, limit: Duration) -> Result<String> {
 
 /// Waits until the judge has judged every turn and the trainer has no update to make: no
 /// update in progress or in the guard, fewer samples ready than start one (`min_samples`).
-/// Three quiet looks in a row, since a sample becomes ready only after its judgment lands.
+/// Three quiet looks in a row, a second apart: a sample becomes ready only after its judgment
+/// lands, and the trainer looks for ready samples about once a second.
 async fn quiesce(client: &Client, min_samples: u64, limit: Duration) -> Result<()> {
     let start = Instant::now();
     let mut quiet = 0;
@@ -357,7 +358,7 @@ async fn quiesce(client: &Client, min_samples: u64, limit: Duration) -> Result<(
                 t["detail"].as_str().unwrap_or(state)
             );
         }
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
     }
     Ok(())
 }
