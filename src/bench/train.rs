@@ -241,13 +241,20 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         trainer.pause()?;
         tokio::time::sleep(Duration::from_secs(args.baseline_secs)).await;
         trainer.resume()?;
+        {
+            let mut off: Vec<f64> = probes.lock().unwrap().iter().map(|p| p.0).collect();
+            println!("  training paused: serving p50 {:.2} s (n={})", median(&mut off), off.len());
+        }
         // Phase B: until enough versions went live.
         let started = Instant::now();
         let mut live = 0usize;
+        // 15 minutes without a version going live (any other event does not count).
+        let mut deadline = tokio::time::Instant::now() + Duration::from_secs(900);
         while live < args.updates {
-            match tokio::time::timeout(Duration::from_secs(900), events.recv()).await {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
                 Ok(Ok(Event::VersionLive { version, .. })) => {
                     live += 1;
+                    deadline = tokio::time::Instant::now() + Duration::from_secs(900);
                     println!("  v{version} live after {:.0} s", started.elapsed().as_secs_f64());
                 }
                 Ok(Ok(Event::CandidateReady { version, guard_passed: false, reasons, .. })) => {
@@ -255,7 +262,10 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
                 }
                 Ok(Ok(Event::TrainingFailed { error })) => println!("  an update failed: {error}"),
                 Ok(_) => {}
-                Err(_) => bail!("no version went live for 15 minutes"),
+                Err(_) => bail!(
+                    "no version went live for 15 minutes (trainer: {})",
+                    trainer.status().detail
+                ),
             }
         }
         let loop_secs = started.elapsed().as_secs_f64();
