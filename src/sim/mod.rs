@@ -589,6 +589,13 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         .map(|lr| format!("{lr:.2e}"))
         .collect();
 
+    // What training cost: tokens trained on and the trainer's own time (guard excluded).
+    let trained_tokens: f64 = version_rows.iter().filter_map(|v| v["tokens"].as_f64()).sum();
+    let train_secs: f64 = version_rows
+        .iter()
+        .filter_map(|v| v["train_secs"].as_f64())
+        .sum();
+
     // Rolling back to v0 must give back the "before" replies exactly (in-process runs only:
     // a rollback changes what a shared server serves).
     let rollback = if in_process.is_some() && live != 0 {
@@ -723,6 +730,13 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         )
     };
     let _ = writeln!(text, "- training: {settled}{rates}");
+    if train_secs > 0.0 {
+        let _ = writeln!(
+            text,
+            "- trained: {trained_tokens:.0} tokens in {train_secs:.0} s of updates ({:.1} trained tokens/s)",
+            trained_tokens / train_secs
+        );
+    }
     if let Some(j) = &judge {
         let _ = writeln!(text, "- judge: {}", j.describe());
     }
