@@ -1,7 +1,9 @@
-//! Load through the real HTTP API with training on: 32 streaming clients (the official openai
-//! SDK, `tests/clients/load.py`) for 30 s get no error but deliberate 429s, and every turn they
-//! saw end is in the store. The 5-minute run reported in docs/RELIABILITY.md is
-//! `scripts/load.sh`.
+//! Load through the real HTTP API with training on and the judge loading and judging on its own
+//! model: 32 streaming clients (the official openai SDK, `tests/clients/load.py`) for 30 s get
+//! no error but deliberate 429s, and every turn they saw end is in the store. This is the
+//! concurrency under which nested compute helpers once overflowed an engine thread's stack
+//! (issue 25; `kernels::team` has the unit test). The 5-minute run reported in
+//! docs/RELIABILITY.md is `scripts/load.sh`.
 
 mod common;
 use common::server::Server;
@@ -10,7 +12,12 @@ use std::collections::HashSet;
 
 #[test]
 fn thirty_two_streaming_clients_get_no_error_but_429_and_lose_no_turn() {
-    let s = Server::start(&[("CLAWRL__TRAIN__ENABLED", "true")]);
+    let judge_model = common::model_path(common::QWEN25);
+    let s = Server::start(&[
+        ("CLAWRL__TRAIN__ENABLED", "true"),
+        ("CLAWRL__JUDGE__BACKEND", "local"),
+        ("CLAWRL__JUDGE__MODEL", judge_model.to_str().unwrap()),
+    ]);
     let out = s.data.path().join("load.json");
     let run = std::process::Command::new("python3")
         .args([
@@ -48,4 +55,15 @@ fn thirty_two_streaming_clients_get_no_error_but_429_and_lose_no_turn() {
         .collect();
     assert!(lost.is_empty(), "acknowledged but not stored: {lost:?}");
     assert_eq!(s.metric("clawrl_active_sequences"), 0.0);
+    // The judge's engine loaded beside the busy server and judges turns (given the CPU once
+    // the clients stop, if not before).
+    let t = std::time::Instant::now();
+    while !s.export().iter().any(|t| t["judge_status"] == "judged") {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(180),
+            "no turn judged 180 s after the load: {}",
+            s.admin_status()
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
 }

@@ -196,6 +196,17 @@ fn one_update(
     (before, after)
 }
 
+/// Adam at the learning rate these tests step with.
+fn optimizer(start: &LoraAdapter) -> AdapterOptimizer {
+    AdapterOptimizer::new(
+        start,
+        OptimizerConfig {
+            learning_rate: 1e-3,
+            ..OptimizerConfig::default()
+        },
+    )
+}
+
 /// [`one_update`] with its step at `lr_scale` of the learning rate; also returns the adapter.
 fn scaled_update(
     model: &Transformer,
@@ -206,13 +217,7 @@ fn scaled_update(
 ) -> (Vec<f32>, Vec<f32>, LoraAdapter) {
     let start = LoraAdapter::init(&model.config, lora_config(4), &common::test_device(), 3);
     let before = logprobs(model, Some(&start));
-    let mut opt = AdapterOptimizer::new(
-        &start,
-        OptimizerConfig {
-            learning_rate: 1e-3,
-            ..OptimizerConfig::default()
-        },
-    );
+    let mut opt = optimizer(&start);
     let signals = Signals {
         logp_old: before.clone(),
         reward,
@@ -372,13 +377,7 @@ fn top_k_distillation_raises_a_token_the_reply_did_not_contain() {
         .map(|(t, &y)| old[t * vocab + y as usize])
         .collect();
     let step = |topk: Option<TopK>| {
-        let mut opt = AdapterOptimizer::new(
-            &start,
-            OptimizerConfig {
-                learning_rate: 1e-3,
-                ..OptimizerConfig::default()
-            },
-        );
+        let mut opt = optimizer(&start);
         let signals = Signals {
             logp_old: sampled.clone(),
             reward: None,
