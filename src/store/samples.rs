@@ -30,8 +30,10 @@ pub struct SampleRow {
 impl Store {
     /// Turns ready to train on, oldest first. A judgment that failed (`error` set) is no signal
     /// at all. With `wait_for_judge` (ms), a turn whose next state arrived but whose judgment
-    /// has not is not ready yet (its score or hint is coming), even if it was rated, unless its
-    /// rating is older than that (a judge that is down does not hold thumbs back forever).
+    /// has not is not ready yet (its score or hint is coming), even if it was rated, nor is a
+    /// turn rated down before its next state (the user's correction is coming), unless its
+    /// rating is older than that (a judge or user that is silent does not hold thumbs back
+    /// forever).
     pub fn ready_samples(
         &self,
         wait_for_judge: Option<i64>,
@@ -58,9 +60,12 @@ impl Store {
             let judged: bool = r.get(12)?;
             let has_next_state: bool = r.get(13)?;
             let rated_at: Option<i64> = r.get(8)?;
+            let rating: Option<i8> = r.get(7)?;
+            // A thumbs down is usually followed by the user's correction, the best hint there
+            // is: wait for it as for a judgment (taken at once, the update trained without it).
+            let awaiting_correction = !has_next_state && rating.is_some_and(|r| r < 0);
             if let Some(limit) = wait_for_judge
-                && has_next_state
-                && !judged
+                && (has_next_state && !judged || awaiting_correction)
                 && rated_at.is_none_or(|at| super::now_ms() - at < limit)
             {
                 continue;
@@ -68,7 +73,6 @@ impl Store {
             let ids = |i: usize| -> rusqlite::Result<Vec<u32>> {
                 Ok(serde_json::from_value(parse_json(r.get(i)?)).unwrap_or_default())
             };
-            let rating: Option<i8> = r.get(7)?;
             let judge_score: Option<i8> = r.get::<_, Option<i8>>(9)?.filter(|&s| s != 0);
             let signal_at = [r.get::<_, Option<i64>>(8)?, r.get::<_, Option<i64>>(11)?]
                 .into_iter()
@@ -311,5 +315,36 @@ mod tests {
         store.export(0, |r| Ok(rows.push(r))).unwrap();
         assert_eq!(rows[0]["trained_in"], json!([1]));
         assert_eq!(rows[3]["training_dropped"], "stale");
+    }
+
+    #[test]
+    fn a_reply_rated_down_waits_for_the_users_correction_then_its_judgment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("s.sqlite")).unwrap();
+        store.ensure_session("a", "header", 1_000).unwrap();
+        let next = json!([{"role": "user", "content": "Shorter please."}]);
+        let down = store.insert_turn(&turn("a", 0)).unwrap();
+        rate(&store, down, -1);
+        let ids_of = |store: &Store, w| ready(store, w).iter().map(|r| r.0).collect::<Vec<_>>();
+        assert!(
+            ids_of(&store, Some(60_000)).is_empty(),
+            "waits for the correction"
+        );
+        assert_eq!(ids_of(&store, Some(0)), [down], "not forever");
+        assert_eq!(
+            ids_of(&store, None),
+            [down],
+            "without a judge nothing is awaited"
+        );
+        store.attach_next_state(down, &next, "user", 4_000).unwrap();
+        assert!(
+            ids_of(&store, Some(60_000)).is_empty(),
+            "then for the judge"
+        );
+        judged(&mut store, down, -1, None, None);
+        let r = store.ready_samples(Some(60_000), 100).unwrap();
+        assert_eq!(r.len(), 1, "ready once judged");
+        assert_eq!(r[0].next_state.as_ref(), Some(&next));
+        assert_eq!(r[0].reward, Some(-1));
     }
 }
