@@ -590,7 +590,10 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         .collect();
 
     // What training cost: tokens trained on and the trainer's own time (guard excluded).
-    let trained_tokens: f64 = version_rows.iter().filter_map(|v| v["tokens"].as_f64()).sum();
+    let trained_tokens: f64 = version_rows
+        .iter()
+        .filter_map(|v| v["tokens"].as_f64())
+        .sum();
     let train_secs: f64 = version_rows
         .iter()
         .filter_map(|v| v["train_secs"].as_f64())
