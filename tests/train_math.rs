@@ -11,7 +11,9 @@ use clawrl_tui::model::weights::WeightFile;
 use clawrl_tui::model::{LoraAdapter, LoraConfig, Target, Transformer, WeightMode, scoring};
 use clawrl_tui::train::loss::{LossConfig, Method, Signals, TopK};
 use clawrl_tui::train::optimizer::{AdapterOptimizer, OptimizerConfig};
-use clawrl_tui::train::policy::{micro_step, response_log_distributions, response_logprobs};
+use clawrl_tui::train::policy::{
+    MicroStep, micro_step, response_log_distributions, response_logprobs,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -196,6 +198,30 @@ fn one_update(
     (before, after)
 }
 
+/// One micro-step of `method` on PROMPT → RESPONSE (gradients summed into `opt`).
+fn train_on(
+    model: &Transformer,
+    opt: &mut AdapterOptimizer,
+    method: Method,
+    signals: &Signals,
+) -> MicroStep {
+    let loss = LossConfig {
+        method,
+        ..LossConfig::default()
+    };
+    micro_step(
+        model,
+        opt,
+        &loss,
+        &PROMPT,
+        &RESPONSE,
+        signals,
+        64,
+        1.0,
+        &|| {},
+    )
+}
+
 /// Adam at the learning rate these tests step with.
 fn optimizer(start: &LoraAdapter) -> AdapterOptimizer {
     AdapterOptimizer::new(
@@ -224,21 +250,7 @@ fn scaled_update(
         teacher_logp: teacher,
         topk: None,
     };
-    let loss = LossConfig {
-        method,
-        ..LossConfig::default()
-    };
-    let m = micro_step(
-        model,
-        &mut opt,
-        &loss,
-        &PROMPT,
-        &RESPONSE,
-        &signals,
-        64,
-        1.0,
-        &|| {},
-    );
+    let m = train_on(model, &mut opt, method, &signals);
     assert_eq!(m.tokens, RESPONSE.len());
     assert!(m.drift.abs() < 1e-9, "on-policy: no drift before the step");
     let step = opt.step(lr_scale);
@@ -385,21 +397,7 @@ fn top_k_distillation_raises_a_token_the_reply_did_not_contain() {
             teacher_logp: Some(sampled.clone()),
             topk,
         };
-        let loss = LossConfig {
-            method: Method::Opd,
-            ..LossConfig::default()
-        };
-        micro_step(
-            &model,
-            &mut opt,
-            &loss,
-            &PROMPT,
-            &RESPONSE,
-            &signals,
-            64,
-            1.0,
-            &|| {},
-        );
+        train_on(&model, &mut opt, Method::Opd, &signals);
         opt.step(1.0);
         let (after, _) = distributions(&model, &opt.snapshot());
         after[favoured as usize]
