@@ -3,7 +3,7 @@
 use crate::catalog::{self, CATALOG};
 use crate::config::Config;
 use crate::device::{self, DeviceChoice};
-use crate::model::{GenerateRequest, LoadOptions, LoadedModel, SamplingParams, WeightMode};
+use crate::model::{GenerateRequest, SamplingParams, WeightMode};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -171,30 +171,9 @@ pub fn resolve_config(global: &GlobalArgs) -> Result<Config> {
         cfg.model.weights = w;
     }
     cfg.validate()?;
+    // The screen's keys are checked at start for every command, headless too.
+    crate::tui::keymap::Keymap::new(&cfg.tui.keys)?;
     Ok(cfg)
-}
-
-/// The model path the config names (its `path`, else the default catalog model).
-pub fn model_path(cfg: &Config) -> Result<PathBuf> {
-    let spec = if cfg.model.path.is_empty() {
-        &cfg.model.default
-    } else {
-        &cfg.model.path
-    };
-    catalog::resolve(spec, &cfg.data_dir())
-}
-
-pub fn load_model(cfg: &Config) -> Result<LoadedModel> {
-    let path = model_path(cfg)?;
-    let opts = LoadOptions {
-        device: device::select(cfg.model.device)?,
-        dtype: device::parse_dtype(&cfg.model.dtype)?,
-        weights: cfg.model.weights,
-        max_context: cfg.model.max_context,
-        kv_cache: cfg.model.kv_cache,
-    };
-    tracing::info!(path = %path.display(), ?opts, "loading model");
-    LoadedModel::load(&path, &opts)
 }
 
 pub fn run() -> Result<()> {
@@ -259,7 +238,7 @@ pub fn run() -> Result<()> {
             println!("log dir:      {}", cfg.log_dir().display());
             println!(
                 "model path:   {}",
-                model_path(&cfg)
+                cfg.model_path()
                     .map(|p| p.display().to_string())
                     .unwrap_or_else(|e| format!("({e})"))
             );
@@ -272,7 +251,7 @@ pub fn run() -> Result<()> {
                 }
             );
             println!("\n{}", toml::to_string_pretty(&cfg)?);
-            let model = load_model(&cfg)?;
+            let model = crate::app::load_model(&cfg)?;
             println!("{}", model.summary());
             Ok(())
         }
@@ -436,7 +415,7 @@ fn sampling(cfg: &Config, args: Option<&GenerateArgs>) -> SamplingParams {
 }
 
 fn generate(cfg: &Config, args: &GenerateArgs) -> Result<()> {
-    let model = load_model(cfg)?;
+    let model = crate::app::load_model(cfg)?;
     let mut messages = Vec::new();
     if let Some(s) = &args.system {
         messages.push(json!({"role": "system", "content": s}));
@@ -466,8 +445,8 @@ fn generate(cfg: &Config, args: &GenerateArgs) -> Result<()> {
 
 /// The interim front end: model summary, then a chat on stdin/stdout.
 fn interactive(cfg: &Config) -> Result<()> {
-    eprintln!("loading {} ...", model_path(cfg)?.display());
-    let model = load_model(cfg)?;
+    eprintln!("loading {} ...", cfg.model_path()?.display());
+    let model = crate::app::load_model(cfg)?;
     println!("{}", model.summary());
     println!("Type a message and press Enter (Ctrl-D to quit, /reset to start over).");
     let mut messages: Vec<serde_json::Value> = Vec::new();

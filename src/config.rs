@@ -41,7 +41,7 @@ pub struct TuiSection {
 #[serde(default, deny_unknown_fields)]
 pub struct TrainSection {
     pub enabled: bool,
-    pub method: crate::train::loss::Method,
+    pub method: Method,
     pub min_samples: usize,
     pub max_wait_secs: u64,
     pub max_samples: usize,
@@ -68,7 +68,7 @@ pub struct TrainSection {
     pub max_staleness: i64,
     pub teacher: Teacher,
     /// The distillation term's form: over the sampling policy's top-K tokens, or the sampled one.
-    pub opd: crate::train::loss::OpdForm,
+    pub opd: OpdForm,
     /// K of the top-K form (and of the hint selection's overlap).
     pub topk: usize,
     /// The top-K form's clip on each token's teacher − student log-prob difference (0: none).
@@ -78,6 +78,28 @@ pub struct TrainSection {
     pub max_response_tokens: usize,
     pub grad_context_tokens: usize,
     pub seed: u64,
+}
+
+/// Which signals train the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Rewards only (Binary RL).
+    Rl,
+    /// Hints only (on-policy distillation).
+    Opd,
+    /// Both, summed (the default).
+    Combined,
+}
+
+/// Which form the distillation term takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpdForm {
+    /// Over the sampling policy's top-K tokens at every position (PIPELINE.md §4b).
+    Topk,
+    /// On the sampled token alone (PIPELINE.md §4).
+    Sampled,
 }
 
 /// Which of a sample's hint candidates (the judge's hint, the user's next message) its
@@ -108,7 +130,7 @@ impl Default for TrainSection {
     fn default() -> Self {
         Self {
             enabled: true,
-            method: crate::train::loss::Method::Combined,
+            method: Method::Combined,
             min_samples: 4,
             max_wait_secs: 30,
             max_samples: 16,
@@ -129,7 +151,7 @@ impl Default for TrainSection {
             kl_coef: 0.0,
             max_staleness: 4,
             teacher: Teacher::Base,
-            opd: crate::train::loss::OpdForm::Topk,
+            opd: OpdForm::Topk,
             topk: 16,
             opd_clip: 2.0,
             hint_selection: HintSelection::User,
@@ -486,6 +508,27 @@ fn env_layer(vars: impl Iterator<Item = (String, String)>) -> toml::Value {
 }
 
 impl Config {
+    /// The model file the configuration names (`model.path`, else the default catalog model).
+    pub fn model_path(&self) -> Result<PathBuf> {
+        let spec = if self.model.path.is_empty() {
+            &self.model.default
+        } else {
+            &self.model.path
+        };
+        crate::catalog::resolve(spec, &self.data_dir())
+    }
+
+    /// How the policy's model is loaded (device, dtype, weights, context, KV cache).
+    pub fn load_options(&self) -> Result<crate::model::LoadOptions> {
+        Ok(crate::model::LoadOptions {
+            device: crate::device::select(self.model.device)?,
+            dtype: crate::device::parse_dtype(&self.model.dtype)?,
+            weights: self.model.weights,
+            max_context: self.model.max_context,
+            kv_cache: self.model.kv_cache,
+        })
+    }
+
     /// Loads every layer except the command line. `file` replaces the user config path.
     pub fn load(file: Option<&Path>) -> Result<Self> {
         let mut value = toml::Value::try_from(Config::default())?;
@@ -511,7 +554,6 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         crate::device::parse_dtype(&self.model.dtype)?;
-        crate::tui::keymap::Keymap::new(&self.tui.keys)?;
         let g = &self.generation;
         if !(0.0..=2.0).contains(&g.temperature) {
             bail!(

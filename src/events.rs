@@ -98,7 +98,7 @@ pub enum Event {
     /// The trainer chose what a sample distils from (of `candidates` hint candidates).
     HintChosen {
         turn_id: i64,
-        source: crate::train::hints::HintSource,
+        source: crate::store::HintSource,
         hint: String,
         /// The chosen teacher's mean top-K overlap with the student, when scored.
         overlap: Option<f64>,
@@ -166,7 +166,7 @@ pub enum Event {
     },
 }
 
-pub use crate::capture::TurnType;
+pub use crate::store::TurnType;
 
 /// Who answered a turn: the user's next message or the results of the tools it called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

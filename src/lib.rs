@@ -17,6 +17,7 @@ pub mod gate;
 pub mod http_client;
 pub mod judge;
 pub mod logging;
+pub mod messages;
 pub mod model;
 pub mod server;
 pub mod sim;

@@ -20,7 +20,7 @@ fn engine() -> Engine {
     let mut cfg = Config::default();
     cfg.model.path = common::model_path(common::SMOLLM2).display().to_string();
     let engine = Engine::start(
-        clawrl_tui::app::engine_config(&cfg).unwrap(),
+        clawrl_tui::engine::EngineConfig::policy(&cfg).unwrap(),
         Arc::new(Counters::default()),
         |_| (0, None),
         |_| {},

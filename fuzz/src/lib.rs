@@ -8,6 +8,7 @@ use clawrl_tui::catalog::CATALOG;
 use clawrl_tui::config::{Config, GenerationSection};
 use clawrl_tui::device::{DeviceChoice, select};
 use clawrl_tui::model::gguf::GgufFile;
+use clawrl_tui::model::linear::QuantMatrix;
 use clawrl_tui::model::weights::WeightFile;
 use clawrl_tui::model::{ChatFormat, Transformer, WeightMode, render_prompt};
 use clawrl_tui::server::chat::parse_request;
@@ -109,7 +110,7 @@ pub fn gguf(data: &[u8]) -> Reached {
     };
     for info in g.tensors.values() {
         let _ = g.tensor_f32(&info.name);
-        let _ = g.quant_matrix(info);
+        let _ = QuantMatrix::from_gguf(&g, info);
     }
     let Ok((file, config)) = WeightFile::from_gguf(g) else {
         return Reached::Parsed;

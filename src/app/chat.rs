@@ -4,11 +4,11 @@
 //! failed, cancelled).
 
 use super::Core;
+use super::tool_calls;
 use crate::capture::{TurnSlot, TurnType, random_id};
 use crate::engine::{EngineError, EngineEvent, Job, Priority, Prompt, SubmitError, Task, Version};
 use crate::events::{Event, EventBus, Finish, emit};
 use crate::model::{FinishReason, Generation, SamplingParams};
-use crate::server::tool_calls;
 use crate::store::{NewTurn, now_ms};
 use crate::telemetry::Counters;
 use serde_json::{Value, json};

@@ -4,17 +4,17 @@
 
 pub mod chat;
 pub mod commands;
+pub mod tool_calls;
 
 use crate::capture::Capture;
 use crate::catalog;
-use crate::cli::model_path;
 use crate::config::Config;
 use crate::config::GenerationSection;
 use crate::engine::{Engine, EngineConfig};
 use crate::events::EventBus;
 use crate::events::{self, Event, emit};
 use crate::gate::Gate;
-use crate::model::LoadOptions;
+use crate::model::LoadedModel;
 use crate::store::{FeedbackError, FeedbackRecorded, TurnRef};
 use crate::telemetry::Counters;
 use anyhow::Result;
@@ -47,54 +47,11 @@ pub fn model_id(cfg: &Config) -> String {
         .unwrap_or_else(|| spec.clone())
 }
 
-/// The engine settings from the configuration.
-pub fn engine_config(cfg: &Config) -> Result<EngineConfig> {
-    let s = &cfg.server;
-    Ok(EngineConfig {
-        model_path: model_path(cfg)?,
-        load: LoadOptions {
-            device: crate::device::select(cfg.model.device)?,
-            dtype: crate::device::parse_dtype(&cfg.model.dtype)?,
-            weights: cfg.model.weights,
-            max_context: cfg.model.max_context,
-            kv_cache: cfg.model.kv_cache,
-        },
-        max_queue: s.max_queue,
-        max_active: s.max_active,
-        prefix_cache_bytes: s.prefix_cache_mb << 20,
-        prefix_cache_min_tokens: s.prefix_cache_min_tokens,
-        background: false,
-        background_share: cfg.engine.background_share,
-    })
-}
-
-/// The engine of a judge with its own model (`judge.model`), if one is configured: loaded
-/// like the policy (device, dtype, weights), one job at a time, at the lowest CPU priority.
-pub fn judge_engine_config(cfg: &Config) -> Result<Option<EngineConfig>> {
-    let spec = &cfg.judge.model;
-    if spec.is_empty() || cfg.judge.backend != crate::config::JudgeBackend::Local {
-        return Ok(None);
-    }
-    let policy = engine_config(cfg)?;
-    let model_path = catalog::resolve(spec, &cfg.data_dir())
-        .map_err(|e| anyhow::anyhow!("judge.model: {e:#}"))?;
-    // The policy's own model: its engine already holds the frozen base weights.
-    let same = |a: &std::path::Path, b: &std::path::Path| {
-        a.canonicalize()
-            .ok()
-            .is_some_and(|a| b.canonicalize().ok() == Some(a))
-    };
-    if same(&model_path, &policy.model_path) {
-        return Ok(None);
-    }
-    Ok(Some(EngineConfig {
-        model_path,
-        max_active: 1,
-        // The judge prompts of one pass share their system prompt.
-        prefix_cache_bytes: 64 << 20,
-        background: true,
-        ..policy
-    }))
+/// The policy's model, loaded outside an engine (`generate`, `chat`, the benchmarks).
+pub fn load_model(cfg: &Config) -> Result<LoadedModel> {
+    let (path, opts) = (cfg.model_path()?, cfg.load_options()?);
+    tracing::info!(path = %path.display(), ?opts, "loading model");
+    LoadedModel::load(&path, &opts)
 }
 
 #[derive(Debug, Clone)]
@@ -130,16 +87,6 @@ pub struct Core {
     pub counters: Arc<Counters>,
     /// Why serving stopped for good (the engine failed), once the watchdog has reported it.
     pub failure: tokio::sync::watch::Sender<Option<String>>,
-}
-
-impl ServerConfig {
-    /// How large a request body may be and how long it may take to arrive.
-    pub fn body_limits(&self) -> crate::server::http::BodyLimits {
-        crate::server::http::BodyLimits {
-            max_bytes: self.max_body_bytes,
-            timeout: self.read_timeout,
-        }
-    }
 }
 
 impl Core {
@@ -263,7 +210,7 @@ pub fn build(cfg: &Config) -> Result<Arc<Core>> {
         cfg.server.internal_context_markers.clone(),
         Duration::from_secs(cfg.server.session_idle_secs.max(1)),
     )?);
-    let engine_cfg = engine_config(cfg)?;
+    let engine_cfg = EngineConfig::policy(cfg)?;
     let ready_bus = bus.clone();
     // A restart serves the live version as recorded (or the newest earlier one that loads).
     let store_path = cfg.store_path();

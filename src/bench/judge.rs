@@ -83,9 +83,9 @@ pub fn run(cfg: &Config, modes: &[String], with_hints: bool) -> Result<()> {
     let cases = cases();
     runtime.block_on(async {
         // The judge's own model when `judge.model` names one, else the policy's.
-        let engine_cfg = match crate::app::judge_engine_config(cfg)? {
+        let engine_cfg = match crate::engine::EngineConfig::judge(cfg)? {
             Some(own) => own,
-            None => crate::app::engine_config(cfg)?,
+            None => crate::engine::EngineConfig::policy(cfg)?,
         };
         let engine = Engine::start(
             engine_cfg,

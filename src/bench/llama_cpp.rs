@@ -5,8 +5,6 @@
 //! llama.cpp runs through llama-cpp-python's low-level bindings (`scripts/bench_llama_cpp.py`,
 //! embedded here; install with `scripts/install-llama-cpp.sh`).
 
-use crate::app::engine_config;
-use crate::cli::model_path;
 use crate::config::Config;
 use crate::engine::{Engine, EngineEvent, Job, Priority, Prompt, Status, Task, Version};
 use crate::model::{Generation, KvDtype, SamplingParams, kernels::Isa};
@@ -35,7 +33,7 @@ pub fn run(cfg: &Config, python: &Path) -> Result<()> {
             python.display()
         );
     }
-    let model = model_path(cfg)?;
+    let model = cfg.model_path()?;
     let mut cfg = cfg.clone();
     cfg.server.max_active = cfg.server.max_active.max(STREAMS);
     let engine = start_engine(&cfg)?;
@@ -257,7 +255,7 @@ pub fn run(cfg: &Config, python: &Path) -> Result<()> {
 
 fn start_engine(cfg: &Config) -> Result<Engine> {
     let engine = Engine::start(
-        engine_config(cfg)?,
+        crate::engine::EngineConfig::policy(cfg)?,
         Arc::new(Counters::default()),
         |_| (0, None),
         |_| {},

@@ -1,7 +1,7 @@
 //! `clawrl-tui bench`: prefill and decode speed of several weight formats (and devices) of the
 //! same model, measured in one invocation and printed as ratios to the first (the baseline).
 
-use crate::cli::{load_model, model_path};
+use crate::app::load_model;
 use crate::config::Config;
 use crate::model::{GenerateRequest, SamplingParams, WeightMode};
 use anyhow::{Result, bail};
@@ -95,7 +95,7 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
     if args.variants.is_empty() || args.runs == 0 {
         bail!("bench needs at least one variant and one run");
     }
-    println!("model: {}", model_path(cfg)?.display());
+    println!("model: {}", cfg.model_path()?.display());
     println!(
         "prompt {} tokens, decode {} tokens, median of {} runs",
         args.prompt_tokens, args.decode_tokens, args.runs

@@ -130,7 +130,7 @@ fn loop_config(cfg: &Config, data: &std::path::Path) -> Result<Config> {
     let mut c = cfg.clone();
     c.paths.data_dir = data.display().to_string();
     c.store.path = String::new();
-    c.model.path = crate::cli::model_path(cfg)?.display().to_string();
+    c.model.path = cfg.model_path()?.display().to_string();
     if !cfg.judge.model.is_empty() && cfg.judge.backend == crate::config::JudgeBackend::Local {
         c.judge.model = crate::catalog::resolve(&cfg.judge.model, &cfg.data_dir())
             .context("judge.model")?
@@ -392,7 +392,7 @@ fn tempdir() -> Result<std::path::PathBuf> {
 }
 
 fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
-    let model = crate::cli::load_model(cfg)?;
+    let model = crate::app::load_model(cfg)?;
     let n = args.sample_tokens;
     println!(
         "parts: {} (prompt {n} tokens, response {n} tokens)",
@@ -549,7 +549,7 @@ mod tests {
         let c = loop_config(&cfg, &loop_dir).unwrap();
         assert_eq!(c.paths.data_dir, loop_dir.display().to_string());
         assert_eq!(std::path::PathBuf::from(&c.judge.model), judge.path(&home));
-        assert!(crate::app::judge_engine_config(&c).unwrap().is_some());
+        assert!(crate::engine::EngineConfig::judge(&c).unwrap().is_some());
         std::fs::remove_dir_all(&home).unwrap();
     }
 }

@@ -12,30 +12,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TurnType {
-    /// User-facing and trainable.
-    Main,
-    /// Housekeeping (memory flushes, heartbeats): served and logged, never trained.
-    Side,
-}
-
-impl TurnType {
-    /// Unknown or missing values are `main` (upstream defaulted to side and trained nothing).
-    pub fn parse(s: Option<&str>) -> Self {
-        match s.map(|s| s.trim().to_ascii_lowercase()) {
-            Some(s) if s == "side" => Self::Side,
-            _ => Self::Main,
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Main => "main",
-            Self::Side => "side",
-        }
-    }
-}
+pub use crate::store::TurnType;
 
 /// What capture decided about a request before it is served.
 #[derive(Debug, Clone)]

@@ -7,6 +7,7 @@
 //! next state.
 
 use crate::events::NextRole;
+pub use crate::messages::content_text;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -18,18 +19,6 @@ struct Norm {
     text: String,
     tool_calls: Vec<(String, Value)>,
     tool_call_id: Option<String>,
-}
-
-pub fn content_text(content: Option<&Value>) -> String {
-    match content {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str).or_else(|| p.as_str()))
-            .collect::<Vec<_>>()
-            .join(""),
-        _ => String::new(),
-    }
 }
 
 fn normalize(m: &Value) -> Norm {

@@ -10,6 +10,7 @@
 //! between decode rounds; a request takes the live version when it is admitted and keeps it to
 //! its last token, and the prefix cache is keyed by (version, token ids).
 
+mod configure;
 pub mod prefix_cache;
 
 use crate::model::KvCache;

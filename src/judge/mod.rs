@@ -68,7 +68,7 @@ impl Voter {
         let mode = j.effective_mode()?;
         let backend = match j.backend {
             JudgeBackend::Off => return Ok(None),
-            JudgeBackend::Local => match crate::app::judge_engine_config(cfg)? {
+            JudgeBackend::Local => match crate::engine::EngineConfig::judge(cfg)? {
                 // Its own counters: the judge's tokens are not serving's throughput.
                 Some(own) => Backend::Local(Engine::start(
                     own,

@@ -4,7 +4,6 @@
 //! second copy of a quantized tensor. Every length and offset is checked against the file size so
 //! that a truncated or corrupt file is a clear error, never a panic.
 
-use super::linear::QuantMatrix;
 use super::quant::GgmlType;
 use anyhow::{Context, Result, bail, ensure};
 use memmap2::Mmap;
@@ -309,22 +308,6 @@ impl GgufFile {
 
     pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> &[u8] {
         &(*self.bytes).as_ref()[info.offset..info.offset + info.len]
-    }
-
-    /// A matrix's quantized blocks as the quantized kernels take them (`None` when the tensor
-    /// is not a matrix or its type has no such kernel).
-    pub fn quant_matrix(&self, info: &GgufTensorInfo) -> Option<QuantMatrix> {
-        let shape = info.shape();
-        (shape.len() == 2)
-            .then(|| {
-                QuantMatrix::new(
-                    info.ty,
-                    shape[0],
-                    shape[1],
-                    self.tensor_bytes(info).to_vec(),
-                )
-            })?
-            .ok()
     }
 
     /// Dequantized f32 values of a tensor, row-major in [`GgufTensorInfo::shape`] order.

@@ -7,6 +7,7 @@
 //! The rest of the model only calls [`Linear::forward`] / [`Linear::forward_adapted`], so it
 //! never depends on the representation.
 
+use super::gguf::{GgufFile, GgufTensorInfo};
 use super::kernels;
 use super::lora::LoraPair;
 use super::quant::{GgmlType, dequantize_into};
@@ -29,6 +30,22 @@ pub struct QuantMatrix {
 }
 
 impl QuantMatrix {
+    /// A matrix's quantized blocks as the quantized kernels take them (`None` when the tensor
+    /// is not a matrix or its type has no such kernel).
+    pub fn from_gguf(file: &GgufFile, info: &GgufTensorInfo) -> Option<Self> {
+        let shape = info.shape();
+        (shape.len() == 2)
+            .then(|| {
+                Self::new(
+                    info.ty,
+                    shape[0],
+                    shape[1],
+                    file.tensor_bytes(info).to_vec(),
+                )
+            })?
+            .ok()
+    }
+
     /// The blocks of a checkpoint's matrix. Q5_0 is rewritten as Q8_0 of the same values
     /// ([`super::quant::q5_0_as_q8_0`]): 55 % more bytes, read faster (Qwen2.5's decode).
     pub fn new(ty: GgmlType, rows: usize, cols: usize, bytes: Vec<u8>) -> Result<Self> {

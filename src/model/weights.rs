@@ -188,6 +188,6 @@ impl WeightFile {
     /// The file's quantized blocks of a projection, when the file stores it quantized.
     pub fn quant_blocks(&self, hf_name: &str) -> Option<QuantMatrix> {
         let g = self.gguf()?;
-        g.quant_matrix(g.tensors.get(&gguf_name(hf_name)?)?)
+        QuantMatrix::from_gguf(g, g.tensors.get(&gguf_name(hf_name)?)?)
     }
 }

@@ -32,7 +32,7 @@ pub async fn route(state: Arc<Core>, req: Request<Incoming>) -> Result<Response<
             req,
             http::BodyLimits {
                 max_bytes: 64 << 10,
-                ..state.config.body_limits()
+                ..http::BodyLimits::of(&state.config)
             },
         )
         .await?

@@ -407,7 +407,7 @@ fn stream_reply(state: Arc<Core>, mut call: Call) -> Response<Body> {
                     text.push_str(&piece);
                     // With tools on, tool-call markup is held back and sent as `tool_calls`.
                     let upto = if tools {
-                        super::tool_calls::streamable_len(&text)
+                        crate::app::tool_calls::streamable_len(&text)
                     } else {
                         text.len()
                     };

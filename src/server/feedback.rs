@@ -15,7 +15,7 @@ const MAX_COMMENT_CHARS: usize = 4000;
 
 pub async fn route(state: Arc<Core>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     http::authorize(&req, state.config.api_key.as_deref())?;
-    let body = http::read_json(req, state.config.body_limits()).await?;
+    let body = http::read_json(req, http::BodyLimits::of(&state.config)).await?;
     let (turn, rating, comment) = parse(&body)?;
     let core = state.clone();
     let recorded = blocking("Could not record the feedback", move || {

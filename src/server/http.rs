@@ -106,6 +106,16 @@ pub struct BodyLimits {
     pub timeout: std::time::Duration,
 }
 
+impl BodyLimits {
+    /// A request body's limits as the server is configured.
+    pub fn of(config: &crate::app::ServerConfig) -> Self {
+        Self {
+            max_bytes: config.max_body_bytes,
+            timeout: config.read_timeout,
+        }
+    }
+}
+
 /// Reads a JSON body (`Content-Type: application/json`) within `limits`.
 pub async fn read_json(req: Request<Incoming>, limits: BodyLimits) -> Result<Value, ApiError> {
     parse_json(&read_body(req, limits).await?)

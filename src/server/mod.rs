@@ -5,7 +5,6 @@ pub mod chat;
 pub mod feedback;
 pub mod http;
 pub mod listen;
-pub mod tool_calls;
 
 pub use crate::app::{Core, ServerConfig};
 use crate::engine::Status;
@@ -113,7 +112,7 @@ async fn chat_route(state: Arc<Core>, req: Request<Incoming>) -> Result<Response
     Counters::add(&state.counters.requests, 1);
     http::authorize(&req, state.config.api_key.as_deref())?;
     let headers = req.headers().clone();
-    let body = http::read_json(req, state.config.body_limits()).await?;
+    let body = http::read_json(req, http::BodyLimits::of(&state.config)).await?;
     chat::handle(state, headers, body).await
 }
 

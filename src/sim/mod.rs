@@ -185,8 +185,8 @@ async fn start_in_process(
     }
     // The model stays where it is installed; the store, adapters and logs of the run go to
     // its folder, so every run starts from the base model and an empty history.
-    cfg.model.path = crate::cli::model_path(&cfg)?.display().to_string();
-    if let Some(judge) = crate::app::judge_engine_config(&cfg)? {
+    cfg.model.path = cfg.model_path()?.display().to_string();
+    if let Some(judge) = crate::engine::EngineConfig::judge(&cfg)? {
         cfg.judge.model = judge.model_path.display().to_string();
     }
     cfg.paths.data_dir = out.join("data").display().to_string();

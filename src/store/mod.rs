@@ -7,9 +7,15 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
+mod records;
 mod samples;
 mod versions;
 mod view;
+
+/// The setting that keeps "training paused" across restarts.
+pub const PAUSED_SETTING: &str = "training_paused";
+
+pub use records::{HintCandidate, HintChoice, HintSource, TurnType};
 pub use samples::SampleRow;
 pub use versions::{LiveChange, TrainedSample, UpdateMetrics, VersionRow};
 pub use view::{JudgmentSummary, SessionSummary, Snapshot, TurnSummary};
@@ -150,7 +156,7 @@ ALTER TABLE versions ADD COLUMN learning_rate REAL;
 "#,
     r#"
 -- What a sample distilled from: every hint candidate (the judge's, the user's next message)
--- with its top-K overlap, the chosen one and the rule (JSON, train::hints::HintChoice).
+-- with its top-K overlap, the chosen one and the rule (JSON, store::HintChoice).
 ALTER TABLE version_samples ADD COLUMN hint_choice TEXT;
 "#,
 ];

@@ -35,7 +35,7 @@ pub struct TrainedSample {
     pub turn_id: i64,
     /// The reward as given (a rating, else the judge's score).
     pub reward: Option<f64>,
-    /// What its distillation read (`train::hints::HintChoice` as JSON), when it had a teacher.
+    /// What its distillation read (`store::HintChoice` as JSON), when it had a teacher.
     pub hint_choice: Option<Value>,
 }
 

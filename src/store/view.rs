@@ -39,7 +39,7 @@ pub struct TurnSummary {
     /// The latest human rating.
     pub rating: Option<i8>,
     /// The hint its latest distillation read (train.hint_selection's choice).
-    pub distilled: Option<crate::train::hints::HintCandidate>,
+    pub distilled: Option<crate::store::HintCandidate>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -71,7 +71,7 @@ impl Store {
             turns: self.recent_turns(max_turns)?,
             versions: self.versions()?,
             live_version: self.live_version()?,
-            training_paused: self.setting(crate::train::PAUSED_SETTING)?.as_deref() == Some("1"),
+            training_paused: self.setting(super::PAUSED_SETTING)?.as_deref() == Some("1"),
         })
     }
 
@@ -113,7 +113,7 @@ impl Store {
                     last_message: messages
                         .as_array()
                         .and_then(|m| m.last())
-                        .map(|m| crate::capture::sessions::content_text(m.get("content")))
+                        .map(|m| crate::messages::content_text(m.get("content")))
                         .unwrap_or_default(),
                     reply: r.get(5)?,
                     adapter_version: r.get(6)?,
@@ -174,8 +174,7 @@ impl Store {
             Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
         })? {
             let (turn_id, choice) = row?;
-            let choice: Option<crate::train::hints::HintChoice> =
-                serde_json::from_str(&choice).ok();
+            let choice: Option<crate::store::HintChoice> = serde_json::from_str(&choice).ok();
             if let (Some(&i), Some(c)) = (at.get(&turn_id), choice) {
                 turns[i].distilled = c.candidates.get(c.chosen).cloned();
             }

@@ -17,27 +17,7 @@
 use crate::model::scoring::gather;
 use burn::tensor::{Int, Tensor, TensorData};
 
-/// Which form the distillation term takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OpdForm {
-    /// Over the sampling policy's top-K tokens at every position (PIPELINE.md §4b).
-    Topk,
-    /// On the sampled token alone (PIPELINE.md §4).
-    Sampled,
-}
-
-/// Which signals train the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    /// Rewards only (Binary RL).
-    Rl,
-    /// Hints only (on-policy distillation).
-    Opd,
-    /// Both, summed (the default).
-    Combined,
-}
+pub use crate::config::{Method, OpdForm};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossConfig {

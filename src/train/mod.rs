@@ -8,4 +8,5 @@ pub mod optimizer;
 pub mod policy;
 pub mod trainer;
 
-pub use trainer::{PAUSED_SETTING, TrainerHandle, TrainerStatus, spawn};
+pub use crate::store::PAUSED_SETTING;
+pub use trainer::{TrainerHandle, TrainerStatus, spawn};

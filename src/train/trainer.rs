@@ -18,15 +18,13 @@ use crate::events::{Event, EventBus, emit};
 use crate::gate::{Candidate, Gate};
 use crate::judge::teacher::hinted_messages;
 use crate::model::{LoraAdapter, LoraConfig};
+use crate::store::PAUSED_SETTING;
 use crate::store::{SampleRow, Store, TrainedSample, UpdateMetrics, now_ms};
 use anyhow::{Result, bail};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// The setting that keeps "training paused" across restarts.
-pub const PAUSED_SETTING: &str = "training_paused";
 
 /// Progress of the update being computed.
 #[derive(Debug, Clone, Serialize, PartialEq)]

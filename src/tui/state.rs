@@ -2,9 +2,9 @@
 //! from the core. Pure data: no terminal, no clock (the caller passes the time), no core.
 
 use crate::events::{Event, Level};
+use crate::store::HintCandidate;
 use crate::store::{JudgmentSummary, Snapshot, TurnSummary, VersionRow};
 use crate::telemetry::hardware::Hardware;
-use crate::train::hints::HintCandidate;
 use std::collections::VecDeque;
 
 /// Sessions and turns the screen keeps (the oldest are forgotten).

@@ -238,7 +238,7 @@ fn a_conversation_streams_then_shows_votes_hint_rating_and_version() {
         &mut app,
         vec![Event::HintChosen {
             turn_id: 11,
-            source: crate::train::hints::HintSource::User,
+            source: crate::store::HintSource::User,
             hint: "And of Germany? Answer in one word.".into(),
             overlap: Some(12.5),
             candidates: 2,
