@@ -1,11 +1,11 @@
 //! Command-line interface: parsing (clap), applying flags over the config, and the commands.
 
-use crate::catalog::{self, CATALOG};
-use crate::config::Config;
-use crate::device::{self, DeviceChoice};
-use crate::model::{GenerateRequest, SamplingParams, WeightMode};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use clawrl_core::catalog::{self, CATALOG};
+use clawrl_core::config::Config;
+use clawrl_model::device::{self, DeviceChoice};
+use clawrl_model::{GenerateRequest, SamplingParams, WeightMode};
 use serde_json::json;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -73,6 +73,7 @@ pub enum Command {
     /// Print the resolved configuration, paths and the model summary.
     Info,
     /// Measure prefill and decode speed of several weight formats; prints ratios to the first.
+    #[cfg(feature = "lab")]
     Bench(crate::bench::BenchArgs),
     /// Run the OpenAI-compatible server and capture every conversation turn (under the control
     /// center when the terminal allows; see --headless).
@@ -172,14 +173,14 @@ pub fn resolve_config(global: &GlobalArgs) -> Result<Config> {
     }
     cfg.validate()?;
     // The screen's keys are checked at start for every command, headless too.
-    crate::tui::keymap::Keymap::new(&cfg.tui.keys)?;
+    clawrl_screen::keymap::Keymap::new(&cfg.tui.keys)?;
     Ok(cfg)
 }
 
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
     let cfg = resolve_config(&cli.global)?;
-    let _log_guard = crate::logging::init(&cfg.log_dir(), &cfg.log.level)?;
+    let _log_guard = clawrl_core::logging::init(&cfg.log_dir(), &cfg.log.level)?;
     match cli.command {
         None => serve(cfg, &cli.server, false),
         Some(Command::Chat) => interactive(&cfg),
@@ -192,7 +193,7 @@ pub fn run() -> Result<()> {
             } else {
                 let mut ids = vec![cfg.model.default.clone()];
                 let judge = &cfg.judge;
-                if judge.backend == crate::config::JudgeBackend::Local
+                if judge.backend == clawrl_core::config::JudgeBackend::Local
                     && catalog::find(&judge.model).is_some()
                     && !ids.contains(&judge.model)
                 {
@@ -230,7 +231,7 @@ pub fn run() -> Result<()> {
         Some(Command::Info) => {
             println!(
                 "config file:  {}",
-                crate::config::user_config_path()
+                clawrl_core::config::user_config_path()
                     .map(|p| p.display().to_string())
                     .unwrap_or_default()
             );
@@ -251,10 +252,11 @@ pub fn run() -> Result<()> {
                 }
             );
             println!("\n{}", toml::to_string_pretty(&cfg)?);
-            let model = crate::app::load_model(&cfg)?;
+            let model = clawrl_core::app::load_model(&cfg)?;
             println!("{}", model.summary());
             Ok(())
         }
+        #[cfg(feature = "lab")]
         Some(Command::Bench(args)) => crate::bench::run(&cfg, &args),
         Some(Command::Serve(args)) => serve(cfg, &args.server, args.headless),
         Some(Command::Export(args)) => export(&cfg, &args),
@@ -275,13 +277,13 @@ fn serve(mut cfg: Config, args: &ServerArgs, headless: bool) -> Result<()> {
         cfg.server.api_key = k.clone();
     }
     let screen = !headless && std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
-    let keymap = crate::tui::keymap::Keymap::new(&cfg.tui.keys)?;
+    let keymap = clawrl_screen::keymap::Keymap::new(&cfg.tui.keys)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let core = crate::app::build(&cfg)?;
+        let core = clawrl_core::app::build(&cfg)?;
         // Subscribed before asking whether the model is loaded: no readiness is missed.
         let events = core.bus.subscribe();
         let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
@@ -299,10 +301,10 @@ fn serve(mut cfg: Config, args: &ServerArgs, headless: bool) -> Result<()> {
         });
         if let Some(text) = &exposed {
             tracing::warn!("{text}");
-            crate::events::emit(
+            clawrl_core::events::emit(
                 &core.bus,
-                crate::events::Event::Notice {
-                    level: crate::events::Level::Error,
+                clawrl_core::events::Event::Notice {
+                    level: clawrl_core::events::Level::Error,
                     text: text.clone(),
                 },
             );
@@ -325,7 +327,7 @@ fn serve(mut cfg: Config, args: &ServerArgs, headless: bool) -> Result<()> {
                     _ = failure.wait_for(Option::is_some) => {}
                 }
             };
-            crate::server::serve(listener, core.clone(), stop).await?;
+            clawrl_server::serve(listener, core.clone(), stop).await?;
             if let Some(why) = core.failure.borrow().clone() {
                 anyhow::bail!("stopped: {why}");
             }
@@ -333,23 +335,23 @@ fn serve(mut cfg: Config, args: &ServerArgs, headless: bool) -> Result<()> {
             return Ok(());
         }
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(crate::server::serve(listener, core.clone(), async {
+        let server = tokio::spawn(clawrl_server::serve(listener, core.clone(), async {
             let _ = server_stopped.await;
         }));
         let (commands, received) = tokio::sync::mpsc::unbounded_channel();
-        let executor = tokio::spawn(crate::app::commands::run(core.clone(), received));
-        let link = crate::tui::Link {
+        let executor = tokio::spawn(clawrl_core::app::commands::run(core.clone(), received));
+        let link = clawrl_screen::Link {
             events,
             commands,
             counters: core.counters.clone(),
             store_path: cfg.store_path(),
-            header: crate::tui::app::Header {
+            header: clawrl_screen::screen::Header {
                 model_id: core.config.model_id.clone(),
                 url,
             },
             model_ready: core.engine.info().map(|i| i.name.clone()),
         };
-        let shown = crate::tui::run(link, keymap, shutdown_signal()).await;
+        let shown = clawrl_screen::run(link, keymap, shutdown_signal()).await;
         // The screen is gone: stop accepting, let requests and chats in flight finish.
         eprintln!("clawrl-tui: stopping (requests in flight finish first)");
         let _ = stop_server.send(());
@@ -384,11 +386,11 @@ fn export(cfg: &Config, args: &ExportArgs) -> Result<()> {
     let since = args
         .since
         .as_deref()
-        .map(crate::store::parse_since)
+        .map(clawrl_core::store::parse_since)
         .transpose()?
         .unwrap_or(0);
     let path = args.store.clone().unwrap_or_else(|| cfg.store_path());
-    let store = crate::store::Store::open_read_only(&path)?;
+    let store = clawrl_core::store::Store::open_read_only(&path)?;
     let mut out: Box<dyn Write> = match &args.output {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
@@ -415,7 +417,7 @@ fn sampling(cfg: &Config, args: Option<&GenerateArgs>) -> SamplingParams {
 }
 
 fn generate(cfg: &Config, args: &GenerateArgs) -> Result<()> {
-    let model = crate::app::load_model(cfg)?;
+    let model = clawrl_core::app::load_model(cfg)?;
     let mut messages = Vec::new();
     if let Some(s) = &args.system {
         messages.push(json!({"role": "system", "content": s}));
@@ -428,7 +430,7 @@ fn generate(cfg: &Config, args: &GenerateArgs) -> Result<()> {
         stop: args.stop.clone(),
         top_logprobs: 0,
     };
-    let pool = crate::background::serving_pool("clawrl-generate")?;
+    let pool = clawrl_model::background::serving_pool("clawrl-generate")?;
     let gen_ = pool.install(|| {
         let mut out = std::io::stdout().lock();
         model.generate(&req, |piece| {
@@ -446,7 +448,7 @@ fn generate(cfg: &Config, args: &GenerateArgs) -> Result<()> {
 /// The interim front end: model summary, then a chat on stdin/stdout.
 fn interactive(cfg: &Config) -> Result<()> {
     eprintln!("loading {} ...", cfg.model_path()?.display());
-    let model = crate::app::load_model(cfg)?;
+    let model = clawrl_core::app::load_model(cfg)?;
     println!("{}", model.summary());
     println!("Type a message and press Enter (Ctrl-D to quit, /reset to start over).");
     let mut messages: Vec<serde_json::Value> = Vec::new();

@@ -2,10 +2,10 @@
 //! rollback, pause, resume) through its authenticated `/admin` routes. Human-readable by
 //! default, `--json` for scripts.
 
-use crate::config::Config;
-use crate::http_client::{self, Target};
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
+use clawrl_core::config::Config;
+use clawrl_core::http_client::{self, Target};
 use hyper::Method;
 use serde_json::{Value, json};
 use std::fmt::Write as _;

@@ -5,7 +5,7 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-    clawrl_tui::background::init_global_pool();
+    clawrl_model::background::init_global_pool();
     match clawrl_tui::cli::run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -4,9 +4,9 @@
 
 mod common;
 use burn::tensor::Device;
-use clawrl_tui::model::lora::values;
-use clawrl_tui::model::weights::WeightFile;
-use clawrl_tui::model::{LoraAdapter, LoraConfig, ModelConfig, Target, peft};
+use clawrl_model::lora::values;
+use clawrl_model::weights::WeightFile;
+use clawrl_model::{LoraAdapter, LoraConfig, ModelConfig, Target, peft};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safetensors::SafeTensors;

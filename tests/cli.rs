@@ -24,7 +24,6 @@ fn help_documents_every_subcommand_and_flag() {
         "fetch-model",
         "models",
         "info",
-        "bench",
         "--model",
         "--device",
         "--dtype",
@@ -33,6 +32,8 @@ fn help_documents_every_subcommand_and_flag() {
     ] {
         assert!(help.contains(word), "--help lacks {word}:\n{help}");
     }
+    // The lab bench is in the lab build only (`--features lab`).
+    assert_eq!(help.contains("bench"), cfg!(feature = "lab"), "{help}");
     let out = run(&["generate", "--help"]);
     let help = text(&out.stdout);
     for word in [
@@ -276,13 +277,15 @@ fn devices_this_build_cannot_use_are_refused_with_the_way_to_get_them() {
         "{}",
         text(&out.stderr)
     );
-    let out = run(&["bench", "--variants", "f32@tpu", "--runs", "1"]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("unknown device \"tpu\""),
-        "{}",
-        text(&out.stderr)
-    );
+    if cfg!(feature = "lab") {
+        let out = run(&["bench", "--variants", "f32@tpu", "--runs", "1"]);
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains("unknown device \"tpu\""),
+            "{}",
+            text(&out.stderr)
+        );
+    }
     if !cfg!(feature = "wgpu") {
         let out = run(&[
             "--device",
@@ -427,8 +430,9 @@ fn serving_beyond_loopback_without_a_key_warns() {
 }
 
 #[test]
+#[cfg(feature = "lab")]
 fn bench_kernels_measures_every_type_row_count_and_instruction_set() {
-    use clawrl_tui::model::kernels::{Isa, SIMD_TYPES};
+    use clawrl_model::kernels::{Isa, SIMD_TYPES};
     let out = run(&["bench", "--kernels", "--runs", "1"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);

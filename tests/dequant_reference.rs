@@ -2,7 +2,7 @@
 //! (fixtures from tests/reference/gen_dequant.py: random blocks and real rows of both models).
 
 mod common;
-use clawrl_tui::model::quant::{GgmlType, dequantize};
+use clawrl_model::quant::{GgmlType, dequantize};
 
 fn ggml_type(name: &str) -> GgmlType {
     let id = match name {

@@ -4,13 +4,13 @@
 //! requests, never inside one; scoring compares versions.
 
 mod common;
-use clawrl_tui::config::Config;
-use clawrl_tui::engine::{
+use clawrl_core::config::Config;
+use clawrl_core::engine::{
     Command, Engine, EngineEvent, Job, Priority, Prompt, Status, Task, Version,
 };
-use clawrl_tui::model::SamplingParams;
-use clawrl_tui::model::{LoraAdapter, LoraConfig, Target};
-use clawrl_tui::telemetry::Counters;
+use clawrl_core::telemetry::Counters;
+use clawrl_model::SamplingParams;
+use clawrl_model::{LoraAdapter, LoraConfig, Target};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ fn engine() -> Engine {
     let mut cfg = Config::default();
     cfg.model.path = common::model_path(common::SMOLLM2).display().to_string();
     let engine = Engine::start(
-        clawrl_tui::engine::EngineConfig::policy(&cfg).unwrap(),
+        clawrl_core::engine::EngineConfig::policy(&cfg).unwrap(),
         Arc::new(Counters::default()),
         |_| (0, None),
         |_| {},
@@ -207,7 +207,7 @@ fn background_work_gets_its_share_while_clients_never_pause() {
     };
     // Another thread's (the trainer's): the engine pauses serving for it, which the trainer
     // sees as serving not busy although requests wait.
-    let demand = clawrl_tui::background::Demand::hold();
+    let demand = clawrl_model::background::Demand::hold();
     let (mut polls, mut paused) = (0u32, 0u32);
     let window = Instant::now();
     while window.elapsed() < Duration::from_secs(4) {
@@ -342,7 +342,7 @@ fn scoring_compares_versions_token_by_token() {
         .tokenizer
         .encode_prompt(
             "The answer is 4.",
-            &clawrl_tui::model::tokenizer::QuotedSpecials::new(),
+            &clawrl_model::tokenizer::QuotedSpecials::new(),
         )
         .unwrap();
     let fresh = LoraAdapter::init(
@@ -380,7 +380,7 @@ fn scoring_compares_versions_token_by_token() {
     for (a, b) in own.iter().zip(&base) {
         assert!((a - b).abs() < 1e-4, "{a} vs {b}");
     }
-    let kl = clawrl_tui::model::scoring::kl_per_position(dist, base_dist.unwrap());
+    let kl = clawrl_model::scoring::kl_per_position(dist, base_dist.unwrap());
     assert!(kl.iter().all(|k| k.abs() < 1e-4), "{kl:?}");
     // A long continuation goes through in several background chunks: same as one pass.
     let long: Vec<u32> = continuation.iter().cycle().take(150).copied().collect();

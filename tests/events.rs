@@ -3,8 +3,8 @@
 //! configured timeout.
 
 mod common;
-use clawrl_tui::config::Config;
-use clawrl_tui::events::{CloseReason, Event, NextRole};
+use clawrl_core::config::Config;
+use clawrl_core::events::{CloseReason, Event, NextRole};
 use serde_json::json;
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ async fn post_to(port: u16, path: &'static str, body: serde_json::Value) -> serd
 /// The core served in-process on a loopback port (as the TUI will run it), with its own data
 /// directory, subscribed to the bus before anything happens.
 struct Core {
-    state: std::sync::Arc<clawrl_tui::server::Core>,
+    state: std::sync::Arc<clawrl_server::Core>,
     events: tokio::sync::broadcast::Receiver<Event>,
     port: u16,
     stop: tokio::sync::oneshot::Sender<()>,
@@ -46,12 +46,12 @@ impl Core {
         // The trainer would compete for the CPU; tests that train turn it on.
         cfg.train.enabled = false;
         tune(&mut cfg);
-        let state = clawrl_tui::app::build(&cfg).unwrap();
+        let state = clawrl_core::app::build(&cfg).unwrap();
         let events = state.bus.subscribe();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(clawrl_tui::server::serve(listener, state.clone(), async {
+        let server = tokio::spawn(clawrl_server::serve(listener, state.clone(), async {
             let _ = stop_rx.await;
         }));
         Self {
@@ -67,7 +67,7 @@ impl Core {
     /// A core that trains on every sample at once (judge off), once its engine is ready.
     async fn training(tune: impl FnOnce(&mut Config)) -> Self {
         let mut core = Self::start(|cfg| {
-            cfg.judge.backend = clawrl_tui::config::JudgeBackend::Off;
+            cfg.judge.backend = clawrl_core::config::JudgeBackend::Off;
             cfg.train.enabled = true;
             cfg.train.min_samples = 1;
             tune(cfg);
@@ -90,7 +90,7 @@ impl Core {
 async fn capture_steps_are_published_on_the_event_bus() {
     let mut core = Core::start(|cfg| {
         cfg.server.session_idle_secs = 2;
-        cfg.judge.backend = clawrl_tui::config::JudgeBackend::Off; // covered below
+        cfg.judge.backend = clawrl_core::config::JudgeBackend::Off; // covered below
     })
     .await;
     let (port, events) = (core.port, &mut core.events);
@@ -178,7 +178,7 @@ async fn capture_steps_are_published_on_the_event_bus() {
     );
     assert!(
         matches!(&seen[2], Event::RequestFinished { request_id, adapter_version: 0, finish_reason, .. }
-            if request_id == r1["id"].as_str().unwrap() && *finish_reason != clawrl_tui::events::Finish::ToolCalls),
+            if request_id == r1["id"].as_str().unwrap() && *finish_reason != clawrl_core::events::Finish::ToolCalls),
         "{:?}",
         seen[2]
     );
@@ -226,7 +226,7 @@ async fn judge_verdicts_queue_depth_feedback_and_no_signal_are_published() {
     .await;
     let (port, state, events) = (core.port, core.state.clone(), &mut core.events);
 
-    while state.engine.status() != clawrl_tui::engine::Status::Ready {
+    while state.engine.status() != clawrl_core::engine::Status::Ready {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let m1 = json!([{"role": "user", "content": "Hi"}]);
@@ -424,7 +424,7 @@ async fn training_and_gate_decisions_are_published_on_the_event_bus() {
         Event::VersionLive {
             version: 1,
             previous: 0,
-            reason: clawrl_tui::events::LiveReason::Auto
+            reason: clawrl_core::events::LiveReason::Auto
         }
     );
 
@@ -478,7 +478,7 @@ async fn a_reply_rated_down_with_nothing_to_move_toward_is_set_aside_not_trained
         matches!(e, Event::SamplesWaiting { samples: 0 })
     })
     .await;
-    let store = clawrl_tui::store::Store::open_read_only(&store).unwrap();
+    let store = clawrl_core::store::Store::open_read_only(&store).unwrap();
     let mut records = Vec::new();
     store
         .export(0, |r| {

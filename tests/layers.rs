@@ -166,9 +166,6 @@ fn module_folders(root: &Path) -> Vec<(PathBuf, String)> {
     out
 }
 
-/// Module folders whose children still import each other (being untangled).
-const KNOWN: &[&str] = &["tui"];
-
 #[test]
 fn no_module_imports_a_sibling_that_imports_it_back() {
     let mut checked = 0;
@@ -177,9 +174,6 @@ fn no_module_imports_a_sibling_that_imports_it_back() {
             let graph = sibling_imports(&dir, &path);
             checked += graph.len();
             let cycle = find_cycle(&graph);
-            if KNOWN.contains(&path.as_str()) {
-                continue;
-            }
             assert!(
                 cycle.is_none(),
                 "{}: the modules {} import each other in a loop",

@@ -8,8 +8,8 @@
 
 mod common;
 use burn::tensor::DType;
-use clawrl_tui::model::generate::Decoding;
-use clawrl_tui::model::{FinishReason, GenerateRequest, LoadedModel, SamplingParams, WeightMode};
+use clawrl_model::generate::Decoding;
+use clawrl_model::{FinishReason, GenerateRequest, LoadedModel, SamplingParams, WeightMode};
 use serde_json::json;
 
 const LOGIT_TOL: f32 = 1e-3;
@@ -127,7 +127,7 @@ fn check_logits(logits: &[f32], case: &serde_json::Value, what: &str, tol: f32) 
         );
         max_err = max_err.max((logits[id] - want).abs());
     }
-    let lse = clawrl_tui::model::sampling::log_sum_exp(logits);
+    let lse = clawrl_model::sampling::log_sum_exp(logits);
     let lse_err = (lse - case["last_logsumexp"].as_f64().unwrap() as f32).abs();
     eprintln!(
         "{what} {prompt:?}: max top-40 logit error {max_err:.5}, logsumexp error {lse_err:.5}"
@@ -353,7 +353,7 @@ fn option_scores_after_one_shared_prefill_equal_teacher_forced_scores() {
 
 #[test]
 fn the_teacher_scores_the_students_exact_tokens_after_the_hinted_prompt() {
-    use clawrl_tui::judge::teacher::{HINT_HEADER, teacher_context};
+    use clawrl_core::judge::teacher::{HINT_HEADER, teacher_context};
     let m = common::smollm2();
     let messages = [
         json!({"role": "system", "content": "Be brief."}),
@@ -467,7 +467,7 @@ fn serving_copies_of_an_adapter_decode_like_the_adapter_itself() {
         stop: vec![],
         top_logprobs: 0,
     };
-    let decode = |adapter: Option<clawrl_tui::model::LoraAdapter>| {
+    let decode = |adapter: Option<clawrl_model::LoraAdapter>| {
         let mut d = model
             .start_decoding(&request, None, adapter.map(std::sync::Arc::new))
             .unwrap();
@@ -511,10 +511,10 @@ fn an_f16_kv_cache_matches_the_reference() {
         (common::QWEN25, "reference-qwen2.5-coder-0.5b.json"),
     ] {
         let mut model = common::load(id, DType::F32, WeightMode::Both);
-        model.transformer.kv_dtype = clawrl_tui::model::KvDtype::F16;
+        model.transformer.kv_dtype = clawrl_model::KvDtype::F16;
         assert_eq!(
             model.transformer.new_cache().dtype(),
-            clawrl_tui::model::KvDtype::F16
+            clawrl_model::KvDtype::F16
         );
         check_model(&model, fixture, F16_CACHE_TOL);
     }

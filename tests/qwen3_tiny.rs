@@ -4,8 +4,8 @@
 
 mod common;
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use clawrl_tui::model::weights::WeightFile;
-use clawrl_tui::model::{Family, Transformer, WeightMode};
+use clawrl_model::weights::WeightFile;
+use clawrl_model::{Family, Transformer, WeightMode};
 
 /// The tiny checkpoint, loaded in `dtype`.
 fn load(dtype: DType) -> Transformer {

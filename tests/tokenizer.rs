@@ -3,8 +3,8 @@
 //! plus exact round trips; and the checkpoints' own chat templates rendered by minijinja.
 
 mod common;
-use clawrl_tui::model::gguf::GgufFile;
-use clawrl_tui::model::tokenizer::Tokenizer;
+use clawrl_model::gguf::GgufFile;
+use clawrl_model::tokenizer::Tokenizer;
 use serde_json::json;
 
 const TEXTS: &[&str] = &[
@@ -70,7 +70,7 @@ fn qwen3_chat_template_renders_tools_and_tool_calls() {
             .unwrap();
     let src = cfg["chat_template"].as_str().unwrap();
     let tmpl =
-        clawrl_tui::model::chat_template::ChatTemplate::new(src, None, Some("<|im_end|>")).unwrap();
+        clawrl_model::chat_template::ChatTemplate::new(src, None, Some("<|im_end|>")).unwrap();
     let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
     let messages = vec![

@@ -5,15 +5,15 @@
 mod common;
 use burn::module::Param;
 use burn::tensor::DType;
-use clawrl_tui::model::linear::LinearWeight;
-use clawrl_tui::model::lora::{LoraPair, values};
-use clawrl_tui::model::weights::WeightFile;
-use clawrl_tui::model::{LoraAdapter, LoraConfig, Target, Transformer, WeightMode, scoring};
-use clawrl_tui::train::loss::{LossConfig, Method, Signals, TopK};
-use clawrl_tui::train::optimizer::{AdapterOptimizer, OptimizerConfig};
-use clawrl_tui::train::policy::{
+use clawrl_core::train::loss::{LossConfig, Method, Signals, TopK};
+use clawrl_core::train::optimizer::{AdapterOptimizer, OptimizerConfig};
+use clawrl_core::train::policy::{
     MicroStep, micro_step, response_log_distributions, response_logprobs,
 };
+use clawrl_model::linear::LinearWeight;
+use clawrl_model::lora::{LoraPair, values};
+use clawrl_model::weights::WeightFile;
+use clawrl_model::{LoraAdapter, LoraConfig, Target, Transformer, WeightMode, scoring};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -4,15 +4,15 @@
 //! corpora and the inputs the fuzzers found through these same functions.
 
 use burn::tensor::DType;
-use clawrl_tui::catalog::CATALOG;
-use clawrl_tui::config::{Config, GenerationSection};
-use clawrl_tui::device::{DeviceChoice, select};
-use clawrl_tui::model::gguf::GgufFile;
-use clawrl_tui::model::linear::QuantMatrix;
-use clawrl_tui::model::weights::WeightFile;
-use clawrl_tui::model::{ChatFormat, Transformer, WeightMode, render_prompt};
-use clawrl_tui::server::chat::parse_request;
-use clawrl_tui::server::http::parse_json;
+use clawrl_core::catalog::CATALOG;
+use clawrl_core::config::{Config, GenerationSection};
+use clawrl_model::device::{DeviceChoice, select};
+use clawrl_model::gguf::GgufFile;
+use clawrl_model::linear::QuantMatrix;
+use clawrl_model::weights::WeightFile;
+use clawrl_model::{ChatFormat, Transformer, WeightMode, render_prompt};
+use clawrl_server::chat::parse_request;
+use clawrl_server::http::parse_json;
 use serde_json::Value;
 use std::path::Path;
 use std::sync::OnceLock;

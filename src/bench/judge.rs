@@ -2,12 +2,12 @@
 //! whose right verdict is clear to a person: valid-vote rate, agreement with the label, and
 //! time per turn, printed against the `reason` mode (upstream's way) as the baseline.
 
-use crate::config::{Config, JudgeBackend, JudgeMode};
-use crate::engine::{Engine, Status};
-use crate::judge::Voter;
-use crate::store::PendingTurn;
-use crate::telemetry::Counters;
 use anyhow::{Result, bail};
+use clawrl_core::config::{Config, JudgeBackend, JudgeMode};
+use clawrl_core::engine::{Engine, Status};
+use clawrl_core::judge::Voter;
+use clawrl_core::store::PendingTurn;
+use clawrl_core::telemetry::Counters;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,9 +83,9 @@ pub fn run(cfg: &Config, modes: &[String], with_hints: bool) -> Result<()> {
     let cases = cases();
     runtime.block_on(async {
         // The judge's own model when `judge.model` names one, else the policy's.
-        let engine_cfg = match crate::engine::EngineConfig::judge(cfg)? {
+        let engine_cfg = match clawrl_core::engine::EngineConfig::judge(cfg)? {
             Some(own) => own,
-            None => crate::engine::EngineConfig::policy(cfg)?,
+            None => clawrl_core::engine::EngineConfig::policy(cfg)?,
         };
         let engine = Engine::start(
             engine_cfg,
@@ -170,10 +170,10 @@ pub fn run(cfg: &Config, modes: &[String], with_hints: bool) -> Result<()> {
                         .votes
                         .iter()
                         .filter(|v| v.kind == "hint")
-                        .filter_map(|v| crate::judge::verdict::usable_hint(&v.raw))
+                        .filter_map(|v| clawrl_core::judge::verdict::usable_hint(&v.raw))
                         .collect();
                     if let Some(h) = usable.iter().max_by_key(|h| h.chars().count()) {
-                        let restates = crate::judge::verdict::restates(h, &case.reply);
+                        let restates = clawrl_core::judge::verdict::restates(h, &case.reply);
                         row.hints.1 += 1;
                         row.hints.2 += restates as usize;
                         hint = format!(

@@ -6,8 +6,8 @@
 //! each row is than alone (what batching can give the streams).
 
 use super::median;
-use crate::model::kernels::{self, Isa, Product};
 use anyhow::Result;
+use clawrl_model::kernels::{self, Isa, Product};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use std::time::Instant;
 
@@ -17,7 +17,7 @@ const COLS: usize = 1024;
 const CALLS: usize = 10;
 
 pub fn run(runs: usize) -> Result<()> {
-    let pool = crate::background::serving_pool("clawrl-bench")?;
+    let pool = clawrl_model::background::serving_pool("clawrl-bench")?;
     let mut rng = StdRng::seed_from_u64(1);
     println!(
         "{ROWS} x {COLS} matrix, {} threads, median of {runs} runs of {CALLS} products",

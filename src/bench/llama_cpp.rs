@@ -5,11 +5,11 @@
 //! llama.cpp runs through llama-cpp-python's low-level bindings (`scripts/bench_llama_cpp.py`,
 //! embedded here; install with `scripts/install-llama-cpp.sh`).
 
-use crate::config::Config;
-use crate::engine::{Engine, EngineEvent, Job, Priority, Prompt, Status, Task, Version};
-use crate::model::{Generation, KvDtype, SamplingParams, kernels::Isa};
-use crate::telemetry::Counters;
 use anyhow::{Context, Result, bail};
+use clawrl_core::config::Config;
+use clawrl_core::engine::{Engine, EngineEvent, Job, Priority, Prompt, Status, Task, Version};
+use clawrl_core::telemetry::Counters;
+use clawrl_model::{Generation, KvDtype, SamplingParams, kernels::Isa};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
@@ -255,7 +255,7 @@ pub fn run(cfg: &Config, python: &Path) -> Result<()> {
 
 fn start_engine(cfg: &Config) -> Result<Engine> {
     let engine = Engine::start(
-        crate::engine::EngineConfig::policy(cfg)?,
+        clawrl_core::engine::EngineConfig::policy(cfg)?,
         Arc::new(Counters::default()),
         |_| (0, None),
         |_| {},

@@ -1,11 +1,11 @@
 //! `clawrl-tui bench`: prefill and decode speed of several weight formats (and devices) of the
 //! same model, measured in one invocation and printed as ratios to the first (the baseline).
 
-use crate::app::load_model;
-use crate::config::Config;
-use crate::model::{GenerateRequest, SamplingParams, WeightMode};
 use anyhow::{Result, bail};
 use clap::Args;
+use clawrl_core::app::load_model;
+use clawrl_core::config::Config;
+use clawrl_model::{GenerateRequest, SamplingParams, WeightMode};
 
 pub mod judge;
 pub mod kernels;
@@ -146,7 +146,7 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
         let mut prefill = Vec::new();
         let mut decode = Vec::new();
         // On a pool of its own, as the engine runs (see background::serving_pool).
-        let pool = crate::background::serving_pool("clawrl-bench")?;
+        let pool = clawrl_model::background::serving_pool("clawrl-bench")?;
         for i in 0..=args.runs {
             // Rates use the tokens actually decoded (a stop token may end a run early).
             let g = pool.install(|| model.generate(&req, |_| true))?;

@@ -10,17 +10,17 @@
 //! 2. The parts, on a fresh copy of the model: one training micro-step (forward + backward) and
 //!    one optimizer step at a given sample size, and decode speed with an adapter vs without.
 
-use crate::config::Config;
-use crate::engine::Status;
-use crate::events::Event;
-use crate::http_client::{self, Target};
-use crate::model::{GenerateRequest, LoadedModel, LoraAdapter, SamplingParams};
-use crate::store::Store;
-use crate::train::loss::{LossConfig, Signals};
-use crate::train::optimizer::{AdapterOptimizer, OptimizerConfig};
-use crate::train::policy::micro_step;
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use clawrl_core::config::Config;
+use clawrl_core::engine::Status;
+use clawrl_core::events::Event;
+use clawrl_core::http_client::{self, Target};
+use clawrl_core::store::Store;
+use clawrl_core::train::loss::{LossConfig, Signals};
+use clawrl_core::train::optimizer::{AdapterOptimizer, OptimizerConfig};
+use clawrl_core::train::policy::micro_step;
+use clawrl_model::{GenerateRequest, LoadedModel, LoraAdapter, SamplingParams};
 use hyper::Method;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -131,8 +131,9 @@ fn loop_config(cfg: &Config, data: &std::path::Path) -> Result<Config> {
     c.paths.data_dir = data.display().to_string();
     c.store.path = String::new();
     c.model.path = cfg.model_path()?.display().to_string();
-    if !cfg.judge.model.is_empty() && cfg.judge.backend == crate::config::JudgeBackend::Local {
-        c.judge.model = crate::catalog::resolve(&cfg.judge.model, &cfg.data_dir())
+    if !cfg.judge.model.is_empty() && cfg.judge.backend == clawrl_core::config::JudgeBackend::Local
+    {
+        c.judge.model = clawrl_core::catalog::resolve(&cfg.judge.model, &cfg.data_dir())
             .context("judge.model")?
             .display()
             .to_string();
@@ -149,12 +150,12 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let result = runtime.block_on(async {
-        let state = crate::app::build(&c)?;
+        let state = clawrl_core::app::build(&c)?;
         let mut events = state.bus.subscribe();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(crate::server::serve(listener, state.clone(), async {
+        let server = tokio::spawn(clawrl_server::serve(listener, state.clone(), async {
             let _ = stop_rx.await;
         }));
         while state.engine.status() == Status::Loading {
@@ -392,7 +393,7 @@ fn tempdir() -> Result<std::path::PathBuf> {
 }
 
 fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
-    let model = crate::app::load_model(cfg)?;
+    let model = clawrl_core::app::load_model(cfg)?;
     let n = args.sample_tokens;
     println!(
         "parts: {} (prompt {n} tokens, response {n} tokens)",
@@ -459,10 +460,10 @@ fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
             .into_data()
             .try_into_vec_as::<f32>()
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let (ids, old) = crate::train::loss::TopK::select(&dist, vocab, k);
-        let teacher = crate::train::loss::TopK::gather(&dist, vocab, &ids, k);
+        let (ids, old) = clawrl_core::train::loss::TopK::select(&dist, vocab, k);
+        let teacher = clawrl_core::train::loss::TopK::gather(&dist, vocab, &ids, k);
         prepare.push(t.elapsed().as_secs_f64());
-        topk = Some(crate::train::loss::TopK {
+        topk = Some(clawrl_core::train::loss::TopK {
             k,
             ids,
             old,
@@ -481,7 +482,7 @@ fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
     );
     // As the engine serves a version: on its own pool, with the plain copies.
     let adapter = Arc::new(opt.snapshot().for_serving());
-    let pool = crate::background::serving_pool("clawrl-bench")?;
+    let pool = clawrl_model::background::serving_pool("clawrl-bench")?;
     let (without, with) = pool.install(|| -> Result<_> {
         Ok((
             decode_speed(&model, None)?,
@@ -536,10 +537,10 @@ mod tests {
         let home = std::env::temp_dir().join(format!("clawrl-loop-config-{}", std::process::id()));
         let mut cfg = Config::default();
         cfg.paths.data_dir = home.display().to_string();
-        let judge =
-            crate::catalog::find(&cfg.judge.model).expect("the default judge is a catalog id");
-        let policy =
-            crate::catalog::find(&cfg.model.default).expect("the default model is a catalog id");
+        let judge = clawrl_core::catalog::find(&cfg.judge.model)
+            .expect("the default judge is a catalog id");
+        let policy = clawrl_core::catalog::find(&cfg.model.default)
+            .expect("the default model is a catalog id");
         for m in [judge, policy] {
             let p = m.path(&home);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -549,7 +550,11 @@ mod tests {
         let c = loop_config(&cfg, &loop_dir).unwrap();
         assert_eq!(c.paths.data_dir, loop_dir.display().to_string());
         assert_eq!(std::path::PathBuf::from(&c.judge.model), judge.path(&home));
-        assert!(crate::engine::EngineConfig::judge(&c).unwrap().is_some());
+        assert!(
+            clawrl_core::engine::EngineConfig::judge(&c)
+                .unwrap()
+                .is_some()
+        );
         std::fs::remove_dir_all(&home).unwrap();
     }
 }

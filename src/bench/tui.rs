@@ -4,13 +4,13 @@
 //! 200×60. The screen draws at most
 //! 25 frames/s; a frame costing more than 40 ms would be the bottleneck.
 
-use crate::events::Event;
-use crate::store::JudgmentSummary;
-use crate::tui::app::{App, Header, View};
-use crate::tui::keymap::Keymap;
-use crate::tui::panes;
-use crate::tui::state::{MAX_SESSIONS, MAX_TURNS, Session, State, Turn, Version};
 use anyhow::Result;
+use clawrl_core::events::Event;
+use clawrl_core::store::JudgmentSummary;
+use clawrl_screen::keymap::Keymap;
+use clawrl_screen::panes;
+use clawrl_screen::screen::{Header, Screen, View};
+use clawrl_screen::state::{MAX_SESSIONS, MAX_TURNS, Session, State, Turn, Version};
 use ratatui::Terminal;
 use ratatui::backend::TestBackend;
 use std::time::Instant;
@@ -78,7 +78,7 @@ fn full_state() -> State {
 }
 
 /// Milliseconds per frame (median of `frames` draws).
-fn frame_ms(app: &mut App, width: u16, height: u16, frames: usize) -> Result<f64> {
+fn frame_ms(app: &mut Screen, width: u16, height: u16, frames: usize) -> Result<f64> {
     let mut terminal = Terminal::new(TestBackend::new(width, height))?;
     let mut times = Vec::with_capacity(frames);
     for _ in 0..frames {
@@ -90,9 +90,9 @@ fn frame_ms(app: &mut App, width: u16, height: u16, frames: usize) -> Result<f64
     Ok(times[times.len() / 2])
 }
 
-fn app(state: State) -> App {
+fn app(state: State) -> Screen {
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut app = App::new(
+    let mut app = Screen::new(
         state,
         Keymap::default(),
         Header {

@@ -4,14 +4,29 @@
 //! output folder. `--method prompt` keeps the base weights and carries the user's corrections in
 //! the system prompt instead, so the two kinds of personalization can be compared.
 
+#[cfg(feature = "lab")]
 pub mod plot;
+/// Without the lab build there is no plotting library: every other output is written.
+#[cfg(not(feature = "lab"))]
+pub mod plot {
+    pub fn reward_curve(
+        _: &std::path::Path,
+        _: &[super::report::Interaction],
+        _: usize,
+        _: &str,
+    ) -> anyhow::Result<bool> {
+        anyhow::bail!(
+            "rewards.png is drawn by the lab build (cargo build --release --features lab)"
+        )
+    }
+}
 pub mod preference;
 pub mod report;
 
-use crate::config::Config;
-use crate::http_client::{self, Target};
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use clawrl_core::config::Config;
+use clawrl_core::http_client::{self, Target};
 use hyper::Method;
 use preference::Preference;
 use rand::{Rng, SeedableRng};
@@ -163,7 +178,7 @@ fn judge_summary(
     store_path: &Path,
     verdicts: &HashMap<String, bool>,
 ) -> Result<Option<report::JudgeSummary>> {
-    let store = crate::store::Store::open_read_only(store_path)?;
+    let store = clawrl_core::store::Store::open_read_only(store_path)?;
     let mut records = Vec::new();
     store.export(0, |r| {
         records.push(r);
@@ -186,23 +201,23 @@ async fn start_in_process(
     // The model stays where it is installed; the store, adapters and logs of the run go to
     // its folder, so every run starts from the base model and an empty history.
     cfg.model.path = cfg.model_path()?.display().to_string();
-    if let Some(judge) = crate::engine::EngineConfig::judge(&cfg)? {
+    if let Some(judge) = clawrl_core::engine::EngineConfig::judge(&cfg)? {
         cfg.judge.model = judge.model_path.display().to_string();
     }
     cfg.paths.data_dir = out.join("data").display().to_string();
     cfg.server.api_key = String::new();
     match method {
         SimMethod::Prompt => cfg.train.enabled = false,
-        SimMethod::Rl => cfg.train.method = crate::train::loss::Method::Rl,
-        SimMethod::Opd => cfg.train.method = crate::train::loss::Method::Opd,
-        SimMethod::Combined => cfg.train.method = crate::train::loss::Method::Combined,
+        SimMethod::Rl => cfg.train.method = clawrl_core::train::loss::Method::Rl,
+        SimMethod::Opd => cfg.train.method = clawrl_core::train::loss::Method::Opd,
+        SimMethod::Combined => cfg.train.method = clawrl_core::train::loss::Method::Combined,
     }
     let store_path = cfg.store_path();
-    let core = crate::app::build(&cfg)?;
+    let core = clawrl_core::app::build(&cfg)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(crate::server::serve(listener, core, async {
+    let server = tokio::spawn(clawrl_server::serve(listener, core, async {
         let _ = stopped.await;
     }));
     Ok((
@@ -394,7 +409,7 @@ pub fn run(cfg: &Config, args: &SimArgs) -> Result<()> {
             pref.name,
             args.method.name(),
             args.seed,
-            crate::store::now_ms() / 1000
+            clawrl_core::store::now_ms() / 1000
         )),
     };
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;

@@ -3,8 +3,8 @@
 //! system TrueType font found (or `$CLAWRL_FONT`); without one the curve is drawn unlabelled.
 
 use super::report::Interaction;
-use crate::telemetry::moving_average;
 use anyhow::{Result, anyhow};
+use clawrl_core::telemetry::moving_average;
 use plotters::prelude::*;
 use std::path::Path;
 use std::sync::OnceLock;

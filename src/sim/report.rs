@@ -1,7 +1,7 @@
 //! The numbers of a run: proportions with a confidence interval, the interaction log as CSV,
 //! and the report text.
 
-use crate::telemetry::moving_average;
+use clawrl_core::telemetry::moving_average;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
@@ -61,7 +61,7 @@ pub fn repeated_trigrams<'a>(replies: impl IntoIterator<Item = &'a str>) -> f64 
                 .collect()
         })
         .collect();
-    crate::gate::guard::repeated_ngram_share(&words, 3)
+    clawrl_core::gate::guard::repeated_ngram_share(&words, 3)
 }
 
 /// How the judge did on the run's main turns, against the simulated user's own verdicts (its

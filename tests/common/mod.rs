@@ -2,9 +2,9 @@
 #![allow(dead_code)]
 
 use burn::tensor::{DType, Device};
-use clawrl_tui::catalog;
-use clawrl_tui::config::Config;
-use clawrl_tui::model::{
+use clawrl_core::catalog;
+use clawrl_core::config::Config;
+use clawrl_model::{
     KvDtype, LoadOptions, LoadedModel, LoraAdapter, LoraConfig, Target, WeightMode,
 };
 use std::path::PathBuf;
@@ -45,7 +45,7 @@ pub fn read_json(name: &str) -> serde_json::Value {
 /// wgpu; a GPU needs a binary built with its feature), the CPU when unset.
 pub fn test_device() -> Device {
     let choice = std::env::var("CLAWRL_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
-    let device = clawrl_tui::device::select(choice.parse().expect("CLAWRL_TEST_DEVICE"))
+    let device = clawrl_model::device::select(choice.parse().expect("CLAWRL_TEST_DEVICE"))
         .expect("CLAWRL_TEST_DEVICE names a device this build can use");
     eprintln!("test device: {device:?}");
     device

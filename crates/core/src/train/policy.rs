@@ -1,0 +1,119 @@
+//! One micro-step: a sample's response log-probs under base + trainable adapter (with
+//! gradients), its loss, and the backward pass into the optimizer's gradient sum.
+
+use super::loss::{LossConfig, Signals, policy_drift};
+use super::optimizer::AdapterOptimizer;
+use burn::tensor::Tensor;
+use burn::tensor::activation::log_softmax;
+use clawrl_model::lora::values;
+use clawrl_model::{LoraAdapter, Transformer, scoring};
+
+/// Prompt tokens per pass when computing a prompt's head without gradients.
+const CHUNK: usize = 256;
+
+/// Log-probs `[n]` of `response` after `prompt` under the base model plus `adapter`
+/// (see [`response_log_distributions`]).
+pub fn response_logprobs(
+    model: &Transformer,
+    adapter: &LoraAdapter,
+    prompt: &[u32],
+    response: &[u32],
+    grad_context: usize,
+    pause_point: &dyn Fn(),
+) -> Tensor<1> {
+    let dist =
+        response_log_distributions(model, adapter, prompt, response, grad_context, pause_point);
+    scoring::gather(dist, response)
+}
+
+/// The log-distributions `[n, vocab]` over the next token at each of `response`'s positions
+/// after `prompt`, under the base model plus `adapter`.
+///
+/// Only the last `grad_context` prompt tokens (and the response) are computed with the
+/// trainable adapter; the prompt's head goes through with a frozen copy of the same values,
+/// so every log-prob is exact and the gradient ignores only the head's keys and values (an
+/// agent's 5 K-token system prompt would otherwise cost a 5 K-token backward pass).
+/// `pause_point` runs before each chunk of the head (the trainer waits there while serving).
+pub fn response_log_distributions(
+    model: &Transformer,
+    adapter: &LoraAdapter,
+    prompt: &[u32],
+    response: &[u32],
+    grad_context: usize,
+    pause_point: &dyn Fn(),
+) -> Tensor<2> {
+    let split = prompt.len().saturating_sub(grad_context.max(1));
+    let mut cache = model.new_cache();
+    let frozen = adapter.frozen();
+    for piece in prompt[..split].chunks(CHUNK) {
+        pause_point();
+        scoring::extend(model, piece, &mut cache, Some(&frozen), CHUNK);
+    }
+    let logits =
+        scoring::continuation_logits(model, prompt, response, &mut cache, Some(adapter), CHUNK)
+            .expect("a sample has a prompt and a response");
+    log_softmax(logits, 1)
+}
+
+/// What one micro-step measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MicroStep {
+    pub loss: f64,
+    /// Tokens trained on.
+    pub tokens: usize,
+    /// KL(behaviour ‖ current) on the sample's tokens (k3), before this step's update.
+    pub drift: f64,
+    /// Share of tokens whose ratio was outside the clip range.
+    pub clipped: f64,
+}
+
+/// Runs one sample forward and backward; its loss is scaled by `weight` (1 / samples in the
+/// update, so that the summed gradients are those of the batch mean).
+#[allow(clippy::too_many_arguments)]
+pub fn micro_step(
+    model: &Transformer,
+    optimizer: &mut AdapterOptimizer,
+    loss: &LossConfig,
+    prompt: &[u32],
+    response: &[u32],
+    signals: &Signals,
+    grad_context: usize,
+    weight: f64,
+    pause_point: &dyn Fn(),
+) -> MicroStep {
+    let log_dist = response_log_distributions(
+        model,
+        optimizer.trainable(),
+        prompt,
+        response,
+        grad_context,
+        pause_point,
+    );
+    let logp_new = scoring::gather(log_dist.clone(), response);
+    let base = (loss.kl_coef > 0.0).then(|| {
+        let mut cache = model.new_cache();
+        let logits = scoring::continuation_logits(model, prompt, response, &mut cache, None, CHUNK)
+            .expect("a sample has a prompt and a response");
+        let lp = scoring::gather_logprobs(logits, response);
+        values(&lp.unsqueeze::<2>())
+    });
+    let now = values(&logp_new.clone().unsqueeze::<2>());
+    let sample_loss = loss.distribution_loss(log_dist, response, signals, base.as_deref());
+    let value = values(&sample_loss.clone().unsqueeze::<2>())[0] as f64;
+    optimizer.backward(sample_loss.mul_scalar(weight));
+    let clipped = now
+        .iter()
+        .zip(&signals.logp_old)
+        .filter(|(n, o)| {
+            let r = ((**n - **o) as f64).exp();
+            r < 1.0 - loss.clip_low || r > 1.0 + loss.clip_high
+        })
+        .count() as f64
+        / now.len().max(1) as f64;
+    MicroStep {
+        loss: value,
+        tokens: response.len(),
+        drift: policy_drift(&now, &signals.logp_old),
+        clipped,
+    }
+}

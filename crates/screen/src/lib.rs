@@ -1,0 +1,172 @@
+//! The control center: a ratatui screen over the core. It folds the core's events into its
+//! state (`state`), turns keys into commands (`app`, `keymap`), draws panes (`panes`), and
+//! never calls into the engine or the model. Starts from the store's history and resyncs from
+//! it when it misses events.
+
+pub mod input;
+pub mod keymap;
+pub mod panes;
+pub mod screen;
+pub mod state;
+pub mod text;
+pub mod theme;
+
+#[cfg(test)]
+mod tests;
+
+use anyhow::{Context, Result};
+use clawrl_core::app::commands::CommandSender;
+use clawrl_core::events::{Event, Level};
+use clawrl_core::store::{Snapshot, Store};
+use clawrl_core::telemetry::Counters;
+use clawrl_core::telemetry::hardware::{Hardware, HardwareMonitor};
+use keymap::Keymap;
+use screen::{Header, Screen};
+use state::{ServingSample, State};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::mpsc;
+
+/// What the screen is given of the core: its events, a way to send commands, the counters to
+/// read speeds from, and the store to read history from.
+pub struct Link {
+    pub events: broadcast::Receiver<Event>,
+    pub commands: CommandSender,
+    pub counters: Arc<Counters>,
+    pub store_path: PathBuf,
+    pub header: Header,
+    /// The model, if it was loaded before the screen subscribed.
+    pub model_ready: Option<String>,
+}
+
+/// What the screen reacts to besides the core's events.
+enum Input {
+    Terminal(crossterm::event::Event),
+    Sampled(Hardware, ServingSample),
+}
+
+/// Frames are drawn at most this often (and only when something changed).
+const FRAME: Duration = Duration::from_millis(40);
+
+fn load(store_path: &PathBuf) -> Result<Snapshot> {
+    Store::open_read_only(store_path)?.snapshot(state::MAX_SESSIONS, state::MAX_TURNS)
+}
+
+/// Runs the screen until the user quits or `stop` resolves. The terminal is restored on the
+/// way out, on a panic too.
+pub async fn run(
+    mut link: Link,
+    keymap: Keymap,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let path = link.store_path.clone();
+    let snapshot = tokio::task::spawn_blocking(move || load(&path))
+        .await?
+        .context("cannot read the history from the store")?;
+    let mut state = State::from_snapshot(snapshot);
+    state.model = link.model_ready.take();
+    let mut app = Screen::new(
+        state,
+        keymap,
+        link.header.clone(),
+        link.commands.clone(),
+        Box::new(|| format!("tui-{}", &clawrl_core::capture::random_id("")[..8])),
+    );
+    app.now_ms = clawrl_core::store::now_ms();
+
+    let (tx, mut inputs) = mpsc::unbounded_channel();
+    spawn_terminal_reader(tx.clone());
+    spawn_sampler(tx, link.counters.clone());
+
+    // ratatui::init enters raw mode and the alternate screen and restores both on panic.
+    let mut terminal = ratatui::init();
+    let result = async {
+        tokio::pin!(stop);
+        let mut frames = tokio::time::interval(FRAME);
+        frames.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut dirty = true;
+        while !app.quit {
+            tokio::select! {
+                _ = frames.tick() => {
+                    app.now_ms = clawrl_core::store::now_ms();
+                    if dirty {
+                        terminal.draw(|f| panes::draw(f, &mut app))?;
+                        dirty = false;
+                    }
+                }
+                Some(input) = inputs.recv() => {
+                    match input {
+                        Input::Terminal(crossterm::event::Event::Key(k)) => input::on_key(&mut app, k),
+                        Input::Terminal(_) => {} // a resize: the next frame fits the new size
+                        Input::Sampled(h, s) => {
+                            app.state.hardware = Some(h);
+                            app.state.sampled(s);
+                        }
+                    }
+                    dirty = true;
+                }
+                event = link.events.recv() => {
+                    match event {
+                        Ok(e) => app.on_event(&e),
+                        Err(RecvError::Lagged(n)) => {
+                            tracing::info!("the screen missed {n} events: reloading from the store");
+                            let path = link.store_path.clone();
+                            match tokio::task::spawn_blocking(move || load(&path)).await? {
+                                Ok(s) => app.state.resync(s),
+                                Err(e) => app.notice(Level::Error, format!("Cannot reload the history: {e:#}")),
+                            }
+                        }
+                        Err(RecvError::Closed) => app.quit = true,
+                    }
+                    dirty = true;
+                }
+                _ = &mut stop => app.quit = true,
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    ratatui::restore();
+    result
+}
+
+/// Terminal input on its own thread (crossterm's reads block).
+fn spawn_terminal_reader(tx: mpsc::UnboundedSender<Input>) {
+    std::thread::Builder::new()
+        .name("tui-input".into())
+        .spawn(move || {
+            while let Ok(e) = crossterm::event::read() {
+                if tx.send(Input::Terminal(e)).is_err() {
+                    return;
+                }
+            }
+        })
+        .expect("spawn the input thread");
+}
+
+/// Hardware and serving numbers, once a second, on their own thread.
+fn spawn_sampler(tx: mpsc::UnboundedSender<Input>, counters: Arc<Counters>) {
+    std::thread::Builder::new()
+        .name("tui-sampler".into())
+        .spawn(move || {
+            let mut monitor = HardwareMonitor::new();
+            loop {
+                let c = &counters;
+                let serving = ServingSample {
+                    tokens_out: c.tokens_out.load(Relaxed),
+                    decode_micros: c.decode_micros.load(Relaxed),
+                    queue_depth: c.queue_depth.load(Relaxed),
+                    active: c.active_sequences.load(Relaxed),
+                    prefix_cache_bytes: c.prefix_cache_bytes.load(Relaxed),
+                };
+                if tx.send(Input::Sampled(monitor.sample(), serving)).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+        .expect("spawn the sampler thread");
+}

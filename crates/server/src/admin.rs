@@ -1,0 +1,208 @@
+//! The control routes behind `clawrl-tui ctl` (same API key as `/v1`):
+//!
+//! | route | does |
+//! |---|---|
+//! | `GET /admin/status` | live version, policy, trainer state, samples waiting, candidates |
+//! | `GET /admin/versions` | every version with its metrics and guard verdict |
+//! | `POST /admin/versions/{id}/approve` | makes a candidate live |
+//! | `POST /admin/versions/{id}/veto` | refuses a candidate for good |
+//! | `POST /admin/rollback` `{"version": id}` | serves an earlier version (default: the live one's parent; 0 = base) |
+//! | `POST /admin/pause`, `POST /admin/resume` | stops / restarts training (persists across restarts) |
+
+use super::Core;
+use super::http::{self, ApiError, Body, json_response};
+use clawrl_core::gate::GateError;
+use clawrl_core::store::VersionRow;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+/// Whether `path` is one of the control routes.
+pub fn is_admin(path: &str) -> bool {
+    path == "/admin" || path.starts_with("/admin/")
+}
+
+pub async fn route(state: Arc<Core>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    http::authorize(&req, state.config.api_key.as_deref())?;
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let body = if method == Method::POST {
+        http::read_optional_json(
+            req,
+            http::BodyLimits {
+                max_bytes: 64 << 10,
+                ..http::BodyLimits::of(&state.config)
+            },
+        )
+        .await?
+    } else {
+        Value::Null
+    };
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(2).collect();
+    match (&method, parts.as_slice()) {
+        (&Method::GET, ["status"]) => Ok(ok(status(&state).await?)),
+        (&Method::GET, ["versions"]) => {
+            let gate = state.gate.clone();
+            let versions =
+                http::blocking("Could not read the versions", move || gate.versions()).await?;
+            Ok(ok(json!({
+                "live_version": state.gate.live_version(),
+                "versions": versions.iter().map(version_json).collect::<Vec<_>>(),
+            })))
+        }
+        (&Method::POST, ["versions", id, action @ ("approve" | "veto")]) => {
+            let id = parse_id(id)?;
+            let gate = state.gate.clone();
+            let action = action.to_string();
+            let row = decide(move || {
+                if action == "approve" {
+                    gate.approve(id, "api")
+                } else {
+                    gate.veto(id, "api")
+                }
+            })
+            .await?;
+            Ok(ok(
+                json!({"live_version": state.gate.live_version(), "version": version_json(&row)}),
+            ))
+        }
+        (&Method::POST, ["rollback"]) => {
+            let target = match body.get("version") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v.as_i64().filter(|v| *v >= 0).ok_or_else(|| {
+                    ApiError::invalid("`version` must be a version id (0 = the base model).")
+                        .param("version")
+                })?),
+            };
+            let gate = state.gate.clone();
+            let (from, to) = decide(move || gate.rollback(target, "api")).await?;
+            Ok(ok(json!({"from": from, "to": to, "live_version": to})))
+        }
+        (&Method::POST, [action @ ("pause" | "resume")]) => {
+            let Some(trainer) = state.trainer.clone() else {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "invalid_request_error",
+                    "Training is disabled in the configuration (train.enabled = false).",
+                )
+                .code("training_disabled"));
+            };
+            let pause = *action == "pause";
+            let changed = http::blocking("Could not save the training state", move || {
+                if pause {
+                    trainer.pause()
+                } else {
+                    trainer.resume()
+                }
+            })
+            .await?;
+            Ok(ok(json!({"paused": pause, "changed": changed})))
+        }
+        (_, ["status" | "versions" | "rollback" | "pause" | "resume"])
+        | (_, ["versions", _, "approve" | "veto"]) => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "Method not allowed for this path.",
+        )),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("Unknown path {path}."),
+        )
+        .code("not_found")),
+    }
+}
+
+fn ok(v: Value) -> Response<Body> {
+    json_response(StatusCode::OK, &v)
+}
+
+fn parse_id(s: &str) -> Result<i64, ApiError> {
+    s.trim_start_matches('v')
+        .parse::<i64>()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| ApiError::invalid(format!("`{s}` is not a version id.")))
+}
+
+/// Runs a gate decision off the async threads; its refusal becomes 404 / 409 with the reason.
+async fn decide<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, GateError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let joined = tokio::task::spawn_blocking(f).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            e.to_string(),
+        )
+    })?;
+    joined.map_err(|e| match e {
+        GateError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", m)
+            .code("version_not_found"),
+        GateError::Conflict(m) => {
+            ApiError::new(StatusCode::CONFLICT, "invalid_request_error", m).code("version_conflict")
+        }
+        GateError::Failed(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("The live version is unchanged: {e:#}"),
+        ),
+    })
+}
+
+/// A version as the API shows it.
+pub fn version_json(v: &VersionRow) -> Value {
+    json!({
+        "id": v.id,
+        "parent": v.parent,
+        "state": v.state,
+        "created_at": clawrl_core::store::rfc3339(v.created_at),
+        "samples": v.metrics.samples,
+        "tokens": v.metrics.tokens,
+        "hints": v.metrics.hints,
+        "loss": v.metrics.loss,
+        "kl_base": v.kl_base,
+        "kl_live": v.kl_live,
+        "drift": v.metrics.drift,
+        "grad_norm": v.metrics.grad_norm,
+        "learning_rate": v.metrics.learning_rate,
+        "mean_reward": v.metrics.mean_reward,
+        "approved_delta": v.approved_delta,
+        "train_secs": v.metrics.train_secs,
+        "guard": v.guard_report,
+        "guard_passed": v.guard_passed,
+        "decided_at": v.decided_at.map(clawrl_core::store::rfc3339),
+        "decided_by": v.decided_by,
+        "path": v.path,
+        "sha256": v.sha256,
+        "lora": v.lora,
+        "error": v.error,
+    })
+}
+
+/// What `ctl status` shows (the screen folds the same facts from events).
+pub async fn status(state: &Arc<Core>) -> Result<Value, ApiError> {
+    let gate = state.gate.clone();
+    let versions = http::blocking("Could not read the versions", move || gate.versions()).await?;
+    let trainer = match &state.trainer {
+        Some(t) => {
+            let mut s = serde_json::to_value(t.status()).unwrap_or(Value::Null);
+            s["paused"] = json!(t.is_paused());
+            s
+        }
+        None => json!({"state": "disabled", "detail": "train.enabled = false", "paused": false}),
+    };
+    let judge_pending = match state.judge.clone() {
+        Some(j) => http::blocking("Could not read the judge's queue", move || j.pending()).await?,
+        None => 0,
+    };
+    Ok(json!({
+        "live_version": state.gate.live_version(),
+        "policy": state.gate.policy(),
+        "trainer": trainer,
+        "judge_pending": judge_pending,
+        "candidates": versions.iter().filter(|v| v.state == "candidate").map(version_json).collect::<Vec<_>>(),
+        "versions": versions.len(),
+    }))
+}
