@@ -60,13 +60,11 @@ fn submit(
 /// Waits for the job's final event; returns when it came.
 fn finish(mut rx: UnboundedReceiver<EngineEvent>) -> (Instant, EngineEvent) {
     loop {
-        match rx.blocking_recv().expect("the engine answers") {
-            e @ (EngineEvent::Finished { .. }
-            | EngineEvent::Chosen { .. }
-            | EngineEvent::Failed(_)) => {
-                return (Instant::now(), e);
-            }
-            _ => {}
+        if let e @ (EngineEvent::Finished { .. }
+        | EngineEvent::Chosen { .. }
+        | EngineEvent::Failed(_)) = rx.blocking_recv().expect("the engine answers")
+        {
+            return (Instant::now(), e);
         }
     }
 }

@@ -98,7 +98,7 @@ fn a_crash_in_a_training_step_or_an_adapter_write_leaves_the_last_complete_versi
         let s = s.crash_and_restart(&train);
         // The restarted engine serves the base model: nothing half-written went live.
         let log = s.log();
-        let ready = log.lines().filter(|l| l.contains("engine ready")).last();
+        let ready = log.lines().rfind(|l| l.contains("engine ready"));
         assert!(
             ready.is_some_and(|l| l.ends_with("live_version=0")),
             "{point}: {ready:?}"

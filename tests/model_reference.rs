@@ -369,7 +369,7 @@ fn the_teacher_scores_the_students_exact_tokens_after_the_hinted_prompt() {
         response
     );
 
-    let ctx = teacher_context(&m, &messages, None, "Answer in kilometres.", &response).unwrap();
+    let ctx = teacher_context(m, &messages, None, "Answer in kilometres.", &response).unwrap();
     assert_eq!(
         ctx.response(),
         &response[..],

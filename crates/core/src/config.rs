@@ -14,6 +14,7 @@ pub const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[derive(Default)]
 pub struct Config {
     pub model: ModelSection,
     pub generation: GenerationSection,
@@ -407,23 +408,6 @@ pub struct LogSection {
     pub level: String,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            model: ModelSection::default(),
-            generation: GenerationSection::default(),
-            server: ServerSection::default(),
-            engine: EngineSection::default(),
-            store: StoreSection::default(),
-            paths: PathsSection::default(),
-            log: LogSection::default(),
-            judge: JudgeSection::default(),
-            train: TrainSection::default(),
-            gate: GateSection::default(),
-            tui: TuiSection::default(),
-        }
-    }
-}
 impl Default for ModelSection {
     fn default() -> Self {
         Self {

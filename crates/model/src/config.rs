@@ -177,14 +177,14 @@ impl ModelConfig {
                 bail!("the checkpoint's {what} is {n}; expected 1 to {max}");
             }
         }
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             bail!(
                 "{} attention heads are not a multiple of {} key/value heads",
                 self.num_heads,
                 self.num_kv_heads
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail!("head dimension {} is odd; RoPE needs pairs", self.head_dim);
         }
         Ok(())

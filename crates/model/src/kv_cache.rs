@@ -58,6 +58,8 @@ pub struct KvCache {
     dtype: KvDtype,
 }
 
+// One per layer and cache: the tensors' size is no cost worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub(super) enum LayerCache {
     /// Nothing written yet; buffers will hold this type.

@@ -65,7 +65,7 @@ impl GgmlType {
 
     /// Bytes needed for `n` weights (n must be a multiple of the block length).
     pub fn bytes_for(self, n: usize) -> Result<usize> {
-        if n % self.block_len() != 0 {
+        if !n.is_multiple_of(self.block_len()) {
             bail!(
                 "{n} weights is not a multiple of the {self:?} block length {}",
                 self.block_len()

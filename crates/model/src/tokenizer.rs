@@ -242,6 +242,12 @@ enum Piece<'a> {
     Literal(&'a str),
 }
 
+impl Default for QuotedSpecials {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl QuotedSpecials {
     pub fn new() -> Self {
         use rand::Rng;

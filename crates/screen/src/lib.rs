@@ -23,7 +23,7 @@ use clawrl_core::telemetry::hardware::{Hardware, HardwareMonitor};
 use keymap::Keymap;
 use screen::{Header, Screen};
 use state::{ServingSample, State};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -51,7 +51,7 @@ enum Input {
 /// Frames are drawn at most this often (and only when something changed).
 const FRAME: Duration = Duration::from_millis(40);
 
-fn load(store_path: &PathBuf) -> Result<Snapshot> {
+fn load(store_path: &Path) -> Result<Snapshot> {
     Store::open_read_only(store_path)?.snapshot(state::MAX_SESSIONS, state::MAX_TURNS)
 }
 

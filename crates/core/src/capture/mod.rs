@@ -156,22 +156,22 @@ impl Capture {
         {
             let store = self.store();
             store.ensure_session(&session_id, source, now)?;
-            if let Some(ns) = next_state {
-                if store.attach_next_state(
+            if let Some(ns) = next_state
+                && store.attach_next_state(
                     ns.turn_id,
                     &Value::Array(ns.messages),
                     ns.role.as_str(),
                     now,
-                )? {
-                    emit(
-                        &self.bus,
-                        Event::NextStateAttached {
-                            turn_id: ns.turn_id,
-                            session_id: session_id.clone(),
-                            role: ns.role,
-                        },
-                    );
-                }
+                )?
+            {
+                emit(
+                    &self.bus,
+                    Event::NextStateAttached {
+                        turn_id: ns.turn_id,
+                        session_id: session_id.clone(),
+                        role: ns.role,
+                    },
+                );
             }
         }
         Ok(TurnSlot {
@@ -324,7 +324,13 @@ mod tests {
             .unwrap();
         assert_eq!((slot.session_id.as_str(), slot.turn_index), ("recent", 1));
         let mut rows = Vec::new();
-        capture.store().export(0, |r| Ok(rows.push(r))).unwrap();
+        capture
+            .store()
+            .export(0, |r| {
+                let _: () = rows.push(r);
+                Ok(())
+            })
+            .unwrap();
         let status = |sid: &str| {
             rows.iter().find(|r| r["session_id"] == sid).unwrap()["judge_status"].clone()
         };

@@ -496,9 +496,9 @@ mod tests {
     fn tool_results_are_the_next_state_of_a_tool_call() {
         let mut t = SessionTracker::default();
         let u = json!({"role": "user", "content": "Weather?"});
-        t.place(None, &[u.clone()], || "s".into(), |_| 0);
+        t.place(None, std::slice::from_ref(&u), || "s".into(), |_| 0);
         let call = json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{\"city\":\"Paris\"}"}}]});
-        t.record_reply("s", 1, &[u.clone()], &call);
+        t.record_reply("s", 1, std::slice::from_ref(&u), &call);
         // Arguments re-serialized with other spacing still match.
         let echoed = json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{\"city\": \"Paris\"}"}}]});
         let r1 = json!({"role": "tool", "tool_call_id": "c1", "content": "18C"});

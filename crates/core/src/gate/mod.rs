@@ -250,9 +250,9 @@ impl Gate {
         if self.config.policy == GatePolicy::Auto && reasons.is_empty() {
             self.switch(id, LiveReason::Auto, "auto")?;
         }
-        Ok(lock(&self.store)
+        lock(&self.store)
             .version(id)?
-            .context("the version just recorded")?)
+            .context("the version just recorded")
     }
 
     fn row(&self, id: i64) -> Result<VersionRow, GateError> {

@@ -860,7 +860,15 @@ mod tests {
         // Reopening is idempotent; a read-only reader sees the data.
         let reader = Store::open_read_only(&path).unwrap();
         let mut rows = Vec::new();
-        assert_eq!(reader.export(0, |r| Ok(rows.push(r))).unwrap(), 1);
+        assert_eq!(
+            reader
+                .export(0, |r| {
+                    let _: () = rows.push(r);
+                    Ok(())
+                })
+                .unwrap(),
+            1
+        );
         assert_eq!(rows[0]["next_state"][0]["content"], "next");
         assert_eq!(rows[0]["logprobs"], json!([-0.5, -0.25]));
         assert_eq!(
@@ -934,7 +942,12 @@ mod tests {
         let reader = Store::open_read_only(&path).unwrap();
         assert_eq!(reader.schema_version().unwrap(), MIGRATIONS.len() as i64);
         let mut rows = Vec::new();
-        reader.export(0, |r| Ok(rows.push(r))).unwrap();
+        reader
+            .export(0, |r| {
+                let _: () = rows.push(r);
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0]["judge_status"], "awaiting_next_state");
         assert!(rows[0]["judgment"].is_null() && rows[0]["reward"].is_null());

@@ -263,7 +263,12 @@ mod tests {
         );
 
         let mut rows = Vec::new();
-        store.export(0, |r| Ok(rows.push(r))).unwrap();
+        store
+            .export(0, |r| {
+                let _: () = rows.push(r);
+                Ok(())
+            })
+            .unwrap();
         assert!(
             rows[2]["reward"].is_null(),
             "a failed judgment is no reward: {}",
@@ -312,7 +317,12 @@ mod tests {
             Some("stale")
         );
         let mut rows = Vec::new();
-        store.export(0, |r| Ok(rows.push(r))).unwrap();
+        store
+            .export(0, |r| {
+                let _: () = rows.push(r);
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(rows[0]["trained_in"], json!([1]));
         assert_eq!(rows[3]["training_dropped"], "stale");
     }

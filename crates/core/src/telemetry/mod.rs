@@ -45,15 +45,6 @@ pub fn moving_average(values: &[f64], window: usize) -> Vec<f64> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_moving_average_covers_the_last_window() {
-        let avg = super::moving_average(&[1.0, -1.0, 1.0, 1.0], 2);
-        assert_eq!(avg, vec![1.0, 0.0, 0.0, 1.0]);
-    }
-}
-
 /// Appends one metric in Prometheus' text format.
 pub fn push_metric(out: &mut String, name: &str, kind: &str, help: &str, value: &str) {
     out.push_str(&format!(
@@ -205,5 +196,14 @@ impl Counters {
             g(&self.feedback).to_string(),
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_moving_average_covers_the_last_window() {
+        let avg = super::moving_average(&[1.0, -1.0, 1.0, 1.0], 2);
+        assert_eq!(avg, vec![1.0, 0.0, 0.0, 1.0]);
     }
 }

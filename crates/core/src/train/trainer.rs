@@ -26,8 +26,12 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// A hinted teacher's log-probs: of the sampled tokens, and of the student's top-K ids.
+type TeacherLogps = (Vec<f32>, Option<Vec<f32>>);
+
 /// Progress of the update being computed.
 #[derive(Debug, Clone, Serialize, PartialEq)]
+
 pub struct UpdateProgress {
     pub parent: i64,
     pub samples: usize,
@@ -694,7 +698,7 @@ impl Trainer {
             Teacher::Policy => live,
         };
         // Each candidate's teacher: (its log-probs of the sampled tokens, of S^q).
-        let mut teachers: Vec<Option<(Vec<f32>, Option<Vec<f32>>)>> = vec![None; candidates.len()];
+        let mut teachers: Vec<Option<TeacherLogps>> = vec![None; candidates.len()];
         let to_score: Vec<usize> = match (unscored, &student) {
             (Some(i), _) => vec![i],
             (None, Some(_)) => (0..candidates.len()).collect(),
