@@ -9,13 +9,12 @@ use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::time::Duration;
 
-/// Streams a reply; returns its response id if the stream ended with a finish reason (the
-/// client saw the turn complete).
-fn stream_to_the_end(port: u16, key: &str, text: &str) -> Option<String> {
+/// Streams a reply of at most `max_tokens`; returns its response id if the stream ended with a
+/// finish reason (the client saw the turn complete).
+fn stream_to_the_end(port: u16, key: &str, text: &str, max_tokens: u32) -> Option<String> {
     use std::io::{Read, Write};
-    let body =
-        json!({"messages": [{"role": "user", "content": text}], "max_tokens": 48, "stream": true})
-            .to_string();
+    let body = json!({"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "stream": true})
+        .to_string();
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     c.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
     write!(c, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n{body}", body.len()).ok()?;
@@ -43,21 +42,29 @@ fn stored_ids(s: &Server) -> HashSet<String> {
 #[test]
 fn kill_9_while_replies_stream_loses_no_acknowledged_turn() {
     let mut s = Server::start(&[]);
-    let mut acknowledged = Vec::new();
-    for (round, after_ms) in [300u64, 900, 1500, 2500].into_iter().enumerate() {
+    let (mut acknowledged, mut cut) = (Vec::new(), 0);
+    for (round, after_ms) in [0u64, 100, 300, 600].into_iter().enumerate() {
         let (port, key) = (s.port, s.key.clone());
-        let clients: Vec<_> = (0..3)
-            .map(|i| {
-                let key = key.clone();
-                std::thread::spawn(move || {
-                    let text = format!("Round {round}, client {i}: tell me about rivers.");
-                    stream_to_the_end(port, &key, &text)
-                })
+        let client = |i: usize, max_tokens: u32| {
+            let key = key.clone();
+            std::thread::spawn(move || {
+                let text = format!("Round {round}, client {i}: tell me about rivers.");
+                stream_to_the_end(port, &key, &text, max_tokens)
             })
-            .collect();
+        };
+        // A short reply completes while two long ones still stream; then the kill.
+        let (short, long) = (client(0, 8), [client(1, 512), client(2, 512)]);
+        let done = short.join().unwrap();
+        assert!(done.is_some(), "round {round}: the short reply completed");
+        acknowledged.extend(done);
         std::thread::sleep(Duration::from_millis(after_ms));
         s = s.crash_and_restart(&[]);
-        acknowledged.extend(clients.into_iter().filter_map(|c| c.join().unwrap()));
+        for c in long {
+            match c.join().unwrap() {
+                Some(id) => acknowledged.push(id),
+                None => cut += 1,
+            }
+        }
         let stored = stored_ids(&s);
         let lost: Vec<&String> = acknowledged
             .iter()
@@ -69,7 +76,16 @@ fn kill_9_while_replies_stream_loses_no_acknowledged_turn() {
         );
         assert_eq!(serves(&s), 200, "round {round}");
     }
-    eprintln!("{} acknowledged turns across 4 crashes", acknowledged.len());
+    // Every round acknowledged a turn before its crash, and the crashes cut streams.
+    assert!(acknowledged.len() >= 4, "{acknowledged:?}");
+    assert!(
+        cut > 0,
+        "no stream was cut: the kills came after every reply"
+    );
+    eprintln!(
+        "{} acknowledged turns kept, {cut} streams cut, across 4 crashes",
+        acknowledged.len()
+    );
 }
 
 /// The status of a small chat request.

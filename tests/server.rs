@@ -11,6 +11,8 @@ fn shared() -> &'static Server {
     S.get_or_init(|| {
         Server::start(&[
             ("CLAWRL__SERVER__MAX_BODY_BYTES", "400000"),
+            // Everything logged, so that a key written at any level would be found.
+            ("CLAWRL__LOG__LEVEL", "debug"),
             (
                 "CLAWRL__SERVER__ALLOWED_ORIGINS",
                 r#"["http://localhost:5173"]"#,
@@ -104,7 +106,7 @@ fn errors_have_openai_shape_and_the_right_status() {
     let (st, _, _) = s.request(
         "POST",
         "/v1/chat/completions",
-        &[("Authorization", "Bearer nope")],
+        &[("Authorization", "Bearer wrong-key-7f3a9c")],
         &json!({"messages": [user("hi")]}).to_string(),
         false,
     );
@@ -155,6 +157,12 @@ fn errors_have_openai_shape_and_the_right_status() {
     assert!(metrics.contains("clawrl_requests_total") && metrics.contains("clawrl_queue_depth"));
     let errors = s.metric("clawrl_request_errors_total") as u64;
     assert!(errors >= 7, "errors counted: {errors}");
+    // Neither the server's key nor a wrong one reaches the log file, at debug level.
+    let log = s.log();
+    assert!(log.lines().count() > 10, "the log is written: {log}");
+    for secret in [s.key.as_str(), "wrong-key-7f3a9c"] {
+        assert!(!log.contains(secret), "{secret} is in the log");
+    }
 }
 
 #[test]

@@ -69,6 +69,23 @@ fn probe(s: &Server) -> (String, Vec<f64>) {
     )
 }
 
+/// The same greedy reply, token for token, with every log-prob within 1e-4 nats: the prefix
+/// cache is on, as for users, and a prompt found in it computes its last position as a decode
+/// step (docs/RELIABILITY.md, "Rollback"), which rounds differently from the prompt pass in the
+/// 6th decimal. A version's change to the weights moves log-probs far more (checked above).
+fn same_reply(now: &(String, Vec<f64>), then: &(String, Vec<f64>), what: &str) {
+    assert_eq!(now.0, then.0, "{what}: the same text");
+    assert_eq!(now.1.len(), then.1.len(), "{what}");
+    let worst = now
+        .1
+        .iter()
+        .zip(&then.1)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    eprintln!("{what}: largest log-prob difference {worst:.2e}");
+    assert!(worst <= 1e-4, "{what}: {now:?} vs {then:?}");
+}
+
 /// A two-turn session whose second message is the first turn's next state.
 fn converse(s: &Server, session: &str, question: &str, reply: &str) {
     let h = [("X-Session-Id", session)];
@@ -149,8 +166,6 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
         ("CLAWRL__TRAIN__MAX_WAIT_SECS", "120".into()),
         // Every hint candidate scored (the default, `user`, scores only the user's words).
         ("CLAWRL__TRAIN__HINT_SELECTION", "overlap".into()),
-        // Bit-exact comparisons: no prompt reuse from the KV prefix cache.
-        ("CLAWRL__SERVER__PREFIX_CACHE_MB", "0".into()),
     ]);
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let s = Server::start(&env_refs);
@@ -251,15 +266,15 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
             .1
             .iter()
             .zip(&before.1)
-            .any(|(a, b)| (a - b).abs() > 1e-6),
+            .any(|(a, b)| (a - b).abs() > 1e-4),
         "v1 changes the probe's log-probs: {before:?} vs {after:?}"
     );
     let (ok, out, err) = ctl(&s, &["rollback", "0"]);
     assert!(ok && out.contains("from v1 to v0"), "{out}{err}");
-    assert_eq!(probe(&s), before, "the base model again, bit for bit");
+    same_reply(&probe(&s), &before, "the base model again");
     let (ok, out, err) = ctl(&s, &["rollback", "v1"]);
     assert!(ok, "{out}{err}");
-    assert_eq!(probe(&s), after, "v1 again, bit for bit");
+    same_reply(&probe(&s), &after, "v1 again");
 
     // Bad commands: clear errors, the live version unchanged.
     let (ok, _, err) = ctl(&s, &["approve", "99"]);
@@ -312,7 +327,7 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
         1,
         "the interrupted update left no version"
     );
-    assert_eq!(probe(&s), after, "v1 serves exactly as before the crash");
+    same_reply(&probe(&s), &after, "v1 serves as before the crash");
 
     // The samples left untrained make v2; the manual policy holds it for a decision.
     let st = s.wait_for_status("candidate v2", 300, |st| {
@@ -418,13 +433,13 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
         "{err}"
     );
     assert_eq!(s.admin_status()["live_version"], 1);
-    assert_eq!(probe(&s), after, "v1 still serves");
+    same_reply(&probe(&s), &after, "v1 still serves");
 
     // The live version's adapter corrupt at a restart: the base model serves, the error is shown.
     corrupt("v1");
     let s = s.crash_and_restart(&env2);
     assert_eq!(s.admin_status()["live_version"], 0);
-    assert_eq!(probe(&s), before, "the base model serves");
+    same_reply(&probe(&s), &before, "the base model serves");
     let (ok, out, _) = ctl(&s, &["versions"]);
     let line = out
         .lines()
