@@ -23,7 +23,7 @@ pub struct Cli {
     #[command(flatten)]
     pub server: ServerArgs,
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub command: Option<CliCommand>,
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -56,7 +56,7 @@ fn parse_weight_mode(s: &str) -> Result<WeightMode, String> {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub enum CliCommand {
     /// Generate one reply to a prompt (chat template applied) and print it; speed goes to stderr.
     Generate(GenerateArgs),
     /// Install a model from the catalog into the data directory (checks its sha256).
@@ -183,9 +183,9 @@ pub fn run() -> Result<()> {
     let _log_guard = clawrl_core::logging::init(&cfg.log_dir(), &cfg.log.level)?;
     match cli.command {
         None => serve(cfg, &cli.server, false),
-        Some(Command::Chat) => interactive(&cfg),
-        Some(Command::Generate(args)) => generate(&cfg, &args),
-        Some(Command::FetchModel { id, all }) => {
+        Some(CliCommand::Chat) => interactive(&cfg),
+        Some(CliCommand::Generate(args)) => generate(&cfg, &args),
+        Some(CliCommand::FetchModel { id, all }) => {
             let ids: Vec<String> = if all {
                 CATALOG.iter().map(|m| m.id.to_string()).collect()
             } else if let Some(id) = id {
@@ -210,7 +210,7 @@ pub fn run() -> Result<()> {
             }
             Ok(())
         }
-        Some(Command::Models) => {
+        Some(CliCommand::Models) => {
             for m in CATALOG {
                 let state = if m.is_installed(&cfg.data_dir()) {
                     "installed"
@@ -228,7 +228,7 @@ pub fn run() -> Result<()> {
             }
             Ok(())
         }
-        Some(Command::Info) => {
+        Some(CliCommand::Info) => {
             println!(
                 "config file:  {}",
                 clawrl_core::config::user_config_path()
@@ -252,16 +252,16 @@ pub fn run() -> Result<()> {
                 }
             );
             println!("\n{}", toml::to_string_pretty(&cfg)?);
-            let model = clawrl_core::app::load_model(&cfg)?;
+            let model = clawrl_core::load_model(&cfg)?;
             println!("{}", model.summary());
             Ok(())
         }
         #[cfg(feature = "lab")]
-        Some(Command::Bench(args)) => crate::bench::run(&cfg, &args),
-        Some(Command::Serve(args)) => serve(cfg, &args.server, args.headless),
-        Some(Command::Export(args)) => export(&cfg, &args),
-        Some(Command::Ctl(args)) => crate::ctl::run(&cfg, &args),
-        Some(Command::Sim(args)) => crate::sim::run(&cfg, &args),
+        Some(CliCommand::Bench(args)) => crate::bench::run(&cfg, &args),
+        Some(CliCommand::Serve(args)) => serve(cfg, &args.server, args.headless),
+        Some(CliCommand::Export(args)) => export(&cfg, &args),
+        Some(CliCommand::Ctl(args)) => crate::ctl::run(&cfg, &args),
+        Some(CliCommand::Sim(args)) => crate::sim::run(&cfg, &args),
     }
 }
 
@@ -283,7 +283,7 @@ fn serve(mut cfg: Config, args: &ServerArgs, headless: bool) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let core = clawrl_core::app::build(&cfg)?;
+        let core = clawrl_core::build(&cfg)?;
         // Subscribed before asking whether the model is loaded: no readiness is missed.
         let events = core.bus.subscribe();
         let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
@@ -339,7 +339,7 @@ fn serve(mut cfg: Config, args: &ServerArgs, headless: bool) -> Result<()> {
             let _ = server_stopped.await;
         }));
         let (commands, received) = tokio::sync::mpsc::unbounded_channel();
-        let executor = tokio::spawn(clawrl_core::app::commands::run(core.clone(), received));
+        let executor = tokio::spawn(clawrl_core::commands::run(core.clone(), received));
         let link = clawrl_screen::Link {
             events,
             commands,
@@ -417,7 +417,7 @@ fn sampling(cfg: &Config, args: Option<&GenerateArgs>) -> SamplingParams {
 }
 
 fn generate(cfg: &Config, args: &GenerateArgs) -> Result<()> {
-    let model = clawrl_core::app::load_model(cfg)?;
+    let model = clawrl_core::load_model(cfg)?;
     let mut messages = Vec::new();
     if let Some(s) = &args.system {
         messages.push(json!({"role": "system", "content": s}));
@@ -448,7 +448,7 @@ fn generate(cfg: &Config, args: &GenerateArgs) -> Result<()> {
 /// The interim front end: model summary, then a chat on stdin/stdout.
 fn interactive(cfg: &Config) -> Result<()> {
     eprintln!("loading {} ...", cfg.model_path()?.display());
-    let model = clawrl_core::app::load_model(cfg)?;
+    let model = clawrl_core::load_model(cfg)?;
     println!("{}", model.summary());
     println!("Type a message and press Enter (Ctrl-D to quit, /reset to start over).");
     let mut messages: Vec<serde_json::Value> = Vec::new();

@@ -6,7 +6,7 @@
 mod common;
 use clawrl_core::config::Config;
 use clawrl_core::engine::{
-    Command, Engine, EngineEvent, Job, Priority, Prompt, Status, Task, Version,
+    AdapterCommand, Engine, EngineEvent, Job, Priority, Prompt, Status, Task, VersionChoice,
 };
 use clawrl_core::telemetry::Counters;
 use clawrl_model::SamplingParams;
@@ -52,7 +52,7 @@ fn submit(
             String::new()
         },
     };
-    let (job, rx) = Job::new(prompt, task, Version::Live, priority);
+    let (job, rx) = Job::new(prompt, task, VersionChoice::Live, priority);
     engine.submit(job).unwrap();
     rx
 }
@@ -285,7 +285,7 @@ fn a_swap_of_the_live_version_applies_to_the_next_request_never_to_one_in_flight
     // An adapter that changes the model: random A and B.
     let adapter = common::random_adapter(&model, 4, 5);
     engine
-        .command(Command::Install {
+        .command(AdapterCommand::Install {
             version: 1,
             adapter: Arc::new(adapter),
         })
@@ -354,7 +354,7 @@ fn scoring_compares_versions_token_by_token() {
         1,
     );
     engine
-        .command(Command::Install {
+        .command(AdapterCommand::Install {
             version: 2,
             adapter: Arc::new(fresh),
         })

@@ -46,7 +46,7 @@ impl Core {
         // The trainer would compete for the CPU; tests that train turn it on.
         cfg.train.enabled = false;
         tune(&mut cfg);
-        let state = clawrl_core::app::build(&cfg).unwrap();
+        let state = clawrl_core::build(&cfg).unwrap();
         let events = state.bus.subscribe();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();

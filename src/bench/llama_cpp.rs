@@ -7,7 +7,9 @@
 
 use anyhow::{Context, Result, bail};
 use clawrl_core::config::Config;
-use clawrl_core::engine::{Engine, EngineEvent, Job, Priority, Prompt, Status, Task, Version};
+use clawrl_core::engine::{
+    Engine, EngineEvent, Job, Priority, Prompt, Status, Task, VersionChoice,
+};
 use clawrl_core::telemetry::Counters;
 use clawrl_model::{Generation, KvDtype, SamplingParams, kernels::Isa};
 use serde_json::{Value, json};
@@ -283,7 +285,12 @@ fn job(
         stop: vec![],
         top_logprobs: 0,
     };
-    Job::new(Prompt::Ids(prompt), task, Version::Live, Priority::User)
+    Job::new(
+        Prompt::Ids(prompt),
+        task,
+        VersionChoice::Live,
+        Priority::User,
+    )
 }
 
 /// Runs one generation; returns it and its time to first token (submission to first token).

@@ -3,8 +3,8 @@
 
 use anyhow::{Result, bail};
 use clap::Args;
-use clawrl_core::app::load_model;
 use clawrl_core::config::Config;
+use clawrl_core::load_model;
 use clawrl_model::{GenerateRequest, SamplingParams, WeightMode};
 
 pub mod judge;

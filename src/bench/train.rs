@@ -150,7 +150,7 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let result = runtime.block_on(async {
-        let state = clawrl_core::app::build(&c)?;
+        let state = clawrl_core::build(&c)?;
         let mut events = state.bus.subscribe();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
@@ -393,7 +393,7 @@ fn tempdir() -> Result<std::path::PathBuf> {
 }
 
 fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
-    let model = clawrl_core::app::load_model(cfg)?;
+    let model = clawrl_core::load_model(cfg)?;
     let n = args.sample_tokens;
     println!(
         "parts: {} (prompt {n} tokens, response {n} tokens)",

@@ -10,7 +10,7 @@ use clawrl_core::store::JudgmentSummary;
 use clawrl_screen::keymap::Keymap;
 use clawrl_screen::panes;
 use clawrl_screen::screen::{Header, Screen, View};
-use clawrl_screen::state::{MAX_SESSIONS, MAX_TURNS, Session, State, Turn, Version};
+use clawrl_screen::state::{MAX_SESSIONS, MAX_TURNS, Session, State, TurnView, VersionView};
 use ratatui::Terminal;
 use ratatui::backend::TestBackend;
 use std::time::Instant;
@@ -28,7 +28,7 @@ fn full_state() -> State {
     for s in 0..MAX_SESSIONS {
         let n = if s == 0 { long } else { per_session };
         let turns = (0..n)
-            .map(|i| Turn {
+            .map(|i| TurnView {
                 turn_id: Some((s * per_session + i) as i64),
                 turn_index: i as i64,
                 last_message: "What should I pack for a weekend hike? Keep it short.".into(),
@@ -42,7 +42,7 @@ fn full_state() -> State {
                     error: None,
                 }),
                 rating: (i % 3 == 0).then_some(-1),
-                ..Turn::default()
+                ..TurnView::default()
             })
             .collect();
         state.sessions.push(Session {
@@ -59,7 +59,7 @@ fn full_state() -> State {
             .push((t as i64, if t % 3 == 0 { -1.0 } else { 1.0 }));
     }
     for v in 1..=100 {
-        state.versions.push(Version {
+        state.versions.push(VersionView {
             id: v,
             parent: v - 1,
             state: "retired".into(),

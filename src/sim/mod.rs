@@ -213,7 +213,7 @@ async fn start_in_process(
         SimMethod::Combined => cfg.train.method = clawrl_core::train::loss::Method::Combined,
     }
     let store_path = cfg.store_path();
-    let core = clawrl_core::app::build(&cfg)?;
+    let core = clawrl_core::build(&cfg)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

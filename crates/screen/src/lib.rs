@@ -15,7 +15,7 @@ pub mod theme;
 mod tests;
 
 use anyhow::{Context, Result};
-use clawrl_core::app::commands::CommandSender;
+use clawrl_core::commands::CommandSender;
 use clawrl_core::events::{Event, Level};
 use clawrl_core::store::{Snapshot, Store};
 use clawrl_core::telemetry::Counters;

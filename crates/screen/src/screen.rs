@@ -5,7 +5,7 @@
 use super::keymap::{Action, Keymap};
 use super::state::State;
 use super::theme;
-use clawrl_core::app::commands::{Command, CommandSender};
+use clawrl_core::commands::{Command, CommandSender};
 use clawrl_core::events::{Event, Level};
 use clawrl_core::store::TurnRef;
 use ratatui::style::Style;

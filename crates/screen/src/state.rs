@@ -21,11 +21,11 @@ pub struct Session {
     pub source: String,
     pub last_active_at: i64,
     pub close_reason: Option<String>,
-    pub turns: Vec<Turn>,
+    pub turns: Vec<TurnView>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Turn {
+pub struct TurnView {
     pub turn_id: Option<i64>,
     pub turn_index: i64,
     /// While it streams: the chat completion id.
@@ -46,7 +46,7 @@ pub struct Turn {
     pub distilled: Option<HintCandidate>,
 }
 
-impl Turn {
+impl TurnView {
     /// The reward training uses: the latest rating, else the judge's non-zero score.
     pub fn reward(&self) -> Option<i8> {
         self.rating.or_else(|| {
@@ -58,7 +58,7 @@ impl Turn {
     }
 }
 
-impl From<TurnSummary> for Turn {
+impl From<TurnSummary> for TurnView {
     fn from(t: TurnSummary) -> Self {
         Self {
             turn_id: Some(t.turn_id),
@@ -81,7 +81,7 @@ impl From<TurnSummary> for Turn {
 
 /// A version as the updates pane shows it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Version {
+pub struct VersionView {
     pub id: i64,
     pub parent: i64,
     /// candidate | live | vetoed | retired
@@ -97,7 +97,7 @@ pub struct Version {
     pub reasons: Vec<String>,
 }
 
-impl From<&VersionRow> for Version {
+impl From<&VersionRow> for VersionView {
     fn from(v: &VersionRow) -> Self {
         Self {
             id: v.id,
@@ -154,7 +154,7 @@ pub struct State {
     /// Most recently active first.
     pub sessions: Vec<Session>,
     /// Newest last.
-    pub versions: Vec<Version>,
+    pub versions: Vec<VersionView>,
     pub live_version: i64,
     pub paused: bool,
     pub training: Option<Progress>,
@@ -178,7 +178,7 @@ impl State {
         let mut state = State {
             live_version: s.live_version,
             paused: s.training_paused,
-            versions: s.versions.iter().map(Version::from).collect(),
+            versions: s.versions.iter().map(VersionView::from).collect(),
             ..Self::default()
         };
         state.sessions = s
@@ -194,7 +194,7 @@ impl State {
             .collect();
         for t in s.turns {
             let session_id = t.session_id.clone();
-            let turn = Turn::from(t);
+            let turn = TurnView::from(t);
             if let Some(r) = turn.reward() {
                 state.rewards.push((turn.turn_id.unwrap_or(0), r as f64));
             }
@@ -253,18 +253,18 @@ impl State {
         s
     }
 
-    fn turn_mut(&mut self, find: impl Fn(&Turn) -> bool) -> Option<&mut Turn> {
+    fn turn_mut(&mut self, find: impl Fn(&TurnView) -> bool) -> Option<&mut TurnView> {
         self.sessions
             .iter_mut()
             .flat_map(|s| s.turns.iter_mut().rev())
             .find(|t| find(t))
     }
 
-    fn by_request(&mut self, request_id: &str) -> Option<&mut Turn> {
+    fn by_request(&mut self, request_id: &str) -> Option<&mut TurnView> {
         self.turn_mut(|t| t.request_id.as_deref() == Some(request_id))
     }
 
-    fn by_id(&mut self, turn_id: i64) -> Option<&mut Turn> {
+    fn by_id(&mut self, turn_id: i64) -> Option<&mut TurnView> {
         self.turn_mut(|t| t.turn_id == Some(turn_id))
     }
 
@@ -279,7 +279,7 @@ impl State {
         }
     }
 
-    fn version_mut(&mut self, id: i64) -> Option<&mut Version> {
+    fn version_mut(&mut self, id: i64) -> Option<&mut VersionView> {
         self.versions.iter_mut().find(|v| v.id == id)
     }
 
@@ -320,12 +320,12 @@ impl State {
                 ..
             } => {
                 let s = self.touch_session(session_id, now_ms);
-                s.turns.push(Turn {
+                s.turns.push(TurnView {
                     turn_index: *turn_index,
                     request_id: Some(request_id.clone()),
                     last_message: last_message.clone(),
                     streaming: true,
-                    ..Turn::default()
+                    ..TurnView::default()
                 });
                 let total: usize = self.sessions.iter().map(|s| s.turns.len()).sum();
                 if total > MAX_TURNS
@@ -501,7 +501,7 @@ impl State {
             } => {
                 self.training = None;
                 self.versions.retain(|v| v.id != *version);
-                self.versions.push(Version {
+                self.versions.push(VersionView {
                     id: *version,
                     parent: *parent,
                     state: "candidate".into(),

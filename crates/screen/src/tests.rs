@@ -5,7 +5,7 @@ use super::keymap::Keymap;
 use super::panes::{self, PaneId};
 use super::screen::{Header, Screen, View};
 use super::state::{ServingSample, State};
-use clawrl_core::app::commands::Command;
+use clawrl_core::commands::Command;
 use clawrl_core::events::{CloseReason, Event, Finish, LiveReason, NextRole, TurnType};
 use clawrl_core::store::{Judgment, NewTurn, Store, TurnRef, Vote};
 use clawrl_core::telemetry::hardware::Hardware;

@@ -1,11 +1,11 @@
-//! `POST /v1/chat/completions`: validation, then the core's chat flow (`app::chat`), answered
+//! `POST /v1/chat/completions`: validation, then the core's chat flow (`clawrl_core::chat`), answered
 //! as JSON or server-sent events in OpenAI's shapes.
 
 use super::Core;
 use super::http::{ApiError, Body, json_response};
 use bytes::Bytes;
-use clawrl_core::app::chat::{self, ChatError, ChatRequest, Reply, Step, Turn};
 use clawrl_core::capture::TurnType;
+use clawrl_core::chat::{self, ChatError, ChatRequest, InflightTurn, Reply, Step};
 use clawrl_core::config::GenerationSection;
 use clawrl_core::engine::EngineError;
 use clawrl_core::store::now_ms;
@@ -295,7 +295,7 @@ pub async fn handle(
 
 /// One chat completion in flight, with what answering it in OpenAI's shapes needs.
 struct Call {
-    turn: Turn,
+    turn: InflightTurn,
     format: Format,
     created: i64,
     model: String,
@@ -407,7 +407,7 @@ fn stream_reply(state: Arc<Core>, mut call: Call) -> Response<Body> {
                     text.push_str(&piece);
                     // With tools on, tool-call markup is held back and sent as `tool_calls`.
                     let upto = if tools {
-                        clawrl_core::app::tool_calls::streamable_len(&text)
+                        clawrl_core::tool_calls::streamable_len(&text)
                     } else {
                         text.len()
                     };

@@ -108,7 +108,7 @@ pub struct BodyLimits {
 
 impl BodyLimits {
     /// A request body's limits as the server is configured.
-    pub fn of(config: &clawrl_core::app::ServerConfig) -> Self {
+    pub fn of(config: &clawrl_core::ServerConfig) -> Self {
         Self {
             max_bytes: config.max_body_bytes,
             timeout: config.read_timeout,

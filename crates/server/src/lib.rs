@@ -7,9 +7,9 @@ pub mod http;
 pub mod listen;
 
 use anyhow::Result;
-pub use clawrl_core::app::{Core, ServerConfig};
 use clawrl_core::engine::Status;
 use clawrl_core::telemetry::Counters;
+pub use clawrl_core::{Core, ServerConfig};
 use clawrl_model::Generation;
 use http::{ApiError, Body, full, json_response};
 use hyper::body::Incoming;

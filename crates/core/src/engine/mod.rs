@@ -6,7 +6,7 @@
 //! instead of growing.
 //!
 //! Adapter versions: the engine holds the LoRA adapter of every version it may serve or score
-//! (`Command::Install`) and which one is live (`Command::SetLive`). Commands are applied
+//! (`AdapterCommand::Install`) and which one is live (`AdapterCommand::SetLive`). Commands are applied
 //! between decode rounds; a request takes the live version when it is admitted and keeps it to
 //! its last token, and the prefix cache is keyed by (version, token ids).
 
@@ -74,7 +74,7 @@ pub enum Priority {
 
 /// Which adapter version a job runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Version {
+pub enum VersionChoice {
     /// The version live when the job is admitted.
     Live,
     /// A given version; 0 is the base model without adapter.
@@ -130,7 +130,7 @@ pub enum Task {
 pub struct Job {
     pub prompt: Prompt,
     pub task: Task,
-    pub version: Version,
+    pub version: VersionChoice,
     pub priority: Priority,
     pub events: UnboundedSender<EngineEvent>,
     /// Set by the server when the client goes away.
@@ -142,7 +142,7 @@ impl Job {
     pub fn new(
         prompt: Prompt,
         task: Task,
-        version: Version,
+        version: VersionChoice,
         priority: Priority,
     ) -> (Self, tokio::sync::mpsc::UnboundedReceiver<EngineEvent>) {
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -159,7 +159,7 @@ impl Job {
 }
 
 /// Instructions about adapter versions, applied between decode rounds.
-pub enum Command {
+pub enum AdapterCommand {
     /// Keep `adapter` as version `version` (to score with it, or to make it live later).
     Install {
         version: i64,
@@ -178,7 +178,7 @@ pub enum Command {
 #[allow(clippy::large_enum_variant)]
 enum Msg {
     Job(Job, Option<InflightToken>),
-    Command(Command),
+    Adapter(AdapterCommand),
 }
 
 /// Counts a user request from its submission until the engine is done with it (dropped with
@@ -377,7 +377,7 @@ impl Engine {
         &self,
         prompt: Prompt,
         task: Task,
-        version: Version,
+        version: VersionChoice,
     ) -> Result<EngineEvent, EngineError> {
         let (job, mut rx) = Job::new(prompt, task, version, Priority::Background);
         self.submit(job)
@@ -410,7 +410,7 @@ impl Engine {
             continuation,
             distributions,
         };
-        match self.run_blocking(prompt, task, Version::Exactly(version))? {
+        match self.run_blocking(prompt, task, VersionChoice::Exactly(version))? {
             EngineEvent::Scored {
                 logprobs,
                 distributions,
@@ -422,9 +422,9 @@ impl Engine {
     }
 
     /// Sends a command; applied between decode rounds.
-    pub fn command(&self, c: Command) -> Result<(), SubmitError> {
+    pub fn command(&self, c: AdapterCommand) -> Result<(), SubmitError> {
         self.tx
-            .send(Msg::Command(c))
+            .send(Msg::Adapter(c))
             .map_err(|_| SubmitError::Unavailable)
     }
 
@@ -432,7 +432,7 @@ impl Engine {
     /// thread that may block).
     pub fn set_live_blocking(&self, version: i64) -> anyhow::Result<()> {
         let (done, rx) = oneshot::channel();
-        self.command(Command::SetLive { version, done })
+        self.command(AdapterCommand::SetLive { version, done })
             .map_err(|_| anyhow::anyhow!("the engine is not running"))?;
         rx.blocking_recv()
             .map_err(|_| anyhow::anyhow!("the engine stopped"))?
@@ -668,7 +668,7 @@ impl Worker {
                        me: &mut Self,
                        wu: &mut VecDeque<Queued>,
                        wb: &mut VecDeque<Queued>| match msg {
-            Msg::Command(c) => me.apply(c),
+            Msg::Adapter(c) => me.apply(c),
             Msg::Job(job, token) => {
                 let q = Queued {
                     job,
@@ -783,14 +783,14 @@ impl Worker {
     }
 
     /// Applies a command about adapter versions.
-    fn apply(&mut self, command: Command) {
+    fn apply(&mut self, command: AdapterCommand) {
         match command {
-            Command::Install { version, adapter } => {
+            AdapterCommand::Install { version, adapter } => {
                 // With plain copies of its matrices for decoding (see LoraAdapter::for_serving).
                 self.adapters
                     .insert(version, Arc::new(adapter.for_serving()));
             }
-            Command::SetLive { version, done } => {
+            AdapterCommand::SetLive { version, done } => {
                 let result = if version == 0 || self.adapters.contains_key(&version) {
                     self.shared.live_version.store(version, Relaxed);
                     tracing::info!(version, "live version");
@@ -800,7 +800,7 @@ impl Worker {
                 };
                 let _ = done.send(result);
             }
-            Command::Remove { version } => {
+            AdapterCommand::Remove { version } => {
                 if version != self.shared.live_version.load(Relaxed) {
                     self.adapters.remove(&version);
                     self.prefix.forget_version(version);
@@ -1001,8 +1001,8 @@ impl Worker {
             let _ = job.events.send(EngineEvent::Failed(e));
         };
         let version = match job.version {
-            Version::Live => self.shared.live_version.load(Relaxed),
-            Version::Exactly(v) => v,
+            VersionChoice::Live => self.shared.live_version.load(Relaxed),
+            VersionChoice::Exactly(v) => v,
         };
         let Some(adapter) = self.adapter(version) else {
             fail(EngineError::UnknownVersion(version));

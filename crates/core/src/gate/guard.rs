@@ -14,7 +14,7 @@
 //! Every score is computed by the engine as background work, so the guard never slows serving.
 
 use crate::config::GateSection;
-use crate::engine::{Engine, EngineEvent, Prompt, Task, Version};
+use crate::engine::{Engine, EngineEvent, Prompt, Task, VersionChoice};
 use crate::store::Store;
 use anyhow::{Context, Result, bail};
 use burn::tensor::Tensor;
@@ -227,7 +227,7 @@ impl Guard {
             top_logprobs: 0,
         };
         let prompt = Prompt::chat(probe.to_vec(), None);
-        match engine.run_blocking(prompt, task, Version::Exactly(version)) {
+        match engine.run_blocking(prompt, task, VersionChoice::Exactly(version)) {
             Ok(EngineEvent::Finished {
                 generation,
                 prompt_ids,

@@ -8,7 +8,7 @@
 pub mod guard;
 
 use crate::config::{Config, GatePolicy, GateSection};
-use crate::engine::{Command, Engine, StartVersion};
+use crate::engine::{AdapterCommand, Engine, StartVersion};
 use crate::events::{Event, EventBus, LiveReason, emit};
 use crate::store::{Store, UpdateMetrics, VersionRow, now_ms};
 use anyhow::{Context, Result};
@@ -181,7 +181,7 @@ impl Gate {
         let sha256 = peft::save(&c.adapter, &model.config, &model.name, &dir)?;
         let lora = serde_json::to_value(&*c.adapter.config)?;
         self.engine
-            .command(Command::Install {
+            .command(AdapterCommand::Install {
                 version: id,
                 adapter: Arc::new(c.adapter),
             })
@@ -357,7 +357,7 @@ impl Gate {
                 }
             };
             self.engine
-                .command(Command::Install {
+                .command(AdapterCommand::Install {
                     version: id,
                     adapter: Arc::new(adapter),
                 })
@@ -413,7 +413,7 @@ impl Gate {
 
     fn uninstall(&self, id: i64) {
         if id != 0 && lock(&self.installed).remove(&id) {
-            let _ = self.engine.command(Command::Remove { version: id });
+            let _ = self.engine.command(AdapterCommand::Remove { version: id });
         }
     }
 }

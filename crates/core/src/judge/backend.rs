@@ -3,7 +3,7 @@
 
 use crate::config::JudgeEndpoint;
 use crate::engine::{
-    Engine, EngineError, EngineEvent, Job, Priority, Prompt, SubmitError, Task, Version,
+    Engine, EngineError, EngineEvent, Job, Priority, Prompt, SubmitError, Task, VersionChoice,
 };
 use crate::http_client::{self, Target};
 use clawrl_model::SamplingParams;
@@ -154,7 +154,12 @@ fn submit(
         tools: None,
         reply_prefix,
     };
-    let (job, rx) = Job::new(prompt, task, Version::Exactly(0), Priority::Background);
+    let (job, rx) = Job::new(
+        prompt,
+        task,
+        VersionChoice::Exactly(0),
+        Priority::Background,
+    );
     engine.submit(job).map_err(|e| match e {
         SubmitError::Overloaded | SubmitError::Unavailable => {
             BackendError::Transient("the engine is not ready".into())

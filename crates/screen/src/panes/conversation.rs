@@ -4,7 +4,7 @@
 use super::{PaneId, block, theme};
 use crate::keymap::Action;
 use crate::screen::Screen;
-use crate::state::Turn;
+use crate::state::TurnView;
 use crate::text::{shorten, signed, wrap};
 use ratatui::Frame;
 use ratatui::layout::Rect;
@@ -46,7 +46,7 @@ pub fn on_action(app: &mut Screen, a: Action) {
 /// Where the columns start: `#12 you ` / `   v3   `.
 const GUTTER: usize = 9;
 
-fn turn_lines(t: &Turn, width: usize, selected: bool) -> Vec<Line<'static>> {
+fn turn_lines(t: &TurnView, width: usize, selected: bool) -> Vec<Line<'static>> {
     let text_width = width.saturating_sub(GUTTER + 1).max(8);
     let marker = if selected { "▌" } else { " " };
     let marker = Span::styled(marker, theme::user());
@@ -108,7 +108,7 @@ fn turn_lines(t: &Turn, width: usize, selected: bool) -> Vec<Line<'static>> {
 }
 
 /// What was decided about a turn, as short styled pieces.
-fn verdict(t: &Turn) -> Vec<Span<'static>> {
+fn verdict(t: &TurnView) -> Vec<Span<'static>> {
     let mut out = Vec::new();
     if let Some(e) = &t.error {
         out.push(Span::styled(

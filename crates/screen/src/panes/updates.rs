@@ -4,7 +4,7 @@
 use super::{PaneId, block, theme};
 use crate::keymap::Action;
 use crate::screen::Screen;
-use crate::state::Version;
+use crate::state::VersionView;
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
@@ -39,7 +39,7 @@ pub fn on_action(app: &mut Screen, a: Action) {
     app.selected_version = Some(ids[to]);
 }
 
-fn row(v: Option<&Version>, id: i64, live: i64) -> ListItem<'static> {
+fn row(v: Option<&VersionView>, id: i64, live: i64) -> ListItem<'static> {
     let dot = if id == live {
         Span::styled("● ", theme::good())
     } else {

@@ -3,13 +3,15 @@
 //! the request's life is published on the bus (started, text, then exactly one of finished,
 //! failed, cancelled).
 
-use super::Core;
-use super::tool_calls;
+use crate::Core;
 use crate::capture::{TurnSlot, TurnType, random_id};
-use crate::engine::{EngineError, EngineEvent, Job, Priority, Prompt, SubmitError, Task, Version};
+use crate::engine::{
+    EngineError, EngineEvent, Job, Priority, Prompt, SubmitError, Task, VersionChoice,
+};
 use crate::events::{Event, EventBus, Finish, emit};
 use crate::store::{NewTurn, now_ms};
 use crate::telemetry::Counters;
+use crate::tool_calls;
 use clawrl_model::{FinishReason, Generation, SamplingParams};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -98,7 +100,7 @@ impl Drop for Lifecycle {
 }
 
 /// A chat turn in flight: admitted by the engine, its prompt computed.
-pub struct Turn {
+pub struct InflightTurn {
     pub id: String,
     pub slot: TurnSlot,
     pub prompt_ids: Vec<u32>,
@@ -116,7 +118,7 @@ pub struct Turn {
 pub enum Step {
     /// More reply text.
     Text(String),
-    /// The reply is complete (not yet committed: see [`Turn::commit`]).
+    /// The reply is complete (not yet committed: see [`InflightTurn::commit`]).
     Done {
         generation: Generation,
         adapter_version: i64,
@@ -146,7 +148,7 @@ impl Reply {
 /// Queues a chat turn in the engine and waits until its prompt is computed
 /// (so that prompt errors come before any reply starts), then opens the turn in capture: nothing
 /// is captured for a request the engine refuses.
-pub async fn start(core: Arc<Core>, req: ChatRequest) -> Result<Turn, ChatError> {
+pub async fn start(core: Arc<Core>, req: ChatRequest) -> Result<InflightTurn, ChatError> {
     let session_id = req.session_id.clone();
     let started = admit(core.clone(), req).await;
     if let Err(e) = &started {
@@ -162,7 +164,7 @@ pub async fn start(core: Arc<Core>, req: ChatRequest) -> Result<Turn, ChatError>
     started
 }
 
-async fn admit(core: Arc<Core>, req: ChatRequest) -> Result<Turn, ChatError> {
+async fn admit(core: Arc<Core>, req: ChatRequest) -> Result<InflightTurn, ChatError> {
     let (job, mut rx) = Job::new(
         Prompt::chat(req.messages.clone(), req.tools.clone()),
         Task::Generate {
@@ -171,7 +173,7 @@ async fn admit(core: Arc<Core>, req: ChatRequest) -> Result<Turn, ChatError> {
             stop: req.stop.clone(),
             top_logprobs: req.top_logprobs,
         },
-        Version::Live,
+        VersionChoice::Live,
         Priority::User,
     );
     let cancel = job.cancel.clone();
@@ -218,7 +220,7 @@ async fn admit(core: Arc<Core>, req: ChatRequest) -> Result<Turn, ChatError> {
             last_message: last_message_text(&req.messages),
         },
     );
-    Ok(Turn {
+    Ok(InflightTurn {
         lifecycle: Lifecycle {
             bus: core.bus.clone(),
             request_id: id.clone(),
@@ -235,7 +237,7 @@ async fn admit(core: Arc<Core>, req: ChatRequest) -> Result<Turn, ChatError> {
     })
 }
 
-impl Turn {
+impl InflightTurn {
     /// Waits for the next piece of the generation.
     pub async fn next(&mut self) -> Step {
         loop {

@@ -2,9 +2,9 @@
 //! only sends them; every outcome comes back on the bus: the events of the stage that acted
 //! (a captured turn, a version gone live, training paused) or a `Notice` saying what failed.
 
-use super::Core;
-use super::chat::{self, ChatRequest, Step};
+use crate::Core;
 use crate::capture::TurnType;
+use crate::chat::{self, ChatRequest, Step};
 use crate::events::{CloseReason, Event, Level, emit};
 use crate::gate::GateError;
 use crate::store::TurnRef;
