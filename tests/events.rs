@@ -429,12 +429,11 @@ async fn training_and_gate_decisions_are_published_on_the_event_bus() {
     );
 
     // Commands through the same core: pause, rollback.
-    let trainer = core.state.trainer.clone().unwrap();
-    assert!(trainer.pause().unwrap());
+    assert!(core.state.set_training_paused(true).unwrap());
     wait_event(events, "paused", |e| *e == Event::TrainingPaused).await;
-    let gate = core.state.gate.clone();
+    let c = core.state.clone();
     let rolled =
-        tokio::task::spawn_blocking(move || gate.rollback(None, "test").map_err(|e| e.to_string()))
+        tokio::task::spawn_blocking(move || c.rollback(None, "test").map_err(|e| e.to_string()))
             .await
             .unwrap();
     assert_eq!(rolled, Ok((1, 0)));
@@ -443,7 +442,7 @@ async fn training_and_gate_decisions_are_published_on_the_event_bus() {
     })
     .await;
     assert_eq!(e, Event::RolledBack { from: 1, to: 0 });
-    assert!(trainer.resume().unwrap());
+    assert!(core.state.set_training_paused(false).unwrap());
     wait_event(events, "resumed", |e| *e == Event::TrainingResumed).await;
     core.stop().await;
 }
@@ -532,8 +531,8 @@ async fn under_auto_a_refused_candidate_waits_while_training_goes_on_from_the_li
         };
         assert_eq!((version, guard_passed), (i as i64 + 1, false));
     }
-    let gate = core.state.gate.clone();
-    let versions = tokio::task::spawn_blocking(move || gate.versions().unwrap())
+    let c = core.state.clone();
+    let versions = tokio::task::spawn_blocking(move || c.versions().unwrap())
         .await
         .unwrap();
     let states: Vec<(i64, i64, &str)> = versions

@@ -164,7 +164,8 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         if let Status::Failed(e) = state.engine.status() {
             bail!("the model failed to load: {e}");
         }
-        let trainer = state.trainer.clone().context("training is enabled")?;
+        state.training().context("training is enabled")?;
+        let trainer = state.clone();
         let target = Target::parse(&format!("http://127.0.0.1:{port}/v1"), "bench")?;
         let key = (!c.server.api_key.is_empty()).then(|| c.server.api_key.clone());
         println!(
@@ -220,13 +221,14 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
                 while running.load(Ordering::SeqCst) {
                     let body = json!({"messages": [{"role": "user", "content": PROBE}], "max_tokens": PROBE_TOKENS,
                                       "temperature": 0, "turn_type": "side"});
-                    let state_before = trainer.status().state;
+                    let state_before = trainer.training().map(|(s, _)| s.state).unwrap_or_default();
                     if let Ok((secs, reply)) = chat(&target, key.as_deref(), body).await
                         && reply["usage"]["completion_tokens"].as_u64() == Some(PROBE_TOKENS)
                     {
                         // Paused on the base model (the baseline), paused on a trained version
                         // (the adapter's own cost), or the trainer's state while training.
-                        let phase = match (trainer.is_paused(), engine.live_version()) {
+                        let paused = trainer.training().is_some_and(|(_, paused)| paused);
+                        let phase = match (paused, engine.live_version()) {
                             (true, 0) => "off".to_string(),
                             (true, _) => "adapter".to_string(),
                             (false, _) => state_before,
@@ -239,9 +241,9 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         };
 
         // Phase A: training paused.
-        trainer.pause()?;
+        trainer.set_training_paused(true)?;
         tokio::time::sleep(Duration::from_secs(args.baseline_secs)).await;
-        trainer.resume()?;
+        trainer.set_training_paused(false)?;
         {
             let mut off: Vec<f64> = probes.lock().unwrap().iter().map(|p| p.0).collect();
             println!("  training paused: serving p50 {:.2} s (n={})", median(&mut off), off.len());
@@ -265,13 +267,13 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
                 Ok(_) => {}
                 Err(_) => bail!(
                     "no version went live for 15 minutes (trainer: {})",
-                    trainer.status().detail
+                    trainer.training().map(|(s, _)| s.detail).unwrap_or_default()
                 ),
             }
         }
         let loop_secs = started.elapsed().as_secs_f64();
         // Phase C: training paused again, serving the last version (the adapter's own cost).
-        trainer.pause()?;
+        trainer.set_training_paused(true)?;
         tokio::time::sleep(Duration::from_secs(args.baseline_secs)).await;
         running.store(false, Ordering::SeqCst);
         for user in users {

@@ -101,34 +101,21 @@ fn execute(core: &Core, command: Command) -> Result<String, String> {
             })
             .map_err(|e| format!("Could not rate the turn: {e:#}")),
         Command::Approve(id) => core
-            .gate
             .approve(id, "tui")
             .map(|_| format!("v{id} approved."))
             .map_err(gate_error),
         Command::Veto(id) => core
-            .gate
             .veto(id, "tui")
             .map(|_| format!("v{id} vetoed."))
             .map_err(gate_error),
         Command::Rollback(target) => core
-            .gate
             .rollback(target, "tui")
             .map(|(from, to)| format!("Rolled back from v{from} to v{to}."))
             .map_err(gate_error),
-        Command::PauseTraining | Command::ResumeTraining => {
-            let trainer = core.trainer.as_ref().ok_or_else(|| {
-                "Training is disabled in the configuration (train.enabled = false).".to_string()
-            })?;
-            let pause = command == Command::PauseTraining;
-            let result = if pause {
-                trainer.pause()
-            } else {
-                trainer.resume()
-            };
-            result
-                .map(|_| String::new())
-                .map_err(|e| format!("Could not save the training state: {e:#}"))
-        }
+        Command::PauseTraining | Command::ResumeTraining => core
+            .set_training_paused(command == Command::PauseTraining)
+            .map(|_| String::new())
+            .map_err(|e| e.to_string()),
     }
 }
 

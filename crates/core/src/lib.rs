@@ -26,9 +26,10 @@ use crate::config::GenerationSection;
 use crate::engine::{Engine, EngineConfig};
 use crate::events::EventBus;
 use crate::events::{Event, emit};
-use crate::gate::Gate;
-use crate::store::{FeedbackError, FeedbackRecorded, TurnRef};
+use crate::gate::{Gate, GateError};
+use crate::store::{FeedbackError, FeedbackRecorded, TurnRef, VersionRow};
 use crate::telemetry::Counters;
+use crate::train::TrainerStatus;
 use anyhow::Result;
 use clawrl_model::LoadedModel;
 use std::sync::Arc;
@@ -91,11 +92,11 @@ pub struct Core {
     pub engine: Engine,
     pub capture: Arc<Capture>,
     /// The background judge (`None` when `judge.backend = "off"`); `serve` runs it.
-    pub judge: Option<Arc<crate::judge::Judge>>,
+    pub(crate) judge: Option<Arc<crate::judge::Judge>>,
     /// Versions: candidates, approve / veto / rollback.
-    pub gate: Arc<crate::gate::Gate>,
+    pub(crate) gate: Arc<crate::gate::Gate>,
     /// The training thread (`None` when `train.enabled = false`).
-    pub trainer: Option<Arc<crate::train::TrainerHandle>>,
+    pub(crate) trainer: Option<Arc<crate::train::TrainerHandle>>,
     pub bus: EventBus,
     pub counters: Arc<Counters>,
     /// Why serving stopped for good (the engine failed), once the watchdog has reported it.
@@ -132,6 +133,67 @@ impl Core {
         );
         Ok(recorded)
     }
+
+    /// The version serving now (0: the base model).
+    pub fn live_version(&self) -> i64 {
+        self.gate.live_version()
+    }
+
+    /// Whether candidates that pass the guard go live by themselves (`gate.policy`).
+    pub fn policy(&self) -> crate::config::GatePolicy {
+        self.gate.policy()
+    }
+
+    /// Every version, newest first. Blocking (the store).
+    pub fn versions(&self) -> Result<Vec<VersionRow>> {
+        self.gate.versions()
+    }
+
+    /// Puts a candidate live (`by`: who decided, "api" or "tui"). Blocking.
+    pub fn approve(&self, id: i64, by: &str) -> Result<VersionRow, GateError> {
+        self.gate.approve(id, by)
+    }
+
+    /// Refuses a candidate for good. Blocking.
+    pub fn veto(&self, id: i64, by: &str) -> Result<VersionRow, GateError> {
+        self.gate.veto(id, by)
+    }
+
+    /// Serves an earlier version (`None`: the live one's parent); (from, to). Blocking.
+    pub fn rollback(&self, target: Option<i64>, by: &str) -> Result<(i64, i64), GateError> {
+        self.gate.rollback(target, by)
+    }
+
+    /// Pauses or resumes training, kept across restarts; whether that changed anything.
+    /// Blocking (the store).
+    pub fn set_training_paused(&self, paused: bool) -> Result<bool, TrainingError> {
+        let trainer = self.trainer.as_ref().ok_or(TrainingError::Disabled)?;
+        let changed = if paused {
+            trainer.pause()
+        } else {
+            trainer.resume()
+        };
+        changed.map_err(TrainingError::Failed)
+    }
+
+    /// The trainer's state and whether it is paused (`None`: training is disabled).
+    pub fn training(&self) -> Option<(TrainerStatus, bool)> {
+        self.trainer.as_ref().map(|t| (t.status(), t.is_paused()))
+    }
+
+    /// Turns waiting for the judge (0 without one). Blocking (the store).
+    pub fn judge_pending(&self) -> Result<usize> {
+        self.judge.as_ref().map_or(Ok(0), |j| j.pending())
+    }
+}
+
+/// Why training could not be paused or resumed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainingError {
+    #[error("Training is disabled in the configuration (train.enabled = false).")]
+    Disabled,
+    #[error("Could not save the training state: {0:#}")]
+    Failed(anyhow::Error),
 }
 
 /// The core's background tasks (the judge, the idle-session closer), started by whichever face

@@ -11,6 +11,7 @@
 
 use super::Core;
 use super::http::{self, ApiError, Body, json_response};
+use clawrl_core::TrainingError;
 use clawrl_core::gate::GateError;
 use clawrl_core::store::VersionRow;
 use hyper::body::Incoming;
@@ -43,28 +44,28 @@ pub async fn route(state: Arc<Core>, req: Request<Incoming>) -> Result<Response<
     match (&method, parts.as_slice()) {
         (&Method::GET, ["status"]) => Ok(ok(status(&state).await?)),
         (&Method::GET, ["versions"]) => {
-            let gate = state.gate.clone();
+            let core = state.clone();
             let versions =
-                http::blocking("Could not read the versions", move || gate.versions()).await?;
+                http::blocking("Could not read the versions", move || core.versions()).await?;
             Ok(ok(json!({
-                "live_version": state.gate.live_version(),
+                "live_version": state.live_version(),
                 "versions": versions.iter().map(version_json).collect::<Vec<_>>(),
             })))
         }
         (&Method::POST, ["versions", id, action @ ("approve" | "veto")]) => {
             let id = parse_id(id)?;
-            let gate = state.gate.clone();
+            let core = state.clone();
             let action = action.to_string();
             let row = decide(move || {
                 if action == "approve" {
-                    gate.approve(id, "api")
+                    core.approve(id, "api")
                 } else {
-                    gate.veto(id, "api")
+                    core.veto(id, "api")
                 }
             })
             .await?;
             Ok(ok(
-                json!({"live_version": state.gate.live_version(), "version": version_json(&row)}),
+                json!({"live_version": state.live_version(), "version": version_json(&row)}),
             ))
         }
         (&Method::POST, ["rollback"]) => {
@@ -75,28 +76,33 @@ pub async fn route(state: Arc<Core>, req: Request<Incoming>) -> Result<Response<
                         .param("version")
                 })?),
             };
-            let gate = state.gate.clone();
-            let (from, to) = decide(move || gate.rollback(target, "api")).await?;
+            let core = state.clone();
+            let (from, to) = decide(move || core.rollback(target, "api")).await?;
             Ok(ok(json!({"from": from, "to": to, "live_version": to})))
         }
         (&Method::POST, [action @ ("pause" | "resume")]) => {
-            let Some(trainer) = state.trainer.clone() else {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "invalid_request_error",
-                    "Training is disabled in the configuration (train.enabled = false).",
-                )
-                .code("training_disabled"));
-            };
             let pause = *action == "pause";
-            let changed = http::blocking("Could not save the training state", move || {
-                if pause {
-                    trainer.pause()
-                } else {
-                    trainer.resume()
-                }
-            })
-            .await?;
+            let core = state.clone();
+            let changed = tokio::task::spawn_blocking(move || core.set_training_paused(pause))
+                .await
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "server_error",
+                        e.to_string(),
+                    )
+                })?
+                .map_err(|e| match e {
+                    TrainingError::Disabled => {
+                        ApiError::new(StatusCode::CONFLICT, "invalid_request_error", e.to_string())
+                            .code("training_disabled")
+                    }
+                    TrainingError::Failed(_) => ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "server_error",
+                        e.to_string(),
+                    ),
+                })?;
             Ok(ok(json!({"paused": pause, "changed": changed})))
         }
         (_, ["status" | "versions" | "rollback" | "pause" | "resume"])
@@ -183,23 +189,24 @@ pub fn version_json(v: &VersionRow) -> Value {
 
 /// What `ctl status` shows (the screen folds the same facts from events).
 pub async fn status(state: &Arc<Core>) -> Result<Value, ApiError> {
-    let gate = state.gate.clone();
-    let versions = http::blocking("Could not read the versions", move || gate.versions()).await?;
-    let trainer = match &state.trainer {
-        Some(t) => {
-            let mut s = serde_json::to_value(t.status()).unwrap_or(Value::Null);
-            s["paused"] = json!(t.is_paused());
+    let core = state.clone();
+    let versions = http::blocking("Could not read the versions", move || core.versions()).await?;
+    let trainer = match state.training() {
+        Some((status, paused)) => {
+            let mut s = serde_json::to_value(status).unwrap_or(Value::Null);
+            s["paused"] = json!(paused);
             s
         }
         None => json!({"state": "disabled", "detail": "train.enabled = false", "paused": false}),
     };
-    let judge_pending = match state.judge.clone() {
-        Some(j) => http::blocking("Could not read the judge's queue", move || j.pending()).await?,
-        None => 0,
-    };
+    let core = state.clone();
+    let judge_pending = http::blocking("Could not read the judge's queue", move || {
+        core.judge_pending()
+    })
+    .await?;
     Ok(json!({
-        "live_version": state.gate.live_version(),
-        "policy": state.gate.policy(),
+        "live_version": state.live_version(),
+        "policy": state.policy(),
         "trainer": trainer,
         "judge_pending": judge_pending,
         "candidates": versions.iter().filter(|v| v.state == "candidate").map(version_json).collect::<Vec<_>>(),

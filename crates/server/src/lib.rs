@@ -143,10 +143,9 @@ fn metrics(state: &Core) -> Response<Body> {
         "clawrl_live_version",
         "gauge",
         "The adapter version serving new requests (0 = the base model).",
-        state.gate.live_version().to_string(),
+        state.live_version().to_string(),
     );
-    if let Some(t) = &state.trainer {
-        let s = t.status();
+    if let Some((s, paused)) = state.training() {
         gauge(
             "clawrl_train_samples_waiting",
             "gauge",
@@ -163,7 +162,7 @@ fn metrics(state: &Core) -> Response<Body> {
             "clawrl_train_paused",
             "gauge",
             "1 while training is paused.",
-            u8::from(t.is_paused()).to_string(),
+            u8::from(paused).to_string(),
         );
     }
     Response::builder()
