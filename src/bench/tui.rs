@@ -62,7 +62,7 @@ fn full_state() -> State {
         state.versions.push(VersionView {
             id: v,
             parent: v - 1,
-            state: "retired".into(),
+            state: clawrl_core::store::VersionState::Retired,
             samples: 4,
             loss: 1.0 / v as f64,
             kl_base: Some(0.0001 * v as f64),

@@ -330,7 +330,7 @@ impl InflightTurn {
         let turn = NewTurn {
             session_id: self.slot.session_id.clone(),
             turn_index: self.slot.turn_index,
-            turn_type: self.slot.turn_type.as_str().into(),
+            turn_type: self.slot.turn_type,
             response_id: self.id.clone(),
             request_messages: Value::Array(self.req.messages.clone()),
             tools: self.req.tools.clone(),

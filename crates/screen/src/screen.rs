@@ -7,7 +7,7 @@ use super::state::State;
 use super::theme;
 use clawrl_core::commands::{Command, CommandSender};
 use clawrl_core::events::{Event, Level};
-use clawrl_core::store::TurnRef;
+use clawrl_core::store::{TurnRef, VersionState};
 use ratatui::style::Style;
 use serde_json::{Value, json};
 use tui_textarea::TextArea;
@@ -322,7 +322,7 @@ impl Screen {
             self.state
                 .versions
                 .iter()
-                .any(|v| v.id == *id && v.state == "candidate")
+                .any(|v| v.id == *id && v.state == VersionState::Candidate)
         });
         let Some(id) = selected.or(self.state.held_candidate()) else {
             self.notice(Level::Info, "No candidate is waiting for a decision.");

@@ -3,6 +3,7 @@
 
 use clawrl_core::events::{Event, Level};
 use clawrl_core::store::HintCandidate;
+use clawrl_core::store::VersionState;
 use clawrl_core::store::{JudgmentSummary, Snapshot, TurnSummary, VersionRow};
 use clawrl_core::telemetry::hardware::Hardware;
 use std::collections::VecDeque;
@@ -64,7 +65,7 @@ impl From<TurnSummary> for TurnView {
             turn_id: Some(t.turn_id),
             turn_index: t.turn_index,
             request_id: None,
-            side: t.turn_type == "side",
+            side: t.turn_type == clawrl_core::store::TurnType::Side,
             last_message: t.last_message,
             reply: t.reply,
             streaming: false,
@@ -85,7 +86,7 @@ pub struct VersionView {
     pub id: i64,
     pub parent: i64,
     /// candidate | live | vetoed | retired
-    pub state: String,
+    pub state: VersionState,
     pub samples: usize,
     pub loss: f64,
     pub kl_base: Option<f64>,
@@ -102,7 +103,7 @@ impl From<&VersionRow> for VersionView {
         Self {
             id: v.id,
             parent: v.parent,
-            state: v.state.clone(),
+            state: v.state,
             samples: v.metrics.samples,
             loss: v.metrics.loss,
             kl_base: v.kl_base,
@@ -287,12 +288,12 @@ impl State {
     /// being one).
     fn set_live(&mut self, id: i64) {
         for v in &mut self.versions {
-            if v.state == "live" {
-                v.state = "retired".into();
+            if v.state == VersionState::Live {
+                v.state = VersionState::Retired;
             }
         }
         if let Some(v) = self.version_mut(id) {
-            v.state = "live".into();
+            v.state = VersionState::Live;
         }
         self.live_version = id;
     }
@@ -504,7 +505,7 @@ impl State {
                 self.versions.push(VersionView {
                     id: *version,
                     parent: *parent,
-                    state: "candidate".into(),
+                    state: VersionState::Candidate,
                     samples: *samples,
                     loss: *loss,
                     kl_base: *kl_base,
@@ -518,7 +519,7 @@ impl State {
             Event::VersionLive { version, .. } => self.set_live(*version),
             Event::VersionVetoed { version } => {
                 if let Some(v) = self.version_mut(*version) {
-                    v.state = "vetoed".into();
+                    v.state = VersionState::Vetoed;
                 }
             }
             Event::RolledBack { to, .. } => self.set_live(*to),
@@ -558,7 +559,7 @@ impl State {
         self.versions
             .iter()
             .rev()
-            .find(|v| v.state == "candidate")
+            .find(|v| v.state == VersionState::Candidate)
             .map(|v| v.id)
     }
 

@@ -561,7 +561,7 @@ fn a_restarted_screen_shows_the_stored_history() {
     let turn = |index: i64, asked: &str, reply: &str| NewTurn {
         session_id: "openclaw-7".into(),
         turn_index: index,
-        turn_type: "main".into(),
+        turn_type: TurnType::Main,
         response_id: format!("chatcmpl-{index}"),
         request_messages: json!([{"role": "user", "content": asked}]),
         tools: None,

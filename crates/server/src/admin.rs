@@ -14,6 +14,7 @@ use super::http::{self, ApiError, Body, json_response};
 use clawrl_core::TrainingError;
 use clawrl_core::gate::GateError;
 use clawrl_core::store::VersionRow;
+use clawrl_core::store::VersionState;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
@@ -209,7 +210,7 @@ pub async fn status(state: &Arc<Core>) -> Result<Value, ApiError> {
         "policy": state.policy(),
         "trainer": trainer,
         "judge_pending": judge_pending,
-        "candidates": versions.iter().filter(|v| v.state == "candidate").map(version_json).collect::<Vec<_>>(),
+        "candidates": versions.iter().filter(|v| v.state == VersionState::Candidate).map(version_json).collect::<Vec<_>>(),
         "versions": versions.len(),
     }))
 }

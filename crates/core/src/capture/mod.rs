@@ -275,7 +275,7 @@ mod tests {
         NewTurn {
             session_id: session.into(),
             turn_index: 0,
-            turn_type: "main".into(),
+            turn_type: TurnType::Main,
             response_id: format!("r-{session}"),
             request_messages: json!([{"role": "user", "content": "hi"}]),
             tools: None,

@@ -10,7 +10,7 @@ pub mod guard;
 use crate::config::{Config, GatePolicy, GateSection};
 use crate::engine::{AdapterCommand, Engine, StartVersion};
 use crate::events::{Event, EventBus, LiveReason, emit};
-use crate::store::{Store, UpdateMetrics, VersionRow, now_ms};
+use crate::store::{Store, UpdateMetrics, VersionRow, VersionState, now_ms};
 use anyhow::{Context, Result};
 use clawrl_model::{LoadedModel, LoraAdapter, peft};
 use guard::Guard;
@@ -156,7 +156,7 @@ impl Gate {
             .versions()?
             .into_iter()
             .rev()
-            .find(|v| v.state == "candidate")
+            .find(|v| v.state == VersionState::Candidate)
             .map(|v| v.id))
     }
 
@@ -213,7 +213,7 @@ impl Gate {
             id,
             parent: c.parent,
             created_at: now_ms(),
-            state: "candidate".into(),
+            state: VersionState::Candidate,
             metrics: c.metrics.clone(),
             kl_base: Some(report.kl_base),
             kl_live: Some(report.kl_live),
@@ -265,15 +265,17 @@ impl Gate {
     pub fn approve(&self, id: i64, by: &str) -> Result<VersionRow, GateError> {
         let _decision = lock(&self.decisions);
         let row = self.row(id)?;
-        match row.state.as_str() {
-            "candidate" => {}
-            "live" => return Err(GateError::Conflict(format!("v{id} is already live."))),
-            "vetoed" => {
+        match row.state {
+            VersionState::Candidate => {}
+            VersionState::Live => {
+                return Err(GateError::Conflict(format!("v{id} is already live.")));
+            }
+            VersionState::Vetoed => {
                 return Err(GateError::Conflict(format!(
                     "v{id} was vetoed; a vetoed version is never served."
                 )));
             }
-            _ => {
+            VersionState::Retired => {
                 return Err(GateError::Conflict(format!(
                     "v{id} was live before; use rollback to serve it again."
                 )));
@@ -287,8 +289,8 @@ impl Gate {
     pub fn veto(&self, id: i64, by: &str) -> Result<VersionRow, GateError> {
         let _decision = lock(&self.decisions);
         let row = self.row(id)?;
-        if row.state != "candidate" {
-            let hint = if row.state == "live" {
+        if row.state != VersionState::Candidate {
+            let hint = if row.state == VersionState::Live {
                 "; roll back to stop serving it"
             } else {
                 ""
@@ -323,18 +325,18 @@ impl Gate {
         }
         if to != 0 {
             let row = self.row(to)?;
-            match row.state.as_str() {
-                "vetoed" => {
+            match row.state {
+                VersionState::Vetoed => {
                     return Err(GateError::Conflict(format!(
                         "v{to} was vetoed; a vetoed version is never served."
                     )));
                 }
-                "candidate" => {
+                VersionState::Candidate => {
                     return Err(GateError::Conflict(format!(
                         "v{to} never went live; approve it instead."
                     )));
                 }
-                _ => {}
+                VersionState::Live | VersionState::Retired => {}
             }
         }
         self.switch(to, LiveReason::Rollback, by)?;
@@ -390,7 +392,7 @@ impl Gate {
         let keep: HashSet<i64> = lock(&self.store)
             .versions()?
             .into_iter()
-            .filter(|v| v.state == "candidate")
+            .filter(|v| v.state == VersionState::Candidate)
             .map(|v| v.id)
             .chain([id])
             .chain(*lock(&self.guarding))

@@ -15,7 +15,7 @@ mod view;
 /// The setting that keeps "training paused" across restarts.
 pub const PAUSED_SETTING: &str = "training_paused";
 
-pub use records::{HintCandidate, HintChoice, HintSource, TurnType};
+pub use records::{HintCandidate, HintChoice, HintSource, TurnType, VersionState};
 pub use samples::SampleRow;
 pub use versions::{LiveChange, TrainedSample, UpdateMetrics, VersionRow};
 pub use view::{JudgmentSummary, SessionSummary, Snapshot, TurnSummary};
@@ -173,7 +173,7 @@ pub fn now_ms() -> i64 {
 pub struct NewTurn {
     pub session_id: String,
     pub turn_index: i64,
-    pub turn_type: String,
+    pub turn_type: TurnType,
     pub response_id: String,
     pub request_messages: Value,
     pub tools: Option<Value>,
@@ -674,7 +674,7 @@ impl Store {
                 "next_state_at": ts(20)?,
             });
             let turn_id = r.get::<_, i64>(0)?;
-            let main = r.get::<_, String>(3)? == "main";
+            let main = r.get::<_, TurnType>(3)? == TurnType::Main;
             let judged = r.get::<_, Option<i64>>(22)?.is_some();
             let judge_score = r.get::<_, Option<i64>>(26)?;
             let rating = r.get::<_, Option<i64>>(31)?;
@@ -807,7 +807,7 @@ mod tests {
         NewTurn {
             session_id: session.into(),
             turn_index: index,
-            turn_type: "main".into(),
+            turn_type: TurnType::Main,
             response_id: format!("r-{session}-{index}"),
             request_messages: json!([{"role": "user", "content": "hi"}]),
             tools: None,
@@ -893,7 +893,7 @@ mod tests {
         store.ensure_session("a", "header", 1_000).unwrap();
         store.insert_turn(&turn("a", 0)).unwrap();
         let mut side = turn("a", 1);
-        side.turn_type = "side".into();
+        side.turn_type = TurnType::Side;
         side.response_id = "side".into();
         store.insert_turn(&side).unwrap();
         store.ensure_session("b", "prefix", 1_000).unwrap();

@@ -4,10 +4,11 @@
 use crate::config::HintSelection;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TurnType {
     /// User-facing and trainable.
+    #[default]
     Main,
     /// Housekeeping (memory flushes, heartbeats): served and logged, never trained.
     Side,
@@ -26,6 +27,64 @@ impl TurnType {
             Self::Main => "main",
             Self::Side => "side",
         }
+    }
+}
+
+impl rusqlite::types::ToSql for TurnType {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl rusqlite::types::FromSql for TurnType {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        Ok(Self::parse(Some(v.as_str()?)))
+    }
+}
+
+/// Where a version stands (`versions.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionState {
+    /// Trained and guarded, waiting for a decision (or the auto policy).
+    Candidate,
+    /// Serving new requests.
+    Live,
+    /// Refused for good: never served.
+    Vetoed,
+    /// Live before, replaced since (a rollback can serve it again).
+    Retired,
+}
+
+impl VersionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Candidate => "candidate",
+            Self::Live => "live",
+            Self::Vetoed => "vetoed",
+            Self::Retired => "retired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Candidate, Self::Live, Self::Vetoed, Self::Retired]
+            .into_iter()
+            .find(|v| v.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for VersionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl rusqlite::types::FromSql for VersionState {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let s = v.as_str()?;
+        Self::parse(s).ok_or_else(|| {
+            rusqlite::types::FromSqlError::Other(format!("unknown version state {s:?}").into())
+        })
     }
 }
 

@@ -280,7 +280,7 @@ mod tests {
             id: 1,
             parent: 0,
             created_at: 6_000,
-            state: "candidate".into(),
+            state: super::super::VersionState::Candidate,
             metrics: UpdateMetrics::default(),
             kl_base: None,
             kl_live: None,

@@ -1,6 +1,7 @@
 //! The version history: every adapter trained here (a row per version, never deleted), the
 //! turns each was trained on, every change of the live version, and persistent settings.
 
+use super::VersionState;
 use super::{Store, explain, parse_json};
 use anyhow::{Result, bail};
 use rusqlite::{OptionalExtension, params};
@@ -46,7 +47,7 @@ pub struct VersionRow {
     pub parent: i64,
     pub created_at: i64,
     /// candidate | live | vetoed | retired
-    pub state: String,
+    pub state: VersionState,
     pub metrics: UpdateMetrics,
     pub kl_base: Option<f64>,
     pub kl_live: Option<f64>,

@@ -25,7 +25,7 @@ pub struct TurnSummary {
     pub session_id: String,
     pub turn_index: i64,
     /// main | side
-    pub turn_type: String,
+    pub turn_type: super::TurnType,
     /// The text of the request's last message (what the reply answers).
     pub last_message: String,
     pub reply: String,

@@ -5,6 +5,7 @@ use super::{PaneId, block, theme};
 use crate::keymap::Action;
 use crate::screen::Screen;
 use crate::state::VersionView;
+use clawrl_core::store::VersionState;
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
@@ -53,11 +54,11 @@ fn row(v: Option<&VersionView>, id: i64, live: i64) -> ListItem<'static> {
             Span::styled("the base model", theme::dim()),
         ]));
     };
-    let state_style = match v.state.as_str() {
-        "candidate" => theme::accent(),
-        "live" => theme::good(),
-        "vetoed" => theme::bad(),
-        _ => theme::dim(),
+    let state_style = match v.state {
+        VersionState::Candidate => theme::accent(),
+        VersionState::Live => theme::good(),
+        VersionState::Vetoed => theme::bad(),
+        VersionState::Retired => theme::dim(),
     };
     let guard = if v.guard_passed {
         Span::styled("✓ ", theme::good())
@@ -91,7 +92,7 @@ fn detail(app: &Screen, id: i64) -> Vec<Line<'static>> {
             lines.push(Line::styled(format!("guard: {r}"), theme::bad()));
         }
     }
-    if v.state == "candidate" {
+    if v.state == VersionState::Candidate {
         lines.push(Line::styled("a approves · v vetoes", theme::accent()));
     }
     let rate = v
