@@ -48,14 +48,10 @@ pub struct TurnView {
 }
 
 impl TurnView {
-    /// The reward training uses: the latest rating, else the judge's non-zero score.
+    /// The reward training uses (`clawrl_core::store::reward`).
     pub fn reward(&self) -> Option<i8> {
-        self.rating.or_else(|| {
-            self.judgment
-                .as_ref()
-                .filter(|j| j.error.is_none() && j.score != 0)
-                .map(|j| j.score)
-        })
+        let judged = self.judgment.as_ref().filter(|j| j.error.is_none());
+        clawrl_core::store::reward(self.rating, judged.map(|j| j.score))
     }
 }
 

@@ -15,7 +15,7 @@ mod view;
 /// The setting that keeps "training paused" across restarts.
 pub const PAUSED_SETTING: &str = "training_paused";
 
-pub use records::{HintCandidate, HintChoice, HintSource, TurnType, VersionState};
+pub use records::{HintCandidate, HintChoice, HintSource, TurnType, VersionState, reward};
 pub use samples::SampleRow;
 pub use versions::{LiveChange, TrainedSample, UpdateMetrics, VersionRow};
 pub use view::{JudgmentSummary, SessionSummary, Snapshot, TurnSummary};

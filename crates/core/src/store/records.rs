@@ -42,6 +42,13 @@ impl rusqlite::types::FromSql for TurnType {
     }
 }
 
+/// The reward a turn trains with: the latest human rating, else the judge's score when it
+/// is not 0 (a tie is no reward). The one rule: the trainer's samples and the screen's chart
+/// both take it from here.
+pub fn reward(rating: Option<i8>, judge_score: Option<i8>) -> Option<i8> {
+    rating.or(judge_score.filter(|&s| s != 0))
+}
+
 /// Where a version stands (`versions.state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -73,7 +73,7 @@ impl Store {
             let ids = |i: usize| -> rusqlite::Result<Vec<u32>> {
                 Ok(serde_json::from_value(parse_json(r.get(i)?)).unwrap_or_default())
             };
-            let judge_score: Option<i8> = r.get::<_, Option<i8>>(9)?.filter(|&s| s != 0);
+            let judge_score: Option<i8> = r.get(9)?;
             let signal_at = [r.get::<_, Option<i64>>(8)?, r.get::<_, Option<i64>>(11)?]
                 .into_iter()
                 .flatten()
@@ -87,7 +87,7 @@ impl Store {
                 logprobs: serde_json::from_value(parse_json(r.get(4)?)).unwrap_or_default(),
                 request_messages: parse_json(r.get(5)?),
                 tools: r.get::<_, Option<String>>(6)?.map(|s| parse_json(Some(s))),
-                reward: rating.or(judge_score),
+                reward: super::reward(rating, judge_score),
                 hint: r.get(10)?,
                 next_state: r.get::<_, Option<String>>(14)?.map(|s| parse_json(Some(s))),
                 next_state_role: r.get(15)?,
@@ -141,6 +141,7 @@ impl Store {
             "SELECT t.prompt_ids, t.response_ids FROM turns t
              LEFT JOIN judgments j ON j.turn_id = t.id AND j.error IS NULL
              LEFT JOIN feedback f ON f.id = (SELECT MAX(id) FROM feedback WHERE turn_id = t.id)
+             -- records::reward, for +1: the latest rating, else the judge's score.
              WHERE t.turn_type = 'main' AND COALESCE(f.rating, j.score) = 1
              ORDER BY t.id DESC LIMIT 200",
         )?;
