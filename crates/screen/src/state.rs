@@ -309,6 +309,37 @@ impl State {
     pub fn apply(&mut self, event: &Event, now_ms: i64) {
         match event {
             Event::EngineReady { model } => self.model = Some(model.clone()),
+            Event::Notice { level, text } => self.notice(*level, text.clone(), now_ms),
+            Event::RequestStarted { .. }
+            | Event::RequestText { .. }
+            | Event::RequestFinished { .. }
+            | Event::RequestFailed { .. }
+            | Event::RequestCancelled { .. }
+            | Event::RequestRefused { .. } => self.on_requests(event, now_ms),
+            Event::TurnCaptured { .. }
+            | Event::NextStateAttached { .. }
+            | Event::SessionClosed { .. } => self.on_capture(event),
+            Event::TurnJudged { .. }
+            | Event::HintChosen { .. }
+            | Event::JudgeQueue { .. }
+            | Event::FeedbackRecorded { .. } => self.on_signals(event),
+            Event::SamplesWaiting { .. }
+            | Event::SamplesSetAside { .. }
+            | Event::TrainingStarted { .. }
+            | Event::TrainingStep { .. }
+            | Event::TrainingFailed { .. }
+            | Event::TrainingPaused
+            | Event::TrainingResumed => self.on_training(event, now_ms),
+            Event::CandidateReady { .. }
+            | Event::VersionLive { .. }
+            | Event::VersionVetoed { .. }
+            | Event::RolledBack { .. } => self.on_versions(event),
+        }
+    }
+
+    /// A request's life: its turn appears, streams, ends.
+    fn on_requests(&mut self, event: &Event, now_ms: i64) {
+        match event {
             Event::RequestStarted {
                 request_id,
                 session_id,
@@ -366,6 +397,13 @@ impl State {
             Event::RequestRefused { message, .. } => {
                 self.notice(Level::Error, format!("Refused: {message}"), now_ms)
             }
+            _ => {}
+        }
+    }
+
+    /// Capture: a turn stored, its next state, its session closed.
+    fn on_capture(&mut self, event: &Event) {
+        match event {
             Event::TurnCaptured {
                 turn_id,
                 session_id,
@@ -407,6 +445,13 @@ impl State {
                     }
                 }
             }
+            _ => {}
+        }
+    }
+
+    /// A turn's signals: the judge's votes, the hint distilled, a rating.
+    fn on_signals(&mut self, event: &Event) {
+        match event {
             Event::TurnJudged {
                 turn_id,
                 score,
@@ -450,6 +495,13 @@ impl State {
                 }
                 self.reward_changed(*turn_id);
             }
+            _ => {}
+        }
+    }
+
+    /// The trainer: samples waiting, an update's progress, pause.
+    fn on_training(&mut self, event: &Event, now_ms: i64) {
+        match event {
             Event::SamplesWaiting { samples } => self.samples_waiting = *samples,
             Event::SamplesSetAside { samples, reason } => {
                 self.notice(
@@ -484,6 +536,18 @@ impl State {
                 self.training = None;
                 self.notice(Level::Error, format!("Training failed: {error}"), now_ms);
             }
+            Event::TrainingPaused => {
+                self.paused = true;
+                self.training = None;
+            }
+            Event::TrainingResumed => self.paused = false,
+            _ => {}
+        }
+    }
+
+    /// Versions: a candidate, one going live, vetoed, rolled back to.
+    fn on_versions(&mut self, event: &Event) {
+        match event {
             Event::CandidateReady {
                 version,
                 parent,
@@ -519,15 +583,9 @@ impl State {
                 }
             }
             Event::RolledBack { to, .. } => self.set_live(*to),
-            Event::TrainingPaused => {
-                self.paused = true;
-                self.training = None;
-            }
-            Event::TrainingResumed => self.paused = false,
-            Event::Notice { level, text } => self.notice(*level, text.clone(), now_ms),
+            _ => {}
         }
     }
-
     /// A new second of serving numbers.
     pub fn sampled(&mut self, now: ServingSample) {
         let before = self.serving;
