@@ -62,6 +62,133 @@ pub fn parse_request(
             ApiError::invalid("`messages` must contain at least one message.").param("messages"),
         );
     }
+    check_messages(messages)?;
+    let fields = Fields(obj);
+    let g = generation;
+    let max_tokens = match fields
+        .int("max_completion_tokens")?
+        .or(fields.int("max_tokens")?)
+    {
+        Some(0) => {
+            return Err(ApiError::invalid("`max_tokens` must be at least 1.").param("max_tokens"));
+        }
+        Some(n) => n as usize,
+        None => g.max_tokens,
+    };
+    let temperature = fields.num("temperature")?.unwrap_or(g.temperature as f64);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(format!(
+            "`temperature` must be between 0 and 2, got {temperature}."
+        ))
+        .param("temperature"));
+    }
+    let top_p = fields.num("top_p")?.unwrap_or(g.top_p as f64);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(
+            ApiError::invalid(format!("`top_p` must be in (0, 1], got {top_p}.")).param("top_p"),
+        );
+    }
+    let top_k = match obj.get("top_k") {
+        Some(Value::Number(n)) if n.as_i64() == Some(-1) => 0,
+        _ => fields.int("top_k")?.map_or(g.top_k, |k| k as usize),
+    };
+    if let Some(n) = fields.int("n")?
+        && n != 1
+    {
+        return Err(ApiError::invalid("Only `n = 1` is supported.").param("n"));
+    }
+    let stop = stop_sequences(obj)?;
+    let seed = match obj.get("seed") {
+        None | Some(Value::Null) => None,
+        // Any 64-bit integer, signed or not (OpenAI's clients send either).
+        Some(v) => Some(
+            v.as_u64()
+                .or_else(|| v.as_i64().map(|i| i as u64))
+                .ok_or_else(|| ApiError::invalid("`seed` must be an integer.").param("seed"))?,
+        ),
+    };
+    let logprobs = fields.boolean("logprobs")?;
+    let top_logprobs = fields.int("top_logprobs")?.unwrap_or(0) as usize;
+    if top_logprobs > 20 {
+        return Err(
+            ApiError::invalid("`top_logprobs` must be between 0 and 20.").param("top_logprobs"),
+        );
+    }
+    let tool_choice_none = obj.get("tool_choice").and_then(Value::as_str) == Some("none");
+    let tools = match obj.get("tools") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) if a.is_empty() || tool_choice_none => None,
+        Some(t @ Value::Array(_)) => Some(t.clone()),
+        Some(_) => return Err(ApiError::invalid("`tools` must be an array.").param("tools")),
+    };
+    let stream = fields.boolean("stream")?;
+    let include_usage = obj
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+
+    let session = session_fields(headers, obj);
+
+    let request = ChatRequest {
+        messages: messages.clone(),
+        tools,
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            top_k,
+            seed,
+        },
+        stop,
+        top_logprobs: if logprobs { top_logprobs.max(1) } else { 0 },
+        session_id: session.id,
+        session_source: session.source,
+        turn_type: session.turn_type,
+        session_done: session.done,
+    };
+    let format = Format {
+        stream,
+        include_usage,
+        logprobs,
+    };
+    Ok((request, format))
+}
+
+/// A request body's optional fields, each checked for its type (absent or null: `None`).
+struct Fields<'a>(&'a serde_json::Map<String, Value>);
+
+impl Fields<'_> {
+    fn num(&self, k: &str) -> Result<Option<f64>, ApiError> {
+        match self.0.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| ApiError::invalid(format!("`{k}` must be a number.")).param(k)),
+        }
+    }
+
+    fn int(&self, k: &str) -> Result<Option<u64>, ApiError> {
+        match self.0.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                ApiError::invalid(format!("`{k}` must be a non-negative integer.")).param(k)
+            }),
+        }
+    }
+
+    fn boolean(&self, k: &str) -> Result<bool, ApiError> {
+        match self.0.get(k) {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(ApiError::invalid(format!("`{k}` must be a boolean.")).param(k)),
+        }
+    }
+}
+
+/// Every message has a known role and text content (an assistant's may be empty).
+fn check_messages(messages: &[Value]) -> Result<(), ApiError> {
     for (i, m) in messages.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str);
         match role {
@@ -98,61 +225,12 @@ pub fn parse_request(
             }
         }
     }
-    let num = |k: &str| -> Result<Option<f64>, ApiError> {
-        match obj.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| ApiError::invalid(format!("`{k}` must be a number.")).param(k)),
-        }
-    };
-    let int = |k: &str| -> Result<Option<u64>, ApiError> {
-        match obj.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-                ApiError::invalid(format!("`{k}` must be a non-negative integer.")).param(k)
-            }),
-        }
-    };
-    let boolean = |k: &str| -> Result<bool, ApiError> {
-        match obj.get(k) {
-            None | Some(Value::Null) => Ok(false),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(_) => Err(ApiError::invalid(format!("`{k}` must be a boolean.")).param(k)),
-        }
-    };
-    let g = generation;
-    let max_tokens = match int("max_completion_tokens")?.or(int("max_tokens")?) {
-        Some(0) => {
-            return Err(ApiError::invalid("`max_tokens` must be at least 1.").param("max_tokens"));
-        }
-        Some(n) => n as usize,
-        None => g.max_tokens,
-    };
-    let temperature = num("temperature")?.unwrap_or(g.temperature as f64);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid(format!(
-            "`temperature` must be between 0 and 2, got {temperature}."
-        ))
-        .param("temperature"));
-    }
-    let top_p = num("top_p")?.unwrap_or(g.top_p as f64);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(
-            ApiError::invalid(format!("`top_p` must be in (0, 1], got {top_p}.")).param("top_p"),
-        );
-    }
-    let top_k = match obj.get("top_k") {
-        Some(Value::Number(n)) if n.as_i64() == Some(-1) => 0,
-        _ => int("top_k")?.map_or(g.top_k, |k| k as usize),
-    };
-    if let Some(n) = int("n")?
-        && n != 1
-    {
-        return Err(ApiError::invalid("Only `n = 1` is supported.").param("n"));
-    }
-    let stop = match obj.get("stop") {
+    Ok(())
+}
+
+/// `stop`: a string or up to 16 of them.
+fn stop_sequences(obj: &serde_json::Map<String, Value>) -> Result<Vec<String>, ApiError> {
+    Ok(match obj.get("stop") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) if a.iter().all(Value::is_string) && a.len() <= 16 => a
@@ -165,38 +243,19 @@ pub fn parse_request(
             )
             .param("stop"));
         }
-    };
-    let seed = match obj.get("seed") {
-        None | Some(Value::Null) => None,
-        // Any 64-bit integer, signed or not (OpenAI's clients send either).
-        Some(v) => Some(
-            v.as_u64()
-                .or_else(|| v.as_i64().map(|i| i as u64))
-                .ok_or_else(|| ApiError::invalid("`seed` must be an integer.").param("seed"))?,
-        ),
-    };
-    let logprobs = boolean("logprobs")?;
-    let top_logprobs = int("top_logprobs")?.unwrap_or(0) as usize;
-    if top_logprobs > 20 {
-        return Err(
-            ApiError::invalid("`top_logprobs` must be between 0 and 20.").param("top_logprobs"),
-        );
-    }
-    let tool_choice_none = obj.get("tool_choice").and_then(Value::as_str) == Some("none");
-    let tools = match obj.get("tools") {
-        None | Some(Value::Null) => None,
-        Some(Value::Array(a)) if a.is_empty() || tool_choice_none => None,
-        Some(t @ Value::Array(_)) => Some(t.clone()),
-        Some(_) => return Err(ApiError::invalid("`tools` must be an array.").param("tools")),
-    };
-    let stream = boolean("stream")?;
-    let include_usage = obj
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    })
+}
 
-    // Session fields: headers first, then the body (these body fields never reach the model).
+/// Which session a request belongs to and how to treat its turn.
+struct SessionFields {
+    id: Option<String>,
+    source: &'static str,
+    turn_type: TurnType,
+    done: bool,
+}
+
+/// Session fields: headers first, then the body (these body fields never reach the model).
+fn session_fields(headers: &HeaderMap, obj: &serde_json::Map<String, Value>) -> SessionFields {
     let header = |k: &str| {
         headers
             .get(k)
@@ -224,30 +283,12 @@ pub fn parse_request(
         || obj
             .get("session_done")
             .is_some_and(|v| v.as_bool() == Some(true) || truthy(v.as_str()));
-
-    let request = ChatRequest {
-        messages: messages.clone(),
-        tools,
-        max_tokens,
-        sampling: SamplingParams {
-            temperature: temperature as f32,
-            top_p: top_p as f32,
-            top_k,
-            seed,
-        },
-        stop,
-        top_logprobs: if logprobs { top_logprobs.max(1) } else { 0 },
-        session_id,
-        session_source,
+    SessionFields {
+        id: session_id,
+        source: session_source,
         turn_type,
-        session_done,
-    };
-    let format = Format {
-        stream,
-        include_usage,
-        logprobs,
-    };
-    Ok((request, format))
+        done: session_done,
+    }
 }
 
 /// A chat error in OpenAI's shape, with the status `chat::status_of` gives it.
