@@ -124,102 +124,8 @@ fn num(v: &Value, digits: usize) -> String {
 pub fn human(command: &CtlCommand, a: &Value) -> String {
     let mut out = String::new();
     match command {
-        CtlCommand::Status => {
-            let t = &a["trainer"];
-            let _ = writeln!(out, "live version  v{}", a["live_version"]);
-            let _ = writeln!(out, "gate policy   {}", a["policy"].as_str().unwrap_or("?"));
-            let _ = writeln!(
-                out,
-                "trainer       {}{}: {}",
-                t["state"].as_str().unwrap_or("?"),
-                if t["paused"] == true { " (paused)" } else { "" },
-                t["detail"].as_str().unwrap_or("")
-            );
-            if let Some(u) = t["update"].as_object() {
-                let _ = writeln!(
-                    out,
-                    "update        {}/{} samples from v{}, mean loss {}",
-                    u["done"],
-                    u["samples"],
-                    u["parent"],
-                    num(&u["mean_loss"], 4)
-                );
-            }
-            let _ = writeln!(
-                out,
-                "samples       {} waiting",
-                t["samples_waiting"].as_u64().unwrap_or(0)
-            );
-            let _ = writeln!(
-                out,
-                "updates       {} since start",
-                t["updates"].as_u64().unwrap_or(0)
-            );
-            if let Some(e) = t["last_error"].as_str() {
-                let _ = writeln!(out, "last error    {e}");
-            }
-            let candidates = a["candidates"].as_array().cloned().unwrap_or_default();
-            if candidates.is_empty() {
-                let _ = writeln!(out, "candidates    none");
-            }
-            for c in candidates {
-                let _ = writeln!(out, "candidate     v{}: {}", c["id"], verdict(&c));
-            }
-        }
-        CtlCommand::Versions => {
-            let live = a["live_version"].as_i64().unwrap_or(0);
-            // The columns of the rows below (widths as their format).
-            let _ = writeln!(
-                out,
-                "  id    parent created              samples      loss  KL base  reward      lr guard                        state"
-            );
-            let base_state = if live == 0 { "live" } else { "base" };
-            let _ = writeln!(
-                out,
-                "{} {:<5} {:<6} {:<20} {:>7} {:>9} {:>8} {:>7} {:>7} {:<28} {}",
-                if live == 0 { "*" } else { " " },
-                "v0",
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-                base_state
-            );
-            for v in a["versions"].as_array().into_iter().flatten() {
-                let created = v["created_at"].as_str().unwrap_or("").replace('T', " ");
-                let mut state = v["state"].as_str().unwrap_or("?").to_string();
-                if v["error"].is_string() {
-                    state.push_str(" (adapter unreadable)");
-                }
-                let _ = writeln!(
-                    out,
-                    "{} {:<5} {:<6} {:<20} {:>7} {:>9} {:>8} {:>7} {:>7} {:<28} {}",
-                    if v["id"].as_i64() == Some(live) {
-                        "*"
-                    } else {
-                        " "
-                    },
-                    format!("v{}", v["id"]),
-                    format!("v{}", v["parent"]),
-                    created.get(..19).unwrap_or(&created),
-                    v["samples"].as_i64().unwrap_or(0),
-                    num(&v["loss"], 4),
-                    num(&v["kl_base"], 4),
-                    v["mean_reward"]
-                        .as_f64()
-                        .map_or("-".into(), |r| format!("{r:+.2}")),
-                    v["learning_rate"]
-                        .as_f64()
-                        .map_or("-".into(), |lr| format!("{lr:.1e}")),
-                    truncate(&verdict(v), 28),
-                    state
-                );
-            }
-        }
+        CtlCommand::Status => status(&mut out, a),
+        CtlCommand::Versions => versions(&mut out, a),
         CtlCommand::Approve { .. } | CtlCommand::Veto { .. } => {
             let v = &a["version"];
             let _ = writeln!(
@@ -252,6 +158,106 @@ pub fn human(command: &CtlCommand, a: &Value) -> String {
         }
     }
     out
+}
+
+/// `ctl status`: the live version, the trainer, the candidates.
+fn status(out: &mut String, a: &Value) {
+    let t = &a["trainer"];
+    let _ = writeln!(out, "live version  v{}", a["live_version"]);
+    let _ = writeln!(out, "gate policy   {}", a["policy"].as_str().unwrap_or("?"));
+    let _ = writeln!(
+        out,
+        "trainer       {}{}: {}",
+        t["state"].as_str().unwrap_or("?"),
+        if t["paused"] == true { " (paused)" } else { "" },
+        t["detail"].as_str().unwrap_or("")
+    );
+    if let Some(u) = t["update"].as_object() {
+        let _ = writeln!(
+            out,
+            "update        {}/{} samples from v{}, mean loss {}",
+            u["done"],
+            u["samples"],
+            u["parent"],
+            num(&u["mean_loss"], 4)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "samples       {} waiting",
+        t["samples_waiting"].as_u64().unwrap_or(0)
+    );
+    let _ = writeln!(
+        out,
+        "updates       {} since start",
+        t["updates"].as_u64().unwrap_or(0)
+    );
+    if let Some(e) = t["last_error"].as_str() {
+        let _ = writeln!(out, "last error    {e}");
+    }
+    let candidates = a["candidates"].as_array().cloned().unwrap_or_default();
+    if candidates.is_empty() {
+        let _ = writeln!(out, "candidates    none");
+    }
+    for c in candidates {
+        let _ = writeln!(out, "candidate     v{}: {}", c["id"], verdict(&c));
+    }
+}
+
+/// `ctl versions`: one row per version, v0 first, the live one starred.
+fn versions(out: &mut String, a: &Value) {
+    let live = a["live_version"].as_i64().unwrap_or(0);
+    // The columns of the rows below (widths as their format).
+    let _ = writeln!(
+        out,
+        "  id    parent created              samples      loss  KL base  reward      lr guard                        state"
+    );
+    let base_state = if live == 0 { "live" } else { "base" };
+    let _ = writeln!(
+        out,
+        "{} {:<5} {:<6} {:<20} {:>7} {:>9} {:>8} {:>7} {:>7} {:<28} {}",
+        if live == 0 { "*" } else { " " },
+        "v0",
+        "-",
+        "-",
+        "-",
+        "-",
+        "-",
+        "-",
+        "-",
+        "-",
+        base_state
+    );
+    for v in a["versions"].as_array().into_iter().flatten() {
+        let created = v["created_at"].as_str().unwrap_or("").replace('T', " ");
+        let mut state = v["state"].as_str().unwrap_or("?").to_string();
+        if v["error"].is_string() {
+            state.push_str(" (adapter unreadable)");
+        }
+        let _ = writeln!(
+            out,
+            "{} {:<5} {:<6} {:<20} {:>7} {:>9} {:>8} {:>7} {:>7} {:<28} {}",
+            if v["id"].as_i64() == Some(live) {
+                "*"
+            } else {
+                " "
+            },
+            format!("v{}", v["id"]),
+            format!("v{}", v["parent"]),
+            created.get(..19).unwrap_or(&created),
+            v["samples"].as_i64().unwrap_or(0),
+            num(&v["loss"], 4),
+            num(&v["kl_base"], 4),
+            v["mean_reward"]
+                .as_f64()
+                .map_or("-".into(), |r| format!("{r:+.2}")),
+            v["learning_rate"]
+                .as_f64()
+                .map_or("-".into(), |lr| format!("{lr:.1e}")),
+            truncate(&verdict(v), 28),
+            state
+        );
+    }
 }
 
 /// "pass" or "held: <reasons>".

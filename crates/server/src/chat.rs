@@ -413,135 +413,15 @@ fn sse(v: &Value) -> Chunk {
 }
 
 /// Streams the reply as server-sent events; generation stops when the client disconnects.
-fn stream_reply(state: Arc<Core>, mut call: Call) -> Response<Body> {
+fn stream_reply(state: Arc<Core>, call: Call) -> Response<Body> {
     let (out, body_rx) = mpsc::channel::<Chunk>(64);
     let mut headers = HeaderMap::new();
     call.turn_headers(&mut headers);
-    tokio::spawn(async move {
-        // Sends a frame; a closed channel means the client went away: stop generating.
-        let cancel = call.turn.cancel.clone();
-        let send = |frame: Chunk| {
-            let out = out.clone();
-            let cancel = cancel.clone();
-            async move {
-                if out.send(frame).await.is_err() {
-                    cancel.store(true, Relaxed);
-                    return false;
-                }
-                true
-            }
-        };
-        if !send(sse(&call.chunk(
-            json!({"role": "assistant", "content": ""}),
-            None,
-            Value::Null,
-        )))
-        .await
-        {
-            return;
-        }
-        let tools = call.turn.req.tools.is_some();
-        let (mut text, mut sent) = (String::new(), 0usize);
-        let (g, adapter_version) = loop {
-            match call.turn.next().await {
-                Step::Text(piece) => {
-                    text.push_str(&piece);
-                    // With tools on, tool-call markup is held back and sent as `tool_calls`.
-                    let upto = if tools {
-                        clawrl_core::tool_calls::streamable_len(&text)
-                    } else {
-                        text.len()
-                    };
-                    if upto > sent {
-                        let delta = text[sent..upto].to_string();
-                        sent = upto;
-                        if !send(sse(&call.chunk(
-                            json!({"content": delta}),
-                            None,
-                            Value::Null,
-                        )))
-                        .await
-                        {
-                            return;
-                        }
-                    }
-                }
-                Step::Done {
-                    generation,
-                    adapter_version,
-                } => break (generation, adapter_version),
-                Step::Failed(e) => {
-                    Counters::add(&state.counters.request_errors, 1);
-                    let _ = send(sse(&api_error(e).body())).await;
-                    return;
-                }
-            }
-        };
-        if g.finish == FinishReason::Cancelled {
-            return;
-        }
-        let reply: Reply = call.turn.reply(&g);
-        // Content not streamed yet: with tools on, text outside the held-back tool-call blocks.
-        let rest = if tools {
-            let content = reply.content.clone().unwrap_or_default();
-            content
-                .strip_prefix(text[..sent].trim())
-                .unwrap_or("")
-                .to_string()
-        } else {
-            text[sent..].to_string()
-        };
-        if !rest.is_empty()
-            && !send(sse(&call.chunk(
-                json!({"content": rest}),
-                None,
-                Value::Null,
-            )))
-            .await
-        {
-            return;
-        }
-        if !reply.tool_calls.is_empty() {
-            let calls: Vec<Value> = reply
-                .tool_calls
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    let mut c = c.clone();
-                    c["index"] = json!(i);
-                    c
-                })
-                .collect();
-            if !send(sse(&call.chunk(
-                json!({"tool_calls": calls}),
-                None,
-                Value::Null,
-            )))
-            .await
-            {
-                return;
-            }
-        }
-        // Commit before the client sees the end of the reply.
-        call.turn.commit(&g, adapter_version, &reply).await;
-        let logprobs = call.logprobs(&state, &g);
-        if !send(sse(&call.chunk(
-            json!({}),
-            Some(reply.finish.as_str()),
-            logprobs,
-        )))
-        .await
-        {
-            return;
-        }
-        if call.format.include_usage {
-            let usage = json!({"id": call.turn.id, "object": "chat.completion.chunk", "created": call.created, "model": call.model, "choices": [], "usage": call.usage(&g)});
-            if !send(sse(&usage)).await {
-                return;
-            }
-        }
-        let _ = send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n")))).await;
-    });
+    let client = Client {
+        out,
+        cancel: call.turn.cancel.clone(),
+    };
+    tokio::spawn(async move { stream_events(state, call, client).await });
     let stream = tokio_stream::wrappers::ReceiverStream::new(body_rx);
     let mut response = Response::builder()
         .status(StatusCode::OK)
@@ -551,4 +431,109 @@ fn stream_reply(state: Arc<Core>, mut call: Call) -> Response<Body> {
         .expect("static response parts");
     response.headers_mut().extend(headers);
     response
+}
+
+/// Where a stream's frames go.
+struct Client {
+    out: mpsc::Sender<Chunk>,
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Client {
+    /// Sends a frame; `None` when the client went away (generation is then stopped).
+    async fn send(&self, frame: Chunk) -> Option<()> {
+        if self.out.send(frame).await.is_err() {
+            self.cancel.store(true, Relaxed);
+            return None;
+        }
+        Some(())
+    }
+
+    async fn delta(&self, call: &Call, delta: Value) -> Option<()> {
+        self.send(sse(&call.chunk(delta, None, Value::Null))).await
+    }
+}
+
+/// A streamed reply's frames: the role, the text as it comes (tool-call markup held back),
+/// the rest, the tool calls, the finish (after the turn is committed), usage, `[DONE]`.
+async fn stream_events(state: Arc<Core>, mut call: Call, client: Client) -> Option<()> {
+    client
+        .delta(&call, json!({"role": "assistant", "content": ""}))
+        .await?;
+    let tools = call.turn.req.tools.is_some();
+    let (mut text, mut sent) = (String::new(), 0usize);
+    let (g, adapter_version) = loop {
+        match call.turn.next().await {
+            Step::Text(piece) => {
+                text.push_str(&piece);
+                // With tools on, tool-call markup is held back and sent as `tool_calls`.
+                let upto = if tools {
+                    clawrl_core::tool_calls::streamable_len(&text)
+                } else {
+                    text.len()
+                };
+                if upto > sent {
+                    let delta = text[sent..upto].to_string();
+                    sent = upto;
+                    client.delta(&call, json!({"content": delta})).await?;
+                }
+            }
+            Step::Done {
+                generation,
+                adapter_version,
+            } => break (generation, adapter_version),
+            Step::Failed(e) => {
+                Counters::add(&state.counters.request_errors, 1);
+                let _ = client.send(sse(&api_error(e).body())).await;
+                return None;
+            }
+        }
+    };
+    if g.finish == FinishReason::Cancelled {
+        return None;
+    }
+    let reply: Reply = call.turn.reply(&g);
+    // Content not streamed yet: with tools on, text outside the held-back tool-call blocks.
+    let rest = if tools {
+        let content = reply.content.clone().unwrap_or_default();
+        content
+            .strip_prefix(text[..sent].trim())
+            .unwrap_or("")
+            .to_string()
+    } else {
+        text[sent..].to_string()
+    };
+    if !rest.is_empty() {
+        client.delta(&call, json!({"content": rest})).await?;
+    }
+    if !reply.tool_calls.is_empty() {
+        let calls: Vec<Value> = reply
+            .tool_calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut c = c.clone();
+                c["index"] = json!(i);
+                c
+            })
+            .collect();
+        client.delta(&call, json!({"tool_calls": calls})).await?;
+    }
+    // Commit before the client sees the end of the reply.
+    call.turn.commit(&g, adapter_version, &reply).await;
+    let logprobs = call.logprobs(&state, &g);
+    client
+        .send(sse(&call.chunk(
+            json!({}),
+            Some(reply.finish.as_str()),
+            logprobs,
+        )))
+        .await?;
+    if call.format.include_usage {
+        let usage = json!({"id": call.turn.id, "object": "chat.completion.chunk", "created": call.created, "model": call.model, "choices": [], "usage": call.usage(&g)});
+        client.send(sse(&usage)).await?;
+    }
+    client
+        .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
+        .await
 }

@@ -57,7 +57,16 @@ impl Counters {
         c.fetch_add(n, Relaxed);
     }
 
+    /// Every counter in Prometheus' text format.
     pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        self.serving_metrics(&mut out);
+        self.signal_metrics(&mut out);
+        out
+    }
+
+    /// Requests, tokens, the prefix cache, the queue and sessions.
+    fn serving_metrics(&self, out: &mut String) {
         let g = |c: &AtomicU64| c.load(Relaxed);
         let secs = g(&self.decode_micros) as f64 / 1e6;
         let tps = if secs > 0.0 {
@@ -65,21 +74,8 @@ impl Counters {
         } else {
             0.0
         };
-        let judge_secs = g(&self.judge_micros) as f64 / 1e6;
-        let votes = g(&self.judge_votes);
-        let votes_per_sec = if judge_secs > 0.0 {
-            votes as f64 / judge_secs
-        } else {
-            0.0
-        };
-        let invalid_ratio = if votes > 0 {
-            g(&self.judge_invalid_votes) as f64 / votes as f64
-        } else {
-            0.0
-        };
-        let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            push_metric(&mut out, name, kind, help, &value)
+            push_metric(out, name, kind, help, &value)
         };
         metric(
             "clawrl_requests_total",
@@ -147,6 +143,26 @@ impl Counters {
             "Open conversation sessions.",
             g(&self.active_sessions).to_string(),
         );
+    }
+
+    /// The judge's work and the ratings people gave.
+    fn signal_metrics(&self, out: &mut String) {
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        let judge_secs = g(&self.judge_micros) as f64 / 1e6;
+        let votes = g(&self.judge_votes);
+        let votes_per_sec = if judge_secs > 0.0 {
+            votes as f64 / judge_secs
+        } else {
+            0.0
+        };
+        let invalid_ratio = if votes > 0 {
+            g(&self.judge_invalid_votes) as f64 / votes as f64
+        } else {
+            0.0
+        };
+        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+            push_metric(out, name, kind, help, &value)
+        };
         metric(
             "clawrl_judge_queue_depth",
             "gauge",
@@ -195,7 +211,6 @@ impl Counters {
             "Human ratings recorded.",
             g(&self.feedback).to_string(),
         );
-        out
     }
 }
 
