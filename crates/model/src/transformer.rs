@@ -458,128 +458,20 @@ impl Transformer {
             }
             mode => mode,
         };
-        let tensor = |name: &str, expect: &[usize]| -> Result<Tensor<2>> {
-            let (v, shape) = file.f32(name)?;
-            ensure!(
-                shape == expect,
-                "tensor {name} has shape {shape:?}, the config implies {expect:?}"
-            );
-            Ok(Tensor::from_data(
-                TensorData::new(v, [shape[0], shape[1]]),
-                (device, dtype),
-            ))
+        let load = Loader {
+            file,
+            config: &config,
+            device,
+            dtype,
+            mode,
         };
-        let vector = |name: &str, len: usize| -> Result<Param<Tensor<1>>> {
-            let (v, shape) = file.f32(name)?;
-            ensure!(
-                shape == [len],
-                "tensor {name} has shape {shape:?}, the config implies [{len}]"
-            );
-            Ok(Param::from_tensor(Tensor::from_data(
-                TensorData::new(v, [len]),
-                (device, dtype),
-            )))
-        };
-        let norm = |name: &str, len: usize| -> Result<RmsNorm> {
-            Ok(RmsNorm {
-                weight: vector(name, len)?,
-                eps: config.rms_norm_eps,
-            })
-        };
-        let linear = |prefix: &str, d_in: usize, d_out: usize| -> Result<Linear> {
-            let wname = format!("{prefix}.weight");
-            let mut decode_blocks = None;
-            let weight = match (mode, file.quant_blocks(&wname)) {
-                (WeightMode::Blocks, Some(m)) => {
-                    ensure!(
-                        (m.rows, m.cols) == (d_out, d_in),
-                        "tensor {wname} has shape [{}, {}], expected [{d_out}, {d_in}]",
-                        m.rows,
-                        m.cols
-                    );
-                    LinearWeight::Blocks(BlockWeight {
-                        matrix: Arc::new(m),
-                    })
-                }
-                // HF layout is [out, in]; store [in, out] contiguously so the forward pass is a
-                // plain x·W (a lazily transposed view would be re-copied on every matmul).
-                (mode, blocks) => {
-                    if mode == WeightMode::Both {
-                        decode_blocks =
-                            blocks
-                                .filter(|m| kernels::has_kernel(m.ty))
-                                .map(|m| BlockWeight {
-                                    matrix: Arc::new(m),
-                                });
-                    }
-                    let (v, shape) = file.f32(&wname)?;
-                    ensure!(
-                        shape == [d_out, d_in],
-                        "tensor {wname} has shape {shape:?}, the config implies [{d_out}, {d_in}]"
-                    );
-                    let t = Tensor::from_data(
-                        TensorData::new(transpose(&v, d_out, d_in), [d_in, d_out]),
-                        (device, dtype),
-                    );
-                    LinearWeight::Dense(Param::from_tensor(t))
-                }
-            };
-            let bname = format!("{prefix}.bias");
-            let bias = if file.contains(&bname) {
-                Some(vector(&bname, d_out)?)
-            } else {
-                None
-            };
-            Ok(Linear {
-                weight,
-                decode_blocks,
-                bias,
-            })
-        };
-
-        let (h, hd) = (config.hidden_size, config.head_dim);
-        let mut layers = Vec::with_capacity(config.num_layers);
-        for i in 0..config.num_layers {
-            let p = format!("model.layers.{i}");
-            let qk_norm = config.family.qk_norm();
-            let attn = Attention {
-                q_proj: linear(&format!("{p}.self_attn.q_proj"), h, config.num_heads * hd)?,
-                k_proj: linear(
-                    &format!("{p}.self_attn.k_proj"),
-                    h,
-                    config.num_kv_heads * hd,
-                )?,
-                v_proj: linear(
-                    &format!("{p}.self_attn.v_proj"),
-                    h,
-                    config.num_kv_heads * hd,
-                )?,
-                o_proj: linear(&format!("{p}.self_attn.o_proj"), config.num_heads * hd, h)?,
-                q_norm: if qk_norm {
-                    Some(norm(&format!("{p}.self_attn.q_norm.weight"), hd)?)
-                } else {
-                    None
-                },
-                k_norm: if qk_norm {
-                    Some(norm(&format!("{p}.self_attn.k_norm.weight"), hd)?)
-                } else {
-                    None
-                },
-            };
-            let mlp = Mlp {
-                gate_proj: linear(&format!("{p}.mlp.gate_proj"), h, config.intermediate_size)?,
-                up_proj: linear(&format!("{p}.mlp.up_proj"), h, config.intermediate_size)?,
-                down_proj: linear(&format!("{p}.mlp.down_proj"), config.intermediate_size, h)?,
-            };
-            layers.push(Block {
-                input_norm: norm(&format!("{p}.input_layernorm.weight"), h)?,
-                attn,
-                post_attn_norm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                mlp,
-            });
-        }
+        let h = config.hidden_size;
+        let layers = (0..config.num_layers)
+            .map(|i| load.block(i))
+            .collect::<Result<Vec<_>>>()?;
         let embed = Param::from_tensor(
-            tensor("model.embed_tokens.weight", &[config.vocab_size, h]).context("embedding")?,
+            load.tensor("model.embed_tokens.weight", &[config.vocab_size, h])
+                .context("embedding")?,
         );
         // A tied head decodes on the embedding's own blocks: the largest matrix of a small
         // model (the lookup keeps the dense copy).
@@ -595,17 +487,144 @@ impl Transformer {
         let lm_head = if config.tie_embeddings {
             None
         } else {
-            Some(linear("lm_head", h, config.vocab_size)?)
+            Some(load.linear("lm_head", h, config.vocab_size)?)
         };
+        let norm = load.norm("model.norm.weight", h)?;
         Ok(Self {
             embed,
             layers,
-            norm: norm("model.norm.weight", h)?,
+            norm,
             lm_head,
             tied_head_blocks,
             rope: Rope::new(&config),
             kv_dtype: KvDtype::F32,
             config: Arc::new(config),
+        })
+    }
+}
+
+/// Reads a checkpoint's tensors into the model's parts, checking each shape against the
+/// configuration.
+struct Loader<'a> {
+    file: &'a WeightFile,
+    config: &'a ModelConfig,
+    device: &'a Device,
+    dtype: DType,
+    mode: WeightMode,
+}
+
+impl Loader<'_> {
+    fn tensor(&self, name: &str, expect: &[usize]) -> Result<Tensor<2>> {
+        let (v, shape) = self.file.f32(name)?;
+        ensure!(
+            shape == expect,
+            "tensor {name} has shape {shape:?}, the config implies {expect:?}"
+        );
+        Ok(Tensor::from_data(
+            TensorData::new(v, [shape[0], shape[1]]),
+            (self.device, self.dtype),
+        ))
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Param<Tensor<1>>> {
+        let (v, shape) = self.file.f32(name)?;
+        ensure!(
+            shape == [len],
+            "tensor {name} has shape {shape:?}, the config implies [{len}]"
+        );
+        Ok(Param::from_tensor(Tensor::from_data(
+            TensorData::new(v, [len]),
+            (self.device, self.dtype),
+        )))
+    }
+
+    fn norm(&self, name: &str, len: usize) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: self.vector(name, len)?,
+            eps: self.config.rms_norm_eps,
+        })
+    }
+
+    fn linear(&self, prefix: &str, d_in: usize, d_out: usize) -> Result<Linear> {
+        let wname = format!("{prefix}.weight");
+        let mut decode_blocks = None;
+        let weight = match (self.mode, self.file.quant_blocks(&wname)) {
+            (WeightMode::Blocks, Some(m)) => {
+                ensure!(
+                    (m.rows, m.cols) == (d_out, d_in),
+                    "tensor {wname} has shape [{}, {}], expected [{d_out}, {d_in}]",
+                    m.rows,
+                    m.cols
+                );
+                LinearWeight::Blocks(BlockWeight {
+                    matrix: Arc::new(m),
+                })
+            }
+            // HF layout is [out, in]; store [in, out] contiguously so the forward pass is a
+            // plain x·W (a lazily transposed view would be re-copied on every matmul).
+            (mode, blocks) => {
+                if mode == WeightMode::Both {
+                    decode_blocks =
+                        blocks
+                            .filter(|m| kernels::has_kernel(m.ty))
+                            .map(|m| BlockWeight {
+                                matrix: Arc::new(m),
+                            });
+                }
+                let (v, shape) = self.file.f32(&wname)?;
+                ensure!(
+                    shape == [d_out, d_in],
+                    "tensor {wname} has shape {shape:?}, the config implies [{d_out}, {d_in}]"
+                );
+                let t = Tensor::from_data(
+                    TensorData::new(transpose(&v, d_out, d_in), [d_in, d_out]),
+                    (self.device, self.dtype),
+                );
+                LinearWeight::Dense(Param::from_tensor(t))
+            }
+        };
+        let bname = format!("{prefix}.bias");
+        let bias = if self.file.contains(&bname) {
+            Some(self.vector(&bname, d_out)?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight,
+            decode_blocks,
+            bias,
+        })
+    }
+
+    /// Layer `i`: attention (with per-head QK norms where the family has them) and the MLP.
+    fn block(&self, i: usize) -> Result<Block> {
+        let c = self.config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let p = format!("model.layers.{i}");
+        let qk_norm = |which: &str| -> Result<Option<RmsNorm>> {
+            c.family
+                .qk_norm()
+                .then(|| self.norm(&format!("{p}.self_attn.{which}_norm.weight"), hd))
+                .transpose()
+        };
+        let attn = Attention {
+            q_proj: self.linear(&format!("{p}.self_attn.q_proj"), h, c.num_heads * hd)?,
+            k_proj: self.linear(&format!("{p}.self_attn.k_proj"), h, c.num_kv_heads * hd)?,
+            v_proj: self.linear(&format!("{p}.self_attn.v_proj"), h, c.num_kv_heads * hd)?,
+            o_proj: self.linear(&format!("{p}.self_attn.o_proj"), c.num_heads * hd, h)?,
+            q_norm: qk_norm("q")?,
+            k_norm: qk_norm("k")?,
+        };
+        let mlp = Mlp {
+            gate_proj: self.linear(&format!("{p}.mlp.gate_proj"), h, c.intermediate_size)?,
+            up_proj: self.linear(&format!("{p}.mlp.up_proj"), h, c.intermediate_size)?,
+            down_proj: self.linear(&format!("{p}.mlp.down_proj"), c.intermediate_size, h)?,
+        };
+        Ok(Block {
+            input_norm: self.norm(&format!("{p}.input_layernorm.weight"), h)?,
+            attn,
+            post_attn_norm: self.norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
+            mlp,
         })
     }
 }

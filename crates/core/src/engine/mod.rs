@@ -700,27 +700,7 @@ impl Worker {
                     Err(TryRecvError::Disconnected) => open = false,
                 }
             }
-            while user.len() + prefilling.len() < self.max_active
-                && let Some(q) = waiting_user.pop_front()
-            {
-                self.shared.counters.queue_depth.fetch_sub(1, Relaxed);
-                if let Some(p) = self.prepare(q) {
-                    let cached = self.prefix.lookup(p.version, p.cache_key());
-                    let computed = cached.as_ref().map_or(0, KvCache::len);
-                    if p.cache_key().len() > computed + USER_CHUNK + 1 {
-                        let mut cache =
-                            cached.unwrap_or_else(|| self.model.transformer.new_cache());
-                        cache.reserve(p.cache_key().len());
-                        prefilling.push_back(Warming {
-                            prepared: p,
-                            cache,
-                            scored: Scoring::default(),
-                        });
-                    } else {
-                        self.start(p, cached, &mut user);
-                    }
-                }
-            }
+            self.admit_users(&mut waiting_user, &mut user, &mut prefilling);
             let own_background = warming.is_some() || !waiting_bg.is_empty() || !bg.is_empty();
             if self.background {
                 // A judge on its own model: its work waits on the serving engine's pauses.
@@ -780,6 +760,37 @@ impl Worker {
                 .store(user.len() as u64, Relaxed);
         }
         tracing::info!("engine stopped");
+    }
+
+    /// Admits waiting user requests up to `max_active`: a prompt with more than a chunk left
+    /// to compute (after the prefix cache) is computed a chunk per round, the others start.
+    fn admit_users(
+        &mut self,
+        waiting: &mut VecDeque<Queued>,
+        user: &mut Vec<Active>,
+        prefilling: &mut VecDeque<Warming>,
+    ) {
+        while user.len() + prefilling.len() < self.max_active
+            && let Some(q) = waiting.pop_front()
+        {
+            self.shared.counters.queue_depth.fetch_sub(1, Relaxed);
+            let Some(p) = self.prepare(q) else {
+                continue;
+            };
+            let cached = self.prefix.lookup(p.version, p.cache_key());
+            let computed = cached.as_ref().map_or(0, KvCache::len);
+            if p.cache_key().len() > computed + USER_CHUNK + 1 {
+                let mut cache = cached.unwrap_or_else(|| self.model.transformer.new_cache());
+                cache.reserve(p.cache_key().len());
+                prefilling.push_back(Warming {
+                    prepared: p,
+                    cache,
+                    scored: Scoring::default(),
+                });
+            } else {
+                self.start(p, cached, user);
+            }
+        }
     }
 
     /// Applies a command about adapter versions.
