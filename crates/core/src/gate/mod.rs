@@ -270,11 +270,7 @@ impl Gate {
             VersionState::Live => {
                 return Err(GateError::Conflict(format!("v{id} is already live.")));
             }
-            VersionState::Vetoed => {
-                return Err(GateError::Conflict(format!(
-                    "v{id} was vetoed; a vetoed version is never served."
-                )));
-            }
+            VersionState::Vetoed => return Err(vetoed(id)),
             VersionState::Retired => {
                 return Err(GateError::Conflict(format!(
                     "v{id} was live before; use rollback to serve it again."
@@ -326,11 +322,7 @@ impl Gate {
         if to != 0 {
             let row = self.row(to)?;
             match row.state {
-                VersionState::Vetoed => {
-                    return Err(GateError::Conflict(format!(
-                        "v{to} was vetoed; a vetoed version is never served."
-                    )));
-                }
+                VersionState::Vetoed => return Err(vetoed(to)),
                 VersionState::Candidate => {
                     return Err(GateError::Conflict(format!(
                         "v{to} never went live; approve it instead."
@@ -418,4 +410,11 @@ impl Gate {
             let _ = self.engine.command(AdapterCommand::Remove { version: id });
         }
     }
+}
+
+/// Why a vetoed version cannot be served, whoever asks.
+fn vetoed(id: i64) -> GateError {
+    GateError::Conflict(format!(
+        "v{id} was vetoed; a vetoed version is never served."
+    ))
 }

@@ -263,13 +263,7 @@ mod tests {
             "without a judge nothing is awaited"
         );
 
-        let mut rows = Vec::new();
-        store
-            .export(0, |r| {
-                let _: () = rows.push(r);
-                Ok(())
-            })
-            .unwrap();
+        let rows = exported(&store);
         assert!(
             rows[2]["reward"].is_null(),
             "a failed judgment is no reward: {}",
@@ -317,13 +311,7 @@ mod tests {
             store.dropped_reason(ids[3]).unwrap().as_deref(),
             Some("stale")
         );
-        let mut rows = Vec::new();
-        store
-            .export(0, |r| {
-                let _: () = rows.push(r);
-                Ok(())
-            })
-            .unwrap();
+        let rows = exported(&store);
         assert_eq!(rows[0]["trained_in"], json!([1]));
         assert_eq!(rows[3]["training_dropped"], "stale");
     }
@@ -357,5 +345,17 @@ mod tests {
         assert_eq!(r.len(), 1, "ready once judged");
         assert_eq!(r[0].next_state.as_ref(), Some(&next));
         assert_eq!(r[0].reward, Some(-1));
+    }
+
+    /// Every turn as `export` writes it.
+    fn exported(store: &Store) -> Vec<serde_json::Value> {
+        let mut rows = Vec::new();
+        store
+            .export(0, |r| {
+                rows.push(r);
+                Ok(())
+            })
+            .unwrap();
+        rows
     }
 }

@@ -60,157 +60,162 @@ impl Counters {
     /// Every counter in Prometheus' text format.
     pub fn prometheus(&self) -> String {
         let mut out = String::new();
-        self.serving_metrics(&mut out);
-        self.signal_metrics(&mut out);
+        for (name, kind, help, value) in self
+            .serving_metrics()
+            .into_iter()
+            .chain(self.signal_metrics())
+        {
+            push_metric(&mut out, name, kind, help, &value);
+        }
         out
     }
 
     /// Requests, tokens, the prefix cache, the queue and sessions.
-    fn serving_metrics(&self, out: &mut String) {
+    fn serving_metrics(&self) -> Vec<Metric> {
         let g = |c: &AtomicU64| c.load(Relaxed);
-        let secs = g(&self.decode_micros) as f64 / 1e6;
-        let tps = if secs > 0.0 {
-            g(&self.tokens_out) as f64 / secs
-        } else {
-            0.0
-        };
-        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            push_metric(out, name, kind, help, &value)
-        };
-        metric(
-            "clawrl_requests_total",
-            "counter",
-            "Chat completion requests received.",
-            g(&self.requests).to_string(),
-        );
-        metric(
-            "clawrl_request_errors_total",
-            "counter",
-            "Requests answered with an error.",
-            g(&self.request_errors).to_string(),
-        );
-        metric(
-            "clawrl_capture_errors_total",
-            "counter",
-            "Turns served but not captured because the store could not be written.",
-            g(&self.capture_errors).to_string(),
-        );
-        metric(
-            "clawrl_prompt_tokens_total",
-            "counter",
-            "Prompt tokens processed.",
-            g(&self.tokens_in).to_string(),
-        );
-        metric(
-            "clawrl_cached_prompt_tokens_total",
-            "counter",
-            "Prompt tokens served from the prefix cache.",
-            g(&self.cached_tokens).to_string(),
-        );
-        metric(
-            "clawrl_prefix_cache_bytes",
-            "gauge",
-            "Bytes of KV cache kept for prompt prefixes (server.prefix_cache_mb bounds it).",
-            g(&self.prefix_cache_bytes).to_string(),
-        );
-        metric(
-            "clawrl_completion_tokens_total",
-            "counter",
-            "Tokens generated.",
-            g(&self.tokens_out).to_string(),
-        );
-        metric(
-            "clawrl_decode_tokens_per_second",
-            "gauge",
-            "Generated tokens per second of decoding time (since start).",
-            format!("{tps:.3}"),
-        );
-        metric(
-            "clawrl_queue_depth",
-            "gauge",
-            "Requests waiting for the engine.",
-            g(&self.queue_depth).to_string(),
-        );
-        metric(
-            "clawrl_active_sequences",
-            "gauge",
-            "Requests being generated.",
-            g(&self.active_sequences).to_string(),
-        );
-        metric(
-            "clawrl_active_sessions",
-            "gauge",
-            "Open conversation sessions.",
-            g(&self.active_sessions).to_string(),
-        );
+        let tps = per_second(g(&self.tokens_out), g(&self.decode_micros));
+        vec![
+            (
+                "clawrl_requests_total",
+                "counter",
+                "Chat completion requests received.",
+                g(&self.requests).to_string(),
+            ),
+            (
+                "clawrl_request_errors_total",
+                "counter",
+                "Requests answered with an error.",
+                g(&self.request_errors).to_string(),
+            ),
+            (
+                "clawrl_capture_errors_total",
+                "counter",
+                "Turns served but not captured because the store could not be written.",
+                g(&self.capture_errors).to_string(),
+            ),
+            (
+                "clawrl_prompt_tokens_total",
+                "counter",
+                "Prompt tokens processed.",
+                g(&self.tokens_in).to_string(),
+            ),
+            (
+                "clawrl_cached_prompt_tokens_total",
+                "counter",
+                "Prompt tokens served from the prefix cache.",
+                g(&self.cached_tokens).to_string(),
+            ),
+            (
+                "clawrl_prefix_cache_bytes",
+                "gauge",
+                "Bytes of KV cache kept for prompt prefixes (server.prefix_cache_mb bounds it).",
+                g(&self.prefix_cache_bytes).to_string(),
+            ),
+            (
+                "clawrl_completion_tokens_total",
+                "counter",
+                "Tokens generated.",
+                g(&self.tokens_out).to_string(),
+            ),
+            (
+                "clawrl_decode_tokens_per_second",
+                "gauge",
+                "Generated tokens per second of decoding time (since start).",
+                format!("{tps:.3}"),
+            ),
+            (
+                "clawrl_queue_depth",
+                "gauge",
+                "Requests waiting for the engine.",
+                g(&self.queue_depth).to_string(),
+            ),
+            (
+                "clawrl_active_sequences",
+                "gauge",
+                "Requests being generated.",
+                g(&self.active_sequences).to_string(),
+            ),
+            (
+                "clawrl_active_sessions",
+                "gauge",
+                "Open conversation sessions.",
+                g(&self.active_sessions).to_string(),
+            ),
+        ]
     }
 
     /// The judge's work and the ratings people gave.
-    fn signal_metrics(&self, out: &mut String) {
+    fn signal_metrics(&self) -> Vec<Metric> {
         let g = |c: &AtomicU64| c.load(Relaxed);
-        let judge_secs = g(&self.judge_micros) as f64 / 1e6;
         let votes = g(&self.judge_votes);
-        let votes_per_sec = if judge_secs > 0.0 {
-            votes as f64 / judge_secs
-        } else {
-            0.0
-        };
+        let votes_per_sec = per_second(votes, g(&self.judge_micros));
         let invalid_ratio = if votes > 0 {
             g(&self.judge_invalid_votes) as f64 / votes as f64
         } else {
             0.0
         };
-        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            push_metric(out, name, kind, help, &value)
-        };
-        metric(
-            "clawrl_judge_queue_depth",
-            "gauge",
-            "Turns with a next state waiting for the judge.",
-            g(&self.judge_queue_depth).to_string(),
-        );
-        metric(
-            "clawrl_judge_turns_total",
-            "counter",
-            "Turns judged.",
-            g(&self.judge_turns).to_string(),
-        );
-        metric(
-            "clawrl_judge_votes_total",
-            "counter",
-            "Score votes cast by the judge.",
-            votes.to_string(),
-        );
-        metric(
-            "clawrl_judge_invalid_votes_total",
-            "counter",
-            "Score votes without a valid boxed score.",
-            g(&self.judge_invalid_votes).to_string(),
-        );
-        metric(
-            "clawrl_judge_invalid_vote_ratio",
-            "gauge",
-            "Invalid share of the score votes (since start).",
-            format!("{invalid_ratio:.4}"),
-        );
-        metric(
-            "clawrl_judge_votes_per_second",
-            "gauge",
-            "Score votes per second of judging time (since start).",
-            format!("{votes_per_sec:.3}"),
-        );
-        metric(
-            "clawrl_judge_errors_total",
-            "counter",
-            "Times the judge backend failed and the turn was retried later.",
-            g(&self.judge_errors).to_string(),
-        );
-        metric(
-            "clawrl_feedback_total",
-            "counter",
-            "Human ratings recorded.",
-            g(&self.feedback).to_string(),
-        );
+        vec![
+            (
+                "clawrl_judge_queue_depth",
+                "gauge",
+                "Turns with a next state waiting for the judge.",
+                g(&self.judge_queue_depth).to_string(),
+            ),
+            (
+                "clawrl_judge_turns_total",
+                "counter",
+                "Turns judged.",
+                g(&self.judge_turns).to_string(),
+            ),
+            (
+                "clawrl_judge_votes_total",
+                "counter",
+                "Score votes cast by the judge.",
+                votes.to_string(),
+            ),
+            (
+                "clawrl_judge_invalid_votes_total",
+                "counter",
+                "Score votes without a valid boxed score.",
+                g(&self.judge_invalid_votes).to_string(),
+            ),
+            (
+                "clawrl_judge_invalid_vote_ratio",
+                "gauge",
+                "Invalid share of the score votes (since start).",
+                format!("{invalid_ratio:.4}"),
+            ),
+            (
+                "clawrl_judge_votes_per_second",
+                "gauge",
+                "Score votes per second of judging time (since start).",
+                format!("{votes_per_sec:.3}"),
+            ),
+            (
+                "clawrl_judge_errors_total",
+                "counter",
+                "Times the judge backend failed and the turn was retried later.",
+                g(&self.judge_errors).to_string(),
+            ),
+            (
+                "clawrl_feedback_total",
+                "counter",
+                "Human ratings recorded.",
+                g(&self.feedback).to_string(),
+            ),
+        ]
+    }
+}
+
+/// A metric's name, type, help and value.
+type Metric = (&'static str, &'static str, &'static str, String);
+
+/// Events per second of `micros` of work (0 before any).
+fn per_second(n: u64, micros: u64) -> f64 {
+    if micros > 0 {
+        n as f64 / (micros as f64 / 1e6)
+    } else {
+        0.0
     }
 }
 
