@@ -241,11 +241,18 @@ async fn judge_verdicts_queue_depth_feedback_and_no_signal_are_published() {
 
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    // The verdict, the idle close, and the judge's queue back to empty: the last depth is
+    // published after the verdict, and under load after the close too.
     let done = |seen: &[Event]| {
+        let last_depth = seen.iter().rev().find_map(|e| match e {
+            Event::JudgeQueue { pending } => Some(*pending),
+            _ => None,
+        });
         seen.iter().any(|e| matches!(e, Event::TurnJudged { .. }))
             && seen
                 .iter()
                 .any(|e| matches!(e, Event::SessionClosed { .. }))
+            && last_depth == Some(0)
     };
     while !done(&seen) {
         match tokio::time::timeout_at(deadline, events.recv()).await {
