@@ -6,9 +6,10 @@
 //! instead of growing.
 //!
 //! Adapter versions: the engine holds the LoRA adapter of every version it may serve or score
-//! (`AdapterCommand::Install`) and which one is live (`AdapterCommand::SetLive`). Commands are applied
-//! between decode rounds; a request takes the live version when it is admitted and keeps it to
-//! its last token, and the prefix cache is keyed by (version, token ids).
+//! (`AdapterCommand::Install`) and which one is live (`AdapterCommand::SetLive`). Commands are
+//! applied between decode rounds; a request takes the live version when it is admitted and
+//! keeps it to its last token, and the prefix cache is keyed by (version, token ids). The
+//! scheduling itself is `worker.rs`; the background's share of it `share.rs`.
 
 mod configure;
 pub mod prefix_cache;
