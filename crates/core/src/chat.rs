@@ -372,7 +372,7 @@ fn capture_failed(core: &Core, e: &anyhow::Error) {
 fn last_message_text(messages: &[Value]) -> String {
     let text = messages
         .last()
-        .map(|m| crate::capture::sessions::content_text(m.get("content")))
+        .map(|m| crate::messages::content_text(m.get("content")))
         .unwrap_or_default();
     match text.char_indices().nth(2000) {
         Some((cut, _)) => format!("{}…", &text[..cut]),

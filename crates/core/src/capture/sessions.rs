@@ -7,7 +7,7 @@
 //! next state.
 
 use crate::events::NextRole;
-pub use crate::messages::content_text;
+use crate::messages::content_text;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -8,10 +8,11 @@ pub mod prompts;
 pub mod teacher;
 pub mod verdict;
 
-use crate::capture::sessions::{content_text, strip_internal};
+use crate::capture::sessions::strip_internal;
 use crate::config::{Config, JudgeBackend, JudgeMode};
 use crate::engine::Engine;
 use crate::events::{Event, EventBus, emit};
+use crate::messages::content_text;
 use crate::store::{Judgment, PendingTurn, Store, Vote, now_ms};
 use crate::telemetry::Counters;
 use anyhow::Result;
