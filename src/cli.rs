@@ -5,8 +5,8 @@ use clap::{Args, Parser, Subcommand};
 use clawrl_core::catalog::{self, CATALOG};
 use clawrl_core::config::Config;
 use clawrl_model::device::{self, DeviceChoice};
+use clawrl_model::messages::Message;
 use clawrl_model::{GenerateRequest, SamplingParams, WeightMode};
-use serde_json::json;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
@@ -420,9 +420,9 @@ fn generate(cfg: &Config, args: &GenerateArgs) -> Result<()> {
     let model = clawrl_core::load_model(cfg)?;
     let mut messages = Vec::new();
     if let Some(s) = &args.system {
-        messages.push(json!({"role": "system", "content": s}));
+        messages.push(Message::system(s.clone()));
     }
-    messages.push(json!({"role": "user", "content": args.prompt}));
+    messages.push(Message::user(args.prompt.clone()));
     let req = GenerateRequest {
         prompt_ids: model.chat_prompt(&messages, None)?,
         max_tokens: args.max_tokens.unwrap_or(cfg.generation.max_tokens),
@@ -451,7 +451,7 @@ fn interactive(cfg: &Config) -> Result<()> {
     let model = clawrl_core::load_model(cfg)?;
     println!("{}", model.summary());
     println!("Type a message and press Enter (Ctrl-D to quit, /reset to start over).");
-    let mut messages: Vec<serde_json::Value> = Vec::new();
+    let mut messages: Vec<Message> = Vec::new();
     let stdin = std::io::stdin();
     loop {
         print!("> ");
@@ -469,7 +469,7 @@ fn interactive(cfg: &Config) -> Result<()> {
             messages.clear();
             continue;
         }
-        messages.push(json!({"role": "user", "content": line}));
+        messages.push(Message::user(line));
         let req = GenerateRequest {
             prompt_ids: model.chat_prompt(&messages, None)?,
             max_tokens: cfg.generation.max_tokens,
@@ -486,7 +486,7 @@ fn interactive(cfg: &Config) -> Result<()> {
             Ok(g) => {
                 writeln!(out)?;
                 eprintln!("[{}]", g.speed_line());
-                messages.push(json!({"role": "assistant", "content": g.text}));
+                messages.push(Message::assistant(g.text));
             }
             Err(e) => {
                 messages.pop();

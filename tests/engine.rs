@@ -10,8 +10,8 @@ use clawrl_core::engine::{
 };
 use clawrl_core::telemetry::Counters;
 use clawrl_model::SamplingParams;
+use clawrl_model::message;
 use clawrl_model::{LoraAdapter, LoraConfig, Target};
-use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -44,7 +44,7 @@ fn submit(
     priority: Priority,
 ) -> UnboundedReceiver<EngineEvent> {
     let prompt = Prompt::Chat {
-        messages: vec![json!({"role": "user", "content": text})],
+        messages: vec![message!({"role": "user", "content": text})],
         tools: None,
         reply_prefix: if matches!(task, Task::Choose { .. }) {
             "\\boxed{".into()
@@ -334,7 +334,10 @@ fn scoring_compares_versions_token_by_token() {
     let engine = engine();
     let model = engine.model().expect("loaded");
     let prompt = model
-        .chat_prompt(&[json!({"role": "user", "content": "What is 2+2?"})], None)
+        .chat_prompt(
+            &[message!({"role": "user", "content": "What is 2+2?"})],
+            None,
+        )
         .unwrap();
     let continuation = model
         .tokenizer

@@ -9,8 +9,8 @@
 mod common;
 use burn::tensor::DType;
 use clawrl_model::generate::Decoding;
+use clawrl_model::message;
 use clawrl_model::{FinishReason, GenerateRequest, LoadedModel, SamplingParams, WeightMode};
-use serde_json::json;
 
 const LOGIT_TOL: f32 = 1e-3;
 /// With keys and values stored in f16 (11 significant bits) the logits move by ~5e-3 over
@@ -52,7 +52,7 @@ fn check_model(model: &LoadedModel, fixture: &str, tol: f32) {
         // Chat template + tokenizer: exact text and ids.
         let text = model
             .template
-            .render(&[json!({"role": "user", "content": prompt})], None, true)
+            .render(&[message!({"role": "user", "content": prompt})], None, true)
             .unwrap();
         assert_eq!(
             text,
@@ -60,7 +60,7 @@ fn check_model(model: &LoadedModel, fixture: &str, tol: f32) {
             "chat template of {prompt:?}"
         );
         let ids = model
-            .chat_prompt(&[json!({"role": "user", "content": prompt})], None)
+            .chat_prompt(&[message!({"role": "user", "content": prompt})], None)
             .unwrap();
         let want_ids: Vec<u32> = case["input_ids"]
             .as_array()
@@ -161,7 +161,7 @@ fn sampled_logprobs_equal_teacher_forced_scores() {
     let model = common::smollm2();
     let ids = model
         .chat_prompt(
-            &[json!({"role": "user", "content": "Tell me a fact about owls."})],
+            &[message!({"role": "user", "content": "Tell me a fact about owls."})],
             None,
         )
         .unwrap();
@@ -194,7 +194,10 @@ fn sampled_logprobs_equal_teacher_forced_scores() {
 fn seeded_sampling_is_reproducible_and_seeds_differ() {
     let model = common::smollm2();
     let ids = model
-        .chat_prompt(&[json!({"role": "user", "content": "Write a word."})], None)
+        .chat_prompt(
+            &[message!({"role": "user", "content": "Write a word."})],
+            None,
+        )
         .unwrap();
     let run = |seed| {
         let req = GenerateRequest {
@@ -222,7 +225,10 @@ fn seeded_sampling_is_reproducible_and_seeds_differ() {
 fn stop_strings_cut_the_text_and_streaming_never_shows_them() {
     let model = common::smollm2();
     let ids = model
-        .chat_prompt(&[json!({"role": "user", "content": "What is 2+2?"})], None)
+        .chat_prompt(
+            &[message!({"role": "user", "content": "What is 2+2?"})],
+            None,
+        )
         .unwrap();
     let full = model
         .generate(
@@ -302,7 +308,10 @@ fn the_quantized_blocks_alone_match_the_reference() {
 fn f16_weights_keep_the_greedy_answer() {
     let model = common::load(common::SMOLLM2, DType::F16, WeightMode::Dense);
     let ids = model
-        .chat_prompt(&[json!({"role": "user", "content": "What is 2+2?"})], None)
+        .chat_prompt(
+            &[message!({"role": "user", "content": "What is 2+2?"})],
+            None,
+        )
         .unwrap();
     let g = model
         .generate(
@@ -323,7 +332,7 @@ fn f16_weights_keep_the_greedy_answer() {
 fn option_scores_after_one_shared_prefill_equal_teacher_forced_scores() {
     // What the judge's direct mode reads: prompt + option tokenized as a whole.
     let m = common::smollm2();
-    let chat = [json!({"role": "user", "content": "Was the reply good? Answer in a box."})];
+    let chat = [message!({"role": "user", "content": "Was the reply good? Answer in a box."})];
     let seqs: Vec<Vec<u32>> = ["1}", "0}", "-1}"]
         .iter()
         .map(|o| {
@@ -356,8 +365,8 @@ fn the_teacher_scores_the_students_exact_tokens_after_the_hinted_prompt() {
     use clawrl_core::judge::teacher::{HINT_HEADER, teacher_context};
     let m = common::smollm2();
     let messages = [
-        json!({"role": "system", "content": "Be brief."}),
-        json!({"role": "user", "content": "How far is 5 miles?"}),
+        message!({"role": "system", "content": "Be brief."}),
+        message!({"role": "user", "content": "How far is 5 miles?"}),
     ];
     // Token ids a re-tokenization of their text would not give back (" About" split in two).
     let mut response = m.tokenizer.encode(" Ab").unwrap();
@@ -407,7 +416,7 @@ fn streams_decoded_together_equal_streams_decoded_alone() {
     ];
     let request = |p: &str| GenerateRequest {
         prompt_ids: model
-            .chat_prompt(&[json!({"role": "user", "content": p})], None)
+            .chat_prompt(&[message!({"role": "user", "content": p})], None)
             .unwrap(),
         max_tokens: 12,
         sampling: SamplingParams::greedy(),
@@ -458,7 +467,7 @@ fn serving_copies_of_an_adapter_decode_like_the_adapter_itself() {
     let request = GenerateRequest {
         prompt_ids: model
             .chat_prompt(
-                &[json!({"role": "user", "content": "Name a planet."})],
+                &[message!({"role": "user", "content": "Name a planet."})],
                 None,
             )
             .unwrap(),

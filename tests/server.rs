@@ -86,6 +86,22 @@ fn errors_have_openai_shape_and_the_right_status() {
         (400, Some("messages[0].role")),
         "{e}"
     );
+    let (st, e) = chat(
+        &json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).to_string(),
+        true,
+    );
+    assert_eq!(
+        (st, e["error"]["param"].as_str()),
+        (400, Some("messages[0].content")),
+        "{e}"
+    );
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("only text parts"),
+        "{e}"
+    );
 
     let (st, e) = chat(
         &json!({"messages": [user("hi")], "max_tokens": "many"}).to_string(),

@@ -90,6 +90,10 @@ pub fn chat_template(data: &[u8]) -> Reached {
         Some(other) => vec![other.clone()],
         None => return Reached::Parsed,
     };
+    // Messages the server would refuse never reach a template.
+    let Ok(messages) = clawrl_model::messages::parse_messages(&messages) else {
+        return Reached::Parsed;
+    };
     let mut reached = Reached::Parsed;
     for format in chat_formats() {
         let tools = body.get("tools");

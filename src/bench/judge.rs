@@ -8,7 +8,7 @@ use clawrl_core::engine::{Engine, Status};
 use clawrl_core::judge::Voter;
 use clawrl_core::store::PendingTurn;
 use clawrl_core::telemetry::Counters;
-use serde_json::json;
+use clawrl_model::messages::{Message, Role, ToolCall};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,19 +32,24 @@ fn cases() -> Vec<Case> {
 }
 
 fn turn(i: usize, c: &Case) -> PendingTurn {
-    let next_state = json!([if c.role == "tool" {
-        json!({"role": "tool", "tool_call_id": "call_1", "content": c.next})
+    let next_state = vec![if c.role == "tool" {
+        Message {
+            tool_call_id: Some("call_1".into()),
+            ..Message::new(Role::Tool, c.next.clone())
+        }
     } else {
-        json!({"role": "user", "content": c.next})
-    }]);
+        Message::user(c.next.clone())
+    }];
     PendingTurn {
         turn_id: i as i64 + 1,
         session_id: format!("bench-{i}"),
-        request_messages: json!([{"role": "user", "content": c.request}]),
+        request_messages: vec![Message::user(c.request.clone())],
         response_text: c.reply.clone(),
-        tool_calls: c.tool_call.as_ref().map(|(name, args)| {
-            json!([{"id": "call_1", "type": "function", "function": {"name": name, "arguments": args}}])
-        }),
+        tool_calls: c
+            .tool_call
+            .iter()
+            .map(|(name, args)| ToolCall::function("call_1".into(), name.clone(), args.clone()))
+            .collect(),
         next_state,
         next_state_role: c.role.clone(),
     }

@@ -11,6 +11,7 @@ use clawrl_core::engine::{
     Engine, EngineEvent, Job, Priority, Prompt, Status, Task, VersionChoice,
 };
 use clawrl_core::telemetry::Counters;
+use clawrl_model::messages::Message;
 use clawrl_model::{Generation, KvDtype, SamplingParams, kernels::Isa};
 use serde_json::{Value, json};
 use std::path::Path;
@@ -53,9 +54,9 @@ pub fn run(cfg: &Config, python: &Path) -> Result<()> {
     let chat = |system: &str, user: &str| -> Result<Vec<u32>> {
         let mut m = Vec::new();
         if !system.is_empty() {
-            m.push(json!({"role": "system", "content": system}));
+            m.push(Message::system(system));
         }
-        m.push(json!({"role": "user", "content": user}));
+        m.push(Message::user(user));
         loaded.chat_prompt(&m, None)
     };
     let synthetic = |n, salt| super::synthetic_prompt(loaded.config.vocab_size, n, salt);

@@ -20,6 +20,7 @@ use clawrl_core::store::Store;
 use clawrl_core::train::loss::{LossConfig, Signals};
 use clawrl_core::train::optimizer::{AdapterOptimizer, OptimizerConfig};
 use clawrl_core::train::policy::micro_step;
+use clawrl_model::messages::Message;
 use clawrl_model::{GenerateRequest, LoadedModel, LoraAdapter, SamplingParams};
 use hyper::Method;
 use serde_json::{Value, json};
@@ -503,7 +504,7 @@ fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
 
 fn decode_speed(model: &LoadedModel, adapter: Option<Arc<LoraAdapter>>) -> Result<f64> {
     let prompt = model.chat_prompt(
-        &[json!({"role": "user", "content": "Tell me a long story about a dragon."})],
+        &[Message::user("Tell me a long story about a dragon.")],
         None,
     )?;
     let req = GenerateRequest {

@@ -12,6 +12,7 @@ use crate::events::{Event, EventBus, Finish, emit};
 use crate::store::{NewTurn, now_ms};
 use crate::telemetry::Counters;
 use crate::tool_calls;
+use clawrl_model::messages::{Content, Message, ToolCall};
 use clawrl_model::{FinishReason, Generation, SamplingParams};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 /// A validated chat request.
 #[derive(Debug, Clone)]
 pub struct ChatRequest {
-    pub messages: Vec<Value>,
+    pub messages: Vec<Message>,
     pub tools: Option<Value>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
@@ -130,18 +131,18 @@ pub enum Step {
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub content: Option<String>,
-    pub tool_calls: Vec<Value>,
+    pub tool_calls: Vec<ToolCall>,
     pub finish: Finish,
 }
 
 impl Reply {
     /// The assistant message as the client receives it.
-    pub fn message(&self) -> Value {
-        let mut m = json!({"role": "assistant", "content": self.content});
-        if !self.tool_calls.is_empty() {
-            m["tool_calls"] = Value::Array(self.tool_calls.clone());
+    pub fn message(&self) -> Message {
+        Message {
+            content: self.content.clone().map(Content::Text),
+            tool_calls: self.tool_calls.clone(),
+            ..Message::assistant("")
         }
-        m
     }
 }
 
@@ -332,14 +333,13 @@ impl InflightTurn {
             turn_index: self.slot.turn_index,
             turn_type: self.slot.turn_type,
             response_id: self.id.clone(),
-            request_messages: Value::Array(self.req.messages.clone()),
+            request_messages: self.req.messages.clone(),
             tools: self.req.tools.clone(),
             prompt_ids: self.prompt_ids.clone(),
             response_ids: g.ids.clone(),
             logprobs: g.logprobs.clone(),
             response_text: g.text.clone(),
-            tool_calls: (!reply.tool_calls.is_empty())
-                .then(|| Value::Array(reply.tool_calls.clone())),
+            tool_calls: reply.tool_calls.clone(),
             reply_message: reply.message(),
             finish_reason: reply.finish.as_str().into(),
             adapter_version,
@@ -369,11 +369,8 @@ fn capture_failed(core: &Core, e: &anyhow::Error) {
 }
 
 /// The text of the last message (what a reply answers), at most 2000 characters.
-fn last_message_text(messages: &[Value]) -> String {
-    let text = messages
-        .last()
-        .map(|m| crate::messages::content_text(m.get("content")))
-        .unwrap_or_default();
+fn last_message_text(messages: &[Message]) -> String {
+    let text = messages.last().map(Message::text).unwrap_or_default();
     match text.char_indices().nth(2000) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
         None => text,

@@ -9,7 +9,7 @@ use crate::events::{CloseReason, Event, Level, emit};
 use crate::gate::GateError;
 use crate::store::TurnRef;
 use clawrl_model::SamplingParams;
-use serde_json::Value;
+use clawrl_model::messages::Message;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -19,7 +19,7 @@ pub enum Command {
     /// Say something in a chat session: the conversation so far, ending with the new message.
     Chat {
         session_id: String,
-        messages: Vec<Value>,
+        messages: Vec<Message>,
     },
     /// Close a chat session (its last reply will get no next state).
     EndChat {
@@ -121,7 +121,7 @@ fn execute(core: &Core, command: Command) -> Result<String, String> {
 
 /// One chat turn from the chat box: served, captured, judged and trained on like any client's.
 /// Its progress is on the bus (`RequestStarted`, `RequestText`, then one final event).
-async fn say(core: Arc<Core>, session_id: String, messages: Vec<Value>) {
+async fn say(core: Arc<Core>, session_id: String, messages: Vec<Message>) {
     let g = &core.config.generation;
     let req = ChatRequest {
         messages,

@@ -14,7 +14,6 @@ pub mod gate;
 pub mod http_client;
 pub mod judge;
 pub mod logging;
-pub mod messages;
 pub mod store;
 pub mod telemetry;
 pub mod tool_calls;

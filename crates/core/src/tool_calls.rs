@@ -1,7 +1,8 @@
 //! Tool-call markup in model output (`<tool_call>{"name": .., "arguments": {..}}</tool_call>`,
 //! the Qwen/Hermes convention the chat templates teach) turned into OpenAI `tool_calls`.
 
-use serde_json::{Value, json};
+use clawrl_model::messages::ToolCall;
+use serde_json::Value;
 
 pub const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
@@ -11,7 +12,7 @@ pub struct Parsed {
     /// Text outside the tool-call blocks, trimmed; `None` when nothing is left.
     pub content: Option<String>,
     /// OpenAI-shaped `tool_calls` (`arguments` as a JSON string).
-    pub tool_calls: Vec<Value>,
+    pub tool_calls: Vec<ToolCall>,
 }
 
 /// Extracts well-formed tool calls; malformed blocks stay in the content untouched. Small
@@ -57,13 +58,14 @@ pub fn parse(text: &str, tool_names: &[&str], new_id: &mut dyn FnMut() -> String
 }
 
 /// `{"name", "arguments"}` → an OpenAI tool call (`arguments` as a JSON string).
-fn call(v: &Value, new_id: &mut dyn FnMut() -> String) -> Value {
+fn call(v: &Value, new_id: &mut dyn FnMut() -> String) -> ToolCall {
     let args = match v.get("arguments").or_else(|| v.get("parameters")) {
         Some(Value::String(s)) => s.clone(),
         Some(a) => a.to_string(),
         None => "{}".into(),
     };
-    json!({"id": new_id(), "type": "function", "function": {"name": v["name"], "arguments": args}})
+    let name = v["name"].as_str().unwrap_or_default().to_string();
+    ToolCall::function(new_id(), name, args)
 }
 
 /// How much of a growing `text` can be streamed as plain content when tools are on: everything
@@ -100,12 +102,9 @@ mod tests {
         let p = parse(t, &["get_weather", "now"], &mut ids());
         assert_eq!(p.content.as_deref(), Some("Let me check."));
         assert_eq!(p.tool_calls.len(), 2);
-        assert_eq!(p.tool_calls[0]["function"]["name"], "get_weather");
-        assert_eq!(
-            p.tool_calls[0]["function"]["arguments"],
-            "{\"city\":\"Paris\"}"
-        );
-        assert_eq!(p.tool_calls[1]["id"], "call_2");
+        assert_eq!(p.tool_calls[0].function.name, "get_weather");
+        assert_eq!(p.tool_calls[0].function.arguments, "{\"city\":\"Paris\"}");
+        assert_eq!(p.tool_calls[1].id.as_deref(), Some("call_2"));
     }
 
     #[test]

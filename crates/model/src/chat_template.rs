@@ -2,6 +2,7 @@
 //! Hugging Face `apply_chat_template` does (trim/lstrip blocks, `raise_exception`, Python
 //! string methods, tools passed through).
 
+use crate::messages::Message;
 use anyhow::{Context, Result, anyhow};
 use minijinja::{Environment, Error, ErrorKind, Value};
 use serde_json::Value as Json;
@@ -73,8 +74,19 @@ impl ChatTemplate {
         })
     }
 
-    /// Renders `messages` (OpenAI-shaped JSON objects) and optional `tools` (JSON schema list).
+    /// Renders `messages` and optional `tools` (JSON schema list).
     pub fn render(
+        &self,
+        messages: &[Message],
+        tools: Option<&Json>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let values: Vec<Json> = messages.iter().map(Message::template_value).collect();
+        self.render_values(&values, tools, add_generation_prompt)
+    }
+
+    /// Renders messages already turned into template values ([`Message::template_value`]).
+    pub(crate) fn render_values(
         &self,
         messages: &[Json],
         tools: Option<&Json>,
@@ -82,9 +94,8 @@ impl ChatTemplate {
     ) -> Result<String> {
         let tmpl = self.env.get_template("chat")?;
         let tools = tools.filter(|t| t.as_array().is_some_and(|a| !a.is_empty()));
-        let messages: Vec<Json> = messages.iter().map(normalize_message).collect();
         tmpl.render(minijinja::context! {
-            messages => Value::from_serialize(&messages),
+            messages => Value::from_serialize(messages),
             tools => tools.map(Value::from_serialize),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
@@ -92,29 +103,6 @@ impl ChatTemplate {
         })
         .map_err(|e| anyhow!("rendering the chat template: {e:#}"))
     }
-}
-
-/// Content the way templates expect it: `null` (an assistant turn holding only tool calls)
-/// becomes "", a list of text parts becomes their concatenation.
-fn normalize_message(m: &Json) -> Json {
-    let mut m = m.clone();
-    if let Some(obj) = m.as_object_mut() {
-        let text = match obj.get("content") {
-            None | Some(Json::Null) => Some(String::new()),
-            Some(Json::Array(parts)) => Some(
-                parts
-                    .iter()
-                    .filter_map(|p| p.get("text").and_then(Json::as_str).or_else(|| p.as_str()))
-                    .collect::<Vec<_>>()
-                    .join(""),
-            ),
-            _ => None,
-        };
-        if let Some(t) = text {
-            obj.insert("content".into(), Json::String(t));
-        }
-    }
-    m
 }
 
 /// `json.dumps` spacing (", " and ": "), which the chat templates' training data used.

@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
 pub mod lora;
+pub mod messages;
 pub mod peft;
 pub mod quant;
 pub mod rope;
@@ -32,6 +33,7 @@ pub use transformer::{Transformer, WeightMode};
 use anyhow::{Context, Result};
 use burn::tensor::{DType, Device};
 use chat_template::ChatTemplate;
+use messages::Message;
 use std::path::{Path, PathBuf};
 use tokenizer::Tokenizer;
 use weights::WeightFile;
@@ -93,7 +95,7 @@ impl LoadedModel {
     /// Renders a chat and tokenizes it, generation prompt on.
     pub fn chat_prompt(
         &self,
-        messages: &[serde_json::Value],
+        messages: &[Message],
         tools: Option<&serde_json::Value>,
     ) -> Result<Vec<u32>> {
         self.chat_prompt_continuing(messages, tools, "")
@@ -103,7 +105,7 @@ impl LoadedModel {
     /// direct mode ends its prompt in `\boxed{`).
     pub fn chat_prompt_continuing(
         &self,
-        messages: &[serde_json::Value],
+        messages: &[Message],
         tools: Option<&serde_json::Value>,
         reply_prefix: &str,
     ) -> Result<Vec<u32>> {
@@ -188,7 +190,7 @@ impl ChatFormat {
 pub fn render_prompt(
     tokenizer: &Tokenizer,
     template: &ChatTemplate,
-    messages: &[serde_json::Value],
+    messages: &[Message],
     tools: Option<&serde_json::Value>,
     reply_prefix: &str,
 ) -> Result<Vec<u32>> {
@@ -196,10 +198,10 @@ pub fn render_prompt(
     let mut quoted = tokenizer::QuotedSpecials::new();
     let messages: Vec<serde_json::Value> = messages
         .iter()
-        .map(|m| tokenizer.quote_specials(m, &mut quoted))
+        .map(|m| tokenizer.quote_specials(&m.template_value(), &mut quoted))
         .collect();
     let tools = tools.map(|t| tokenizer.quote_specials(t, &mut quoted));
-    let mut text = template.render(&messages, tools.as_ref(), true)?;
+    let mut text = template.render_values(&messages, tools.as_ref(), true)?;
     text.push_str(reply_prefix);
     tokenizer.encode_prompt(&text, &quoted)
 }

@@ -8,8 +8,8 @@ use super::theme;
 use clawrl_core::commands::{Command, CommandSender};
 use clawrl_core::events::{Event, Level};
 use clawrl_core::store::{TurnRef, VersionState};
+use clawrl_model::messages::Message;
 use ratatui::style::Style;
-use serde_json::{Value, json};
 use tui_textarea::TextArea;
 
 /// The panes that take the focus.
@@ -72,7 +72,7 @@ pub struct Confirm {
 pub struct ChatBox {
     pub input: TextArea<'static>,
     pub session_id: String,
-    pub messages: Vec<Value>,
+    pub messages: Vec<Message>,
     /// The request of the reply being written.
     pub request_id: Option<String>,
     pub awaiting: bool,
@@ -222,8 +222,7 @@ impl Screen {
                     .and_then(|s| s.turns.last())
                     .map(|t| t.reply.clone())
                     .unwrap_or_default();
-                chat.messages
-                    .push(json!({"role": "assistant", "content": reply}));
+                chat.messages.push(Message::assistant(reply));
                 chat.request_id = None;
                 chat.awaiting = false;
             }
@@ -255,7 +254,7 @@ impl Screen {
         chat.request_id = None;
         chat.awaiting = false;
         if let Some(m) = chat.messages.pop() {
-            let text = m["content"].as_str().unwrap_or_default().to_string();
+            let text = m.text();
             if chat.input.is_empty() {
                 chat.input = TextArea::from(text.split('\n').map(String::from));
                 self.chat.style();
@@ -377,9 +376,7 @@ impl Screen {
             return;
         }
         let text = text.to_string();
-        self.chat
-            .messages
-            .push(json!({"role": "user", "content": text}));
+        self.chat.messages.push(Message::user(text.clone()));
         self.chat.history.push(text);
         self.chat.history_pos = None;
         self.chat.awaiting = true;

@@ -9,6 +9,7 @@ use clawrl_core::commands::Command;
 use clawrl_core::events::{CloseReason, Event, Finish, LiveReason, NextRole, TurnType};
 use clawrl_core::store::{Judgment, NewTurn, Store, TurnRef, Vote};
 use clawrl_core::telemetry::hardware::Hardware;
+use clawrl_model::messages::Message;
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use ratatui::Terminal;
 use ratatui::backend::TestBackend;
@@ -266,7 +267,7 @@ fn the_chat_box_sends_the_whole_conversation_and_keeps_the_reply() {
         commands(&mut rx),
         [Command::Chat {
             session_id: "tui-test1".into(),
-            messages: vec![json!({"role": "user", "content": "hello q?"})],
+            messages: vec![Message::user("hello q?")],
         }],
         "typed letters (q, ?) are text in the chat box, not commands"
     );
@@ -287,9 +288,9 @@ fn the_chat_box_sends_the_whole_conversation_and_keeps_the_reply() {
     assert_eq!(
         messages,
         &vec![
-            json!({"role": "user", "content": "hello q?"}),
-            json!({"role": "assistant", "content": "Hi there!"}),
-            json!({"role": "user", "content": "again"}),
+            Message::user("hello q?"),
+            Message::assistant("Hi there!"),
+            Message::user("again"),
         ]
     );
     // A refused message goes back into the box and leaves the conversation.
@@ -563,14 +564,14 @@ fn a_restarted_screen_shows_the_stored_history() {
         turn_index: index,
         turn_type: TurnType::Main,
         response_id: format!("chatcmpl-{index}"),
-        request_messages: json!([{"role": "user", "content": asked}]),
+        request_messages: vec![Message::user(asked)],
         tools: None,
         prompt_ids: vec![1, 2],
         response_ids: vec![3],
         logprobs: vec![-0.5],
         response_text: reply.into(),
-        tool_calls: None,
-        reply_message: json!({"role": "assistant", "content": reply}),
+        tool_calls: Vec::new(),
+        reply_message: Message::assistant(reply),
         finish_reason: "stop".into(),
         adapter_version: 0,
         sampling: json!({}),
@@ -585,12 +586,7 @@ fn a_restarted_screen_shows_the_stored_history() {
         .insert_turn(&turn(2, "Thanks, now in French.", "Tout va bien."))
         .unwrap();
     store
-        .attach_next_state(
-            first,
-            &json!([{"role": "user", "content": "Thanks"}]),
-            "user",
-            NOW - 90_000,
-        )
+        .attach_next_state(first, &[Message::user("Thanks")], "user", NOW - 90_000)
         .unwrap();
     let vote = |i: usize, score: i8| Vote {
         kind: "score",

@@ -10,6 +10,7 @@ use clawrl_core::config::GenerationSection;
 use clawrl_core::engine::EngineError;
 use clawrl_core::store::now_ms;
 use clawrl_core::telemetry::Counters;
+use clawrl_model::messages::{Content, ToolCall, parse_messages};
 use clawrl_model::{FinishReason, Generation, SamplingParams};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
@@ -62,7 +63,8 @@ pub fn parse_request(
             ApiError::invalid("`messages` must contain at least one message.").param("messages"),
         );
     }
-    check_messages(messages)?;
+    let messages =
+        parse_messages(messages).map_err(|e| ApiError::invalid(e.message).param(&e.param))?;
     let fields = Fields(obj);
     let g = generation;
     let max_tokens = match fields
@@ -131,7 +133,7 @@ pub fn parse_request(
     let session = session_fields(headers, obj);
 
     let request = ChatRequest {
-        messages: messages.clone(),
+        messages,
         tools,
         max_tokens,
         sampling: SamplingParams {
@@ -185,47 +187,6 @@ impl Fields<'_> {
             Some(_) => Err(ApiError::invalid(format!("`{k}` must be a boolean.")).param(k)),
         }
     }
-}
-
-/// Every message has a known role and text content (an assistant's may be empty).
-fn check_messages(messages: &[Value]) -> Result<(), ApiError> {
-    for (i, m) in messages.iter().enumerate() {
-        let role = m.get("role").and_then(Value::as_str);
-        match role {
-            Some("system" | "developer" | "user" | "assistant" | "tool") => {}
-            Some(r) => return Err(ApiError::invalid(format!(
-                "messages[{i}].role `{r}` is not one of system, developer, user, assistant, tool."
-            ))
-            .param(&format!("messages[{i}].role"))),
-            None => {
-                return Err(ApiError::invalid(format!("messages[{i}] has no `role`."))
-                    .param(&format!("messages[{i}].role")));
-            }
-        }
-        match m.get("content") {
-            None | Some(Value::Null) if role == Some("assistant") => {}
-            Some(Value::String(_)) => {}
-            Some(Value::Array(parts))
-                if parts.iter().all(|p| {
-                    p.get("type")
-                        .and_then(Value::as_str)
-                        .is_none_or(|t| t == "text")
-                }) => {}
-            Some(Value::Array(_)) => {
-                return Err(ApiError::invalid(format!(
-                    "messages[{i}].content: only text parts are supported."
-                ))
-                .param(&format!("messages[{i}].content")));
-            }
-            _ => {
-                return Err(ApiError::invalid(format!(
-                    "messages[{i}].content must be a string or a list of text parts."
-                ))
-                .param(&format!("messages[{i}].content")));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// `stop`: a string or up to 16 of them.
@@ -393,8 +354,8 @@ async fn json_reply(state: Arc<Core>, mut call: Call) -> Result<Response<Body>, 
     let reply = call.turn.reply(&g);
     call.turn.commit(&g, adapter_version, &reply).await;
     let mut message = reply.message();
-    if message["content"].is_null() && reply.tool_calls.is_empty() {
-        message["content"] = json!("");
+    if message.content.is_none() && reply.tool_calls.is_empty() {
+        message.content = Some(Content::Text(String::new()));
     }
     let body = json!({
         "id": call.turn.id, "object": "chat.completion", "created": call.created, "model": call.model,
@@ -507,13 +468,13 @@ async fn stream_events(state: Arc<Core>, mut call: Call, client: Client) -> Opti
         client.delta(&call, json!({"content": rest})).await?;
     }
     if !reply.tool_calls.is_empty() {
-        let calls: Vec<Value> = reply
+        let calls: Vec<ToolCall> = reply
             .tool_calls
             .iter()
             .enumerate()
             .map(|(i, c)| {
                 let mut c = c.clone();
-                c["index"] = json!(i);
+                c.extra.insert("index".into(), json!(i));
                 c
             })
             .collect();

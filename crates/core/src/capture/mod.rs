@@ -6,7 +6,7 @@ pub mod sessions;
 use crate::events::{CloseReason, Event, EventBus, emit};
 use crate::store::{NewTurn, Store, now_ms};
 use anyhow::Result;
-use serde_json::Value;
+use clawrl_model::messages::Message;
 use sessions::{SessionTracker, strip_internal};
 use std::path::Path;
 use std::sync::Mutex;
@@ -25,7 +25,7 @@ pub struct TurnSlot {
     /// False when the store could not be written: the turn is served, not captured.
     pub recorded: bool,
     /// The request's messages without trailing internal context (the session's history).
-    history: Vec<Value>,
+    history: Vec<Message>,
 }
 
 impl TurnSlot {
@@ -79,10 +79,9 @@ impl Capture {
             }
             let (history, reply, waiting) = match &s.last_main {
                 Some(t) => {
-                    let messages = t.request_messages.as_array().map_or(&[][..], Vec::as_slice);
                     let turn = t.awaiting_next_state.then_some(t.turn_id);
                     (
-                        strip_internal(messages, &markers).to_vec(),
+                        strip_internal(&t.request_messages, &markers).to_vec(),
                         Some(&t.reply_message),
                         turn,
                     )
@@ -116,7 +115,7 @@ impl Capture {
         source: &str,
         turn_type: TurnType,
         session_done: bool,
-        messages: &[Value],
+        messages: &[Message],
     ) -> Result<TurnSlot> {
         let now = now_ms();
         let history = strip_internal(messages, &self.markers).to_vec();
@@ -157,12 +156,7 @@ impl Capture {
             let store = self.store();
             store.ensure_session(&session_id, source, now)?;
             if let Some(ns) = next_state
-                && store.attach_next_state(
-                    ns.turn_id,
-                    &Value::Array(ns.messages),
-                    ns.role.as_str(),
-                    now,
-                )?
+                && store.attach_next_state(ns.turn_id, &ns.messages, ns.role.as_str(), now)?
             {
                 emit(
                     &self.bus,
@@ -277,14 +271,14 @@ mod tests {
             turn_index: 0,
             turn_type: TurnType::Main,
             response_id: format!("r-{session}"),
-            request_messages: json!([{"role": "user", "content": "hi"}]),
+            request_messages: vec![Message::user("hi")],
             tools: None,
             prompt_ids: vec![1],
             response_ids: vec![2],
             logprobs: vec![-0.1],
             response_text: "hello".into(),
-            tool_calls: None,
-            reply_message: json!({"role": "assistant", "content": "hello"}),
+            tool_calls: Vec::new(),
+            reply_message: Message::assistant("hello"),
             finish_reason: "stop".into(),
             adapter_version: 0,
             sampling: json!({}),
@@ -315,9 +309,9 @@ mod tests {
         assert_eq!(capture.open_sessions(), 1, "the stale session was closed");
         // The recent one continues by history: its turn 0 gets the next state.
         let history = [
-            json!({"role": "user", "content": "hi"}),
-            json!({"role": "assistant", "content": "hello"}),
-            json!({"role": "user", "content": "more"}),
+            Message::user("hi"),
+            Message::assistant("hello"),
+            Message::user("more"),
         ];
         let slot = capture
             .begin(None, "prefix", TurnType::Main, false, &history)

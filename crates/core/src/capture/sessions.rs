@@ -7,7 +7,7 @@
 //! next state.
 
 use crate::events::NextRole;
-use crate::messages::content_text;
+use clawrl_model::messages::{Message, Role};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -15,63 +15,34 @@ use std::time::{Duration, Instant};
 /// A message reduced to what identifies it across requests.
 #[derive(Debug, Clone, PartialEq)]
 struct Norm {
-    role: String,
+    role: Role,
     text: String,
+    /// Name and arguments: arguments may come back re-serialized, so they compare as JSON.
     tool_calls: Vec<(String, Value)>,
     tool_call_id: Option<String>,
 }
 
-fn normalize(m: &Value) -> Norm {
-    let tool_calls = m
-        .get("tool_calls")
-        .and_then(Value::as_array)
-        .map(|calls| {
-            calls
-                .iter()
-                .map(|c| {
-                    let f = c.get("function").cloned().unwrap_or(Value::Null);
-                    let name = f
-                        .get("name")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string();
-                    // Arguments may come back re-serialized: compare them as JSON values.
-                    let args = match f.get("arguments") {
-                        Some(Value::String(s)) => {
-                            serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone()))
-                        }
-                        Some(v) => v.clone(),
-                        None => Value::Null,
-                    };
-                    (name, args)
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+fn normalize(m: &Message) -> Norm {
     Norm {
-        role: m
-            .get("role")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string(),
-        text: content_text(m.get("content")).trim().to_string(),
-        tool_calls,
-        tool_call_id: m
-            .get("tool_call_id")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
+        role: m.role,
+        text: m.text().trim().to_string(),
+        tool_calls: m
+            .tool_calls
+            .iter()
+            .map(|c| (c.function.name.clone(), c.arguments_value()))
+            .collect(),
+        tool_call_id: m.tool_call_id.clone(),
     }
 }
 
 /// The messages without trailing client-internal context blocks (user messages carrying one
 /// of `markers`; OpenClaw replaces such a block on every turn).
-pub fn strip_internal<'a>(messages: &'a [Value], markers: &[String]) -> &'a [Value] {
+pub fn strip_internal<'a>(messages: &'a [Message], markers: &[String]) -> &'a [Message] {
     let mut end = messages.len();
     while end > 0 {
         let m = &messages[end - 1];
-        let is_user = m.get("role").and_then(Value::as_str) == Some("user");
-        let text = content_text(m.get("content"));
-        if is_user
+        let text = m.text();
+        if m.role == Role::User
             && markers
                 .iter()
                 .any(|k| !k.is_empty() && text.contains(k.as_str()))
@@ -107,7 +78,7 @@ pub struct Placement {
 #[derive(Debug, Clone, PartialEq)]
 pub struct NextState {
     pub turn_id: i64,
-    pub messages: Vec<Value>,
+    pub messages: Vec<Message>,
     /// `Tool` when every message is a tool result, else `User`.
     pub role: NextRole,
 }
@@ -127,7 +98,7 @@ impl SessionTracker {
     pub fn place(
         &mut self,
         explicit: Option<&str>,
-        messages: &[Value],
+        messages: &[Message],
         new_id: impl FnOnce() -> String,
         first_index: impl FnOnce(&str) -> i64,
     ) -> Placement {
@@ -168,19 +139,16 @@ impl SessionTracker {
                 s.expected.len()
             } else {
                 norm.iter()
-                    .rposition(|m| m.role == "assistant")
+                    .rposition(|m| m.role == Role::Assistant)
                     .map_or(0, |p| p + 1)
             };
-            let after: Vec<Value> = messages[start..]
+            let after: Vec<Message> = messages[start..]
                 .iter()
-                .filter(|m| matches!(m.get("role").and_then(Value::as_str), Some("user" | "tool")))
+                .filter(|m| matches!(m.role, Role::User | Role::Tool))
                 .cloned()
                 .collect();
             (!after.is_empty()).then(|| {
-                let role = if after
-                    .iter()
-                    .all(|m| m.get("role").and_then(Value::as_str) == Some("tool"))
-                {
+                let role = if after.iter().all(|m| m.role == Role::Tool) {
                     NextRole::Tool
                 } else {
                     NextRole::User
@@ -223,7 +191,7 @@ impl SessionTracker {
     /// replies before echoing them) a session's last reply, its first (system) message is the
     /// same, and something follows the reply. The most recently active such session wins.
     fn by_last_reply(&self, norm: &[Norm]) -> Option<usize> {
-        let last_assistant = norm.iter().rposition(|m| m.role == "assistant")?;
+        let last_assistant = norm.iter().rposition(|m| m.role == Role::Assistant)?;
         if last_assistant + 1 == norm.len() {
             return None;
         }
@@ -240,13 +208,17 @@ impl SessionTracker {
     /// messages as the session has produced, followed by something new. A retry or an edit
     /// of an earlier message changes that count and opens a new session.
     fn by_opening(&self, norm: &[Norm]) -> Option<usize> {
-        let replies = norm.iter().filter(|m| m.role == "assistant").count();
-        if replies == 0 || norm.last().is_some_and(|m| m.role == "assistant") {
+        let replies = norm.iter().filter(|m| m.role == Role::Assistant).count();
+        if replies == 0 || norm.last().is_some_and(|m| m.role == Role::Assistant) {
             return None;
         }
         let opening = opening(norm)?;
         self.most_recent(|s| {
-            s.expected.iter().filter(|m| m.role == "assistant").count() == replies
+            s.expected
+                .iter()
+                .filter(|m| m.role == Role::Assistant)
+                .count()
+                == replies
                 && s.expected.first().map(|m| &m.role) == norm.first().map(|m| &m.role)
                 && opening_matches(&s.expected, &opening)
         })
@@ -266,8 +238,8 @@ impl SessionTracker {
         &mut self,
         session_id: &str,
         turn_id: i64,
-        messages: &[Value],
-        reply: &Value,
+        messages: &[Message],
+        reply: &Message,
     ) {
         if let Some(s) = self.open.iter_mut().find(|s| s.id == session_id) {
             s.expected = messages
@@ -285,8 +257,8 @@ impl SessionTracker {
     pub fn resume(
         &mut self,
         session_id: &str,
-        history: &[Value],
-        reply: Option<&Value>,
+        history: &[Message],
+        reply: Option<&Message>,
         awaiting: Option<i64>,
         next_turn_index: i64,
         idle_for: Duration,
@@ -373,9 +345,9 @@ fn squash(s: &str) -> String {
 fn opening(norm: &[Norm]) -> Option<(String, String)> {
     let system = norm
         .first()
-        .filter(|m| m.role == "system" || m.role == "developer")
+        .filter(|m| matches!(m.role, Role::System | Role::Developer))
         .map_or(String::new(), |m| squash(&m.text));
-    let user = norm.iter().find(|m| m.role == "user")?;
+    let user = norm.iter().find(|m| m.role == Role::User)?;
     Some((system, squash(&user.text)))
 }
 
@@ -425,7 +397,7 @@ fn same_reply(sent: &Norm, seen: &Norm) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use clawrl_model::message;
 
     fn ids() -> impl FnMut() -> String {
         let mut n = 0;
@@ -440,7 +412,7 @@ mod tests {
     #[test]
     fn turns_in_flight_of_one_session_id_never_share_an_index() {
         let mut t = SessionTracker::default();
-        let hi = [json!({"role": "user", "content": "Hi"})];
+        let hi = [message!({"role": "user", "content": "Hi"})];
         // Nothing is committed yet: the store says index 0 is free every time.
         let side_a = t.reserve_index("s", |_| 0);
         let side_b = t.reserve_index("s", |_| 0);
@@ -458,29 +430,29 @@ mod tests {
         let mut t = SessionTracker::default();
         let mut new_id = ids();
         let markers = vec![MARK.to_string()];
-        let sys = json!({"role": "system", "content": "You are an agent."});
-        let ctx = |n: u32| json!({"role": "user", "content": [{"type": "text", "text": format!("{MARK} turn {n} <<<END>>>")}]});
-        let u1 = json!({"role": "user", "content": "Hi"});
+        let sys = message!({"role": "system", "content": "You are an agent."});
+        let ctx = |n: u32| message!({"role": "user", "content": [{"type": "text", "text": format!("{MARK} turn {n} <<<END>>>")}]});
+        let u1 = message!({"role": "user", "content": "Hi"});
         let r1 = [sys.clone(), u1.clone(), ctx(1)];
         let p1 = t.place(None, strip_internal(&r1, &markers), &mut new_id, |_| 0);
         assert_eq!(
             (p1.session_id.as_str(), p1.turn_index, p1.new_session),
             ("s1", 0, true)
         );
-        let a1 = json!({"role": "assistant", "content": "Hello! "});
+        let a1 = message!({"role": "assistant", "content": "Hello! "});
         t.record_reply("s1", 10, strip_internal(&r1, &markers), &a1);
 
         // Another client's unrelated conversation opens its own session.
-        let other = [json!({"role": "user", "content": "Unrelated"})];
+        let other = [message!({"role": "user", "content": "Unrelated"})];
         assert_eq!(t.place(None, &other, &mut new_id, |_| 0).session_id, "s2");
 
         // The same conversation continues, with a fresh internal block and the reply echoed
         // back (content as a list of parts, whitespace trimmed).
-        let u2 = json!({"role": "user", "content": "Thanks, now count to 3"});
+        let u2 = message!({"role": "user", "content": "Thanks, now count to 3"});
         let r2 = [
             sys.clone(),
             u1.clone(),
-            json!({"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]}),
+            message!({"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]}),
             u2.clone(),
             ctx(2),
         ];
@@ -495,14 +467,14 @@ mod tests {
     #[test]
     fn tool_results_are_the_next_state_of_a_tool_call() {
         let mut t = SessionTracker::default();
-        let u = json!({"role": "user", "content": "Weather?"});
+        let u = message!({"role": "user", "content": "Weather?"});
         t.place(None, std::slice::from_ref(&u), || "s".into(), |_| 0);
-        let call = json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{\"city\":\"Paris\"}"}}]});
+        let call = message!({"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{\"city\":\"Paris\"}"}}]});
         t.record_reply("s", 1, std::slice::from_ref(&u), &call);
         // Arguments re-serialized with other spacing still match.
-        let echoed = json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{\"city\": \"Paris\"}"}}]});
-        let r1 = json!({"role": "tool", "tool_call_id": "c1", "content": "18C"});
-        let r2 = json!({"role": "tool", "tool_call_id": "c2", "content": "sunny"});
+        let echoed = message!({"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{\"city\": \"Paris\"}"}}]});
+        let r1 = message!({"role": "tool", "tool_call_id": "c1", "content": "18C"});
+        let r2 = message!({"role": "tool", "tool_call_id": "c2", "content": "sunny"});
         let p = t.place(
             None,
             &[u, echoed, r1.clone(), r2.clone()],
@@ -520,35 +492,35 @@ mod tests {
         // What OpenClaw 2026.9 sends: turn 1 carries a runtime note and a duplicate user line;
         // turn 2 folds them into one message of parts.
         let mut t = SessionTracker::default();
-        let sys = json!({"role": "system", "content": "agent rules"});
+        let sys = message!({"role": "system", "content": "agent rules"});
         let r1 = [
             sys.clone(),
-            json!({"role": "user", "content": "[10:00] What is 2+2?\n\nRuntime: agent=main"}),
-            json!({"role": "user", "content": "[10:00] What is 2+2?"}),
+            message!({"role": "user", "content": "[10:00] What is 2+2?\n\nRuntime: agent=main"}),
+            message!({"role": "user", "content": "[10:00] What is 2+2?"}),
         ];
         let p1 = t.place(None, &r1, || "oc".into(), |_| 0);
         t.record_reply(
             &p1.session_id,
             5,
             &r1,
-            &json!({"role": "assistant", "content": "4"}),
+            &message!({"role": "assistant", "content": "4"}),
         );
         let other = [
-            json!({"role": "system", "content": "other rules"}),
-            json!({"role": "user", "content": "x"}),
-            json!({"role": "assistant", "content": "4"}),
-            json!({"role": "user", "content": "y"}),
+            message!({"role": "system", "content": "other rules"}),
+            message!({"role": "user", "content": "x"}),
+            message!({"role": "assistant", "content": "4"}),
+            message!({"role": "user", "content": "y"}),
         ];
         assert_ne!(
             t.place(None, &other, || "other".into(), |_| 0).session_id,
             "oc",
             "another system prompt is another conversation"
         );
-        let next = json!({"role": "user", "content": "[10:01] Add 3."});
+        let next = message!({"role": "user", "content": "[10:01] Add 3."});
         let r2 = [
             sys,
-            json!({"role": "user", "content": [{"type": "text", "text": "[10:00] What is 2+2?"}, {"type": "text", "text": "Runtime: agent=main"}]}),
-            json!({"role": "assistant", "content": "4"}),
+            message!({"role": "user", "content": [{"type": "text", "text": "[10:00] What is 2+2?"}, {"type": "text", "text": "Runtime: agent=main"}]}),
+            message!({"role": "assistant", "content": "4"}),
             next.clone(),
         ];
         let p2 = t.place(None, &r2, || "new".into(), |_| 0);
@@ -559,43 +531,49 @@ mod tests {
     #[test]
     fn a_reply_the_client_sanitized_still_continues_its_session() {
         let mut t = SessionTracker::default();
-        let sys = json!({"role": "system", "content": "agent rules"});
-        let u1 = json!({"role": "user", "content": "[16:48] What is 2+2?\n\nRuntime: sessionId=a"});
+        let sys = message!({"role": "system", "content": "agent rules"});
+        let u1 =
+            message!({"role": "user", "content": "[16:48] What is 2+2?\n\nRuntime: sessionId=a"});
         t.place(None, &[sys.clone(), u1.clone()], || "a".into(), |_| 0);
         let sent = "[[reply_to_current]] @BruceA\nI'm glad to know you're here.\n\nHere's how it all works:";
         t.record_reply(
             "a",
             1,
             &[sys.clone(), u1.clone()],
-            &json!({"role": "assistant", "content": sent}),
+            &message!({"role": "assistant", "content": sent}),
         );
         // A second conversation with another opening.
-        let u9 = json!({"role": "user", "content": "[16:50] Other"});
+        let u9 = message!({"role": "user", "content": "[16:50] Other"});
         t.place(None, &[sys.clone(), u9.clone()], || "b".into(), |_| 0);
         t.record_reply(
             "b",
             2,
             &[sys.clone(), u9],
-            &json!({"role": "assistant", "content": "Other reply"}),
+            &message!({"role": "assistant", "content": "Other reply"}),
         );
 
         // The directive tag is stripped from the echoed reply: still session a.
-        let echoed = json!({"role": "assistant", "content": "@BruceA\nI'm glad to know you're here.\n\nHere's how it all works:"});
-        let next = json!({"role": "user", "content": "[16:49] Now add 3."});
+        let echoed = message!({"role": "assistant", "content": "@BruceA\nI'm glad to know you're here.\n\nHere's how it all works:"});
+        let next = message!({"role": "user", "content": "[16:49] Now add 3."});
         let r2 = [sys.clone(), u1.clone(), echoed, next.clone()];
         let p = t.place(None, &r2, || "new".into(), |_| 0);
         assert_eq!(p.session_id, "a");
         assert_eq!(p.next_state_of.unwrap().messages, vec![next.clone()]);
-        t.record_reply("a", 3, &r2, &json!({"role": "assistant", "content": "5"}));
+        t.record_reply(
+            "a",
+            3,
+            &r2,
+            &message!({"role": "assistant", "content": "5"}),
+        );
 
         // Rewritten beyond recognition: the opening and the reply count still place it.
         let r = [
             sys.clone(),
             u1.clone(),
-            json!({"role": "assistant", "content": "(hidden)"}),
+            message!({"role": "assistant", "content": "(hidden)"}),
             next.clone(),
-            json!({"role": "assistant", "content": "five"}),
-            json!({"role": "user", "content": "Thanks"}),
+            message!({"role": "assistant", "content": "five"}),
+            message!({"role": "user", "content": "Thanks"}),
         ];
         let p = t.place(None, &r, || "new".into(), |_| 0);
         assert_eq!(p.session_id, "a");
@@ -604,10 +582,10 @@ mod tests {
         let retry = [
             sys,
             u1,
-            json!({"role": "assistant", "content": "x"}),
-            json!({"role": "user", "content": "y"}),
+            message!({"role": "assistant", "content": "x"}),
+            message!({"role": "user", "content": "y"}),
         ];
-        t.record_reply("a", 4, &r, &json!({"role": "assistant", "content": "z"}));
+        t.record_reply("a", 4, &r, &message!({"role": "assistant", "content": "z"}));
         assert_ne!(
             t.place(None, &retry, || "retry".into(), |_| 0).session_id,
             "a"
@@ -617,7 +595,7 @@ mod tests {
     #[test]
     fn replies_match_despite_stripped_tags_but_not_different_text() {
         let n = |t: &str| Norm {
-            role: "assistant".into(),
+            role: Role::Assistant,
             text: t.into(),
             tool_calls: vec![],
             tool_call_id: None,
@@ -639,7 +617,7 @@ mod tests {
         let mut t = SessionTracker::default();
         let p = t.place(
             Some("abc"),
-            &[json!({"role": "user", "content": "a"})],
+            &[message!({"role": "user", "content": "a"})],
             || unreachable!(),
             |_| 7,
         );
@@ -651,20 +629,20 @@ mod tests {
         t.record_reply(
             "abc",
             3,
-            &[json!({"role": "user", "content": "a"})],
-            &json!({"role": "assistant", "content": "b"}),
+            &[message!({"role": "user", "content": "a"})],
+            &message!({"role": "assistant", "content": "b"}),
         );
         // A client that sends only the new message still attaches it as the next state.
         let p = t.place(
             Some("abc"),
-            &[json!({"role": "user", "content": "c"})],
+            &[message!({"role": "user", "content": "c"})],
             || unreachable!(),
             |_| 0,
         );
         assert_eq!(p.turn_index, 8);
         assert_eq!(
             p.next_state_of.unwrap().messages,
-            vec![json!({"role": "user", "content": "c"})]
+            vec![message!({"role": "user", "content": "c"})]
         );
         assert_eq!(
             t.close_idle(Duration::from_secs(3600)),

@@ -22,6 +22,7 @@ use crate::telemetry::Counters;
 use burn::tensor::Tensor;
 use clawrl_model::KvCache;
 use clawrl_model::generate::{Decoding, token_budget};
+use clawrl_model::messages::Message;
 use clawrl_model::{
     GenerateRequest, Generation, LoadOptions, LoadedModel, LoraAdapter, SamplingParams,
 };
@@ -90,7 +91,7 @@ pub enum VersionChoice {
 pub enum Prompt {
     /// A chat rendered with the model's template, generation prompt on, then `reply_prefix`.
     Chat {
-        messages: Vec<Value>,
+        messages: Vec<Message>,
         tools: Option<Value>,
         reply_prefix: String,
     },
@@ -99,7 +100,7 @@ pub enum Prompt {
 }
 
 impl Prompt {
-    pub fn chat(messages: Vec<Value>, tools: Option<Value>) -> Self {
+    pub fn chat(messages: Vec<Message>, tools: Option<Value>) -> Self {
         Self::Chat {
             messages,
             tools,

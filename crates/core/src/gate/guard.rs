@@ -18,6 +18,7 @@ use crate::engine::{Engine, EngineEvent, Prompt, Task, VersionChoice};
 use crate::store::Store;
 use anyhow::{Context, Result, bail};
 use burn::tensor::Tensor;
+use clawrl_model::messages::{Message, parse_messages};
 use clawrl_model::{SamplingParams, scoring};
 use serde_json::{Value, json};
 use std::path::Path;
@@ -59,7 +60,7 @@ pub fn repeated_ngram_share<T: Eq + std::hash::Hash>(sequences: &[Vec<T>], n: us
 }
 
 pub struct Guard {
-    probes: Vec<Vec<Value>>,
+    probes: Vec<Vec<Message>>,
     limits: GateSection,
     references: Mutex<Option<Vec<Reference>>>,
 }
@@ -142,7 +143,7 @@ impl GuardReport {
 }
 
 /// Parses a probe file: a JSON list of chats, each a non-empty list of `{role, content}`.
-pub fn parse_probes(text: &str, origin: &str) -> Result<Vec<Vec<Value>>> {
+pub fn parse_probes(text: &str, origin: &str) -> Result<Vec<Vec<Message>>> {
     let value: Value =
         serde_json::from_str(text).with_context(|| format!("{origin} is not valid JSON"))?;
     let Some(list) = value.as_array() else {
@@ -154,14 +155,7 @@ pub fn parse_probes(text: &str, origin: &str) -> Result<Vec<Vec<Value>>> {
             let messages = chat.as_array().filter(|m| !m.is_empty()).with_context(|| {
                 format!("{origin}: probe {i} must be a non-empty list of messages")
             })?;
-            for m in messages {
-                let ok = m.get("role").and_then(Value::as_str).is_some()
-                    && m.get("content").and_then(Value::as_str).is_some();
-                if !ok {
-                    bail!("{origin}: probe {i} has a message without a string role and content");
-                }
-            }
-            Ok(messages.clone())
+            parse_messages(messages).map_err(|e| anyhow::anyhow!("{origin}: probe {i}: {e}"))
         })
         .collect()
 }
@@ -216,7 +210,7 @@ impl Guard {
     fn probe_reply(
         &self,
         engine: &Engine,
-        probe: &[Value],
+        probe: &[Message],
         version: i64,
         max_tokens: usize,
     ) -> Result<Option<(Vec<u32>, Vec<u32>)>> {

@@ -7,8 +7,9 @@ use crate::engine::{
 };
 use crate::http_client::{self, Target};
 use clawrl_model::SamplingParams;
+use clawrl_model::messages::Message;
 use hyper::StatusCode;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -64,7 +65,7 @@ impl Backend {
     /// A sampled reply to `messages`.
     pub async fn complete(
         &self,
-        messages: Vec<Value>,
+        messages: Vec<Message>,
         temperature: f32,
         max_tokens: usize,
         seed: u64,
@@ -82,7 +83,7 @@ impl Backend {
     /// of `stop` (local engine only: an endpoint cannot be handed the start of its reply).
     pub async fn complete_after(
         &self,
-        messages: Vec<Value>,
+        messages: Vec<Message>,
         reply_prefix: &str,
         stop: Vec<String>,
         temperature: f32,
@@ -120,7 +121,7 @@ impl Backend {
     /// (local engine only: one prefill).
     pub async fn choose(
         &self,
-        messages: Vec<Value>,
+        messages: Vec<Message>,
         reply_prefix: &str,
         options: Vec<String>,
     ) -> Result<Vec<f32>, BackendError> {
@@ -145,7 +146,7 @@ impl Backend {
 /// Submits a background job on the base model (the judge is never the trained policy).
 fn submit(
     engine: &Engine,
-    messages: Vec<Value>,
+    messages: Vec<Message>,
     reply_prefix: String,
     task: Task,
 ) -> Result<mpsc::UnboundedReceiver<EngineEvent>, BackendError> {
@@ -198,7 +199,7 @@ impl Endpoint {
 
     async fn chat(
         &self,
-        messages: &[Value],
+        messages: &[Message],
         temperature: f32,
         max_tokens: usize,
         seed: u64,

@@ -12,13 +12,13 @@ use crate::capture::sessions::strip_internal;
 use crate::config::{Config, JudgeBackend, JudgeMode};
 use crate::engine::Engine;
 use crate::events::{Event, EventBus, emit};
-use crate::messages::content_text;
 use crate::store::{Judgment, PendingTurn, Store, Vote, now_ms};
 use crate::telemetry::Counters;
 use anyhow::Result;
 use backend::{Backend, BackendError, Endpoint};
+use clawrl_model::messages::{Message, Role};
 use prompts::{Prompts, TurnView};
-use serde_json::{Value, json};
+use serde_json::json;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -217,7 +217,11 @@ impl Voter {
     /// generate their hint, started right after `[HINT_START]` and stopped at `[HINT_END]` (a
     /// small judge otherwise spends its tokens on preamble and rarely closes the hint: 0
     /// usable hints in 38 turns on SmolLM2). The other votes that draw 1 stay `\boxed{1}`.
-    async fn direct_hints(&self, chat: Vec<Value>, seed: u64) -> Result<Vec<String>, BackendError> {
+    async fn direct_hints(
+        &self,
+        chat: Vec<Message>,
+        seed: u64,
+    ) -> Result<Vec<String>, BackendError> {
         let options = vec!["1}".to_string(), "-1}".to_string()];
         let lp = self
             .backend
@@ -265,7 +269,7 @@ impl Voter {
     }
 
     /// m sampled judge texts, requested concurrently.
-    async fn sample(&self, chat: Vec<Value>, seed: u64) -> Result<Vec<String>, BackendError> {
+    async fn sample(&self, chat: Vec<Message>, seed: u64) -> Result<Vec<String>, BackendError> {
         let mut set = tokio::task::JoinSet::new();
         for i in 0..self.votes {
             let (backend, chat) = (self.backend.clone(), chat.clone());
@@ -458,37 +462,26 @@ async fn next_state_arrives(events: &mut tokio::sync::broadcast::Receiver<Event>
 /// What the judge sees of a turn: the last user request, the reply (with its tool calls),
 /// and the next state.
 pub fn turn_view(turn: &PendingTurn, markers: &[String]) -> TurnView {
-    let messages = turn
-        .request_messages
-        .as_array()
-        .map_or(&[][..], Vec::as_slice);
-    let request = strip_internal(messages, markers)
+    let request = strip_internal(&turn.request_messages, markers)
         .iter()
         .rev()
-        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
-        .map(|m| content_text(m.get("content")))
+        .find(|m| m.role == Role::User)
+        .map(Message::text)
         .unwrap_or_default();
     let mut response = turn.response_text.clone();
-    for call in turn
-        .tool_calls
-        .iter()
-        .flat_map(|c| c.as_array().into_iter().flatten())
-    {
-        let f = &call["function"];
+    for call in &turn.tool_calls {
+        let args = &call.function.arguments;
         response.push_str(&format!(
             "\n[tool call] {}({})",
-            f["name"].as_str().unwrap_or("?"),
-            f["arguments"]
-                .as_str()
-                .map_or_else(|| f["arguments"].to_string(), str::to_owned)
+            call.function.name,
+            args.as_str()
+                .map_or_else(|| args.to_string(), str::to_owned)
         ));
     }
     let next_state = turn
         .next_state
-        .as_array()
-        .map_or(&[][..], Vec::as_slice)
         .iter()
-        .map(|m| content_text(m.get("content")))
+        .map(Message::text)
         .collect::<Vec<_>>()
         .join("\n\n");
     TurnView {
@@ -502,23 +495,31 @@ pub fn turn_view(turn: &PendingTurn, markers: &[String]) -> TurnView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clawrl_model::message;
+    use clawrl_model::messages::ToolCall;
 
     #[test]
     fn the_judge_sees_the_last_real_user_request_the_reply_with_tool_calls_and_the_next_state() {
         let turn = PendingTurn {
             turn_id: 1,
             session_id: "s".into(),
-            request_messages: json!([
+            request_messages: serde_json::from_value(json!([
                 {"role": "user", "content": "old question"},
                 {"role": "assistant", "content": "old answer"},
                 {"role": "user", "content": [{"type": "text", "text": "What is the weather?"}]},
                 {"role": "user", "content": "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>> runtime notes"},
-            ]),
+            ]))
+            .unwrap(),
             response_text: "Let me check.".into(),
-            tool_calls: Some(
-                json!([{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}}]),
-            ),
-            next_state: json!([{"role": "tool", "tool_call_id": "c1", "content": "sunny"}, {"role": "tool", "tool_call_id": "c2", "content": "12 C"}]),
+            tool_calls: vec![ToolCall::function(
+                "c1".into(),
+                "weather".into(),
+                "{\"city\":\"Oslo\"}".into(),
+            )],
+            next_state: vec![
+                message!({"role": "tool", "tool_call_id": "c1", "content": "sunny"}),
+                message!({"role": "tool", "tool_call_id": "c2", "content": "12 C"}),
+            ],
             next_state_role: "tool".into(),
         };
         let v = turn_view(

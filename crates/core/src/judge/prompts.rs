@@ -2,8 +2,8 @@
 //! of edited ones named by `judge.prompts_dir`, read once at start.
 
 use anyhow::{Context, Result, bail};
+use clawrl_model::messages::Message;
 use minijinja::Environment;
-use serde_json::{Value, json};
 use std::path::Path;
 
 const FILES: [(&str, &str); 4] = [
@@ -90,7 +90,7 @@ impl Prompts {
         user: &str,
         turn: &TurnView,
         direct: bool,
-    ) -> Result<Vec<Value>> {
+    ) -> Result<Vec<Message>> {
         let cut = |s: &str| cut_middle(s, self.max_field_chars);
         let ctx = minijinja::context! {
             request => cut(&turn.request),
@@ -111,18 +111,18 @@ impl Prompts {
             Ok(text)
         };
         Ok(vec![
-            json!({"role": "system", "content": render(system)?}),
-            json!({"role": "user", "content": render(user)?}),
+            Message::system(render(system)?),
+            Message::user(render(user)?),
         ])
     }
 
     /// The evaluative (PRM) chat for a turn.
-    pub fn prm(&self, turn: &TurnView, direct: bool) -> Result<Vec<Value>> {
+    pub fn prm(&self, turn: &TurnView, direct: bool) -> Result<Vec<Message>> {
         self.render("prm_system.md", "prm_user.md", turn, direct)
     }
 
     /// The hint-extraction chat for a turn.
-    pub fn hint(&self, turn: &TurnView) -> Result<Vec<Value>> {
+    pub fn hint(&self, turn: &TurnView) -> Result<Vec<Message>> {
         self.render("hint_system.md", "hint_user.md", turn, false)
     }
 }
@@ -156,7 +156,7 @@ mod tests {
     fn builtin_prompts_show_request_reply_and_next_state_with_its_role() {
         let p = Prompts::load(None, 2000).unwrap();
         let chat = p.prm(&view(), false).unwrap();
-        let user = chat[1]["content"].as_str().unwrap();
+        let user = &chat[1].text();
         for part in [
             "Convert 5 miles to km.",
             "5 miles is 8.05 km.",
@@ -166,24 +166,15 @@ mod tests {
             assert!(user.contains(part), "{part} missing from {user}");
         }
         assert!(user.contains("Reason briefly"));
-        let direct = p.prm(&view(), true).unwrap()[1]["content"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let direct = p.prm(&view(), true).unwrap()[1].text();
         assert!(direct.contains("score only") && !direct.contains("Reason briefly"));
         assert!(
-            chat[0]["content"]
-                .as_str()
-                .unwrap()
+            chat[0]
+                .text()
                 .contains("A change request IS negative feedback")
         );
         let hint = p.hint(&view()).unwrap();
-        assert!(
-            hint[0]["content"]
-                .as_str()
-                .unwrap()
-                .contains("[HINT_START]")
-        );
+        assert!(hint[0].text().contains("[HINT_START]"));
     }
 
     #[test]
@@ -199,7 +190,7 @@ mod tests {
         .unwrap();
         let p = Prompts::load(Some(dir.path()), 2000).unwrap();
         assert_eq!(
-            p.prm(&view(), false).unwrap()[1]["content"],
+            p.prm(&view(), false).unwrap()[1].text(),
             "Judge: 5 miles is 8.05 km. / Thanks!"
         );
 

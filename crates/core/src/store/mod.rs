@@ -3,6 +3,7 @@
 //! Readers (`clawrl-tui export`) open the same file while the server writes to it.
 
 use anyhow::{Context, Result, bail};
+use clawrl_model::messages::{Message, ToolCall};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -175,15 +176,15 @@ pub struct NewTurn {
     pub turn_index: i64,
     pub turn_type: TurnType,
     pub response_id: String,
-    pub request_messages: Value,
+    pub request_messages: Vec<Message>,
     pub tools: Option<Value>,
     pub prompt_ids: Vec<u32>,
     pub response_ids: Vec<u32>,
     pub logprobs: Vec<f32>,
     pub response_text: String,
-    pub tool_calls: Option<Value>,
+    pub tool_calls: Vec<ToolCall>,
     /// The assistant message as the client received it.
-    pub reply_message: Value,
+    pub reply_message: Message,
     pub finish_reason: String,
     pub adapter_version: i64,
     pub sampling: Value,
@@ -197,10 +198,10 @@ pub struct NewTurn {
 pub struct PendingTurn {
     pub turn_id: i64,
     pub session_id: String,
-    pub request_messages: Value,
+    pub request_messages: Vec<Message>,
     pub response_text: String,
-    pub tool_calls: Option<Value>,
-    pub next_state: Value,
+    pub tool_calls: Vec<ToolCall>,
+    pub next_state: Vec<Message>,
     pub next_state_role: String,
 }
 
@@ -216,8 +217,8 @@ pub struct OpenSession {
 #[derive(Debug, Clone)]
 pub struct LastMainTurn {
     pub turn_id: i64,
-    pub request_messages: Value,
-    pub reply_message: Value,
+    pub request_messages: Vec<Message>,
+    pub reply_message: Message,
     pub awaiting_next_state: bool,
 }
 
@@ -362,20 +363,20 @@ impl Store {
                     t.turn_index,
                     t.turn_type,
                     t.response_id,
-                    t.request_messages.to_string(),
+                    json_text(&t.request_messages),
                     t.tools.as_ref().map(Value::to_string),
                     json_text(&t.prompt_ids),
                     json_text(&t.response_ids),
                     json_text(&t.logprobs),
                     t.response_text,
-                    t.tool_calls.as_ref().map(Value::to_string),
+                    (!t.tool_calls.is_empty()).then(|| json_text(&t.tool_calls)),
                     t.finish_reason,
                     t.adapter_version,
                     t.sampling.to_string(),
                     t.cached_tokens as i64,
                     t.created_at,
                     t.completed_at,
-                    t.reply_message.to_string(),
+                    json_text(&t.reply_message),
                 ],
             )
             .map_err(|e| explain(e, "recording the turn", &self.path))?;
@@ -393,7 +394,7 @@ impl Store {
     pub fn attach_next_state(
         &self,
         turn_id: i64,
-        messages: &Value,
+        messages: &[Message],
         role: &str,
         at: i64,
     ) -> Result<bool> {
@@ -401,7 +402,7 @@ impl Store {
             .conn
             .execute(
                 "UPDATE turns SET next_state = ?2, next_state_role = ?3, next_state_at = ?4 WHERE id = ?1 AND next_state IS NULL",
-                params![turn_id, messages.to_string(), role, at],
+                params![turn_id, json_text(&messages), role, at],
             )
             .map_err(|e| explain(e, "recording the next state", &self.path))?;
         Ok(n == 1)
@@ -438,21 +439,18 @@ impl Store {
             let last_main = match r.get::<_, Option<i64>>(3)? {
                 None => None,
                 Some(turn_id) => {
-                    // Turns from before `reply_message` was stored: rebuild the message.
-                    let reply = r.get::<_, Option<String>>(5)?.map_or_else(
-                        || {
-                            let mut m =
-                                json!({"role": "assistant", "content": r.get::<_, String>(6)?});
-                            if let Some(calls) = r.get::<_, Option<String>>(7)? {
-                                m["tool_calls"] = parse_json(Some(calls));
-                            }
-                            Ok::<_, rusqlite::Error>(m)
+                    let stored = r.get::<_, Option<String>>(5)?;
+                    let reply = match stored.and_then(|m| serde_json::from_str(&m).ok()) {
+                        Some(m) => m,
+                        // Turns from before `reply_message` was stored: rebuild the message.
+                        None => Message {
+                            tool_calls: parse_or_default(r.get(7)?),
+                            ..Message::assistant(r.get::<_, String>(6)?)
                         },
-                        |m| Ok(parse_json(Some(m))),
-                    )?;
+                    };
                     Some(LastMainTurn {
                         turn_id,
-                        request_messages: parse_json(r.get(4)?),
+                        request_messages: parse_or_default(r.get(4)?),
                         reply_message: reply,
                         awaiting_next_state: r.get(8)?,
                     })
@@ -480,10 +478,10 @@ impl Store {
             Ok(PendingTurn {
                 turn_id: r.get(0)?,
                 session_id: r.get(1)?,
-                request_messages: parse_json(r.get(2)?),
+                request_messages: parse_or_default(r.get(2)?),
                 response_text: r.get(3)?,
-                tool_calls: r.get::<_, Option<String>>(4)?.map(|s| parse_json(Some(s))),
-                next_state: parse_json(r.get(5)?),
+                tool_calls: parse_or_default(r.get(4)?),
+                next_state: parse_or_default(r.get(5)?),
                 next_state_role: r
                     .get::<_, Option<String>>(6)?
                     .unwrap_or_else(|| "user".into()),
@@ -795,6 +793,13 @@ fn parse_json(s: Option<String>) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// A stored JSON column read as `T`; absent or unreadable (a row written by hand) reads as
+/// `T::default()`, so one bad row cannot stop the judge or a resume.
+fn parse_or_default<T: serde::de::DeserializeOwned + Default>(s: Option<String>) -> T {
+    s.and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
+}
+
 fn json_text<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("plain data serializes")
 }
@@ -809,14 +814,14 @@ mod tests {
             turn_index: index,
             turn_type: TurnType::Main,
             response_id: format!("r-{session}-{index}"),
-            request_messages: json!([{"role": "user", "content": "hi"}]),
+            request_messages: vec![Message::user("hi")],
             tools: None,
             prompt_ids: vec![1, 2, 3],
             response_ids: vec![4, 5],
             logprobs: vec![-0.5, -0.25],
             response_text: "ok".into(),
-            tool_calls: None,
-            reply_message: json!({"role": "assistant", "content": "ok"}),
+            tool_calls: Vec::new(),
+            reply_message: Message::assistant("ok"),
             finish_reason: "stop".into(),
             adapter_version: 0,
             sampling: json!({"temperature": 0.0}),
@@ -840,18 +845,11 @@ mod tests {
         );
         assert!(
             store
-                .attach_next_state(
-                    id,
-                    &json!([{"role": "user", "content": "next"}]),
-                    "user",
-                    3_000
-                )
+                .attach_next_state(id, &[Message::user("next")], "user", 3_000)
                 .unwrap()
         );
         assert!(
-            !store
-                .attach_next_state(id, &json!([]), "user", 4_000)
-                .unwrap(),
+            !store.attach_next_state(id, &[], "user", 4_000).unwrap(),
             "a next state is never overwritten"
         );
         assert_eq!(store.last_turn_index("a").unwrap(), Some(0));
@@ -902,11 +900,12 @@ mod tests {
         assert_eq!(a.next_turn_index, 2, "side turns count in the numbering");
         let last = a.last_main.as_ref().unwrap();
         assert_eq!(
-            last.reply_message["content"], "ok",
+            last.reply_message.text(),
+            "ok",
             "the main turn, not the side one"
         );
         assert!(last.awaiting_next_state);
-        assert_eq!(last.request_messages[0]["content"], "hi");
+        assert_eq!(last.request_messages[0].text(), "hi");
         let b = open.iter().find(|s| s.id == "b").unwrap();
         assert!(b.last_main.is_none() && b.next_turn_index == 0);
 
@@ -953,7 +952,7 @@ mod tests {
         assert!(rows[0]["judgment"].is_null() && rows[0]["reward"].is_null());
         let open = reader.open_sessions().unwrap();
         assert_eq!(
-            open[0].last_main.as_ref().unwrap().reply_message["content"],
+            open[0].last_main.as_ref().unwrap().reply_message.text(),
             "x"
         );
     }

@@ -1,7 +1,8 @@
 //! What the trainer reads: main turns with a learning signal that no version trained on yet.
 
-use super::{Store, explain, parse_json};
+use super::{Store, explain, parse_json, parse_or_default};
 use anyhow::Result;
+use clawrl_model::messages::Message;
 use rusqlite::params;
 use serde_json::Value;
 
@@ -15,13 +16,13 @@ pub struct SampleRow {
     pub prompt_ids: Vec<u32>,
     pub response_ids: Vec<u32>,
     pub logprobs: Vec<f32>,
-    pub request_messages: Value,
+    pub request_messages: Vec<Message>,
     pub tools: Option<Value>,
     pub reward: Option<i8>,
     /// The judge's hint.
     pub hint: Option<String>,
-    /// The messages that answered the turn (JSON array) and whose they were (user | tool).
-    pub next_state: Option<Value>,
+    /// The messages that answered the turn (none yet: empty) and whose they were (user | tool).
+    pub next_state: Vec<Message>,
     pub next_state_role: Option<String>,
     /// When its last signal arrived (unix ms).
     pub signal_at: i64,
@@ -70,9 +71,7 @@ impl Store {
             {
                 continue;
             }
-            let ids = |i: usize| -> rusqlite::Result<Vec<u32>> {
-                Ok(serde_json::from_value(parse_json(r.get(i)?)).unwrap_or_default())
-            };
+            let ids = |i: usize| -> rusqlite::Result<Vec<u32>> { Ok(parse_or_default(r.get(i)?)) };
             let judge_score: Option<i8> = r.get(9)?;
             let signal_at = [r.get::<_, Option<i64>>(8)?, r.get::<_, Option<i64>>(11)?]
                 .into_iter()
@@ -84,12 +83,12 @@ impl Store {
                 adapter_version: r.get(1)?,
                 prompt_ids: ids(2)?,
                 response_ids: ids(3)?,
-                logprobs: serde_json::from_value(parse_json(r.get(4)?)).unwrap_or_default(),
-                request_messages: parse_json(r.get(5)?),
+                logprobs: parse_or_default(r.get(4)?),
+                request_messages: parse_or_default(r.get(5)?),
                 tools: r.get::<_, Option<String>>(6)?.map(|s| parse_json(Some(s))),
                 reward: super::reward(rating, judge_score),
                 hint: r.get(10)?,
-                next_state: r.get::<_, Option<String>>(14)?.map(|s| parse_json(Some(s))),
+                next_state: parse_or_default(r.get(14)?),
                 next_state_role: r.get(15)?,
                 signal_at,
             });
@@ -146,9 +145,7 @@ impl Store {
              ORDER BY t.id DESC LIMIT 200",
         )?;
         let rows = stmt.query_map([], |r| {
-            let ids = |i: usize| -> rusqlite::Result<Vec<u32>> {
-                Ok(serde_json::from_value(parse_json(r.get(i)?)).unwrap_or_default())
-            };
+            let ids = |i: usize| -> rusqlite::Result<Vec<u32>> { Ok(parse_or_default(r.get(i)?)) };
             Ok((ids(0)?, ids(1)?))
         })?;
         let mut out = Vec::new();
@@ -169,6 +166,7 @@ impl Store {
 mod tests {
     use super::super::tests::turn;
     use super::super::{Judgment, Store, TurnRef, UpdateMetrics, VersionRow};
+    use clawrl_model::messages::Message;
     use serde_json::json;
 
     fn judged(store: &mut Store, turn_id: i64, score: i8, hint: Option<&str>, error: Option<&str>) {
@@ -228,7 +226,7 @@ mod tests {
         let ids: Vec<i64> = (0..6)
             .map(|i| store.insert_turn(&turn("a", i)).unwrap())
             .collect();
-        let next = json!([{"role": "user", "content": "next"}]);
+        let next = [Message::user("next")];
         for &t in &ids[1..] {
             store.attach_next_state(t, &next, "user", 3_000).unwrap();
         }
@@ -321,7 +319,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("s.sqlite")).unwrap();
         store.ensure_session("a", "header", 1_000).unwrap();
-        let next = json!([{"role": "user", "content": "Shorter please."}]);
+        let next = [Message::user("Shorter please.")];
         let down = store.insert_turn(&turn("a", 0)).unwrap();
         rate(&store, down, -1);
         let ids_of = |store: &Store, w| ready(store, w).iter().map(|r| r.0).collect::<Vec<_>>();
@@ -343,7 +341,7 @@ mod tests {
         judged(&mut store, down, -1, None, None);
         let r = store.ready_samples(Some(60_000), 100).unwrap();
         assert_eq!(r.len(), 1, "ready once judged");
-        assert_eq!(r[0].next_state.as_ref(), Some(&next));
+        assert_eq!(r[0].next_state, next);
         assert_eq!(r[0].reward, Some(-1));
     }
 

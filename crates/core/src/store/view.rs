@@ -2,8 +2,9 @@
 //! ratings, and the versions. The control center starts from it and resyncs from it when it
 //! missed events.
 
-use super::{Store, VersionRow, parse_json};
+use super::{Store, VersionRow, parse_or_default};
 use anyhow::Result;
+use clawrl_model::messages::Message;
 use rusqlite::params;
 use std::collections::HashMap;
 
@@ -103,18 +104,14 @@ impl Store {
         )?;
         let mut turns: Vec<TurnSummary> = stmt
             .query_map([limit as i64], |r| {
-                let messages = parse_json(r.get(4)?);
+                let messages: Vec<Message> = parse_or_default(r.get(4)?);
                 let score: Option<i8> = r.get(10)?;
                 Ok(TurnSummary {
                     turn_id: r.get(0)?,
                     session_id: r.get(1)?,
                     turn_index: r.get(2)?,
                     turn_type: r.get(3)?,
-                    last_message: messages
-                        .as_array()
-                        .and_then(|m| m.last())
-                        .map(|m| crate::messages::content_text(m.get("content")))
-                        .unwrap_or_default(),
+                    last_message: messages.last().map(Message::text).unwrap_or_default(),
                     reply: r.get(5)?,
                     adapter_version: r.get(6)?,
                     created_at: r.get(7)?,

@@ -12,8 +12,7 @@
 //! `sequence_optimal` rule), the first (`first`: the judge's), or the user's (`user`).
 
 use crate::config::HintSelection;
-use crate::messages::content_text;
-use serde_json::Value;
+use clawrl_model::messages::{Message, Role};
 
 pub use crate::store::{HintCandidate, HintChoice, HintSource};
 
@@ -21,7 +20,7 @@ pub use crate::store::{HintCandidate, HintChoice, HintSource};
 /// judge's score); `markers` flag client-internal context, which is never a hint.
 pub fn candidates(
     judge_hint: Option<&str>,
-    next_state: Option<&Value>,
+    next_state: &[Message],
     next_state_role: Option<&str>,
     reward: Option<i8>,
     markers: &[String],
@@ -43,11 +42,9 @@ pub fn candidates(
     }
     if next_state_role == Some("user") && reward.is_none_or(|r| r <= 0) {
         let said: Vec<String> = next_state
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter(|m| m.get("role").and_then(Value::as_str) == Some("user"))
-            .map(|m| content_text(m.get("content")))
+            .iter()
+            .filter(|m| m.role == Role::User)
+            .map(Message::text)
             .filter(|t| {
                 !markers
                     .iter()
@@ -99,17 +96,21 @@ mod tests {
 
     const MARKER: &str = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>";
 
+    fn messages(v: serde_json::Value) -> Vec<Message> {
+        serde_json::from_value(v).unwrap()
+    }
+
     fn texts(c: &[HintCandidate]) -> Vec<(HintSource, &str)> {
         c.iter().map(|c| (c.source, c.text.as_str())).collect()
     }
 
     #[test]
     fn a_correction_is_a_candidate_unless_the_reply_was_approved() {
-        let next = json!([{"role": "user", "content": "Too long. Three items only."}]);
+        let next = messages(json!([{"role": "user", "content": "Too long. Three items only."}]));
         let markers = [MARKER.to_string()];
         let both = candidates(
             Some("List fewer items."),
-            Some(&next),
+            &next,
             Some("user"),
             Some(-1),
             &markers,
@@ -123,31 +124,33 @@ mod tests {
         );
         // Unrated and unjudged (the judge said 0 and wrote a hint): still a correction.
         assert_eq!(
-            candidates(None, Some(&next), Some("user"), None, &markers).len(),
+            candidates(None, &next, Some("user"), None, &markers).len(),
             1
         );
         // Approved: the next message is a new request, not a hint about this reply.
-        let approved = candidates(Some("x y z"), Some(&next), Some("user"), Some(1), &markers);
+        let approved = candidates(Some("x y z"), &next, Some("user"), Some(1), &markers);
         assert_eq!(texts(&approved), [(HintSource::Judge, "x y z")]);
         // A tool result is no user's words.
-        let tool = json!([{"role": "tool", "tool_call_id": "c", "content": "error: no such file"}]);
-        assert!(candidates(None, Some(&tool), Some("tool"), Some(-1), &markers).is_empty());
+        let tool = messages(
+            json!([{"role": "tool", "tool_call_id": "c", "content": "error: no such file"}]),
+        );
+        assert!(candidates(None, &tool, Some("tool"), Some(-1), &markers).is_empty());
     }
 
     #[test]
     fn client_internal_context_and_empty_messages_are_never_hints() {
-        let next = json!([
+        let next = messages(json!([
             {"role": "user", "content": [{"type": "text", "text": "No lists, "}, {"type": "text", "text": "please."}]},
             {"role": "user", "content": format!("{MARKER} runtime notes")},
             {"role": "user", "content": "   "},
-        ]);
-        let c = candidates(None, Some(&next), Some("user"), Some(-1), &[MARKER.into()]);
+        ]));
+        let c = candidates(None, &next, Some("user"), Some(-1), &[MARKER.into()]);
         assert_eq!(texts(&c), [(HintSource::User, "No lists, please.")]);
-        let only_internal = json!([{"role": "user", "content": format!("{MARKER} x")}]);
+        let only_internal = messages(json!([{"role": "user", "content": format!("{MARKER} x")}]));
         assert!(
             candidates(
                 None,
-                Some(&only_internal),
+                &only_internal,
                 Some("user"),
                 Some(-1),
                 &[MARKER.into()]
@@ -155,14 +158,8 @@ mod tests {
             .is_empty()
         );
         // The same words from the judge and the user count once (the judge's).
-        let same = json!([{"role": "user", "content": "Shorter please."}]);
-        let c = candidates(
-            Some("Shorter please."),
-            Some(&same),
-            Some("user"),
-            Some(-1),
-            &[],
-        );
+        let same = messages(json!([{"role": "user", "content": "Shorter please."}]));
+        let c = candidates(Some("Shorter please."), &same, Some("user"), Some(-1), &[]);
         assert_eq!(texts(&c), [(HintSource::Judge, "Shorter please.")]);
     }
 

@@ -401,7 +401,7 @@ impl Trainer {
         for r in rows {
             let hints = hints::candidates(
                 r.hint.as_deref(),
-                r.next_state.as_ref(),
+                &r.next_state,
                 r.next_state_role.as_deref(),
                 r.reward,
                 &self.markers,
@@ -706,8 +706,7 @@ impl Trainer {
             (None, None) => vec![0],
         };
         for i in to_score {
-            let messages = s.request_messages.as_array()?;
-            let hinted = match hinted_messages(messages, &candidates[i].text) {
+            let hinted = match hinted_messages(&s.request_messages, &candidates[i].text) {
                 Ok(m) => m,
                 Err(e) => {
                     candidates[i].error = Some(format!("{e:#}"));
