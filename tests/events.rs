@@ -183,8 +183,15 @@ async fn capture_steps_are_published_on_the_event_bus() {
         seen[2]
     );
 
-    // A client that goes away mid-stream: the request ends with exactly one `RequestCancelled`.
-    let events = &mut core.events;
+    a_client_gone_mid_stream_ends_its_request_once(port, &mut core.events).await;
+    core.stop().await;
+}
+
+/// A client that goes away mid-stream: the request ends with exactly one `RequestCancelled`.
+async fn a_client_gone_mid_stream_ends_its_request_once(
+    port: u16,
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+) {
     tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};
         let body = json!({"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400, "stream": true}).to_string();
@@ -212,8 +219,6 @@ async fn capture_steps_are_published_on_the_event_bus() {
     }
     let request_id = started.expect("the request started");
     assert_eq!(ends, [Event::RequestCancelled { request_id }]);
-
-    core.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

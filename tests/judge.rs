@@ -122,7 +122,16 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
     converse(&s, "tie", "Hmm, maybe.");
     let turns = wait_judged(&s, &["thanks", "correction", "tie"]);
 
-    let t = turn(&turns, "thanks", 0);
+    scores_votes_and_hints_are_recorded(&turns);
+    the_judge_saw_request_reply_and_next_state(&s, &judge, turn(&turns, "correction", 0));
+    a_rating_overrides_the_judge_for_training(&s, &thanks);
+    every_response_names_its_session_and_turn(&s);
+    bad_feedback_is_refused_and_stores_nothing(&s);
+    a_closed_session_leaves_its_last_turn_without_signal(&s);
+}
+
+fn scores_votes_and_hints_are_recorded(turns: &[Value]) {
+    let t = turn(turns, "thanks", 0);
     assert_eq!(t["judgment"]["score"], 1, "{t:#}");
     assert_eq!(t["reward"], 1);
     assert_eq!(t["judgment"]["backend"], "openai");
@@ -144,7 +153,7 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
         "raw texts are kept"
     );
 
-    let c = turn(&turns, "correction", 0);
+    let c = turn(turns, "correction", 0);
     assert_eq!(c["judgment"]["score"], -1, "{c:#}");
     assert_eq!(
         c["judgment"]["hint"],
@@ -152,18 +161,20 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
     );
     assert_eq!(votes(c, "hint").len(), 3);
     assert_eq!(
-        turn(&turns, "tie", 0)["judgment"]["score"],
+        turn(turns, "tie", 0)["judgment"]["score"],
         0,
         "a tie scores 0"
     );
 
     // The last turns have no next state yet; nothing judged them.
     assert_eq!(
-        turn(&turns, "thanks", 1)["judge_status"],
+        turn(turns, "thanks", 1)["judge_status"],
         "awaiting_next_state"
     );
-    assert!(turn(&turns, "thanks", 1)["judgment"].is_null());
+    assert!(turn(turns, "thanks", 1)["judgment"].is_null());
+}
 
+fn the_judge_saw_request_reply_and_next_state(s: &Server, judge: &ScriptedJudge, c: &Value) {
     // What the judge saw: the request, the reply and the next state with its role.
     let prompts = judge.seen.lock().unwrap().clone();
     let prm = prompts
@@ -193,10 +204,12 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
     assert_eq!(s.metric("clawrl_judge_turns_total"), 3.0);
     assert_eq!(s.metric("clawrl_judge_queue_depth"), 0.0);
     assert!(s.metric("clawrl_judge_votes_per_second") > 0.0);
+}
 
+fn a_rating_overrides_the_judge_for_training(s: &Server, thanks: &str) {
     // A thumbs down overrides the judge's +1 for training; the judge's score stays.
     let fb = json!({"response_id": thanks, "rating": "down", "comment": "too terse"}).to_string();
-    let (status, body) = feedback(&s, &fb);
+    let (status, body) = feedback(s, &fb);
     assert_eq!(status, 200, "{body}");
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
@@ -208,7 +221,7 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
         (Some("down"), Some(1), Some(0))
     );
     let fb = json!({"session_id": "correction", "turn": 0, "rating": "up"}).to_string();
-    assert_eq!(feedback(&s, &fb).0, 200);
+    assert_eq!(feedback(s, &fb).0, 200);
     let turns = s.export();
     let t = turn(&turns, "thanks", 0);
     assert_eq!(
@@ -218,7 +231,9 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
     assert_eq!(t["feedback"]["comment"], "too terse");
     assert_eq!(turn(&turns, "correction", 0)["reward"], 1);
     assert_eq!(s.metric("clawrl_feedback_total"), 2.0);
+}
 
+fn every_response_names_its_session_and_turn(s: &Server) {
     // Every chat response names its session and turn for feedback, streamed or not.
     for stream in [false, true] {
         let body = json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2, "stream": stream});
@@ -237,29 +252,40 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
             "{head}"
         );
     }
+}
 
+fn bad_feedback_is_refused_and_stores_nothing(s: &Server) {
     // Bad feedback: a clear error, nothing stored.
-    let (status, body) = feedback(&s, r#"{"response_id": "chatcmpl-nope", "rating": "up"}"#);
+    let (status, body) = feedback(s, r#"{"response_id": "chatcmpl-nope", "rating": "up"}"#);
     assert_eq!(status, 404, "{body}");
     assert!(
         body.contains("chatcmpl-nope") && body.contains("turn_not_found"),
         "{body}"
     );
     let (status, body) = feedback(
-        &s,
+        s,
         r#"{"session_id": "tie", "turn": 0, "rating": "sideways"}"#,
     );
     assert_eq!(status, 400, "{body}");
-    assert_eq!(feedback(&s, "{not json").0, 400);
+    assert_eq!(feedback(s, "{not json").0, 400);
     assert_eq!(
-        s.request("POST", "/v1/feedback", &[], &fb, false).0,
+        s.request(
+            "POST",
+            "/v1/feedback",
+            &[],
+            r#"{"session_id": "tie", "turn": 0, "rating": "up"}"#,
+            false
+        )
+        .0,
         401,
         "the API key is required"
     );
-    let (status, body) = feedback(&s, r#"{"session_id": "side", "turn": 0, "rating": "up"}"#);
+    let (status, body) = feedback(s, r#"{"session_id": "side", "turn": 0, "rating": "up"}"#);
     assert_eq!(status, 404, "{body}");
     assert!(turn(&s.export(), "tie", 0)["feedback"].is_null());
+}
 
+fn a_closed_session_leaves_its_last_turn_without_signal(s: &Server) {
     // Closing a session: its unanswered last turn carries no signal.
     let (status, r) = s.chat(
         &[("X-Session-Id", "side"), ("X-Turn-Type", "side")],
@@ -267,7 +293,7 @@ fn scripted_judge_votes_become_scores_hints_and_exports() {
     );
     assert_eq!(status, 200, "{r}");
     let (status, body) = feedback(
-        &s,
+        s,
         &json!({"response_id": r["id"], "rating": "up"}).to_string(),
     );
     assert_eq!(status, 400, "{body}");

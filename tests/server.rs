@@ -78,32 +78,6 @@ fn errors_have_openai_shape_and_the_right_status() {
     );
 
     let (st, e) = chat(
-        &json!({"messages": [{"role": "wizard", "content": "hi"}]}).to_string(),
-        true,
-    );
-    assert_eq!(
-        (st, e["error"]["param"].as_str()),
-        (400, Some("messages[0].role")),
-        "{e}"
-    );
-    let (st, e) = chat(
-        &json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).to_string(),
-        true,
-    );
-    assert_eq!(
-        (st, e["error"]["param"].as_str()),
-        (400, Some("messages[0].content")),
-        "{e}"
-    );
-    assert!(
-        e["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("only text parts"),
-        "{e}"
-    );
-
-    let (st, e) = chat(
         &json!({"messages": [user("hi")], "max_tokens": "many"}).to_string(),
         true,
     );
@@ -179,6 +153,43 @@ fn errors_have_openai_shape_and_the_right_status() {
     for secret in [s.key.as_str(), "wrong-key-7f3a9c"] {
         assert!(!log.contains(secret), "{secret} is in the log");
     }
+}
+
+#[test]
+fn a_bad_message_is_refused_naming_the_message_and_its_field() {
+    let s = shared();
+    let chat = |body: &str, auth: bool| {
+        let (status, _, body) = s.request("POST", "/v1/chat/completions", &[], body, auth);
+        (
+            status,
+            serde_json::from_str::<Value>(&body).unwrap_or(Value::Null),
+        )
+    };
+    let (st, e) = chat(
+        &json!({"messages": [{"role": "wizard", "content": "hi"}]}).to_string(),
+        true,
+    );
+    assert_eq!(
+        (st, e["error"]["param"].as_str()),
+        (400, Some("messages[0].role")),
+        "{e}"
+    );
+    let (st, e) = chat(
+        &json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).to_string(),
+        true,
+    );
+    assert_eq!(
+        (st, e["error"]["param"].as_str()),
+        (400, Some("messages[0].content")),
+        "{e}"
+    );
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("only text parts"),
+        "{e}"
+    );
 }
 
 #[test]

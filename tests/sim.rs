@@ -4,6 +4,7 @@
 //! "before" replies.
 
 mod common;
+use std::path::Path;
 use std::process::Command;
 
 #[test]
@@ -38,6 +39,13 @@ fn a_short_simulated_run_trains_reports_and_rolls_back_to_the_same_replies() {
     assert!(run.status.success(), "{stdout}\n{stderr}");
 
     let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    the_report_is_what_was_printed_and_names_the_judge(&report, &stdout);
+    the_files_hold_every_interaction_and_held_out_reply(out.path(), &report);
+    evaluation_turns_are_stored_and_never_trained_on(out.path(), &report);
+    versions_report_their_rates_and_rollback_restores_the_replies(&report);
+}
+
+fn the_report_is_what_was_printed_and_names_the_judge(report: &str, stdout: &str) {
     assert_eq!(
         report.trim_end(),
         stdout
@@ -65,8 +73,10 @@ fn a_short_simulated_run_trains_reports_and_rolls_back_to_the_same_replies() {
         report.contains("- judge: ") && (1..=4).contains(&of) && agreed <= of,
         "{report}"
     );
+}
 
-    let csv = std::fs::read_to_string(out.path().join("interactions.csv")).unwrap();
+fn the_files_hold_every_interaction_and_held_out_reply(out: &Path, report: &str) {
+    let csv = std::fs::read_to_string(out.join("interactions.csv")).unwrap();
     let rows: Vec<Vec<&str>> = csv
         .lines()
         .skip(1)
@@ -96,7 +106,7 @@ fn a_short_simulated_run_trains_reports_and_rolls_back_to_the_same_replies() {
         2,
         "after 2 and after 4: {report}"
     );
-    let eval: Vec<serde_json::Value> = std::fs::read_to_string(out.path().join("eval.jsonl"))
+    let eval: Vec<serde_json::Value> = std::fs::read_to_string(out.join("eval.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -108,12 +118,14 @@ fn a_short_simulated_run_trains_reports_and_rolls_back_to_the_same_replies() {
         report.contains(&format!("held-out before: {before_ok}/3")),
         "{report}"
     );
+}
 
+fn evaluation_turns_are_stored_and_never_trained_on(out: &Path, report: &str) {
     // What was stored: 4 rated main turns (+ their follow-ups) and the evaluation's side turns,
     // which are never trained on.
     let export = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"))
         .args(["export", "--store"])
-        .arg(out.path().join("data").join("clawrl.sqlite"))
+        .arg(out.join("data").join("clawrl.sqlite"))
         .output()
         .unwrap();
     assert!(
@@ -140,6 +152,9 @@ fn a_short_simulated_run_trains_reports_and_rolls_back_to_the_same_replies() {
     );
     let rated: Vec<_> = turns.iter().filter(|t| !t["feedback"].is_null()).collect();
     assert_eq!(rated.len(), 4);
+}
+
+fn versions_report_their_rates_and_rollback_restores_the_replies(report: &str) {
     // Each version created lists the learning rate its step used, at most the configured one.
     let created: usize = report
         .split(" versions created")

@@ -180,7 +180,31 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
     let st = s.wait_for_status("v1 going live", 300, |st| st["live_version"] == 1);
     assert_eq!(st["trainer"]["last_error"], Value::Null, "{st:#}");
 
-    let v = versions(&s);
+    the_first_version_is_trained_on_all_three_with_the_chosen_hint(&s, &thumbs);
+    let after = probe(&s);
+    rollbacks_restore_every_log_prob_and_bad_commands_change_nothing(&s, &before, &after);
+    let statuses = background.finish();
+    assert!(statuses.len() >= 5, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|&c| c == 200),
+        "a request failed while training: {statuses:?}"
+    );
+
+    // From here on the gate holds each candidate for a decision.
+    let manual = [("CLAWRL__GATE__POLICY", "manual".to_string())];
+    let env2: Vec<(&str, &str)> = env
+        .iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .chain(manual.iter().map(|(k, v)| (*k, v.as_str())))
+        .collect();
+    let s = a_crash_during_an_update_loses_nothing(s, &env2, &after);
+    let s = a_failed_write_and_a_held_candidate_survive_a_crash(s, &env2);
+    pause_rollback_and_corrupt_adapters(s, &env2, &before, &after);
+}
+
+/// v1: live, trained on the three samples, the correction's hint chosen by overlap.
+fn the_first_version_is_trained_on_all_three_with_the_chosen_hint(s: &Server, thumbs: &str) {
+    let v = versions(s);
     assert_eq!(v.len(), 1, "{v:#?}");
     let v1 = &v[0];
     assert_eq!(
@@ -221,7 +245,7 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
         .filter(|t| t["trained_in"] == json!([1]))
         .collect();
     assert_eq!(trained.len(), 3, "{turns:#?}");
-    assert!(trained.iter().any(|t| t["response_id"] == thumbs.as_str()));
+    assert!(trained.iter().any(|t| t["response_id"] == thumbs));
     assert!(trained.iter().all(|t| t["adapter_version"] == 0));
     // The correction distilled from one of two candidates, the judge's hint and the user's own
     // words, chosen by their teachers' top-K overlap with the student; the others had none.
@@ -258,9 +282,14 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
         candidates[chosen]["overlap"].as_f64() >= candidates[1 - chosen]["overlap"].as_f64(),
         "{c:#}"
     );
+}
 
-    // The live version serves differently; rolling back to the base restores every log-prob.
-    let after = probe(&s);
+/// The live version serves differently; rolling back to the base restores every log-prob.
+fn rollbacks_restore_every_log_prob_and_bad_commands_change_nothing(
+    s: &Server,
+    before: &(String, Vec<f64>),
+    after: &(String, Vec<f64>),
+) {
     assert!(
         after
             .1
@@ -269,35 +298,34 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
             .any(|(a, b)| (a - b).abs() > 1e-4),
         "v1 changes the probe's log-probs: {before:?} vs {after:?}"
     );
-    let (ok, out, err) = ctl(&s, &["rollback", "0"]);
+    let (ok, out, err) = ctl(s, &["rollback", "0"]);
     assert!(ok && out.contains("from v1 to v0"), "{out}{err}");
-    same_reply(&probe(&s), &before, "the base model again");
-    let (ok, out, err) = ctl(&s, &["rollback", "v1"]);
+    same_reply(&probe(s), before, "the base model again");
+    let (ok, out, err) = ctl(s, &["rollback", "v1"]);
     assert!(ok, "{out}{err}");
-    same_reply(&probe(&s), &after, "v1 again");
+    same_reply(&probe(s), after, "v1 again");
 
     // Bad commands: clear errors, the live version unchanged.
-    let (ok, _, err) = ctl(&s, &["approve", "99"]);
+    let (ok, _, err) = ctl(s, &["approve", "99"]);
     assert!(!ok && err.contains("404") && err.contains("v99"), "{err}");
-    let (ok, _, err) = ctl(&s, &["veto", "1"]);
+    let (ok, _, err) = ctl(s, &["veto", "1"]);
     assert!(
         !ok && err.contains("409") && err.contains("roll back"),
         "{err}"
     );
-    let (ok, _, err) = ctl(&s, &["rollback", "1"]);
+    let (ok, _, err) = ctl(s, &["rollback", "1"]);
     assert!(!ok && err.contains("already live"), "{err}");
     let (code, _, _) = s.request("GET", "/admin/status", &[], "", false);
     assert_eq!(code, 401, "the control routes need the key");
     assert_eq!(s.admin_status()["live_version"], 1);
+}
 
-    let statuses = background.finish();
-    assert!(statuses.len() >= 5, "{statuses:?}");
-    assert!(
-        statuses.iter().all(|&c| c == 200),
-        "a request failed while training: {statuses:?}"
-    );
-
-    // Three more samples; kill -9 while they are being trained on.
+/// Three more samples; kill -9 while they are being trained on.
+fn a_crash_during_an_update_loses_nothing(
+    s: Server,
+    env2: &[(&str, &str)],
+    after: &(String, Vec<f64>),
+) -> Server {
     for q in ["Name a river.", "Name a mountain.", "Name a city."] {
         s.rated(q);
     }
@@ -307,13 +335,7 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
             Some("training" | "guarding")
         )
     });
-    let manual = [("CLAWRL__GATE__POLICY", "manual".to_string())];
-    let env2: Vec<(&str, &str)> = env
-        .iter()
-        .map(|(k, v)| (*k, v.as_str()))
-        .chain(manual.iter().map(|(k, v)| (*k, v.as_str())))
-        .collect();
-    let s = s.crash_and_restart(&env2);
+    let s = s.crash_and_restart(env2);
     let st = s.wait_for_status("the trainer counting its samples", 60, |st| {
         st["trainer"]["samples_waiting"].as_u64().unwrap_or(0) > 0
             || st["trainer"]["state"] != "starting"
@@ -327,7 +349,7 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
         1,
         "the interrupted update left no version"
     );
-    same_reply(&probe(&s), &after, "v1 serves as before the crash");
+    same_reply(&probe(&s), after, "v1 serves as before the crash");
 
     // The samples left untrained make v2; the manual policy holds it for a decision.
     let st = s.wait_for_status("candidate v2", 300, |st| {
@@ -354,6 +376,10 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
         3
     );
 
+    s
+}
+
+fn a_failed_write_and_a_held_candidate_survive_a_crash(s: Server, env2: &[(&str, &str)]) -> Server {
     // Writing v3 fails (something sits where its folder is written): the update fails with
     // the reason, the live version and the samples stay; once the obstacle is gone, v3 comes.
     let blocker = s.data.path().join("adapters/.v3.tmp");
@@ -375,7 +401,7 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
     s.wait_for_status("candidate v3", 300, |st| st["candidates"][0]["id"] == 3);
 
     // A candidate waiting for a decision is still waiting after a crash.
-    let s = s.crash_and_restart(&env2);
+    let s = s.crash_and_restart(env2);
     let st = s.wait_for_status("the trainer holding v3 again", 60, |st| {
         st["trainer"]["state"] == "held"
     });
@@ -396,6 +422,15 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
     assert!(!ok && err.contains("vetoed"), "{err}");
     assert_eq!(s.admin_status()["live_version"], 2);
 
+    s
+}
+
+fn pause_rollback_and_corrupt_adapters(
+    s: Server,
+    env2: &[(&str, &str)],
+    before: &(String, Vec<f64>),
+    after: &(String, Vec<f64>),
+) {
     // Pause; the default rollback goes to the parent.
     let (ok, out, _) = ctl(&s, &["pause"]);
     assert!(ok && out.contains("paused"), "{out}");
@@ -433,13 +468,13 @@ fn conversations_train_versions_that_go_live_roll_back_exactly_and_survive_a_cra
         "{err}"
     );
     assert_eq!(s.admin_status()["live_version"], 1);
-    same_reply(&probe(&s), &after, "v1 still serves");
+    same_reply(&probe(&s), after, "v1 still serves");
 
     // The live version's adapter corrupt at a restart: the base model serves, the error is shown.
     corrupt("v1");
-    let s = s.crash_and_restart(&env2);
+    let s = s.crash_and_restart(env2);
     assert_eq!(s.admin_status()["live_version"], 0);
-    same_reply(&probe(&s), &before, "the base model serves");
+    same_reply(&probe(&s), before, "the base model serves");
     let (ok, out, _) = ctl(&s, &["versions"]);
     let line = out
         .lines()

@@ -12,7 +12,8 @@ use clawrl_core::engine::{
 };
 use clawrl_core::telemetry::Counters;
 use clawrl_model::messages::Message;
-use clawrl_model::{Generation, KvDtype, SamplingParams, kernels::Isa};
+use clawrl_model::tokenizer::Tokenizer;
+use clawrl_model::{Generation, KvDtype, LoadedModel, SamplingParams, kernels::Isa};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
@@ -42,15 +43,62 @@ pub fn run(cfg: &Config, python: &Path) -> Result<()> {
     let engine = start_engine(&cfg)?;
     let info = engine.info().context("engine info")?;
     let loaded = engine.model().context("engine model")?;
-    let tokenizer = &info.tokenizer;
     println!("model: {}", model.display());
     println!(
         "clawrl: {} (kernels: {})",
         info.summary,
         Isa::selected().name()
     );
+    let w = workloads(&loaded, &info.tokenizer)?;
+    let ours = Ours::measure(&engine, &w, loaded.config.vocab_size)?;
+    let bytes_per_token = loaded.transformer.decode_bytes_per_token();
+    drop(engine);
+    let theirs = llama_cpp(python, &model, &w)?;
+    let t = |k: &str| theirs[k].as_f64().unwrap_or(f64::NAN);
+    ours.print_table(&t);
 
-    // The workloads, as token ids both sides use.
+    let bandwidth = measure_bandwidth();
+    let bound = bandwidth / bytes_per_token.file as f64;
+    println!(
+        "\nphysical bound of decode: {:.1} MB read per token / {:.1} GB/s measured bandwidth = {:.0} tok/s",
+        bytes_per_token.file as f64 / 1e6,
+        bandwidth / 1e9,
+        bound
+    );
+    if bytes_per_token.held != bytes_per_token.file {
+        println!(
+            "  (clawrl reads {:.1} MB per token: it holds Q5_0 blocks as Q8_0, faster to unpack)",
+            bytes_per_token.held as f64 / 1e6
+        );
+    }
+    println!(
+        "  clawrl decode at {:.0}% of it, llama.cpp at {:.0}%",
+        100.0 * ours.decode / bound,
+        100.0 * t("decode_tps") / bound
+    );
+    // At a long context each step also reads the whole cache, so the bound falls with it:
+    // llama.cpp's cache is f16 by default.
+    let long_ctx = ours.long_ctx;
+    let cache_bytes = |cache: KvDtype| cache.bytes_per_position(&loaded.config) * long_ctx;
+    let long_bound =
+        |cache: KvDtype| bandwidth / (bytes_per_token.file + cache_bytes(cache)) as f64;
+    let (ours_cache, theirs_cache) = (cfg.model.kv_cache, KvDtype::F16);
+    let (ours_bound, theirs_bound) = (long_bound(ours_cache), long_bound(theirs_cache));
+    println!(
+        "physical bound at {long_ctx} tokens of context: + {:.1} MB of {ours_cache:?} KV cache = {ours_bound:.0} tok/s ({:.2}x the short bound)",
+        cache_bytes(ours_cache) as f64 / 1e6,
+        ours_bound / bound
+    );
+    println!(
+        "  clawrl decode at {:.0}% of it, llama.cpp at {:.0}% of its own ({theirs_cache:?} cache: {theirs_bound:.0} tok/s)",
+        100.0 * ours.long / ours_bound,
+        100.0 * t("long_decode_tps") / theirs_bound,
+    );
+    Ok(())
+}
+
+/// The workloads, as token ids both sides use (and the settings the script reads).
+fn workloads(loaded: &LoadedModel, tokenizer: &Tokenizer) -> Result<Value> {
     let chat = |system: &str, user: &str| -> Result<Vec<u32>> {
         let mut m = Vec::new();
         if !system.is_empty() {
@@ -59,7 +107,6 @@ pub fn run(cfg: &Config, python: &Path) -> Result<()> {
         m.push(Message::user(user));
         loaded.chat_prompt(&m, None)
     };
-    let synthetic = |n, salt| super::synthetic_prompt(loaded.config.vocab_size, n, salt);
     let story = "Write a long story about a lighthouse keeper who finds a message in a bottle.";
     // Two different texts: the first-turn TTFT must find nothing of its prompt cached.
     let long_text = |sentence: &str, tokens: usize| -> Result<String> {
@@ -69,9 +116,9 @@ pub fn run(cfg: &Config, python: &Path) -> Result<()> {
     let log = "The keeper logged the weather, the ships and the tides in a worn notebook. ";
     let rules = "Answer briefly, cite the manual's section, and never invent a tool. ";
     let system = long_text(rules, SYSTEM_PROMPT_TOKENS)?;
-    let w = json!({
+    Ok(json!({
         "n_ctx": (SYSTEM_PROMPT_TOKENS + LONG_CONTEXT).min(loaded.config.context_length),
-        "prefill": synthetic(PREFILL_TOKENS, 1),
+        "prefill": super::synthetic_prompt(loaded.config.vocab_size, PREFILL_TOKENS, 1),
         "decode": chat("", story)?,
         "decode_tokens": DECODE_TOKENS,
         "long": chat(&long_text(log, LONG_CONTEXT)?, "Continue the log for one more day.")?,
@@ -79,44 +126,137 @@ pub fn run(cfg: &Config, python: &Path) -> Result<()> {
         "runs": RUNS,
         "system_first": chat(&system, "What did the keeper log?")?,
         "system_second": chat(&system, "Which word appears most often?")?,
-    });
-    let ids = |k: &str| -> Vec<u32> {
-        w[k].as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_u64())
-                    .map(|v| v as u32)
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    }))
+}
 
-    // clawrl, through the serving engine (prefix cache, batching, kernels as shipped).
-    let generate = |prompt: Vec<u32>, max_tokens: usize| run_job(&engine, prompt, max_tokens);
-    generate(synthetic(PREFILL_TOKENS, 2), 8)?; // warm-up
-    // The engine computes a long user prompt in chunks between other work: the whole time to
-    // the first token counts.
-    let ours_prefill = {
-        let (g, ttft) = generate(ids("prefill"), 1)?;
-        g.prompt_tokens as f64 / ttft
-    };
-    // The three decoding measurements interleaved, RUNS times: clawrl's own ratios compare
-    // runs made under the same conditions.
-    let mut runs = [vec![], vec![], vec![]];
-    for _ in 0..RUNS {
-        runs[0].push(decode_rate(&generate(ids("decode"), DECODE_TOKENS)?.0));
-        runs[1].push(streams(&engine, &ids("decode"), STREAMS)?);
-        runs[2].push(decode_rate(&generate(ids("long"), LONG_DECODE_TOKENS)?.0));
+/// clawrl's numbers, through the serving engine (prefix cache, batching, kernels as shipped).
+struct Ours {
+    prefill: f64,
+    decode: f64,
+    streams: f64,
+    long: f64,
+    ttft_first: f64,
+    ttft_second: f64,
+    short_ctx: usize,
+    long_ctx: usize,
+}
+
+impl Ours {
+    fn measure(engine: &Engine, w: &Value, vocab_size: usize) -> Result<Self> {
+        let ids = |k: &str| -> Vec<u32> {
+            w[k].as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64())
+                        .map(|v| v as u32)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let generate = |prompt: Vec<u32>, max_tokens: usize| run_job(engine, prompt, max_tokens);
+        generate(super::synthetic_prompt(vocab_size, PREFILL_TOKENS, 2), 8)?; // warm-up
+        // The engine computes a long user prompt in chunks between other work: the whole time
+        // to the first token counts.
+        let prefill = {
+            let (g, ttft) = generate(ids("prefill"), 1)?;
+            g.prompt_tokens as f64 / ttft
+        };
+        // The three decoding measurements interleaved, RUNS times: clawrl's own ratios compare
+        // runs made under the same conditions.
+        let mut runs = [vec![], vec![], vec![]];
+        for _ in 0..RUNS {
+            runs[0].push(decode_rate(&generate(ids("decode"), DECODE_TOKENS)?.0));
+            runs[1].push(streams(engine, &ids("decode"), STREAMS)?);
+            runs[2].push(decode_rate(&generate(ids("long"), LONG_DECODE_TOKENS)?.0));
+        }
+        let [decode, streams, long] = runs.map(median);
+        Ok(Self {
+            prefill,
+            decode,
+            streams,
+            long,
+            ttft_first: generate(ids("system_first"), 1)?.1,
+            ttft_second: generate(ids("system_second"), 1)?.1,
+            short_ctx: ids("decode").len(),
+            long_ctx: ids("long").len(),
+        })
     }
-    let [ours_decode, ours_streams, ours_long] = runs.map(median);
-    let ours_ttft1 = generate(ids("system_first"), 1)?.1;
-    let ours_ttft2 = generate(ids("system_second"), 1)?.1;
-    let short_ctx = ids("decode").len();
-    let long_ctx = ids("long").len();
-    let bytes_per_token = loaded.transformer.decode_bytes_per_token();
-    drop(engine);
 
-    // llama.cpp, on the same ids.
+    /// The side-by-side table (`t`: llama.cpp's number by key), then clawrl's own ratios.
+    fn print_table(&self, t: &dyn Fn(&str) -> f64) {
+        println!(
+            "\n{:<42} {:>10} {:>10} {:>8}",
+            "", "clawrl", "llama.cpp", "ratio"
+        );
+        let faster = "tok/s";
+        let sooner = "ms (ratio: llama.cpp / clawrl)";
+        let rows = [
+            (
+                format!("prefill ({PREFILL_TOKENS} tokens)"),
+                self.prefill,
+                t("prefill_tps"),
+                faster,
+            ),
+            (
+                format!("decode (batch 1, {DECODE_TOKENS} tokens)"),
+                self.decode,
+                t("decode_tps"),
+                faster,
+            ),
+            (
+                format!("{STREAMS} streams, aggregate decode"),
+                self.streams,
+                t("streams4_tps"),
+                faster,
+            ),
+            (
+                format!("decode at {} tokens of context", self.long_ctx),
+                self.long,
+                t("long_decode_tps"),
+                faster,
+            ),
+            (
+                "TTFT, 5K-token system prompt, 1st turn".into(),
+                self.ttft_first * 1e3,
+                t("ttft_first_s") * 1e3,
+                sooner,
+            ),
+            (
+                "TTFT, same system prompt, 2nd turn".into(),
+                self.ttft_second * 1e3,
+                t("ttft_second_s") * 1e3,
+                sooner,
+            ),
+        ];
+        for (name, ours, theirs, unit) in rows {
+            let ratio = if unit == faster {
+                ours / theirs
+            } else {
+                theirs / ours
+            };
+            println!("{name:<42} {ours:>10.1} {theirs:>10.1} {ratio:>7.2}x  {unit}");
+        }
+        println!("(decoding speeds: the median of {RUNS} runs on each side)");
+        println!("\nclawrl's own ratios:");
+        println!(
+            "  {STREAMS} streams / 1 stream: {:.2}x",
+            self.streams / self.decode
+        );
+        println!(
+            "  decode at {} / at {} tokens of context: {:.2}x",
+            self.long_ctx,
+            self.short_ctx,
+            self.long / self.decode
+        );
+        println!(
+            "  2nd / 1st turn TTFT: {:.3}x",
+            self.ttft_second / self.ttft_first
+        );
+    }
+}
+
+/// llama.cpp on the same ids, through llama-cpp-python: its numbers, by key.
+fn llama_cpp(python: &Path, model: &Path, w: &Value) -> Result<Value> {
     let dir = std::env::temp_dir().join(format!("clawrl-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (script, tokens) = (dir.join("bench.py"), dir.join("tokens.json"));
@@ -126,7 +266,7 @@ pub fn run(cfg: &Config, python: &Path) -> Result<()> {
     let out = std::process::Command::new(python)
         .arg(&script)
         .arg("--model")
-        .arg(&model)
+        .arg(model)
         .arg("--tokens")
         .arg(&tokens)
         .arg("--threads")
@@ -143,117 +283,13 @@ pub fn run(cfg: &Config, python: &Path) -> Result<()> {
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
-    let theirs: Value = serde_json::from_slice(
+    serde_json::from_slice(
         out.stdout
             .split(|&b| b == b'\n')
             .rfind(|l| l.starts_with(b"{"))
             .unwrap_or_default(),
     )
-    .context("reading the llama.cpp script's JSON")?;
-    let t = |k: &str| theirs[k].as_f64().unwrap_or(f64::NAN);
-
-    let bandwidth = measure_bandwidth();
-    let bound = bandwidth / bytes_per_token.file as f64;
-    println!(
-        "\n{:<42} {:>10} {:>10} {:>8}",
-        "", "clawrl", "llama.cpp", "ratio"
-    );
-    let row = |name: &str, ours: f64, theirs: f64, unit: &str, higher_is_better: bool| {
-        let ratio = if higher_is_better {
-            ours / theirs
-        } else {
-            theirs / ours
-        };
-        println!("{name:<42} {ours:>10.1} {theirs:>10.1} {ratio:>7.2}x  {unit}");
-    };
-    row(
-        &format!("prefill ({PREFILL_TOKENS} tokens)"),
-        ours_prefill,
-        t("prefill_tps"),
-        "tok/s",
-        true,
-    );
-    row(
-        &format!("decode (batch 1, {DECODE_TOKENS} tokens)"),
-        ours_decode,
-        t("decode_tps"),
-        "tok/s",
-        true,
-    );
-    row(
-        &format!("{STREAMS} streams, aggregate decode"),
-        ours_streams,
-        t("streams4_tps"),
-        "tok/s",
-        true,
-    );
-    row(
-        &format!("decode at {long_ctx} tokens of context"),
-        ours_long,
-        t("long_decode_tps"),
-        "tok/s",
-        true,
-    );
-    row(
-        "TTFT, 5K-token system prompt, 1st turn",
-        ours_ttft1 * 1e3,
-        t("ttft_first_s") * 1e3,
-        "ms (ratio: llama.cpp / clawrl)",
-        false,
-    );
-    row(
-        "TTFT, same system prompt, 2nd turn",
-        ours_ttft2 * 1e3,
-        t("ttft_second_s") * 1e3,
-        "ms (ratio: llama.cpp / clawrl)",
-        false,
-    );
-    println!("(decoding speeds: the median of {RUNS} runs on each side)");
-    println!("\nclawrl's own ratios:");
-    println!(
-        "  {STREAMS} streams / 1 stream: {:.2}x",
-        ours_streams / ours_decode
-    );
-    println!(
-        "  decode at {long_ctx} / at {short_ctx} tokens of context: {:.2}x",
-        ours_long / ours_decode
-    );
-    println!("  2nd / 1st turn TTFT: {:.3}x", ours_ttft2 / ours_ttft1);
-    println!(
-        "\nphysical bound of decode: {:.1} MB read per token / {:.1} GB/s measured bandwidth = {:.0} tok/s",
-        bytes_per_token.file as f64 / 1e6,
-        bandwidth / 1e9,
-        bound
-    );
-    if bytes_per_token.held != bytes_per_token.file {
-        println!(
-            "  (clawrl reads {:.1} MB per token: it holds Q5_0 blocks as Q8_0, faster to unpack)",
-            bytes_per_token.held as f64 / 1e6
-        );
-    }
-    println!(
-        "  clawrl decode at {:.0}% of it, llama.cpp at {:.0}%",
-        100.0 * ours_decode / bound,
-        100.0 * t("decode_tps") / bound
-    );
-    // At a long context each step also reads the whole cache, so the bound falls with it:
-    // llama.cpp's cache is f16 by default.
-    let cache_bytes = |cache: KvDtype| cache.bytes_per_position(&loaded.config) * long_ctx;
-    let long_bound =
-        |cache: KvDtype| bandwidth / (bytes_per_token.file + cache_bytes(cache)) as f64;
-    let (ours_cache, theirs_cache) = (cfg.model.kv_cache, KvDtype::F16);
-    let (ours_bound, theirs_bound) = (long_bound(ours_cache), long_bound(theirs_cache));
-    println!(
-        "physical bound at {long_ctx} tokens of context: + {:.1} MB of {ours_cache:?} KV cache = {ours_bound:.0} tok/s ({:.2}x the short bound)",
-        cache_bytes(ours_cache) as f64 / 1e6,
-        ours_bound / bound
-    );
-    println!(
-        "  clawrl decode at {:.0}% of it, llama.cpp at {:.0}% of its own ({theirs_cache:?} cache: {theirs_bound:.0} tok/s)",
-        100.0 * ours_long / ours_bound,
-        100.0 * t("long_decode_tps") / theirs_bound,
-    );
-    Ok(())
+    .context("reading the llama.cpp script's JSON")
 }
 
 fn start_engine(cfg: &Config) -> Result<Engine> {

@@ -12,6 +12,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use clawrl_core::Core;
 use clawrl_core::config::Config;
 use clawrl_core::engine::Status;
 use clawrl_core::events::Event;
@@ -150,207 +151,279 @@ fn run_loop(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let result = runtime.block_on(async {
-        let state = clawrl_core::build(&c)?;
-        let mut events = state.bus.subscribe();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let port = listener.local_addr()?.port();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(clawrl_server::serve(listener, state.clone(), async {
-            let _ = stop_rx.await;
-        }));
-        while state.engine.status() == Status::Loading {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if let Status::Failed(e) = state.engine.status() {
-            bail!("the model failed to load: {e}");
-        }
-        state.training().context("training is enabled")?;
-        let trainer = state.clone();
-        let target = Target::parse(&format!("http://127.0.0.1:{port}/v1"), "bench")?;
-        let key = (!c.server.api_key.is_empty()).then(|| c.server.api_key.clone());
-        println!(
-            "loop: {} (train: min_samples {}, max_wait {} s, max_samples {}; judge: {:?}, hints {}; gate: {:?}); {} client(s), think {} s, engine.background_share {}",
-            state.config.model_id,
-            c.train.min_samples,
-            c.train.max_wait_secs,
-            c.train.max_samples,
-            c.judge.backend,
-            c.judge.hints,
-            c.gate.policy,
-            args.clients.max(1),
-            args.think_secs,
-            c.engine.background_share
-        );
-
-        // The simulated user and the probe run through both phases.
-        let running = Arc::new(AtomicBool::new(true));
-        let users: Vec<_> = (0..args.clients.max(1)).map(|client| {
-            let (target, key, running, think) = (target.clone(), key.clone(), running.clone(), args.think_secs);
-            tokio::spawn(async move {
-                let mut k = client * 1001;
-                while running.load(Ordering::SeqCst) {
-                    let session = format!("bench-{k}");
-                    let mut messages = vec![json!({"role": "user", "content": QUESTIONS[k % QUESTIONS.len()]})];
-                    for turn in 0..3 {
-                        if !running.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        let body = json!({"messages": messages, "max_tokens": 48, "session_id": session});
-                        let reply = match chat(&target, key.as_deref(), body).await {
-                            Ok((_, reply)) => reply,
-                            Err(e) => {
-                                eprintln!("  the simulated user's request failed: {e:#}");
-                                tokio::time::sleep(Duration::from_secs(1)).await;
-                                break;
-                            }
-                        };
-                        messages.push(reply["choices"][0]["message"].clone());
-                        tokio::time::sleep(Duration::from_secs_f64(think)).await;
-                        messages.push(json!({"role": "user", "content": REPLIES[(k + turn) % 2]}));
-                    }
-                    k += 1;
-                }
-            })
-        }).collect();
-        let probes = Arc::new(std::sync::Mutex::new(Vec::<(f64, String)>::new()));
-        let probe = {
-            let (target, key, running, probes, trainer) =
-                (target.clone(), key.clone(), running.clone(), probes.clone(), trainer.clone());
-            let engine = state.engine.clone();
-            tokio::spawn(async move {
-                while running.load(Ordering::SeqCst) {
-                    let body = json!({"messages": [{"role": "user", "content": PROBE}], "max_tokens": PROBE_TOKENS,
-                                      "temperature": 0, "turn_type": "side"});
-                    let state_before = trainer.training().map(|(s, _)| s.state).unwrap_or_default();
-                    if let Ok((secs, reply)) = chat(&target, key.as_deref(), body).await
-                        && reply["usage"]["completion_tokens"].as_u64() == Some(PROBE_TOKENS)
-                    {
-                        // Paused on the base model (the baseline), paused on a trained version
-                        // (the adapter's own cost), or the trainer's state while training.
-                        let paused = trainer.training().is_some_and(|(_, paused)| paused);
-                        let phase = match (paused, engine.live_version()) {
-                            (true, 0) => "off".to_string(),
-                            (true, _) => "adapter".to_string(),
-                            (false, _) => state_before,
-                        };
-                        probes.lock().unwrap().push((secs, phase));
-                    }
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
-            })
-        };
-
-        // Phase A: training paused.
-        trainer.set_training_paused(true)?;
-        tokio::time::sleep(Duration::from_secs(args.baseline_secs)).await;
-        trainer.set_training_paused(false)?;
-        {
-            let mut off: Vec<f64> = probes.lock().unwrap().iter().map(|p| p.0).collect();
-            println!("  training paused: serving p50 {:.2} s (n={})", median(&mut off), off.len());
-        }
-        // Phase B: until enough versions went live.
-        let started = Instant::now();
-        let mut live = 0usize;
-        // 15 minutes without a version going live (any other event does not count).
-        let mut deadline = tokio::time::Instant::now() + Duration::from_secs(900);
-        while live < args.updates {
-            match tokio::time::timeout_at(deadline, events.recv()).await {
-                Ok(Ok(Event::VersionLive { version, .. })) => {
-                    live += 1;
-                    deadline = tokio::time::Instant::now() + Duration::from_secs(900);
-                    println!("  v{version} live after {:.0} s", started.elapsed().as_secs_f64());
-                }
-                Ok(Ok(Event::CandidateReady { version, guard_passed: false, reasons, .. })) => {
-                    println!("  v{version} held by the guard: {}", reasons.join("; "));
-                }
-                Ok(Ok(Event::TrainingFailed { error })) => println!("  an update failed: {error}"),
-                Ok(_) => {}
-                Err(_) => bail!(
-                    "no version went live for 15 minutes (trainer: {})",
-                    trainer.training().map(|(s, _)| s.detail).unwrap_or_default()
-                ),
-            }
-        }
-        let loop_secs = started.elapsed().as_secs_f64();
-        // Phase C: training paused again, serving the last version (the adapter's own cost).
-        trainer.set_training_paused(true)?;
-        tokio::time::sleep(Duration::from_secs(args.baseline_secs)).await;
-        running.store(false, Ordering::SeqCst);
-        for user in users {
-            let _ = user.await;
-        }
-        let _ = probe.await;
-        let rss = peak_rss_mb();
-        let _ = stop_tx.send(());
-        let _ = server.await;
-
-        let probes = probes.lock().unwrap().clone();
-        let mut off: Vec<f64> = probes.iter().filter(|p| p.1 == "off").map(|p| p.0).collect();
-        let mut on: Vec<f64> = probes
-            .iter()
-            .filter(|p| !matches!(p.1.as_str(), "off" | "adapter"))
-            .map(|p| p.0)
-            .collect();
-        let mut adapter: Vec<f64> = probes.iter().filter(|p| p.1 == "adapter").map(|p| p.0).collect();
-        let mut during: Vec<f64> = probes
-            .iter()
-            .filter(|p| matches!(p.1.as_str(), "training" | "guarding"))
-            .map(|p| p.0)
-            .collect();
-        let (p_off, p_on, p_during) = (median(&mut off), median(&mut on), median(&mut during));
-        let p_adapter = median(&mut adapter);
-        let store = Store::open_read_only(&c.store_path())?;
-        let mut r = reactions(&store)?;
-        let judgments = store.judgment_stats()?;
-        println!(
-            "serving p50 latency ({PROBE:?}, {PROBE_TOKENS} tokens): training off {p_off:.2} s (n={}), on {p_on:.2} s (n={}) x{:.2}, during updates {p_during:.2} s (n={}) x{:.2}",
-            off.len(),
-            on.len(),
-            p_on / p_off,
-            during.len(),
-            p_during / p_off
-        );
-        println!(
-            "  training paused again, serving the last version: {p_adapter:.2} s (n={}) x{:.2} (the adapter's own cost)",
-            adapter.len(),
-            p_adapter / p_off
-        );
-        println!(
-            "next state -> new version serving: p50 {:.1} s, p90 {:.1} s over {} samples of {} updates ({:.0} s)",
-            percentile(&mut r.total, 0.5),
-            percentile(&mut r.total, 0.9),
-            r.total.len(),
-            live,
-            loop_secs
-        );
-        println!(
-            "  p50 parts: judged after {:.1} s, update started {:.1} s later, update (training + guard) {:.1} s",
-            median(&mut r.judge),
-            median(&mut r.queue),
-            median(&mut r.update)
-        );
-        println!(
-            "  guard p50 {:.1} s per candidate; KL from the base, last version: {:.5} nats/token",
-            median(&mut r.guard.clone()),
-            r.kl_base.last().copied().unwrap_or(f64::NAN)
-        );
-        println!(
-            "  judge: {} turns judged, {:.1} s per turn, {} with a usable hint",
-            judgments.0, judgments.1, judgments.2
-        );
-        if let Some(mb) = rss {
-            let cache = state.counters.prefix_cache_bytes.load(Ordering::Relaxed) as f64 / 1e6;
-            let weights = state.engine.model().map_or(0.0, |m| m.transformer.weight_bytes() as f64 / 1e6);
-            println!(
-                "peak RSS (serving + judging + training): {mb:.0} MB (weights {weights:.0} MB, prefix KV cache now {cache:.0} MB of server.prefix_cache_mb {})",
-                c.server.prefix_cache_mb
-            );
-        }
-        Ok(())
-    });
+    let result = runtime.block_on(serve_train_and_measure(&c, args));
     let _ = std::fs::remove_dir_all(&data);
     result
+}
+
+/// A serving clawrl on loopback for the loop, once its model is loaded.
+struct LoopServer {
+    core: Arc<Core>,
+    target: Target,
+    key: Option<String>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl LoopServer {
+    async fn start(c: &Config) -> Result<Self> {
+        let core = clawrl_core::build(c)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(clawrl_server::serve(listener, core.clone(), async {
+            let _ = stop_rx.await;
+        }));
+        while core.engine.status() == Status::Loading {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if let Status::Failed(e) = core.engine.status() {
+            bail!("the model failed to load: {e}");
+        }
+        core.training().context("training is enabled")?;
+        Ok(Self {
+            core,
+            target: Target::parse(&format!("http://127.0.0.1:{port}/v1"), "bench")?,
+            key: (!c.server.api_key.is_empty()).then(|| c.server.api_key.clone()),
+            stop,
+            server,
+        })
+    }
+}
+
+/// The loop's three phases: training paused (the baseline), training until `args.updates`
+/// versions went live, paused again on the last version (the adapter's own cost); then the
+/// report.
+async fn serve_train_and_measure(c: &Config, args: &TrainBenchArgs) -> Result<()> {
+    let s = LoopServer::start(c).await?;
+    let mut events = s.core.bus.subscribe();
+    println!(
+        "loop: {} (train: min_samples {}, max_wait {} s, max_samples {}; judge: {:?}, hints {}; gate: {:?}); {} client(s), think {} s, engine.background_share {}",
+        s.core.config.model_id,
+        c.train.min_samples,
+        c.train.max_wait_secs,
+        c.train.max_samples,
+        c.judge.backend,
+        c.judge.hints,
+        c.gate.policy,
+        args.clients.max(1),
+        args.think_secs,
+        c.engine.background_share
+    );
+    // The simulated users and the probe run through all phases.
+    let running = Arc::new(AtomicBool::new(true));
+    let users: Vec<_> = (0..args.clients.max(1))
+        .map(|client| spawn_user(&s, client, running.clone(), args.think_secs))
+        .collect();
+    let probes = Arc::new(std::sync::Mutex::new(Vec::<(f64, String)>::new()));
+    let probe = spawn_probe(&s, running.clone(), probes.clone());
+
+    // Phase A: training paused.
+    let core = &s.core;
+    core.set_training_paused(true)?;
+    tokio::time::sleep(Duration::from_secs(args.baseline_secs)).await;
+    core.set_training_paused(false)?;
+    {
+        let mut off: Vec<f64> = probes.lock().unwrap().iter().map(|p| p.0).collect();
+        println!(
+            "  training paused: serving p50 {:.2} s (n={})",
+            median(&mut off),
+            off.len()
+        );
+    }
+    // Phase B: until enough versions went live.
+    let started = Instant::now();
+    let live = wait_for_versions(core, &mut events, args.updates).await?;
+    let loop_secs = started.elapsed().as_secs_f64();
+    // Phase C: training paused again, serving the last version (the adapter's own cost).
+    core.set_training_paused(true)?;
+    tokio::time::sleep(Duration::from_secs(args.baseline_secs)).await;
+    running.store(false, Ordering::SeqCst);
+    for user in users {
+        let _ = user.await;
+    }
+    let _ = probe.await;
+    let rss = peak_rss_mb();
+    let core = s.core.clone();
+    let _ = s.stop.send(());
+    let _ = s.server.await;
+    let probes = probes.lock().unwrap().clone();
+    print_latencies(&probes);
+    print_reactions(c, live, loop_secs)?;
+    if let Some(mb) = rss {
+        let cache = core.counters.prefix_cache_bytes.load(Ordering::Relaxed) as f64 / 1e6;
+        let weights = core
+            .engine
+            .model()
+            .map_or(0.0, |m| m.transformer.weight_bytes() as f64 / 1e6);
+        println!(
+            "peak RSS (serving + judging + training): {mb:.0} MB (weights {weights:.0} MB, prefix KV cache now {cache:.0} MB of server.prefix_cache_mb {})",
+            c.server.prefix_cache_mb
+        );
+    }
+    Ok(())
+}
+
+/// A simulated user: three-turn conversations, one after another, until `running` clears.
+fn spawn_user(
+    s: &LoopServer,
+    client: usize,
+    running: Arc<AtomicBool>,
+    think: f64,
+) -> tokio::task::JoinHandle<()> {
+    let (target, key) = (s.target.clone(), s.key.clone());
+    tokio::spawn(async move {
+        let mut k = client * 1001;
+        while running.load(Ordering::SeqCst) {
+            let session = format!("bench-{k}");
+            let mut messages =
+                vec![json!({"role": "user", "content": QUESTIONS[k % QUESTIONS.len()]})];
+            for turn in 0..3 {
+                if !running.load(Ordering::SeqCst) {
+                    break;
+                }
+                let body = json!({"messages": messages, "max_tokens": 48, "session_id": session});
+                let reply = match chat(&target, key.as_deref(), body).await {
+                    Ok((_, reply)) => reply,
+                    Err(e) => {
+                        eprintln!("  the simulated user's request failed: {e:#}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        break;
+                    }
+                };
+                messages.push(reply["choices"][0]["message"].clone());
+                tokio::time::sleep(Duration::from_secs_f64(think)).await;
+                messages.push(json!({"role": "user", "content": REPLIES[(k + turn) % 2]}));
+            }
+            k += 1;
+        }
+    })
+}
+
+/// The latency probe: every 2 s a greedy side request, recorded with the phase it ran in.
+fn spawn_probe(
+    s: &LoopServer,
+    running: Arc<AtomicBool>,
+    probes: Arc<std::sync::Mutex<Vec<(f64, String)>>>,
+) -> tokio::task::JoinHandle<()> {
+    let (target, key, core) = (s.target.clone(), s.key.clone(), s.core.clone());
+    tokio::spawn(async move {
+        while running.load(Ordering::SeqCst) {
+            let body = json!({"messages": [{"role": "user", "content": PROBE}], "max_tokens": PROBE_TOKENS,
+                              "temperature": 0, "turn_type": "side"});
+            let state_before = core.training().map(|(s, _)| s.state).unwrap_or_default();
+            if let Ok((secs, reply)) = chat(&target, key.as_deref(), body).await
+                && reply["usage"]["completion_tokens"].as_u64() == Some(PROBE_TOKENS)
+            {
+                // Paused on the base model (the baseline), paused on a trained version
+                // (the adapter's own cost), or the trainer's state while training.
+                let paused = core.training().is_some_and(|(_, paused)| paused);
+                let phase = match (paused, core.engine.live_version()) {
+                    (true, 0) => "off".to_string(),
+                    (true, _) => "adapter".to_string(),
+                    (false, _) => state_before,
+                };
+                probes.lock().unwrap().push((secs, phase));
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    })
+}
+
+/// Waits until `updates` versions went live; fails after 15 minutes without one.
+async fn wait_for_versions(
+    core: &Core,
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    updates: usize,
+) -> Result<usize> {
+    let started = Instant::now();
+    let mut live = 0usize;
+    // 15 minutes without a version going live (any other event does not count).
+    let mut deadline = tokio::time::Instant::now() + Duration::from_secs(900);
+    while live < updates {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(Event::VersionLive { version, .. })) => {
+                live += 1;
+                deadline = tokio::time::Instant::now() + Duration::from_secs(900);
+                println!(
+                    "  v{version} live after {:.0} s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            Ok(Ok(Event::CandidateReady {
+                version,
+                guard_passed: false,
+                reasons,
+                ..
+            })) => {
+                println!("  v{version} held by the guard: {}", reasons.join("; "));
+            }
+            Ok(Ok(Event::TrainingFailed { error })) => println!("  an update failed: {error}"),
+            Ok(_) => {}
+            Err(_) => bail!(
+                "no version went live for 15 minutes (trainer: {})",
+                core.training().map(|(s, _)| s.detail).unwrap_or_default()
+            ),
+        }
+    }
+    Ok(live)
+}
+
+/// Serving latency by phase: training off, on, during updates, and on the last version.
+fn print_latencies(probes: &[(f64, String)]) {
+    let of = |keep: &dyn Fn(&str) -> bool| -> Vec<f64> {
+        probes.iter().filter(|p| keep(&p.1)).map(|p| p.0).collect()
+    };
+    let mut off = of(&|p| p == "off");
+    let mut on = of(&|p| !matches!(p, "off" | "adapter"));
+    let mut adapter = of(&|p| p == "adapter");
+    let mut during = of(&|p| matches!(p, "training" | "guarding"));
+    let (p_off, p_on, p_during) = (median(&mut off), median(&mut on), median(&mut during));
+    let p_adapter = median(&mut adapter);
+    println!(
+        "serving p50 latency ({PROBE:?}, {PROBE_TOKENS} tokens): training off {p_off:.2} s (n={}), on {p_on:.2} s (n={}) x{:.2}, during updates {p_during:.2} s (n={}) x{:.2}",
+        off.len(),
+        on.len(),
+        p_on / p_off,
+        during.len(),
+        p_during / p_off
+    );
+    println!(
+        "  training paused again, serving the last version: {p_adapter:.2} s (n={}) x{:.2} (the adapter's own cost)",
+        adapter.len(),
+        p_adapter / p_off
+    );
+}
+
+/// From the loop's store: how long a next state took to become a serving version, by part.
+fn print_reactions(c: &Config, live: usize, loop_secs: f64) -> Result<()> {
+    let store = Store::open_read_only(&c.store_path())?;
+    let mut r = reactions(&store)?;
+    let judgments = store.judgment_stats()?;
+    println!(
+        "next state -> new version serving: p50 {:.1} s, p90 {:.1} s over {} samples of {} updates ({:.0} s)",
+        percentile(&mut r.total, 0.5),
+        percentile(&mut r.total, 0.9),
+        r.total.len(),
+        live,
+        loop_secs
+    );
+    println!(
+        "  p50 parts: judged after {:.1} s, update started {:.1} s later, update (training + guard) {:.1} s",
+        median(&mut r.judge),
+        median(&mut r.queue),
+        median(&mut r.update)
+    );
+    println!(
+        "  guard p50 {:.1} s per candidate; KL from the base, last version: {:.5} nats/token",
+        median(&mut r.guard.clone()),
+        r.kl_base.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "  judge: {} turns judged, {:.1} s per turn, {} with a usable hint",
+        judgments.0, judgments.1, judgments.2
+    );
+    Ok(())
 }
 
 /// Where a sample's time went, in seconds: from its signal to its judgment, from there to the

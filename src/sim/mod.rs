@@ -20,6 +20,7 @@ pub mod plot {
         )
     }
 }
+mod outcome;
 pub mod preference;
 pub mod report;
 
@@ -422,6 +423,125 @@ pub fn run(cfg: &Config, args: &SimArgs) -> Result<()> {
 
 async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) -> Result<()> {
     let started = Instant::now();
+    let (in_process, client) = connect(cfg, args, out).await?;
+    wait_ready(&client).await?;
+    let sets = prompts();
+    let held_out: Vec<String> = sets.held_out.into_iter().take(args.eval_prompts).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    eprintln!(
+        "sim: {} ({}), method {}, seed {}, {} interactions; output in {}",
+        pref.name,
+        pref.description,
+        args.method.name(),
+        args.seed,
+        args.interactions,
+        out.display()
+    );
+    let eval = |memory: Option<String>, phase: String| {
+        let (client, held_out, pref) = (&client, &held_out, &pref);
+        async move { evaluate(client, held_out, pref, &memory, args.max_tokens, &phase).await }
+    };
+
+    let before = eval(None, "before".into()).await?;
+    eprintln!("before: {}", proportion(&before).describe());
+    let mut user = User {
+        client: &client,
+        args,
+        pref: &pref,
+        corrections: Vec::new(),
+        verdicts: HashMap::new(),
+    };
+    let mut rows = Vec::new();
+    // Held-out checks during the run (--eval-every): (after interaction, not preferred), and
+    // their replies.
+    let mut checkpoints: Vec<(usize, usize)> = Vec::new();
+    let mut checked: Vec<(String, Vec<Evaluated>)> = Vec::new();
+    for i in 1..=args.interactions {
+        if i > 1 && args.think_secs > 0.0 && !args.deterministic {
+            tokio::time::sleep(Duration::from_secs_f64(args.think_secs)).await;
+        }
+        let prompt = &sets.train[rng.random_range(0..sets.train.len())];
+        let t = Instant::now();
+        let (satisfied, words) = user.interact(i, prompt).await?;
+        if args.deterministic {
+            quiesce(&client, cfg.train.min_samples as u64, settle_limit(args)).await?;
+        }
+        if args.eval_every > 0 && i % args.eval_every == 0 && i < args.interactions {
+            let phase = format!("after-{i}");
+            let e = eval(user.memory(), phase.clone()).await?;
+            let p = proportion(&e);
+            eprintln!("held-out after {i}: {}", p.describe());
+            checkpoints.push((i, p.n - p.k));
+            checked.push((phase, e));
+        }
+        let live_version = client.status().await?["live_version"].as_i64().unwrap_or(0);
+        let row = Interaction {
+            index: i,
+            prompt: prompt.clone(),
+            satisfied,
+            words,
+            live_version,
+            seconds: t.elapsed().as_secs_f64(),
+        };
+        eprintln!(
+            "{i:>3} {} {:>3} words, live v{live_version}, {:.1} s",
+            if satisfied { "+1" } else { "-1" },
+            row.words,
+            row.seconds
+        );
+        rows.push(row);
+    }
+    let settled = finish_training(&client, cfg, args).await?;
+    eprintln!("training: {settled}");
+    // The judge against the user's verdicts (in-process runs: the store is the run's own).
+    let judge = match &in_process {
+        Some(p) => judge_summary(&p.store_path, &user.verdicts)?,
+        None => None,
+    };
+    let after = eval(user.memory(), "after".into()).await?;
+    let versions = Versions::fetch(&client).await?;
+    // Rolling back to v0 must give back the "before" replies exactly (in-process runs only:
+    // a rollback changes what a shared server serves).
+    let rollback = if in_process.is_some() && versions.live != 0 {
+        let body = json!({"version": 0});
+        client
+            .call(Method::POST, "/admin/rollback", Some(&body))
+            .await?;
+        let again = eval(None, "rollback".into()).await?;
+        let same = before
+            .iter()
+            .zip(&again)
+            .filter(|(a, b)| a.reply == b.reply)
+            .count();
+        Some((same, again.len()))
+    } else {
+        None
+    };
+    let outcome = outcome::Outcome {
+        args,
+        pref: &pref,
+        before,
+        checked,
+        after,
+        checkpoints,
+        rows,
+        versions,
+        settled,
+        judge,
+        corrections: user.corrections.len(),
+        rollback,
+        wall_secs: started.elapsed().as_secs_f64(),
+    };
+    outcome.write(out)?;
+    if let Some(p) = in_process {
+        let _ = p.stop.send(());
+        p.server.await??;
+    }
+    Ok(())
+}
+
+/// The clawrl to talk to: `--url`'s, or one started in this process on the run's own store.
+async fn connect(cfg: &Config, args: &SimArgs, out: &Path) -> Result<(Option<InProcess>, Client)> {
     let (in_process, url) = match &args.url {
         Some(u) => (
             None,
@@ -440,46 +560,53 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
             args.api_key.clone()
         },
     };
-    wait_ready(&client).await?;
-    let sets = prompts();
-    let held_out: Vec<String> = sets.held_out.into_iter().take(args.eval_prompts).collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
-    eprintln!(
-        "sim: {} ({}), method {}, seed {}, {} interactions; output in {}",
-        pref.name,
-        pref.description,
-        args.method.name(),
-        args.seed,
-        args.interactions,
-        out.display()
-    );
+    Ok((in_process, client))
+}
 
-    let before = evaluate(&client, &held_out, &pref, &None, args.max_tokens, "before").await?;
-    eprintln!("before: {}", proportion(&before).describe());
+fn settle_limit(args: &SimArgs) -> Duration {
+    Duration::from_secs(args.settle_secs)
+}
 
-    let mut corrections: Vec<&str> = Vec::new();
-    let mut rows = Vec::new();
-    // Held-out checks during the run (--eval-every): (after interaction, not preferred), and
-    // their replies.
-    let mut checkpoints: Vec<(usize, usize)> = Vec::new();
-    let mut checked: Vec<(String, Vec<Evaluated>)> = Vec::new();
-    // The user's verdict on each reply, by response id: what the judge is measured against.
-    let mut verdicts = HashMap::new();
-    for i in 1..=args.interactions {
-        if i > 1 && args.think_secs > 0.0 && !args.deterministic {
-            tokio::time::sleep(Duration::from_secs_f64(args.think_secs)).await;
-        }
-        let t = Instant::now();
-        let prompt = &sets.train[rng.random_range(0..sets.train.len())];
+/// After the last interaction: waits for the judge and the trainer, and says how it ended.
+async fn finish_training(client: &Client, cfg: &Config, args: &SimArgs) -> Result<String> {
+    if !args.deterministic {
+        return settle(client, settle_limit(args)).await;
+    }
+    quiesce(client, cfg.train.min_samples as u64, settle_limit(args)).await?;
+    Ok(
+        "settled (deterministic: the last samples short of train.min_samples stay untrained)"
+            .to_string(),
+    )
+}
+
+/// The simulated user: asks, rates, answers with praise or a correction, and remembers what
+/// it asked for (the system prompt of `--method prompt`) and what it thought of each reply.
+struct User<'a> {
+    client: &'a Client,
+    args: &'a SimArgs,
+    pref: &'a Preference,
+    corrections: Vec<&'static str>,
+    /// The user's verdict on each reply, by response id: what the judge is measured against.
+    verdicts: HashMap<String, bool>,
+}
+
+impl User<'_> {
+    /// The system prompt of `--method prompt` (none for the training methods).
+    fn memory(&self) -> Option<String> {
+        (self.args.method == SimMethod::Prompt)
+            .then(|| memory_prompt(&self.corrections))
+            .flatten()
+    }
+
+    /// Interaction `i` on `prompt`: the reply, the thumb, and the user's next message that
+    /// closes the session. Returns whether the reply met the rule, and its words.
+    async fn interact(&mut self, i: usize, prompt: &str) -> Result<(bool, usize)> {
+        let (args, pref) = (self.args, self.pref);
         // Unique per run: a running server may see several runs.
         let session = format!("sim-{}-s{}-{i}", std::process::id(), args.seed);
-        let system = if args.method == SimMethod::Prompt {
-            memory_prompt(&corrections)
-        } else {
-            None
-        };
-        let mut msgs = messages(&system, prompt);
-        let (id, reply, _) = client
+        let mut msgs = messages(&self.memory(), prompt);
+        let (id, reply, _) = self
+            .client
             .chat(json!({
                 "messages": msgs,
                 "max_tokens": args.max_tokens,
@@ -497,24 +624,19 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         } else {
             pref.correction
         };
-        verdicts.insert(id.clone(), approves);
+        self.verdicts.insert(id.clone(), approves);
         if !args.no_thumbs {
-            client
-                .call(
-                    Method::POST,
-                    "/v1/feedback",
-                    Some(
-                        &json!({"response_id": id, "rating": if approves { "up" } else { "down" }}),
-                    ),
-                )
+            let rating = if approves { "up" } else { "down" };
+            let body = json!({"response_id": id, "rating": rating});
+            self.client
+                .call(Method::POST, "/v1/feedback", Some(&body))
                 .await?;
         }
         // The user's next message: what the judge reads to score the reply and write a hint.
         msgs.push(json!({"role": "assistant", "content": reply}));
-        msgs.push(
-            json!({"role": "user", "content": if approves { pref.praise } else { correction }}),
-        );
-        client
+        let said = if approves { pref.praise } else { correction };
+        msgs.push(json!({"role": "user", "content": said}));
+        self.client
             .chat(json!({
                 "messages": msgs,
                 "max_tokens": 8,
@@ -522,307 +644,53 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
                 "session_done": true,
             }))
             .await?;
-        if !approves && !corrections.contains(&correction) {
-            corrections.push(correction);
+        if !approves && !self.corrections.contains(&correction) {
+            self.corrections.push(correction);
         }
-        if args.deterministic {
-            quiesce(
-                &client,
-                cfg.train.min_samples as u64,
-                Duration::from_secs(args.settle_secs),
-            )
-            .await?;
-        }
-        if args.eval_every > 0 && i % args.eval_every == 0 && i < args.interactions {
-            let memory = (args.method == SimMethod::Prompt)
-                .then(|| memory_prompt(&corrections))
-                .flatten();
-            let phase = format!("after-{i}");
-            let e = evaluate(&client, &held_out, &pref, &memory, args.max_tokens, &phase).await?;
-            let p = proportion(&e);
-            eprintln!("held-out after {i}: {}", p.describe());
-            checkpoints.push((i, p.n - p.k));
-            checked.push((phase, e));
-        }
-        let live_version = client.status().await?["live_version"].as_i64().unwrap_or(0);
-        let row = Interaction {
-            index: i,
-            prompt: prompt.clone(),
-            satisfied,
-            words: preference::words(&reply),
-            live_version,
-            seconds: t.elapsed().as_secs_f64(),
-        };
-        eprintln!(
-            "{i:>3} {} {:>3} words, live v{live_version}, {:.1} s",
-            if satisfied { "+1" } else { "-1" },
-            row.words,
-            row.seconds
-        );
-        rows.push(row);
+        Ok((satisfied, preference::words(&reply)))
     }
-    let settled = if args.deterministic {
-        quiesce(
-            &client,
-            cfg.train.min_samples as u64,
-            Duration::from_secs(args.settle_secs),
-        )
-        .await?;
-        "settled (deterministic: the last samples short of train.min_samples stay untrained)"
-            .to_string()
-    } else {
-        settle(&client, Duration::from_secs(args.settle_secs)).await?
-    };
-    eprintln!("training: {settled}");
-    // The judge against the user's verdicts (in-process runs: the store is the run's own).
-    let judge = match &in_process {
-        Some(p) => judge_summary(&p.store_path, &verdicts)?,
-        None => None,
-    };
+}
 
-    let memory = if args.method == SimMethod::Prompt {
-        memory_prompt(&corrections)
-    } else {
-        None
-    };
-    let after = evaluate(&client, &held_out, &pref, &memory, args.max_tokens, "after").await?;
-    let versions = client.call(Method::GET, "/admin/versions", None).await?;
-    let live = versions["live_version"].as_i64().unwrap_or(0);
-    let version_rows = versions["versions"]
-        .as_array()
-        .map_or(&[][..], Vec::as_slice);
-    let live_row = version_rows.iter().find(|v| v["id"].as_i64() == Some(live));
-    let created = version_rows.len();
-    let refused = version_rows
-        .iter()
-        .filter(|v| v["guard_passed"] == json!(false))
-        .count();
-    // Each version's step (an update of hints alone steps at a fraction of the rate).
-    let rates: Vec<String> = version_rows
-        .iter()
-        .filter_map(|v| v["learning_rate"].as_f64())
-        .map(|lr| format!("{lr:.2e}"))
-        .collect();
+/// The versions the run made, from `/admin/versions`.
+struct Versions {
+    live: i64,
+    /// The live version's row (none while v0 is live).
+    live_row: Option<Value>,
+    created: usize,
+    refused: usize,
+    /// Each version's step (an update of hints alone steps at a fraction of the rate).
+    rates: Vec<String>,
+    /// What training cost: tokens trained on and the trainer's own time (guard excluded).
+    trained_tokens: f64,
+    train_secs: f64,
+}
 
-    // What training cost: tokens trained on and the trainer's own time (guard excluded).
-    let trained_tokens: f64 = version_rows
-        .iter()
-        .filter_map(|v| v["tokens"].as_f64())
-        .sum();
-    let train_secs: f64 = version_rows
-        .iter()
-        .filter_map(|v| v["train_secs"].as_f64())
-        .sum();
-
-    // Rolling back to v0 must give back the "before" replies exactly (in-process runs only:
-    // a rollback changes what a shared server serves).
-    let rollback = if in_process.is_some() && live != 0 {
-        client
-            .call(
-                Method::POST,
-                "/admin/rollback",
-                Some(&json!({"version": 0})),
-            )
-            .await?;
-        let again = evaluate(
-            &client,
-            &held_out,
-            &pref,
-            &None,
-            args.max_tokens,
-            "rollback",
-        )
-        .await?;
-        let same = before
-            .iter()
-            .zip(&again)
-            .filter(|(a, b)| a.reply == b.reply)
-            .count();
-        Some((same, again.len()))
-    } else {
-        None
-    };
-    let wall = started.elapsed().as_secs_f64();
-
-    let b = proportion(&before);
-    let a = proportion(&after);
-    let mut text = String::new();
-    let _ = writeln!(
-        text,
-        "# sim: {} ({}), method {}, seed {}\n",
-        pref.name,
-        pref.description,
-        args.method.name(),
-        args.seed
-    );
-    let _ = writeln!(text, "- held-out before: {}", b.describe());
-    let _ = writeln!(text, "- held-out after:  {}", a.describe());
-    let ratio = if b.k > 0 {
-        format!("{:.1}x the base rate", a.rate() / b.rate())
-    } else {
-        "base rate 0".into()
-    };
-    let _ = writeln!(
-        text,
-        "- change: {:+.0} points ({ratio}); not preferred {} -> {}",
-        (a.rate() - b.rate()) * 100.0,
-        b.n - b.k,
-        a.n - a.k
-    );
-    let loops =
-        |e: &[Evaluated]| report::repeated_trigrams(e.iter().map(|e| e.reply.as_str())) * 100.0;
-    let _ = writeln!(
-        text,
-        "- quality: repeated word trigrams within a reply {:.1} % -> {:.1} %",
-        loops(&before),
-        loops(&after)
-    );
-    // The rule met by a reply a person would accept: one that does not loop (a looping list
-    // is short in words for its tokens).
-    let clean = |e: &[Evaluated]| {
-        e.iter()
-            .filter(|e| e.satisfied && !preference::loops(&e.reply))
-            .count()
-    };
-    let _ = writeln!(
-        text,
-        "- preferred and not looping (under 30 % repeated trigrams): {}/{} -> {}/{}",
-        clean(&before),
-        before.len(),
-        clean(&after),
-        after.len()
-    );
-    if args.eval_every > 0 {
-        checkpoints.push((args.interactions, a.n - a.k));
-        let before_not = b.n - b.k;
-        // Visible: at least 3 held-out replies fewer breaking the rule than before (20
-        // held-out questions leave about ±3 replies of noise between runs).
-        let first = checkpoints.iter().find(|(_, not)| *not + 3 <= before_not);
-        let trail: Vec<String> = checkpoints
-            .iter()
-            .map(|(i, not)| format!("{i}: {not}"))
-            .collect();
-        let _ = writeln!(
-            text,
-            "- first visible effect (held-out not preferred at least 3 below {before_not}): {}; not preferred after each check {}",
-            first.map_or("none".to_string(), |(i, _)| format!(
-                "after {i} interactions"
-            )),
-            trail.join(", ")
-        );
+impl Versions {
+    async fn fetch(client: &Client) -> Result<Self> {
+        let versions = client.call(Method::GET, "/admin/versions", None).await?;
+        let live = versions["live_version"].as_i64().unwrap_or(0);
+        let rows = versions["versions"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice);
+        let sum = |k: &str| rows.iter().filter_map(|v| v[k].as_f64()).sum::<f64>();
+        Ok(Self {
+            live,
+            live_row: rows
+                .iter()
+                .find(|v| v["id"].as_i64() == Some(live))
+                .cloned(),
+            created: rows.len(),
+            refused: rows
+                .iter()
+                .filter(|v| v["guard_passed"] == json!(false))
+                .count(),
+            rates: rows
+                .iter()
+                .filter_map(|v| v["learning_rate"].as_f64())
+                .map(|lr| format!("{lr:.2e}"))
+                .collect(),
+            trained_tokens: sum("tokens"),
+            train_secs: sum("train_secs"),
+        })
     }
-    let satisfied = rows.iter().filter(|r| r.satisfied).count();
-    let half = rows.len() / 2;
-    let first = rows[..half].iter().filter(|r| r.satisfied).count();
-    let second = rows[half..].iter().filter(|r| r.satisfied).count();
-    let _ = writeln!(
-        text,
-        "- during the run: {satisfied}/{} replies satisfied it (first half {first}/{half}, second half {second}/{})",
-        rows.len(),
-        rows.len() - half
-    );
-    match live_row {
-        Some(v) => {
-            let _ = writeln!(
-                text,
-                "- drift: live v{live}, KL from base on the guard's probes {} (limit {}); {created} versions created, {refused} refused by the guard",
-                v["kl_base"]
-                    .as_f64()
-                    .map_or("-".into(), |k| format!("{k:.4}")),
-                v["guard"]["limits"]["max_kl_base"]
-            );
-        }
-        None => {
-            let _ = writeln!(
-                text,
-                "- drift: none (v{live} live, {created} versions created, {refused} refused by the guard)"
-            );
-        }
-    }
-    let rates = if rates.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "; learning rate of each version's step: {}",
-            rates.join(" ")
-        )
-    };
-    let _ = writeln!(text, "- training: {settled}{rates}");
-    if train_secs > 0.0 {
-        let _ = writeln!(
-            text,
-            "- trained: {trained_tokens:.0} tokens in {train_secs:.0} s of updates ({:.1} trained tokens/s)",
-            trained_tokens / train_secs
-        );
-    }
-    if let Some(j) = &judge {
-        let _ = writeln!(text, "- judge: {}", j.describe());
-    }
-    if args.method == SimMethod::Prompt {
-        let cost = |e: &[Evaluated]| {
-            e.iter().map(|e| e.prompt_tokens).sum::<u64>() as f64 / e.len().max(1) as f64
-        };
-        let _ = writeln!(
-            text,
-            "- prompt memory: {} correction(s), +{:.0} prompt tokens per request",
-            corrections.len(),
-            cost(&after) - cost(&before)
-        );
-    }
-    if let Some((same, n)) = rollback {
-        let _ = writeln!(
-            text,
-            "- rollback to v0 reproduces the before replies: {same}/{n} identical"
-        );
-    }
-    let _ = writeln!(
-        text,
-        "- thumbs: {}{}; {}; wall time {wall:.0} s",
-        if args.no_thumbs { "off" } else { "on" },
-        if args.correct_every_reply {
-            ", every reply corrected"
-        } else {
-            ""
-        },
-        if args.deterministic {
-            "deterministic (waits for the judge and trainer)".to_string()
-        } else {
-            format!("think time {} s", args.think_secs)
-        }
-    );
-
-    std::fs::write(out.join("report.md"), &text)?;
-    std::fs::write(out.join("interactions.csv"), report::csv(&rows, 10))?;
-    let title = format!(
-        "{} · {} · seed {}",
-        pref.name,
-        args.method.name(),
-        args.seed
-    );
-    match plot::reward_curve(&out.join("rewards.png"), &rows, 10, &title) {
-        Ok(true) => {}
-        Ok(false) => eprintln!("rewards.png has no labels: no font found (set CLAWRL_FONT)"),
-        Err(e) => eprintln!("rewards.png not written: {e:#}"),
-    }
-    let mut eval = String::new();
-    let sets = std::iter::once(("before", &before))
-        .chain(checked.iter().map(|(p, e)| (p.as_str(), e)))
-        .chain([("after", &after)]);
-    for (phase, set) in sets {
-        for e in set.iter() {
-            let _ = writeln!(
-                eval,
-                "{}",
-                json!({"phase": phase, "prompt": e.prompt, "reply": e.reply, "satisfied": e.satisfied, "prompt_tokens": e.prompt_tokens})
-            );
-        }
-    }
-    std::fs::write(out.join("eval.jsonl"), eval)?;
-    print!("{text}");
-    println!("- files: {}", out.display());
-    if let Some(p) = in_process {
-        let _ = p.stop.send(());
-        p.server.await??;
-    }
-    Ok(())
 }
