@@ -3,6 +3,7 @@
 //! chooses the Burn device (`device`). Nothing here knows about HTTP, storage or the terminal.
 
 pub mod background;
+mod blocks;
 pub mod chat_template;
 pub mod config;
 pub mod device;

@@ -4,12 +4,12 @@
 //! (`Σ (q·d + m)·x = d·Σq·x + m·Σx`). The kernel bodies are written once (`kernels!`) and
 //! compiled twice: for AVX2 (8 lanes) and for AVX-512 (16 lanes), each with its own widening.
 
+use crate::blocks::{Q4_0, Q4_1, Q4K, Q5_0, Q6K, Q8_0, blocks};
 use crate::quant::{GgmlType, scale_min_k4};
 use std::arch::x86_64::*;
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn f16(b: &[u8], i: usize) -> f32 {
-    let bits = u16::from_le_bytes([b[i], b[i + 1]]);
+fn f16(bits: u16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
@@ -89,28 +89,48 @@ macro_rules! kernels {
             fma16(widen16::<SIGNED>(q), x, at, acc)
         }
 
-        /// A Q4_0 or Q4_1 block (`bytes` long: scale, [minimum,] 16 bytes of nibbles) as its
-        /// weights, low and high 16, looked up in the block's table.
+        /// Block `i` of a row of Q4_0 or Q4_1 blocks: its scale, minimum and nibbles (Q4_0's
+        /// weights are d·(q − 8): a minimum of −8d).
         #[target_feature(enable = $features)]
-        fn q4_block(ty: GgmlType, b: &[u8]) -> (W, W) {
-            let t = if ty == GgmlType::Q4_0 {
-                let d = f16(b, 0);
-                table(d, -8.0 * d)
+        fn q4_fields(ty: GgmlType, w: &[u8], i: usize) -> (f32, f32, &[u8; 16]) {
+            if ty == GgmlType::Q4_0 {
+                let b = Q4_0(&blocks(w)[i]);
+                let d = f16(b.d());
+                (d, -8.0 * d, b.qs())
             } else {
-                table(f16(b, 0), f16(b, 2))
-            };
-            let x = indexes(&b[b.len() - 16..]);
+                let b = Q4_1(&blocks(w)[i]);
+                (f16(b.d()), f16(b.m()), b.qs())
+            }
+        }
+
+        /// How many Q4_0 or Q4_1 blocks a row holds.
+        #[target_feature(enable = $features)]
+        fn q4_blocks(ty: GgmlType, w: &[u8]) -> usize {
+            w.len()
+                / if ty == GgmlType::Q4_0 {
+                    Q4_0::BYTES
+                } else {
+                    Q4_1::BYTES
+                }
+        }
+
+        /// Block `i` of a row of Q4_0 or Q4_1 blocks as its weights, low and high 16, looked
+        /// up in the block's table.
+        #[target_feature(enable = $features)]
+        fn q4_block(ty: GgmlType, w: &[u8], i: usize) -> (W, W) {
+            let (d, m, qs) = q4_fields(ty, w, i);
+            let (x, t) = (indexes(qs), table(d, m));
             (lookup::<false>(x, t), lookup::<true>(x, t))
         }
 
         /// Sub-block `j` of a Q4_K block by table: the low (even `j`) or high nibbles of the
         /// 32 bytes of chunk j / 2.
         #[target_feature(enable = $features)]
-        fn q4_k_sub_block(b: &[u8], j: usize) -> (W, W) {
-            let (d, dmin) = (f16(b, 0), f16(b, 2));
-            let (sc, m) = scale_min_k4(j, &b[4..16]);
+        fn q4_k_sub_block(b: Q4K, j: usize) -> (W, W) {
+            let (d, dmin) = (f16(b.d()), f16(b.dmin()));
+            let (sc, m) = scale_min_k4(j, b.scales());
             let t = table(d * sc as f32, -dmin * m as f32);
-            let qs = &b[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
+            let qs = b.chunk(j / 2);
             let (a, z) = (indexes(&qs[..16]), indexes(&qs[16..]));
             if j % 2 == 0 {
                 (lookup::<false>(a, t), lookup::<false>(z, t))
@@ -176,26 +196,18 @@ macro_rules! kernels {
             match ty {
                 // 4-bit blocks by table: the block's weights themselves meet the rows.
                 GgmlType::Q4_0 | GgmlType::Q4_1 if BY_TABLE => {
-                    let bytes = if ty == GgmlType::Q4_0 { 18 } else { 20 };
-                    let block = |i: usize| q4_block(ty, &w[bytes * i..bytes * (i + 1)]);
-                    (a0, a1, a2, a3) = rows4_by_table(w.len() / bytes, block, x);
+                    let block = |i: usize| q4_block(ty, w, i);
+                    (a0, a1, a2, a3) = rows4_by_table(q4_blocks(ty, w), block, x);
                 }
                 GgmlType::Q4_K if BY_TABLE => {
-                    let block =
-                        |i: usize| q4_k_sub_block(&w[144 * (i / 8)..144 * (i / 8 + 1)], i % 8);
-                    (a0, a1, a2, a3) = rows4_by_table(w.len() / 144 * 8, block, x);
+                    let q = blocks(w);
+                    let block = |i: usize| q4_k_sub_block(Q4K(&q[i / 8]), i % 8);
+                    (a0, a1, a2, a3) = rows4_by_table(q.len() * 8, block, x);
                 }
                 GgmlType::Q4_0 | GgmlType::Q4_1 => {
-                    let bytes = if ty == GgmlType::Q4_0 { 18 } else { 20 };
-                    for (i, b) in w.chunks_exact(bytes).enumerate() {
-                        // Q4_0's weights are d·(q − 8): a minimum of −8d.
-                        let d = f16(b, 0);
-                        let m = if ty == GgmlType::Q4_0 {
-                            -8.0 * d
-                        } else {
-                            f16(b, 2)
-                        };
-                        let (lo, hi) = nibbles(&b[bytes - 16..]);
+                    for i in 0..q4_blocks(ty, w) {
+                        let (d, m, qs) = q4_fields(ty, w, i);
+                        let (lo, hi) = nibbles(qs);
                         let (lo, hi) = (widen16::<false>(lo), widen16::<false>(hi));
                         a0 = block(a0, d, lo, hi, x[0], i);
                         a1 = block(a1, d, lo, hi, x[1], i);
@@ -207,10 +219,10 @@ macro_rules! kernels {
                     }
                 }
                 GgmlType::Q8_0 => {
-                    for (i, b) in w.chunks_exact(34).enumerate() {
-                        let d = f16(b, 0);
-                        let lo = widen16::<true>(load16(&b[2..18]));
-                        let hi = widen16::<true>(load16(&b[18..34]));
+                    for (i, b) in blocks(w).iter().map(Q8_0).enumerate() {
+                        let (d, qs) = (f16(b.d()), b.qs());
+                        let lo = widen16::<true>(load16(&qs[..16]));
+                        let hi = widen16::<true>(load16(&qs[16..]));
                         a0 = block(a0, d, lo, hi, x[0], i);
                         a1 = block(a1, d, lo, hi, x[1], i);
                         a2 = block(a2, d, lo, hi, x[2], i);
@@ -218,10 +230,9 @@ macro_rules! kernels {
                     }
                 }
                 GgmlType::Q5_0 => {
-                    for (i, b) in w.chunks_exact(22).enumerate() {
-                        let d = f16(b, 0);
-                        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-                        let (lo, hi) = nibbles(&b[6..22]);
+                    for (i, b) in blocks(w).iter().map(Q5_0).enumerate() {
+                        let (d, qh) = (f16(b.d()), b.qh());
+                        let (lo, hi) = nibbles(b.qs());
                         let (lo, hi) = (widen16_5(lo, qh & 0xFFFF), widen16_5(hi, qh >> 16));
                         a0 = block(a0, d, lo, hi, x[0], i);
                         a1 = block(a1, d, lo, hi, x[1], i);
@@ -234,10 +245,11 @@ macro_rules! kernels {
                 }
                 GgmlType::Q4_K => {
                     let mask = _mm_set1_epi8(0x0F);
-                    for (i, b) in w.chunks_exact(144).enumerate() {
-                        let (d, dmin) = (f16(b, 0), f16(b, 2));
+                    for (i, b) in blocks(w).iter().map(Q4K).enumerate() {
+                        let (d, dmin) = (f16(b.d()), f16(b.dmin()));
                         // Sub-block j = 2c + h: the low (h = 0) or high nibbles of chunk c.
-                        for (c, qs) in b[16..144].chunks_exact(32).enumerate() {
+                        for c in 0..4 {
+                            let qs = b.chunk(c);
                             let (a, z) = (load16(&qs[..16]), load16(&qs[16..]));
                             for h in 0..2 {
                                 let (a, z) = if h == 1 {
@@ -248,7 +260,7 @@ macro_rules! kernels {
                                 let j = 2 * c + h;
                                 let lo = widen16::<false>(_mm_and_si128(a, mask));
                                 let hi = widen16::<false>(_mm_and_si128(z, mask));
-                                let (sc, m) = scale_min_k4(j, &b[4..16]);
+                                let (sc, m) = scale_min_k4(j, b.scales());
                                 let (scale, min) = (d * sc as f32, dmin * m as f32);
                                 // Sub-block j of block i is 32-weight block 8i + j.
                                 let k = 8 * i + j;
@@ -266,12 +278,10 @@ macro_rules! kernels {
                 GgmlType::Q6_K => {
                     let (low4, low2, bias) =
                         (_mm_set1_epi8(0x0F), _mm_set1_epi8(3), _mm_set1_epi8(32));
-                    for (i, b) in w.chunks_exact(210).enumerate() {
-                        let d = f16(b, 208);
+                    for (i, b) in blocks(w).iter().map(Q6K).enumerate() {
+                        let d = f16(b.d());
                         for h in 0..2 {
-                            let ql = &b[h * 64..h * 64 + 64];
-                            let qh = &b[128 + h * 32..128 + h * 32 + 32];
-                            let sc = &b[192 + h * 8..192 + h * 8 + 8];
+                            let (ql, qh, sc) = (b.ql(h), b.qh(h), b.scales(h));
                             for k in 0..4 {
                                 let lo_at = 32 * (k & 1);
                                 let shift = _mm_cvtsi32_si128(4 * (k >> 1) as i32);
@@ -498,22 +508,21 @@ macro_rules! kernels {
         /// them. Two independent accumulators: one chain of fused multiply-adds would wait on
         /// each one's latency (it halved the kernels' speed).
         #[target_feature(enable = $features)]
-        fn sum_blocks(
+        fn sum_blocks<const N: usize>(
             w: &[u8],
-            block_bytes: usize,
-            block: impl Fn(&[u8], usize) -> (f32, Acc, f32),
+            block: impl Fn(&[u8; N], usize) -> (f32, Acc, f32),
         ) -> f32 {
             let (mut acc, mut offset) = ([zero(), zero()], [0f32, 0f32]);
-            let mut pairs = w.chunks_exact(2 * block_bytes);
+            let mut pairs = blocks::<N>(w).chunks_exact(2);
             let mut i = 0;
             for pair in pairs.by_ref() {
-                let (s0, v0, o0) = block(&pair[..block_bytes], i);
-                let (s1, v1, o1) = block(&pair[block_bytes..], i + 1);
+                let (s0, v0, o0) = block(&pair[0], i);
+                let (s1, v1, o1) = block(&pair[1], i + 1);
                 acc = [scaled(acc[0], s0, v0), scaled(acc[1], s1, v1)];
                 offset = [offset[0] + o0, offset[1] + o1];
                 i += 2;
             }
-            if let Some(b) = pairs.remainder().get(..block_bytes) {
+            if let Some(b) = pairs.remainder().first() {
                 let (s, v, o) = block(b, i);
                 acc[0] = scaled(acc[0], s, v);
                 offset[0] += o;
@@ -523,11 +532,12 @@ macro_rules! kernels {
 
         #[target_feature(enable = $features)]
         fn q8_0(w: &[u8], x: &[f32]) -> f32 {
-            sum_blocks(w, 34, |b, i| {
-                let lo = dot16::<true>(load16(&b[2..18]), x, 32 * i, zero());
+            sum_blocks::<{ Q8_0::BYTES }>(w, |b, i| {
+                let (d, qs) = (Q8_0(b).d(), Q8_0(b).qs());
+                let lo = dot16::<true>(load16(&qs[..16]), x, 32 * i, zero());
                 (
-                    f16(b, 0),
-                    dot16::<true>(load16(&b[18..34]), x, 32 * i + 16, lo),
+                    f16(d),
+                    dot16::<true>(load16(&qs[16..]), x, 32 * i + 16, lo),
                     0.0,
                 )
             })
@@ -535,29 +545,31 @@ macro_rules! kernels {
 
         #[target_feature(enable = $features)]
         fn q4_0(w: &[u8], x: &[f32], sums: &[f32]) -> f32 {
-            sum_blocks(w, 18, |b, i| {
-                let d = f16(b, 0);
-                (d, nibble_block(&b[2..18], x, 32 * i), -8.0 * d * sums[i])
+            sum_blocks::<{ Q4_0::BYTES }>(w, |b, i| {
+                let b = Q4_0(b);
+                let d = f16(b.d());
+                (d, nibble_block(b.qs(), x, 32 * i), -8.0 * d * sums[i])
             })
         }
 
         #[target_feature(enable = $features)]
         fn q4_1(w: &[u8], x: &[f32], sums: &[f32]) -> f32 {
-            sum_blocks(w, 20, |b, i| {
+            sum_blocks::<{ Q4_1::BYTES }>(w, |b, i| {
+                let b = Q4_1(b);
                 (
-                    f16(b, 0),
-                    nibble_block(&b[4..20], x, 32 * i),
-                    f16(b, 2) * sums[i],
+                    f16(b.d()),
+                    nibble_block(b.qs(), x, 32 * i),
+                    f16(b.m()) * sums[i],
                 )
             })
         }
 
         #[target_feature(enable = $features)]
         fn q5_0(w: &[u8], x: &[f32], sums: &[f32]) -> f32 {
-            sum_blocks(w, 22, |b, i| {
-                let d = f16(b, 0);
-                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-                let (lo, hi) = nibbles(&b[6..22]);
+            sum_blocks::<{ Q5_0::BYTES }>(w, |b, i| {
+                let b = Q5_0(b);
+                let (d, qh) = (f16(b.d()), b.qh());
+                let (lo, hi) = nibbles(b.qs());
                 let (lo, hi) = (widen16_5(lo, qh & 0xFFFF), widen16_5(hi, qh >> 16));
                 let block = fma16(hi, x, 32 * i + 16, fma16(lo, x, 32 * i, zero()));
                 (d, block, -16.0 * d * sums[i])
@@ -568,12 +580,12 @@ macro_rules! kernels {
         fn q4_k(w: &[u8], x: &[f32], sums: &[f32]) -> f32 {
             let (mut acc, mut offset) = ([zero(), zero()], 0f32);
             let mask = _mm_set1_epi8(0x0F);
-            for (i, b) in w.chunks_exact(144).enumerate() {
-                let (d, dmin) = (f16(b, 0), f16(b, 2));
-                let scales = &b[4..16];
+            for (i, b) in blocks(w).iter().map(Q4K).enumerate() {
+                let (d, dmin, scales) = (f16(b.d()), f16(b.dmin()), b.scales());
                 // 4 groups of 32 bytes: the low nibbles are a sub-block of 32, the high ones
                 // the next.
-                for (c, qs) in b[16..144].chunks_exact(32).enumerate() {
+                for c in 0..4 {
+                    let qs = b.chunk(c);
                     let (a, z) = (load16(&qs[..16]), load16(&qs[16..]));
                     for h in 0..2 {
                         let (a, z) = if h == 1 {
@@ -598,11 +610,10 @@ macro_rules! kernels {
         fn q6_k(w: &[u8], x: &[f32]) -> f32 {
             let mut acc = [zero(), zero()];
             let (low4, low2, bias) = (_mm_set1_epi8(0x0F), _mm_set1_epi8(3), _mm_set1_epi8(32));
-            for (i, b) in w.chunks_exact(210).enumerate() {
-                let d = f16(b, 208);
+            for (i, b) in blocks(w).iter().map(Q6K).enumerate() {
+                let d = f16(b.d());
                 for h in 0..2 {
-                    let (ql, qh) = (&b[h * 64..h * 64 + 64], &b[128 + h * 32..128 + h * 32 + 32]);
-                    let sc = &b[192 + h * 8..192 + h * 8 + 8];
+                    let (ql, qh, sc) = (b.ql(h), b.qh(h), b.scales(h));
                     // Quarter k holds weights 32k..32k+32 of this half: 4 bits from ql, 2
                     // from qh; every 16 weights have their own 8-bit scale.
                     for k in 0..4 {
