@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
+pub(crate) const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 
 #[derive(Debug, Clone, Copy)]
 pub struct CatalogModel {
@@ -64,7 +64,7 @@ pub fn find(id: &str) -> Option<&'static CatalogModel> {
     CATALOG.iter().find(|m| m.id.eq_ignore_ascii_case(id))
 }
 
-pub fn models_dir(data_dir: &Path) -> PathBuf {
+pub(crate) fn models_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("models")
 }
 
@@ -197,7 +197,7 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub fn sha256_file(path: &Path) -> Result<String> {
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
     let mut f =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut hasher = Sha256::new();

@@ -10,7 +10,7 @@ use directories::ProjectDirs;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-pub const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
+pub(crate) const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -295,7 +295,7 @@ impl Default for JudgeEndpoint {
 
 impl JudgeSection {
     /// The voting mode once `auto` is resolved; `direct` needs the local engine.
-    pub fn effective_mode(&self) -> Result<JudgeMode> {
+    pub(crate) fn effective_mode(&self) -> Result<JudgeMode> {
         match (self.mode, self.backend) {
             (JudgeMode::Auto, JudgeBackend::Openai) => Ok(JudgeMode::Reason),
             (JudgeMode::Auto, _) => Ok(JudgeMode::Direct),
@@ -503,7 +503,7 @@ impl Config {
     }
 
     /// How the policy's model is loaded (device, dtype, weights, context, KV cache).
-    pub fn load_options(&self) -> Result<clawrl_model::LoadOptions> {
+    pub(crate) fn load_options(&self) -> Result<clawrl_model::LoadOptions> {
         Ok(clawrl_model::LoadOptions {
             device: clawrl_model::device::select(self.model.device)?,
             dtype: clawrl_model::device::parse_dtype(&self.model.dtype)?,
@@ -674,7 +674,7 @@ impl Config {
     }
 
     /// Where adapter versions are written (one PEFT folder each).
-    pub fn adapters_dir(&self) -> PathBuf {
+    pub(crate) fn adapters_dir(&self) -> PathBuf {
         self.data_dir().join("adapters")
     }
 

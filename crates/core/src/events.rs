@@ -255,7 +255,7 @@ impl LiveReason {
     }
 }
 
-pub type EventBus = broadcast::Sender<Event>;
+pub(crate) type EventBus = broadcast::Sender<Event>;
 
 pub fn bus() -> EventBus {
     broadcast::channel(1024).0
@@ -268,7 +268,7 @@ pub fn emit(bus: &EventBus, event: Event) {
 }
 
 /// A failure the owner must see: logged as an error and shown on screen.
-pub fn alert(bus: &EventBus, text: String) {
+pub(crate) fn alert(bus: &EventBus, text: String) {
     tracing::error!("{text}");
     emit(
         bus,

@@ -82,7 +82,7 @@ mod tests {
 
 /// Lets a repeated log line through at most once per interval (per message), so that a loop
 /// meeting the same condition every second does not fill the log with it.
-pub struct Repeats {
+pub(crate) struct Repeats {
     every: std::time::Duration,
     /// Per message: when it was last let through, and how often it was held back since.
     last: std::collections::HashMap<String, (std::time::Instant, u64)>,

@@ -4,7 +4,7 @@
 use clawrl_model::messages::ToolCall;
 use serde_json::Value;
 
-pub const OPEN: &str = "<tool_call>";
+pub(crate) const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
 
 #[derive(Debug, Clone, PartialEq)]

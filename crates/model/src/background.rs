@@ -43,7 +43,7 @@ fn threads() -> usize {
 /// worker waiting inside a parallel operation runs other jobs of its pool on top of its own
 /// stack, and a stack overflow cannot be caught, it aborts the server with every request in
 /// flight. Only the pages a thread touches are resident, so the size costs address space.
-pub const STACK_BYTES: usize = 16 << 20;
+pub(crate) const STACK_BYTES: usize = 16 << 20;
 
 fn pool_builder(name: &'static str) -> rayon::ThreadPoolBuilder {
     rayon::ThreadPoolBuilder::new()

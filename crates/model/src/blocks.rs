@@ -28,13 +28,13 @@ fn part<const LEN: usize>(b: &[u8], at: usize) -> &[u8; LEN] {
 pub(crate) struct Q4_0<'a>(pub &'a [u8; 18]);
 
 impl<'a> Q4_0<'a> {
-    pub const BYTES: usize = 18;
+    pub(crate) const BYTES: usize = 18;
     #[inline(always)]
     pub fn d(self) -> u16 {
         bits(self.0, 0)
     }
     #[inline(always)]
-    pub fn qs(self) -> &'a [u8; 16] {
+    pub(crate) fn qs(self) -> &'a [u8; 16] {
         part(self.0, 2)
     }
 }
@@ -44,7 +44,7 @@ impl<'a> Q4_0<'a> {
 pub(crate) struct Q4_1<'a>(pub &'a [u8; 20]);
 
 impl<'a> Q4_1<'a> {
-    pub const BYTES: usize = 20;
+    pub(crate) const BYTES: usize = 20;
     #[inline(always)]
     pub fn d(self) -> u16 {
         bits(self.0, 0)
@@ -54,7 +54,7 @@ impl<'a> Q4_1<'a> {
         bits(self.0, 2)
     }
     #[inline(always)]
-    pub fn qs(self) -> &'a [u8; 16] {
+    pub(crate) fn qs(self) -> &'a [u8; 16] {
         part(self.0, 4)
     }
 }
@@ -65,17 +65,17 @@ impl<'a> Q4_1<'a> {
 pub(crate) struct Q5_0<'a>(pub &'a [u8; 22]);
 
 impl<'a> Q5_0<'a> {
-    pub const BYTES: usize = 22;
+    pub(crate) const BYTES: usize = 22;
     #[inline(always)]
     pub fn d(self) -> u16 {
         bits(self.0, 0)
     }
     #[inline(always)]
-    pub fn qh(self) -> u32 {
+    pub(crate) fn qh(self) -> u32 {
         u32::from_le_bytes(*part(self.0, 2))
     }
     #[inline(always)]
-    pub fn qs(self) -> &'a [u8; 16] {
+    pub(crate) fn qs(self) -> &'a [u8; 16] {
         part(self.0, 6)
     }
 }
@@ -85,13 +85,13 @@ impl<'a> Q5_0<'a> {
 pub(crate) struct Q8_0<'a>(pub &'a [u8; 34]);
 
 impl<'a> Q8_0<'a> {
-    pub const BYTES: usize = 34;
+    pub(crate) const BYTES: usize = 34;
     #[inline(always)]
     pub fn d(self) -> u16 {
         bits(self.0, 0)
     }
     #[inline(always)]
-    pub fn qs(self) -> &'a [u8; 32] {
+    pub(crate) fn qs(self) -> &'a [u8; 32] {
         part(self.0, 2)
     }
 }
@@ -109,7 +109,7 @@ impl<'a> Q4K<'a> {
         bits(self.0, 0)
     }
     #[inline(always)]
-    pub fn dmin(self) -> u16 {
+    pub(crate) fn dmin(self) -> u16 {
         bits(self.0, 2)
     }
     #[inline(always)]
@@ -136,12 +136,12 @@ impl<'a> Q6K<'a> {
     }
     /// Half `h`'s low 4 bits of its 128 weights.
     #[inline(always)]
-    pub fn ql(self, h: usize) -> &'a [u8; 64] {
+    pub(crate) fn ql(self, h: usize) -> &'a [u8; 64] {
         &self.0[..128].as_chunks::<64>().0[h]
     }
     /// Half `h`'s high 2 bits of its 128 weights.
     #[inline(always)]
-    pub fn qh(self, h: usize) -> &'a [u8; 32] {
+    pub(crate) fn qh(self, h: usize) -> &'a [u8; 32] {
         &self.0[128..192].as_chunks::<32>().0[h]
     }
     /// Half `h`'s 8 scales (signed bytes).

@@ -18,7 +18,7 @@ pub enum Family {
 }
 
 impl Family {
-    pub fn from_name(name: &str) -> Result<Self> {
+    pub(crate) fn from_name(name: &str) -> Result<Self> {
         Ok(match name.to_ascii_lowercase().as_str() {
             "llama" | "llamaforcausallm" | "mistral" | "mistralforcausallm" => Self::Llama,
             "qwen2" | "qwen2forcausallm" => Self::Qwen2,
@@ -35,10 +35,7 @@ impl Family {
             Self::Qwen3 => "qwen3",
         }
     }
-    pub fn qkv_bias(self) -> bool {
-        self == Self::Qwen2
-    }
-    pub fn qk_norm(self) -> bool {
+    pub(crate) fn qk_norm(self) -> bool {
         self == Self::Qwen3
     }
 }
@@ -115,7 +112,7 @@ impl ModelConfig {
         })
     }
 
-    pub fn from_hf_json(text: &str) -> Result<Self> {
+    pub(crate) fn from_hf_json(text: &str) -> Result<Self> {
         #[derive(Deserialize)]
         struct Hf {
             #[serde(default)]
@@ -190,7 +187,7 @@ impl ModelConfig {
         Ok(())
     }
 
-    pub fn num_params(&self) -> usize {
+    pub(crate) fn num_params(&self) -> usize {
         let attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads);
         let mlp = 3 * self.hidden_size * self.intermediate_size;
         let embed = self.vocab_size * self.hidden_size * if self.tie_embeddings { 1 } else { 2 };

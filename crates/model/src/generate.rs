@@ -4,7 +4,6 @@ use super::LoadedModel;
 use super::lora::LoraAdapter;
 use super::sampling::{Sampler, SamplingParams};
 use anyhow::{Result, bail};
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -349,23 +348,9 @@ impl LoadedModel {
             .try_into_vec::<f32>()?)
     }
 
-    /// The full next-token log-distributions `[n, vocab]` at each position of `continuation`
-    /// (what the regression guard compares between versions).
-    pub fn continuation_distributions(
-        &self,
-        context: &[u32],
-        continuation: &[u32],
-        adapter: Option<&LoraAdapter>,
-    ) -> Result<Tensor<2>> {
-        Ok(log_softmax(
-            self.teacher_forced(context, continuation, adapter, None)?,
-            1,
-        ))
-    }
-
     /// Log-probabilities `[n]` of `continuation` after `context`; `prefix` optionally holds the
     /// first tokens of `context` already computed with the same adapter.
-    pub fn continuation_logprobs(
+    pub(crate) fn continuation_logprobs(
         &self,
         context: &[u32],
         continuation: &[u32],

@@ -77,7 +77,7 @@ pub struct GgufTensorInfo {
 }
 
 impl GgufTensorInfo {
-    pub fn n_elements(&self) -> usize {
+    pub(crate) fn n_elements(&self) -> usize {
         self.dims.iter().product::<u64>() as usize
     }
     /// Shape in row-major order as Hugging Face writes it (`[rows, cols]` for a matrix).
@@ -288,25 +288,25 @@ impl GgufFile {
     pub fn get(&self, key: &str) -> Option<&GgufValue> {
         self.metadata.get(key)
     }
-    pub fn get_str(&self, key: &str) -> Option<&str> {
+    pub(crate) fn get_str(&self, key: &str) -> Option<&str> {
         self.get(key).and_then(GgufValue::as_str)
     }
-    pub fn get_u64(&self, key: &str) -> Option<u64> {
+    pub(crate) fn get_u64(&self, key: &str) -> Option<u64> {
         self.get(key).and_then(GgufValue::as_u64)
     }
-    pub fn get_f64(&self, key: &str) -> Option<f64> {
+    pub(crate) fn get_f64(&self, key: &str) -> Option<f64> {
         self.get(key).and_then(GgufValue::as_f64)
     }
-    pub fn require_u64(&self, key: &str) -> Result<u64> {
+    pub(crate) fn require_u64(&self, key: &str) -> Result<u64> {
         self.get_u64(key)
             .with_context(|| format!("GGUF metadata key {key} is missing"))
     }
-    pub fn architecture(&self) -> Result<&str> {
+    pub(crate) fn architecture(&self) -> Result<&str> {
         self.get_str("general.architecture")
             .context("GGUF metadata key general.architecture is missing")
     }
 
-    pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> &[u8] {
+    pub(crate) fn tensor_bytes(&self, info: &GgufTensorInfo) -> &[u8] {
         &(*self.bytes).as_ref()[info.offset..info.offset + info.len]
     }
 

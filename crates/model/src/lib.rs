@@ -17,7 +17,7 @@ pub mod lora;
 pub mod messages;
 pub mod peft;
 pub mod quant;
-pub mod rope;
+pub(crate) mod rope;
 pub mod sampling;
 pub mod scoring;
 pub mod tokenizer;

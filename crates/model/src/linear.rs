@@ -10,7 +10,7 @@
 use super::gguf::{GgufFile, GgufTensorInfo};
 use super::kernels;
 use super::lora::LoraPair;
-use super::quant::{GgmlType, dequantize_into};
+use super::quant::GgmlType;
 use anyhow::{Result, ensure};
 use burn::module::{Module, Param};
 use burn::tensor::{DType, Tensor, TensorData};
@@ -90,22 +90,24 @@ impl QuantMatrix {
     }
 
     /// Bytes held.
-    pub fn byte_len(&self) -> usize {
+    pub(crate) fn byte_len(&self) -> usize {
         self.bytes.len()
     }
 
     /// Bytes read to multiply by this matrix once: as held, and as the checkpoint has them.
-    pub fn decode_bytes(&self) -> DecodeBytes {
+    pub(crate) fn decode_bytes(&self) -> DecodeBytes {
         DecodeBytes {
             held: self.bytes.len(),
             file: self.file_bytes,
         }
     }
 
-    pub fn to_dense(&self) -> Vec<f32> {
+    #[cfg(test)]
+    pub(crate) fn to_dense(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
         for row in self.bytes.chunks_exact(self.row_bytes) {
-            dequantize_into(self.ty, row, self.cols, &mut out).expect("row length checked in new");
+            super::quant::dequantize_into(self.ty, row, self.cols, &mut out)
+                .expect("row length checked in new");
         }
         out
     }
@@ -173,7 +175,7 @@ pub struct Linear {
 /// with 8 here instead of 16, Qwen2.5's 10 and 16 rows ran 1.15× and 1.85× faster, SmolLM2's
 /// 0.97× and 1.07× (with the AVX2 kernels the quantized ones had won up to ~16 rows). Short
 /// turns and the new tail of a cached conversation are this size.
-pub const DECODE_ROWS: usize = 8;
+pub(crate) const DECODE_ROWS: usize = 8;
 
 impl Linear {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
@@ -181,7 +183,7 @@ impl Linear {
     }
 
     /// `x·W` (+ bias) plus the low-rank update of `lora` when given.
-    pub fn forward_adapted<const D: usize>(
+    pub(crate) fn forward_adapted<const D: usize>(
         &self,
         x: Tensor<D>,
         lora: Option<&LoraPair>,
@@ -204,7 +206,7 @@ impl Linear {
 
     /// Several projections of the same input (q, k and v; gate and up), each with its optional
     /// update: when decoding on blocks, one parallel pass over all their rows; else one by one.
-    pub fn forward_many<const D: usize>(
+    pub(crate) fn forward_many<const D: usize>(
         projections: &[(&Linear, Option<&LoraPair>)],
         x: Tensor<D>,
     ) -> Vec<Tensor<D>> {
@@ -236,13 +238,6 @@ impl Linear {
         }
     }
 
-    pub fn out_features(&self) -> usize {
-        match &self.weight {
-            LinearWeight::Dense(w) => w.dims()[1],
-            LinearWeight::Blocks(b) => b.matrix.rows,
-        }
-    }
-
     /// Bytes the weight and bias occupy in memory.
     pub fn weight_bytes(&self) -> usize {
         let w = match &self.weight {
@@ -257,7 +252,7 @@ impl Linear {
     }
 
     /// Bytes read per decoded token: the blocks when decoding uses them, else the weight.
-    pub fn decode_bytes(&self) -> DecodeBytes {
+    pub(crate) fn decode_bytes(&self) -> DecodeBytes {
         let bias = DecodeBytes::same(self.bias_bytes());
         bias + match (&self.decode_blocks, &self.weight) {
             (Some(b), _) | (None, LinearWeight::Blocks(b)) => b.matrix.decode_bytes(),

@@ -62,7 +62,7 @@ impl Target {
         }
     }
 
-    pub fn from_name(name: &str) -> Option<Self> {
+    pub(crate) fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.name() == name)
     }
 
@@ -150,7 +150,7 @@ impl LoraPair {
 
     /// The low-rank update of `x` (`[rows][in]`) from the plain copies, for the kernels to
     /// add to each output as they compute it: `None` when this pair has no plain copies.
-    pub fn plain_update(&self, x: &[f32], rows: usize) -> Option<LowRank<'_>> {
+    pub(crate) fn plain_update(&self, x: &[f32], rows: usize) -> Option<LowRank<'_>> {
         let p = self.plain.as_ref()?;
         let din = x.len() / rows;
         let isa = super::kernels::Isa::selected();
@@ -331,7 +331,7 @@ impl LoraAdapter {
     }
 
     /// Number of trainable values.
-    pub fn num_values(&self) -> usize {
+    pub(crate) fn num_values(&self) -> usize {
         self.pairs()
             .map(|(_, _, p)| p.a.shape().num_elements() + p.b.shape().num_elements())
             .sum()

@@ -212,7 +212,7 @@ impl Message {
 
     /// The message as a chat template expects it: content always a string (tool-call-only
     /// turns get "", text parts are joined).
-    pub fn template_value(&self) -> Value {
+    pub(crate) fn template_value(&self) -> Value {
         let mut flat = self.clone();
         flat.content = Some(Content::Text(self.text()));
         serde_json::to_value(flat).expect("a message serializes")

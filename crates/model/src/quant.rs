@@ -41,7 +41,7 @@ impl GgmlType {
     }
 
     /// Number of weights in one block.
-    pub fn block_len(self) -> usize {
+    pub(crate) fn block_len(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
             Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => 32,
@@ -50,7 +50,7 @@ impl GgmlType {
     }
 
     /// Bytes used by one block.
-    pub fn block_bytes(self) -> usize {
+    pub(crate) fn block_bytes(self) -> usize {
         match self {
             Self::F32 => 4,
             Self::F16 | Self::BF16 => 2,
@@ -82,7 +82,12 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 }
 
 /// Dequantizes `n` weights of type `ty` from `bytes` into `out` (appending).
-pub fn dequantize_into(ty: GgmlType, bytes: &[u8], n: usize, out: &mut Vec<f32>) -> Result<()> {
+pub(crate) fn dequantize_into(
+    ty: GgmlType,
+    bytes: &[u8],
+    n: usize,
+    out: &mut Vec<f32>,
+) -> Result<()> {
     let need = ty.bytes_for(n)?;
     if bytes.len() < need {
         bail!(
@@ -199,7 +204,7 @@ pub fn dequantize_into(ty: GgmlType, bytes: &[u8], n: usize, out: &mut Vec<f32>)
 /// signed byte, the same f16 scale, so both dequantize to the same numbers. 34 bytes per 32
 /// weights instead of 22, but the Q8_0 kernel skips gathering each weight's fifth bit, which
 /// made Q5_0 the slowest kernel per weight (docs/BENCHMARKS.md).
-pub fn q5_0_as_q8_0(bytes: &[u8]) -> Vec<u8> {
+pub(crate) fn q5_0_as_q8_0(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len() / 22 * 34);
     for b in bytes.chunks_exact(22) {
         let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);

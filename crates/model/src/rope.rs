@@ -6,7 +6,7 @@ use super::config::{ModelConfig, RopeLayout};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 #[derive(Debug, Clone)]
-pub struct Rope {
+pub(crate) struct Rope {
     inv_freq: Vec<f64>,
     layout: RopeLayout,
 }
@@ -79,7 +79,7 @@ impl Rope {
     }
 
     /// Rotates every head of `x` (`[heads][head_dim]`) for position `p`, in place.
-    pub fn rotate(&self, x: &mut [f32], p: usize) {
+    pub(crate) fn rotate(&self, x: &mut [f32], p: usize) {
         let half = self.inv_freq.len();
         let angles: Vec<(f32, f32)> = (0..half).map(|i| self.angle(p, i)).collect();
         for head in x.chunks_exact_mut(2 * half) {

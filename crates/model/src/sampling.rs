@@ -41,7 +41,7 @@ impl SamplingParams {
     }
 }
 
-pub struct Sampler {
+pub(crate) struct Sampler {
     params: SamplingParams,
     rng: StdRng,
 }
@@ -129,7 +129,7 @@ pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
         .collect()
 }
 
-pub fn argmax(v: &[f32]) -> usize {
+pub(crate) fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()
         .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {

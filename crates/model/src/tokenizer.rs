@@ -184,15 +184,11 @@ impl Tokenizer {
             .map_err(|e| anyhow!("decoding: {e}"))
     }
 
-    pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
-    }
-
     /// Replaces every control token's text inside the strings of `v` (messages, tools: text a
     /// client sent) with a placeholder no client can guess, so that a typed `<|im_start|>`
     /// cannot forge a role boundary; [`Self::encode_prompt`] turns the placeholders back into
     /// that text, tokenized as text.
-    pub fn quote_specials(&self, v: &Value, quoted: &mut QuotedSpecials) -> Value {
+    pub(crate) fn quote_specials(&self, v: &Value, quoted: &mut QuotedSpecials) -> Value {
         match v {
             Value::String(s) => Value::String(self.quote_str(s, quoted)),
             Value::Array(a) => {
@@ -295,7 +291,7 @@ impl QuotedSpecials {
     }
 }
 
-pub fn read_tokenizer_config(dir: &Path) -> Result<Value> {
+pub(crate) fn read_tokenizer_config(dir: &Path) -> Result<Value> {
     let path = dir.join("tokenizer_config.json");
     if !path.exists() {
         return Ok(json!({}));

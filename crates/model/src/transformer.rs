@@ -386,7 +386,7 @@ impl Transformer {
 
     /// Runs `tokens` `[b, seq]`: row `r` continues `caches[r]`, whatever its length (batched
     /// decoding of several streams reads the weights once for all). Returns `[b, seq, hidden]`.
-    pub fn forward_batch(
+    pub(crate) fn forward_batch(
         &self,
         tokens: Tensor<2, Int>,
         caches: &mut [&mut KvCache],

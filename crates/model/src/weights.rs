@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// The GGUF tensor name for a Hugging Face tensor name.
-pub fn gguf_name(hf: &str) -> Option<String> {
+pub(crate) fn gguf_name(hf: &str) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -99,7 +99,7 @@ impl HfDir {
 }
 
 /// A safetensors tensor's values as f32 (F32, F16 and BF16 are read).
-pub fn view_f32(view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
+pub(crate) fn view_f32(view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
     let bytes = view.data();
     Ok(match view.dtype() {
         Dtype::F32 => bytes
@@ -186,7 +186,7 @@ impl WeightFile {
     }
 
     /// The file's quantized blocks of a projection, when the file stores it quantized.
-    pub fn quant_blocks(&self, hf_name: &str) -> Option<QuantMatrix> {
+    pub(crate) fn quant_blocks(&self, hf_name: &str) -> Option<QuantMatrix> {
         let g = self.gguf()?;
         QuantMatrix::from_gguf(g, g.tensors.get(&gguf_name(hf_name)?)?)
     }

@@ -8,7 +8,7 @@ use clawrl_core::events::Level;
 use crossterm::event::{KeyEvent, KeyEventKind};
 
 /// Handles one key press.
-pub fn on_key(screen: &mut Screen, e: KeyEvent) {
+pub(crate) fn on_key(screen: &mut Screen, e: KeyEvent) {
     if e.kind == KeyEventKind::Release {
         return;
     }

@@ -204,7 +204,7 @@ impl Key {
     }
 
     /// Whether typing this key in the chat box is text (not a command).
-    pub fn is_text(&self) -> bool {
+    pub(crate) fn is_text(&self) -> bool {
         matches!(self.code, KeyCode::Char(_))
             && !self.mods.contains(KeyModifiers::CONTROL)
             && !self.mods.contains(KeyModifiers::ALT)

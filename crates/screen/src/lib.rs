@@ -9,7 +9,7 @@ pub mod panes;
 pub mod screen;
 pub mod state;
 pub mod text;
-pub mod theme;
+pub(crate) mod theme;
 
 #[cfg(test)]
 mod tests;

@@ -47,7 +47,7 @@ pub enum View {
 }
 
 /// Actions that work wherever the focus is.
-pub const GLOBAL: &[Action] = &[
+pub(crate) const GLOBAL: &[Action] = &[
     Action::Quit,
     Action::Help,
     Action::NextPane,
@@ -164,12 +164,12 @@ impl Screen {
         }
     }
 
-    pub fn notice(&mut self, level: Level, text: impl Into<String>) {
+    pub(crate) fn notice(&mut self, level: Level, text: impl Into<String>) {
         self.state.notice(level, text, self.now_ms);
     }
 
     /// The panes the current layout shows that take the focus, in Tab order.
-    pub fn focusable(&self) -> Vec<PaneId> {
+    pub(crate) fn focusable(&self) -> Vec<PaneId> {
         let conversations = [PaneId::Sessions, PaneId::Conversation, PaneId::Chat];
         match (self.wide, self.view) {
             (true, _) => [&conversations[..], &[PaneId::Updates]].concat(),
@@ -178,7 +178,7 @@ impl Screen {
         }
     }
 
-    pub fn focus_on(&mut self, pane: PaneId) {
+    pub(crate) fn focus_on(&mut self, pane: PaneId) {
         if !self.wide {
             self.view = if pane == PaneId::Updates {
                 View::Training
@@ -263,7 +263,7 @@ impl Screen {
     }
 
     /// What a key bound to an action that works wherever the focus is does.
-    pub fn on_global(&mut self, a: Action) {
+    pub(crate) fn on_global(&mut self, a: Action) {
         match a {
             Action::Quit => self.quit = true,
             Action::Help => self.help = true,
@@ -362,7 +362,7 @@ impl Screen {
     }
 
     /// Sends the chat box's message.
-    pub fn send_message(&mut self) {
+    pub(crate) fn send_message(&mut self) {
         let text = self.chat.input.lines().join("\n");
         let text = text.trim();
         if text.is_empty() {
@@ -392,7 +392,7 @@ impl Screen {
     }
 
     /// Starts a new chat-box conversation (the old session is closed).
-    pub fn new_chat(&mut self) {
+    pub(crate) fn new_chat(&mut self) {
         if !self.chat.messages.is_empty() {
             let session_id = self.chat.session_id.clone();
             self.send(Command::EndChat { session_id });

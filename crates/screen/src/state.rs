@@ -171,7 +171,7 @@ pub struct State {
 }
 
 impl State {
-    pub fn from_snapshot(s: Snapshot) -> Self {
+    pub(crate) fn from_snapshot(s: Snapshot) -> Self {
         let mut state = State {
             live_version: s.live_version,
             paused: s.training_paused,
@@ -214,7 +214,7 @@ impl State {
 
     /// Keeps what the live session has that the store cannot know (the model, speeds,
     /// hardware, notices, the update in progress) across a resync.
-    pub fn resync(&mut self, s: Snapshot) {
+    pub(crate) fn resync(&mut self, s: Snapshot) {
         let mut fresh = Self::from_snapshot(s);
         fresh.model = self.model.take();
         fresh.hardware = self.hardware.take();
@@ -294,7 +294,7 @@ impl State {
         self.live_version = id;
     }
 
-    pub fn notice(&mut self, level: Level, text: impl Into<String>, now_ms: i64) {
+    pub(crate) fn notice(&mut self, level: Level, text: impl Into<String>, now_ms: i64) {
         self.notices.push(Notice {
             at_ms: now_ms,
             level,
@@ -609,7 +609,7 @@ impl State {
     }
 
     /// The candidate waiting for a decision (the newest).
-    pub fn held_candidate(&self) -> Option<i64> {
+    pub(crate) fn held_candidate(&self) -> Option<i64> {
         self.versions
             .iter()
             .rev()
@@ -618,7 +618,7 @@ impl State {
     }
 
     /// What a plain rollback returns to: the version the live one was trained from.
-    pub fn rollback_default(&self) -> Option<i64> {
+    pub(crate) fn rollback_default(&self) -> Option<i64> {
         let live = self.live_version;
         (live > 0).then(|| {
             self.versions

@@ -3,7 +3,7 @@
 use unicode_width::UnicodeWidthChar;
 
 /// Wraps `text` to `width` columns (words kept whole when they fit; newlines kept).
-pub fn wrap(text: &str, width: usize) -> Vec<String> {
+pub(crate) fn wrap(text: &str, width: usize) -> Vec<String> {
     let width = width.max(1);
     let mut lines = Vec::new();
     for paragraph in text.split('\n') {
@@ -48,7 +48,7 @@ pub fn shorten(s: &str, width: usize) -> String {
 }
 
 /// How long ago, in the largest unit: `12s`, `5m`, `3h`, `2d`.
-pub fn age(now_ms: i64, then_ms: i64) -> String {
+pub(crate) fn age(now_ms: i64, then_ms: i64) -> String {
     let s = ((now_ms - then_ms) / 1000).max(0);
     match s {
         0..60 => format!("{s}s"),

@@ -13,7 +13,7 @@ pub fn bad() -> Style {
 pub fn user() -> Style {
     Style::new().fg(Color::Cyan)
 }
-pub fn accent() -> Style {
+pub(crate) fn accent() -> Style {
     Style::new().fg(Color::Yellow)
 }
 pub fn selected() -> Style {

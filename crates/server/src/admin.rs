@@ -21,11 +21,14 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 
 /// Whether `path` is one of the control routes.
-pub fn is_admin(path: &str) -> bool {
+pub(crate) fn is_admin(path: &str) -> bool {
     path == "/admin" || path.starts_with("/admin/")
 }
 
-pub async fn route(state: Arc<Core>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub(crate) async fn route(
+    state: Arc<Core>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     http::authorize(&req, state.config.api_key.as_deref())?;
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -159,7 +162,7 @@ async fn decide<T: Send + 'static>(
 }
 
 /// A version as the API shows it.
-pub fn version_json(v: &VersionRow) -> Value {
+pub(crate) fn version_json(v: &VersionRow) -> Value {
     json!({
         "id": v.id,
         "parent": v.parent,

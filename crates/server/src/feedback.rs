@@ -13,7 +13,10 @@ use std::sync::Arc;
 /// Comments longer than this are refused rather than silently cut.
 const MAX_COMMENT_CHARS: usize = 4000;
 
-pub async fn route(state: Arc<Core>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub(crate) async fn route(
+    state: Arc<Core>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     http::authorize(&req, state.config.api_key.as_deref())?;
     let body = http::read_json(req, http::BodyLimits::of(&state.config)).await?;
     let (turn, rating, comment) = parse(&body)?;

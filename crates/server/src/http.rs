@@ -13,7 +13,7 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed()
 }
 
-pub fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
@@ -73,7 +73,7 @@ impl ApiError {
 }
 
 /// Checks `Authorization: Bearer <key>` in constant time when a key is configured.
-pub fn authorize(req: &Request<Incoming>, key: Option<&str>) -> Result<(), ApiError> {
+pub(crate) fn authorize(req: &Request<Incoming>, key: Option<&str>) -> Result<(), ApiError> {
     let Some(key) = key else { return Ok(()) };
     let given = req
         .headers()
@@ -122,7 +122,7 @@ pub async fn read_json(req: Request<Incoming>, limits: BodyLimits) -> Result<Val
 }
 
 /// Like [`read_json`], with an empty body read as `null` (routes whose body is optional).
-pub async fn read_optional_json(
+pub(crate) async fn read_optional_json(
     req: Request<Incoming>,
     limits: BodyLimits,
 ) -> Result<Value, ApiError> {
@@ -207,7 +207,7 @@ fn require_json(req: &Request<Incoming>) -> Result<(), ApiError> {
 /// Requests made by web pages carry `Origin`; only the origins in `server.allowed_origins`
 /// (`*`: any) may call the API, so that a page the user visits cannot write into the training
 /// data or roll back a version. Returns the origin to allow in CORS headers, if any.
-pub fn check_origin(
+pub(crate) fn check_origin(
     req: &Request<Incoming>,
     allowed: &[String],
 ) -> Result<Option<header::HeaderValue>, ApiError> {
@@ -233,7 +233,7 @@ pub fn check_origin(
 }
 
 /// Adds the CORS headers that let an allowed web page read the response.
-pub fn allow_origin(response: &mut Response<Body>, origin: header::HeaderValue) {
+pub(crate) fn allow_origin(response: &mut Response<Body>, origin: header::HeaderValue) {
     let h = response.headers_mut();
     h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
     h.insert(header::VARY, header::HeaderValue::from_static("Origin"));

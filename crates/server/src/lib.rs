@@ -22,7 +22,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 /// OpenAI's `logprobs` object for a generation (the tokens as text, with alternatives).
-pub fn logprobs_json(core: &Core, g: &Generation) -> Value {
+pub(crate) fn logprobs_json(core: &Core, g: &Generation) -> Value {
     let tokenizer = core.engine.info().map(|i| i.tokenizer);
     let tok = |id: u32| {
         tokenizer

@@ -13,7 +13,7 @@ const LONGEST_PAUSE: Duration = Duration::from_secs(1);
 /// A failure that repeats is logged at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
-pub struct Acceptor {
+pub(crate) struct Acceptor {
     listener: TcpListener,
     slots: Arc<Semaphore>,
     pause: Duration,
@@ -21,7 +21,7 @@ pub struct Acceptor {
 }
 
 /// An accepted connection and its place among the open ones (freed when dropped).
-pub struct Accepted {
+pub(crate) struct Accepted {
     pub stream: TcpStream,
     pub slot: OwnedSemaphorePermit,
 }
@@ -64,7 +64,7 @@ impl Acceptor {
 
 /// Logs a failure, then at most one report (with a count) every [`LOG_EVERY`] however often
 /// it fails or flaps between failing and working.
-pub struct RepeatedFailure {
+pub(crate) struct RepeatedFailure {
     what: &'static str,
     since_logged: u64,
     last_logged: Option<Instant>,
@@ -100,7 +100,7 @@ impl RepeatedFailure {
     }
 
     /// Records a success: failures not reported yet are, when a report is due.
-    pub fn recovered(&mut self) {
+    pub(crate) fn recovered(&mut self) {
         if self.since_logged > 0 && self.due() {
             let (what, n) = (self.what, self.since_logged);
             tracing::warn!("{what} works again ({n} more failures since the last report)");

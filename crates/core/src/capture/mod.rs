@@ -30,7 +30,7 @@ pub struct TurnSlot {
 
 impl TurnSlot {
     /// A turn served without capture (the store refused the write): never trained on.
-    pub fn unrecorded(session_id: Option<String>, turn_type: TurnType) -> Self {
+    pub(crate) fn unrecorded(session_id: Option<String>, turn_type: TurnType) -> Self {
         Self {
             session_id: session_id.unwrap_or_else(|| random_id("sess-")),
             turn_index: 0,
@@ -109,7 +109,7 @@ impl Capture {
     }
 
     /// Assigns a request to a session and records the previous turn's next state.
-    pub fn begin(
+    pub(crate) fn begin(
         &self,
         explicit_session: Option<String>,
         source: &str,
@@ -228,7 +228,7 @@ impl Capture {
     }
 
     /// Closes sessions idle for longer than `timeout`; their last turn keeps no next state.
-    pub fn close_idle(&self, timeout: Duration) -> Result<usize> {
+    pub(crate) fn close_idle(&self, timeout: Duration) -> Result<usize> {
         let idle = self
             .tracker
             .lock()

@@ -37,7 +37,7 @@ fn normalize(m: &Message) -> Norm {
 
 /// The messages without trailing client-internal context blocks (user messages carrying one
 /// of `markers`; OpenClaw replaces such a block on every turn).
-pub fn strip_internal<'a>(messages: &'a [Message], markers: &[String]) -> &'a [Message] {
+pub(crate) fn strip_internal<'a>(messages: &'a [Message], markers: &[String]) -> &'a [Message] {
     let mut end = messages.len();
     while end > 0 {
         let m = &messages[end - 1];
@@ -66,7 +66,7 @@ struct Open {
 
 /// Where a request goes.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Placement {
+pub(crate) struct Placement {
     pub session_id: String,
     /// Whether this request opened the session.
     pub new_session: bool,
@@ -76,7 +76,7 @@ pub struct Placement {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct NextState {
+pub(crate) struct NextState {
     pub turn_id: i64,
     pub messages: Vec<Message>,
     /// `Tool` when every message is a tool result, else `User`.
@@ -84,7 +84,7 @@ pub struct NextState {
 }
 
 #[derive(Default)]
-pub struct SessionTracker {
+pub(crate) struct SessionTracker {
     open: Vec<Open>,
     /// The next turn index handed out per session id, and when: turns in flight are not in
     /// the store yet, so two of one session (side turns, a session closed and reopened while
@@ -234,7 +234,7 @@ impl SessionTracker {
     }
 
     /// Records the reply of a main turn: the session now expects `messages + reply` as prefix.
-    pub fn record_reply(
+    pub(crate) fn record_reply(
         &mut self,
         session_id: &str,
         turn_id: i64,
@@ -285,7 +285,7 @@ impl SessionTracker {
 
     /// The next turn index of a session for a turn that takes no part in history matching
     /// (a side turn), so that side and main turns of one session never share an index.
-    pub fn reserve_index(
+    pub(crate) fn reserve_index(
         &mut self,
         session_id: &str,
         first_index: impl FnOnce(&str) -> i64,
@@ -321,7 +321,7 @@ impl SessionTracker {
     }
 
     /// Closes and returns the sessions idle for longer than `timeout`.
-    pub fn close_idle(&mut self, timeout: Duration) -> Vec<String> {
+    pub(crate) fn close_idle(&mut self, timeout: Duration) -> Vec<String> {
         let (idle, keep): (Vec<Open>, Vec<Open>) = std::mem::take(&mut self.open)
             .into_iter()
             .partition(|s| s.last_active.elapsed() > timeout);
@@ -331,7 +331,7 @@ impl SessionTracker {
         idle.into_iter().map(|s| s.id).collect()
     }
 
-    pub fn open_count(&self) -> usize {
+    pub(crate) fn open_count(&self) -> usize {
         self.open.len()
     }
 }

@@ -12,7 +12,7 @@
 //! scheduling itself is `worker.rs`; the background's share of it `share.rs`.
 
 mod configure;
-pub mod prefix_cache;
+pub(crate) mod prefix_cache;
 mod share;
 mod worker;
 
@@ -276,7 +276,7 @@ struct Shared {
 
 /// The version to serve once the model is loaded, chosen by the caller (the gate), and its
 /// adapter (`None` for the base model).
-pub type StartVersion = (i64, Option<Arc<LoraAdapter>>);
+pub(crate) type StartVersion = (i64, Option<Arc<LoraAdapter>>);
 
 /// A cheap, cloneable handle to the engine thread.
 #[derive(Clone)]
@@ -378,7 +378,7 @@ impl Engine {
 
     /// Runs a background job to its end and returns its final event (`Finished`, `Chosen` or
     /// `Scored`). Blocks: call it from a thread that may wait (the trainer, the gate).
-    pub fn run_blocking(
+    pub(crate) fn run_blocking(
         &self,
         prompt: Prompt,
         task: Task,

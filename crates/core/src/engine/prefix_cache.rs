@@ -14,7 +14,7 @@ struct Entry {
     last_used: u64,
 }
 
-pub struct PrefixCache {
+pub(crate) struct PrefixCache {
     entries: Vec<Entry>,
     budget_bytes: usize,
     /// Shorter shared prefixes are recomputed: not worth the bookkeeping.
@@ -98,13 +98,13 @@ impl PrefixCache {
     }
 
     /// Drops every entry computed with `version` (its adapter is gone).
-    pub fn forget_version(&mut self, version: i64) {
+    pub(crate) fn forget_version(&mut self, version: i64) {
         self.entries.retain(|e| e.version != version);
     }
 
     /// Memory the entries hold, each allocation counted once: a conversation's later turns
     /// share the earlier turns' keys and values.
-    pub fn used_bytes(&self) -> usize {
+    pub(crate) fn used_bytes(&self) -> usize {
         let mut seen = std::collections::HashSet::new();
         self.entries
             .iter()
@@ -114,12 +114,9 @@ impl PrefixCache {
             .sum()
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 }
 

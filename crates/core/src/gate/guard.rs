@@ -25,7 +25,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 /// The probe prompts shipped with clawrl.
-pub const BUILTIN_PROBES: &str = include_str!("../../../../assets/probes.json");
+pub(crate) const BUILTIN_PROBES: &str = include_str!("../../../../assets/probes.json");
 
 /// Longest approved answer (prompt + reply tokens) the guard scores.
 const MAX_APPROVED_TOKENS: usize = 768;
@@ -59,7 +59,7 @@ pub fn repeated_ngram_share<T: Eq + std::hash::Hash>(sequences: &[Vec<T>], n: us
     }
 }
 
-pub struct Guard {
+pub(crate) struct Guard {
     probes: Vec<Vec<Message>>,
     limits: GateSection,
     references: Mutex<Option<Vec<Reference>>>,
@@ -67,7 +67,7 @@ pub struct Guard {
 
 /// What the guard measured and decided.
 #[derive(Debug, Clone, PartialEq)]
-pub struct GuardReport {
+pub(crate) struct GuardReport {
     pub kl_base: f64,
     pub kl_live: f64,
     /// Mean log-prob per token of approved answers, candidate minus live (None: no answers).
@@ -143,7 +143,7 @@ impl GuardReport {
 }
 
 /// Parses a probe file: a JSON list of chats, each a non-empty list of `{role, content}`.
-pub fn parse_probes(text: &str, origin: &str) -> Result<Vec<Vec<Message>>> {
+pub(crate) fn parse_probes(text: &str, origin: &str) -> Result<Vec<Vec<Message>>> {
     let value: Value =
         serde_json::from_str(text).with_context(|| format!("{origin} is not valid JSON"))?;
     let Some(list) = value.as_array() else {

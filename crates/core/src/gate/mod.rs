@@ -74,7 +74,7 @@ fn load_adapter(row: &VersionRow, model: &LoadedModel) -> Result<LoraAdapter> {
 /// What the engine serves after a (re)start: the live version as recorded. If its adapter is
 /// missing or corrupt, the error is recorded on the version, and the newest earlier version in
 /// the live history that loads (the base model at worst) goes live instead, never the broken one.
-pub fn start_version(store_path: &Path, model: &LoadedModel) -> StartVersion {
+pub(crate) fn start_version(store_path: &Path, model: &LoadedModel) -> StartVersion {
     let resolve = || -> Result<StartVersion> {
         let mut store = Store::open(store_path)?;
         let history = store.live_history()?;
@@ -151,7 +151,7 @@ impl Gate {
     }
 
     /// The newest candidate still waiting for a decision.
-    pub fn undecided(&self) -> Result<Option<i64>> {
+    pub(crate) fn undecided(&self) -> Result<Option<i64>> {
         Ok(self
             .versions()?
             .into_iter()
@@ -174,7 +174,7 @@ impl Gate {
     /// Records a finished update as a candidate: writes its PEFT folder, scores it with the
     /// guard and, under the `auto` policy, makes it live if the guard passed and the live
     /// version did not change meanwhile.
-    pub fn propose(&self, c: Candidate) -> Result<VersionRow> {
+    pub(crate) fn propose(&self, c: Candidate) -> Result<VersionRow> {
         let model = self.model()?;
         let id = lock(&self.store).next_version_id()?;
         let dir = self.adapters_dir.join(format!("v{id}"));

@@ -24,7 +24,7 @@ pub enum BackendError {
     Permanent(String),
 }
 
-pub enum Backend {
+pub(crate) enum Backend {
     Local(Engine),
     Openai(Endpoint),
 }
@@ -81,7 +81,7 @@ impl Backend {
 
     /// A sampled continuation of a reply that starts with `reply_prefix`, cut before the first
     /// of `stop` (local engine only: an endpoint cannot be handed the start of its reply).
-    pub async fn complete_after(
+    pub(crate) async fn complete_after(
         &self,
         messages: Vec<Message>,
         reply_prefix: &str,
@@ -175,7 +175,7 @@ fn engine_failure(e: EngineError) -> BackendError {
 
 /// An OpenAI-compatible chat completions endpoint reached over plain HTTP (a judge server on
 /// this machine or the local network: llama.cpp, vLLM, another clawrl-tui).
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     target: Target,
     pub model: String,
     api_key: Option<String>,

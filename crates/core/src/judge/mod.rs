@@ -46,7 +46,7 @@ pub struct Voter {
 }
 
 /// The background worker: pending turns from the store, through the [`Voter`], back to it.
-pub struct Judge {
+pub(crate) struct Judge {
     voter: Voter,
     /// The judge's own connection to the store (SQLite in WAL mode takes concurrent writers).
     store: Mutex<Store>,
@@ -461,7 +461,7 @@ async fn next_state_arrives(events: &mut tokio::sync::broadcast::Receiver<Event>
 
 /// What the judge sees of a turn: the last user request, the reply (with its tool calls),
 /// and the next state.
-pub fn turn_view(turn: &PendingTurn, markers: &[String]) -> TurnView {
+pub(crate) fn turn_view(turn: &PendingTurn, markers: &[String]) -> TurnView {
     let request = strip_internal(&turn.request_messages, markers)
         .iter()
         .rev()

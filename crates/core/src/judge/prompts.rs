@@ -128,7 +128,7 @@ impl Prompts {
 }
 
 /// `s` cut to about `max` characters, keeping its start and end.
-pub fn cut_middle(s: &str, max: usize) -> String {
+pub(crate) fn cut_middle(s: &str, max: usize) -> String {
     let n = s.chars().count();
     if n <= max {
         return s.to_string();

@@ -12,7 +12,7 @@ use serde_json::Value;
 pub const HINT_HEADER: &str = "\n\n[user's hint / instruction]\n";
 
 /// A copy of `messages` with `hint` appended to the last user message.
-pub fn hinted_messages(messages: &[Message], hint: &str) -> Result<Vec<Message>> {
+pub(crate) fn hinted_messages(messages: &[Message], hint: &str) -> Result<Vec<Message>> {
     let mut out = messages.to_vec();
     let Some(last_user) = out.iter_mut().rev().find(|m| m.role == Role::User) else {
         bail!("the turn has no user message to attach the hint to");

@@ -8,7 +8,7 @@ use rand::rngs::StdRng;
 
 /// The score of the last `\boxed{...}` in `text`: `Some(-1 | 0 | 1)`, or `None` when there is
 /// no boxed value or the last one is anything else (an invalid vote).
-pub fn parse_score(text: &str) -> Option<i8> {
+pub(crate) fn parse_score(text: &str) -> Option<i8> {
     let start = text.rfind("\\boxed{")? + "\\boxed{".len();
     let end = text[start..].find('}')? + start;
     match text[start..end].trim() {
@@ -36,7 +36,7 @@ pub fn majority(votes: &[Option<i8>]) -> i8 {
 }
 
 /// The text between `[HINT_START]` and `[HINT_END]` (the last such pair), trimmed.
-pub fn extract_hint(text: &str) -> Option<String> {
+pub(crate) fn extract_hint(text: &str) -> Option<String> {
     let start = text.rfind("[HINT_START]")? + "[HINT_START]".len();
     let end = text[start..].find("[HINT_END]")? + start;
     let hint = text[start..end].trim();
@@ -44,13 +44,13 @@ pub fn extract_hint(text: &str) -> Option<String> {
 }
 
 /// How a direct-mode hint vote begins: the score, then the hint's opening marker.
-pub const HINT_PREFIX: &str = "\\boxed{1}\n[HINT_START]";
+pub(crate) const HINT_PREFIX: &str = "\\boxed{1}\n[HINT_START]";
 pub const HINT_END: &str = "[HINT_END]";
 /// Tokens a direct-mode hint may take (1 to 3 sentences).
-pub const HINT_MAX_TOKENS: usize = 96;
+pub(crate) const HINT_MAX_TOKENS: usize = 96;
 
 /// Hints shorter than this carry no usable information.
-pub const MIN_HINT_CHARS: usize = 10;
+pub(crate) const MIN_HINT_CHARS: usize = 10;
 
 /// The hint of a hint vote, when it counts: the vote says `\boxed{1}` and its hint is longer
 /// than [`MIN_HINT_CHARS`].
@@ -100,7 +100,7 @@ pub fn restates(hint: &str, reply: &str) -> bool {
 
 /// The longest usable hint among the votes (the first of equally long ones) that does not
 /// merely restate `reply` ([`restates`]).
-pub fn best_hint(votes: &[String], reply: &str) -> Option<String> {
+pub(crate) fn best_hint(votes: &[String], reply: &str) -> Option<String> {
     votes
         .iter()
         .filter_map(|v| usable_hint(v))
@@ -112,10 +112,10 @@ pub fn best_hint(votes: &[String], reply: &str) -> Option<String> {
 }
 
 /// The scores the direct mode reads, in the order their probabilities are given.
-pub const DIRECT_OPTIONS: [i8; 3] = [1, 0, -1];
+pub(crate) const DIRECT_OPTIONS: [i8; 3] = [1, 0, -1];
 
 /// The probabilities of `1`, `0`, `-1` renormalized over the three (from log-probabilities).
-pub fn option_probs(logprobs: &[f32; 3]) -> [f64; 3] {
+pub(crate) fn option_probs(logprobs: &[f32; 3]) -> [f64; 3] {
     let max = logprobs.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     if !max.is_finite() {
         return [1.0 / 3.0; 3];
@@ -128,7 +128,7 @@ pub fn option_probs(logprobs: &[f32; 3]) -> [f64; 3] {
 /// Direct-mode votes with a calibrated threshold on p(−1) (`judge.minus_threshold`): all −1
 /// once p(−1) reaches `minus_threshold`, else drawn from p(+1) and p(0) alone; with a
 /// threshold of 0, [`draw_votes`] from all three.
-pub fn calibrated_votes(
+pub(crate) fn calibrated_votes(
     probs: &[f64; 3],
     m: usize,
     temperature: f32,
@@ -146,7 +146,7 @@ pub fn calibrated_votes(
 
 /// `m` votes drawn from the direct-mode probabilities, tempered by `temperature` (0 = the most
 /// likely score every time), reproducibly from `seed`.
-pub fn draw_votes(probs: &[f64; 3], m: usize, temperature: f32, seed: u64) -> Vec<i8> {
+pub(crate) fn draw_votes(probs: &[f64; 3], m: usize, temperature: f32, seed: u64) -> Vec<i8> {
     let best = (0..3)
         .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
         .unwrap_or(1);

@@ -93,7 +93,8 @@ impl Store {
         })
     }
 
-    pub fn schema_version(&self) -> Result<i64> {
+    #[cfg(test)]
+    fn schema_version(&self) -> Result<i64> {
         Ok(self
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))?)

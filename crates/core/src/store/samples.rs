@@ -35,7 +35,7 @@ impl Store {
     /// turn rated down before its next state (the user's correction is coming), unless its
     /// rating is older than that (a judge or user that is silent does not hold thumbs back
     /// forever).
-    pub fn ready_samples(
+    pub(crate) fn ready_samples(
         &self,
         wait_for_judge: Option<i64>,
         limit: usize,
@@ -115,7 +115,7 @@ impl Store {
     }
 
     /// Sets turns aside for good (they will not be offered again), with the reason.
-    pub fn drop_samples(&mut self, turns: &[(i64, String)], at: i64) -> Result<()> {
+    pub(crate) fn drop_samples(&mut self, turns: &[(i64, String)], at: i64) -> Result<()> {
         let err = |e| explain(e, "setting samples aside", &self.path);
         let tx = super::write_transaction(&mut self.conn).map_err(err)?;
         for (turn_id, reason) in turns {
@@ -131,7 +131,7 @@ impl Store {
 
     /// Prompt and response ids of the most recent main turns rewarded +1 (a rating, else the
     /// judge), at most `max_tokens` long together: answers the guard keeps likely.
-    pub fn approved_answers(
+    pub(crate) fn approved_answers(
         &self,
         limit: usize,
         max_tokens: usize,

@@ -188,7 +188,7 @@ impl Store {
     }
 
     /// Main turns with a next state and no judgment, oldest first.
-    pub fn pending_judgments(&self, limit: usize) -> Result<Vec<PendingTurn>> {
+    pub(crate) fn pending_judgments(&self, limit: usize) -> Result<Vec<PendingTurn>> {
         let mut stmt = self.conn.prepare(
             "SELECT t.id, t.session_id, t.request_messages, t.response_text, t.tool_calls, t.next_state, t.next_state_role
              FROM turns t LEFT JOIN judgments j ON j.turn_id = t.id
@@ -212,7 +212,7 @@ impl Store {
     }
 
     /// How many turns wait for the judge.
-    pub fn count_pending_judgments(&self) -> Result<usize> {
+    pub(crate) fn count_pending_judgments(&self) -> Result<usize> {
         Ok(self.conn.query_row(
             "SELECT COUNT(*) FROM turns t LEFT JOIN judgments j ON j.turn_id = t.id
              WHERE j.turn_id IS NULL AND t.turn_type = 'main' AND t.next_state IS NOT NULL",
@@ -222,7 +222,7 @@ impl Store {
     }
 
     /// The highest turn index used in a session (to continue numbering after a restart).
-    pub fn last_turn_index(&self, session_id: &str) -> Result<Option<i64>> {
+    pub(crate) fn last_turn_index(&self, session_id: &str) -> Result<Option<i64>> {
         Ok(self
             .conn
             .query_row(

@@ -107,7 +107,7 @@ fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
 
 impl Store {
     /// The id the next version gets (ids are never reused).
-    pub fn next_version_id(&self) -> Result<i64> {
+    pub(crate) fn next_version_id(&self) -> Result<i64> {
         Ok(self
             .conn
             .query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM versions", [], |r| {
@@ -117,7 +117,11 @@ impl Store {
 
     /// Records a candidate (its state and decision fields are ignored) and the turns it was
     /// trained on, in one transaction: the samples count as used exactly when the version exists.
-    pub fn insert_version(&mut self, v: &VersionRow, samples: &[TrainedSample]) -> Result<()> {
+    pub(crate) fn insert_version(
+        &mut self,
+        v: &VersionRow,
+        samples: &[TrainedSample],
+    ) -> Result<()> {
         let err = |e| explain(e, "recording the version", &self.path);
         let tx = super::write_transaction(&mut self.conn).map_err(err)?;
         tx.execute(
@@ -267,7 +271,7 @@ impl Store {
     }
 
     /// Records why a version's adapter could not be served.
-    pub fn set_version_error(&self, id: i64, error: &str) -> Result<()> {
+    pub(crate) fn set_version_error(&self, id: i64, error: &str) -> Result<()> {
         self.conn
             .execute(
                 "UPDATE versions SET error = ?2 WHERE id = ?1",
@@ -327,7 +331,7 @@ impl Store {
     }
 
     /// Why the trainer set a turn aside, if it did.
-    pub fn dropped_reason(&self, turn_id: i64) -> Result<Option<String>> {
+    pub(crate) fn dropped_reason(&self, turn_id: i64) -> Result<Option<String>> {
         Ok(self
             .conn
             .query_row(
@@ -347,7 +351,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+    pub(crate) fn set_setting(&self, key: &str, value: &str) -> Result<()> {
         self.conn
             .execute(
                 "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",

@@ -76,7 +76,7 @@ impl Store {
         })
     }
 
-    pub fn recent_sessions(&self, limit: usize) -> Result<Vec<SessionSummary>> {
+    pub(crate) fn recent_sessions(&self, limit: usize) -> Result<Vec<SessionSummary>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT id, source, created_at, last_active_at, close_reason FROM sessions
              ORDER BY last_active_at DESC, created_at DESC LIMIT ?1",
@@ -94,7 +94,7 @@ impl Store {
     }
 
     /// The latest `limit` turns, oldest first, with their judgments and ratings.
-    pub fn recent_turns(&self, limit: usize) -> Result<Vec<TurnSummary>> {
+    pub(crate) fn recent_turns(&self, limit: usize) -> Result<Vec<TurnSummary>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT t.id, t.session_id, t.turn_index, t.turn_type, t.request_messages,
                     t.response_text, t.adapter_version, t.created_at, t.next_state_role,

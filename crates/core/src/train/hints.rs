@@ -58,7 +58,7 @@ pub fn candidates(
 
 /// The candidate `rule` picks without scoring (`first`, `user`), or `None` when it needs the
 /// overlaps (`overlap` with several candidates).
-pub fn pick_unscored(rule: HintSelection, candidates: &[HintCandidate]) -> Option<usize> {
+pub(crate) fn pick_unscored(rule: HintSelection, candidates: &[HintCandidate]) -> Option<usize> {
     if candidates.is_empty() {
         return None;
     }
@@ -77,7 +77,7 @@ pub fn pick_unscored(rule: HintSelection, candidates: &[HintCandidate]) -> Optio
 
 /// The scored candidate with the largest overlap (the first of equal ones); `None` when none
 /// could be scored.
-pub fn pick_by_overlap(candidates: &[HintCandidate]) -> Option<usize> {
+pub(crate) fn pick_by_overlap(candidates: &[HintCandidate]) -> Option<usize> {
     candidates
         .iter()
         .enumerate()

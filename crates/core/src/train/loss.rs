@@ -43,7 +43,7 @@ pub struct LossConfig {
 /// then push down only as much as those rated up push up, and a batch with none rated up
 /// leaves the term at 0 (its hints still count). A batch whose mean is ≥ 0 keeps PIPELINE.md's
 /// A = r.
-pub fn balanced_rewards(rewards: &[Option<f32>]) -> Vec<Option<f32>> {
+pub(crate) fn balanced_rewards(rewards: &[Option<f32>]) -> Vec<Option<f32>> {
     let given: Vec<f32> = rewards.iter().flatten().copied().collect();
     let mean = given.iter().sum::<f32>() / given.len().max(1) as f32;
     let baseline = mean.min(0.0);
@@ -161,7 +161,7 @@ impl LossConfig {
     /// rated down, rewards balanced to 0) moves the weights as far as one of rewards, and a
     /// weak hint signal drifted the model (docs/LEARNING.md). 1 when the sizing is off, and for
     /// every update with a reward on each sample.
-    pub fn step_scale(&self, samples: &[(Option<f32>, bool)]) -> f64 {
+    pub(crate) fn step_scale(&self, samples: &[(Option<f32>, bool)]) -> f64 {
         if !self.signal_sized_steps || samples.is_empty() {
             return 1.0;
         }
@@ -189,7 +189,7 @@ impl LossConfig {
     }
 
     /// Per-token advantages of a sample under this method.
-    pub fn advantages(&self, s: &Signals) -> Vec<f32> {
+    pub(crate) fn advantages(&self, s: &Signals) -> Vec<f32> {
         let n = s.logp_old.len();
         let rl = match (s.reward, self.method) {
             (Some(r), Method::Rl | Method::Combined) => (self.w_rl * r as f64) as f32,
@@ -205,7 +205,12 @@ impl LossConfig {
     }
 
     /// The clipped surrogate per token `[n]` (not yet averaged).
-    pub fn surrogate(&self, logp_new: Tensor<1>, logp_old: &[f32], adv: &[f32]) -> Tensor<1> {
+    pub(crate) fn surrogate(
+        &self,
+        logp_new: Tensor<1>,
+        logp_old: &[f32],
+        adv: &[f32],
+    ) -> Tensor<1> {
         let device = logp_new.device();
         let vec =
             |v: &[f32]| Tensor::<1>::from_data(TensorData::new(v.to_vec(), [v.len()]), &device);
@@ -222,7 +227,7 @@ impl LossConfig {
     /// The sample's loss from the response positions' log-distributions `[n, vocab]` (with
     /// gradients): the top-K form when the sample has a [`TopK`] target and the method
     /// distils, else [`LossConfig::sample_loss`] on the sampled tokens.
-    pub fn distribution_loss(
+    pub(crate) fn distribution_loss(
         &self,
         log_dist: Tensor<2>,
         response: &[u32],
@@ -329,7 +334,7 @@ impl LossConfig {
 
 /// The k3 estimator of KL(new ‖ base) per token: exp(−Δ) − 1 + Δ with Δ = logp_new −
 /// logp_base clamped to ±10 (non-negative, unbiased for samples of the new policy).
-pub fn k3(logp_new: Tensor<1>, logp_base: &[f32]) -> Tensor<1> {
+pub(crate) fn k3(logp_new: Tensor<1>, logp_base: &[f32]) -> Tensor<1> {
     let device = logp_new.device();
     let base = Tensor::<1>::from_data(
         TensorData::new(logp_base.to_vec(), [logp_base.len()]),
@@ -341,7 +346,7 @@ pub fn k3(logp_new: Tensor<1>, logp_base: &[f32]) -> Tensor<1> {
 
 /// How far the updated policy drifted from the behaviour policy on a sample's tokens:
 /// mean of ρ − 1 − log ρ (the k3 estimator of KL(old ‖ new) on tokens drawn from old).
-pub fn policy_drift(logp_new: &[f32], logp_old: &[f32]) -> f64 {
+pub(crate) fn policy_drift(logp_new: &[f32], logp_old: &[f32]) -> f64 {
     if logp_new.is_empty() {
         return 0.0;
     }

@@ -25,7 +25,7 @@ pub struct OptimizerConfig {
 
 impl OptimizerConfig {
     /// The learning rate of step `step` (0-based) of a fresh optimizer state.
-    pub fn learning_rate_at(&self, step: usize) -> f64 {
+    pub(crate) fn learning_rate_at(&self, step: usize) -> f64 {
         if step >= self.warmup_steps {
             self.learning_rate
         } else {
@@ -119,7 +119,7 @@ impl AdapterOptimizer {
     }
 
     /// Forgets the gradients summed since the last step (an update set aside).
-    pub fn discard(&mut self) {
+    pub(crate) fn discard(&mut self) {
         self.grads.iter_mut().for_each(|g| *g = None);
         self.micro_steps = 0;
     }

@@ -71,7 +71,7 @@ impl TrainerHandle {
         lock(&self.status).clone()
     }
 
-    pub fn is_paused(&self) -> bool {
+    pub(crate) fn is_paused(&self) -> bool {
         self.paused.load(Relaxed)
     }
 

@@ -94,7 +94,7 @@ pub const SIMD_TYPES: [GgmlType; 6] = [
     GgmlType::Q6_K,
 ];
 
-pub fn has_kernel(ty: GgmlType) -> bool {
+pub(crate) fn has_kernel(ty: GgmlType) -> bool {
     SIMD_TYPES.contains(&ty)
 }
 
@@ -132,7 +132,7 @@ pub struct LowRank<'a> {
 /// low-rank update of 16 outputs reads one contiguous block. (Rows of `[rank][outputs]` read
 /// 16 strided streams per run of outputs: that layout measured slower than a dot product per
 /// output.)
-pub fn group_outputs(up: &[f32], rank: usize) -> Vec<f16> {
+pub(crate) fn group_outputs(up: &[f32], rank: usize) -> Vec<f16> {
     let outputs = up.len() / rank.max(1);
     let groups = outputs.div_ceil(16);
     let mut grouped = vec![f16::ZERO; groups * rank * 16];
@@ -346,7 +346,7 @@ fn dot_groups_of_4(
 /// Σ exp(x − max) over `xs` (a decoding step's log-sum-exp over the vocabulary: 152 K
 /// exponentials a token on Qwen2.5, ~2 % of its step in f64), in f32 SIMD runs of 256 summed
 /// in f64.
-pub fn sum_exp_minus(isa: Isa, xs: &[f32], max: f32) -> f64 {
+pub(crate) fn sum_exp_minus(isa: Isa, xs: &[f32], max: f32) -> f64 {
     match isa {
         // SAFETY: an Isa other than Portable is only chosen after detecting its instruction
         // set (Isa::supported).
@@ -360,7 +360,7 @@ pub fn sum_exp_minus(isa: Isa, xs: &[f32], max: f32) -> f64 {
 
 /// `gate[i] = silu(gate[i]) · up[i]`: the MLP's activation, in SIMD (the tensor library's
 /// runs a scalar `expf` per element: ~4 % of a step with 4 streams on SmolLM2).
-pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) {
+pub(crate) fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len(), "gate and up");
     match isa {
         // SAFETY: an Isa other than Portable is only chosen after detecting its instruction
@@ -379,7 +379,7 @@ pub(super) fn silu(g: f32) -> f32 {
 
 /// Keys or values of one KV head, `[len][d]`, as the cache stores them.
 #[derive(Clone, Copy)]
-pub enum KvSlice<'a> {
+pub(crate) enum KvSlice<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
 }
@@ -392,7 +392,7 @@ impl KvSlice<'_> {
         }
     }
 
-    pub fn widened(&self) -> std::borrow::Cow<'_, [f32]> {
+    pub(crate) fn widened(&self) -> std::borrow::Cow<'_, [f32]> {
         match self {
             KvSlice::F32(x) => (*x).into(),
             KvSlice::F16(x) => x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>().into(),
@@ -401,14 +401,14 @@ impl KvSlice<'_> {
 }
 
 /// Whether attention of `d`-wide heads runs on SIMD kernels here (else the portable loops).
-pub fn attends_on_simd(isa: Isa, d: usize) -> bool {
+pub(crate) fn attends_on_simd(isa: Isa, d: usize) -> bool {
     isa != Isa::Portable && d.is_multiple_of(64)
 }
 
 /// Attention of `rep` query rows `qs` (`[rep][d]`) over the `len` positions of one KV head
 /// (`keys`, `values`, of the same type), scores scaled by `scale`, into `out` (`[rep][d]`):
 /// the decode step's attention, which at long contexts costs more than all the weights.
-pub fn attend_group(
+pub(crate) fn attend_group(
     isa: Isa,
     qs: &[f32],
     keys: KvSlice,
@@ -427,7 +427,7 @@ pub fn attend_group(
 /// [`attend_group`] over some of the positions, unnormalized: `out` gets Σ_j exp(s_j − m)·v_j
 /// per query row, and each row's `(m, Σ_j exp(s_j − m))` (m its largest score) is returned,
 /// so that parts over disjoint positions combine exactly ([`merge_parts`]).
-pub fn attend_part(
+pub(crate) fn attend_part(
     isa: Isa,
     qs: &[f32],
     keys: KvSlice,
@@ -480,14 +480,14 @@ pub fn attend_part(
 }
 
 /// A query row's largest score and Σ exp(score − it) over some positions ([`attend_part`]).
-pub type RowStats = (f32, f32);
+pub(crate) type RowStats = (f32, f32);
 
 /// One [`attend_part`]: its unnormalized rows (`[rep][d]`) and their stats.
 pub type Part<'a> = (&'a [f32], &'a [RowStats]);
 
 /// Attention over all positions from [`attend_part`]s over disjoint ranges of them. Each
 /// part's sums rescale by exp(its maximum − the overall one).
-pub fn merge_parts(parts: &[Part], d: usize, out: &mut [f32]) {
+pub(crate) fn merge_parts(parts: &[Part], d: usize, out: &mut [f32]) {
     for (r, o) in out.chunks_exact_mut(d).enumerate() {
         let max = parts
             .iter()
@@ -543,7 +543,7 @@ fn attend_part_portable(
 /// A dot product in 8 independent lanes, so that the compiler vectorizes it (one running f32
 /// sum would force strict left-to-right order).
 /// `x · w` of an f32 vector and an f16 one, on `isa`'s registers.
-pub fn dot_half(isa: Isa, x: &[f32], w: &[f16]) -> f32 {
+pub(crate) fn dot_half(isa: Isa, x: &[f32], w: &[f16]) -> f32 {
     // SAFETY: an Isa other than Portable is only chosen after detecting its instruction set
     // (Isa::supported).
     match isa {
@@ -557,7 +557,7 @@ pub fn dot_half(isa: Isa, x: &[f32], w: &[f16]) -> f32 {
 
 /// A run of outputs' low-rank update (`y` starts at a multiple of 16 outputs; `up` at its
 /// group in [`group_outputs`]' layout).
-pub fn add_low_rank(isa: Isa, y: &mut [f32], down: &[f32], up: &[f16]) {
+pub(crate) fn add_low_rank(isa: Isa, y: &mut [f32], down: &[f32], up: &[f16]) {
     assert!(up.len() >= y.len().div_ceil(16) * 16 * down.len());
     // SAFETY: as in dot_half.
     match isa {

@@ -41,7 +41,7 @@ static DEEPEST_HELP: AtomicUsize = AtomicUsize::new(0);
 
 /// Runs `f(i)` for every `i` in `0..n`, each exactly once, shared between the calling thread
 /// and its team (a serving pool's thread), else over the current rayon pool.
-pub fn for_each_index(n: usize, f: impl Fn(usize) + Sync) {
+pub(crate) fn for_each_index(n: usize, f: impl Fn(usize) + Sync) {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var("CLAWRL_TEAM").is_ok_and(|v| v == "0"));
     let team = if off {
@@ -236,7 +236,7 @@ impl Team {
 
 /// Values handed out by index, each taken at most once: the tasks of a [`for_each_index`]
 /// (whose indexes are each run exactly once) without a lock per task.
-pub struct Slots<T>(Vec<UnsafeCell<Option<T>>>);
+pub(crate) struct Slots<T>(Vec<UnsafeCell<Option<T>>>);
 
 // SAFETY: each slot is taken by one thread only (`take`'s contract); T moves to that thread.
 unsafe impl<T: Send> Sync for Slots<T> {}
@@ -253,10 +253,6 @@ impl<T> Slots<T> {
 
     pub fn len(&self) -> usize {
         self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 
     /// Slot `i`'s value.

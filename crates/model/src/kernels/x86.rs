@@ -173,7 +173,7 @@ macro_rules! kernels {
         /// # Safety
         /// The CPU must support the module's instruction set.
         #[target_feature(enable = $features)]
-        pub unsafe fn dot4(
+        pub(crate) unsafe fn dot4(
             ty: GgmlType,
             w: &[u8],
             x: [&[f32]; 4],
@@ -328,7 +328,7 @@ macro_rules! kernels {
         /// # Safety
         /// The CPU must support the module's instruction set.
         #[target_feature(enable = $features)]
-        pub unsafe fn attend_part<const HALF: bool>(
+        pub(crate) unsafe fn attend_part<const HALF: bool>(
             qs: &[f32],
             keys: &[u8],
             values: &[u8],
@@ -414,7 +414,7 @@ macro_rules! kernels {
         /// # Safety
         /// The CPU must support the module's instruction set.
         #[target_feature(enable = $features)]
-        pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
+        pub(crate) unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
             let whole = gate.len() / 16 * 16;
             for at in (0..whole).step_by(16) {
                 let g = load_w(gate, at);
@@ -430,7 +430,7 @@ macro_rules! kernels {
         /// # Safety
         /// The CPU must support the module's instruction set.
         #[target_feature(enable = $features)]
-        pub unsafe fn sum_exp_minus(xs: &[f32], max: f32) -> f64 {
+        pub(crate) unsafe fn sum_exp_minus(xs: &[f32], max: f32) -> f64 {
             let mut chunks = xs.chunks_exact(256);
             let mut total = 0f64;
             for run in chunks.by_ref() {
@@ -454,7 +454,7 @@ macro_rules! kernels {
         /// # Safety
         /// The CPU must support the module's instruction set.
         #[target_feature(enable = $features)]
-        pub unsafe fn dot_half(x: &[f32], w: &[half::f16]) -> f32 {
+        pub(crate) unsafe fn dot_half(x: &[f32], w: &[half::f16]) -> f32 {
             assert_eq!(x.len(), w.len());
             let bytes: &[u8] = bytemuck::cast_slice(w);
             let whole = x.len() / 32 * 32;
@@ -478,7 +478,7 @@ macro_rules! kernels {
         /// # Safety
         /// The CPU must support the module's instruction set.
         #[target_feature(enable = $features)]
-        pub unsafe fn add_low_rank(y: &mut [f32], down: &[f32], up: &[half::f16]) {
+        pub(crate) unsafe fn add_low_rank(y: &mut [f32], down: &[f32], up: &[half::f16]) {
             let rank = down.len();
             let whole = y.len() / 16 * 16;
             for at in (0..whole).step_by(16) {
@@ -1108,7 +1108,7 @@ pub mod avx512 {
     /// # Safety
     /// The CPU must support AVX-512F.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-    pub unsafe fn attend_part64<const HALF: bool>(
+    pub(crate) unsafe fn attend_part64<const HALF: bool>(
         qs: &[f32],
         keys: &[u8],
         values: &[u8],

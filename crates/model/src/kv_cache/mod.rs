@@ -18,7 +18,7 @@
 
 mod attention;
 
-use super::kernels::{self, KvSlice};
+use super::kernels::KvSlice;
 use burn::tensor::{Bytes, DType, FloatDType, Shape, Tensor, TensorData};
 use burn_flex::{Flex, FlexTensor, Layout};
 use half::f16;
@@ -590,6 +590,7 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels;
 
     fn keys(b: &Buffers, len: usize) -> Vec<f32> {
         b.widened(false, len)

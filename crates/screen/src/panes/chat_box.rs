@@ -10,14 +10,14 @@ use ratatui::layout::Rect;
 use ratatui::style::Style;
 use tui_textarea::TextArea;
 
-pub const COMMANDS: &[Action] = &[
+pub(crate) const COMMANDS: &[Action] = &[
     Action::Send,
     Action::Newline,
     Action::LeaveChat,
     Action::NewChat,
 ];
 
-pub fn on_action(app: &mut Screen, a: Action) {
+pub(crate) fn on_action(app: &mut Screen, a: Action) {
     match a {
         Action::Send => app.send_message(),
         Action::Newline => app.chat.input.insert_newline(),
@@ -28,7 +28,7 @@ pub fn on_action(app: &mut Screen, a: Action) {
 }
 
 /// Keys that are not commands edit the message; ↑/↓ on a one-line message walk the history.
-pub fn on_key(app: &mut Screen, e: KeyEvent) {
+pub(crate) fn on_key(app: &mut Screen, e: KeyEvent) {
     let chat = &mut app.chat;
     let one_line = chat.input.lines().len() <= 1;
     let step = match e.code {

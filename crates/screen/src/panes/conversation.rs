@@ -12,7 +12,7 @@ use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::Paragraph;
 
-pub const COMMANDS: &[Action] = &[
+pub(crate) const COMMANDS: &[Action] = &[
     Action::Up,
     Action::Down,
     Action::Top,
@@ -21,7 +21,7 @@ pub const COMMANDS: &[Action] = &[
     Action::ThumbDown,
 ];
 
-pub fn on_action(app: &mut Screen, a: Action) {
+pub(crate) fn on_action(app: &mut Screen, a: Action) {
     let n = app
         .session_id()
         .and_then(|id| app.state.session(id))

@@ -87,7 +87,7 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &Screen) {
     frame.render_widget(Paragraph::new(Line::styled(NOTE, theme::dim())), note);
 }
 
-pub fn draw_confirm(frame: &mut Frame, area: Rect, question: &str) {
+pub(crate) fn draw_confirm(frame: &mut Frame, area: Rect, question: &str) {
     let popup = centered(area, 60, 4);
     frame.render_widget(Clear, popup);
     frame.render_widget(

@@ -1,12 +1,12 @@
 //! The panes: one module each, each declaring the key commands it handles (`COMMANDS`), which
 //! feed the footer and the help. This module lays them out and routes actions to the focused one.
 
-pub mod chat_box;
+pub(crate) mod chat_box;
 pub mod conversation;
 pub mod help;
 pub mod rewards;
 pub mod sessions;
-pub mod status_bar;
+pub(crate) mod status_bar;
 pub mod system;
 pub mod training;
 pub mod updates;
@@ -31,7 +31,7 @@ pub fn commands(pane: PaneId) -> &'static [Action] {
     }
 }
 
-pub fn on_action(app: &mut Screen, a: Action) {
+pub(crate) fn on_action(app: &mut Screen, a: Action) {
     match app.focus {
         PaneId::Sessions => sessions::on_action(app, a),
         PaneId::Conversation => conversation::on_action(app, a),
@@ -41,7 +41,7 @@ pub fn on_action(app: &mut Screen, a: Action) {
 }
 
 /// Terminals at least this wide show both views side by side.
-pub const WIDE: u16 = 150;
+pub(crate) const WIDE: u16 = 150;
 
 /// Draws the whole screen.
 pub fn draw(frame: &mut Frame, app: &mut Screen) {

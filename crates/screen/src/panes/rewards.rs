@@ -12,7 +12,7 @@ use ratatui::widgets::{Axis, Chart, Dataset, GraphType, Paragraph};
 
 /// Turns shown, and the moving-average window.
 const SHOWN: usize = 120;
-pub const WINDOW: usize = 10;
+pub(crate) const WINDOW: usize = 10;
 
 pub fn draw(frame: &mut Frame, area: Rect, app: &Screen) {
     let values: Vec<f64> = app.state.rewards.iter().map(|(_, r)| *r).collect();

@@ -9,7 +9,7 @@ use ratatui::layout::Rect;
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{List, ListItem, ListState};
 
-pub const COMMANDS: &[Action] = &[
+pub(crate) const COMMANDS: &[Action] = &[
     Action::Up,
     Action::Down,
     Action::Top,
@@ -17,7 +17,7 @@ pub const COMMANDS: &[Action] = &[
     Action::Open,
 ];
 
-pub fn on_action(app: &mut Screen, a: Action) {
+pub(crate) fn on_action(app: &mut Screen, a: Action) {
     let ids: Vec<String> = app.state.sessions.iter().map(|s| s.id.clone()).collect();
     if ids.is_empty() {
         return;

@@ -86,7 +86,7 @@ fn hints(app: &Screen, actions: &[Action]) -> Vec<Span<'static>> {
     out
 }
 
-pub fn draw_footer(frame: &mut Frame, area: Rect, app: &Screen) {
+pub(crate) fn draw_footer(frame: &mut Frame, area: Rect, app: &Screen) {
     if let Some(n) = app
         .state
         .notices

@@ -9,7 +9,7 @@ use ratatui::text::Line;
 use ratatui::widgets::{Axis, Chart, Dataset, GraphType, Paragraph};
 
 /// One line on what the trainer is doing.
-pub fn activity(app: &Screen) -> String {
+pub(crate) fn activity(app: &Screen) -> String {
     let s = &app.state;
     match &s.training {
         _ if s.paused => "paused (p resumes)".to_string(),

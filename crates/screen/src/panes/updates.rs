@@ -12,7 +12,7 @@ use ratatui::style::Style;
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{List, ListItem, ListState, Paragraph, Wrap};
 
-pub const COMMANDS: &[Action] = &[Action::Up, Action::Down, Action::Top, Action::Bottom];
+pub(crate) const COMMANDS: &[Action] = &[Action::Up, Action::Down, Action::Top, Action::Bottom];
 
 /// Version ids as listed: newest first, v0 (the base model) last.
 fn listed(app: &Screen) -> Vec<i64> {
@@ -25,7 +25,7 @@ fn listed(app: &Screen) -> Vec<i64> {
         .collect()
 }
 
-pub fn on_action(app: &mut Screen, a: Action) {
+pub(crate) fn on_action(app: &mut Screen, a: Action) {
     let ids = listed(app);
     let at = app
         .selected_version
