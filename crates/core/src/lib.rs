@@ -2,6 +2,17 @@
 //! the CLI). Built from the configuration by [`build`], it serves through the engine,
 //! captures every turn into the store, has the judge vote on it, trains LoRA updates in the
 //! background and gates each new version. docs/ARCHITECTURE.md draws how the modules fit.
+//!
+//! # Public API
+//! - [`build`] a [`Core`] from a [`config::Config`] ([`config::Config::load`] layers the files,
+//!   the environment and the flags); [`Core::start_background`] runs the judge, the idle-session
+//!   closer and the engine watchdog.
+//! - What a face may do: [`chat::start`] a chat turn (served, captured, judged, trained on);
+//!   [`Core::rate`], [`Core::approve`], [`Core::veto`], [`Core::rollback`],
+//!   [`Core::set_training_paused`]; read [`Core::versions`], [`Core::live_version`],
+//!   [`Core::training`], [`Core::judge_pending`]; or send [`commands::Command`]s.
+//! - What a face may watch: [`events::Event`]s on `core.bus`, the counters in [`telemetry`],
+//!   and the history in [`store::Store`] (`open_read_only`, `snapshot`, `export`).
 
 pub mod capture;
 pub mod catalog;

@@ -1,6 +1,16 @@
 //! The model layer: checkpoint formats, tokenizer and chat template, the transformer, its
 //! kernels and KV cache, LoRA, sampling, generation and scoring, and the one place that
 //! chooses the Burn device (`device`). Nothing here knows about HTTP, storage or the terminal.
+//!
+//! # Public API
+//! - [`LoadedModel::load`] a GGUF file or Hugging Face folder ([`LoadOptions`]: device, dtype,
+//!   weight mode, context cap, KV cache dtype); [`LoadedModel::chat_prompt`] renders typed
+//!   [`messages::Message`]s into token ids; `generate` / `score` on it decode and teacher-force.
+//! - [`messages`]: OpenAI chat messages, typed, and [`messages::parse_messages`] that checks a
+//!   request's list; [`Transformer`], [`KvCache`], [`LoraAdapter`] and [`peft`] for the engine
+//!   and the trainer; [`device`] chooses the Burn device; [`background`] the low-priority
+//!   pools; [`kernels::Isa`] names the SIMD kernels in use (the bench prints it).
+//! - Everything else (GGUF blocks, quantized products, attention internals) is `pub(crate)`.
 
 pub mod background;
 mod blocks;

@@ -1,7 +1,12 @@
 //! The control center: a ratatui screen over the core. It folds the core's events into its
-//! state (`state`), turns keys into commands (`app`, `keymap`), draws panes (`panes`), and
+//! state (`state`), turns keys into commands (`input`, `keymap`), draws panes (`panes`), and
 //! never calls into the engine or the model. Starts from the store's history and resyncs from
 //! it when it misses events.
+//!
+//! # Public API
+//! [`run`] the screen in a terminal over a [`Link`] to the core (its event bus, command sender,
+//! store path and counters); [`keymap::Keymap`] checks `tui.keys`; [`state::State`] and
+//! [`screen::Screen`] are what the bench (`bench --tui`) folds and draws.
 
 pub mod input;
 pub mod keymap;

@@ -1,4 +1,10 @@
 //! The OpenAI-compatible HTTP server (hyper on tokio): routes, auth, SSE, errors, metrics.
+//!
+//! # Public API
+//! [`serve`] a [`Core`] on a listener until a shutdown future resolves; [`chat::parse_request`]
+//! (pure: the fuzz target drives it) and [`http::ApiError`] are the request checks and the
+//! error shape. Routes: `/v1/chat/completions`, `/v1/models`, `/v1/feedback`, `/health`,
+//! `/metrics`, `/admin/*` (README, "Using it").
 
 pub mod admin;
 pub mod chat;
