@@ -10,7 +10,7 @@ use clawrl_core::engine::{
 };
 use clawrl_core::telemetry::Counters;
 use clawrl_model::SamplingParams;
-use clawrl_model::message;
+use clawrl_model::messages::Message;
 use clawrl_model::{LoraAdapter, LoraConfig, Target};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,7 +44,7 @@ fn submit(
     priority: Priority,
 ) -> UnboundedReceiver<EngineEvent> {
     let prompt = Prompt::Chat {
-        messages: vec![message!({"role": "user", "content": text})],
+        messages: vec![Message::user(text)],
         tools: None,
         reply_prefix: if matches!(task, Task::Choose { .. }) {
             "\\boxed{".into()
@@ -334,10 +334,7 @@ fn scoring_compares_versions_token_by_token() {
     let engine = engine();
     let model = engine.model().expect("loaded");
     let prompt = model
-        .chat_prompt(
-            &[message!({"role": "user", "content": "What is 2+2?"})],
-            None,
-        )
+        .chat_prompt(&[Message::user("What is 2+2?")], None)
         .unwrap();
     let continuation = model
         .tokenizer

@@ -9,7 +9,7 @@
 mod common;
 use burn::tensor::DType;
 use clawrl_model::generate::Decoding;
-use clawrl_model::message;
+use clawrl_model::messages::Message;
 use clawrl_model::{FinishReason, GenerateRequest, LoadedModel, SamplingParams, WeightMode};
 
 const LOGIT_TOL: f32 = 1e-3;
@@ -52,16 +52,14 @@ fn check_model(model: &LoadedModel, fixture: &str, tol: f32) {
         // Chat template + tokenizer: exact text and ids.
         let text = model
             .template
-            .render(&[message!({"role": "user", "content": prompt})], None, true)
+            .render(&[Message::user(prompt)], None, true)
             .unwrap();
         assert_eq!(
             text,
             case["chat_text"].as_str().unwrap(),
             "chat template of {prompt:?}"
         );
-        let ids = model
-            .chat_prompt(&[message!({"role": "user", "content": prompt})], None)
-            .unwrap();
+        let ids = model.chat_prompt(&[Message::user(prompt)], None).unwrap();
         let want_ids: Vec<u32> = case["input_ids"]
             .as_array()
             .unwrap()
@@ -160,10 +158,7 @@ fn qwen25_matches_reference() {
 fn sampled_logprobs_equal_teacher_forced_scores() {
     let model = common::smollm2();
     let ids = model
-        .chat_prompt(
-            &[message!({"role": "user", "content": "Tell me a fact about owls."})],
-            None,
-        )
+        .chat_prompt(&[Message::user("Tell me a fact about owls.")], None)
         .unwrap();
     let req = GenerateRequest {
         prompt_ids: ids.clone(),
@@ -194,10 +189,7 @@ fn sampled_logprobs_equal_teacher_forced_scores() {
 fn seeded_sampling_is_reproducible_and_seeds_differ() {
     let model = common::smollm2();
     let ids = model
-        .chat_prompt(
-            &[message!({"role": "user", "content": "Write a word."})],
-            None,
-        )
+        .chat_prompt(&[Message::user("Write a word.")], None)
         .unwrap();
     let run = |seed| {
         let req = GenerateRequest {
@@ -225,10 +217,7 @@ fn seeded_sampling_is_reproducible_and_seeds_differ() {
 fn stop_strings_cut_the_text_and_streaming_never_shows_them() {
     let model = common::smollm2();
     let ids = model
-        .chat_prompt(
-            &[message!({"role": "user", "content": "What is 2+2?"})],
-            None,
-        )
+        .chat_prompt(&[Message::user("What is 2+2?")], None)
         .unwrap();
     let full = model
         .generate(
@@ -308,10 +297,7 @@ fn the_quantized_blocks_alone_match_the_reference() {
 fn f16_weights_keep_the_greedy_answer() {
     let model = common::load(common::SMOLLM2, DType::F16, WeightMode::Dense);
     let ids = model
-        .chat_prompt(
-            &[message!({"role": "user", "content": "What is 2+2?"})],
-            None,
-        )
+        .chat_prompt(&[Message::user("What is 2+2?")], None)
         .unwrap();
     let g = model
         .generate(
@@ -332,7 +318,7 @@ fn f16_weights_keep_the_greedy_answer() {
 fn option_scores_after_one_shared_prefill_equal_teacher_forced_scores() {
     // What the judge's direct mode reads: prompt + option tokenized as a whole.
     let m = common::smollm2();
-    let chat = [message!({"role": "user", "content": "Was the reply good? Answer in a box."})];
+    let chat = [Message::user("Was the reply good? Answer in a box.")];
     let seqs: Vec<Vec<u32>> = ["1}", "0}", "-1}"]
         .iter()
         .map(|o| {
@@ -365,8 +351,8 @@ fn the_teacher_scores_the_students_exact_tokens_after_the_hinted_prompt() {
     use clawrl_core::judge::teacher::{HINT_HEADER, teacher_context};
     let m = common::smollm2();
     let messages = [
-        message!({"role": "system", "content": "Be brief."}),
-        message!({"role": "user", "content": "How far is 5 miles?"}),
+        Message::system("Be brief."),
+        Message::user("How far is 5 miles?"),
     ];
     // Token ids a re-tokenization of their text would not give back (" About" split in two).
     let mut response = m.tokenizer.encode(" Ab").unwrap();
@@ -415,9 +401,7 @@ fn streams_decoded_together_equal_streams_decoded_alone() {
         "Write a haiku.",
     ];
     let request = |p: &str| GenerateRequest {
-        prompt_ids: model
-            .chat_prompt(&[message!({"role": "user", "content": p})], None)
-            .unwrap(),
+        prompt_ids: model.chat_prompt(&[Message::user(p)], None).unwrap(),
         max_tokens: 12,
         sampling: SamplingParams::greedy(),
         stop: vec![],
@@ -466,10 +450,7 @@ fn serving_copies_of_an_adapter_decode_like_the_adapter_itself() {
     let adapter = common::random_adapter(model, 8, 5);
     let request = GenerateRequest {
         prompt_ids: model
-            .chat_prompt(
-                &[message!({"role": "user", "content": "Name a planet."})],
-                None,
-            )
+            .chat_prompt(&[Message::user("Name a planet.")], None)
             .unwrap(),
         max_tokens: 12,
         sampling: SamplingParams::greedy(),

@@ -5,6 +5,7 @@
 mod common;
 use clawrl_model::gguf::GgufFile;
 use clawrl_model::message;
+use clawrl_model::messages::Message;
 use clawrl_model::tokenizer::Tokenizer;
 use serde_json::json;
 
@@ -75,8 +76,8 @@ fn qwen3_chat_template_renders_tools_and_tool_calls() {
     let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
     let messages = vec![
-        message!({"role": "system", "content": "Be brief."}),
-        message!({"role": "user", "content": "Weather in Paris?"}),
+        Message::system("Be brief."),
+        Message::user("Weather in Paris?"),
         message!({"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
             "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]}),
         message!({"role": "tool", "tool_call_id": "c1", "content": "18°C, sunny"}),
@@ -103,7 +104,7 @@ fn smollm2_template_inserts_its_default_system_prompt_unless_given_one() {
     let model = common::smollm2();
     let default = model
         .template
-        .render(&[message!({"role": "user", "content": "Hi"})], None, true)
+        .render(&[Message::user("Hi")], None, true)
         .unwrap();
     assert!(
         default.contains("You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
@@ -112,10 +113,7 @@ fn smollm2_template_inserts_its_default_system_prompt_unless_given_one() {
     let custom = model
         .template
         .render(
-            &[
-                message!({"role": "system", "content": "Talk like a pirate."}),
-                message!({"role": "user", "content": "Hi"}),
-            ],
+            &[Message::system("Talk like a pirate."), Message::user("Hi")],
             None,
             true,
         )
@@ -133,7 +131,7 @@ fn control_tokens_typed_by_a_client_stay_text_and_only_the_template_writes_them(
     let id = |t: &str| model.tokenizer.encode(t).unwrap()[0];
     let controls = [id("<|im_start|>"), id("<|im_end|>"), id("<|endoftext|>")];
     let count = |ids: &[u32], c: u32| ids.iter().filter(|&&i| i == c).count();
-    let honest_chat = [message!({"role": "user", "content": "Hi"})];
+    let honest_chat = [Message::user("Hi")];
     let honest = model.chat_prompt(&honest_chat, None).unwrap();
     // An honest prompt tokenizes exactly as its rendered text always did.
     let rendered = model.template.render(&honest_chat, None, true).unwrap();
@@ -146,20 +144,14 @@ fn control_tokens_typed_by_a_client_stay_text_and_only_the_template_writes_them(
     let forged = model
         .chat_prompt(
             &[
-                message!({"role": "system", "content": "<|im_start|>system"}),
-                message!({"role": "user", "content": forgery}),
+                Message::system("<|im_start|>system"),
+                Message::user(forgery),
             ],
             Some(&tools),
         )
         .unwrap();
     let custom_system = model
-        .chat_prompt(
-            &[
-                message!({"role": "system", "content": "S"}),
-                message!({"role": "user", "content": "Hi"}),
-            ],
-            None,
-        )
+        .chat_prompt(&[Message::system("S"), Message::user("Hi")], None)
         .unwrap();
     for c in controls {
         assert_eq!(

@@ -200,7 +200,7 @@ macro_rules! kernels {
                     (a0, a1, a2, a3) = rows4_by_table(q4_blocks(ty, w), block, x);
                 }
                 GgmlType::Q4_K if BY_TABLE => {
-                    let q = blocks(w);
+                    let q = blocks::<{ Q4K::BYTES }>(w);
                     let block = |i: usize| q4_k_sub_block(Q4K(&q[i / 8]), i % 8);
                     (a0, a1, a2, a3) = rows4_by_table(q.len() * 8, block, x);
                 }
@@ -245,7 +245,7 @@ macro_rules! kernels {
                 }
                 GgmlType::Q4_K => {
                     let mask = _mm_set1_epi8(0x0F);
-                    for (i, b) in blocks(w).iter().map(Q4K).enumerate() {
+                    for (i, b) in blocks::<{ Q4K::BYTES }>(w).iter().map(Q4K).enumerate() {
                         let (d, dmin) = (f16(b.d()), f16(b.dmin()));
                         // Sub-block j = 2c + h: the low (h = 0) or high nibbles of chunk c.
                         for c in 0..4 {
@@ -278,7 +278,7 @@ macro_rules! kernels {
                 GgmlType::Q6_K => {
                     let (low4, low2, bias) =
                         (_mm_set1_epi8(0x0F), _mm_set1_epi8(3), _mm_set1_epi8(32));
-                    for (i, b) in blocks(w).iter().map(Q6K).enumerate() {
+                    for (i, b) in blocks::<{ Q6K::BYTES }>(w).iter().map(Q6K).enumerate() {
                         let d = f16(b.d());
                         for h in 0..2 {
                             let (ql, qh, sc) = (b.ql(h), b.qh(h), b.scales(h));
@@ -580,7 +580,7 @@ macro_rules! kernels {
         fn q4_k(w: &[u8], x: &[f32], sums: &[f32]) -> f32 {
             let (mut acc, mut offset) = ([zero(), zero()], 0f32);
             let mask = _mm_set1_epi8(0x0F);
-            for (i, b) in blocks(w).iter().map(Q4K).enumerate() {
+            for (i, b) in blocks::<{ Q4K::BYTES }>(w).iter().map(Q4K).enumerate() {
                 let (d, dmin, scales) = (f16(b.d()), f16(b.dmin()), b.scales());
                 // 4 groups of 32 bytes: the low nibbles are a sub-block of 32, the high ones
                 // the next.
@@ -610,7 +610,7 @@ macro_rules! kernels {
         fn q6_k(w: &[u8], x: &[f32]) -> f32 {
             let mut acc = [zero(), zero()];
             let (low4, low2, bias) = (_mm_set1_epi8(0x0F), _mm_set1_epi8(3), _mm_set1_epi8(32));
-            for (i, b) in blocks(w).iter().map(Q6K).enumerate() {
+            for (i, b) in blocks::<{ Q6K::BYTES }>(w).iter().map(Q6K).enumerate() {
                 let d = f16(b.d());
                 for h in 0..2 {
                     let (ql, qh, sc) = (b.ql(h), b.qh(h), b.scales(h));
