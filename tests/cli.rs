@@ -346,20 +346,9 @@ fn bad_judge_settings_stop_the_server_at_start_with_the_key_named() {
     let data = tempfile::tempdir().unwrap();
     let model = common::model_path(common::SMOLLM2);
     let serve = |env: &[(&str, &str)]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"));
-        cmd.args([
-            "--model",
-            model.to_str().unwrap(),
-            "serve",
-            "--headless",
-            "--port",
-            "0",
-        ])
-        .env("CLAWRL_DATA_DIR", data.path());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let out = cmd.output().unwrap();
+        let out = common::server::serve_command(&model, data.path(), env)
+            .output()
+            .unwrap();
         assert!(!out.status.success(), "{env:?} must be refused");
         text(&out.stderr)
     };

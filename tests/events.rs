@@ -86,6 +86,18 @@ impl Core {
     }
 }
 
+/// Waits for the next event of a kind and binds its fields:
+/// `next_event!(events, "a candidate", Event::CandidateReady { version, .. });`
+macro_rules! next_event {
+    ($events:expr, $what:expr, Event::$kind:ident { $($fields:tt)* }) => {
+        let Event::$kind { $($fields)* } =
+            wait_event($events, $what, |e| matches!(e, Event::$kind { .. })).await
+        else {
+            unreachable!()
+        };
+    };
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_steps_are_published_on_the_event_bus() {
     let mut core = Core::start(|cfg| {
@@ -395,36 +407,32 @@ async fn training_and_gate_decisions_are_published_on_the_event_bus() {
             hints: 0
         }
     );
-    let Event::TrainingStep {
-        done,
-        samples,
-        loss,
-        kl,
-    } = wait_event(events, "a training step", |e| {
-        matches!(e, Event::TrainingStep { .. })
-    })
-    .await
-    else {
-        unreachable!()
-    };
+    next_event!(
+        events,
+        "a training step",
+        Event::TrainingStep {
+            done,
+            samples,
+            loss,
+            kl,
+        }
+    );
     assert_eq!((done, samples), (1, 1));
     assert!(
         loss.is_finite() && kl.abs() < 1e-6,
         "on-policy: {loss} {kl}"
     );
-    let Event::CandidateReady {
-        version,
-        guard_passed,
-        kl_base,
-        mean_reward,
-        ..
-    } = wait_event(events, "a candidate", |e| {
-        matches!(e, Event::CandidateReady { .. })
-    })
-    .await
-    else {
-        unreachable!()
-    };
+    next_event!(
+        events,
+        "a candidate",
+        Event::CandidateReady {
+            version,
+            guard_passed,
+            kl_base,
+            mean_reward,
+            ..
+        }
+    );
     assert_eq!((version, guard_passed, mean_reward), (1, true, Some(1.0)));
     assert!(kl_base.unwrap() >= 0.0);
     let e = wait_event(events, "v1 live", |e| {
@@ -530,17 +538,15 @@ async fn under_auto_a_refused_candidate_waits_while_training_goes_on_from_the_li
                 hints: 0
             }
         );
-        let Event::CandidateReady {
-            version,
-            guard_passed,
-            ..
-        } = wait_event(&mut core.events, "a candidate", |e| {
-            matches!(e, Event::CandidateReady { .. })
-        })
-        .await
-        else {
-            unreachable!()
-        };
+        next_event!(
+            &mut core.events,
+            "a candidate",
+            Event::CandidateReady {
+                version,
+                guard_passed,
+                ..
+            }
+        );
         assert_eq!((version, guard_passed), (i as i64 + 1, false));
     }
     let c = core.state.clone();

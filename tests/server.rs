@@ -21,6 +21,16 @@ fn shared() -> &'static Server {
     })
 }
 
+/// Opens session `sid` with a greedy reply to "Hi"; returns the reply's content.
+fn open_session(s: &Server, sid: &str) -> Value {
+    let (st, r1) = s.chat(
+        &[("X-Session-Id", sid)],
+        &json!({"messages": [user("Hi")], "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{r1}");
+    r1["choices"][0]["message"]["content"].clone()
+}
+
 fn user(text: &str) -> Value {
     json!({"role": "user", "content": text})
 }
@@ -288,16 +298,7 @@ fn a_headerless_conversation_is_one_session_despite_internal_context_blocks() {
 fn session_headers_turn_types_and_session_done_are_honoured() {
     let s = shared();
     let sid = "explicit-session-42";
-    let h = [("X-Session-Id", sid)];
-    let (st, r1) = s.chat(
-        &h,
-        &json!({"messages": [user("Hi")], "max_tokens": 4, "temperature": 0}),
-    );
-    assert_eq!(st, 200);
-    let a1 = r1["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let a1 = open_session(s, sid);
     // A side turn (heartbeat) in the same session: served, stored as side, not a next state.
     let (st, _) = s.chat(
         &[("X-Session-Id", sid), ("X-Turn-Type", "side")],
@@ -334,12 +335,7 @@ fn a_refused_request_leaves_the_captured_data_untouched() {
     let s = shared();
     let sid = "refused-then-retried";
     let h = [("X-Session-Id", sid)];
-    let (st, r1) = s.chat(
-        &h,
-        &json!({"messages": [user("Hi")], "max_tokens": 4, "temperature": 0}),
-    );
-    assert_eq!(st, 200);
-    let a1 = r1["choices"][0]["message"]["content"].clone();
+    let a1 = open_session(s, sid);
     let history = |last: Value| json!([user("Hi"), {"role": "assistant", "content": a1}, last]);
     // ~9 K tokens against the 8 K context: refused before anything is generated.
     let long = "apple ".repeat(9000);

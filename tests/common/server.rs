@@ -96,23 +96,14 @@ impl Server {
         env: &[(&str, &str)],
     ) -> Self {
         let key = "test-key-123".to_string();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"));
-        cmd.args([
-            "--model",
-            model.to_str().unwrap(),
-            "serve",
-            "--headless",
-            "--port",
-            "0",
-            "--api-key",
-            &key,
-        ])
-        .env("CLAWRL_DATA_DIR", data.path())
-        .env("CLAWRL__SERVER__MODEL_ID", model_id)
-        .env("CLAWRL__JUDGE__BACKEND", "off")
-        .env("CLAWRL__TRAIN__ENABLED", "false")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        let mut cmd = serve_command(model, data.path(), &[]);
+        cmd.args(["--api-key", &key])
+            .env("CLAWRL__SERVER__MODEL_ID", model_id)
+            .env("CLAWRL__JUDGE__BACKEND", "off")
+            .env("CLAWRL__TRAIN__ENABLED", "false")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // The test's own settings win over the defaults above.
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -328,4 +319,26 @@ impl Drop for Server {
         let _ = self.child.wait();
         untrack(self.child.id());
     }
+}
+
+/// `clawrl-tui --model M serve --headless --port 0` on the data folder `data`, with `env` set.
+pub fn serve_command(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    env: &[(&str, &str)],
+) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"));
+    cmd.args([
+        "--model",
+        model.to_str().unwrap(),
+        "serve",
+        "--headless",
+        "--port",
+        "0",
+    ])
+    .env("CLAWRL_DATA_DIR", data);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
 }

@@ -89,11 +89,7 @@ mod tests {
     use super::*;
 
     fn ids() -> impl FnMut() -> String {
-        let mut n = 0;
-        move || {
-            n += 1;
-            format!("call_{n}")
-        }
+        crate::capture::numbered_ids("call_")
     }
 
     #[test]

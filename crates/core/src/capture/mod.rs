@@ -50,6 +50,16 @@ pub struct Capture {
     markers: Vec<String>,
 }
 
+/// Ids `{prefix}1`, `{prefix}2`, …: the tests' stand-in for [`random_id`].
+#[cfg(test)]
+pub(crate) fn numbered_ids(prefix: &'static str) -> impl FnMut() -> String {
+    let mut n = 0;
+    move || {
+        n += 1;
+        format!("{prefix}{n}")
+    }
+}
+
 pub fn random_id(prefix: &str) -> String {
     use rand::Rng;
     let n: u128 = rand::rng().random();

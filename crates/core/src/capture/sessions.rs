@@ -400,11 +400,7 @@ mod tests {
     use clawrl_model::message;
 
     fn ids() -> impl FnMut() -> String {
-        let mut n = 0;
-        move || {
-            n += 1;
-            format!("s{n}")
-        }
+        crate::capture::numbered_ids("s")
     }
 
     const MARK: &str = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>";
