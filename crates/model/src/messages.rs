@@ -1,6 +1,6 @@
 //! OpenAI chat messages, typed: what a client sends, what the engine renders, what capture
 //! stores and the judge and trainer read. They become JSON values in one place only, where the
-//! chat template is rendered ([`crate::chat_template::ChatTemplate::render`]).
+//! chat template is rendered (`ChatTemplate::render`).
 //!
 //! Fields clawrl does not use (`reasoning_content`, `cache_control`, …) are kept in `extra`, so
 //! a message travels and is stored as the client sent it.
