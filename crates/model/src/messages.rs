@@ -283,8 +283,12 @@ fn parse_message(i: usize, m: &Value) -> Result<Message, MessageError> {
         Some(Value::String(_) | Value::Array(_)) => {}
         _ => return Err(content_error()),
     }
-    let message: Message = serde_json::from_value(m.clone()).map_err(|e| {
-        if m.get("content").is_some_and(Value::is_array) && m.get("tool_calls").is_none() {
+    // Read in place (no copy); a content that does not parse is named as such.
+    let message = Message::deserialize(m).map_err(|e| {
+        let bad_content = m
+            .get("content")
+            .is_some_and(|c| !c.is_null() && Content::deserialize(c).is_err());
+        if bad_content {
             content_error()
         } else {
             err("", format!("messages[{i}]: {e}."))

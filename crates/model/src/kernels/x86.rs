@@ -41,6 +41,30 @@ fn fifth_bits(bits: u32) -> __m128i {
     _mm_and_si128(set, _mm_set1_epi8(0x10))
 }
 
+/// A row of Q4_0 or Q4_1 blocks, cut into its blocks once (not once per block).
+#[derive(Clone, Copy)]
+enum Q4Row<'a> {
+    Q4_0(&'a [[u8; Q4_0::BYTES]]),
+    Q4_1(&'a [[u8; Q4_1::BYTES]]),
+}
+
+impl<'a> Q4Row<'a> {
+    fn new(ty: GgmlType, w: &'a [u8]) -> Self {
+        if ty == GgmlType::Q4_0 {
+            Self::Q4_0(blocks(w))
+        } else {
+            Self::Q4_1(blocks(w))
+        }
+    }
+
+    fn len(self) -> usize {
+        match self {
+            Self::Q4_0(q) => q.len(),
+            Self::Q4_1(q) => q.len(),
+        }
+    }
+}
+
 /// ln 2 in two parts (Cephes): n·C1 is exact in f32, so x − n·ln 2 keeps its low bits.
 const EXP_C1: f32 = 0.693_359_4;
 const EXP_C2: f32 = -2.121_944_4e-4;
@@ -92,33 +116,25 @@ macro_rules! kernels {
         /// Block `i` of a row of Q4_0 or Q4_1 blocks: its scale, minimum and nibbles (Q4_0's
         /// weights are d·(q − 8): a minimum of −8d).
         #[target_feature(enable = $features)]
-        fn q4_fields(ty: GgmlType, w: &[u8], i: usize) -> (f32, f32, &[u8; 16]) {
-            if ty == GgmlType::Q4_0 {
-                let b = Q4_0(&blocks(w)[i]);
-                let d = f16(b.d());
-                (d, -8.0 * d, b.qs())
-            } else {
-                let b = Q4_1(&blocks(w)[i]);
-                (f16(b.d()), f16(b.m()), b.qs())
-            }
-        }
-
-        /// How many Q4_0 or Q4_1 blocks a row holds.
-        #[target_feature(enable = $features)]
-        fn q4_blocks(ty: GgmlType, w: &[u8]) -> usize {
-            w.len()
-                / if ty == GgmlType::Q4_0 {
-                    Q4_0::BYTES
-                } else {
-                    Q4_1::BYTES
+        fn q4_fields<'a>(row: Q4Row<'a>, i: usize) -> (f32, f32, &'a [u8; 16]) {
+            match row {
+                Q4Row::Q4_0(q) => {
+                    let b = Q4_0(&q[i]);
+                    let d = f16(b.d());
+                    (d, -8.0 * d, b.qs())
                 }
+                Q4Row::Q4_1(q) => {
+                    let b = Q4_1(&q[i]);
+                    (f16(b.d()), f16(b.m()), b.qs())
+                }
+            }
         }
 
         /// Block `i` of a row of Q4_0 or Q4_1 blocks as its weights, low and high 16, looked
         /// up in the block's table.
         #[target_feature(enable = $features)]
-        fn q4_block(ty: GgmlType, w: &[u8], i: usize) -> (W, W) {
-            let (d, m, qs) = q4_fields(ty, w, i);
+        fn q4_block(row: Q4Row, i: usize) -> (W, W) {
+            let (d, m, qs) = q4_fields(row, i);
             let (x, t) = (indexes(qs), table(d, m));
             (lookup::<false>(x, t), lookup::<true>(x, t))
         }
@@ -196,8 +212,9 @@ macro_rules! kernels {
             match ty {
                 // 4-bit blocks by table: the block's weights themselves meet the rows.
                 GgmlType::Q4_0 | GgmlType::Q4_1 if BY_TABLE => {
-                    let block = |i: usize| q4_block(ty, w, i);
-                    (a0, a1, a2, a3) = rows4_by_table(q4_blocks(ty, w), block, x);
+                    let row = Q4Row::new(ty, w);
+                    let block = |i: usize| q4_block(row, i);
+                    (a0, a1, a2, a3) = rows4_by_table(row.len(), block, x);
                 }
                 GgmlType::Q4_K if BY_TABLE => {
                     let q = blocks::<{ Q4K::BYTES }>(w);
@@ -205,8 +222,9 @@ macro_rules! kernels {
                     (a0, a1, a2, a3) = rows4_by_table(q.len() * 8, block, x);
                 }
                 GgmlType::Q4_0 | GgmlType::Q4_1 => {
-                    for i in 0..q4_blocks(ty, w) {
-                        let (d, m, qs) = q4_fields(ty, w, i);
+                    let row = Q4Row::new(ty, w);
+                    for i in 0..row.len() {
+                        let (d, m, qs) = q4_fields(row, i);
                         let (lo, hi) = nibbles(qs);
                         let (lo, hi) = (widen16::<false>(lo), widen16::<false>(hi));
                         a0 = block(a0, d, lo, hi, x[0], i);
