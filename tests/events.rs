@@ -384,6 +384,20 @@ async fn ask_and_rate(port: u16, question: &str, rating: &str) -> serde_json::Va
     r["id"].clone()
 }
 
+/// Waits for the next update to start and checks it trains one sample, without hints, on v0.
+async fn expect_one_sample_update_from_base(events: &mut tokio::sync::broadcast::Receiver<Event>) {
+    let e = wait_event(events, "training started", |e| {
+        matches!(e, Event::TrainingStarted { .. })
+    })
+    .await;
+    let expected = Event::TrainingStarted {
+        parent: 0,
+        samples: 1,
+        hints: 0,
+    };
+    assert_eq!(e, expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn training_and_gate_decisions_are_published_on_the_event_bus() {
     let mut core = Core::training(|_| {}).await;
@@ -395,18 +409,7 @@ async fn training_and_gate_decisions_are_published_on_the_event_bus() {
     })
     .await;
     assert_eq!(e, Event::SamplesWaiting { samples: 1 });
-    let e = wait_event(events, "training started", |e| {
-        matches!(e, Event::TrainingStarted { .. })
-    })
-    .await;
-    assert_eq!(
-        e,
-        Event::TrainingStarted {
-            parent: 0,
-            samples: 1,
-            hints: 0
-        }
-    );
+    expect_one_sample_update_from_base(events).await;
     next_event!(
         events,
         "a training step",
@@ -525,19 +528,8 @@ async fn under_auto_a_refused_candidate_waits_while_training_goes_on_from_the_li
     let port = core.port;
     for (i, question) in ["Name a fruit.", "Name a colour."].into_iter().enumerate() {
         ask_and_rate(port, question, "up").await;
-        let e = wait_event(&mut core.events, "training started", |e| {
-            matches!(e, Event::TrainingStarted { .. })
-        })
-        .await;
         // Both updates start from the live base model, not from the refused v1.
-        assert_eq!(
-            e,
-            Event::TrainingStarted {
-                parent: 0,
-                samples: 1,
-                hints: 0
-            }
-        );
+        expect_one_sample_update_from_base(&mut core.events).await;
         next_event!(
             &mut core.events,
             "a candidate",

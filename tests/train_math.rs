@@ -7,15 +7,24 @@ use burn::module::Param;
 use burn::tensor::DType;
 use clawrl_core::train::loss::{LossConfig, Method, Signals, TopK};
 use clawrl_core::train::optimizer::{AdapterOptimizer, OptimizerConfig};
-use clawrl_core::train::policy::{
-    MicroStep, micro_step, response_log_distributions, response_logprobs,
-};
+use clawrl_core::train::policy::{MicroStep, micro_step, response_log_distributions};
 use clawrl_model::linear::LinearWeight;
 use clawrl_model::lora::{LoraPair, values};
 use clawrl_model::weights::WeightFile;
 use clawrl_model::{LoraAdapter, LoraConfig, Target, Transformer, WeightMode, scoring};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// Log-probs of RESPONSE after PROMPT under the base model plus `adapter`, the last
+/// `grad_context` prompt tokens with gradients.
+fn response_logprobs(
+    model: &Transformer,
+    adapter: &LoraAdapter,
+    grad_context: usize,
+) -> burn::tensor::Tensor<1> {
+    let dist = response_log_distributions(model, adapter, &PROMPT, &RESPONSE, grad_context, &|| {});
+    scoring::gather(dist, &RESPONSE)
+}
 
 fn tiny() -> Transformer {
     let (file, cfg) = WeightFile::open(&common::fixture("tiny-qwen3")).unwrap();
@@ -107,7 +116,7 @@ fn the_adapter_computes_the_same_as_merged_weights() {
 
 /// The combined loss of the sample at `adapter`, without gradients.
 fn loss_at(model: &Transformer, adapter: &LoraAdapter, signals: &Signals) -> f64 {
-    let lp = response_logprobs(model, adapter, &PROMPT, &RESPONSE, 64, &|| {});
+    let lp = response_logprobs(model, adapter, 64);
     LossConfig::default()
         .sample_loss(lp, signals, None)
         .into_scalar::<f32>() as f64
@@ -151,7 +160,7 @@ fn lora_gradients_match_finite_differences() {
     };
     let trainable = adapter.trainable();
     // The whole prompt with gradients (a shorter window leaves out the head's keys and values).
-    let lp = response_logprobs(&model, &trainable, &PROMPT, &RESPONSE, 64, &|| {});
+    let lp = response_logprobs(&model, &trainable, 64);
     let grads = LossConfig::default()
         .sample_loss(lp, &signals, None)
         .backward();
@@ -344,8 +353,8 @@ fn an_opd_step_moves_the_student_toward_the_teacher() {
 fn computing_the_prompt_head_without_gradients_gives_the_same_log_probs() {
     let model = tiny();
     let adapter = random_adapter(&model, 4, 0.2);
-    let full = response_logprobs(&model, &adapter.trainable(), &PROMPT, &RESPONSE, 64, &|| {});
-    let tail = response_logprobs(&model, &adapter.trainable(), &PROMPT, &RESPONSE, 2, &|| {});
+    let full = response_logprobs(&model, &adapter.trainable(), 64);
+    let tail = response_logprobs(&model, &adapter.trainable(), 2);
     let (full, tail) = (
         values(&full.unsqueeze::<2>()),
         values(&tail.unsqueeze::<2>()),

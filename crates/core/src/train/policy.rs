@@ -11,21 +11,6 @@ use clawrl_model::{LoraAdapter, Transformer, scoring};
 /// Prompt tokens per pass when computing a prompt's head without gradients.
 const CHUNK: usize = 256;
 
-/// Log-probs `[n]` of `response` after `prompt` under the base model plus `adapter`
-/// (see [`response_log_distributions`]).
-pub fn response_logprobs(
-    model: &Transformer,
-    adapter: &LoraAdapter,
-    prompt: &[u32],
-    response: &[u32],
-    grad_context: usize,
-    pause_point: &dyn Fn(),
-) -> Tensor<1> {
-    let dist =
-        response_log_distributions(model, adapter, prompt, response, grad_context, pause_point);
-    scoring::gather(dist, response)
-}
-
 /// The log-distributions `[n, vocab]` over the next token at each of `response`'s positions
 /// after `prompt`, under the base model plus `adapter`.
 ///
