@@ -13,11 +13,12 @@ use std::fmt::Write as _;
 #[derive(Args, Debug)]
 pub struct CtlArgs {
     /// The server (default: http://<server.host>:<server.port> from the config, i.e.
-    /// http://127.0.0.1:30000).
-    #[arg(long)]
+    /// http://127.0.0.1:30000; https:// trusts the system's root certificates, or those in
+    /// SSL_CERT_FILE / SSL_CERT_DIR). Like every flag here, it goes anywhere on the line.
+    #[arg(long, global = true)]
     pub url: Option<String>,
     /// The server's API key (default: $CLAWRL_API_KEY, else server.api_key from the config).
-    #[arg(long, env = "CLAWRL_API_KEY", hide_env_values = true)]
+    #[arg(long, env = "CLAWRL_API_KEY", hide_env_values = true, global = true)]
     pub api_key: Option<String>,
     /// Print the server's JSON answer instead of text.
     #[arg(long, global = true)]

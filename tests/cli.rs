@@ -387,6 +387,39 @@ fn bad_judge_settings_stop_the_server_at_start_with_the_key_named() {
 }
 
 #[test]
+fn ctl_takes_its_flags_after_the_subcommand_and_speaks_https() {
+    // A port that accepts and says nothing back: where ctl's request goes is in its error.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            drop(c);
+        }
+    });
+    for (scheme, tls) in [("http", false), ("https", true)] {
+        let url = format!("{scheme}://127.0.0.1:{port}");
+        let out = run(&[
+            "ctl",
+            "rollback",
+            "0",
+            "--url",
+            &url,
+            "--api-key",
+            "k",
+            "--json",
+        ]);
+        let err = text(&out.stderr);
+        assert!(!out.status.success());
+        assert!(!err.contains("unexpected argument"), "{err}");
+        assert!(
+            err.contains(&format!("cannot reach 127.0.0.1:{port}")),
+            "{err}"
+        );
+        assert_eq!(err.contains("TLS: tls handshake"), tls, "{scheme}: {err}");
+    }
+}
+
+#[test]
 fn serving_beyond_loopback_without_a_key_warns() {
     use std::io::{BufRead, BufReader};
     let data = tempfile::tempdir().unwrap();

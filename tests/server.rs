@@ -4,6 +4,7 @@
 mod common;
 use common::server::Server;
 use serde_json::{Value, json};
+use std::io::{Read, Write};
 use std::sync::OnceLock;
 
 fn shared() -> &'static Server {
@@ -673,6 +674,53 @@ fn health_is_503_until_the_model_is_ready_and_when_it_failed() {
     let (st, r) = s.chat(&[], &json!({"messages": [user("hi")]}));
     assert_eq!(st, 503, "{r}");
     assert!(r["error"]["message"].as_str().unwrap().contains("/health"));
+}
+
+#[test]
+fn half_open_connections_past_the_cap_do_not_lock_out_health() {
+    // A server without a model answers /health at once (503 "failed"): enough to see the door.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("broken.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00 truncated").unwrap();
+    let s = Server::spawn(&bad, "broken", &[]);
+    assert_eq!(s.get("/health", false).0, 503);
+    // 300 clients that start a request and never finish its headers, past the shipped cap
+    // of 256 open connections (server.max_connections), each held open.
+    let half_open: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+            c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+            c
+        })
+        .collect();
+    // Before, /health waited unaccepted behind them until the 30 s header timeout.
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer)
+        .expect("/health answered within 10 s");
+    assert!(
+        answer.starts_with("HTTP/1.1 503") && answer.contains("\"status\":\"failed\""),
+        "{answer}"
+    );
+    // The oldest unfinished ones were shed to make room: the first is closed now.
+    let mut first = &half_open[0];
+    first
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    match first.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest)),
+        // Closed with its request unread: a reset, not a timeout.
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    assert!(
+        s.log()
+            .contains("closed the oldest connection not serving a request")
+    );
 }
 
 #[test]

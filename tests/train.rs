@@ -33,8 +33,9 @@ fn script(marker: &str) -> (&'static [&'static str], &'static [&'static str]) {
 fn ctl(s: &Server, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_clawrl-tui"))
         .arg("ctl")
-        .args(["--url", &format!("http://127.0.0.1:{}", s.port)])
         .args(args)
+        // After the subcommand, as kubectl and git take their flags.
+        .args(["--url", &format!("http://127.0.0.1:{}", s.port)])
         .env("CLAWRL_API_KEY", &s.key)
         .env("CLAWRL_DATA_DIR", s.data.path())
         .output()

@@ -18,6 +18,7 @@ use clawrl_core::telemetry::Counters;
 pub use clawrl_core::{Core, ServerConfig};
 use clawrl_model::Generation;
 use http::{ApiError, Body, full, json_response};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -226,21 +227,31 @@ pub async fn serve(
             accepted = acceptor.next() => {
                 let listen::Accepted { stream, slot } = accepted;
                 let state = state.clone();
+                let requests = slot.requests();
                 // A client that sends its headers too slowly is disconnected (the body has
                 // its own deadline: `http::read_body`).
                 let conn = http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(read_timeout)
                     .serve_connection(TokioIo::new(stream), service_fn(move |req| {
-                        let state = state.clone();
-                        async move { Ok::<_, std::convert::Infallible>(route(state, req).await) }
+                        let (state, serving) = (state.clone(), requests.serving());
+                        async move {
+                            let response = route(state, req).await;
+                            // The request counts as served until its body's last byte.
+                            let response = response
+                                .map(|body| body.map_frame(move |f| { let _ = &serving; f }).boxed());
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
                     }));
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!("connection: {e}");
+                    tokio::select! {
+                        done = conn => if let Err(e) = done {
+                            tracing::debug!("connection: {e}");
+                        },
+                        // Dropping the connection closes it.
+                        () = slot.shed() => tracing::debug!("connection shed to make room"),
                     }
-                    drop(slot);
                 });
             }
             _ = &mut shutdown => break,
