@@ -676,6 +676,236 @@ fn health_is_503_until_the_model_is_ready_and_when_it_failed() {
     assert!(r["error"]["message"].as_str().unwrap().contains("/health"));
 }
 
+/// A JSON POST with the key: (status, the JSON answer or its text as a string).
+fn post(s: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let (st, _, text) = s.request("POST", path, &[], &body.to_string(), true);
+    (
+        st,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// The captured greedy turn for `question`: (prompt ids, response ids, log-probs).
+fn captured_greedy_turn(s: &Server, question: &str) -> (Vec<u32>, Vec<u32>, Vec<f32>) {
+    let body = json!({"messages": [user(question)], "max_tokens": 12, "temperature": 0});
+    assert_eq!(s.chat(&[], &body).0, 200);
+    let turn = turns_mentioning(s, question).pop().expect("captured");
+    let field = |k: &str| turn[k].clone();
+    (
+        serde_json::from_value(field("prompt_ids")).unwrap(),
+        serde_json::from_value(field("response_ids")).unwrap(),
+        serde_json::from_value(field("logprobs")).unwrap(),
+    )
+}
+
+#[test]
+fn token_id_completions_give_what_a_chat_turn_captured_and_score_prompts() {
+    let s = shared();
+    let (prompt, response, logprobs) = captured_greedy_turn(s, "Marker c0mp: name a colour.");
+    let (st, r) = post(
+        s,
+        "/v1/completions",
+        &json!({"model": "smollm2-135m-instruct", "prompt": prompt, "max_tokens": 12,
+                "temperature": 0, "logprobs": 2, "return_token_ids": true}),
+    );
+    assert_eq!(st, 200, "{r}");
+    let c = &r["choices"][0];
+    assert_eq!(r["object"], "text_completion");
+    assert_eq!(c["prompt_token_ids"], json!(prompt));
+    assert_eq!(
+        c["token_ids"],
+        json!(response),
+        "the same greedy reply as the chat turn"
+    );
+    let got: Vec<f32> = serde_json::from_value(c["logprobs"]["token_logprobs"].clone()).unwrap();
+    for (g, w) in got.iter().zip(&logprobs) {
+        assert!((g - w).abs() < 1e-4, "{got:?} vs {logprobs:?}");
+    }
+    assert_eq!(
+        c["logprobs"]["top_logprobs"][0].as_object().unwrap().len(),
+        2
+    );
+    assert_eq!(r["usage"]["prompt_tokens"], prompt.len());
+    let text: String = serde_json::from_value(c["logprobs"]["tokens"].clone())
+        .map(|t: Vec<String>| t.concat())
+        .unwrap();
+    assert!(
+        text.starts_with(c["text"].as_str().unwrap()),
+        "{text:?} vs {c}"
+    );
+
+    // The prompt scored: the reply's tokens, teacher-forced, have the log-probs they were
+    // sampled with, and each greedy token is ranked first.
+    let whole: Vec<u32> = prompt.iter().chain(&response).copied().collect();
+    let (st, r) = post(
+        s,
+        "/v1/completions",
+        &json!({"prompt": whole, "max_tokens": 1, "prompt_logprobs": 3,
+                "return_tokens_as_token_ids": true}),
+    );
+    assert_eq!(st, 200, "{r}");
+    let scored = r["choices"][0]["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(scored.len(), whole.len());
+    assert_eq!(scored[0], Value::Null);
+    for (i, (&id, want)) in response.iter().zip(&logprobs).enumerate() {
+        let entry = &scored[prompt.len() + i];
+        let own = &entry[id.to_string()];
+        assert!(
+            (own["logprob"].as_f64().unwrap() as f32 - want).abs() < 1e-3,
+            "{entry}"
+        );
+        assert_eq!(own["rank"], 1, "{entry}");
+        assert_eq!(own["decoded_token"], format!("token_id:{id}"));
+        assert!(entry.as_object().unwrap().len() <= 3, "{entry}");
+    }
+}
+
+#[test]
+fn bad_completions_are_refused_naming_the_field() {
+    let s = shared();
+    for (body, status, param, says) in [
+        (json!({"prompt": []}), 400, "prompt", "must not be empty"),
+        (json!({"prompt": [1, -2]}), 400, "prompt", "non-negative"),
+        (
+            json!({"prompt": [[1, 2], [3]]}),
+            400,
+            "prompt",
+            "One prompt per request",
+        ),
+        (
+            json!({"prompt": [99999999]}),
+            400,
+            "prompt",
+            "out of the vocabulary",
+        ),
+        (
+            json!({"prompt": [1], "model": "nope"}),
+            404,
+            "model",
+            "does not exist",
+        ),
+        (
+            json!({"prompt": [1], "stream": true}),
+            400,
+            "stream",
+            "not supported",
+        ),
+        (
+            json!({"prompt": [1], "logprobs": 21}),
+            400,
+            "logprobs",
+            "between 0 and 20",
+        ),
+        (
+            json!({"prompt": [1], "temperature": 3}),
+            400,
+            "temperature",
+            "between 0 and 2",
+        ),
+    ] {
+        let (st, r) = post(s, "/v1/completions", &body);
+        assert_eq!(st, status, "{body}: {r}");
+        assert_eq!(r["error"]["param"], param, "{body}: {r}");
+        assert!(
+            r["error"]["message"].as_str().unwrap().contains(says),
+            "{body}: {r}"
+        );
+    }
+    let (st, _, _) = s.request("POST", "/v1/completions", &[], r#"{"prompt": [1]}"#, false);
+    assert_eq!(st, 401);
+}
+
+#[test]
+fn an_adapter_loaded_by_name_serves_requests_naming_it_until_unloaded() {
+    use clawrl_model::{LoraAdapter, LoraConfig, Target, peft, weights::WeightFile};
+    use rand::{Rng, SeedableRng};
+    let s = shared();
+    let config = WeightFile::open(&common::model_path(common::SMOLLM2))
+        .unwrap()
+        .1;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec![Target::QProj, Target::VProj, Target::DownProj],
+    };
+    let adapter = LoraAdapter::build(
+        &config,
+        lora,
+        |_, _, din, dout, r| {
+            let a = (0..din * r).map(|_| rng.random_range(-0.1..0.1)).collect();
+            let b = (0..r * dout).map(|_| rng.random_range(-0.1..0.1)).collect();
+            Ok((a, b))
+        },
+        &burn::tensor::Device::flex(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("clawrl-v7");
+    peft::save(&adapter, &config, "SmolLM2-135M-Instruct", &path).unwrap();
+    let path = path.display().to_string();
+
+    let ask = |model: &str| {
+        post(
+            s,
+            "/v1/completions",
+            &json!({"model": model, "prompt": "The capital of France is", "max_tokens": 6,
+                    "temperature": 0, "logprobs": 0, "return_token_ids": true}),
+        )
+    };
+    let (st, base) = ask("smollm2-135m-instruct");
+    assert_eq!(st, 200, "{base}");
+    assert_eq!(ask("clawrl-v7").0, 404, "not loaded yet");
+
+    let load = json!({"lora_name": "clawrl-v7", "lora_path": path});
+    let (st, r) = post(s, "/v1/load_lora_adapter", &load);
+    assert_eq!(
+        (st, r.as_str()),
+        (
+            200,
+            Some("Success: LoRA adapter 'clawrl-v7' added successfully.")
+        )
+    );
+    let (st, r) = post(s, "/v1/load_lora_adapter", &load);
+    assert_eq!(st, 400, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already been loaded")
+    );
+    let missing =
+        json!({"lora_name": "other", "lora_path": dir.path().join("none").display().to_string()});
+    let (st, r) = post(s, "/v1/load_lora_adapter", &missing);
+    assert_eq!(st, 400, "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("none"),
+        "{r}"
+    );
+
+    let (st, tuned) = ask("clawrl-v7");
+    assert_eq!(st, 200, "{tuned}");
+    assert_eq!(tuned["model"], "clawrl-v7");
+    let lps = |r: &Value| r["choices"][0]["logprobs"]["token_logprobs"].clone();
+    assert_ne!(lps(&tuned), lps(&base), "the adapter changes the log-probs");
+    let models: Value = serde_json::from_str(&s.get("/v1/models", true).2).unwrap();
+    assert!(models["data"].to_string().contains("clawrl-v7"), "{models}");
+    // The base name still serves the base (the live version of this server).
+    assert_eq!(lps(&ask("smollm2-135m-instruct").1), lps(&base));
+
+    let unload = json!({"lora_name": "clawrl-v7"});
+    let (st, r) = post(s, "/v1/unload_lora_adapter", &unload);
+    assert_eq!(
+        (st, r.as_str()),
+        (
+            200,
+            Some("Success: LoRA adapter 'clawrl-v7' removed successfully.")
+        )
+    );
+    assert_eq!(post(s, "/v1/unload_lora_adapter", &unload).0, 404);
+    assert_eq!(ask("clawrl-v7").0, 404, "unloaded");
+}
+
 #[test]
 fn half_open_connections_past_the_cap_do_not_lock_out_health() {
     // A server without a model answers /health at once (503 "failed"): enough to see the door.

@@ -18,6 +18,7 @@ pub mod capture;
 pub mod catalog;
 pub mod chat;
 pub mod commands;
+pub mod completion;
 pub mod config;
 pub mod engine;
 pub mod events;
@@ -111,6 +112,8 @@ pub struct Core {
     pub counters: Arc<Counters>,
     /// Why serving stopped for good (the engine failed), once the watchdog has reported it.
     pub failure: tokio::sync::watch::Sender<Option<String>>,
+    /// Adapters loaded by name at run time (`completion`: the vLLM-compatible subset).
+    pub named_adapters: completion::NamedAdapters,
 }
 
 impl Core {
@@ -342,5 +345,6 @@ pub fn build(cfg: &Config) -> Result<Arc<Core>> {
         bus,
         counters,
         failure: tokio::sync::watch::Sender::new(None),
+        named_adapters: completion::NamedAdapters::default(),
     }))
 }

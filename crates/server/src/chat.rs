@@ -66,7 +66,67 @@ pub fn parse_request(
     let messages =
         parse_messages(messages).map_err(|e| ApiError::invalid(e.message).param(&e.param))?;
     let fields = Fields(obj);
-    let g = generation;
+    let Sampling {
+        max_tokens,
+        sampling,
+        stop,
+    } = sampling_fields(obj, generation)?;
+    let logprobs = fields.boolean("logprobs")?;
+    let top_logprobs = fields.int("top_logprobs")?.unwrap_or(0) as usize;
+    if top_logprobs > 20 {
+        return Err(
+            ApiError::invalid("`top_logprobs` must be between 0 and 20.").param("top_logprobs"),
+        );
+    }
+    let tool_choice_none = obj.get("tool_choice").and_then(Value::as_str) == Some("none");
+    let tools = match obj.get("tools") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) if a.is_empty() || tool_choice_none => None,
+        Some(t @ Value::Array(_)) => Some(t.clone()),
+        Some(_) => return Err(ApiError::invalid("`tools` must be an array.").param("tools")),
+    };
+    let stream = fields.boolean("stream")?;
+    let include_usage = obj
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+
+    let session = session_fields(headers, obj);
+
+    let request = ChatRequest {
+        messages,
+        tools,
+        max_tokens,
+        sampling,
+        stop,
+        top_logprobs: if logprobs { top_logprobs.max(1) } else { 0 },
+        session_id: session.id,
+        session_source: session.source,
+        turn_type: session.turn_type,
+        session_done: session.done,
+    };
+    let format = Format {
+        stream,
+        include_usage,
+        logprobs,
+    };
+    Ok((request, format))
+}
+
+/// What every generating route reads the same way: `max_tokens` (or `max_completion_tokens`),
+/// `temperature`, `top_p`, `top_k`, `n`, `stop` and `seed`.
+pub(crate) struct Sampling {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+}
+
+pub(crate) fn sampling_fields(
+    obj: &serde_json::Map<String, Value>,
+    g: &GenerationSection,
+) -> Result<Sampling, ApiError> {
+    let fields = Fields(obj);
     let max_tokens = match fields
         .int("max_completion_tokens")?
         .or(fields.int("max_tokens")?)
@@ -109,32 +169,7 @@ pub fn parse_request(
                 .ok_or_else(|| ApiError::invalid("`seed` must be an integer.").param("seed"))?,
         ),
     };
-    let logprobs = fields.boolean("logprobs")?;
-    let top_logprobs = fields.int("top_logprobs")?.unwrap_or(0) as usize;
-    if top_logprobs > 20 {
-        return Err(
-            ApiError::invalid("`top_logprobs` must be between 0 and 20.").param("top_logprobs"),
-        );
-    }
-    let tool_choice_none = obj.get("tool_choice").and_then(Value::as_str) == Some("none");
-    let tools = match obj.get("tools") {
-        None | Some(Value::Null) => None,
-        Some(Value::Array(a)) if a.is_empty() || tool_choice_none => None,
-        Some(t @ Value::Array(_)) => Some(t.clone()),
-        Some(_) => return Err(ApiError::invalid("`tools` must be an array.").param("tools")),
-    };
-    let stream = fields.boolean("stream")?;
-    let include_usage = obj
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-
-    let session = session_fields(headers, obj);
-
-    let request = ChatRequest {
-        messages,
-        tools,
+    Ok(Sampling {
         max_tokens,
         sampling: SamplingParams {
             temperature: temperature as f32,
@@ -143,25 +178,14 @@ pub fn parse_request(
             seed,
         },
         stop,
-        top_logprobs: if logprobs { top_logprobs.max(1) } else { 0 },
-        session_id: session.id,
-        session_source: session.source,
-        turn_type: session.turn_type,
-        session_done: session.done,
-    };
-    let format = Format {
-        stream,
-        include_usage,
-        logprobs,
-    };
-    Ok((request, format))
+    })
 }
 
 /// A request body's optional fields, each checked for its type (absent or null: `None`).
-struct Fields<'a>(&'a serde_json::Map<String, Value>);
+pub(crate) struct Fields<'a>(pub &'a serde_json::Map<String, Value>);
 
 impl Fields<'_> {
-    fn num(&self, k: &str) -> Result<Option<f64>, ApiError> {
+    pub fn num(&self, k: &str) -> Result<Option<f64>, ApiError> {
         match self.0.get(k) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => v
@@ -171,7 +195,7 @@ impl Fields<'_> {
         }
     }
 
-    fn int(&self, k: &str) -> Result<Option<u64>, ApiError> {
+    pub fn int(&self, k: &str) -> Result<Option<u64>, ApiError> {
         match self.0.get(k) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => v.as_u64().map(Some).ok_or_else(|| {
@@ -180,7 +204,7 @@ impl Fields<'_> {
         }
     }
 
-    fn boolean(&self, k: &str) -> Result<bool, ApiError> {
+    pub fn boolean(&self, k: &str) -> Result<bool, ApiError> {
         match self.0.get(k) {
             None | Some(Value::Null) => Ok(false),
             Some(Value::Bool(b)) => Ok(*b),
@@ -253,7 +277,7 @@ fn session_fields(headers: &HeaderMap, obj: &serde_json::Map<String, Value>) -> 
 }
 
 /// A chat error in OpenAI's shape, with the status `chat::status_of` gives it.
-fn api_error(e: ChatError) -> ApiError {
+pub(crate) fn api_error(e: ChatError) -> ApiError {
     let status = StatusCode::from_u16(chat::status_of(&e)).expect("a valid status");
     let message = e.to_string();
     match e {

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod chat;
+pub mod completions;
 pub mod feedback;
 pub mod http;
 pub mod listen;
@@ -18,7 +19,6 @@ use clawrl_core::telemetry::Counters;
 pub use clawrl_core::{Core, ServerConfig};
 use clawrl_model::Generation;
 use http::{ApiError, Body, full, json_response};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -85,15 +85,30 @@ async fn route(state: Arc<Core>, mut req: Request<Incoming>) -> Response<Body> {
                 .and_then(|_| model(&state, &p["/v1/models/".len()..]))
         }
         (&Method::POST, "/v1/chat/completions") => chat_route(state.clone(), req).await,
+        (&Method::POST, "/v1/completions") => completions_route(state.clone(), req, None).await,
+        (&Method::POST, "/v1/load_lora_adapter") => {
+            completions_route(state.clone(), req, Some(true)).await
+        }
+        (&Method::POST, "/v1/unload_lora_adapter") => {
+            completions_route(state.clone(), req, Some(false)).await
+        }
         (&Method::POST, "/v1/feedback") => feedback::route(state.clone(), req).await,
         (_, path) if admin::is_admin(path) => admin::route(state.clone(), req).await,
-        (_, "/v1/chat/completions" | "/v1/feedback" | "/v1/models" | "/health" | "/metrics") => {
-            Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "invalid_request_error",
-                "Method not allowed for this path.",
-            ))
-        }
+        (
+            _,
+            "/v1/chat/completions"
+            | "/v1/completions"
+            | "/v1/load_lora_adapter"
+            | "/v1/unload_lora_adapter"
+            | "/v1/feedback"
+            | "/v1/models"
+            | "/health"
+            | "/metrics",
+        ) => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "Method not allowed for this path.",
+        )),
         (_, path) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
@@ -113,6 +128,22 @@ fn refused(state: &Core, e: ApiError) -> Response<Body> {
     Counters::add(&state.counters.request_errors, 1);
     tracing::info!(status = %e.status, message = %e.message, "request refused");
     e.response()
+}
+
+/// The vLLM-compatible routes (`completions`): a raw completion, or with `load` an adapter
+/// loaded (`Some(true)`) or unloaded (`Some(false)`) by name.
+async fn completions_route(
+    state: Arc<Core>,
+    req: Request<Incoming>,
+    load: Option<bool>,
+) -> Result<Response<Body>, ApiError> {
+    Counters::add(&state.counters.requests, 1);
+    http::authorize(&req, state.config.api_key.as_deref())?;
+    let body = http::read_json(req, http::BodyLimits::of(&state.config)).await?;
+    match load {
+        None => completions::handle(state, body).await,
+        Some(load) => completions::adapter_route(state, body, load).await,
+    }
 }
 
 async fn chat_route(state: Arc<Core>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -186,13 +217,19 @@ fn model_object(id: &str) -> Value {
 fn models(state: &Core) -> Response<Body> {
     json_response(
         StatusCode::OK,
-        &json!({"object": "list", "data": [model_object(&state.config.model_id)]}),
+        &json!({"object": "list", "data": std::iter::once(model_object(&state.config.model_id))
+            .chain(state.named_adapters.names().iter().map(|n| {
+                let mut m = model_object(n);
+                m["parent"] = json!(state.config.model_id);
+                m
+            }))
+            .collect::<Vec<_>>()}),
     )
 }
 
 /// `GET /v1/models/{id}`: the served model under any name it answers to.
 fn model(state: &Core, id: &str) -> Result<Response<Body>, ApiError> {
-    if !state.serves_model(id) {
+    if !state.serves_model(id) && state.named_adapters.version(id).is_none() {
         return Err(unknown_model(state, id));
     }
     Ok(json_response(StatusCode::OK, &model_object(id)))
@@ -238,8 +275,7 @@ pub async fn serve(
                         async move {
                             let response = route(state, req).await;
                             // The request counts as served until its body's last byte.
-                            let response = response
-                                .map(|body| body.map_frame(move |f| { let _ = &serving; f }).boxed());
+                            let response = response.map(|body| serving.attach(body));
                             Ok::<_, std::convert::Infallible>(response)
                         }
                     }));

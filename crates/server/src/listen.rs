@@ -16,6 +16,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
+use crate::http::Body;
+use http_body_util::BodyExt;
+
 const FIRST_PAUSE: Duration = Duration::from_millis(10);
 const LONGEST_PAUSE: Duration = Duration::from_secs(1);
 /// A failure that repeats is logged at most this often.
@@ -145,6 +148,44 @@ impl Requests {
 
 /// A request in progress on a connection (it is not shed meanwhile).
 pub(crate) struct Serving(Arc<Entry>);
+
+impl Serving {
+    /// `body`, keeping this request counted as served until the body is dropped (written to
+    /// its last byte, or the client gone). Size and end are the body's own, so a JSON reply
+    /// keeps its `content-length`.
+    pub fn attach(self, body: Body) -> Body {
+        Counted {
+            inner: body,
+            _serving: self,
+        }
+        .boxed()
+    }
+}
+
+struct Counted {
+    inner: Body,
+    _serving: Serving,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 impl Drop for Serving {
     fn drop(&mut self) {
