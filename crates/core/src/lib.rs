@@ -11,6 +11,8 @@
 //!   [`Core::rate`], [`Core::approve`], [`Core::veto`], [`Core::rollback`],
 //!   [`Core::set_training_paused`]; read [`Core::versions`], [`Core::live_version`],
 //!   [`Core::training`], [`Core::judge_pending`]; or send [`commands::Command`]s.
+//! - For a control plane in front: [`completion::complete`] a raw completion (nothing
+//!   captured), [`Core::load_named_adapter`] / [`Core::unload_named_adapter`].
 //! - What a face may watch: [`events::Event`]s on `core.bus`, the counters in [`telemetry`],
 //!   and the history in [`store::Store`] (`open_read_only`, `snapshot`, `export`).
 

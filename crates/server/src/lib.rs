@@ -4,7 +4,8 @@
 //! [`serve`] a [`Core`] on a listener until a shutdown future resolves; [`chat::parse_request`]
 //! (pure: the fuzz target drives it) and [`http::ApiError`] are the request checks and the
 //! error shape. Routes: `/v1/chat/completions`, `/v1/models`, `/v1/feedback`, `/health`,
-//! `/metrics`, `/admin/*` (README, "Using it").
+//! `/metrics`, `/admin/*` (README, "Using it"), and vLLM's raw-completion subset
+//! ([`completions`]: `/v1/completions`, `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`).
 
 pub mod admin;
 pub mod chat;
