@@ -112,6 +112,13 @@ pub struct ServerArgs {
     /// Require `Authorization: Bearer KEY` (also CLAWRL__SERVER__API_KEY).
     #[arg(long)]
     pub api_key: Option<String>,
+    /// Generate on replicas of this kind instead of in this process (serving.backend =
+    /// "upstream", upstream.kind); clawrl still renders, captures, judges, trains and gates.
+    #[arg(long, value_name = "KIND", value_parser = ["vllm", "sglang"])]
+    pub upstream: Option<String>,
+    /// A replica's base URL, e.g. http://gpu1:8000 (repeat for several; upstream.urls).
+    #[arg(long = "upstream-url", value_name = "URL")]
+    pub upstream_urls: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -276,6 +283,14 @@ fn serve(mut cfg: Config, args: &ServerArgs, headless: bool) -> Result<()> {
     if let Some(k) = &args.api_key {
         cfg.server.api_key = k.clone();
     }
+    if let Some(kind) = &args.upstream {
+        cfg.serving.backend = clawrl_core::config::ServingBackend::Upstream;
+        cfg.upstream.kind = serde_json::from_value(serde_json::json!(kind))?;
+    }
+    if !args.upstream_urls.is_empty() {
+        cfg.upstream.urls = args.upstream_urls.clone();
+    }
+    cfg.validate()?;
     let screen = !headless && std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let keymap = clawrl_screen::keymap::Keymap::new(&cfg.tui.keys)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

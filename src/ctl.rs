@@ -196,6 +196,18 @@ fn status(out: &mut String, a: &Value) {
     if let Some(e) = t["last_error"].as_str() {
         let _ = writeln!(out, "last error    {e}");
     }
+    for r in a["replicas"].as_array().into_iter().flatten() {
+        let state = match (r["up"].as_bool(), r["error"].as_str()) {
+            (Some(true), _) => "up".to_string(),
+            (_, Some(why)) => format!("DOWN: {why}"),
+            _ => "down".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "replica       {} {state}",
+            r["url"].as_str().unwrap_or("?")
+        );
+    }
     let candidates = a["candidates"].as_array().cloned().unwrap_or_default();
     if candidates.is_empty() {
         let _ = writeln!(out, "candidates    none");

@@ -165,6 +165,20 @@ pub async fn start(core: Arc<Core>, req: ChatRequest) -> Result<InflightTurn, Ch
     started
 }
 
+/// What keeps a conversation on one upstream replica: its session id, else its opening
+/// messages (the same for every turn of it).
+fn conversation_key(req: &ChatRequest) -> String {
+    match &req.session_id {
+        Some(id) => id.clone(),
+        None => req
+            .messages
+            .iter()
+            .take(2)
+            .map(|m| serde_json::to_string(m).unwrap_or_default())
+            .collect(),
+    }
+}
+
 async fn admit(core: Arc<Core>, req: ChatRequest) -> Result<InflightTurn, ChatError> {
     let (job, mut rx) = Job::new(
         Prompt::chat(req.messages.clone(), req.tools.clone()),
@@ -178,10 +192,11 @@ async fn admit(core: Arc<Core>, req: ChatRequest) -> Result<InflightTurn, ChatEr
         Priority::User,
     );
     let cancel = job.cancel.clone();
-    core.engine.submit(job).map_err(|e| match e {
-        SubmitError::Overloaded => ChatError::Overloaded,
-        SubmitError::Unavailable => ChatError::Unavailable,
-    })?;
+    core.submit(job, &conversation_key(&req))
+        .map_err(|e| match e {
+            SubmitError::Overloaded => ChatError::Overloaded,
+            SubmitError::Unavailable => ChatError::Unavailable,
+        })?;
     let (prompt_ids, cached_tokens) = match rx.recv().await {
         Some(EngineEvent::Admitted {
             prompt_ids,
@@ -381,7 +396,7 @@ fn last_message_text(messages: &[Message]) -> String {
 pub fn status_of(e: &ChatError) -> u16 {
     match e {
         ChatError::Overloaded => 429,
-        ChatError::Unavailable => 503,
+        ChatError::Unavailable | ChatError::Engine(EngineError::Unavailable(_)) => 503,
         ChatError::Engine(EngineError::ContextTooLong { .. } | EngineError::BadRequest(_)) => 400,
         ChatError::Engine(_) | ChatError::EngineStopped => 500,
     }

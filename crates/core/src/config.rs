@@ -27,6 +27,62 @@ pub struct Config {
     pub train: TrainSection,
     pub gate: GateSection,
     pub tui: TuiSection,
+    pub serving: ServingSection,
+    pub upstream: UpstreamSection,
+}
+
+/// Where user requests are generated.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServingSection {
+    pub backend: ServingBackend,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServingBackend {
+    /// This process's engine.
+    #[default]
+    Local,
+    /// vLLM replicas (`[upstream]`): clawrl renders, captures, judges, trains and gates; the
+    /// replicas generate, each version loaded into all of them.
+    Upstream,
+}
+
+/// The replicas that generate when `serving.backend = "upstream"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub kind: UpstreamKind,
+    /// Each replica's base URL (`http://gpu1:8000`); a conversation sticks to one.
+    pub urls: Vec<String>,
+    /// The folder of clawrl's adapters as the replicas see it (empty: the same path as here).
+    pub adapter_dir: String,
+    /// Versions kept loaded in every replica, the live one included (a rollback among them is
+    /// a routing change).
+    pub keep_loaded: usize,
+    /// Sent as `Authorization: Bearer` to the replicas (vLLM's `--api-key`).
+    pub api_key: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamKind {
+    #[default]
+    Vllm,
+    Sglang,
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        Self {
+            kind: UpstreamKind::Vllm,
+            urls: Vec::new(),
+            adapter_dir: String::new(),
+            keep_loaded: 3,
+            api_key: String::new(),
+        }
+    }
 }
 
 /// The control center.
@@ -492,6 +548,30 @@ fn env_layer(vars: impl Iterator<Item = (String, String)>) -> toml::Value {
 }
 
 impl Config {
+    fn validate_upstream(&self) -> Result<()> {
+        if self.serving.backend != ServingBackend::Upstream {
+            return Ok(());
+        }
+        let u = &self.upstream;
+        if u.kind == UpstreamKind::Sglang {
+            bail!(
+                "upstream.kind = \"sglang\" is not supported yet (only \"vllm\", and clawrl's own serve, which answers vLLM's subset)"
+            );
+        }
+        if u.urls.is_empty() {
+            bail!(
+                "serving.backend = \"upstream\" needs upstream.urls (each replica's base URL, e.g. http://gpu1:8000)"
+            );
+        }
+        for url in &u.urls {
+            crate::http_client::Target::parse(url, "upstream.urls:")?;
+        }
+        if u.keep_loaded == 0 {
+            bail!("upstream.keep_loaded must be at least 1 (the live version)");
+        }
+        Ok(())
+    }
+
     /// The model file the configuration names (`model.path`, else the default catalog model).
     pub fn model_path(&self) -> Result<PathBuf> {
         let spec = if self.model.path.is_empty() {
@@ -538,6 +618,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         clawrl_model::device::parse_dtype(&self.model.dtype)?;
+        self.validate_upstream()?;
         let g = &self.generation;
         if !(0.0..=2.0).contains(&g.temperature) {
             bail!(

@@ -32,11 +32,14 @@ pub mod store;
 pub mod telemetry;
 pub mod tool_calls;
 pub mod train;
+pub mod upstream;
 
 use crate::capture::Capture;
 use crate::config::Config;
 use crate::config::GenerationSection;
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{
+    Engine, EngineConfig, EngineError, EngineEvent, Job, Priority, Prompt, SubmitError, Task,
+};
 use crate::events::EventBus;
 use crate::events::{Event, emit};
 use crate::gate::{Gate, GateError};
@@ -116,9 +119,56 @@ pub struct Core {
     pub failure: tokio::sync::watch::Sender<Option<String>>,
     /// Adapters loaded by name at run time (`completion`: the vLLM-compatible subset).
     pub named_adapters: completion::NamedAdapters,
+    /// The replicas that generate user requests (`serving.backend = "upstream"`).
+    pub upstream: Option<Arc<upstream::Upstream>>,
 }
 
 impl Core {
+    /// Queues a job: a user's generation goes to an upstream replica when there are any
+    /// (`upstream`), everything else to the local engine. `conversation` keeps a
+    /// conversation on one replica.
+    pub fn submit(&self, mut job: Job, conversation: &str) -> Result<(), SubmitError> {
+        let to_upstream =
+            job.priority == Priority::User && matches!(job.task, Task::Generate { .. });
+        let Some(up) = self.upstream.as_ref().filter(|_| to_upstream) else {
+            return self.engine.submit(job);
+        };
+        let model = self
+            .engine
+            .model()
+            .filter(|_| up.is_ready())
+            .ok_or(SubmitError::Unavailable)?;
+        let fail = |e: EngineError| {
+            let _ = job.events.send(EngineEvent::Failed(e));
+            Ok(())
+        };
+        let ids = match &job.prompt {
+            Prompt::Chat {
+                messages,
+                tools,
+                reply_prefix,
+            } => match model.chat_prompt_continuing(messages, tools.as_ref(), reply_prefix) {
+                Ok(ids) => ids,
+                Err(e) => return fail(EngineError::BadRequest(format!("{e:#}"))),
+            },
+            Prompt::Ids(ids) => ids.clone(),
+        };
+        let context_length = model.config.context_length;
+        if ids.len() >= context_length {
+            return fail(EngineError::ContextTooLong {
+                prompt_tokens: ids.len(),
+                context_length,
+            });
+        }
+        // As the local engine does: the reply gets what the context has left.
+        if let Task::Generate { max_tokens, .. } = &mut job.task {
+            *max_tokens = (*max_tokens).min(context_length - ids.len());
+        }
+        let (up, key) = (up.clone(), conversation.to_string());
+        tokio::spawn(async move { up.generate(job, ids, key).await });
+        Ok(())
+    }
+
     pub fn serves_model(&self, m: &str) -> bool {
         m == self.config.model_id
             || self.config.model_aliases.iter().any(|a| a == m)
@@ -258,6 +308,9 @@ impl Core {
             }
             core.failure.send_replace(Some(why));
         }));
+        if let Some(up) = self.upstream.clone() {
+            tasks.push(tokio::spawn(self.clone().connect_upstream(up)));
+        }
         let core = self.clone();
         tasks.push(tokio::spawn(async move {
             let idle = core.config.session_idle;
@@ -273,6 +326,52 @@ impl Core {
             }
         }));
         Background { tasks }
+    }
+}
+
+impl Core {
+    /// Once the local model is loaded: checks every replica and loads the live version into
+    /// all of them; a replica that cannot serve stops the server with what it needs.
+    async fn connect_upstream(self: Arc<Self>, up: Arc<upstream::Upstream>) {
+        loop {
+            match self.engine.status() {
+                engine::Status::Ready => break,
+                engine::Status::Failed(_) => return,
+                engine::Status::Loading => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let probe = self
+            .engine
+            .info()
+            .and_then(|i| i.tokenizer.encode("Hello").ok())
+            .filter(|ids| !ids.is_empty())
+            .unwrap_or_else(|| vec![0]);
+        let live = self.engine.live_version();
+        let dir = self.gate.adapter_dir(live);
+        let connected = match up.check(&probe).await {
+            Ok(()) => {
+                let up = up.clone();
+                tokio::task::spawn_blocking(move || up.make_live(live, &dir))
+                    .await
+                    .unwrap_or_else(|e| Err(anyhow::anyhow!("{e}")))
+            }
+            Err(e) => Err(e),
+        };
+        match connected {
+            Ok(()) => {
+                up.set_ready();
+                tracing::info!(
+                    replicas = up.replicas().len(),
+                    live,
+                    "upstream replicas ready"
+                );
+            }
+            Err(e) => {
+                let why = format!("upstream: {e:#}");
+                events::alert(&self.bus, format!("serving stopped: {why}"));
+                self.failure.send_replace(Some(why));
+            }
+        }
     }
 }
 
@@ -314,7 +413,11 @@ pub fn build(cfg: &Config) -> Result<Arc<Core>> {
         )
     });
     let judge = crate::judge::Judge::from_config(cfg, &engine, bus.clone(), counters.clone())?;
-    let gate = Gate::open(cfg, engine.clone(), bus.clone())?;
+    let upstream = match cfg.serving.backend {
+        config::ServingBackend::Upstream => Some(Arc::new(upstream::Upstream::new(&cfg.upstream)?)),
+        config::ServingBackend::Local => None,
+    };
+    let gate = Gate::open(cfg, engine.clone(), bus.clone(), upstream.clone())?;
     let trainer = if cfg.train.enabled {
         Some(crate::train::spawn(
             cfg,
@@ -348,5 +451,6 @@ pub fn build(cfg: &Config) -> Result<Arc<Core>> {
         counters,
         failure: tokio::sync::watch::Sender::new(None),
         named_adapters: completion::NamedAdapters::default(),
+        upstream,
     }))
 }

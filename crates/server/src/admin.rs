@@ -215,5 +215,6 @@ pub async fn status(state: &Arc<Core>) -> Result<Value, ApiError> {
         "judge_pending": judge_pending,
         "candidates": versions.iter().filter(|v| v.state == VersionState::Candidate).map(version_json).collect::<Vec<_>>(),
         "versions": versions.len(),
+        "replicas": state.upstream.as_ref().map(|u| u.replicas()),
     }))
 }

@@ -156,13 +156,27 @@ async fn chat_route(state: Arc<Core>, req: Request<Incoming>) -> Result<Response
 }
 
 fn health(state: &Core) -> Response<Body> {
-    match state.engine.status() {
-        Status::Ready => json_response(StatusCode::OK, &json!({"status": "ok"})),
-        Status::Loading => json_response(
+    if let Some(why) = state.failure.borrow().clone() {
+        let body = json!({"status": "failed", "error": why});
+        return json_response(StatusCode::SERVICE_UNAVAILABLE, &body);
+    }
+    match (state.engine.status(), &state.upstream) {
+        (Status::Ready, Some(up)) => {
+            let replicas = up.replicas();
+            let serving = up.is_ready() && replicas.iter().any(|r| r.up);
+            let (status, word) = match (up.is_ready(), serving) {
+                (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
+                (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "replicas down"),
+                (true, true) => (StatusCode::OK, "ok"),
+            };
+            json_response(status, &json!({"status": word, "replicas": replicas}))
+        }
+        (Status::Ready, None) => json_response(StatusCode::OK, &json!({"status": "ok"})),
+        (Status::Loading, _) => json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({"status": "loading"}),
         ),
-        Status::Failed(e) => json_response(
+        (Status::Failed(e), _) => json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({"status": "failed", "error": e}),
         ),

@@ -233,6 +233,8 @@ pub enum EngineError {
     BadRequest(String),
     /// The job names an adapter version the engine does not hold.
     UnknownVersion(i64),
+    /// Nothing can serve it now (every upstream replica is down).
+    Unavailable(String),
     Internal(String),
 }
 
@@ -246,7 +248,7 @@ impl std::fmt::Display for EngineError {
                 f,
                 "This model's maximum context length is {context_length} tokens, but the messages are {prompt_tokens} tokens. Shorten the conversation or the system prompt."
             ),
-            Self::BadRequest(m) | Self::Internal(m) => f.write_str(m),
+            Self::BadRequest(m) | Self::Internal(m) | Self::Unavailable(m) => f.write_str(m),
             Self::UnknownVersion(v) => write!(f, "adapter version {v} is not loaded"),
         }
     }

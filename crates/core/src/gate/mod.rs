@@ -54,6 +54,8 @@ pub struct Gate {
     installed: Mutex<HashSet<i64>>,
     /// The candidate being scored by the guard (not yet in the store).
     guarding: Mutex<Option<i64>>,
+    /// Replicas that must hold a version before it goes live (`serving.backend = "upstream"`).
+    upstream: Option<Arc<crate::upstream::Upstream>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -119,7 +121,12 @@ pub(crate) fn start_version(store_path: &Path, model: &LoadedModel) -> StartVers
 }
 
 impl Gate {
-    pub fn open(cfg: &Config, engine: Engine, bus: EventBus) -> Result<Arc<Self>> {
+    pub fn open(
+        cfg: &Config,
+        engine: Engine,
+        bus: EventBus,
+        upstream: Option<Arc<crate::upstream::Upstream>>,
+    ) -> Result<Arc<Self>> {
         let installed = HashSet::from([engine.live_version()]);
         Ok(Arc::new(Self {
             store: Mutex::new(Store::open(&cfg.store_path())?),
@@ -131,7 +138,13 @@ impl Gate {
             decisions: Mutex::new(()),
             installed: Mutex::new(installed),
             guarding: Mutex::new(None),
+            upstream,
         }))
+    }
+
+    /// The PEFT folder of version `id`.
+    pub fn adapter_dir(&self, id: i64) -> PathBuf {
+        self.adapters_dir.join(format!("v{id}"))
     }
 
     pub fn policy(&self) -> GatePolicy {
@@ -177,7 +190,7 @@ impl Gate {
     pub(crate) fn propose(&self, c: Candidate) -> Result<VersionRow> {
         let model = self.model()?;
         let id = lock(&self.store).next_version_id()?;
-        let dir = self.adapters_dir.join(format!("v{id}"));
+        let dir = self.adapter_dir(id);
         let sha256 = peft::save(&c.adapter, &model.config, &model.name, &dir)?;
         let lora = serde_json::to_value(&*c.adapter.config)?;
         self.engine
@@ -359,9 +372,16 @@ impl Gate {
             lock(&self.installed).insert(id);
         }
         let previous = self.engine.live_version();
+        // Every replica holds it before any request asks for it (all or none).
+        if let Some(up) = &self.upstream {
+            up.make_live(id, &self.adapter_dir(id))?;
+        }
         self.engine.set_live_blocking(id)?;
         if let Err(e) = lock(&self.store).set_live(id, reason.as_str(), by, now_ms()) {
             let _ = self.engine.set_live_blocking(previous);
+            if let Some(up) = &self.upstream {
+                let _ = up.make_live(previous, &self.adapter_dir(previous));
+            }
             return Err(e);
         }
         tracing::info!(

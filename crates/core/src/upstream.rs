@@ -1,0 +1,448 @@
+//! Serving through vLLM replicas (`serving.backend = "upstream"`): clawrl renders the chat
+//! template itself and sends **token ids** (`/v1/completions` with a token-id prompt and
+//! `return_token_ids`, vLLM ≥ 0.10.2), so the captured prompt and reply ids are exactly what
+//! the replica computed; each version that goes live is loaded into every replica
+//! (`/v1/load_lora_adapter`, named `clawrl-v{N}`) before any request asks for it, all
+//! replicas or none; a conversation sticks to one replica; a replica that does not answer is
+//! skipped (and shown down) until it answers again.
+//!
+//! The local engine stays: the trainer, the teacher and the guard compute on it.
+
+use crate::config::UpstreamSection;
+use crate::engine::{EngineError, EngineEvent, Job, Task, VersionChoice};
+use crate::http_client::{self, Target};
+use clawrl_model::{FinishReason, Generation};
+use hyper::{Method, StatusCode};
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+/// A replica that failed is tried again after this long.
+const RETRY_DOWN_AFTER: Duration = Duration::from_secs(5);
+
+pub struct Upstream {
+    replicas: Vec<Replica>,
+    api_key: Option<String>,
+    /// Where the replicas read adapters (`None`: the local folder's path).
+    adapter_dir: Option<PathBuf>,
+    keep_loaded: usize,
+    /// The served model's name at the replicas (from their `/v1/models`).
+    base_name: Mutex<String>,
+    /// The version requests are routed to.
+    live: AtomicI64,
+    /// Versions loaded in every replica, oldest first.
+    loaded: Mutex<Vec<i64>>,
+    /// Checked and serving the live version.
+    ready: std::sync::atomic::AtomicBool,
+}
+
+struct Replica {
+    url: String,
+    target: Target,
+    /// When it last failed, and why (`None`: up).
+    down: Mutex<Option<(Instant, String)>>,
+}
+
+/// What the screen and `ctl status` show of a replica.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReplicaStatus {
+    pub url: String,
+    pub up: bool,
+    pub error: Option<String>,
+}
+
+/// The name requests use for a version at the replicas.
+pub fn adapter_name(version: i64) -> String {
+    format!("clawrl-v{version}")
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamSection) -> anyhow::Result<Self> {
+        let replicas = cfg
+            .urls
+            .iter()
+            .map(|url| {
+                Ok(Replica {
+                    url: url.clone(),
+                    target: Target::parse(url, "upstream.urls:")?,
+                    down: Mutex::new(None),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self {
+            replicas,
+            api_key: (!cfg.api_key.is_empty()).then(|| cfg.api_key.clone()),
+            adapter_dir: (!cfg.adapter_dir.is_empty()).then(|| PathBuf::from(&cfg.adapter_dir)),
+            keep_loaded: cfg.keep_loaded.max(1),
+            base_name: Mutex::new(String::new()),
+            live: AtomicI64::new(0),
+            loaded: Mutex::new(Vec::new()),
+            ready: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    pub fn replicas(&self) -> Vec<ReplicaStatus> {
+        self.replicas
+            .iter()
+            .map(|r| {
+                let down = lock(&r.down).clone();
+                ReplicaStatus {
+                    url: r.url.clone(),
+                    up: down.is_none(),
+                    error: down.map(|(_, why)| why),
+                }
+            })
+            .collect()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    pub fn live_version(&self) -> i64 {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    async fn send(
+        &self,
+        r: &Replica,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value), String> {
+        http_client::send(&r.target, method, path, self.api_key.as_deref(), body)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Checks every replica at start: it answers, names its model, returns token ids for a
+    /// token-id prompt, and has runtime LoRA loading. A replica that lacks one is refused
+    /// with what it needs.
+    pub async fn check(&self, probe_prompt: &[u32]) -> anyhow::Result<()> {
+        for r in &self.replicas {
+            let (st, models) = self
+                .send(r, Method::GET, "/v1/models", None)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let name = models["data"][0]["id"].as_str().filter(|_| st.is_success());
+            let name = name.ok_or_else(|| {
+                anyhow::anyhow!("upstream {}: GET /v1/models answered {st}: {models}", r.url)
+            })?;
+            {
+                let mut base = lock(&self.base_name);
+                if base.is_empty() {
+                    *base = name.to_string();
+                } else if *base != name {
+                    anyhow::bail!(
+                        "upstream {} serves {name:?}, the others {:?}: every replica must serve the same base model",
+                        r.url,
+                        *base
+                    );
+                }
+            }
+            let body = json!({"model": name, "prompt": probe_prompt, "max_tokens": 1, "temperature": 0,
+                              "logprobs": 0, "return_token_ids": true});
+            let (st, c) = self
+                .send(r, Method::POST, "/v1/completions", Some(&body))
+                .await
+                .map_err(anyhow::Error::msg)?;
+            if !st.is_success() || !c["choices"][0]["token_ids"].is_array() {
+                anyhow::bail!(
+                    "upstream {}: a token-id prompt with return_token_ids got no token ids back ({st}: {c}); vLLM ≥ 0.10.2 is needed",
+                    r.url
+                );
+            }
+            let probe = json!({"lora_name": "clawrl-capability-probe"});
+            let (st, answer) = self
+                .send(r, Method::POST, "/v1/unload_lora_adapter", Some(&probe))
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let knows_lora = answer.to_string().to_lowercase().contains("lora");
+            if !knows_lora {
+                anyhow::bail!(
+                    "upstream {}: no runtime LoRA loading (POST /v1/unload_lora_adapter answered {st}: {answer}); start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True",
+                    r.url
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Replicas in the order a conversation with `key` tries them: its own first (a prefix
+    /// cache hit), then the next ones; replicas down recently last.
+    fn order(&self, key: &str) -> Vec<&Replica> {
+        let n = self.replicas.len();
+        let start = key.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        }) as usize
+            % n.max(1);
+        let (mut up, mut down): (Vec<&Replica>, Vec<&Replica>) = (0..n)
+            .map(|i| &self.replicas[(start + i) % n])
+            .partition(|r| {
+                lock(&r.down)
+                    .as_ref()
+                    .is_none_or(|(at, _)| at.elapsed() >= RETRY_DOWN_AFTER)
+            });
+        up.append(&mut down);
+        up
+    }
+
+    fn model_name(&self, version: i64) -> String {
+        if version == 0 {
+            lock(&self.base_name).clone()
+        } else {
+            adapter_name(version)
+        }
+    }
+
+    /// Generates `job` (a user's `Task::Generate`) on a replica and answers it with the
+    /// engine's events: `Admitted` once a replica answered (so nothing is captured for a
+    /// request no replica served), then the text and `Finished`.
+    pub async fn generate(&self, job: Job, prompt_ids: Vec<u32>, key: String) {
+        let Task::Generate {
+            max_tokens,
+            sampling,
+            stop,
+            top_logprobs,
+        } = &job.task
+        else {
+            let _ = job.events.send(EngineEvent::Failed(EngineError::Internal(
+                "upstream: only generation".into(),
+            )));
+            return;
+        };
+        let version = match job.version {
+            VersionChoice::Live => self.live_version(),
+            VersionChoice::Exactly(v) => v,
+        };
+        let body = json!({
+            "model": self.model_name(version), "prompt": prompt_ids, "max_tokens": max_tokens,
+            "temperature": sampling.temperature, "top_p": sampling.top_p,
+            "top_k": if sampling.top_k == 0 { -1 } else { sampling.top_k as i64 },
+            "seed": sampling.seed, "stop": stop, "logprobs": top_logprobs,
+            "return_token_ids": true, "return_tokens_as_token_ids": true,
+        });
+        let started = Instant::now();
+        let mut why = Vec::new();
+        for r in self.order(&key) {
+            match self
+                .send(r, Method::POST, "/v1/completions", Some(&body))
+                .await
+            {
+                Ok((st, answer)) if st.is_success() => {
+                    *lock(&r.down) = None;
+                    let reply =
+                        parse_completion(&answer, &prompt_ids, started.elapsed().as_secs_f64());
+                    let event = match reply {
+                        Ok((generation, cached_tokens)) => {
+                            let _ = job.events.send(EngineEvent::Admitted {
+                                prompt_ids: prompt_ids.clone(),
+                                cached_tokens,
+                            });
+                            let _ = job.events.send(EngineEvent::Text(generation.text.clone()));
+                            EngineEvent::Finished {
+                                generation,
+                                prompt_ids,
+                                cached_tokens,
+                                adapter_version: version,
+                            }
+                        }
+                        Err(e) => EngineEvent::Failed(EngineError::Internal(format!(
+                            "upstream {}: {e}",
+                            r.url
+                        ))),
+                    };
+                    let _ = job.events.send(event);
+                    return;
+                }
+                // The replica answered: the request itself is wrong (too long, bad version).
+                Ok((st, answer)) if st.is_client_error() => {
+                    let message = answer["error"]["message"]
+                        .as_str()
+                        .map_or_else(|| answer.to_string(), str::to_owned);
+                    let _ = job
+                        .events
+                        .send(EngineEvent::Failed(EngineError::BadRequest(format!(
+                            "upstream {}: {message}",
+                            r.url
+                        ))));
+                    return;
+                }
+                Ok((st, answer)) => self.mark_down(r, format!("{st}: {answer}"), &mut why),
+                Err(e) => self.mark_down(r, e, &mut why),
+            }
+        }
+        let _ = job
+            .events
+            .send(EngineEvent::Failed(EngineError::Unavailable(format!(
+                "every upstream replica is down: {}",
+                why.join("; ")
+            ))));
+    }
+
+    fn mark_down(&self, r: &Replica, why: String, all: &mut Vec<String>) {
+        tracing::warn!(replica = %r.url, "upstream replica down: {why}");
+        all.push(format!("{}: {why}", r.url));
+        *lock(&r.down) = Some((Instant::now(), why));
+    }
+
+    /// Loads `version` (its PEFT folder `local_dir` here) into every replica and routes new
+    /// requests to it; all or none: if one replica fails, those that loaded it unload it and
+    /// the old version stays live everywhere. Versions beyond `upstream.keep_loaded` are
+    /// unloaded. Blocking.
+    pub fn make_live(&self, version: i64, local_dir: &Path) -> anyhow::Result<()> {
+        block_on(async {
+            if version != 0 && !lock(&self.loaded).contains(&version) {
+                let dir = match &self.adapter_dir {
+                    Some(d) => d.join(local_dir.file_name().unwrap_or_default()),
+                    None => local_dir.to_path_buf(),
+                };
+                let name = adapter_name(version);
+                let load = json!({"lora_name": name, "lora_path": dir.display().to_string()});
+                let mut done = Vec::new();
+                for r in &self.replicas {
+                    let answer = self
+                        .send(r, Method::POST, "/v1/load_lora_adapter", Some(&load))
+                        .await;
+                    match answer {
+                        Ok((st, _)) if st.is_success() => done.push(r),
+                        failed => {
+                            let why = match failed {
+                                Ok((st, a)) => format!(
+                                    "{st}: {}",
+                                    a["error"]["message"]
+                                        .as_str()
+                                        .map_or_else(|| a.to_string(), str::to_owned)
+                                ),
+                                Err(e) => e,
+                            };
+                            let unload = json!({"lora_name": name});
+                            for r in done {
+                                let _ = self
+                                    .send(r, Method::POST, "/v1/unload_lora_adapter", Some(&unload))
+                                    .await;
+                            }
+                            *lock(&r.down) =
+                                Some((Instant::now(), format!("loading {name}: {why}")));
+                            anyhow::bail!(
+                                "upstream {} could not load {name} from {}: {why}; the live version stays on every replica",
+                                r.url,
+                                dir.display()
+                            );
+                        }
+                    }
+                }
+                lock(&self.loaded).push(version);
+            }
+            self.live.store(version, Ordering::SeqCst);
+            self.unload_beyond_keep(version).await;
+            Ok(())
+        })
+    }
+
+    async fn unload_beyond_keep(&self, live: i64) {
+        let evicted: Vec<i64> = {
+            let mut loaded = lock(&self.loaded);
+            loaded.retain(|&v| v != live);
+            loaded.push(live); // the live one is the newest use
+            let excess = loaded.len().saturating_sub(self.keep_loaded);
+            loaded.drain(..excess).collect()
+        };
+        for v in evicted {
+            let unload = json!({"lora_name": adapter_name(v)});
+            for r in &self.replicas {
+                let _ = self
+                    .send(r, Method::POST, "/v1/unload_lora_adapter", Some(&unload))
+                    .await;
+            }
+        }
+    }
+}
+
+/// A vLLM completion's choice → the engine's generation (and the replica's cached tokens).
+fn parse_completion(
+    answer: &Value,
+    prompt_ids: &[u32],
+    secs: f64,
+) -> Result<(Generation, usize), String> {
+    let c = &answer["choices"][0];
+    if c["prompt_token_ids"].is_array() && c["prompt_token_ids"] != json!(prompt_ids) {
+        return Err("the replica computed other prompt ids than were sent".into());
+    }
+    let ids: Vec<u32> =
+        serde_json::from_value(c["token_ids"].clone()).map_err(|e| format!("token_ids: {e}"))?;
+    let logprobs: Vec<f32> = serde_json::from_value(c["logprobs"]["token_logprobs"].clone())
+        .map_err(|e| format!("logprobs: {e}"))?;
+    if logprobs.len() != ids.len() {
+        return Err(format!(
+            "{} token ids but {} log-probs",
+            ids.len(),
+            logprobs.len()
+        ));
+    }
+    let top_logprobs = c["logprobs"]["top_logprobs"]
+        .as_array()
+        .map_or(Vec::new(), |rows| {
+            rows.iter()
+                .map(|row| {
+                    let mut alts: Vec<(u32, f32)> = row
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|(k, v)| {
+                            Some((
+                                k.strip_prefix("token_id:")?.parse().ok()?,
+                                v.as_f64()? as f32,
+                            ))
+                        })
+                        .collect();
+                    alts.sort_by(|a, b| b.1.total_cmp(&a.1));
+                    alts
+                })
+                .collect()
+        });
+    let finish = match c["finish_reason"].as_str() {
+        Some("length") => FinishReason::Length,
+        _ => FinishReason::Stop,
+    };
+    let cached = answer["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or(0) as usize;
+    let generation = Generation {
+        text: c["text"].as_str().unwrap_or_default().to_string(),
+        ids,
+        logprobs,
+        top_logprobs,
+        finish,
+        prompt_tokens: prompt_ids.len(),
+        prefill_secs: 0.0,
+        decode_secs: secs,
+    };
+    Ok((generation, cached))
+}
+
+/// Runs `f` to its end from any thread (a runtime's or not): on a thread of its own.
+fn block_on<T: Send>(f: impl std::future::Future<Output = T> + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for upstream calls")
+                .block_on(f)
+        })
+        .join()
+        .expect("upstream call thread")
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,197 @@
+//! clawrl as the control plane in front of two clawrl replicas over loopback
+//! (`serving.backend = "upstream"`; each replica answers vLLM's subset): a conversation is
+//! captured with the ids and log-probs the replica computed; a trained version is loaded into
+//! both replicas before it serves; a rollback is served by the next request; a replica that
+//! dies is skipped and shown down; a version a replica cannot load stays a candidate. One
+//! scenario, in phases, run once (it trains twice).
+
+mod common;
+use common::server::Server;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+/// The two replicas and the control plane in front of them.
+struct Fleet {
+    replicas: Vec<Server>,
+    plane: Server,
+}
+
+fn start_fleet() -> Fleet {
+    let replicas = vec![Server::start(&[]), Server::start(&[])];
+    let urls: Vec<String> = replicas
+        .iter()
+        .map(|r| format!("http://127.0.0.1:{}", r.port))
+        .collect();
+    let urls = serde_json::to_string(&urls).unwrap();
+    let plane = Server::start(&[
+        ("CLAWRL__SERVING__BACKEND", "upstream"),
+        ("CLAWRL__UPSTREAM__URLS", &urls),
+        ("CLAWRL__UPSTREAM__API_KEY", "test-key-123"),
+        ("CLAWRL__TRAIN__ENABLED", "true"),
+        ("CLAWRL__TRAIN__MIN_SAMPLES", "1"),
+    ]);
+    Fleet { replicas, plane }
+}
+
+fn greedy(question: &str, session: &str) -> (Vec<(&'static str, String)>, Value) {
+    let headers = vec![("X-Session-Id", session.to_string())];
+    let body = json!({"messages": [{"role": "user", "content": question}], "max_tokens": 10,
+                      "temperature": 0});
+    (headers, body)
+}
+
+/// Asks `s` a greedy question in `session`; returns its reply's id.
+fn ask(s: &Server, question: &str, session: &str) -> String {
+    let (headers, body) = greedy(question, session);
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (st, r) = s.chat(&headers, &body);
+    assert_eq!(st, 200, "{r}");
+    r["id"].as_str().unwrap().to_string()
+}
+
+/// The captured turn of `s` whose request asked `question`.
+fn captured(s: &Server, question: &str) -> Value {
+    s.export()
+        .into_iter()
+        .rfind(|t| t["request_messages"].to_string().contains(question))
+        .unwrap_or_else(|| panic!("{question:?} not captured"))
+}
+
+fn close(a: &Value, b: &Value) {
+    let (a, b) = (a.as_array().unwrap(), b.as_array().unwrap());
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+        assert!((x - y).abs() < 1e-4, "{a:?} vs {b:?}");
+    }
+}
+
+fn wait_for(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !done() {
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "{what}: not within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn models(s: &Server) -> String {
+    s.get("/v1/models", true).2
+}
+
+fn rate_up(s: &Server, id: &str) {
+    let body = json!({"response_id": id, "rating": "up"}).to_string();
+    let (code, _, body) = s.request("POST", "/v1/feedback", &[], &body, true);
+    assert_eq!(code, 200, "{body}");
+}
+
+/// The plane captures what a replica computes for the same conversation asked directly.
+fn captured_like_a_local_run(f: &Fleet) -> String {
+    let q = "Name a fruit.";
+    let id = ask(&f.plane, q, "conv-1");
+    ask(&f.replicas[0], q, "direct");
+    let (via, direct) = (captured(&f.plane, q), captured(&f.replicas[0], q));
+    assert_eq!(via["prompt_ids"], direct["prompt_ids"]);
+    assert_eq!(via["response_ids"], direct["response_ids"]);
+    close(&via["logprobs"], &direct["logprobs"]);
+    assert_eq!(via["adapter_version"], 0);
+    let health: Value = serde_json::from_str(&f.plane.get("/health", false).2).unwrap();
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["replicas"].as_array().unwrap().len(), 2);
+    id
+}
+
+/// A thumbs up trains v1; it goes live only once both replicas hold it, and serves.
+fn a_trained_version_is_live_on_both_replicas(f: &Fleet, reply_id: &str) {
+    rate_up(&f.plane, reply_id);
+    wait_for("v1 live", 600, || {
+        f.plane.admin_status()["live_version"] == 1
+    });
+    for r in &f.replicas {
+        assert!(models(r).contains("clawrl-v1"), "{}", models(r));
+    }
+    let q = "Name a colour.";
+    ask(&f.plane, q, "conv-2");
+    let turn = captured(&f.plane, q);
+    assert_eq!(turn["adapter_version"], 1);
+    // The same prompt asked of a replica under clawrl-v1: the same reply and log-probs.
+    let body = json!({"model": "clawrl-v1", "prompt": turn["prompt_ids"], "max_tokens": 10,
+                      "temperature": 0, "logprobs": 0, "return_token_ids": true});
+    let (st, _, text) =
+        f.replicas[1].request("POST", "/v1/completions", &[], &body.to_string(), true);
+    assert_eq!(st, 200, "{text}");
+    let r: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(r["choices"][0]["token_ids"], turn["response_ids"]);
+    close(
+        &r["choices"][0]["logprobs"]["token_logprobs"],
+        &turn["logprobs"],
+    );
+}
+
+/// Rolling back is a routing change: the next request is served by v0, v1 stays loaded.
+fn rollback_is_served_by_the_next_request(f: &Fleet) {
+    let (st, _, body) = f.plane.request(
+        "POST",
+        "/admin/rollback",
+        &[],
+        &json!({"version": 0}).to_string(),
+        true,
+    );
+    assert_eq!(st, 200, "{body}");
+    let q = "Name an animal.";
+    ask(&f.plane, q, "conv-3");
+    assert_eq!(captured(&f.plane, q)["adapter_version"], 0);
+    assert!(models(&f.replicas[0]).contains("clawrl-v1"));
+}
+
+/// One replica dies: every conversation is served by the other, and it is shown down.
+fn a_dead_replica_is_skipped_and_shown_down(f: &mut Fleet) {
+    let dead = f.replicas.pop().unwrap();
+    let dead_url = format!("http://127.0.0.1:{}", dead.port);
+    drop(dead); // kills the process
+    for session in ["s-a", "s-b", "s-c", "s-d"] {
+        ask(&f.plane, &format!("Say hi to {session}."), session);
+    }
+    let health: Value = serde_json::from_str(&f.plane.get("/health", false).2).unwrap();
+    let replicas = health["replicas"].as_array().unwrap();
+    let down: Vec<&Value> = replicas.iter().filter(|r| r["up"] == false).collect();
+    assert_eq!(down.len(), 1, "{health}");
+    assert_eq!(down[0]["url"], dead_url.as_str());
+    assert!(
+        f.plane.admin_status()["replicas"]
+            .to_string()
+            .contains(&dead_url)
+    );
+}
+
+/// With a replica that cannot load it, a new version stays a candidate; v0 serves on.
+fn a_version_not_loaded_everywhere_stays_a_candidate(f: &Fleet) {
+    let id = ask(&f.plane, "Name a tree.", "conv-4");
+    rate_up(&f.plane, &id);
+    wait_for("v2 proposed", 600, || {
+        f.plane.admin_status()["candidates"]
+            .to_string()
+            .contains("\"id\":2")
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let status = f.plane.admin_status();
+    assert_eq!(status["live_version"], 0, "{status}");
+    assert!(
+        !models(&f.replicas[0]).contains("clawrl-v2"),
+        "unloaded again: all or none"
+    );
+    ask(&f.plane, "Name a river.", "conv-5");
+    assert_eq!(captured(&f.plane, "Name a river.")["adapter_version"], 0);
+}
+
+#[test]
+fn a_control_plane_captures_trains_and_pushes_versions_to_every_replica() {
+    let mut f = start_fleet();
+    let reply = captured_like_a_local_run(&f);
+    a_trained_version_is_live_on_both_replicas(&f, &reply);
+    rollback_is_served_by_the_next_request(&f);
+    a_dead_replica_is_skipped_and_shown_down(&mut f);
+    a_version_not_loaded_everywhere_stays_a_candidate(&f);
+}
