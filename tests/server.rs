@@ -734,6 +734,39 @@ fn token_id_completions_give_what_a_chat_turn_captured_and_score_prompts() {
         "{text:?} vs {c}"
     );
 
+    // Streamed: the same text and ids over server-sent events, prompt ids first, [DONE] last.
+    let body = json!({"prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": true,
+                      "return_token_ids": true});
+    let (st, _, text) = s.request("POST", "/v1/completions", &[], &body.to_string(), true);
+    assert_eq!(st, 200, "{text}");
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["prompt_token_ids"], json!(prompt));
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(streamed, c["text"].as_str().unwrap());
+    let ids: Vec<u64> = chunks
+        .iter()
+        .flat_map(|c| {
+            c["choices"][0]["token_ids"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(json!(ids), json!(response));
+    assert!(chunks.len() > 2, "the text came in pieces: {text}");
+
     // The prompt scored: the reply's tokens, teacher-forced, have the log-probs they were
     // sampled with, and each greedy token is ranked first.
     let whole: Vec<u32> = prompt.iter().chain(&response).copied().collect();
@@ -785,9 +818,9 @@ fn bad_completions_are_refused_naming_the_field() {
             "does not exist",
         ),
         (
-            json!({"prompt": [1], "stream": true}),
+            json!({"prompt": [1], "echo": true}),
             400,
-            "stream",
+            "echo",
             "not supported",
         ),
         (

@@ -97,6 +97,27 @@ fn captured_like_a_local_run(f: &Fleet) -> String {
     assert_eq!(via["response_ids"], direct["response_ids"]);
     close(&via["logprobs"], &direct["logprobs"]);
     assert_eq!(via["adapter_version"], 0);
+    // A streaming client gets the reply in pieces through the plane.
+    let (headers, mut body) = greedy(q, "conv-streamed");
+    body["stream"] = json!(true);
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (st, chunks) = f.plane.chat(&headers, &body);
+    assert_eq!(st, 200, "{chunks}");
+    let pieces: Vec<&str> = chunks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .filter(|t| !t.is_empty())
+        .collect();
+    assert!(pieces.len() > 1, "{chunks}");
+    let streamed = f
+        .plane
+        .export()
+        .into_iter()
+        .rfind(|t| t["session_id"] == "conv-streamed")
+        .unwrap();
+    assert_eq!(streamed["response_ids"], direct["response_ids"]);
     let health: Value = serde_json::from_str(&f.plane.get("/health", false).2).unwrap();
     assert_eq!(health["status"], "ok", "{health}");
     assert_eq!(health["replicas"].as_array().unwrap().len(), 2);

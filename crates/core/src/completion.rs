@@ -15,7 +15,9 @@ use clawrl_model::sampling::SamplingParams;
 use clawrl_model::{Generation, peft};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// A raw completion: exactly these prompt ids, under the base model's name (the live version)
 /// or an adapter loaded by name.
@@ -51,8 +53,17 @@ pub struct Completion {
     pub prompt_logprobs: Option<Vec<PromptLogprob>>,
 }
 
-/// Runs a raw completion (and, when asked, scores its prompt under the same version).
-pub async fn complete(core: &Core, req: CompletionRequest) -> Result<Completion, ChatError> {
+/// A raw completion in flight: its prompt's log-probs (when asked for) and the engine's
+/// events for the generation (`Admitted`, `Text` pieces, `Finished` or `Failed`).
+pub struct Started {
+    pub prompt_logprobs: Option<Vec<PromptLogprob>>,
+    pub events: UnboundedReceiver<EngineEvent>,
+    /// Set it to stop the generation (the client went away).
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// Scores the prompt when asked (under the same version), then queues the generation.
+pub async fn start(core: &Core, req: CompletionRequest) -> Result<Started, ChatError> {
     let prompt_logprobs = match req.prompt_logprobs {
         Some(n) => Some(score_prompt(core, &req.prompt, req.version, n).await?),
         None => None,
@@ -63,9 +74,19 @@ pub async fn complete(core: &Core, req: CompletionRequest) -> Result<Completion,
         stop: req.stop,
         top_logprobs: req.top_logprobs,
     };
-    let mut rx = submit(core, Prompt::Ids(req.prompt), task, req.version)?;
+    let (events, cancel) = submit(core, Prompt::Ids(req.prompt), task, req.version)?;
+    Ok(Started {
+        prompt_logprobs,
+        events,
+        cancel,
+    })
+}
+
+/// Runs a raw completion to its end.
+pub async fn complete(core: &Core, req: CompletionRequest) -> Result<Completion, ChatError> {
+    let mut started = start(core, req).await?;
     loop {
-        match rx.recv().await {
+        match started.events.recv().await {
             Some(EngineEvent::Finished {
                 generation,
                 prompt_ids,
@@ -76,7 +97,7 @@ pub async fn complete(core: &Core, req: CompletionRequest) -> Result<Completion,
                     prompt_ids,
                     generation,
                     adapter_version,
-                    prompt_logprobs,
+                    prompt_logprobs: started.prompt_logprobs,
                 });
             }
             Some(EngineEvent::Failed(e)) => return Err(ChatError::Engine(e)),
@@ -91,13 +112,14 @@ fn submit(
     prompt: Prompt,
     task: Task,
     version: VersionChoice,
-) -> Result<tokio::sync::mpsc::UnboundedReceiver<EngineEvent>, ChatError> {
+) -> Result<(UnboundedReceiver<EngineEvent>, Arc<AtomicBool>), ChatError> {
     let (job, rx) = Job::new(prompt, task, version, Priority::User);
+    let cancel = job.cancel.clone();
     core.engine.submit(job).map_err(|e| match e {
         SubmitError::Overloaded => ChatError::Overloaded,
         SubmitError::Unavailable => ChatError::Unavailable,
     })?;
-    Ok(rx)
+    Ok((rx, cancel))
 }
 
 /// The log-prob of each prompt token after the ones before it; with `top > 0` also its rank
@@ -118,7 +140,7 @@ async fn score_prompt(
         continuation: rest.to_vec(),
         distributions: top > 0,
     };
-    let mut rx = submit(core, Prompt::Ids(vec![*first]), task, version)?;
+    let (mut rx, _) = submit(core, Prompt::Ids(vec![*first]), task, version)?;
     let (logprobs, distributions) = loop {
         match rx.recv().await {
             Some(EngineEvent::Scored {
@@ -241,7 +263,7 @@ impl Core {
         self.engine
             .command(AdapterCommand::Install {
                 version,
-                adapter: std::sync::Arc::new(adapter),
+                adapter: Arc::new(adapter),
             })
             .map_err(|_| AdapterError::Unavailable)?;
         names.insert(name.to_string(), version);

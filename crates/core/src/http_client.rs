@@ -5,6 +5,7 @@
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
@@ -69,6 +70,29 @@ pub async fn send(
     api_key: Option<&str>,
     body: Option<&Value>,
 ) -> Result<(StatusCode, Value), Unreachable> {
+    let response = open(target, method, path, api_key, body).await?;
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| target.unreachable(&e))?
+        .to_bytes();
+    let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+        json!({"error": {"message": String::from_utf8_lossy(&bytes).chars().take(500).collect::<String>()}})
+    });
+    Ok((status, value))
+}
+
+/// Sends `body` as [`send`] does and returns the answer as it arrives (its body unread: a
+/// stream of server-sent events, say).
+pub async fn open(
+    target: &Target,
+    method: Method,
+    path: &str,
+    api_key: Option<&str>,
+    body: Option<&Value>,
+) -> Result<hyper::Response<Incoming>, Unreachable> {
     let unreachable = |e: &dyn std::fmt::Display| target.unreachable(e);
     let stream = tokio::net::TcpStream::connect(&target.authority)
         .await
@@ -120,7 +144,7 @@ async fn exchange(
     path: &str,
     api_key: Option<&str>,
     body: Option<&Value>,
-) -> Result<(StatusCode, Value), Unreachable> {
+) -> Result<hyper::Response<Incoming>, Unreachable> {
     let unreachable = |e: &dyn std::fmt::Display| target.unreachable(e);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
@@ -138,19 +162,5 @@ async fn exchange(
     }
     let payload = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
     let req = req.body(Full::new(payload)).map_err(|e| unreachable(&e))?;
-    let res = sender
-        .send_request(req)
-        .await
-        .map_err(|e| unreachable(&e))?;
-    let status = res.status();
-    let bytes = res
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| unreachable(&e))?
-        .to_bytes();
-    let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-        json!({"error": {"message": String::from_utf8_lossy(&bytes).chars().take(500).collect::<String>()}})
-    });
-    Ok((status, value))
+    sender.send_request(req).await.map_err(|e| unreachable(&e))
 }

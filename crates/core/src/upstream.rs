@@ -12,6 +12,8 @@ use crate::config::UpstreamSection;
 use crate::engine::{EngineError, EngineEvent, Job, Task, VersionChoice};
 use crate::http_client::{self, Target};
 use clawrl_model::{FinishReason, Generation};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper::{Method, StatusCode};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -203,8 +205,9 @@ impl Upstream {
     }
 
     /// Generates `job` (a user's `Task::Generate`) on a replica and answers it with the
-    /// engine's events: `Admitted` once a replica answered (so nothing is captured for a
-    /// request no replica served), then the text and `Finished`.
+    /// engine's events as the replica streams: `Admitted` once a replica answered (so
+    /// nothing is captured for a request no replica served), the text as it comes, then
+    /// `Finished` with the ids and log-probs the replica sampled.
     pub async fn generate(&self, job: Job, prompt_ids: Vec<u32>, key: String) {
         let Task::Generate {
             max_tokens,
@@ -226,65 +229,62 @@ impl Upstream {
             "model": self.model_name(version), "prompt": prompt_ids, "max_tokens": max_tokens,
             "temperature": sampling.temperature, "top_p": sampling.top_p,
             "top_k": if sampling.top_k == 0 { -1 } else { sampling.top_k as i64 },
-            "seed": sampling.seed, "stop": stop, "logprobs": top_logprobs,
+            "seed": sampling.seed, "stop": stop, "logprobs": top_logprobs, "stream": true,
             "return_token_ids": true, "return_tokens_as_token_ids": true,
         });
-        let started = Instant::now();
+        let fail = |e: EngineError| {
+            let _ = job.events.send(EngineEvent::Failed(e));
+        };
         let mut why = Vec::new();
         for r in self.order(&key) {
-            match self
-                .send(r, Method::POST, "/v1/completions", Some(&body))
-                .await
-            {
-                Ok((st, answer)) if st.is_success() => {
-                    *lock(&r.down) = None;
-                    let reply =
-                        parse_completion(&answer, &prompt_ids, started.elapsed().as_secs_f64());
-                    let event = match reply {
-                        Ok((generation, cached_tokens)) => {
-                            let _ = job.events.send(EngineEvent::Admitted {
-                                prompt_ids: prompt_ids.clone(),
-                                cached_tokens,
-                            });
-                            let _ = job.events.send(EngineEvent::Text(generation.text.clone()));
-                            EngineEvent::Finished {
-                                generation,
-                                prompt_ids,
-                                cached_tokens,
-                                adapter_version: version,
-                            }
-                        }
-                        Err(e) => EngineEvent::Failed(EngineError::Internal(format!(
-                            "upstream {}: {e}",
-                            r.url
-                        ))),
-                    };
-                    let _ = job.events.send(event);
-                    return;
+            let path = "/v1/completions";
+            let opened = http_client::open(
+                &r.target,
+                Method::POST,
+                path,
+                self.api_key.as_deref(),
+                Some(&body),
+            )
+            .await;
+            let response = match opened {
+                Ok(response) => response,
+                Err(e) => {
+                    self.mark_down(r, e.to_string(), &mut why);
+                    continue;
                 }
-                // The replica answered: the request itself is wrong (too long, bad version).
-                Ok((st, answer)) if st.is_client_error() => {
-                    let message = answer["error"]["message"]
-                        .as_str()
-                        .map_or_else(|| answer.to_string(), str::to_owned);
-                    let _ = job
-                        .events
-                        .send(EngineEvent::Failed(EngineError::BadRequest(format!(
-                            "upstream {}: {message}",
-                            r.url
-                        ))));
-                    return;
+            };
+            let status = response.status();
+            if !status.is_success() {
+                let bytes = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let answer = String::from_utf8_lossy(&bytes)
+                    .chars()
+                    .take(500)
+                    .collect::<String>();
+                if status.is_client_error() {
+                    // The replica answered: the request itself is wrong (too long, bad version).
+                    return fail(EngineError::BadRequest(format!(
+                        "upstream {}: {answer}",
+                        r.url
+                    )));
                 }
-                Ok((st, answer)) => self.mark_down(r, format!("{st}: {answer}"), &mut why),
-                Err(e) => self.mark_down(r, e, &mut why),
+                self.mark_down(r, format!("{status}: {answer}"), &mut why);
+                continue;
             }
+            *lock(&r.down) = None;
+            if let Err(e) = relay(&job, response.into_body(), prompt_ids, version).await {
+                fail(EngineError::Internal(format!("upstream {}: {e}", r.url)));
+            }
+            return;
         }
-        let _ = job
-            .events
-            .send(EngineEvent::Failed(EngineError::Unavailable(format!(
-                "every upstream replica is down: {}",
-                why.join("; ")
-            ))));
+        fail(EngineError::Unavailable(format!(
+            "every upstream replica is down: {}",
+            why.join("; ")
+        )));
     }
 
     fn mark_down(&self, r: &Replica, why: String, all: &mut Vec<String>) {
@@ -366,66 +366,145 @@ impl Upstream {
     }
 }
 
-/// A vLLM completion's choice → the engine's generation (and the replica's cached tokens).
-fn parse_completion(
-    answer: &Value,
-    prompt_ids: &[u32],
-    secs: f64,
-) -> Result<(Generation, usize), String> {
-    let c = &answer["choices"][0];
-    if c["prompt_token_ids"].is_array() && c["prompt_token_ids"] != json!(prompt_ids) {
-        return Err("the replica computed other prompt ids than were sent".into());
+/// Reads a replica's event stream: forwards the text as it comes and assembles the
+/// generation from the chunks' ids and log-probs.
+async fn relay(
+    job: &Job,
+    mut body: Incoming,
+    prompt_ids: Vec<u32>,
+    version: i64,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let mut reply = Assembled::default();
+    let mut pending = Vec::<u8>::new();
+    let admitted = |cached_tokens| EngineEvent::Admitted {
+        prompt_ids: prompt_ids.clone(),
+        cached_tokens,
+    };
+    let mut said_admitted = false;
+    'stream: while let Some(frame) = body.frame().await {
+        if job.cancel.load(Ordering::Relaxed) {
+            reply.finish = Some(FinishReason::Cancelled);
+            break; // dropping the body closes the connection: the replica stops
+        }
+        let Ok(data) = frame.map_err(|e| e.to_string())?.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = pending.drain(..end + 2).collect();
+            let event = String::from_utf8_lossy(&event);
+            let Some(payload) = event.trim().strip_prefix("data: ") else {
+                continue;
+            };
+            if payload == "[DONE]" {
+                break 'stream;
+            }
+            let chunk: Value =
+                serde_json::from_str(payload).map_err(|e| format!("a stream event: {e}"))?;
+            if let Some(message) = chunk["error"]["message"].as_str() {
+                return Err(message.to_string());
+            }
+            let piece = reply.add(&chunk, &prompt_ids)?;
+            if !said_admitted {
+                said_admitted = true;
+                let _ = job.events.send(admitted(reply.cached_tokens));
+            }
+            if !piece.is_empty() {
+                let _ = job.events.send(EngineEvent::Text(piece));
+            }
+        }
     }
-    let ids: Vec<u32> =
-        serde_json::from_value(c["token_ids"].clone()).map_err(|e| format!("token_ids: {e}"))?;
-    let logprobs: Vec<f32> = serde_json::from_value(c["logprobs"]["token_logprobs"].clone())
-        .map_err(|e| format!("logprobs: {e}"))?;
-    if logprobs.len() != ids.len() {
-        return Err(format!(
-            "{} token ids but {} log-probs",
-            ids.len(),
-            logprobs.len()
-        ));
+    if !said_admitted {
+        let _ = job.events.send(admitted(reply.cached_tokens));
     }
-    let top_logprobs = c["logprobs"]["top_logprobs"]
-        .as_array()
-        .map_or(Vec::new(), |rows| {
-            rows.iter()
-                .map(|row| {
-                    let mut alts: Vec<(u32, f32)> = row
-                        .as_object()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|(k, v)| {
-                            Some((
-                                k.strip_prefix("token_id:")?.parse().ok()?,
-                                v.as_f64()? as f32,
-                            ))
-                        })
-                        .collect();
-                    alts.sort_by(|a, b| b.1.total_cmp(&a.1));
-                    alts
+    let cached_tokens = reply.cached_tokens;
+    let generation = reply.finish(prompt_ids.len(), started.elapsed().as_secs_f64())?;
+    let _ = job.events.send(EngineEvent::Finished {
+        generation,
+        prompt_ids,
+        cached_tokens,
+        adapter_version: version,
+    });
+    Ok(())
+}
+
+/// A streamed completion put together from its chunks (vLLM's shape: each chunk's choice
+/// has the new text, `token_ids` and `logprobs`; the first `prompt_token_ids`).
+#[derive(Default)]
+struct Assembled {
+    text: String,
+    ids: Vec<u32>,
+    logprobs: Vec<f32>,
+    top_logprobs: Vec<Vec<(u32, f32)>>,
+    finish: Option<FinishReason>,
+    cached_tokens: usize,
+}
+
+impl Assembled {
+    /// Adds a chunk; returns its new text.
+    fn add(&mut self, chunk: &Value, prompt_ids: &[u32]) -> Result<String, String> {
+        let c = &chunk["choices"][0];
+        if c["prompt_token_ids"].is_array() && c["prompt_token_ids"] != json!(prompt_ids) {
+            return Err("the replica computed other prompt ids than were sent".into());
+        }
+        let ids: Vec<u32> = match &c["token_ids"] {
+            Value::Null => Vec::new(),
+            v => serde_json::from_value(v.clone()).map_err(|e| format!("token_ids: {e}"))?,
+        };
+        self.ids.extend(ids);
+        let lp = &c["logprobs"];
+        if let Some(values) = lp["token_logprobs"].as_array() {
+            self.logprobs
+                .extend(values.iter().map(|v| v.as_f64().unwrap_or(f64::NAN) as f32));
+        }
+        for row in lp["top_logprobs"].as_array().into_iter().flatten() {
+            let mut alts: Vec<(u32, f32)> = row
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| {
+                    Some((
+                        k.strip_prefix("token_id:")?.parse().ok()?,
+                        v.as_f64()? as f32,
+                    ))
                 })
-                .collect()
-        });
-    let finish = match c["finish_reason"].as_str() {
-        Some("length") => FinishReason::Length,
-        _ => FinishReason::Stop,
-    };
-    let cached = answer["usage"]["prompt_tokens_details"]["cached_tokens"]
-        .as_u64()
-        .unwrap_or(0) as usize;
-    let generation = Generation {
-        text: c["text"].as_str().unwrap_or_default().to_string(),
-        ids,
-        logprobs,
-        top_logprobs,
-        finish,
-        prompt_tokens: prompt_ids.len(),
-        prefill_secs: 0.0,
-        decode_secs: secs,
-    };
-    Ok((generation, cached))
+                .collect();
+            alts.sort_by(|a, b| b.1.total_cmp(&a.1));
+            self.top_logprobs.push(alts);
+        }
+        match c["finish_reason"].as_str() {
+            Some("length") => self.finish = Some(FinishReason::Length),
+            Some(_) => self.finish = Some(FinishReason::Stop),
+            None => {}
+        }
+        if let Some(n) = chunk["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() {
+            self.cached_tokens = n as usize;
+        }
+        let piece = c["text"].as_str().unwrap_or_default();
+        self.text.push_str(piece);
+        Ok(piece.to_string())
+    }
+
+    fn finish(self, prompt_tokens: usize, secs: f64) -> Result<Generation, String> {
+        if self.logprobs.len() != self.ids.len() {
+            return Err(format!(
+                "{} token ids but {} log-probs",
+                self.ids.len(),
+                self.logprobs.len()
+            ));
+        }
+        Ok(Generation {
+            text: self.text,
+            ids: self.ids,
+            logprobs: self.logprobs,
+            top_logprobs: self.top_logprobs,
+            finish: self.finish.unwrap_or(FinishReason::Stop),
+            prompt_tokens,
+            prefill_secs: 0.0,
+            decode_secs: secs,
+        })
+    }
 }
 
 /// Runs `f` to its end from any thread (a runtime's or not): on a thread of its own.

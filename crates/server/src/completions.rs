@@ -6,15 +6,21 @@
 
 use crate::chat::{Fields, Sampling, sampling_fields};
 use crate::http::{ApiError, Body, full, json_response};
+use bytes::Bytes;
 use clawrl_core::Core;
 use clawrl_core::chat::ChatError;
 use clawrl_core::completion::{self, AdapterError, Completion, CompletionRequest, PromptLogprob};
 use clawrl_core::engine::EngineError;
+use clawrl_core::engine::EngineEvent;
 use clawrl_core::store::now_ms;
 use clawrl_model::FinishReason;
+use clawrl_model::Generation;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
 use hyper::{Response, StatusCode, header};
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
+use tokio::sync::mpsc;
 
 /// How the reply is written, besides what is generated.
 struct Format {
@@ -23,6 +29,8 @@ struct Format {
     tokens_as_ids: bool,
     logprobs: bool,
     token_ids: bool,
+    id: String,
+    created: i64,
 }
 
 /// `POST /v1/completions`.
@@ -39,13 +47,10 @@ pub async fn handle(state: Arc<Core>, body: Value) -> Result<Response<Body>, Api
     let version = state
         .version_for_model(&model)
         .ok_or_else(|| unknown_model(&state, &model))?;
-    for unsupported in ["stream", "echo"] {
-        if fields.boolean(unsupported)? {
-            return Err(ApiError::invalid(format!(
-                "`{unsupported}` is not supported on /v1/completions here (use /v1/chat/completions to stream)."
-            ))
-            .param(unsupported));
-        }
+    if fields.boolean("echo")? {
+        return Err(
+            ApiError::invalid("`echo` is not supported on /v1/completions here.").param("echo"),
+        );
     }
     let prompt = prompt_ids(&state, obj.get("prompt"))?;
     let Sampling {
@@ -76,7 +81,15 @@ pub async fn handle(state: Arc<Core>, body: Value) -> Result<Response<Body>, Api
         tokens_as_ids: fields.boolean("return_tokens_as_token_ids")?,
         logprobs: logprobs.is_some(),
         token_ids: fields.boolean("return_token_ids")?,
+        id: format!("cmpl-{}", clawrl_core::capture::random_id("")),
+        created: now_ms() / 1000,
     };
+    if fields.boolean("stream")? {
+        let started = completion::start(&state, request)
+            .await
+            .map_err(api_error)?;
+        return Ok(stream(state, format, started));
+    }
     let done = completion::complete(&state, request)
         .await
         .map_err(api_error)?;
@@ -84,6 +97,74 @@ pub async fn handle(state: Arc<Core>, body: Value) -> Result<Response<Body>, Api
         StatusCode::OK,
         &reply(&state, &format, &done),
     ))
+}
+
+type Chunk = Result<Frame<Bytes>, std::convert::Infallible>;
+
+fn sse(v: &impl std::fmt::Display) -> Chunk {
+    Ok(Frame::data(Bytes::from(format!("data: {v}\n\n"))))
+}
+
+/// Streams a completion as vLLM does: server-sent events, each a `text_completion` whose
+/// choice has the new text (with `return_token_ids`: `prompt_token_ids` in the first event,
+/// the new `token_ids` in each); the last has the finish reason, then `[DONE]`. Here the ids
+/// and log-probs all come with the last event (the engine reports them when it finishes).
+fn stream(state: Arc<Core>, f: Format, mut started: completion::Started) -> Response<Body> {
+    let (out, body) = mpsc::channel::<Chunk>(64);
+    tokio::spawn(async move {
+        let send = |choice: Value| {
+            let (out, event) = (out.clone(), f.envelope(choice));
+            async move { out.send(sse(&event)).await.is_ok() }
+        };
+        let delivered = loop {
+            let choice = match started.events.recv().await {
+                Some(EngineEvent::Admitted { prompt_ids, .. }) if f.token_ids => {
+                    json!({"index": 0, "text": "", "prompt_token_ids": prompt_ids, "token_ids": []})
+                }
+                Some(EngineEvent::Text(piece)) => {
+                    let mut choice =
+                        json!({"index": 0, "text": piece, "logprobs": null, "finish_reason": null});
+                    if f.token_ids {
+                        choice["token_ids"] = json!([]);
+                    }
+                    choice
+                }
+                Some(EngineEvent::Finished { generation, .. }) => {
+                    let mut choice = json!({
+                        "index": 0, "text": "", "logprobs": f.logprobs(&state, &generation),
+                        "finish_reason": finish_reason(&generation), "stop_reason": null,
+                        "prompt_logprobs": f.prompt_logprobs(&state, started.prompt_logprobs.as_deref()),
+                    });
+                    if f.token_ids {
+                        choice["token_ids"] = json!(generation.ids);
+                    }
+                    break send(choice).await && out.send(sse(&"[DONE]")).await.is_ok();
+                }
+                Some(EngineEvent::Failed(e)) => {
+                    break out
+                        .send(sse(&api_error(ChatError::Engine(e)).body()))
+                        .await
+                        .is_ok();
+                }
+                Some(_) => continue,
+                None => break true,
+            };
+            if !send(choice).await {
+                break false;
+            }
+        };
+        if !delivered {
+            started
+                .cancel
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body)).boxed())
+        .expect("static response parts")
 }
 
 /// `prompt`: token ids, or a text tokenized as it is (no chat template, no special tokens
@@ -125,18 +206,23 @@ fn prompt_ids(state: &Core, prompt: Option<&Value>) -> Result<Vec<u32>, ApiError
     Ok(ids)
 }
 
-fn reply(state: &Core, f: &Format, done: &Completion) -> Value {
-    let g = &done.generation;
-    let token = |id: u32| -> String {
-        if f.tokens_as_ids {
+impl Format {
+    /// A token as the reply names it: its text, or `token_id:{id}`.
+    fn token(&self, state: &Core, id: u32) -> String {
+        if self.tokens_as_ids {
             return format!("token_id:{id}");
         }
         let info = state.engine.info();
         info.and_then(|i| i.tokenizer.decode(&[id]).ok())
             .unwrap_or_default()
-    };
-    let logprobs = f.logprobs.then(|| {
-        let tokens: Vec<String> = g.ids.iter().map(|&id| token(id)).collect();
+    }
+
+    /// The choice's `logprobs` (null unless asked for).
+    fn logprobs(&self, state: &Core, g: &Generation) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        let tokens: Vec<String> = g.ids.iter().map(|&id| self.token(state, id)).collect();
         let offsets: Vec<usize> = tokens
             .iter()
             .scan(0, |at, t| {
@@ -148,46 +234,63 @@ fn reply(state: &Core, f: &Format, done: &Completion) -> Value {
         let top: Vec<Map<String, Value>> = g
             .top_logprobs
             .iter()
-            .map(|alts| alts.iter().map(|&(id, lp)| (token(id), json!(lp))).collect())
+            .map(|alts| {
+                alts.iter()
+                    .map(|&(id, lp)| (self.token(state, id), json!(lp)))
+                    .collect()
+            })
             .collect();
         json!({"text_offset": offsets, "token_logprobs": g.logprobs, "tokens": tokens, "top_logprobs": top})
-    });
-    let prompt_logprobs = done.prompt_logprobs.as_ref().map(|rows| {
-        let entry = |id: u32, logprob: f32, rank: Option<usize>| {
-            json!({"logprob": logprob, "rank": rank, "decoded_token": token(id)})
+    }
+
+    /// `prompt_logprobs`: null for the first token, then per token a map id → log-prob entry.
+    fn prompt_logprobs(&self, state: &Core, rows: Option<&[PromptLogprob]>) -> Value {
+        let Some(rows) = rows else {
+            return Value::Null;
         };
-        let positions = rows.iter().map(|p: &PromptLogprob| {
+        let entry = |id: u32, logprob: f32, rank: Option<usize>| json!({"logprob": logprob, "rank": rank, "decoded_token": self.token(state, id)});
+        let positions = rows.iter().map(|p| {
             let mut m = Map::new();
             m.insert(p.id.to_string(), entry(p.id, p.logprob, p.rank));
             for (i, &(id, lp)) in p.top.iter().enumerate() {
-                m.entry(id.to_string()).or_insert_with(|| entry(id, lp, Some(i + 1)));
+                m.entry(id.to_string())
+                    .or_insert_with(|| entry(id, lp, Some(i + 1)));
             }
             Value::Object(m)
         });
-        std::iter::once(Value::Null).chain(positions).collect::<Vec<_>>()
-    });
-    let finish = match g.finish {
+        Value::Array(std::iter::once(Value::Null).chain(positions).collect())
+    }
+
+    /// A `text_completion` object around one choice.
+    fn envelope(&self, choice: Value) -> Value {
+        json!({"id": self.id, "object": "text_completion", "created": self.created,
+               "model": self.model, "choices": [choice]})
+    }
+}
+
+fn finish_reason(g: &Generation) -> &'static str {
+    match g.finish {
         FinishReason::Length => "length",
         FinishReason::Stop | FinishReason::Cancelled => "stop",
-    };
+    }
+}
+
+fn reply(state: &Core, f: &Format, done: &Completion) -> Value {
+    let g = &done.generation;
     let mut choice = json!({
-        "index": 0, "text": g.text, "logprobs": logprobs, "finish_reason": finish,
-        "stop_reason": null, "prompt_logprobs": prompt_logprobs,
+        "index": 0, "text": g.text, "logprobs": f.logprobs(state, g),
+        "finish_reason": finish_reason(g), "stop_reason": null,
+        "prompt_logprobs": f.prompt_logprobs(state, done.prompt_logprobs.as_deref()),
     });
     if f.token_ids {
         choice["prompt_token_ids"] = json!(done.prompt_ids);
         choice["token_ids"] = json!(g.ids);
     }
     let (prompt_tokens, completion_tokens) = (done.prompt_ids.len(), g.ids.len());
-    json!({
-        "id": format!("cmpl-{}", clawrl_core::capture::random_id("")),
-        "object": "text_completion",
-        "created": now_ms() / 1000,
-        "model": f.model,
-        "choices": [choice],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
-    })
+    let mut body = f.envelope(choice);
+    body["usage"] = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens});
+    body
 }
 
 fn api_error(e: ChatError) -> ApiError {
