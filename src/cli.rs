@@ -9,6 +9,7 @@ use clawrl_model::messages::Message;
 use clawrl_model::{GenerateRequest, SamplingParams, WeightMode};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -84,6 +85,9 @@ pub enum CliCommand {
     Export(ExportArgs),
     /// Control a running server: status, versions, approve, veto, rollback, pause, resume.
     Ctl(crate::ctl::CtlArgs),
+    /// The control center against a running server elsewhere (`serve --headless` on a GPU
+    /// box, this screen on a laptop, e.g. through an SSH tunnel): the same panes and keys.
+    Attach(AttachArgs),
     /// Prove that it learns: a simulated user with a checkable preference talks to clawrl, and
     /// a held-out set is evaluated before and after (report, CSV in the output folder).
     Sim(crate::sim::SimArgs),
@@ -119,6 +123,16 @@ pub struct ServerArgs {
     /// A replica's base URL, e.g. http://gpu1:8000 (repeat for several; upstream.urls).
     #[arg(long = "upstream-url", value_name = "URL")]
     pub upstream_urls: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct AttachArgs {
+    /// The server's address.
+    #[arg(long, default_value = "http://127.0.0.1:30000")]
+    pub url: String,
+    /// The server's API key (default: $CLAWRL_API_KEY).
+    #[arg(long, env = "CLAWRL_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -266,10 +280,42 @@ pub fn run() -> Result<()> {
         #[cfg(feature = "lab")]
         Some(CliCommand::Bench(args)) => crate::bench::run(&cfg, &args),
         Some(CliCommand::Serve(args)) => serve(cfg, &args.server, args.headless),
+        Some(CliCommand::Attach(args)) => attach(&cfg, &args),
         Some(CliCommand::Export(args)) => export(&cfg, &args),
         Some(CliCommand::Ctl(args)) => crate::ctl::run(&cfg, &args),
         Some(CliCommand::Sim(args)) => crate::sim::run(&cfg, &args),
     }
+}
+
+/// `attach`: the control center over a running server's admin routes.
+fn attach(cfg: &Config, args: &AttachArgs) -> Result<()> {
+    let keymap = clawrl_screen::keymap::Keymap::new(&cfg.tui.keys)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let remote = Arc::new(clawrl_screen::remote::Remote::new(
+            &args.url,
+            args.api_key.clone(),
+        )?);
+        let model = remote
+            .model()
+            .await
+            .with_context(|| format!("cannot attach to {}", args.url))?;
+        let (incoming, commands) = remote.clone().connect();
+        let link = clawrl_screen::Link {
+            incoming,
+            commands,
+            source: clawrl_screen::Source::Remote(remote),
+            header: clawrl_screen::screen::Header {
+                model_id: model.clone(),
+                url: format!("{}/v1", args.url.trim_end_matches('/')),
+            },
+            model_ready: Some(model),
+        };
+        clawrl_screen::run(link, keymap, shutdown_signal()).await
+    })
 }
 
 fn serve(mut cfg: Config, args: &ServerArgs, headless: bool) -> Result<()> {
@@ -356,10 +402,12 @@ fn serve(mut cfg: Config, args: &ServerArgs, headless: bool) -> Result<()> {
         let (commands, received) = tokio::sync::mpsc::unbounded_channel();
         let executor = tokio::spawn(clawrl_core::commands::run(core.clone(), received));
         let link = clawrl_screen::Link {
-            events,
+            incoming: clawrl_screen::local_incoming(events),
             commands,
-            counters: core.counters.clone(),
-            store_path: cfg.store_path(),
+            source: clawrl_screen::Source::Local {
+                store_path: cfg.store_path(),
+                counters: core.counters.clone(),
+            },
             header: clawrl_screen::screen::Header {
                 model_id: core.config.model_id.clone(),
                 url,

@@ -12,21 +12,30 @@ struct Tmux {
 }
 
 impl Tmux {
+    /// `clawrl-tui` serving the default model under the control center, on the data folder
+    /// `data`, with `env` set.
     fn start(data: &Path, width: u16, height: u16, env: &[(&str, &str)]) -> Self {
+        let model = common::model_path(common::SMOLLM2);
+        let mut vars = String::new();
+        for (k, v) in env {
+            vars.push_str(&format!("{k}={v} "));
+        }
+        let args = format!("--model {} --port 0", model.display());
+        Self::run(data, width, height, &vars, &args)
+    }
+
+    /// `VARS clawrl-tui ARGS` in a terminal of its own, on the data folder `data`; the pane
+    /// prints `EXIT=<status>` when it ends.
+    fn run(data: &Path, width: u16, height: u16, vars: &str, args: &str) -> Self {
         // One tmux server per test (tests run in parallel).
         let socket = format!(
             "clawrl-test-{}",
             data.file_name().unwrap().to_string_lossy()
         );
-        let model = common::model_path(common::SMOLLM2);
-        let mut vars = format!("CLAWRL_DATA_DIR={} ", data.display());
-        for (k, v) in env {
-            vars.push_str(&format!("{k}={v} "));
-        }
         let command = format!(
-            "{vars} {} --model {} --port 0; echo EXIT=$?; sleep 600",
+            "CLAWRL_DATA_DIR={} {vars} {} {args}; echo EXIT=$?; sleep 600",
+            data.display(),
             env!("CARGO_BIN_EXE_clawrl-tui"),
-            model.display()
         );
         let t = Self { socket };
         t.tmux(&[
@@ -199,6 +208,53 @@ fn a_user_chats_sees_the_judges_votes_rates_opens_help_and_quits() {
             .as_array()
             .is_some_and(|v| !v.is_empty())
     );
+}
+
+#[test]
+fn attached_to_a_headless_server_the_screen_shows_its_chats_and_its_keys_act_there() {
+    let server = common::server::Server::start(&[
+        ("CLAWRL__TRAIN__ENABLED", "true"),
+        ("CLAWRL__TRAIN__MIN_SAMPLES", "1"),
+    ]);
+    let data = tempfile::tempdir().unwrap();
+    let args = format!(
+        "attach --url http://127.0.0.1:{} --api-key {}",
+        server.port, server.key
+    );
+    let t = Tmux::run(data.path(), 100, 30, "", &args);
+    let url = format!("http://127.0.0.1:{}/v1", server.port);
+    t.wait("the attached screen", 60, |s| {
+        s.contains("live v0") && s.contains(&url)
+    });
+
+    // Another client's chat appears live.
+    let body = serde_json::json!({"messages": [{"role": "user", "content": "Name a planet."}],
+                                  "max_tokens": 8, "temperature": 0});
+    let (st, r) = server.chat(&[("X-Session-Id", "elsewhere")], &body);
+    assert_eq!(st, 200, "{r}");
+    t.wait("the other client's turn", 30, |s| {
+        s.contains("Name a planet")
+    });
+
+    // Thumbs up from this screen is recorded there, trains v1 there, and shows here.
+    t.keys(&["Escape", "k", "+"]);
+    t.wait("the rating", 30, |s| s.contains("rated ▲ up"));
+    let turn = server.export().pop().unwrap();
+    assert_eq!(turn["feedback"]["rating"], "up", "{turn}");
+    t.wait("v1 live", 600, |s| s.contains("live v1"));
+
+    // A rollback from this screen: the server serves v0 again.
+    t.keys(&["R"]);
+    t.wait("the confirmation", 10, |s| {
+        s.contains("Roll back from v1 to v0?")
+    });
+    t.keys(&["y"]);
+    t.wait("the rollback", 30, |s| s.contains("live v0"));
+    assert_eq!(server.admin_status()["live_version"], 0);
+
+    t.keys(&["q"]);
+    let s = t.wait("a clean exit", 30, |s| s.contains("EXIT="));
+    assert!(s.contains("EXIT=0"), "{s}");
 }
 
 #[test]

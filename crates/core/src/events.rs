@@ -1,10 +1,10 @@
 //! The typed events every stage publishes on the in-process bus (a tokio broadcast channel).
 //! The TUI, the judge, the headless log and the tests subscribe; nobody calls into a stage.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// The engine finished loading the model and serves requests.
@@ -169,7 +169,7 @@ pub enum Event {
 pub use crate::store::TurnType;
 
 /// Who answered a turn: the user's next message or the results of the tools it called.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NextRole {
     User,
@@ -186,7 +186,7 @@ impl NextRole {
 }
 
 /// Why a session was closed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CloseReason {
     /// The client said so (`X-Session-Done`, a new chat in the chat box).
@@ -204,7 +204,7 @@ impl CloseReason {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Level {
     Info,
@@ -212,7 +212,7 @@ pub enum Level {
 }
 
 /// Why a reply ended (OpenAI's `finish_reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Finish {
     Stop,
@@ -231,7 +231,7 @@ impl Finish {
 }
 
 /// Why a version went live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LiveReason {
     /// The guard passed under the `auto` policy.

@@ -121,6 +121,7 @@ pub struct Core {
     pub named_adapters: completion::NamedAdapters,
     /// The replicas that generate user requests (`serving.backend = "upstream"`).
     pub upstream: Option<Arc<upstream::Upstream>>,
+    store_path: std::path::PathBuf,
 }
 
 impl Core {
@@ -210,6 +211,19 @@ impl Core {
     }
 
     /// Every version, newest first. Blocking (the store).
+    /// The history a face starts from (or resyncs from): the latest sessions and turns, the
+    /// versions. Blocking (the store).
+    pub fn snapshot(&self, max_sessions: usize, max_turns: usize) -> Result<store::Snapshot> {
+        store::Store::open_read_only(&self.store_path)?.snapshot(max_sessions, max_turns)
+    }
+
+    /// Closes a chat session (its last reply gets no next state). Blocking (the store).
+    pub fn close_session(&self, session_id: &str) -> Result<()> {
+        self.capture
+            .close(session_id, events::CloseReason::Client)
+            .map(|_| ())
+    }
+
     pub fn versions(&self) -> Result<Vec<VersionRow>> {
         self.gate.versions()
     }
@@ -452,5 +466,6 @@ pub fn build(cfg: &Config) -> Result<Arc<Core>> {
         failure: tokio::sync::watch::Sender::new(None),
         named_adapters: completion::NamedAdapters::default(),
         upstream,
+        store_path: cfg.store_path(),
     }))
 }

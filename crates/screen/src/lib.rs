@@ -11,6 +11,7 @@
 pub mod input;
 pub mod keymap;
 pub mod panes;
+pub mod remote;
 pub mod screen;
 pub mod state;
 pub mod text;
@@ -35,20 +36,73 @@ use std::time::Duration;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::mpsc;
 
-/// What the screen is given of the core: its events, a way to send commands, the counters to
-/// read speeds from, and the store to read history from.
+/// What the screen is given of the core: what happens (events), a way to send commands, and
+/// where its history and readings come from. A local core and a remote one (`attach`) are
+/// the same screen over this one interface.
 pub struct Link {
-    pub events: broadcast::Receiver<Event>,
+    pub incoming: mpsc::UnboundedReceiver<Incoming>,
     pub commands: CommandSender,
-    pub counters: Arc<Counters>,
-    pub store_path: PathBuf,
+    pub source: Source,
     pub header: Header,
     /// The model, if it was loaded before the screen subscribed.
     pub model_ready: Option<String>,
 }
 
+/// What arrives from the core.
+#[derive(Debug)]
+pub enum Incoming {
+    Event(Event),
+    /// Some events were missed (the screen fell behind, or the connection dropped): the screen
+    /// reloads its history.
+    Missed,
+}
+
+/// Where the history and the readings come from.
+pub enum Source {
+    /// This process's core: its store, its counters, this machine's hardware.
+    Local {
+        store_path: PathBuf,
+        counters: Arc<Counters>,
+    },
+    /// A server elsewhere, through its admin routes.
+    Remote(Arc<remote::Remote>),
+}
+
+impl Source {
+    async fn snapshot(&self) -> Result<Snapshot> {
+        match self {
+            Source::Local { store_path, .. } => {
+                let path = store_path.clone();
+                tokio::task::spawn_blocking(move || load(&path)).await?
+            }
+            Source::Remote(r) => r.snapshot(state::MAX_SESSIONS, state::MAX_TURNS).await,
+        }
+    }
+}
+
+/// A local core's bus as the screen's incoming events (a lag becomes [`Incoming::Missed`]).
+pub fn local_incoming(mut bus: broadcast::Receiver<Event>) -> mpsc::UnboundedReceiver<Incoming> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let incoming = match bus.recv().await {
+                Ok(e) => Incoming::Event(e),
+                Err(RecvError::Lagged(n)) => {
+                    tracing::info!("the screen missed {n} events: reloading from the store");
+                    Incoming::Missed
+                }
+                Err(RecvError::Closed) => return,
+            };
+            if tx.send(incoming).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// What the screen reacts to besides the core's events.
-enum Input {
+pub(crate) enum Input {
     Terminal(crossterm::event::Event),
     Sampled(Hardware, ServingSample),
 }
@@ -67,10 +121,11 @@ pub async fn run(
     keymap: Keymap,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let path = link.store_path.clone();
-    let snapshot = tokio::task::spawn_blocking(move || load(&path))
-        .await?
-        .context("cannot read the history from the store")?;
+    let snapshot = link
+        .source
+        .snapshot()
+        .await
+        .context("cannot read the history")?;
     let mut state = State::from_snapshot(snapshot);
     state.model = link.model_ready.take();
     let mut app = Screen::new(
@@ -84,7 +139,10 @@ pub async fn run(
 
     let (tx, mut inputs) = mpsc::unbounded_channel();
     spawn_terminal_reader(tx.clone());
-    spawn_sampler(tx, link.counters.clone());
+    match &link.source {
+        Source::Local { counters, .. } => spawn_sampler(tx, counters.clone()),
+        Source::Remote(r) => r.clone().spawn_sampler(tx),
+    }
 
     // ratatui::init enters raw mode and the alternate screen and restores both on panic.
     let mut terminal = ratatui::init();
@@ -113,18 +171,14 @@ pub async fn run(
                     }
                     dirty = true;
                 }
-                event = link.events.recv() => {
-                    match event {
-                        Ok(e) => app.on_event(&e),
-                        Err(RecvError::Lagged(n)) => {
-                            tracing::info!("the screen missed {n} events: reloading from the store");
-                            let path = link.store_path.clone();
-                            match tokio::task::spawn_blocking(move || load(&path)).await? {
-                                Ok(s) => app.state.resync(s),
-                                Err(e) => app.notice(Level::Error, format!("Cannot reload the history: {e:#}")),
-                            }
-                        }
-                        Err(RecvError::Closed) => app.quit = true,
+                incoming = link.incoming.recv() => {
+                    match incoming {
+                        Some(Incoming::Event(e)) => app.on_event(&e),
+                        Some(Incoming::Missed) => match link.source.snapshot().await {
+                            Ok(s) => app.state.resync(s),
+                            Err(e) => app.notice(Level::Error, format!("Cannot reload the history: {e:#}")),
+                        },
+                        None => app.quit = true,
                     }
                     dirty = true;
                 }

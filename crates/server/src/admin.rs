@@ -8,6 +8,10 @@
 //! | `POST /admin/versions/{id}/veto` | refuses a candidate for good |
 //! | `POST /admin/rollback` `{"version": id}` | serves an earlier version (default: the live one's parent; 0 = base) |
 //! | `POST /admin/pause`, `POST /admin/resume` | stops / restarts training (persists across restarts) |
+//! | `GET /admin/events` | the event bus as server-sent events (`event: resync` when some were missed) |
+//! | `GET /admin/snapshot?sessions=N&turns=M` | the history a screen starts from |
+//! | `POST /admin/sessions/{id}/close` | closes a chat session (its last reply gets no next state) |
+//! | `GET /admin/telemetry` | serving counters and this machine's hardware, as the screen samples them |
 
 use super::Core;
 use super::http::{self, ApiError, Body, json_response};
@@ -32,6 +36,7 @@ pub(crate) async fn route(
     http::authorize(&req, state.config.api_key.as_deref())?;
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let query_string = req.uri().query().unwrap_or_default().to_string();
     let body = if method == Method::POST {
         http::read_optional_json(
             req,
@@ -47,6 +52,28 @@ pub(crate) async fn route(
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(2).collect();
     match (&method, parts.as_slice()) {
         (&Method::GET, ["status"]) => Ok(ok(status(&state).await?)),
+        (&Method::GET, ["events"]) => Ok(events(&state)),
+        (&Method::GET, ["snapshot"]) => {
+            let (sessions, turns) = (
+                query(&query_string, "sessions", 50),
+                query(&query_string, "turns", 500),
+            );
+            let core = state.clone();
+            let snapshot = http::blocking("Could not read the history", move || {
+                core.snapshot(sessions, turns)
+            })
+            .await?;
+            Ok(ok(serde_json::to_value(snapshot).unwrap_or(Value::Null)))
+        }
+        (&Method::GET, ["telemetry"]) => Ok(ok(telemetry(&state).await)),
+        (&Method::POST, ["sessions", id, "close"]) => {
+            let (core, id) = (state.clone(), percent_decode(id));
+            http::blocking("Could not close the session", move || {
+                core.close_session(&id)
+            })
+            .await?;
+            Ok(ok(json!({"closed": true})))
+        }
         (&Method::GET, ["versions"]) => {
             let core = state.clone();
             let versions =
@@ -109,7 +136,13 @@ pub(crate) async fn route(
                 })?;
             Ok(ok(json!({"paused": pause, "changed": changed})))
         }
-        (_, ["status" | "versions" | "rollback" | "pause" | "resume"])
+        (
+            _,
+            [
+                "status" | "versions" | "rollback" | "pause" | "resume" | "events" | "snapshot"
+                | "telemetry",
+            ],
+        )
         | (_, ["versions", _, "approve" | "veto"]) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "invalid_request_error",
@@ -217,4 +250,95 @@ pub async fn status(state: &Arc<Core>) -> Result<Value, ApiError> {
         "versions": versions.len(),
         "replicas": state.upstream.as_ref().map(|u| u.replicas()),
     }))
+}
+
+/// `key=N` from a query string, else `default`.
+fn query(q: &str, key: &str, default: usize) -> usize {
+    q.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The event bus as server-sent events, one JSON event each; `event: resync` when this
+/// client fell behind and missed some (reload `/admin/snapshot`); a comment every 15 s keeps
+/// idle connections (and tunnels) open.
+fn events(state: &Core) -> Response<Body> {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::{Bytes, Frame};
+    use tokio::sync::broadcast::error::RecvError;
+    let mut bus = state.bus.subscribe();
+    let (out, body) =
+        tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(256);
+    tokio::spawn(async move {
+        let mut keepalive = tokio::time::interval(std::time::Duration::from_secs(15));
+        loop {
+            let text = tokio::select! {
+                event = bus.recv() => match event {
+                    Ok(e) => format!("data: {}\n\n", serde_json::to_string(&e).unwrap_or_default()),
+                    Err(RecvError::Lagged(_)) => "event: resync\ndata: {}\n\n".to_string(),
+                    Err(RecvError::Closed) => return,
+                },
+                _ = keepalive.tick() => ": keepalive\n\n".to_string(),
+            };
+            if out.send(Ok(Frame::data(Bytes::from(text)))).await.is_err() {
+                return; // the client went away
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(hyper::header::CONTENT_TYPE, "text/event-stream")
+        .header(hyper::header::CACHE_CONTROL, "no-cache")
+        .body(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body)).boxed())
+        .expect("static response parts")
+}
+
+/// What the screen samples every second: the serving counters and the hardware here.
+async fn telemetry(state: &Core) -> Value {
+    use clawrl_core::telemetry::hardware::HardwareMonitor;
+    use std::sync::atomic::Ordering::Relaxed;
+    static MONITOR: std::sync::OnceLock<std::sync::Mutex<HardwareMonitor>> =
+        std::sync::OnceLock::new();
+    let hardware = tokio::task::spawn_blocking(|| {
+        let monitor = MONITOR.get_or_init(|| std::sync::Mutex::new(HardwareMonitor::new()));
+        monitor.lock().unwrap_or_else(|p| p.into_inner()).sample()
+    })
+    .await
+    .unwrap_or_default();
+    let c = &state.counters;
+    json!({
+        "serving": {
+            "tokens_out": c.tokens_out.load(Relaxed),
+            "decode_micros": c.decode_micros.load(Relaxed),
+            "queue_depth": c.queue_depth.load(Relaxed),
+            "active_sequences": c.active_sequences.load(Relaxed),
+            "prefix_cache_bytes": c.prefix_cache_bytes.load(Relaxed),
+        },
+        "hardware": hardware,
+    })
+}
+
+/// A path segment with its `%XX` escapes undone.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -8,7 +8,7 @@ use rusqlite::{OptionalExtension, params};
 use serde_json::Value;
 
 /// What an update measured while training (a version's own numbers).
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct UpdateMetrics {
     /// Turns trained on.
     pub samples: usize,
@@ -41,7 +41,7 @@ pub struct TrainedSample {
 }
 
 /// A version: recorded as a candidate, then decided.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VersionRow {
     pub id: i64,
     pub parent: i64,

@@ -6,10 +6,11 @@ use super::{Store, VersionRow, parse_or_default};
 use anyhow::Result;
 use clawrl_model::messages::Message;
 use rusqlite::params;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 /// A session as listed.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionSummary {
     pub id: String,
     /// header | body | prefix | continued | tui
@@ -20,7 +21,7 @@ pub struct SessionSummary {
 }
 
 /// A turn with what was decided about it.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct TurnSummary {
     pub turn_id: i64,
     pub session_id: String,
@@ -43,7 +44,7 @@ pub struct TurnSummary {
     pub distilled: Option<crate::store::HintCandidate>,
 }
 
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct JudgmentSummary {
     pub score: i8,
     /// The PRM votes in order (`None`: an invalid vote).
@@ -53,7 +54,7 @@ pub struct JudgmentSummary {
 }
 
 /// The history a face starts from.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Snapshot {
     /// Most recently active first.
     pub sessions: Vec<SessionSummary>,

@@ -6,7 +6,7 @@ use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use nvml_wrapper::error::NvmlError;
 use sysinfo::{Pid, ProcessesToUpdate, System};
 
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Hardware {
     pub gpus: Vec<GpuReading>,
     /// Why there are no GPU readings (no NVML library, no driver, no device).
@@ -20,7 +20,7 @@ pub struct Hardware {
     pub process_rss: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct GpuReading {
     pub index: u32,
     pub name: String,
