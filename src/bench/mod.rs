@@ -12,6 +12,7 @@ pub mod kernels;
 pub mod llama_cpp;
 pub mod train;
 pub mod tui;
+pub mod upstream;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -66,6 +67,11 @@ pub struct BenchArgs {
     /// With --tui: frames drawn per case (the median is reported).
     #[arg(long, default_value_t = 50)]
     pub frames: usize,
+    /// Measure the control plane instead: streamed replies straight from a replica and through
+    /// a control plane in front of it (time to first token, decode speed), and a replica
+    /// loading a version's adapter (no GPU or vLLM needed: clawrl is the replica).
+    #[arg(long)]
+    pub upstream: bool,
 }
 
 struct Row {
@@ -88,6 +94,9 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
     }
     if args.kernels {
         return kernels::run(args.runs.max(1));
+    }
+    if args.upstream {
+        return upstream::run(cfg, args.runs);
     }
     if args.against_llama_cpp {
         return llama_cpp::run(cfg, &args.llama_cpp_python);

@@ -1,0 +1,266 @@
+//! `bench --upstream`: what the control plane costs a request. A clawrl replica and a control
+//! plane in front of it (`serving.backend = "upstream"`), both in this process on loopback;
+//! the same streamed chat requests straight to the replica and through the plane, in
+//! alternating order; time to first token and decode speed (medians, plane ÷ direct); and how
+//! long a replica takes to load a version's adapter (`/v1/load_lora_adapter`).
+
+use anyhow::{Context, Result, bail};
+use clawrl_core::config::{Config, JudgeBackend, ServingBackend};
+use clawrl_core::engine::Status;
+use clawrl_core::http_client::{self, Target};
+use http_body_util::BodyExt;
+use hyper::Method;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+const TOPICS: [&str; 6] = ["the sea", "mountains", "bread", "winter", "trains", "owls"];
+
+/// One streamed reply as a client sees it.
+struct Timing {
+    first_token: Duration,
+    decode_tok_s: f64,
+}
+
+/// The CPU this ran on (`model name` of /proc/cpuinfo).
+pub(super) fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// Serves `c` on a loopback port until the returned sender is dropped; returns its URL.
+async fn start(
+    c: &Config,
+) -> Result<(
+    String,
+    std::sync::Arc<clawrl_core::Core>,
+    tokio::sync::oneshot::Sender<()>,
+)> {
+    let core = clawrl_core::build(c)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://127.0.0.1:{}", listener.local_addr()?.port());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(clawrl_server::serve(listener, core.clone(), async {
+        let _ = stopped.await;
+    }));
+    while core.engine.status() == Status::Loading {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Status::Failed(e) = core.engine.status() {
+        bail!("the model failed to load: {e}");
+    }
+    Ok((url, core, stop))
+}
+
+/// A streamed greedy chat request; times the first content and the rest.
+async fn streamed(url: &str, topic: &str, max_tokens: usize) -> Result<Timing> {
+    let target = Target::parse(url, "bench")?;
+    let body = json!({"messages": [{"role": "user", "content": format!("Write a short paragraph about {topic}.")}],
+                      "max_tokens": max_tokens, "temperature": 0, "stream": true,
+                      "stream_options": {"include_usage": true}});
+    let sent = Instant::now();
+    let response = http_client::open(
+        &target,
+        Method::POST,
+        "/v1/chat/completions",
+        None,
+        Some(&body),
+    )
+    .await?;
+    if !response.status().is_success() {
+        bail!("{url}: {}", response.status());
+    }
+    let mut body = response.into_body();
+    let (mut first, mut tokens, mut pending) = (None, 0u64, String::new());
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        let now = sent.elapsed();
+        pending.push_str(&String::from_utf8_lossy(&data));
+        while let Some(end) = pending.find("\n\n") {
+            let event: String = pending.drain(..end + 2).collect();
+            let Some(Ok(v)) = event
+                .trim()
+                .strip_prefix("data: ")
+                .map(serde_json::from_str::<Value>)
+            else {
+                continue;
+            };
+            let content = v["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or_default();
+            if first.is_none() && !content.is_empty() {
+                first = Some(now);
+            }
+            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                tokens = n;
+            }
+        }
+    }
+    let total = sent.elapsed();
+    let first = first.context("no content in the reply")?;
+    let decode = (total - first).as_secs_f64();
+    Ok(Timing {
+        first_token: first,
+        decode_tok_s: if decode > 0.0 {
+            tokens.saturating_sub(1) as f64 / decode
+        } else {
+            0.0
+        },
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(cfg: &Config, rounds: usize) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(measure(cfg, rounds.max(1)))
+}
+
+async fn measure(cfg: &Config, rounds: usize) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("clawrl-bench-upstream-{}", std::process::id()));
+    let measured = measure_in(cfg, rounds, &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    measured
+}
+
+async fn measure_in(cfg: &Config, rounds: usize, dir: &std::path::Path) -> Result<()> {
+    let mut replica = cfg.clone();
+    // The model from where the configuration finds it, the stores in a folder of their own.
+    replica.model.path = cfg.model_path()?.display().to_string();
+    replica.paths.data_dir = dir.join("replica").display().to_string();
+    replica.train.enabled = false;
+    replica.judge.backend = JudgeBackend::Off;
+    replica.server.api_key.clear();
+    // Every request computes its whole prompt: direct and through the plane alike.
+    replica.server.prefix_cache_mb = 0;
+    let (replica_url, replica_core, _stop_replica) = start(&replica).await?;
+    let mut plane = replica.clone();
+    plane.paths.data_dir = dir.join("plane").display().to_string();
+    plane.serving.backend = ServingBackend::Upstream;
+    plane.upstream.urls = vec![replica_url.clone()];
+    let (plane_url, plane_core, _stop_plane) = start(&plane).await?;
+    let up = plane_core
+        .upstream
+        .clone()
+        .context("the plane has replicas")?;
+    while !up.is_ready() {
+        if let Some(why) = plane_core.failure.borrow().clone() {
+            bail!("{why}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("cpu: {}", cpu_model());
+    println!(
+        "model: {}; {rounds} rounds of 6 streamed greedy replies (64 tokens) each way, alternating who goes first",
+        replica_core.config.model_id
+    );
+    let (mut direct, mut via) = (Vec::new(), Vec::new());
+    streamed(&replica_url, "warming up", 8).await?;
+    for round in 0..rounds {
+        for (i, topic) in TOPICS.iter().enumerate() {
+            let plane_first = (round + i) % 2 == 1;
+            let order = if plane_first {
+                [&plane_url, &replica_url]
+            } else {
+                [&replica_url, &plane_url]
+            };
+            for url in order {
+                let t = streamed(url, topic, 64).await?;
+                if url == &plane_url {
+                    via.push(t)
+                } else {
+                    direct.push(t)
+                }
+            }
+        }
+    }
+    let ttft = |v: &[Timing]| {
+        median(
+            v.iter()
+                .map(|t| t.first_token.as_secs_f64() * 1000.0)
+                .collect(),
+        )
+    };
+    let speed = |v: &[Timing]| median(v.iter().map(|t| t.decode_tok_s).collect());
+    println!("| | direct to the replica | through the control plane | plane ÷ direct |");
+    println!("|---|---|---|---|");
+    println!(
+        "| time to first token (ms, median) | {:.1} | {:.1} | {:.3} |",
+        ttft(&direct),
+        ttft(&via),
+        ttft(&via) / ttft(&direct)
+    );
+    println!(
+        "| decode (tok/s, median) | {:.1} | {:.1} | {:.3} |",
+        speed(&direct),
+        speed(&via),
+        speed(&via) / speed(&direct)
+    );
+    adapter_load(&replica_core, &replica_url, &plane, dir).await
+}
+
+/// Writes a version-sized adapter (train.lora_rank on train.lora_targets) and times a
+/// replica loading it, as the plane does before a version goes live.
+async fn adapter_load(
+    replica: &clawrl_core::Core,
+    url: &str,
+    cfg: &Config,
+    dir: &std::path::Path,
+) -> Result<()> {
+    let model = replica.engine.model().context("the replica's model")?;
+    let adapter =
+        clawrl_model::LoraAdapter::init(&model.config, cfg.lora(), &model.transformer.device(), 1);
+    let path = dir.join("v1");
+    let written = Instant::now();
+    clawrl_model::peft::save(&adapter, &model.config, &model.name, &path)?;
+    let write = written.elapsed();
+    let target = Target::parse(url, "bench")?;
+    let mut loads = Vec::new();
+    for i in 0..3 {
+        let name = format!("clawrl-bench-{i}");
+        let body = json!({"lora_name": name, "lora_path": path.display().to_string()});
+        let t = Instant::now();
+        let (st, answer) = http_client::send(
+            &target,
+            Method::POST,
+            "/v1/load_lora_adapter",
+            None,
+            Some(&body),
+        )
+        .await?;
+        if !st.is_success() {
+            bail!("loading the adapter: {st} {answer}");
+        }
+        loads.push(t.elapsed().as_secs_f64() * 1000.0);
+        http_client::send(
+            &target,
+            Method::POST,
+            "/v1/unload_lora_adapter",
+            None,
+            Some(&json!({"lora_name": name})),
+        )
+        .await?;
+    }
+    println!(
+        "adapter (rank {}, {} targets): written in {:.0} ms; loaded by a replica in {:.0} ms (median of 3)",
+        cfg.train.lora_rank,
+        cfg.train.lora_targets.len(),
+        write.as_secs_f64() * 1000.0,
+        median(loads)
+    );
+    Ok(())
+}
