@@ -207,6 +207,24 @@ fn a_version_not_loaded_everywhere_stays_a_candidate(f: &Fleet) {
     assert_eq!(captured(&f.plane, "Name a river.")["adapter_version"], 0);
 }
 
+/// With every replica down a request gets 503 saying so, and nothing is captured.
+fn with_every_replica_down_requests_get_503_and_nothing_is_captured(f: &mut Fleet) {
+    let before = f.plane.export().len();
+    f.replicas.clear(); // kills the last one
+    let (headers, body) = greedy("Name a mountain.", "conv-6");
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (st, r) = f.plane.chat(&headers, &body);
+    assert_eq!(st, 503, "{r}");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("every upstream replica is down"),
+        "{message}"
+    );
+    assert_eq!(f.plane.export().len(), before, "nothing captured");
+    let health: Value = serde_json::from_str(&f.plane.get("/health", false).2).unwrap();
+    assert_eq!(health["status"], "replicas down", "{health}");
+}
+
 #[test]
 fn a_control_plane_captures_trains_and_pushes_versions_to_every_replica() {
     let mut f = start_fleet();
@@ -215,4 +233,62 @@ fn a_control_plane_captures_trains_and_pushes_versions_to_every_replica() {
     rollback_is_served_by_the_next_request(&f);
     a_dead_replica_is_skipped_and_shown_down(&mut f);
     a_version_not_loaded_everywhere_stays_a_candidate(&f);
+    with_every_replica_down_requests_get_503_and_nothing_is_captured(&mut f);
+}
+
+/// A server that answers like a vLLM older than 0.10.2: models and completions, but no
+/// token ids in the answer.
+fn old_vllm() -> u16 {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let (mut request_line, mut length) = (String::new(), 0usize);
+            reader.read_line(&mut request_line).unwrap();
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+                if line.trim().is_empty() {
+                    break;
+                }
+            }
+            let mut body = vec![0u8; length];
+            reader.read_exact(&mut body).unwrap();
+            let answer = if request_line.contains("/v1/models") {
+                json!({"object": "list", "data": [{"id": "old-model", "object": "model"}]})
+            } else {
+                json!({"choices": [{"index": 0, "text": "hi", "finish_reason": "length"}]})
+            };
+            let answer = answer.to_string();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    });
+    port
+}
+
+#[test]
+fn a_replica_without_token_ids_is_refused_at_start_naming_the_version_needed() {
+    let urls = format!("[\"http://127.0.0.1:{}\"]", old_vllm());
+    let mut plane = Server::spawn(
+        &common::model_path(common::SMOLLM2),
+        "smollm2-135m-instruct",
+        &[
+            ("CLAWRL__SERVING__BACKEND", "upstream"),
+            ("CLAWRL__UPSTREAM__URLS", &urls),
+        ],
+    );
+    let status = plane.wait_exit("the refused replica", 120);
+    assert!(!status.success());
+    let log = plane.log();
+    assert!(log.contains("vLLM ≥ 0.10.2 is needed"), "{log}");
 }
