@@ -428,7 +428,10 @@ pub fn build(cfg: &Config) -> Result<Arc<Core>> {
     });
     let judge = crate::judge::Judge::from_config(cfg, &engine, bus.clone(), counters.clone())?;
     let upstream = match cfg.serving.backend {
-        config::ServingBackend::Upstream => Some(Arc::new(upstream::Upstream::new(&cfg.upstream)?)),
+        config::ServingBackend::Upstream => Some(Arc::new(upstream::Upstream::new(
+            &cfg.upstream,
+            bus.clone(),
+        )?)),
         config::ServingBackend::Local => None,
     };
     let gate = Gate::open(cfg, engine.clone(), bus.clone(), upstream.clone())?;

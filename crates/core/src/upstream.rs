@@ -22,6 +22,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
+/// The longest a replica may take to answer a check or an adapter load or unload.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A replica that failed is tried again after this long.
 const RETRY_DOWN_AFTER: Duration = Duration::from_secs(5);
 
@@ -39,6 +42,8 @@ pub struct Upstream {
     loaded: Mutex<Vec<i64>>,
     /// Checked and serving the live version.
     ready: std::sync::atomic::AtomicBool,
+    /// Where a replica going down or coming back is said.
+    bus: crate::events::EventBus,
 }
 
 struct Replica {
@@ -46,6 +51,8 @@ struct Replica {
     target: Target,
     /// When it last failed, and why (`None`: up).
     down: Mutex<Option<(Instant, String)>>,
+    /// The last version it refused to load, and why.
+    refused: Mutex<Option<String>>,
 }
 
 /// What the screen and `ctl status` show of a replica.
@@ -62,7 +69,7 @@ pub fn adapter_name(version: i64) -> String {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamSection) -> anyhow::Result<Self> {
+    pub fn new(cfg: &UpstreamSection, bus: crate::events::EventBus) -> anyhow::Result<Self> {
         let replicas = cfg
             .urls
             .iter()
@@ -71,6 +78,7 @@ impl Upstream {
                     url: url.clone(),
                     target: Target::parse(url, "upstream.urls:")?,
                     down: Mutex::new(None),
+                    refused: Mutex::new(None),
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -83,6 +91,7 @@ impl Upstream {
             live: AtomicI64::new(0),
             loaded: Mutex::new(Vec::new()),
             ready: std::sync::atomic::AtomicBool::new(false),
+            bus,
         })
     }
 
@@ -94,7 +103,9 @@ impl Upstream {
                 ReplicaStatus {
                     url: r.url.clone(),
                     up: down.is_none(),
-                    error: down.map(|(_, why)| why),
+                    error: down
+                        .map(|(_, why)| why)
+                        .or_else(|| lock(&r.refused).clone()),
                 }
             })
             .collect()
@@ -119,9 +130,15 @@ impl Upstream {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(StatusCode, Value), String> {
-        http_client::send(&r.target, method, path, self.api_key.as_deref(), body)
-            .await
-            .map_err(|e| e.to_string())
+        let call = http_client::send(&r.target, method, path, self.api_key.as_deref(), body);
+        // A replica that hangs must not hold the gate (which waits for every load) forever.
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(answer) => answer.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "no answer to {path} within {} s",
+                CALL_TIMEOUT.as_secs()
+            )),
+        }
     }
 
     /// Checks every replica at start: it answers, names its model, returns token ids for a
@@ -275,7 +292,7 @@ impl Upstream {
                 self.mark_down(r, format!("{status}: {answer}"), &mut why);
                 continue;
             }
-            *lock(&r.down) = None;
+            self.mark_up(r);
             if let Err(e) = relay(&job, response.into_body(), prompt_ids, version).await {
                 fail(EngineError::Internal(format!("upstream {}: {e}", r.url)));
             }
@@ -288,9 +305,34 @@ impl Upstream {
     }
 
     fn mark_down(&self, r: &Replica, why: String, all: &mut Vec<String>) {
-        tracing::warn!(replica = %r.url, "upstream replica down: {why}");
         all.push(format!("{}: {why}", r.url));
-        *lock(&r.down) = Some((Instant::now(), why));
+        let was_up = lock(&r.down)
+            .replace((Instant::now(), why.clone()))
+            .is_none();
+        if was_up {
+            // Said once when it goes down, not at every skipped request.
+            crate::events::alert(
+                &self.bus,
+                format!(
+                    "upstream replica {} is down ({why}); conversations move to the others until it answers",
+                    r.url
+                ),
+            );
+        }
+    }
+
+    fn mark_up(&self, r: &Replica) {
+        if lock(&r.down).take().is_some() {
+            tracing::info!(replica = %r.url, "upstream replica answers again");
+            let text = format!("upstream replica {} answers again", r.url);
+            crate::events::emit(
+                &self.bus,
+                crate::events::Event::Notice {
+                    level: crate::events::Level::Info,
+                    text,
+                },
+            );
+        }
     }
 
     /// Loads `version` (its PEFT folder `local_dir` here) into every replica and routes new
@@ -314,6 +356,7 @@ impl Upstream {
                     match answer {
                         Ok((st, _)) if st.is_success() => done.push(r),
                         failed => {
+                            let answered = failed.is_ok();
                             let why = match failed {
                                 Ok((st, a)) => format!(
                                     "{st}: {}",
@@ -329,8 +372,13 @@ impl Upstream {
                                     .send(r, Method::POST, "/v1/unload_lora_adapter", Some(&unload))
                                     .await;
                             }
-                            *lock(&r.down) =
-                                Some((Instant::now(), format!("loading {name}: {why}")));
+                            let why_here = format!("loading {name}: {why}");
+                            if answered {
+                                // It serves on (the old version); what it refused is said.
+                                *lock(&r.refused) = Some(why_here);
+                            } else {
+                                self.mark_down(r, why_here, &mut Vec::new());
+                            }
                             anyhow::bail!(
                                 "upstream {} could not load {name} from {}: {why}; the live version stays on every replica",
                                 r.url,
@@ -340,6 +388,7 @@ impl Upstream {
                     }
                 }
                 lock(&self.loaded).push(version);
+                self.replicas.iter().for_each(|r| *lock(&r.refused) = None);
             }
             self.live.store(version, Ordering::SeqCst);
             self.unload_beyond_keep(version).await;
