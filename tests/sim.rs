@@ -32,6 +32,9 @@ fn a_short_simulated_run_trains_reports_and_rolls_back_to_the_same_replies() {
             "--out",
         ])
         .arg(out.path())
+        // The guard's KL check runs; its degeneration replies (14 greedy generations per
+        // candidate) are left out to keep the run short (tests/train.rs runs the whole guard).
+        .env("CLAWRL__GATE__REPETITION_TOKENS", "0")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);

@@ -215,6 +215,7 @@ fn attached_to_a_headless_server_the_screen_shows_its_chats_and_its_keys_act_the
     let server = common::server::Server::start(&[
         ("CLAWRL__TRAIN__ENABLED", "true"),
         ("CLAWRL__TRAIN__MIN_SAMPLES", "1"),
+        ("CLAWRL__GATE__REPETITION_TOKENS", "0"), // a shorter guard (tests/train.rs runs it all)
     ]);
     let data = tempfile::tempdir().unwrap();
     let args = format!(

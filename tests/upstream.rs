@@ -29,6 +29,9 @@ fn start_fleet() -> Fleet {
         ("CLAWRL__UPSTREAM__API_KEY", "test-key-123"),
         ("CLAWRL__TRAIN__ENABLED", "true"),
         ("CLAWRL__TRAIN__MIN_SAMPLES", "1"),
+        // The guard's KL check runs; its degeneration replies (14 greedy generations per
+        // candidate) are left out to keep this scenario short.
+        ("CLAWRL__GATE__REPETITION_TOKENS", "0"),
     ]);
     Fleet { replicas, plane }
 }
