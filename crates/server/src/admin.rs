@@ -114,15 +114,8 @@ pub(crate) async fn route(
         (&Method::POST, [action @ ("pause" | "resume")]) => {
             let pause = *action == "pause";
             let core = state.clone();
-            let changed = tokio::task::spawn_blocking(move || core.set_training_paused(pause))
-                .await
-                .map_err(|e| {
-                    ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "server_error",
-                        e.to_string(),
-                    )
-                })?
+            let changed = http::off_thread(move || core.set_training_paused(pause))
+                .await?
                 .map_err(|e| match e {
                     TrainingError::Disabled => {
                         ApiError::new(StatusCode::CONFLICT, "invalid_request_error", e.to_string())

@@ -342,15 +342,8 @@ pub async fn adapter_route(
     let done = if load {
         let path = std::path::PathBuf::from(field("lora_path")?);
         let (s, n) = (state.clone(), name.clone());
-        tokio::task::spawn_blocking(move || s.load_named_adapter(&n, &path))
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    e.to_string(),
-                )
-            })?
+        crate::http::off_thread(move || s.load_named_adapter(&n, &path))
+            .await?
             .map(|()| "added")
     } else {
         state.unload_named_adapter(&name).map(|()| "removed")

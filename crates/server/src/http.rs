@@ -271,9 +271,21 @@ pub async fn blocking<T: Send + 'static>(
     what: &'static str,
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let internal = |m: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m);
+    off_thread(f)
+        .await?
+        .map_err(|e| internal(format!("{what}: {e:#}")))
+}
+
+/// Runs blocking work (the store, files) off the async threads; its own result is the
+/// caller's to judge.
+pub async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| internal(e.to_string()))?
-        .map_err(|e| internal(format!("{what}: {e:#}")))
+        .map_err(|e| internal(e.to_string()))
+}
+
+fn internal(message: String) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
 }
