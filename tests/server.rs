@@ -651,12 +651,18 @@ fn sigterm_finishes_requests_in_flight_and_turns_survive_a_crash() {
     assert_eq!(turns[0]["response_id"], r["id"]);
 }
 
-#[test]
-fn health_is_503_until_the_model_is_ready_and_when_it_failed() {
+/// A server whose model file is truncated: it listens, and its model never loads (keep the
+/// folder while the server runs: it reads the file in the background).
+fn broken_server() -> (Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("broken.gguf");
     std::fs::write(&bad, b"GGUF\x03\x00\x00\x00 truncated").unwrap();
-    let s = Server::spawn(&bad, "broken", &[]);
+    (Server::spawn(&bad, "broken", &[]), dir)
+}
+
+#[test]
+fn health_is_503_until_the_model_is_ready_and_when_it_failed() {
+    let (s, _model_dir) = broken_server();
     let t = std::time::Instant::now();
     let body = loop {
         let (st, _, body) = s.get("/health", false);
@@ -942,10 +948,7 @@ fn an_adapter_loaded_by_name_serves_requests_naming_it_until_unloaded() {
 #[test]
 fn half_open_connections_past_the_cap_do_not_lock_out_health() {
     // A server without a model answers /health at once (503 "failed"): enough to see the door.
-    let dir = tempfile::tempdir().unwrap();
-    let bad = dir.path().join("broken.gguf");
-    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00 truncated").unwrap();
-    let s = Server::spawn(&bad, "broken", &[]);
+    let (s, _model_dir) = broken_server();
     assert_eq!(s.get("/health", false).0, 503);
     // 300 clients that start a request and never finish its headers, past the shipped cap
     // of 256 open connections (server.max_connections), each held open.
