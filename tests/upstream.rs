@@ -124,6 +124,8 @@ fn captured_like_a_local_run(f: &Fleet) -> String {
     let health: Value = serde_json::from_str(&f.plane.get("/health", false).2).unwrap();
     assert_eq!(health["status"], "ok", "{health}");
     assert_eq!(health["replicas"].as_array().unwrap().len(), 2);
+    // The replies the replicas streamed count in the plane's speed, as local decoding does.
+    assert!(f.plane.metric("clawrl_completion_tokens_total") >= 2.0 * 9.0);
     id
 }
 

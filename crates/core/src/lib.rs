@@ -431,6 +431,7 @@ pub fn build(cfg: &Config) -> Result<Arc<Core>> {
         config::ServingBackend::Upstream => Some(Arc::new(upstream::Upstream::new(
             &cfg.upstream,
             bus.clone(),
+            counters.clone(),
         )?)),
         config::ServingBackend::Local => None,
     };

@@ -44,6 +44,8 @@ pub struct Upstream {
     ready: std::sync::atomic::AtomicBool,
     /// Where a replica going down or coming back is said.
     bus: crate::events::EventBus,
+    /// The serving counters (tokens and decode time of the replies the replicas stream).
+    counters: std::sync::Arc<crate::telemetry::Counters>,
 }
 
 struct Replica {
@@ -69,7 +71,11 @@ pub fn adapter_name(version: i64) -> String {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamSection, bus: crate::events::EventBus) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: &UpstreamSection,
+        bus: crate::events::EventBus,
+        counters: std::sync::Arc<crate::telemetry::Counters>,
+    ) -> anyhow::Result<Self> {
         let replicas = cfg
             .urls
             .iter()
@@ -92,6 +98,7 @@ impl Upstream {
             loaded: Mutex::new(Vec::new()),
             ready: std::sync::atomic::AtomicBool::new(false),
             bus,
+            counters,
         })
     }
 
@@ -293,7 +300,14 @@ impl Upstream {
                 continue;
             }
             self.mark_up(r);
-            if let Err(e) = relay(&job, response.into_body(), prompt_ids, version).await {
+            let relayed = relay(&job, response.into_body(), prompt_ids, version).await;
+            if let Ok(timing) = &relayed {
+                // Counted like the local engine's decoding: what the screen's speed reads.
+                let c = &self.counters;
+                crate::telemetry::Counters::add(&c.tokens_out, timing.tokens);
+                crate::telemetry::Counters::add(&c.decode_micros, timing.decode_micros);
+            }
+            if let Err(e) = relayed {
                 fail(EngineError::Internal(format!("upstream {}: {e}", r.url)));
             }
             return;
@@ -417,12 +431,18 @@ impl Upstream {
 
 /// Reads a replica's event stream: forwards the text as it comes and assembles the
 /// generation from the chunks' ids and log-probs.
+/// How long a relayed reply took to decode after its first token.
+struct Relayed {
+    tokens: u64,
+    decode_micros: u64,
+}
+
 async fn relay(
     job: &Job,
     mut body: Incoming,
     prompt_ids: Vec<u32>,
     version: i64,
-) -> Result<(), String> {
+) -> Result<Relayed, String> {
     let started = Instant::now();
     let mut reply = Assembled::default();
     let mut pending = Vec::<u8>::new();
@@ -431,6 +451,7 @@ async fn relay(
         cached_tokens,
     };
     let mut said_admitted = false;
+    let mut first_text = None;
     'stream: while let Some(frame) = body.frame().await {
         if job.cancel.load(Ordering::Relaxed) {
             reply.finish = Some(FinishReason::Cancelled);
@@ -460,6 +481,7 @@ async fn relay(
                 let _ = job.events.send(admitted(reply.cached_tokens));
             }
             if !piece.is_empty() {
+                first_text.get_or_insert_with(Instant::now);
                 let _ = job.events.send(EngineEvent::Text(piece));
             }
         }
@@ -469,13 +491,18 @@ async fn relay(
     }
     let cached_tokens = reply.cached_tokens;
     let generation = reply.finish(prompt_ids.len(), started.elapsed().as_secs_f64())?;
+    let relayed = Relayed {
+        // The first token comes with the prompt; decode speed counts the rest.
+        tokens: generation.ids.len().saturating_sub(1) as u64,
+        decode_micros: first_text.map_or(0, |t| t.elapsed().as_micros() as u64),
+    };
     let _ = job.events.send(EngineEvent::Finished {
         generation,
         prompt_ids,
         cached_tokens,
         adapter_version: version,
     });
-    Ok(())
+    Ok(relayed)
 }
 
 /// A streamed completion put together from its chunks (vLLM's shape: each chunk's choice
