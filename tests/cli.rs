@@ -458,6 +458,19 @@ fn bench_kernels_measures_every_type_row_count_and_instruction_set() {
     let out = run(&["bench", "--kernels", "--runs", "1"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
+    // Every run names the machine it measured.
+    let cpu = stdout.lines().next().unwrap_or_default();
+    assert!(
+        cpu.starts_with("cpu: ") && cpu.ends_with(" cores"),
+        "{stdout}"
+    );
+    assert_eq!(
+        cpu.contains("avx2"),
+        Isa::supported()
+            .into_iter()
+            .any(|i| i.name().starts_with("avx")),
+        "{stdout}"
+    );
     for ty in SIMD_TYPES {
         for rows in ["1", "4"] {
             for isa in Isa::supported() {

@@ -82,7 +82,45 @@ struct Row {
     weight_mb: f64,
 }
 
+/// The machine a run measured: the CPU's model, its vector extensions that matter to the
+/// kernels, and the cores (every figure names its CPU: machines differ).
+fn machine() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let flags = field("flags").unwrap_or_default();
+    let wanted = [
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512_vnni",
+        "avx_vnni",
+        "amx_tile",
+    ];
+    let have: Vec<&str> = wanted
+        .into_iter()
+        .filter(|w| flags.split_whitespace().any(|f| f == *w))
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!(
+        "cpu: {} ({}), {cores} cores",
+        field("model name").unwrap_or_else(|| "unknown CPU".into()),
+        if have.is_empty() {
+            "no AVX2".to_string()
+        } else {
+            have.join(" ")
+        }
+    )
+}
+
 pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
+    println!("{}", machine());
     if args.judge {
         return judge::run(cfg, &args.modes, args.hints);
     }

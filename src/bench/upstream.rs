@@ -21,19 +21,6 @@ struct Timing {
     decode_tok_s: f64,
 }
 
-/// The CPU this ran on (`model name` of /proc/cpuinfo).
-pub(super) fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
 /// Serves `c` on a loopback port until the returned sender is dropped; returns its URL.
 async fn start(
     c: &Config,
@@ -163,7 +150,6 @@ async fn measure_in(cfg: &Config, rounds: usize, dir: &std::path::Path) -> Resul
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("cpu: {}", cpu_model());
     println!(
         "model: {}; {rounds} rounds of 6 streamed greedy replies (64 tokens) each way, alternating who goes first",
         replica_core.config.model_id
