@@ -601,3 +601,64 @@ fn block_on<T: Send>(f: impl std::future::Future<Output = T> + Send) -> T {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(urls: &[&str]) -> Upstream {
+        let cfg = UpstreamSection {
+            urls: urls.iter().map(|u| u.to_string()).collect(),
+            ..UpstreamSection::default()
+        };
+        let counters = std::sync::Arc::new(crate::telemetry::Counters::default());
+        Upstream::new(&cfg, crate::events::bus(), counters).unwrap()
+    }
+
+    fn order<'a>(up: &'a Upstream, key: &str) -> Vec<&'a str> {
+        up.order(key).iter().map(|r| r.url.as_str()).collect()
+    }
+
+    #[test]
+    fn a_conversation_keeps_its_replica_and_a_replica_down_goes_last_until_retried() {
+        let up = upstream(&["http://a:1", "http://b:1", "http://c:1"]);
+        let first = order(&up, "session-7");
+        assert_eq!(
+            first,
+            order(&up, "session-7"),
+            "the same key, the same order"
+        );
+        let mut all = first.clone();
+        all.sort();
+        assert_eq!(all, ["http://a:1", "http://b:1", "http://c:1"]);
+        let spread: std::collections::HashSet<&str> =
+            (0..30).map(|i| order(&up, &format!("s{i}"))[0]).collect();
+        assert_eq!(spread.len(), 3, "conversations spread over the replicas");
+
+        let own = &up.replicas.iter().find(|r| r.url == first[0]).unwrap();
+        up.mark_down(own, "refused".into(), &mut Vec::new());
+        let now = order(&up, "session-7");
+        assert_eq!(now.last(), Some(&first[0]), "tried last while down");
+        assert_eq!(&now[..2], &first[1..], "the others keep their order");
+        let status = up.replicas();
+        assert!(
+            status
+                .iter()
+                .any(|r| !r.up && r.error.as_deref() == Some("refused"))
+        );
+
+        // Retried first again once RETRY_DOWN_AFTER has passed.
+        *lock(&own.down) = Some((Instant::now() - RETRY_DOWN_AFTER, "refused".into()));
+        assert_eq!(order(&up, "session-7"), first);
+        up.mark_up(own);
+        assert!(up.replicas().iter().all(|r| r.up));
+    }
+
+    #[test]
+    fn versions_are_named_for_the_replicas() {
+        let up = upstream(&["http://a:1"]);
+        *lock(&up.base_name) = "base-model".into();
+        assert_eq!(up.model_name(0), "base-model");
+        assert_eq!(up.model_name(12), "clawrl-v12");
+    }
+}
