@@ -258,6 +258,93 @@ fn attached_to_a_headless_server_the_screen_shows_its_chats_and_its_keys_act_the
     assert!(s.contains("EXIT=0"), "{s}");
 }
 
+/// A TCP proxy to `port` that can cut every connection through it and refuse new ones for a
+/// while: a network that drops.
+struct Proxy {
+    port: u16,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    fn to(port: u16) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy = Proxy {
+            port: listener.local_addr().unwrap().port(),
+            open: Default::default(),
+            refusing: Default::default(),
+        };
+        let (open, refusing) = (proxy.open.clone(), proxy.refusing.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let client = client.unwrap();
+                if refusing.load(SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let server = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                open.lock()
+                    .unwrap()
+                    .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        proxy
+    }
+
+    /// Cuts every connection through the proxy; new ones are refused until `restore`.
+    fn cut(&self) {
+        self.refusing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.refusing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn an_attached_screen_reconnects_after_a_drop_and_shows_what_it_missed() {
+    let server = common::server::Server::start(&[]);
+    let proxy = Proxy::to(server.port);
+    let data = tempfile::tempdir().unwrap();
+    let args = format!(
+        "attach --url http://127.0.0.1:{} --api-key {}",
+        proxy.port, server.key
+    );
+    let t = Tmux::run(data.path(), 100, 30, "", &args);
+    t.wait("the attached screen", 60, |s| s.contains("live v0"));
+
+    proxy.cut();
+    t.wait("the drop noticed", 30, |s| s.contains("reconnecting"));
+    let body = serde_json::json!({"messages": [{"role": "user", "content": "Name a river."}],
+                                  "max_tokens": 8, "temperature": 0});
+    let (st, r) = server.chat(&[("X-Session-Id", "while-away")], &body);
+    assert_eq!(st, 200, "{r}");
+    let s = t.screen();
+    assert!(
+        !s.contains("Name a river"),
+        "shown before the reconnect:\n{s}"
+    );
+
+    proxy.restore();
+    t.wait("the missed turn, from the history", 30, |s| {
+        s.contains("Name a river")
+    });
+}
+
 #[test]
 fn sigterm_restores_the_terminal_and_stops_cleanly_at_80x24() {
     let data = tempfile::tempdir().unwrap();
