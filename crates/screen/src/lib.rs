@@ -1,12 +1,14 @@
 //! The control center: a ratatui screen over the core. It folds the core's events into its
 //! state (`state`), turns keys into commands (`input`, `keymap`), draws panes (`panes`), and
-//! never calls into the engine or the model. Starts from the store's history and resyncs from
-//! it when it misses events.
+//! never calls into the engine or the model. Starts from the core's history and reloads it
+//! when it misses events. The core is in this process or elsewhere (`remote`, for `attach`):
+//! the same screen over one [`Link`].
 //!
 //! # Public API
-//! [`run`] the screen in a terminal over a [`Link`] to the core (its event bus, command sender,
-//! store path and counters); [`keymap::Keymap`] checks `tui.keys`; [`state::State`] and
-//! [`screen::Screen`] are what the bench (`bench --tui`) folds and draws.
+//! [`run`] the screen in a terminal over a [`Link`] (incoming events, a command sender, and a
+//! [`Source`] of history and readings: [`local_incoming`] and [`Source::Local`] for a core in
+//! this process, [`remote::Remote`] for one elsewhere); [`keymap::Keymap`] checks `tui.keys`;
+//! [`state::State`] and [`screen::Screen`] are what the bench (`bench --tui`) folds and draws.
 
 pub mod input;
 pub mod keymap;
