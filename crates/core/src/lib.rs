@@ -210,7 +210,6 @@ impl Core {
         self.gate.policy()
     }
 
-    /// Every version, newest first. Blocking (the store).
     /// The history a face starts from (or resyncs from): the latest sessions and turns, the
     /// versions. Blocking (the store).
     pub fn snapshot(&self, max_sessions: usize, max_turns: usize) -> Result<store::Snapshot> {
@@ -224,6 +223,7 @@ impl Core {
             .map(|_| ())
     }
 
+    /// Every version, newest first. Blocking (the store).
     pub fn versions(&self) -> Result<Vec<VersionRow>> {
         self.gate.versions()
     }
