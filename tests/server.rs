@@ -830,6 +830,12 @@ fn bad_completions_are_refused_naming_the_field() {
             "not supported",
         ),
         (
+            json!({"prompt": vec![1; 2049], "prompt_logprobs": 1}),
+            400,
+            "prompt_logprobs",
+            "limited to prompts of 2048",
+        ),
+        (
             json!({"prompt": [1], "logprobs": 21}),
             400,
             "logprobs",

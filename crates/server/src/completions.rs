@@ -22,6 +22,9 @@ use serde_json::{Map, Value, json};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
+/// The longest prompt whose positions get alternatives in `prompt_logprobs`.
+const MAX_SCORED_PROMPT: usize = 2048;
+
 /// How the reply is written, besides what is generated.
 struct Format {
     model: String,
@@ -67,6 +70,15 @@ pub async fn handle(state: Arc<Core>, body: Value) -> Result<Response<Body>, Api
         }
     };
     let logprobs = top("logprobs")?;
+    let prompt_logprobs = top("prompt_logprobs")?;
+    // Alternatives need the whole distribution at every prompt position (vocab × 4 bytes each).
+    if prompt_logprobs.is_some_and(|n| n > 0) && prompt.len() > MAX_SCORED_PROMPT {
+        return Err(ApiError::invalid(format!(
+            "`prompt_logprobs` above 0 is limited to prompts of {MAX_SCORED_PROMPT} tokens (this one has {}); 0 gives each prompt token's own log-prob at any length.",
+            prompt.len()
+        ))
+        .param("prompt_logprobs"));
+    }
     let request = CompletionRequest {
         prompt,
         version,
@@ -74,7 +86,7 @@ pub async fn handle(state: Arc<Core>, body: Value) -> Result<Response<Body>, Api
         sampling,
         stop,
         top_logprobs: logprobs.unwrap_or(0),
-        prompt_logprobs: top("prompt_logprobs")?,
+        prompt_logprobs,
     };
     let format = Format {
         model,
