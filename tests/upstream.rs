@@ -154,6 +154,17 @@ fn a_trained_version_is_live_on_both_replicas(f: &Fleet, reply_id: &str) {
         &r["choices"][0]["logprobs"]["token_logprobs"],
         &turn["logprobs"],
     );
+
+    // Replicas that lost the adapter (as after a restart) get it again from the plane.
+    for r in &f.replicas {
+        let unload = json!({"lora_name": "clawrl-v1"}).to_string();
+        let (st, _, body) = r.request("POST", "/v1/unload_lora_adapter", &[], &unload, true);
+        assert_eq!(st, 200, "{body}");
+    }
+    let q = "Name a vegetable.";
+    ask(&f.plane, q, "conv-2");
+    assert_eq!(captured(&f.plane, q)["adapter_version"], 1);
+    assert!(f.replicas.iter().any(|r| models(r).contains("clawrl-v1")));
 }
 
 /// Rolling back is a routing change: the next request is served by v0, v1 stays loaded.

@@ -40,6 +40,8 @@ pub struct Upstream {
     live: AtomicI64,
     /// Versions loaded in every replica, oldest first.
     loaded: Mutex<Vec<i64>>,
+    /// Each loaded version's adapter folder as the replicas see it.
+    paths: Mutex<std::collections::HashMap<i64, String>>,
     /// Checked and serving the live version.
     ready: std::sync::atomic::AtomicBool,
     /// Where a replica going down or coming back is said.
@@ -96,6 +98,7 @@ impl Upstream {
             base_name: Mutex::new(String::new()),
             live: AtomicI64::new(0),
             loaded: Mutex::new(Vec::new()),
+            paths: Mutex::new(std::collections::HashMap::new()),
             ready: std::sync::atomic::AtomicBool::new(false),
             bus,
             counters,
@@ -260,35 +263,38 @@ impl Upstream {
             let _ = job.events.send(EngineEvent::Failed(e));
         };
         let mut why = Vec::new();
-        for r in self.order(&key) {
-            let path = "/v1/completions";
-            let opened = http_client::open(
-                &r.target,
-                Method::POST,
-                path,
-                self.api_key.as_deref(),
-                Some(&body),
-            )
-            .await;
-            let response = match opened {
-                Ok(response) => response,
-                Err(e) => {
-                    self.mark_down(r, e.to_string(), &mut why);
-                    continue;
+        'replicas: for r in self.order(&key) {
+            let mut reloaded = false;
+            let response = loop {
+                let path = "/v1/completions";
+                let key = self.api_key.as_deref();
+                let opened =
+                    http_client::open(&r.target, Method::POST, path, key, Some(&body)).await;
+                let response = match opened {
+                    Ok(response) => response,
+                    Err(e) => {
+                        self.mark_down(r, e.to_string(), &mut why);
+                        continue 'replicas;
+                    }
+                };
+                let status = response.status();
+                if status.is_success() {
+                    break response;
                 }
-            };
-            let status = response.status();
-            if !status.is_success() {
                 let bytes = response
                     .into_body()
                     .collect()
                     .await
                     .map(|b| b.to_bytes())
                     .unwrap_or_default();
-                let answer = String::from_utf8_lossy(&bytes)
-                    .chars()
-                    .take(500)
-                    .collect::<String>();
+                let answer: String = String::from_utf8_lossy(&bytes).chars().take(500).collect();
+                // A replica that lost the version's adapter (restarted) gets it again, once.
+                if status == StatusCode::NOT_FOUND && version != 0 && !reloaded {
+                    reloaded = true;
+                    if self.reload(r, version).await {
+                        continue;
+                    }
+                }
                 if status.is_client_error() {
                     // The replica answered: the request itself is wrong (too long, bad version).
                     return fail(EngineError::BadRequest(format!(
@@ -297,8 +303,8 @@ impl Upstream {
                     )));
                 }
                 self.mark_down(r, format!("{status}: {answer}"), &mut why);
-                continue;
-            }
+                continue 'replicas;
+            };
             self.mark_up(r);
             let relayed = relay(&job, response.into_body(), prompt_ids, version).await;
             if let Ok(timing) = &relayed {
@@ -333,6 +339,20 @@ impl Upstream {
                 ),
             );
         }
+    }
+
+    /// Loads `version`'s adapter into `r` again (it answered that it does not know it).
+    async fn reload(&self, r: &Replica, version: i64) -> bool {
+        let Some(path) = lock(&self.paths).get(&version).cloned() else {
+            return false;
+        };
+        let load = json!({"lora_name": adapter_name(version), "lora_path": path});
+        let loaded = matches!(
+            self.send(r, Method::POST, "/v1/load_lora_adapter", Some(&load)).await,
+            Ok((st, _)) if st.is_success()
+        );
+        tracing::warn!(replica = %r.url, version, loaded, "a replica had lost a version's adapter (restarted?): loaded it again");
+        loaded
     }
 
     fn mark_up(&self, r: &Replica) {
@@ -402,6 +422,7 @@ impl Upstream {
                     }
                 }
                 lock(&self.loaded).push(version);
+                lock(&self.paths).insert(version, dir.display().to_string());
                 self.replicas.iter().for_each(|r| *lock(&r.refused) = None);
             }
             self.live.store(version, Ordering::SeqCst);
@@ -419,6 +440,7 @@ impl Upstream {
             loaded.drain(..excess).collect()
         };
         for v in evicted {
+            lock(&self.paths).remove(&v);
             let unload = json!({"lora_name": adapter_name(v)});
             for r in &self.replicas {
                 let _ = self
