@@ -35,6 +35,9 @@ fn a_short_simulated_run_trains_reports_and_rolls_back_to_the_same_replies() {
         // The guard's KL check runs; its degeneration replies (14 greedy generations per
         // candidate) are left out to keep the run short (tests/train.rs runs the whole guard).
         .env("CLAWRL__GATE__REPETITION_TOKENS", "0")
+        // The policy's own model judges: no second model to load (tests/judge.rs covers a
+        // judge on its own model, the default).
+        .env("CLAWRL__JUDGE__MODEL", "''")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
@@ -63,7 +66,7 @@ fn the_report_is_what_was_printed_and_names_the_judge(report: &str, stdout: &str
         "{report}"
     );
     assert!(report.contains("during the run: "), "{report}");
-    // The judge (its own model by default) is compared with the user's verdicts on its 4
+    // The judge (here the policy's own model) is compared with the user's verdicts on its 4
     // replies (with or without thumbs).
     let agreement = report
         .split("agreed with the user on ")
