@@ -8,7 +8,6 @@ use anyhow::{Context, Result, bail};
 use clawrl_core::config::{Config, JudgeBackend, ServingBackend};
 use clawrl_core::engine::Status;
 use clawrl_core::http_client::{self, Target};
-use http_body_util::BodyExt;
 use hyper::Method;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -63,32 +62,22 @@ async fn streamed(url: &str, topic: &str, max_tokens: usize) -> Result<Timing> {
     if !response.status().is_success() {
         bail!("{url}: {}", response.status());
     }
-    let mut body = response.into_body();
-    let (mut first, mut tokens, mut pending) = (None, 0u64, String::new());
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
+    let mut events = http_client::Events::new(response.into_body());
+    let (mut first, mut tokens) = (None, 0u64);
+    while let Some(event) = events.next().await {
+        let event = event?;
+        let now = sent.elapsed();
+        let Some(Ok(v)) = http_client::event_data(&event).map(serde_json::from_str::<Value>) else {
             continue;
         };
-        let now = sent.elapsed();
-        pending.push_str(&String::from_utf8_lossy(&data));
-        while let Some(end) = pending.find("\n\n") {
-            let event: String = pending.drain(..end + 2).collect();
-            let Some(Ok(v)) = event
-                .trim()
-                .strip_prefix("data: ")
-                .map(serde_json::from_str::<Value>)
-            else {
-                continue;
-            };
-            let content = v["choices"][0]["delta"]["content"]
-                .as_str()
-                .unwrap_or_default();
-            if first.is_none() && !content.is_empty() {
-                first = Some(now);
-            }
-            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
-                tokens = n;
-            }
+        let content = v["choices"][0]["delta"]["content"]
+            .as_str()
+            .unwrap_or_default();
+        if first.is_none() && !content.is_empty() {
+            first = Some(now);
+        }
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            tokens = n;
         }
     }
     let total = sent.elapsed();

@@ -164,3 +164,42 @@ async fn exchange(
     let req = req.body(Full::new(payload)).map_err(|e| unreachable(&e))?;
     sender.send_request(req).await.map_err(|e| unreachable(&e))
 }
+
+/// A response body read as server-sent events: each [`Events::next`] is one event's text
+/// (its `data:`/`event:` lines), however the bytes were split into frames.
+pub struct Events {
+    body: Incoming,
+    pending: Vec<u8>,
+}
+
+impl Events {
+    pub fn new(body: Incoming) -> Self {
+        Self {
+            body,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The next event, `None` at the end of the body.
+    pub async fn next(&mut self) -> Option<Result<String, hyper::Error>> {
+        loop {
+            if let Some(end) = self.pending.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = self.pending.drain(..end + 2).collect();
+                return Some(Ok(String::from_utf8_lossy(&event).into_owned()));
+            }
+            match self.body.frame().await? {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.pending.extend_from_slice(&data);
+                    }
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+/// The payload of an event's `data: ` line, if it has one.
+pub fn event_data(event: &str) -> Option<&str> {
+    event.lines().find_map(|l| l.strip_prefix("data: "))
+}

@@ -461,51 +461,44 @@ struct Relayed {
 
 async fn relay(
     job: &Job,
-    mut body: Incoming,
+    body: Incoming,
     prompt_ids: Vec<u32>,
     version: i64,
 ) -> Result<Relayed, String> {
     let started = Instant::now();
     let mut reply = Assembled::default();
-    let mut pending = Vec::<u8>::new();
+    let mut events = http_client::Events::new(body);
     let admitted = |cached_tokens| EngineEvent::Admitted {
         prompt_ids: prompt_ids.clone(),
         cached_tokens,
     };
     let mut said_admitted = false;
     let mut first_text = None;
-    'stream: while let Some(frame) = body.frame().await {
+    while let Some(event) = events.next().await {
         if job.cancel.load(Ordering::Relaxed) {
             reply.finish = Some(FinishReason::Cancelled);
             break; // dropping the body closes the connection: the replica stops
         }
-        let Ok(data) = frame.map_err(|e| e.to_string())?.into_data() else {
+        let event = event.map_err(|e| e.to_string())?;
+        let Some(payload) = http_client::event_data(&event) else {
             continue;
         };
-        pending.extend_from_slice(&data);
-        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
-            let event: Vec<u8> = pending.drain(..end + 2).collect();
-            let event = String::from_utf8_lossy(&event);
-            let Some(payload) = event.trim().strip_prefix("data: ") else {
-                continue;
-            };
-            if payload == "[DONE]" {
-                break 'stream;
-            }
-            let chunk: Value =
-                serde_json::from_str(payload).map_err(|e| format!("a stream event: {e}"))?;
-            if let Some(message) = chunk["error"]["message"].as_str() {
-                return Err(message.to_string());
-            }
-            let piece = reply.add(&chunk, &prompt_ids)?;
-            if !said_admitted {
-                said_admitted = true;
-                let _ = job.events.send(admitted(reply.cached_tokens));
-            }
-            if !piece.is_empty() {
-                first_text.get_or_insert_with(Instant::now);
-                let _ = job.events.send(EngineEvent::Text(piece));
-            }
+        if payload == "[DONE]" {
+            break;
+        }
+        let chunk: Value =
+            serde_json::from_str(payload).map_err(|e| format!("a stream event: {e}"))?;
+        if let Some(message) = chunk["error"]["message"].as_str() {
+            return Err(message.to_string());
+        }
+        let piece = reply.add(&chunk, &prompt_ids)?;
+        if !said_admitted {
+            said_admitted = true;
+            let _ = job.events.send(admitted(reply.cached_tokens));
+        }
+        if !piece.is_empty() {
+            first_text.get_or_insert_with(Instant::now);
+            let _ = job.events.send(EngineEvent::Text(piece));
         }
     }
     if !said_admitted {

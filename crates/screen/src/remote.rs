@@ -13,7 +13,6 @@ use clawrl_core::events::{Event, Level};
 use clawrl_core::http_client::{self, Target};
 use clawrl_core::store::{Snapshot, TurnRef};
 use clawrl_core::telemetry::hardware::Hardware;
-use http_body_util::BodyExt;
 use hyper::Method;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -164,22 +163,13 @@ impl Remote {
             // What happened while disconnected is in the history.
             let _ = incoming.send(Incoming::Missed);
         }
-        let mut body = response.into_body();
-        let mut pending = Vec::<u8>::new();
-        while let Some(frame) = body.frame().await {
-            let Ok(data) = frame?.into_data() else {
+        let mut events = http_client::Events::new(response.into_body());
+        while let Some(event) = events.next().await {
+            let Some(received) = parse_event(&event?) else {
                 continue;
             };
-            pending.extend_from_slice(&data);
-            while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
-                let event: Vec<u8> = pending.drain(..end + 2).collect();
-                let received = match parse_event(&String::from_utf8_lossy(&event)) {
-                    Some(r) => r,
-                    None => continue,
-                };
-                if incoming.send(received).is_err() {
-                    return Ok(());
-                }
+            if incoming.send(received).is_err() {
+                return Ok(());
             }
         }
         Ok(())

@@ -30,6 +30,8 @@ struct Format {
     model: String,
     /// Tokens as `token_id:{id}` instead of their text (vLLM's `return_tokens_as_token_ids`).
     tokens_as_ids: bool,
+    /// What names a token by its text (read once per request, not per token).
+    tokenizer: Option<Arc<clawrl_model::tokenizer::Tokenizer>>,
     logprobs: bool,
     token_ids: bool,
     id: String,
@@ -91,6 +93,7 @@ pub async fn handle(state: Arc<Core>, body: Value) -> Result<Response<Body>, Api
     let format = Format {
         model,
         tokens_as_ids: fields.boolean("return_tokens_as_token_ids")?,
+        tokenizer: state.engine.info().map(|i| i.tokenizer),
         logprobs: logprobs.is_some(),
         token_ids: fields.boolean("return_token_ids")?,
         id: format!("cmpl-{}", clawrl_core::capture::random_id("")),
@@ -100,15 +103,12 @@ pub async fn handle(state: Arc<Core>, body: Value) -> Result<Response<Body>, Api
         let started = completion::start(&state, request)
             .await
             .map_err(api_error)?;
-        return Ok(stream(state, format, started));
+        return Ok(stream(format, started));
     }
     let done = completion::complete(&state, request)
         .await
         .map_err(api_error)?;
-    Ok(json_response(
-        StatusCode::OK,
-        &reply(&state, &format, &done),
-    ))
+    Ok(json_response(StatusCode::OK, &reply(&format, &done)))
 }
 
 type Chunk = Result<Frame<Bytes>, std::convert::Infallible>;
@@ -121,7 +121,7 @@ fn sse(v: &impl std::fmt::Display) -> Chunk {
 /// choice has the new text (with `return_token_ids`: `prompt_token_ids` in the first event,
 /// the new `token_ids` in each); the last has the finish reason, then `[DONE]`. Here the ids
 /// and log-probs all come with the last event (the engine reports them when it finishes).
-fn stream(state: Arc<Core>, f: Format, mut started: completion::Started) -> Response<Body> {
+fn stream(f: Format, mut started: completion::Started) -> Response<Body> {
     let (out, body) = mpsc::channel::<Chunk>(64);
     tokio::spawn(async move {
         let send = |choice: Value| {
@@ -143,9 +143,9 @@ fn stream(state: Arc<Core>, f: Format, mut started: completion::Started) -> Resp
                 }
                 Some(EngineEvent::Finished { generation, .. }) => {
                     let mut choice = json!({
-                        "index": 0, "text": "", "logprobs": f.logprobs(&state, &generation),
+                        "index": 0, "text": "", "logprobs": f.logprobs(&generation),
                         "finish_reason": finish_reason(&generation), "stop_reason": null,
-                        "prompt_logprobs": f.prompt_logprobs(&state, started.prompt_logprobs.as_deref()),
+                        "prompt_logprobs": f.prompt_logprobs(started.prompt_logprobs.as_deref()),
                     });
                     if f.token_ids {
                         choice["token_ids"] = json!(generation.ids);
@@ -220,21 +220,20 @@ fn prompt_ids(state: &Core, prompt: Option<&Value>) -> Result<Vec<u32>, ApiError
 
 impl Format {
     /// A token as the reply names it: its text, or `token_id:{id}`.
-    fn token(&self, state: &Core, id: u32) -> String {
+    fn token(&self, id: u32) -> String {
         if self.tokens_as_ids {
             return format!("token_id:{id}");
         }
-        let info = state.engine.info();
-        info.and_then(|i| i.tokenizer.decode(&[id]).ok())
-            .unwrap_or_default()
+        let text = self.tokenizer.as_ref().and_then(|t| t.decode(&[id]).ok());
+        text.unwrap_or_default()
     }
 
     /// The choice's `logprobs` (null unless asked for).
-    fn logprobs(&self, state: &Core, g: &Generation) -> Value {
+    fn logprobs(&self, g: &Generation) -> Value {
         if !self.logprobs {
             return Value::Null;
         }
-        let tokens: Vec<String> = g.ids.iter().map(|&id| self.token(state, id)).collect();
+        let tokens: Vec<String> = g.ids.iter().map(|&id| self.token(id)).collect();
         let offsets: Vec<usize> = tokens
             .iter()
             .scan(0, |at, t| {
@@ -248,7 +247,7 @@ impl Format {
             .iter()
             .map(|alts| {
                 alts.iter()
-                    .map(|&(id, lp)| (self.token(state, id), json!(lp)))
+                    .map(|&(id, lp)| (self.token(id), json!(lp)))
                     .collect()
             })
             .collect();
@@ -256,11 +255,11 @@ impl Format {
     }
 
     /// `prompt_logprobs`: null for the first token, then per token a map id → log-prob entry.
-    fn prompt_logprobs(&self, state: &Core, rows: Option<&[PromptLogprob]>) -> Value {
+    fn prompt_logprobs(&self, rows: Option<&[PromptLogprob]>) -> Value {
         let Some(rows) = rows else {
             return Value::Null;
         };
-        let entry = |id: u32, logprob: f32, rank: Option<usize>| json!({"logprob": logprob, "rank": rank, "decoded_token": self.token(state, id)});
+        let entry = |id: u32, logprob: f32, rank: Option<usize>| json!({"logprob": logprob, "rank": rank, "decoded_token": self.token(id)});
         let positions = rows.iter().map(|p| {
             let mut m = Map::new();
             m.insert(p.id.to_string(), entry(p.id, p.logprob, p.rank));
@@ -287,12 +286,12 @@ fn finish_reason(g: &Generation) -> &'static str {
     }
 }
 
-fn reply(state: &Core, f: &Format, done: &Completion) -> Value {
+fn reply(f: &Format, done: &Completion) -> Value {
     let g = &done.generation;
     let mut choice = json!({
-        "index": 0, "text": g.text, "logprobs": f.logprobs(state, g),
+        "index": 0, "text": g.text, "logprobs": f.logprobs(g),
         "finish_reason": finish_reason(g), "stop_reason": null,
-        "prompt_logprobs": f.prompt_logprobs(state, done.prompt_logprobs.as_deref()),
+        "prompt_logprobs": f.prompt_logprobs(done.prompt_logprobs.as_deref()),
     });
     if f.token_ids {
         choice["prompt_token_ids"] = json!(done.prompt_ids);
