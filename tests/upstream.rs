@@ -3,7 +3,8 @@
 //! captured with the ids and log-probs the replica computed; a trained version is loaded into
 //! both replicas before it serves; a rollback is served by the next request; a replica that
 //! dies is skipped and shown down; a version a replica cannot load stays a candidate. One
-//! scenario, in phases, run once (it trains twice).
+//! scenario, in phases, run once (it trains twice). Then the same through SGLang's native API
+//! (`upstream.kind = "sglang"`, which each replica answers too), in front of one replica.
 
 mod common;
 use common::server::Server;
@@ -16,8 +17,8 @@ struct Fleet {
     plane: Server,
 }
 
-fn start_fleet() -> Fleet {
-    let replicas = vec![Server::start(&[]), Server::start(&[])];
+fn start_fleet(kind: &str, replicas: usize) -> Fleet {
+    let replicas: Vec<Server> = (0..replicas).map(|_| Server::start(&[])).collect();
     let urls: Vec<String> = replicas
         .iter()
         .map(|r| format!("http://127.0.0.1:{}", r.port))
@@ -25,6 +26,7 @@ fn start_fleet() -> Fleet {
     let urls = serde_json::to_string(&urls).unwrap();
     let plane = Server::start(&[
         ("CLAWRL__SERVING__BACKEND", "upstream"),
+        ("CLAWRL__UPSTREAM__KIND", kind),
         ("CLAWRL__UPSTREAM__URLS", &urls),
         ("CLAWRL__UPSTREAM__API_KEY", "test-key-123"),
         ("CLAWRL__TRAIN__ENABLED", "true"),
@@ -123,7 +125,10 @@ fn captured_like_a_local_run(f: &Fleet) -> String {
     assert_eq!(streamed["response_ids"], direct["response_ids"]);
     let health: Value = serde_json::from_str(&f.plane.get("/health", false).2).unwrap();
     assert_eq!(health["status"], "ok", "{health}");
-    assert_eq!(health["replicas"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        health["replicas"].as_array().unwrap().len(),
+        f.replicas.len()
+    );
     // The replies the replicas streamed count in the plane's speed, as local decoding does.
     assert!(f.plane.metric("clawrl_completion_tokens_total") >= 2.0 * 9.0);
     id
@@ -243,7 +248,7 @@ fn with_every_replica_down_requests_get_503_and_nothing_is_captured(f: &mut Flee
 
 #[test]
 fn a_control_plane_captures_trains_and_pushes_versions_to_every_replica() {
-    let mut f = start_fleet();
+    let mut f = start_fleet("vllm", 2);
     let reply = captured_like_a_local_run(&f);
     a_trained_version_is_live_on_both_replicas(&f, &reply);
     rollback_is_served_by_the_next_request(&f);
@@ -252,9 +257,8 @@ fn a_control_plane_captures_trains_and_pushes_versions_to_every_replica() {
     with_every_replica_down_requests_get_503_and_nothing_is_captured(&mut f);
 }
 
-/// A server that answers like a vLLM older than 0.10.2: models and completions, but no
-/// token ids in the answer.
-fn old_vllm() -> u16 {
+/// A server that answers every request with `answer(request line, body)` (200, JSON).
+fn fake_replica(answer: fn(&str, &Value) -> Value) -> u16 {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -276,12 +280,8 @@ fn old_vllm() -> u16 {
             }
             let mut body = vec![0u8; length];
             reader.read_exact(&mut body).unwrap();
-            let answer = if request_line.contains("/v1/models") {
-                json!({"object": "list", "data": [{"id": "old-model", "object": "model"}]})
-            } else {
-                json!({"choices": [{"index": 0, "text": "hi", "finish_reason": "length"}]})
-            };
-            let answer = answer.to_string();
+            let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let answer = answer(&request_line, &body).to_string();
             let _ = write!(
                 stream,
                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
@@ -294,17 +294,169 @@ fn old_vllm() -> u16 {
 
 #[test]
 fn a_replica_without_token_ids_is_refused_at_start_naming_the_version_needed() {
-    let urls = format!("[\"http://127.0.0.1:{}\"]", old_vllm());
+    // Like a vLLM older than 0.10.2: models and completions, but no token ids in the answer.
+    let old_vllm = fake_replica(|request, _| {
+        if request.contains("/v1/models") {
+            json!({"object": "list", "data": [{"id": "old-model", "object": "model"}]})
+        } else {
+            json!({"choices": [{"index": 0, "text": "hi", "finish_reason": "length"}]})
+        }
+    });
+    let log = refused_at_start("vllm", old_vllm);
+    assert!(log.contains("vLLM ≥ 0.10.2 is needed"), "{log}");
+}
+
+/// Starts a control plane in front of the replica at `port`; returns its log once it stopped.
+fn refused_at_start(kind: &str, port: u16) -> String {
+    let urls = format!("[\"http://127.0.0.1:{port}\"]");
     let mut plane = Server::spawn(
         &common::model_path(common::SMOLLM2),
         "smollm2-135m-instruct",
         &[
             ("CLAWRL__SERVING__BACKEND", "upstream"),
+            ("CLAWRL__UPSTREAM__KIND", kind),
             ("CLAWRL__UPSTREAM__URLS", &urls),
         ],
     );
     let status = plane.wait_exit("the refused replica", 120);
     assert!(!status.success());
-    let log = plane.log();
-    assert!(log.contains("vLLM ≥ 0.10.2 is needed"), "{log}");
+    plane.log()
+}
+
+/// Like SGLang 0.5.2 started without `--enable-lora`: it generates with token ids, and
+/// its log-probs are after temperature unless `tempered` is false.
+fn sglang_without_lora(request: &str, body: &Value, tempered: bool) -> Value {
+    if request.contains("/get_model_info") {
+        json!({"model_path": "some/model", "is_generation": true})
+    } else if request.contains("/get_server_info") {
+        json!({"version": "0.5.2"})
+    } else if request.contains("/generate") {
+        let t = body["sampling_params"]["temperature"].as_f64().unwrap();
+        let scale = if tempered { 1.0 / t } else { 1.0 };
+        let (a, b) = (-0.5 * scale, -1.2 * scale);
+        json!({"text": "hi", "output_ids": [7], "meta_info": {"output_token_logprobs": [[a, 7, null]],
+               "output_top_logprobs": [[[a, 7, null], [b, 8, null]]]}})
+    } else {
+        json!({"success": false, "error_message": "LoRA is not enabled. Please set --enable-lora."})
+    }
+}
+
+#[test]
+fn an_sglang_replica_without_runtime_lora_or_raw_logprobs_is_refused_at_start_naming_the_fix() {
+    let tempered = fake_replica(|request, body| sglang_without_lora(request, body, true));
+    let log = refused_at_start("sglang", tempered);
+    assert!(log.contains("SGLang 0.5.2"), "{log}");
+    assert!(log.contains("SGLANG_RETURN_ORIGINAL_LOGPROB=True"), "{log}");
+    let no_lora = fake_replica(|request, body| sglang_without_lora(request, body, false));
+    let log = refused_at_start("sglang", no_lora);
+    assert!(log.contains("--enable-lora"), "{log}");
+    assert!(!log.contains("SGLANG_RETURN_ORIGINAL_LOGPROB"), "{log}");
+}
+
+/// SGLang's `/generate` on a replica: `body` answered 200.
+fn generate(s: &Server, body: &Value) -> Value {
+    let (st, _, text) = s.request("POST", "/generate", &[], &body.to_string(), true);
+    assert_eq!(st, 200, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+fn entries(v: &Value) -> (Vec<Value>, Vec<Value>) {
+    let v = v.as_array().unwrap();
+    (
+        v.iter().map(|e| e[1].clone()).collect(),
+        v.iter().map(|e| e[0].clone()).collect(),
+    )
+}
+
+#[test]
+fn a_control_plane_speaking_sglang_captures_and_pushes_versions() {
+    let f = start_fleet("sglang", 1);
+    let replica = &f.replicas[0];
+    // Captured as a local run records it, asked plainly and streamed.
+    let reply = captured_like_a_local_run(&f);
+
+    // The replica's own SGLang routes: the reply's log-probs again as prompt log-probs
+    // (what a teacher reads), and bad requests refused naming the field.
+    let turn = captured(&f.plane, "Name a fruit.");
+    let prompt: Vec<Value> = turn["prompt_ids"].as_array().unwrap().clone();
+    let mut both = prompt.clone();
+    both.extend(turn["response_ids"].as_array().unwrap().iter().cloned());
+    let scored = generate(
+        replica,
+        &json!({"input_ids": both, "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+                "return_logprob": true, "logprob_start_len": prompt.len(), "top_logprobs_num": 2}),
+    );
+    let (ids, lps) = entries(&scored["meta_info"]["input_token_logprobs"]);
+    assert_eq!(json!(ids), turn["response_ids"]);
+    let tops = scored["meta_info"]["input_top_logprobs"]
+        .as_array()
+        .unwrap();
+    assert_eq!(tops.len(), ids.len());
+    assert_eq!(tops[0].as_array().unwrap().len(), 2);
+    let lps: Vec<f64> = lps.iter().map(|v| v.as_f64().unwrap()).collect();
+    let captured_lps: Vec<f64> = turn["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    for (a, b) in lps.iter().zip(&captured_lps) {
+        assert!((a - b).abs() < 1e-3, "{lps:?} vs {captured_lps:?}");
+    }
+    for (body, field) in [
+        (
+            json!({"input_ids": [1, 2], "lora_path": "nope"}),
+            "not loaded",
+        ),
+        (
+            json!({"input_ids": [1, 2], "return_logprob": true, "top_logprobs_num": 21}),
+            "top_logprobs_num",
+        ),
+        (
+            json!({"input_ids": [1, 2], "return_logprob": true, "logprob_start_len": 2}),
+            "logprob_start_len",
+        ),
+        (json!({"text": null}), "`text` is required"),
+        (
+            json!({"input_ids": [1, 2], "sampling_params": {"temperature": 3}}),
+            "temperature",
+        ),
+    ] {
+        let (st, _, text) = replica.request("POST", "/generate", &[], &body.to_string(), true);
+        assert_eq!(st, 400, "{body}: {text}");
+        assert!(text.contains(field), "{body}: {text}");
+    }
+
+    // A thumbs up trains v1, loaded into the replica through /load_lora_adapter and served.
+    rate_up(&f.plane, &reply);
+    wait_for("v1 live", 600, || {
+        f.plane.admin_status()["live_version"] == 1
+    });
+    let q = "Name a colour.";
+    ask(&f.plane, q, "conv-2");
+    let turn = captured(&f.plane, q);
+    assert_eq!(turn["adapter_version"], 1);
+    let body = json!({"input_ids": turn["prompt_ids"], "lora_path": "clawrl-v1", "return_logprob": true,
+                      "sampling_params": {"max_new_tokens": 10, "temperature": 0}});
+    let direct = generate(replica, &body);
+    assert_eq!(direct["output_ids"], turn["response_ids"]);
+    let (_, lps) = entries(&direct["meta_info"]["output_token_logprobs"]);
+    close(&json!(lps), &turn["logprobs"]);
+
+    // The replica lost it (a restart): the plane loads it again and serves v1.
+    let unload = json!({"lora_name": "clawrl-v1"}).to_string();
+    let (st, _, text) = replica.request("POST", "/unload_lora_adapter", &[], &unload, true);
+    assert_eq!(st, 200, "{text}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["success"],
+        true
+    );
+    let (st, _, text) = replica.request("POST", "/unload_lora_adapter", &[], &unload, true);
+    assert_eq!(st, 400, "{text}");
+    assert!(text.contains("\"success\":false"), "{text}");
+    let q = "Name a vegetable.";
+    ask(&f.plane, q, "conv-2");
+    assert_eq!(captured(&f.plane, q)["adapter_version"], 1);
+
+    rollback_is_served_by_the_next_request(&f);
 }

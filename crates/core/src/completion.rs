@@ -49,6 +49,8 @@ pub struct Completion {
     pub prompt_ids: Vec<u32>,
     pub generation: Generation,
     pub adapter_version: i64,
+    /// Prompt tokens whose keys and values were reused from the prefix cache.
+    pub cached_tokens: usize,
     /// One entry per prompt token after the first (the first has no context).
     pub prompt_logprobs: Option<Vec<PromptLogprob>>,
 }
@@ -91,12 +93,13 @@ pub async fn complete(core: &Core, req: CompletionRequest) -> Result<Completion,
                 generation,
                 prompt_ids,
                 adapter_version,
-                ..
+                cached_tokens,
             }) => {
                 return Ok(Completion {
                     prompt_ids,
                     generation,
                     adapter_version,
+                    cached_tokens,
                     prompt_logprobs: started.prompt_logprobs,
                 });
             }

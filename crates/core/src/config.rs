@@ -44,7 +44,7 @@ pub enum ServingBackend {
     /// This process's engine.
     #[default]
     Local,
-    /// vLLM replicas (`[upstream]`): clawrl renders, captures, judges, trains and gates; the
+    /// vLLM or SGLang replicas (`[upstream]`): clawrl renders, captures, judges, trains and gates; the
     /// replicas generate, each version loaded into all of them.
     Upstream,
 }
@@ -61,7 +61,7 @@ pub struct UpstreamSection {
     /// Versions kept loaded in every replica, the live one included (a rollback among them is
     /// a routing change).
     pub keep_loaded: usize,
-    /// Sent as `Authorization: Bearer` to the replicas (vLLM's `--api-key`).
+    /// Sent as `Authorization: Bearer` to the replicas (vLLM's and SGLang's `--api-key`).
     pub api_key: String,
 }
 
@@ -553,11 +553,6 @@ impl Config {
             return Ok(());
         }
         let u = &self.upstream;
-        if u.kind == UpstreamKind::Sglang {
-            bail!(
-                "upstream.kind = \"sglang\" is not supported yet (only \"vllm\", and clawrl's own serve, which answers vLLM's subset)"
-            );
-        }
         if u.urls.is_empty() {
             bail!(
                 "serving.backend = \"upstream\" needs upstream.urls (each replica's base URL, e.g. http://gpu1:8000)"

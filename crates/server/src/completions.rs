@@ -23,7 +23,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// The longest prompt whose positions get alternatives in `prompt_logprobs`.
-const MAX_SCORED_PROMPT: usize = 2048;
+pub(crate) const MAX_SCORED_PROMPT: usize = 2048;
 
 /// How the reply is written, besides what is generated.
 struct Format {
@@ -57,7 +57,7 @@ pub async fn handle(state: Arc<Core>, body: Value) -> Result<Response<Body>, Api
             ApiError::invalid("`echo` is not supported on /v1/completions here.").param("echo"),
         );
     }
-    let prompt = prompt_ids(&state, obj.get("prompt"))?;
+    let prompt = prompt_ids(&state, obj.get("prompt"), "prompt")?;
     let Sampling {
         max_tokens,
         sampling,
@@ -122,47 +122,66 @@ fn sse(v: &impl std::fmt::Display) -> Chunk {
 /// the new `token_ids` in each); the last has the finish reason, then `[DONE]`. Here the ids
 /// and log-probs all come with the last event (the engine reports them when it finishes).
 fn stream(f: Format, mut started: completion::Started) -> Response<Body> {
+    let prompt_logprobs = started.prompt_logprobs.take();
+    sse_stream(started, move |event| {
+        let choice = match event {
+            EngineEvent::Admitted { prompt_ids, .. } if f.token_ids => {
+                json!({"index": 0, "text": "", "prompt_token_ids": prompt_ids, "token_ids": []})
+            }
+            EngineEvent::Text(piece) => {
+                let mut choice =
+                    json!({"index": 0, "text": piece, "logprobs": null, "finish_reason": null});
+                if f.token_ids {
+                    choice["token_ids"] = json!([]);
+                }
+                choice
+            }
+            EngineEvent::Finished { generation, .. } => {
+                let mut choice = json!({
+                    "index": 0, "text": "", "logprobs": f.logprobs(&generation),
+                    "finish_reason": finish_reason(&generation), "stop_reason": null,
+                    "prompt_logprobs": f.prompt_logprobs(prompt_logprobs.as_deref()),
+                });
+                if f.token_ids {
+                    choice["token_ids"] = json!(generation.ids);
+                }
+                return Sse::Last(f.envelope(choice));
+            }
+            EngineEvent::Failed(e) => return Sse::Last(api_error(ChatError::Engine(e)).body()),
+            _ => return Sse::Skip,
+        };
+        Sse::Send(f.envelope(choice))
+    })
+}
+
+/// What a raw generation's engine event becomes on its event stream.
+pub(crate) enum Sse {
+    Send(Value),
+    /// The last event before `[DONE]`.
+    Last(Value),
+    Skip,
+}
+
+/// Streams a raw generation as server-sent events, each engine event turned into one by
+/// `event`, ending with `[DONE]` (vLLM's and SGLang's framing). A client that goes away
+/// stops the generation.
+pub(crate) fn sse_stream(
+    mut started: completion::Started,
+    mut event: impl FnMut(EngineEvent) -> Sse + Send + 'static,
+) -> Response<Body> {
     let (out, body) = mpsc::channel::<Chunk>(64);
     tokio::spawn(async move {
-        let send = |choice: Value| {
-            let (out, event) = (out.clone(), f.envelope(choice));
-            async move { out.send(sse(&event)).await.is_ok() }
-        };
         let delivered = loop {
-            let choice = match started.events.recv().await {
-                Some(EngineEvent::Admitted { prompt_ids, .. }) if f.token_ids => {
-                    json!({"index": 0, "text": "", "prompt_token_ids": prompt_ids, "token_ids": []})
-                }
-                Some(EngineEvent::Text(piece)) => {
-                    let mut choice =
-                        json!({"index": 0, "text": piece, "logprobs": null, "finish_reason": null});
-                    if f.token_ids {
-                        choice["token_ids"] = json!([]);
-                    }
-                    choice
-                }
-                Some(EngineEvent::Finished { generation, .. }) => {
-                    let mut choice = json!({
-                        "index": 0, "text": "", "logprobs": f.logprobs(&generation),
-                        "finish_reason": finish_reason(&generation), "stop_reason": null,
-                        "prompt_logprobs": f.prompt_logprobs(started.prompt_logprobs.as_deref()),
-                    });
-                    if f.token_ids {
-                        choice["token_ids"] = json!(generation.ids);
-                    }
-                    break send(choice).await && out.send(sse(&"[DONE]")).await.is_ok();
-                }
-                Some(EngineEvent::Failed(e)) => {
-                    break out
-                        .send(sse(&api_error(ChatError::Engine(e)).body()))
-                        .await
-                        .is_ok();
-                }
-                Some(_) => continue,
-                None => break true,
+            let Some(e) = started.events.recv().await else {
+                break true;
             };
-            if !send(choice).await {
-                break false;
+            match event(e) {
+                Sse::Send(v) if out.send(sse(&v)).await.is_err() => break false,
+                Sse::Send(_) | Sse::Skip => {}
+                Sse::Last(v) => {
+                    break out.send(sse(&v)).await.is_ok()
+                        && out.send(sse(&"[DONE]")).await.is_ok();
+                }
             }
         };
         if !delivered {
@@ -179,10 +198,16 @@ fn stream(f: Format, mut started: completion::Started) -> Response<Body> {
         .expect("static response parts")
 }
 
-/// `prompt`: token ids, or a text tokenized as it is (no chat template, no special tokens
-/// added); a list of one of either. Several prompts in one request are refused.
-fn prompt_ids(state: &Core, prompt: Option<&Value>) -> Result<Vec<u32>, ApiError> {
-    let bad = |m: &str| ApiError::invalid(m.to_string()).param("prompt");
+/// `prompt` (or SGLang's `input_ids` / `text`, named by `field`): token ids, or a text
+/// tokenized as it is (no chat template, no special tokens added); a list of one of either.
+/// Several prompts in one request are refused.
+pub(crate) fn prompt_ids(
+    state: &Core,
+    prompt: Option<&Value>,
+    field: &str,
+) -> Result<Vec<u32>, ApiError> {
+    let bad =
+        |m: &str| ApiError::invalid(m.replace("`prompt`", &format!("`{field}`"))).param(field);
     let prompt = prompt.ok_or_else(|| bad("`prompt` is required."))?;
     let ids = match prompt {
         Value::String(text) => {
@@ -199,7 +224,9 @@ fn prompt_ids(state: &Core, prompt: Option<&Value>) -> Result<Vec<u32>, ApiError
             .map(|v| v.as_u64().and_then(|id| u32::try_from(id).ok()))
             .collect::<Option<Vec<u32>>>()
             .ok_or_else(|| bad("`prompt` token ids must be non-negative integers."))?,
-        Value::Array(items) if items.len() == 1 => return prompt_ids(state, items.first()),
+        Value::Array(items) if items.len() == 1 => {
+            return prompt_ids(state, items.first(), field);
+        }
         Value::Array(_) => return Err(bad("One prompt per request: `prompt` holds several.")),
         _ => return Err(bad("`prompt` must be a string or an array of token ids.")),
     };
@@ -304,7 +331,7 @@ fn reply(f: &Format, done: &Completion) -> Value {
     body
 }
 
-fn api_error(e: ChatError) -> ApiError {
+pub(crate) fn api_error(e: ChatError) -> ApiError {
     let message = e.to_string();
     match e {
         ChatError::Engine(EngineError::ContextTooLong { .. }) => ApiError::invalid(message)
@@ -336,6 +363,23 @@ pub async fn adapter_route(
     body: Value,
     load: bool,
 ) -> Result<Response<Body>, ApiError> {
+    let (name, verb) = change_adapter(state, &body, load).await?;
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(full(format!(
+            "Success: LoRA adapter '{name}' {verb} successfully."
+        )))
+        .expect("static response parts"))
+}
+
+/// Loads (`load`) or unloads the adapter named by `lora_name` (from the PEFT folder
+/// `lora_path`); returns the name and what was done ("added" or "removed").
+pub(crate) async fn change_adapter(
+    state: Arc<Core>,
+    body: &Value,
+    load: bool,
+) -> Result<(String, &'static str), ApiError> {
     let field = |k: &str| {
         body.get(k)
             .and_then(Value::as_str)
@@ -369,11 +413,5 @@ pub async fn adapter_route(
         };
         ApiError::new(status, "invalid_request_error", e.to_string()).param("lora_name")
     })?;
-    Ok(Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(full(format!(
-            "Success: LoRA adapter '{name}' {verb} successfully."
-        )))
-        .expect("static response parts"))
+    Ok((name, verb))
 }

@@ -4,8 +4,10 @@
 //! [`serve`] a [`Core`] on a listener until a shutdown future resolves; [`chat::parse_request`]
 //! (pure: the fuzz target drives it) and [`http::ApiError`] are the request checks and the
 //! error shape. Routes: `/v1/chat/completions`, `/v1/models`, `/v1/feedback`, `/health`,
-//! `/metrics`, `/admin/*` (README, "Using it"), and vLLM's raw-completion subset
-//! ([`completions`]: `/v1/completions`, `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`).
+//! `/metrics`, `/admin/*` (README, "Using it"), vLLM's raw-completion subset
+//! ([`completions`]: `/v1/completions`, `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`)
+//! and SGLang's ([`sglang`]: `/generate`, `/load_lora_adapter`, `/unload_lora_adapter`,
+//! `/get_model_info`, `/get_server_info`), so one clawrl can be the upstream of another.
 
 pub mod admin;
 pub mod chat;
@@ -13,6 +15,7 @@ pub mod completions;
 pub mod feedback;
 pub mod http;
 pub mod listen;
+pub mod sglang;
 
 use anyhow::Result;
 use clawrl_core::engine::Status;
@@ -86,12 +89,24 @@ async fn route(state: Arc<Core>, mut req: Request<Incoming>) -> Response<Body> {
                 .and_then(|_| model(&state, &p["/v1/models/".len()..]))
         }
         (&Method::POST, "/v1/chat/completions") => chat_route(state.clone(), req).await,
-        (&Method::POST, "/v1/completions") => completions_route(state.clone(), req, None).await,
+        (&Method::POST, "/v1/completions") => raw_route(state.clone(), req, Raw::Completions).await,
         (&Method::POST, "/v1/load_lora_adapter") => {
-            completions_route(state.clone(), req, Some(true)).await
+            raw_route(state.clone(), req, Raw::VllmAdapter { load: true }).await
         }
         (&Method::POST, "/v1/unload_lora_adapter") => {
-            completions_route(state.clone(), req, Some(false)).await
+            raw_route(state.clone(), req, Raw::VllmAdapter { load: false }).await
+        }
+        (&Method::POST, "/generate") => raw_route(state.clone(), req, Raw::Generate).await,
+        (&Method::POST, "/load_lora_adapter") => {
+            raw_route(state.clone(), req, Raw::SglangAdapter { load: true }).await
+        }
+        (&Method::POST, "/unload_lora_adapter") => {
+            raw_route(state.clone(), req, Raw::SglangAdapter { load: false }).await
+        }
+        (&Method::GET, "/get_model_info") => http::authorize(&req, state.config.api_key.as_deref())
+            .map(|_| sglang::model_info(&state)),
+        (&Method::GET, "/get_server_info") => {
+            http::authorize(&req, state.config.api_key.as_deref()).map(|_| sglang::server_info())
         }
         (&Method::POST, "/v1/feedback") => feedback::route(state.clone(), req).await,
         (_, path) if admin::is_admin(path) => admin::route(state.clone(), req).await,
@@ -101,6 +116,11 @@ async fn route(state: Arc<Core>, mut req: Request<Incoming>) -> Response<Body> {
             | "/v1/completions"
             | "/v1/load_lora_adapter"
             | "/v1/unload_lora_adapter"
+            | "/generate"
+            | "/load_lora_adapter"
+            | "/unload_lora_adapter"
+            | "/get_model_info"
+            | "/get_server_info"
             | "/v1/feedback"
             | "/v1/models"
             | "/health"
@@ -131,19 +151,28 @@ fn refused(state: &Core, e: ApiError) -> Response<Body> {
     e.response()
 }
 
-/// The vLLM-compatible routes (`completions`): a raw completion, or with `load` an adapter
-/// loaded (`Some(true)`) or unloaded (`Some(false)`) by name.
-async fn completions_route(
+/// The raw routes a control plane in front calls: vLLM's ([`completions`]) and SGLang's
+/// ([`sglang`]).
+enum Raw {
+    Completions,
+    VllmAdapter { load: bool },
+    Generate,
+    SglangAdapter { load: bool },
+}
+
+async fn raw_route(
     state: Arc<Core>,
     req: Request<Incoming>,
-    load: Option<bool>,
+    route: Raw,
 ) -> Result<Response<Body>, ApiError> {
     Counters::add(&state.counters.requests, 1);
     http::authorize(&req, state.config.api_key.as_deref())?;
     let body = http::read_json(req, http::BodyLimits::of(&state.config)).await?;
-    match load {
-        None => completions::handle(state, body).await,
-        Some(load) => completions::adapter_route(state, body, load).await,
+    match route {
+        Raw::Completions => completions::handle(state, body).await,
+        Raw::VllmAdapter { load } => completions::adapter_route(state, body, load).await,
+        Raw::Generate => sglang::generate(state, body).await,
+        Raw::SglangAdapter { load } => Ok(sglang::adapter_route(state, body, load).await),
     }
 }
 

@@ -1,16 +1,21 @@
-//! Serving through vLLM replicas (`serving.backend = "upstream"`): clawrl renders the chat
-//! template itself and sends **token ids** (`/v1/completions` with a token-id prompt and
-//! `return_token_ids`, vLLM ≥ 0.10.2), so the captured prompt and reply ids are exactly what
-//! the replica computed; each version that goes live is loaded into every replica
-//! (`/v1/load_lora_adapter`, named `clawrl-v{N}`) before any request asks for it, all
-//! replicas or none; a conversation sticks to one replica; a replica that does not answer is
-//! skipped (and shown down) until it answers again.
+//! Serving through vLLM or SGLang replicas (`serving.backend = "upstream"`): clawrl renders
+//! the chat template itself and sends **token ids** ([`vllm`]: `/v1/completions` with a
+//! token-id prompt; [`sglang`]: `/generate` with `input_ids`), so the captured prompt and
+//! reply ids are exactly what the replica computed; each version that goes live is loaded
+//! into every replica (named `clawrl-v{N}`) before any request asks for it, all replicas or
+//! none; a conversation sticks to one replica; a replica that does not answer is skipped (and
+//! shown down) until it answers again. This file is what both engines share; each one's
+//! routes and shapes are in its own module.
 //!
 //! The local engine stays: the trainer, the teacher and the guard compute on it.
 
-use crate::config::UpstreamSection;
+mod sglang;
+mod vllm;
+
+use crate::config::{UpstreamKind, UpstreamSection};
 use crate::engine::{EngineError, EngineEvent, Job, Task, VersionChoice};
 use crate::http_client::{self, Target};
+use clawrl_model::sampling::SamplingParams;
 use clawrl_model::{FinishReason, Generation};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -19,7 +24,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The longest a replica may take to answer a check or an adapter load or unload.
@@ -29,6 +34,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 const RETRY_DOWN_AFTER: Duration = Duration::from_secs(5);
 
 pub struct Upstream {
+    kind: UpstreamKind,
     replicas: Vec<Replica>,
     api_key: Option<String>,
     /// Where the replicas read adapters (`None`: the local folder's path).
@@ -57,6 +63,9 @@ struct Replica {
     down: Mutex<Option<(Instant, String)>>,
     /// The last version it refused to load, and why.
     refused: Mutex<Option<String>>,
+    /// Its stream events carry only what is new (SGLang's `--incremental-streaming-output`;
+    /// otherwise everything so far).
+    incremental: AtomicBool,
 }
 
 /// What the screen and `ctl status` show of a replica.
@@ -87,10 +96,12 @@ impl Upstream {
                     target: Target::parse(url, "upstream.urls:")?,
                     down: Mutex::new(None),
                     refused: Mutex::new(None),
+                    incremental: AtomicBool::new(false),
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self {
+            kind: cfg.kind,
             replicas,
             api_key: (!cfg.api_key.is_empty()).then(|| cfg.api_key.clone()),
             adapter_dir: (!cfg.adapter_dir.is_empty()).then(|| PathBuf::from(&cfg.adapter_dir)),
@@ -153,55 +164,38 @@ impl Upstream {
 
     /// Checks every replica at start: it answers, names its model, returns token ids for a
     /// token-id prompt, and has runtime LoRA loading. A replica that lacks one is refused
-    /// with what it needs.
+    /// with what it needs. Every replica must serve the same base model.
     pub async fn check(&self, probe_prompt: &[u32]) -> anyhow::Result<()> {
         for r in &self.replicas {
-            let (st, models) = self
-                .send(r, Method::GET, "/v1/models", None)
-                .await
-                .map_err(anyhow::Error::msg)?;
-            let name = models["data"][0]["id"].as_str().filter(|_| st.is_success());
-            let name = name.ok_or_else(|| {
-                anyhow::anyhow!("upstream {}: GET /v1/models answered {st}: {models}", r.url)
-            })?;
-            {
-                let mut base = lock(&self.base_name);
-                if base.is_empty() {
-                    *base = name.to_string();
-                } else if *base != name {
-                    anyhow::bail!(
-                        "upstream {} serves {name:?}, the others {:?}: every replica must serve the same base model",
-                        r.url,
-                        *base
-                    );
-                }
-            }
-            let body = json!({"model": name, "prompt": probe_prompt, "max_tokens": 1, "temperature": 0,
-                              "logprobs": 0, "return_token_ids": true});
-            let (st, c) = self
-                .send(r, Method::POST, "/v1/completions", Some(&body))
-                .await
-                .map_err(anyhow::Error::msg)?;
-            if !st.is_success() || !c["choices"][0]["token_ids"].is_array() {
+            let name = match self.kind {
+                UpstreamKind::Vllm => vllm::check(self, r, probe_prompt).await?,
+                UpstreamKind::Sglang => sglang::check(self, r, probe_prompt).await?,
+            };
+            let mut base = lock(&self.base_name);
+            if base.is_empty() {
+                *base = name;
+            } else if *base != name {
                 anyhow::bail!(
-                    "upstream {}: a token-id prompt with return_token_ids got no token ids back ({st}: {c}); vLLM ≥ 0.10.2 is needed",
-                    r.url
-                );
-            }
-            let probe = json!({"lora_name": "clawrl-capability-probe"});
-            let (st, answer) = self
-                .send(r, Method::POST, "/v1/unload_lora_adapter", Some(&probe))
-                .await
-                .map_err(anyhow::Error::msg)?;
-            let knows_lora = answer.to_string().to_lowercase().contains("lora");
-            if !knows_lora {
-                anyhow::bail!(
-                    "upstream {}: no runtime LoRA loading (POST /v1/unload_lora_adapter answered {st}: {answer}); start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True",
-                    r.url
+                    "upstream {} serves {name:?}, the others {:?}: every replica must serve the same base model",
+                    r.url,
+                    *base
                 );
             }
         }
         Ok(())
+    }
+
+    /// `send`, with a failure to get an answer as an error that names the replica.
+    async fn ask(
+        &self,
+        r: &Replica,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        self.send(r, method, path, body)
+            .await
+            .map_err(|e| anyhow::anyhow!("upstream {}: {e}", r.url))
     }
 
     /// Replicas in the order a conversation with `key` tries them: its own first (a prefix
@@ -252,13 +246,15 @@ impl Upstream {
             VersionChoice::Live => self.live_version(),
             VersionChoice::Exactly(v) => v,
         };
-        let body = json!({
-            "model": self.model_name(version), "prompt": prompt_ids, "max_tokens": max_tokens,
-            "temperature": sampling.temperature, "top_p": sampling.top_p,
-            "top_k": if sampling.top_k == 0 { -1 } else { sampling.top_k as i64 },
-            "seed": sampling.seed, "stop": stop, "logprobs": top_logprobs, "stream": true,
-            "return_token_ids": true, "return_tokens_as_token_ids": true,
-        });
+        let request = Request {
+            prompt_ids,
+            max_tokens: *max_tokens,
+            sampling: sampling.clone(),
+            stop: stop.clone(),
+            top_logprobs: *top_logprobs,
+        };
+        let (path, body) = self.generate_request(&request, version);
+        let prompt_ids = request.prompt_ids;
         let fail = |e: EngineError| {
             let _ = job.events.send(EngineEvent::Failed(e));
         };
@@ -266,7 +262,6 @@ impl Upstream {
         'replicas: for r in self.order(&key) {
             let mut reloaded = false;
             let response = loop {
-                let path = "/v1/completions";
                 let key = self.api_key.as_deref();
                 let opened =
                     http_client::open(&r.target, Method::POST, path, key, Some(&body)).await;
@@ -289,7 +284,7 @@ impl Upstream {
                     .unwrap_or_default();
                 let answer: String = String::from_utf8_lossy(&bytes).chars().take(500).collect();
                 // A replica that lost the version's adapter (restarted) gets it again, once.
-                if status == StatusCode::NOT_FOUND && version != 0 && !reloaded {
+                if self.lost_adapter(status, &answer) && version != 0 && !reloaded {
                     reloaded = true;
                     if self.reload(r, version).await {
                         continue;
@@ -306,7 +301,9 @@ impl Upstream {
                 continue 'replicas;
             };
             self.mark_up(r);
-            let relayed = relay(&job, response.into_body(), prompt_ids, version).await;
+            let relayed = self
+                .relay(&job, r, response.into_body(), prompt_ids, version)
+                .await;
             if let Ok(timing) = &relayed {
                 // Counted like the local engine's decoding: what the screen's speed reads.
                 let c = &self.counters;
@@ -322,6 +319,46 @@ impl Upstream {
             "every upstream replica is down: {}",
             why.join("; ")
         )));
+    }
+
+    /// The route and body that stream `req` under `version` from a replica.
+    fn generate_request(&self, req: &Request, version: i64) -> (&'static str, Value) {
+        match self.kind {
+            UpstreamKind::Vllm => (
+                vllm::GENERATE,
+                vllm::generate_body(req, &self.model_name(version)),
+            ),
+            UpstreamKind::Sglang => {
+                let adapter = (version != 0).then(|| adapter_name(version));
+                (sglang::GENERATE, sglang::generate_body(req, adapter))
+            }
+        }
+    }
+
+    /// Where adapters are loaded (`load`) or unloaded.
+    fn adapter_route(&self, load: bool) -> &'static str {
+        match (self.kind, load) {
+            (UpstreamKind::Vllm, true) => vllm::LOAD,
+            (UpstreamKind::Vllm, false) => vllm::UNLOAD,
+            (UpstreamKind::Sglang, true) => sglang::LOAD,
+            (UpstreamKind::Sglang, false) => sglang::UNLOAD,
+        }
+    }
+
+    /// Why an adapter load or unload was refused (`None`: done).
+    fn refusal(&self, status: StatusCode, answer: &Value) -> Option<String> {
+        match self.kind {
+            UpstreamKind::Vllm => vllm::refusal(status, answer),
+            UpstreamKind::Sglang => sglang::refusal(status, answer),
+        }
+    }
+
+    /// The replica answered that it does not hold the adapter asked for (restarted).
+    fn lost_adapter(&self, status: StatusCode, answer: &str) -> bool {
+        match self.kind {
+            UpstreamKind::Vllm => vllm::lost_adapter(status, answer),
+            UpstreamKind::Sglang => sglang::lost_adapter(status, answer),
+        }
     }
 
     fn mark_down(&self, r: &Replica, why: String, all: &mut Vec<String>) {
@@ -348,8 +385,8 @@ impl Upstream {
         };
         let load = json!({"lora_name": adapter_name(version), "lora_path": path});
         let loaded = matches!(
-            self.send(r, Method::POST, "/v1/load_lora_adapter", Some(&load)).await,
-            Ok((st, _)) if st.is_success()
+            self.send(r, Method::POST, self.adapter_route(true), Some(&load)).await,
+            Ok((st, answer)) if self.refusal(st, &answer).is_none()
         );
         tracing::warn!(replica = %r.url, version, loaded, "a replica had lost a version's adapter (restarted?): loaded it again");
         loaded
@@ -385,26 +422,20 @@ impl Upstream {
                 let mut done = Vec::new();
                 for r in &self.replicas {
                     let answer = self
-                        .send(r, Method::POST, "/v1/load_lora_adapter", Some(&load))
+                        .send(r, Method::POST, self.adapter_route(true), Some(&load))
                         .await;
-                    match answer {
-                        Ok((st, _)) if st.is_success() => done.push(r),
-                        failed => {
-                            let answered = failed.is_ok();
-                            let why = match failed {
-                                Ok((st, a)) => format!(
-                                    "{st}: {}",
-                                    a["error"]["message"]
-                                        .as_str()
-                                        .map_or_else(|| a.to_string(), str::to_owned)
-                                ),
-                                Err(e) => e,
-                            };
+                    let refused = match &answer {
+                        Ok((st, a)) => self.refusal(*st, a),
+                        Err(e) => Some(e.clone()),
+                    };
+                    match refused {
+                        None => done.push(r),
+                        Some(why) => {
+                            let answered = answer.is_ok();
                             let unload = json!({"lora_name": name});
                             for r in done {
-                                let _ = self
-                                    .send(r, Method::POST, "/v1/unload_lora_adapter", Some(&unload))
-                                    .await;
+                                let route = self.adapter_route(false);
+                                let _ = self.send(r, Method::POST, route, Some(&unload)).await;
                             }
                             let why_here = format!("loading {name}: {why}");
                             if answered {
@@ -443,85 +474,122 @@ impl Upstream {
             lock(&self.paths).remove(&v);
             let unload = json!({"lora_name": adapter_name(v)});
             for r in &self.replicas {
-                let _ = self
-                    .send(r, Method::POST, "/v1/unload_lora_adapter", Some(&unload))
-                    .await;
+                let route = self.adapter_route(false);
+                let _ = self.send(r, Method::POST, route, Some(&unload)).await;
             }
         }
     }
 }
 
-/// Reads a replica's event stream: forwards the text as it comes and assembles the
-/// generation from the chunks' ids and log-probs.
+/// The best log-probs at one position, asked at two temperatures, differ: the replica
+/// returns them after temperature (the captured log-probs must be the model's own).
+fn tempered(at_1: &[f64], at_half: &[f64]) -> bool {
+    let mut a = at_1.to_vec();
+    let mut b = at_half.to_vec();
+    a.sort_by(f64::total_cmp);
+    b.sort_by(f64::total_cmp);
+    a.len() != b.len() || a.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-3)
+}
+
 /// How long a relayed reply took to decode after its first token.
 struct Relayed {
     tokens: u64,
     decode_micros: u64,
 }
 
-async fn relay(
-    job: &Job,
-    body: Incoming,
+/// A generation as the replicas are asked for it.
+struct Request {
     prompt_ids: Vec<u32>,
-    version: i64,
-) -> Result<Relayed, String> {
-    let started = Instant::now();
-    let mut reply = Assembled::default();
-    let mut events = http_client::Events::new(body);
-    let admitted = |cached_tokens| EngineEvent::Admitted {
-        prompt_ids: prompt_ids.clone(),
-        cached_tokens,
-    };
-    let mut said_admitted = false;
-    let mut first_text = None;
-    while let Some(event) = events.next().await {
-        if job.cancel.load(Ordering::Relaxed) {
-            reply.finish = Some(FinishReason::Cancelled);
-            break; // dropping the body closes the connection: the replica stops
-        }
-        let event = event.map_err(|e| e.to_string())?;
-        let Some(payload) = http_client::event_data(&event) else {
-            continue;
-        };
-        if payload == "[DONE]" {
-            break;
-        }
-        let chunk: Value =
-            serde_json::from_str(payload).map_err(|e| format!("a stream event: {e}"))?;
-        if let Some(message) = chunk["error"]["message"].as_str() {
-            return Err(message.to_string());
-        }
-        let piece = reply.add(&chunk, &prompt_ids)?;
-        if !said_admitted {
-            said_admitted = true;
-            let _ = job.events.send(admitted(reply.cached_tokens));
-        }
-        if !piece.is_empty() {
-            first_text.get_or_insert_with(Instant::now);
-            let _ = job.events.send(EngineEvent::Text(piece));
-        }
-    }
-    if !said_admitted {
-        let _ = job.events.send(admitted(reply.cached_tokens));
-    }
-    let cached_tokens = reply.cached_tokens;
-    let generation = reply.finish(prompt_ids.len(), started.elapsed().as_secs_f64())?;
-    let relayed = Relayed {
-        // The first token comes with the prompt; decode speed counts the rest.
-        tokens: generation.ids.len().saturating_sub(1) as u64,
-        decode_micros: first_text.map_or(0, |t| t.elapsed().as_micros() as u64),
-    };
-    let _ = job.events.send(EngineEvent::Finished {
-        generation,
-        prompt_ids,
-        cached_tokens,
-        adapter_version: version,
-    });
-    Ok(relayed)
+    max_tokens: usize,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    top_logprobs: usize,
 }
 
-/// A streamed completion put together from its chunks (vLLM's shape: each chunk's choice
-/// has the new text, `token_ids` and `logprobs`; the first `prompt_token_ids`).
+/// What one stream event adds to the reply.
+#[derive(Debug, Default)]
+struct Delta {
+    text: String,
+    ids: Vec<u32>,
+    logprobs: Vec<f32>,
+    top: Vec<Vec<(u32, f32)>>,
+    finish: Option<FinishReason>,
+    cached_tokens: Option<usize>,
+}
+
+impl Upstream {
+    /// Reads replica `r`'s event stream: forwards the text as it comes and assembles the
+    /// generation from the events' ids and log-probs.
+    async fn relay(
+        &self,
+        job: &Job,
+        r: &Replica,
+        body: Incoming,
+        prompt_ids: Vec<u32>,
+        version: i64,
+    ) -> Result<Relayed, String> {
+        let started = Instant::now();
+        let mut reply = Assembled::default();
+        let mut events = http_client::Events::new(body);
+        let admitted = |cached_tokens| EngineEvent::Admitted {
+            prompt_ids: prompt_ids.clone(),
+            cached_tokens,
+        };
+        let incremental = r.incremental.load(Ordering::SeqCst);
+        let mut said_admitted = false;
+        let mut first_text = None;
+        while let Some(event) = events.next().await {
+            if job.cancel.load(Ordering::Relaxed) {
+                reply.finish = Some(FinishReason::Cancelled);
+                break; // dropping the body closes the connection: the replica stops
+            }
+            let event = event.map_err(|e| e.to_string())?;
+            let Some(payload) = http_client::event_data(&event) else {
+                continue;
+            };
+            if payload == "[DONE]" {
+                break;
+            }
+            let chunk: Value =
+                serde_json::from_str(payload).map_err(|e| format!("a stream event: {e}"))?;
+            if let Some(message) = chunk["error"]["message"].as_str() {
+                return Err(message.to_string());
+            }
+            let delta = match self.kind {
+                UpstreamKind::Vllm => vllm::delta(&chunk, &prompt_ids)?,
+                UpstreamKind::Sglang => sglang::delta(&chunk, &reply, incremental)?,
+            };
+            let piece = reply.add(delta);
+            if !said_admitted {
+                said_admitted = true;
+                let _ = job.events.send(admitted(reply.cached_tokens));
+            }
+            if !piece.is_empty() {
+                first_text.get_or_insert_with(Instant::now);
+                let _ = job.events.send(EngineEvent::Text(piece));
+            }
+        }
+        if !said_admitted {
+            let _ = job.events.send(admitted(reply.cached_tokens));
+        }
+        let cached_tokens = reply.cached_tokens;
+        let generation = reply.finish(prompt_ids.len(), started.elapsed().as_secs_f64())?;
+        let relayed = Relayed {
+            // The first token comes with the prompt; decode speed counts the rest.
+            tokens: generation.ids.len().saturating_sub(1) as u64,
+            decode_micros: first_text.map_or(0, |t| t.elapsed().as_micros() as u64),
+        };
+        let _ = job.events.send(EngineEvent::Finished {
+            generation,
+            prompt_ids,
+            cached_tokens,
+            adapter_version: version,
+        });
+        Ok(relayed)
+    }
+}
+
+/// A streamed reply put together from its events.
 #[derive(Default)]
 struct Assembled {
     text: String,
@@ -533,48 +601,18 @@ struct Assembled {
 }
 
 impl Assembled {
-    /// Adds a chunk; returns its new text.
-    fn add(&mut self, chunk: &Value, prompt_ids: &[u32]) -> Result<String, String> {
-        let c = &chunk["choices"][0];
-        if c["prompt_token_ids"].is_array() && c["prompt_token_ids"] != json!(prompt_ids) {
-            return Err("the replica computed other prompt ids than were sent".into());
-        }
-        let ids: Vec<u32> = match &c["token_ids"] {
-            Value::Null => Vec::new(),
-            v => serde_json::from_value(v.clone()).map_err(|e| format!("token_ids: {e}"))?,
-        };
-        self.ids.extend(ids);
-        let lp = &c["logprobs"];
-        if let Some(values) = lp["token_logprobs"].as_array() {
-            self.logprobs
-                .extend(values.iter().map(|v| v.as_f64().unwrap_or(f64::NAN) as f32));
-        }
-        for row in lp["top_logprobs"].as_array().into_iter().flatten() {
-            let mut alts: Vec<(u32, f32)> = row
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter_map(|(k, v)| {
-                    Some((
-                        k.strip_prefix("token_id:")?.parse().ok()?,
-                        v.as_f64()? as f32,
-                    ))
-                })
-                .collect();
+    /// Adds an event's new part; returns its new text.
+    fn add(&mut self, d: Delta) -> String {
+        self.ids.extend(d.ids);
+        self.logprobs.extend(d.logprobs);
+        self.top_logprobs.extend(d.top.into_iter().map(|mut alts| {
             alts.sort_by(|a, b| b.1.total_cmp(&a.1));
-            self.top_logprobs.push(alts);
-        }
-        match c["finish_reason"].as_str() {
-            Some("length") => self.finish = Some(FinishReason::Length),
-            Some(_) => self.finish = Some(FinishReason::Stop),
-            None => {}
-        }
-        if let Some(n) = chunk["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() {
-            self.cached_tokens = n as usize;
-        }
-        let piece = c["text"].as_str().unwrap_or_default();
-        self.text.push_str(piece);
-        Ok(piece.to_string())
+            alts
+        }));
+        self.finish = d.finish.or(self.finish);
+        self.cached_tokens = d.cached_tokens.unwrap_or(self.cached_tokens);
+        self.text.push_str(&d.text);
+        d.text
     }
 
     fn finish(self, prompt_tokens: usize, secs: f64) -> Result<Generation, String> {
