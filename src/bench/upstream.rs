@@ -1,11 +1,12 @@
-//! `bench --upstream`: what the control plane costs a request. A clawrl replica and a control
-//! plane in front of it (`serving.backend = "upstream"`), both in this process on loopback;
-//! the same streamed chat requests straight to the replica and through the plane, in
-//! alternating order; time to first token and decode speed (medians, plane ÷ direct); and how
-//! long a replica takes to load a version's adapter (`/v1/load_lora_adapter`).
+//! `bench --upstream`: what the control plane costs a request. A clawrl replica and two
+//! control planes in front of it (`serving.backend = "upstream"`, one speaking vLLM's API, one
+//! SGLang's), all in this process on loopback; the same streamed chat requests straight to the
+//! replica and through each plane, in rotating order; time to first token and decode speed
+//! (medians, plane ÷ direct); and how long a replica takes to load a version's adapter
+//! (`/v1/load_lora_adapter`).
 
 use anyhow::{Context, Result, bail};
-use clawrl_core::config::{Config, JudgeBackend, ServingBackend};
+use clawrl_core::config::{Config, JudgeBackend, ServingBackend, UpstreamKind};
 use clawrl_core::engine::Status;
 use clawrl_core::http_client::{self, Target};
 use hyper::Method;
@@ -125,41 +126,37 @@ async fn measure_in(cfg: &Config, rounds: usize, dir: &std::path::Path) -> Resul
     replica.server.prefix_cache_mb = 0;
     let (replica_url, replica_core, _stop_replica) = start(&replica).await?;
     let mut plane = replica.clone();
-    plane.paths.data_dir = dir.join("plane").display().to_string();
     plane.serving.backend = ServingBackend::Upstream;
     plane.upstream.urls = vec![replica_url.clone()];
-    let (plane_url, plane_core, _stop_plane) = start(&plane).await?;
-    let up = plane_core
-        .upstream
-        .clone()
-        .context("the plane has replicas")?;
-    while !up.is_ready() {
-        if let Some(why) = plane_core.failure.borrow().clone() {
-            bail!("{why}");
+    let mut urls = vec![replica_url.clone()];
+    let mut stops = Vec::new();
+    for kind in [UpstreamKind::Vllm, UpstreamKind::Sglang] {
+        let mut c = plane.clone();
+        c.upstream.kind = kind;
+        c.paths.data_dir = dir.join(format!("plane-{kind:?}")).display().to_string();
+        let (url, core, stop) = start(&c).await?;
+        let up = core.upstream.clone().context("the plane has replicas")?;
+        while !up.is_ready() {
+            if let Some(why) = core.failure.borrow().clone() {
+                bail!("{why}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        urls.push(url);
+        stops.push(stop);
     }
     println!(
-        "model: {}; {rounds} rounds of 6 streamed greedy replies (64 tokens) each way, alternating who goes first",
+        "model: {}; {rounds} rounds of 6 streamed greedy replies (64 tokens) each way, rotating who goes first",
         replica_core.config.model_id
     );
-    let (mut direct, mut via) = (Vec::new(), Vec::new());
+    // Direct, through the vLLM-speaking plane, through the SGLang-speaking one.
+    let mut timings: [Vec<Timing>; 3] = Default::default();
     streamed(&replica_url, "warming up", 8).await?;
     for round in 0..rounds {
         for (i, topic) in TOPICS.iter().enumerate() {
-            let plane_first = (round + i) % 2 == 1;
-            let order = if plane_first {
-                [&plane_url, &replica_url]
-            } else {
-                [&replica_url, &plane_url]
-            };
-            for url in order {
-                let t = streamed(url, topic, 64).await?;
-                if url == &plane_url {
-                    via.push(t)
-                } else {
-                    direct.push(t)
-                }
+            for k in 0..3 {
+                let which = (round + i + k) % 3;
+                timings[which].push(streamed(&urls[which], topic, 64).await?);
             }
         }
     }
@@ -171,20 +168,23 @@ async fn measure_in(cfg: &Config, rounds: usize, dir: &std::path::Path) -> Resul
         )
     };
     let speed = |v: &[Timing]| median(v.iter().map(|t| t.decode_tok_s).collect());
-    println!("| | direct to the replica | through the control plane | plane ÷ direct |");
-    println!("|---|---|---|---|");
+    let [direct, vllm, sglang] = &timings;
     println!(
-        "| time to first token (ms, median) | {:.1} | {:.1} | {:.3} |",
-        ttft(&direct),
-        ttft(&via),
-        ttft(&via) / ttft(&direct)
+        "| | direct to the replica | through the plane, vLLM's API | plane ÷ direct | through the plane, SGLang's API | plane ÷ direct |"
     );
-    println!(
-        "| decode (tok/s, median) | {:.1} | {:.1} | {:.3} |",
-        speed(&direct),
-        speed(&via),
-        speed(&via) / speed(&direct)
-    );
+    println!("|---|---|---|---|---|---|");
+    let row = |what: &str, m: &dyn Fn(&[Timing]) -> f64| {
+        let d = m(direct);
+        println!(
+            "| {what} | {d:.1} | {:.1} | {:.3} | {:.1} | {:.3} |",
+            m(vllm),
+            m(vllm) / d,
+            m(sglang),
+            m(sglang) / d
+        );
+    };
+    row("time to first token (ms, median)", &ttft);
+    row("decode (tok/s, median)", &speed);
     adapter_load(&replica_core, &replica_url, &plane, dir).await
 }
 
