@@ -17,14 +17,14 @@ struct Fleet {
     plane: Server,
 }
 
-fn start_fleet(kind: &str, replicas: usize) -> Fleet {
+fn start_fleet(kind: &str, replicas: usize, plane_env: &[(&str, &str)]) -> Fleet {
     let replicas: Vec<Server> = (0..replicas).map(|_| Server::start(&[])).collect();
     let urls: Vec<String> = replicas
         .iter()
         .map(|r| format!("http://127.0.0.1:{}", r.port))
         .collect();
     let urls = serde_json::to_string(&urls).unwrap();
-    let plane = Server::start(&[
+    let mut env = vec![
         ("CLAWRL__SERVING__BACKEND", "upstream"),
         ("CLAWRL__UPSTREAM__KIND", kind),
         ("CLAWRL__UPSTREAM__URLS", &urls),
@@ -34,7 +34,9 @@ fn start_fleet(kind: &str, replicas: usize) -> Fleet {
         // The guard's KL check runs; its degeneration replies (14 greedy generations per
         // candidate) are left out to keep this scenario short.
         ("CLAWRL__GATE__REPETITION_TOKENS", "0"),
-    ]);
+    ];
+    env.extend_from_slice(plane_env);
+    let plane = Server::start(&env);
     Fleet { replicas, plane }
 }
 
@@ -248,7 +250,7 @@ fn with_every_replica_down_requests_get_503_and_nothing_is_captured(f: &mut Flee
 
 #[test]
 fn a_control_plane_captures_trains_and_pushes_versions_to_every_replica() {
-    let mut f = start_fleet("vllm", 2);
+    let mut f = start_fleet("vllm", 2, &[]);
     let reply = captured_like_a_local_run(&f);
     a_trained_version_is_live_on_both_replicas(&f, &reply);
     rollback_is_served_by_the_next_request(&f);
@@ -370,10 +372,15 @@ fn entries(v: &Value) -> (Vec<Value>, Vec<Value>) {
 
 #[test]
 fn a_control_plane_speaking_sglang_captures_and_pushes_versions() {
-    let f = start_fleet("sglang", 1);
+    // The teacher's log-probs from the replica too (the sampled-token form).
+    let teacher_upstream = [
+        ("CLAWRL__TRAIN__OPD", "sampled"),
+        ("CLAWRL__TRAIN__TEACHER_FROM", "upstream"),
+    ];
+    let f = start_fleet("sglang", 1, &teacher_upstream);
     let replica = &f.replicas[0];
     // Captured as a local run records it, asked plainly and streamed.
-    let reply = captured_like_a_local_run(&f);
+    captured_like_a_local_run(&f);
 
     // The replica's own SGLang routes: the reply's log-probs again as prompt log-probs
     // (what a teacher reads), and bad requests refused naming the field.
@@ -427,11 +434,34 @@ fn a_control_plane_speaking_sglang_captures_and_pushes_versions() {
         assert!(text.contains(field), "{body}: {text}");
     }
 
-    // A thumbs up trains v1, loaded into the replica through /load_lora_adapter and served.
-    rate_up(&f.plane, &reply);
+    // A reply rated down and corrected: v1 distils from the user's words, the teacher's
+    // log-probs computed by the replica; v1 is loaded into it through /load_lora_adapter.
+    let first_in = |session: &str| {
+        let turns = f.plane.export();
+        turns
+            .into_iter()
+            .find(|t| t["session_id"] == session)
+            .unwrap()
+    };
+    let fruit = first_in("conv-1");
+    let correction = json!({"messages": [
+        {"role": "user", "content": "Name a fruit."},
+        {"role": "assistant", "content": fruit["response_text"]},
+        {"role": "user", "content": "Shorter please: one word."}], "max_tokens": 4, "temperature": 0});
+    let (st, r) = f.plane.chat(&[("X-Session-Id", "conv-1")], &correction);
+    assert_eq!(st, 200, "{r}");
+    let down = json!({"response_id": fruit["response_id"], "rating": "down"}).to_string();
+    let (st, _, text) = f.plane.request("POST", "/v1/feedback", &[], &down, true);
+    assert_eq!(st, 200, "{text}");
     wait_for("v1 live", 600, || {
         f.plane.admin_status()["live_version"] == 1
     });
+    let fruit = first_in("conv-1");
+    let choice = &fruit["hint_choices"][0];
+    let chosen = &choice["candidates"][choice["chosen"].as_u64().unwrap() as usize];
+    assert_eq!(chosen["text"], "Shorter please: one word.", "{fruit:#}");
+    let replica_url = format!("http://127.0.0.1:{}", replica.port);
+    assert_eq!(chosen["scored_by"], replica_url.as_str(), "{fruit:#}");
     let q = "Name a colour.";
     ask(&f.plane, q, "conv-2");
     let turn = captured(&f.plane, q);

@@ -124,6 +124,9 @@ pub struct TrainSection {
     pub kl_coef: f64,
     pub max_staleness: i64,
     pub teacher: Teacher,
+    /// Where the teacher's log-probs are computed: here, or by a replica (serving upstream,
+    /// the sampled-token form only).
+    pub teacher_from: TeacherFrom,
     /// The distillation term's form: over the sampling policy's top-K tokens, or the sampled one.
     pub opd: OpdForm,
     /// K of the top-K form (and of the hint selection's overlap).
@@ -183,6 +186,18 @@ pub enum Teacher {
     Policy,
 }
 
+/// Where the OPD teacher's log-probs are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TeacherFrom {
+    /// This process's engine (any form, any hint selection).
+    #[default]
+    Local,
+    /// An upstream replica's prompt log-probs (vLLM `prompt_logprobs`, SGLang
+    /// `logprob_start_len`): the sampled tokens' only, so `train.opd = "sampled"`.
+    Upstream,
+}
+
 impl Default for TrainSection {
     fn default() -> Self {
         Self {
@@ -208,6 +223,7 @@ impl Default for TrainSection {
             kl_coef: 0.0,
             max_staleness: 4,
             teacher: Teacher::Base,
+            teacher_from: TeacherFrom::Local,
             opd: OpdForm::Topk,
             topk: 16,
             opd_clip: 2.0,
@@ -694,6 +710,18 @@ impl Config {
                 t.opd_clip
             );
         }
+        if t.teacher_from == TeacherFrom::Upstream {
+            if self.serving.backend != ServingBackend::Upstream {
+                bail!(
+                    "train.teacher_from = \"upstream\" needs serving.backend = \"upstream\" (replicas to score on)"
+                );
+            }
+            if t.opd != OpdForm::Sampled || t.hint_selection == HintSelection::Overlap {
+                bail!(
+                    "train.teacher_from = \"upstream\" needs train.opd = \"sampled\" and train.hint_selection \"user\" or \"first\": the top-K form and the overlap selection need the teacher's whole distribution at the student's top-K tokens, which a replica's prompt log-probs do not give"
+                );
+            }
+        }
         if t.max_response_tokens == 0 || t.grad_context_tokens == 0 {
             bail!("train.max_response_tokens and train.grad_context_tokens must be at least 1");
         }
@@ -814,5 +842,21 @@ mod tests {
         let mut cfg = Config::default();
         cfg.model.dtype = "f8".into();
         assert!(cfg.validate().unwrap_err().to_string().contains("f8"));
+    }
+
+    #[test]
+    fn a_teacher_from_the_replicas_needs_replicas_and_the_sampled_token_form() {
+        let mut cfg = Config::default();
+        cfg.train.teacher_from = TeacherFrom::Upstream;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("serving.backend"), "{err}");
+        cfg.serving.backend = ServingBackend::Upstream;
+        cfg.upstream.urls = vec!["http://gpu1:8000".into()];
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("train.opd = \"sampled\""), "{err}");
+        cfg.train.opd = OpdForm::Sampled;
+        cfg.validate().unwrap();
+        cfg.train.hint_selection = HintSelection::Overlap;
+        assert!(cfg.validate().is_err());
     }
 }

@@ -442,6 +442,7 @@ pub fn build(cfg: &Config) -> Result<Arc<Core>> {
             engine.clone(),
             gate.clone(),
             bus.clone(),
+            upstream.clone(),
         )?)
     } else {
         None

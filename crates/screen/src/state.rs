@@ -483,6 +483,7 @@ impl State {
                         text: hint.clone(),
                         overlap: *overlap,
                         error: None,
+                        scored_by: None,
                     });
                 }
             }

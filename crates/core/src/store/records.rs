@@ -124,6 +124,9 @@ pub struct HintCandidate {
     /// Why its teacher could not be scored (e.g. the hinted context is too long).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
+    /// The upstream replica that computed its teacher's log-probs (`None`: this process).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub scored_by: Option<String>,
 }
 
 /// What a sample distilled from: every candidate, the chosen one and the rule that chose it

@@ -34,6 +34,7 @@ pub fn candidates(
                 text: text.to_string(),
                 overlap: None,
                 error: None,
+                scored_by: None,
             });
         }
     };
@@ -170,6 +171,7 @@ mod tests {
             text: "t".into(),
             overlap,
             error: None,
+            scored_by: None,
         };
         let both = [
             c(HintSource::Judge, Some(9.5)),

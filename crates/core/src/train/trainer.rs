@@ -148,6 +148,8 @@ struct Trainer {
     markers: Vec<String>,
     /// Rate-limits repeated log lines.
     log: crate::logging::Repeats,
+    /// The replicas that compute the teacher's log-probs (`train.teacher_from = "upstream"`).
+    teacher_upstream: Option<Arc<crate::upstream::Upstream>>,
 }
 
 /// A ready sample and its hint candidates.
@@ -171,6 +173,7 @@ pub fn spawn(
     engine: Engine,
     gate: Arc<Gate>,
     bus: EventBus,
+    upstream: Option<Arc<crate::upstream::Upstream>>,
 ) -> Result<Arc<TrainerHandle>> {
     let store = Store::open(&cfg.store_path())?;
     let paused = store.setting(PAUSED_SETTING)?.as_deref() == Some("1");
@@ -223,6 +226,8 @@ pub fn spawn(
         last_waiting: None,
         markers: cfg.server.internal_context_markers.clone(),
         log: crate::logging::Repeats::new(Duration::from_secs(60)),
+        teacher_upstream: upstream
+            .filter(|_| t.teacher_from == crate::config::TeacherFrom::Upstream),
     };
     let pool = clawrl_model::background::low_priority_pool("clawrl-train")?;
     std::thread::Builder::new()
@@ -713,6 +718,16 @@ impl Trainer {
                     continue;
                 }
             };
+            if let Some(up) = &self.teacher_upstream {
+                match self.score_upstream(up, &hinted, s, response, version) {
+                    Ok((lp, replica)) => {
+                        candidates[i].scored_by = Some(replica);
+                        teachers[i] = Some((lp, None));
+                    }
+                    Err(e) => candidates[i].error = Some(format!("{e:#}")),
+                }
+                continue;
+            }
             let prompt = Prompt::chat(hinted, s.tools.clone());
             let scored =
                 self.engine
@@ -767,6 +782,31 @@ impl Trainer {
                 candidates,
             },
         })
+    }
+}
+
+impl Trainer {
+    /// The teacher's log-probs of `response` after the hinted messages, computed by a replica
+    /// (the chat template rendered here, as for serving); with the replica's URL.
+    fn score_upstream(
+        &self,
+        up: &crate::upstream::Upstream,
+        hinted: &[clawrl_model::messages::Message],
+        s: &SampleRow,
+        response: &[u32],
+        version: i64,
+    ) -> Result<(Vec<f32>, String)> {
+        let model = self
+            .engine
+            .model()
+            .ok_or_else(|| anyhow::anyhow!("the model is not loaded"))?;
+        let prompt = model.chat_prompt(hinted, s.tools.as_ref())?;
+        let (lp, replica) = up.score(&prompt, response, version)?;
+        anyhow::ensure!(
+            lp.len() == response.len(),
+            "the teacher scored another length"
+        );
+        Ok((lp, replica))
     }
 }
 

@@ -321,6 +321,61 @@ impl Upstream {
         )));
     }
 
+    /// The log-probs of `continuation` after `prompt` under `version`, computed by a replica
+    /// (the teacher of the sampled-token form, `train.teacher_from = "upstream"`), and which
+    /// replica computed them. Blocking.
+    pub fn score(
+        &self,
+        prompt: &[u32],
+        continuation: &[u32],
+        version: i64,
+    ) -> anyhow::Result<(Vec<f32>, String)> {
+        let (path, body) = match self.kind {
+            UpstreamKind::Vllm => (
+                vllm::GENERATE,
+                vllm::score_body(prompt, continuation, &self.model_name(version)),
+            ),
+            UpstreamKind::Sglang => {
+                let adapter = (version != 0).then(|| adapter_name(version));
+                (
+                    sglang::GENERATE,
+                    sglang::score_body(prompt, continuation, adapter),
+                )
+            }
+        };
+        block_on(async {
+            let mut why = Vec::new();
+            for r in self.order("teacher") {
+                let (status, answer) = match self.send(r, Method::POST, path, Some(&body)).await {
+                    Ok(answered) => answered,
+                    Err(e) => {
+                        self.mark_down(r, e, &mut why);
+                        continue;
+                    }
+                };
+                if status.is_server_error() {
+                    self.mark_down(r, format!("{status}: {answer}"), &mut why);
+                    continue;
+                }
+                self.mark_up(r);
+                if !status.is_success() {
+                    anyhow::bail!(
+                        "upstream {} refused the teacher's scoring: {status}: {answer}",
+                        r.url
+                    );
+                }
+                let scored = match self.kind {
+                    UpstreamKind::Vllm => vllm::scored(&answer, prompt.len(), continuation),
+                    UpstreamKind::Sglang => sglang::scored(&answer, continuation),
+                };
+                return scored
+                    .map(|lps| (lps, r.url.clone()))
+                    .map_err(|e| anyhow::anyhow!("upstream {}: {e}", r.url));
+            }
+            anyhow::bail!("every upstream replica is down: {}", why.join("; "))
+        })
+    }
+
     /// The route and body that stream `req` under `version` from a replica.
     fn generate_request(&self, req: &Request, version: i64) -> (&'static str, Value) {
         match self.kind {

@@ -170,6 +170,43 @@ pub(super) fn delta(chunk: &Value, so_far: &Assembled, incremental: bool) -> Res
     })
 }
 
+/// Scores `continuation` after `prompt` under `adapter`: the input log-probs from where the
+/// continuation starts (one generated token, thrown away).
+pub(super) fn score_body(prompt: &[u32], continuation: &[u32], adapter: Option<String>) -> Value {
+    let all: Vec<u32> = prompt.iter().chain(continuation).copied().collect();
+    let mut body = json!({"input_ids": all, "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+                          "return_logprob": true, "logprob_start_len": prompt.len()});
+    if let Some(name) = adapter {
+        body["lora_path"] = json!(name);
+    }
+    body
+}
+
+/// The continuation's log-probs from a `score_body` answer (`input_token_logprobs`, entries
+/// `[log-prob, token id, text]` from the continuation's first token on).
+pub(super) fn scored(answer: &Value, continuation: &[u32]) -> Result<Vec<f32>, String> {
+    let rows = answer["meta_info"]["input_token_logprobs"]
+        .as_array()
+        .ok_or("no input_token_logprobs in the answer")?;
+    if rows.len() < continuation.len() {
+        return Err(format!(
+            "{} input log-probs for {} tokens",
+            rows.len(),
+            continuation.len()
+        ));
+    }
+    continuation
+        .iter()
+        .zip(rows)
+        .map(|(&id, e)| match (e[0].as_f64(), e[1].as_u64()) {
+            (Some(lp), Some(got)) if got == id as u64 => Ok(lp as f32),
+            _ => Err(format!(
+                "the input log-prob entry {e} is not for token {id}"
+            )),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

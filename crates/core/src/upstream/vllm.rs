@@ -128,3 +128,34 @@ pub(super) fn delta(chunk: &Value, prompt_ids: &[u32]) -> Result<Delta, String> 
             .map(|n| n as usize),
     })
 }
+
+/// Scores `continuation` after `prompt` under `model`: its tokens' log-probs from the prompt
+/// log-probs of the whole sequence (one generated token, thrown away).
+pub(super) fn score_body(prompt: &[u32], continuation: &[u32], model: &str) -> Value {
+    let all: Vec<u32> = prompt.iter().chain(continuation).copied().collect();
+    json!({"model": model, "prompt": all, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0})
+}
+
+/// The continuation's log-probs from a `score_body` answer: `prompt_logprobs` has, per
+/// position, a map from token id to `{"logprob"}` holding the prompt's own token.
+pub(super) fn scored(
+    answer: &Value,
+    start: usize,
+    continuation: &[u32],
+) -> Result<Vec<f32>, String> {
+    let rows = answer["choices"][0]["prompt_logprobs"]
+        .as_array()
+        .ok_or("no prompt_logprobs in the answer")?;
+    continuation
+        .iter()
+        .enumerate()
+        .map(|(j, id)| {
+            let lp = rows
+                .get(start + j)
+                .map(|row| &row[id.to_string()]["logprob"]);
+            lp.and_then(Value::as_f64)
+                .map(|v| v as f32)
+                .ok_or_else(|| format!("no log-prob for token {id} at position {}", start + j))
+        })
+        .collect()
+}
