@@ -147,6 +147,21 @@ pub(crate) fn group_outputs(up: &[f32], rank: usize) -> Vec<f16> {
 /// Output rows computed per task: enough work to outweigh scheduling, enough tasks for 2+ cores.
 const ROWS_PER_TASK: usize = 32;
 
+/// From this many activation rows on (a prompt), a task dequantizes its weight rows once into
+/// an f32 panel and multiplies every row by it with a dense matrix kernel, instead of
+/// unpacking each block again for every 4 rows. Above what batched decoding reaches
+/// (`server.max_active` streams), so decoded streams keep their bit-for-bit kernels.
+pub const PANEL_MIN_ROWS: usize = 32;
+
+/// Weight rows per task on the panel path: gemm packs the activations once per call, so a
+/// panel of 32 rows spent a fifth of a prompt repacking them.
+const PANEL_ROWS_PER_TASK: usize = 128;
+
+/// Whether `n` activation rows go through [`panel_product`].
+fn by_panel(n: usize) -> bool {
+    cfg!(target_arch = "x86_64") && n >= PANEL_MIN_ROWS
+}
+
 /// One weight matrix to multiply: `row_bytes` bytes of `ty` blocks per row, plus an optional
 /// low-rank update of its outputs.
 pub struct Product<'a> {
@@ -182,14 +197,27 @@ pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Ve
         })
         .collect();
     let mut tasks = Vec::new();
+    let per_task = if by_panel(n) {
+        PANEL_ROWS_PER_TASK
+    } else {
+        ROWS_PER_TASK
+    };
     for (k, p) in products.iter().enumerate() {
-        let weights = p.weights.chunks(ROWS_PER_TASK * p.row_bytes);
-        tasks.extend(weights.enumerate().map(|(c, w)| (k, c * ROWS_PER_TASK, w)));
+        let weights = p.weights.chunks(per_task * p.row_bytes);
+        tasks.extend(weights.enumerate().map(|(c, w)| (k, c * per_task, w)));
     }
     team::for_each_index(tasks.len(), |i| {
         let (k, first, w) = tasks[i];
         let (p, dest) = (&products[k], &dests[k]);
         let count = w.len() / p.row_bytes;
+        #[cfg(target_arch = "x86_64")]
+        if by_panel(n) && p.update.is_none() {
+            // SAFETY: the task's own columns `first..first + count` of the product's
+            // [n, rows], which `outs` holds past for_each_index.
+            let at = unsafe { dest.at.add(first) };
+            unsafe { panel_product(p.ty, w, p.row_bytes, x, cols, n, at, (dest.rows, 1)) };
+            return;
+        }
         if n == 1 {
             // One activation row: the task's outputs are one run of the product's.
             // SAFETY: tasks cover disjoint rows `first..first + count` of each product, and
@@ -219,6 +247,61 @@ pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Ve
 thread_local! {
     /// A task's outputs before they go to their places (no allocation per task).
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A task's weight rows dequantized ([`panel_product`]).
+    static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The `n` activation rows `x` times the weight rows `w`, dequantized once into an f32 panel
+/// and multiplied by gemm (the dense path's kernel), written to `dst`: activation row `i`,
+/// weight row `j` at `dst + i·dst_rs + j·dst_cs`. The result is the dequantized matrix's
+/// product up to summation order, like the block kernels'.
+///
+/// # Safety
+/// `dst` must be valid for writes at every such place, and no other thread may write there.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_product(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    x: &[f32],
+    cols: usize,
+    n: usize,
+    dst: *mut f32,
+    (dst_rs, dst_cs): (usize, usize),
+) {
+    PANEL.with_borrow_mut(|panel| {
+        panel.clear();
+        for row in w.chunks_exact(row_bytes) {
+            dequantize_into(ty, row, cols, panel).expect("row length checked");
+        }
+        let count = panel.len() / cols;
+        // SAFETY: lhs is x as [n × cols] row-major; rhs is the panel [count × cols] read as
+        // its transpose [cols × count]; dst as the caller promised.
+        unsafe {
+            gemm::gemm(
+                n,
+                count,
+                cols,
+                dst,
+                dst_cs as isize,
+                dst_rs as isize,
+                false,
+                x.as_ptr(),
+                1,
+                cols as isize,
+                panel.as_ptr(),
+                cols as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
 }
 
 /// Where a product's outputs `[n, rows]` go; tasks write disjoint rows of it.
@@ -248,8 +331,13 @@ fn task(
     // The low-rank update runs on `isa` whatever the type; the blocks need a kernel for it.
     let (dense_isa, isa) = (isa, if has_kernel(p.ty) { isa } else { Isa::Portable });
     let mut dense = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    if by_panel(n) {
+        // SAFETY: `out` is [rows of w, n], this task's own.
+        unsafe { panel_product(p.ty, w, p.row_bytes, x, cols, n, out.as_mut_ptr(), (1, n)) };
+    }
     let rows = out.chunks_exact_mut(n).zip(w.chunks_exact(p.row_bytes));
-    for (o, wrow) in rows {
+    for (o, wrow) in rows.filter(|_| !by_panel(n)) {
         if isa == Isa::Portable {
             dense.clear();
             dequantize_into(p.ty, wrow, cols, &mut dense).expect("row length checked");

@@ -54,7 +54,8 @@ fn every_kernel_equals_the_dequantized_product_on_every_isa() {
     let (rows, cols) = (70, 512); // 70 rows: a partial last task
     for ty in SIMD_TYPES {
         let w = random_matrix(ty, rows, cols, &mut rng);
-        for n in [1, 3, 6] {
+        // 1, 3, 6 rows: the block kernels; a prompt's rows: the dequantized panel (gemm).
+        for n in [1, 3, 6, PANEL_MIN_ROWS + 5] {
             let x: Vec<f32> = (0..n * cols)
                 .map(|_| rng.random_range(-2f32..2.0))
                 .collect();
@@ -100,6 +101,7 @@ fn a_low_rank_update_is_added_to_every_output_on_every_isa() {
         (GgmlType::Q8_0, 1),
         (GgmlType::Q4_0, 6),
         (GgmlType::Q4_1, 1),
+        (GgmlType::Q4_1, PANEL_MIN_ROWS + 1),
     ] {
         let w = random_matrix(ty, rows, cols, &mut rng);
         let x: Vec<f32> = uniform(n * cols, &mut rng);
