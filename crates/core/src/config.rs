@@ -310,6 +310,11 @@ pub struct JudgeSection {
     /// same process beside the policy and run at the lowest CPU priority; empty = the policy's
     /// frozen base model. Not used by other backends.
     pub model: String,
+    /// How the judge's own model holds its projection weights: `blocks` (the GGUF's quantized
+    /// blocks alone: it never trains, so no dense copy), `both` or `dense`.
+    pub weights: WeightMode,
+    /// The judge's own model's dtype for its dense tensors (`f32` or `f16`).
+    pub dtype: String,
     pub mode: JudgeMode,
     pub votes: usize,
     pub temperature: f32,
@@ -340,6 +345,8 @@ impl Default for JudgeSection {
         Self {
             backend: JudgeBackend::Local,
             model: "qwen2.5-coder-0.5b-instruct".into(),
+            weights: WeightMode::Blocks,
+            dtype: "f32".into(),
             mode: JudgeMode::Auto,
             votes: 3,
             temperature: 0.6,
@@ -629,6 +636,8 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         clawrl_model::device::parse_dtype(&self.model.dtype)?;
+        clawrl_model::device::parse_dtype(&self.judge.dtype)
+            .map_err(|e| anyhow::anyhow!("judge.dtype: {e:#}"))?;
         self.validate_upstream()?;
         let g = &self.generation;
         if !(0.0..=2.0).contains(&g.temperature) {

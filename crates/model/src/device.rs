@@ -36,7 +36,7 @@ impl std::str::FromStr for DeviceChoice {
 
 /// Whether `device` is the CPU backend (Flex), where the quantized kernels, the KV cache's
 /// buffers and the SIMD attention work on host memory.
-pub(crate) fn is_host(device: &Device) -> bool {
+pub fn is_host(device: &Device) -> bool {
     device.clone().without_autodiff() == Device::flex()
 }
 

@@ -20,8 +20,10 @@ impl EngineConfig {
         })
     }
 
-    /// The engine of a judge with its own model (`judge.model`), if one is configured: loaded
-    /// like the policy (device, dtype, weights), one job at a time, at the lowest CPU priority.
+    /// The engine of a judge with its own model (`judge.model`), if one is configured: on the
+    /// policy's device, with its own weight mode and dtype (`judge.weights`, `judge.dtype`:
+    /// by default the quantized blocks alone, as it never trains), one job at a time, at the
+    /// lowest CPU priority.
     pub fn judge(cfg: &Config) -> Result<Option<Self>> {
         let spec = &cfg.judge.model;
         if spec.is_empty() || cfg.judge.backend != crate::config::JudgeBackend::Local {
@@ -39,8 +41,20 @@ impl EngineConfig {
         if same(&model_path, &policy.model_path) {
             return Ok(None);
         }
+        // The quantized kernels run on the CPU: on a GPU the judge's weights are dense.
+        let on_cpu = clawrl_model::device::is_host(&policy.load.device);
+        let load = clawrl_model::LoadOptions {
+            weights: if on_cpu {
+                cfg.judge.weights
+            } else {
+                clawrl_model::WeightMode::Dense
+            },
+            dtype: clawrl_model::device::parse_dtype(&cfg.judge.dtype)?,
+            ..policy.load.clone()
+        };
         Ok(Some(Self {
             model_path,
+            load,
             max_active: 1,
             // The judge prompts of one pass share their system prompt.
             prefix_cache_bytes: 64 << 20,
