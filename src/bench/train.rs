@@ -222,6 +222,8 @@ async fn serve_train_and_measure(c: &Config, args: &TrainBenchArgs) -> Result<()
     let core = &s.core;
     core.set_training_paused(true)?;
     tokio::time::sleep(Duration::from_secs(args.baseline_secs)).await;
+    // At rest: both models loaded and serving, no update yet.
+    let rest_rss = rss_mb();
     core.set_training_paused(false)?;
     {
         let mut off: Vec<f64> = probes.lock().unwrap().iter().map(|p| p.0).collect();
@@ -250,6 +252,15 @@ async fn serve_train_and_measure(c: &Config, args: &TrainBenchArgs) -> Result<()
     let probes = probes.lock().unwrap().clone();
     print_latencies(&probes);
     print_reactions(c, live, loop_secs)?;
+    if let (Some(rest), Some(peak)) = (rest_rss, rss) {
+        let (policy, judge) = core.weight_bytes();
+        println!(
+            "RSS: {rest:.0} MB at rest (serving, judge loaded, training paused), peak {peak:.0} MB training; weights held: policy {:.0} MB, judge {:.0} MB; training's own peak +{:.0} MB",
+            policy as f64 / 1e6,
+            judge as f64 / 1e6,
+            peak - rest
+        );
+    }
     if let Some(mb) = rss {
         let cache = core.counters.prefix_cache_bytes.load(Ordering::Relaxed) as f64 / 1e6;
         let weights = core

@@ -260,6 +260,20 @@ impl Core {
         self.trainer.as_ref().map(|t| (t.status(), t.is_paused()))
     }
 
+    /// Bytes of weights held by the policy's model and by the judge's own model (0 when the
+    /// judge uses the policy's base or an endpoint, or is still loading).
+    pub fn weight_bytes(&self) -> (usize, usize) {
+        let policy = self
+            .engine
+            .model()
+            .map_or(0, |m| m.transformer.weight_bytes());
+        let judge = self
+            .judge
+            .as_ref()
+            .map_or(0, |j| j.voter.own_weight_bytes());
+        (policy, judge)
+    }
+
     /// Turns waiting for the judge (0 without one). Blocking (the store).
     pub fn judge_pending(&self) -> Result<usize> {
         self.judge.as_ref().map_or(Ok(0), |j| j.pending())

@@ -89,6 +89,17 @@ impl QuantMatrix {
         }
     }
 
+    /// Rows `ids` dequantized, one after another (`[ids.len(), cols]`): an embedding lookup.
+    pub(crate) fn rows_dense(&self, ids: &[usize]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(ids.len() * self.cols);
+        for &id in ids {
+            let row = &self.bytes[id * self.row_bytes..(id + 1) * self.row_bytes];
+            super::quant::dequantize_into(self.ty, row, self.cols, &mut out)
+                .expect("row length checked in new");
+        }
+        out
+    }
+
     /// Bytes held.
     pub(crate) fn byte_len(&self) -> usize {
         self.bytes.len()

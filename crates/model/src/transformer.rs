@@ -80,14 +80,16 @@ pub struct Block {
 
 #[derive(Module, Debug)]
 pub struct Transformer {
-    /// `[vocab, hidden]`
-    pub embed: Param<Tensor<2>>,
+    /// `[vocab, hidden]`; `None` with `weights = "blocks"`, where tokens are looked up in
+    /// `embed_blocks`.
+    pub embed: Option<Param<Tensor<2>>>,
     pub layers: Vec<Block>,
     pub norm: RmsNorm,
     /// `None` when the head is tied to the embedding.
     pub lm_head: Option<Linear>,
-    /// A tied head's quantized blocks (the embedding's own), for decoding.
-    pub tied_head_blocks: Option<BlockWeight>,
+    /// The embedding's quantized blocks: a tied head's decoding form (blocks or both), and
+    /// the lookup table where there is no dense copy (blocks).
+    pub embed_blocks: Option<BlockWeight>,
     #[module(skip)]
     pub config: Arc<ModelConfig>,
     #[module(skip)]
@@ -308,29 +310,41 @@ impl Transformer {
     }
 
     pub fn device(&self) -> Device {
-        self.embed.device()
+        self.norm.weight.device()
     }
 
     pub fn dtype(&self) -> DType {
-        self.embed.dtype()
+        self.norm.weight.dtype()
+    }
+
+    /// Bytes of the dense embedding table (0 without one).
+    fn embed_bytes(&self) -> usize {
+        self.embed
+            .as_ref()
+            .map_or(0, |e| e.shape().num_elements() * e.dtype().size())
     }
 
     /// Bytes held by the weights (projections as stored: dense and/or quantized blocks).
     pub fn weight_bytes(&self) -> usize {
-        let embed = self.embed.shape().num_elements() * self.embed.dtype().size();
-        let tied = self
-            .tied_head_blocks
+        let blocks = self
+            .embed_blocks
             .as_ref()
             .map_or(0, |b| b.matrix.byte_len());
-        embed + tied + self.norm_bytes() + self.linears().map(Linear::weight_bytes).sum::<usize>()
+        self.embed_bytes()
+            + blocks
+            + self.norm_bytes()
+            + self.linears().map(Linear::weight_bytes).sum::<usize>()
     }
 
     /// Bytes of weights read to decode one token: each projection's decoding form, the head,
     /// the norms and one embedding row (the physical bound of decoding is bandwidth / the
     /// checkpoint's count).
     pub fn decode_bytes_per_token(&self) -> DecodeBytes {
-        let embed_bytes = self.embed.shape().num_elements() * self.embed.dtype().size();
-        let head = match (&self.lm_head, &self.tied_head_blocks) {
+        let embed_bytes = match &self.embed_blocks {
+            Some(b) if self.embed.is_none() => b.matrix.byte_len(),
+            _ => self.embed_bytes(),
+        };
+        let head = match (&self.lm_head, &self.embed_blocks) {
             (Some(_), _) => DecodeBytes::default(), // among the linears
             (None, Some(b)) => b.matrix.decode_bytes(),
             (None, None) => DecodeBytes::same(embed_bytes),
@@ -396,7 +410,7 @@ impl Transformer {
         let [b, s] = tokens.dims();
         assert_eq!(b, caches.len(), "one cache per sequence");
         let starts: Vec<usize> = caches.iter().map(|c| c.len).collect();
-        let mut x = burn::tensor::module::embedding(self.embed.val(), tokens);
+        let mut x = self.lookup(tokens);
         for (i, layer) in self.layers.iter().enumerate() {
             let lora = adapter.and_then(|a| a.layers.get(i));
             let mut layer_caches: Vec<&mut LayerCache> =
@@ -420,15 +434,41 @@ impl Transformer {
 
     /// Logits `[n, vocab]` (f32) of hidden states `[n, hidden]`.
     pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
-        let logits = match (&self.lm_head, &self.tied_head_blocks) {
-            (Some(head), _) => head.forward(hidden),
-            (None, Some(b)) if linear::decodes_on_blocks(&hidden) => {
-                linear::blocks_forward(&b.matrix, hidden)
-            }
+        let logits = match (&self.lm_head, &self.embed_blocks, &self.embed) {
+            (Some(head), _, _) => head.forward(hidden),
             // E·hᵀ reads the embedding in place; h·Eᵀ would copy it per call.
-            (None, _) => self.embed.val().matmul(hidden.transpose()).transpose(),
+            (None, _, Some(e))
+                if !linear::decodes_on_blocks(&hidden) || self.embed_blocks.is_none() =>
+            {
+                e.val().matmul(hidden.transpose()).transpose()
+            }
+            (None, Some(b), _) => linear::blocks_forward(&b.matrix, hidden),
+            (None, None, _) => unreachable!("an embedding is loaded dense or as blocks"),
         };
         logits.cast(FloatDType::F32)
+    }
+
+    /// The embeddings of `tokens` `[b, s]`: rows of the dense table, or rows of its blocks
+    /// dequantized as they are looked up.
+    fn lookup(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        match (&self.embed, &self.embed_blocks) {
+            (Some(e), _) => burn::tensor::module::embedding(e.val(), tokens),
+            (None, Some(b)) => {
+                let [batch, seq] = tokens.dims();
+                let ids: Vec<usize> = tokens
+                    .into_data()
+                    .convert::<i64>()
+                    .try_into_vec::<i64>()
+                    .expect("token ids")
+                    .into_iter()
+                    .map(|id| id as usize)
+                    .collect();
+                let rows = b.matrix.rows_dense(&ids);
+                let data = TensorData::new(rows, [batch, seq, b.matrix.cols]);
+                Tensor::from_data(data, (&self.device(), self.dtype()))
+            }
+            (None, None) => unreachable!("an embedding is loaded dense or as blocks"),
+        }
     }
 
     /// Loads a checkpoint into a model on `device`, weights in `dtype` (F32 or F16).
@@ -469,20 +509,27 @@ impl Transformer {
         let layers = (0..config.num_layers)
             .map(|i| load.block(i))
             .collect::<Result<Vec<_>>>()?;
-        let embed = Param::from_tensor(
-            load.tensor("model.embed_tokens.weight", &[config.vocab_size, h])
-                .context("embedding")?,
-        );
         // A tied head decodes on the embedding's own blocks: the largest matrix of a small
-        // model (the lookup keeps the dense copy).
-        let tied_head_blocks = match (mode, config.tie_embeddings) {
-            (WeightMode::Blocks | WeightMode::Both, true) => file
-                .quant_blocks("model.embed_tokens.weight")
-                .filter(|m| kernels::has_kernel(m.ty))
-                .map(|m| BlockWeight {
-                    matrix: Arc::new(m),
-                }),
-            _ => None,
+        // model. With blocks alone they are the lookup table too (a dense copy of Qwen2.5's
+        // 152 K × 896 embedding is 545 MB in f32).
+        let blocks = file
+            .quant_blocks("model.embed_tokens.weight")
+            .filter(|m| (m.rows, m.cols) == (config.vocab_size, h));
+        let (embed_blocks, dense) = match (mode, config.tie_embeddings, blocks) {
+            (WeightMode::Blocks, _, Some(m)) => (Some(m), false),
+            (WeightMode::Both, true, Some(m)) if kernels::has_kernel(m.ty) => (Some(m), true),
+            _ => (None, true),
+        };
+        let embed_blocks = embed_blocks.map(|m| BlockWeight {
+            matrix: Arc::new(m),
+        });
+        let embed = if dense {
+            Some(Param::from_tensor(
+                load.tensor("model.embed_tokens.weight", &[config.vocab_size, h])
+                    .context("embedding")?,
+            ))
+        } else {
+            None
         };
         let lm_head = if config.tie_embeddings {
             None
@@ -495,7 +542,7 @@ impl Transformer {
             layers,
             norm,
             lm_head,
-            tied_head_blocks,
+            embed_blocks,
             rope: Rope::new(&config),
             kv_dtype: KvDtype::F32,
             config: Arc::new(config),

@@ -33,6 +33,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Turns a turn into votes, a score and a hint (no storage: see [`Judge`]).
 pub struct Voter {
     backend: Arc<Backend>,
+    /// It judges with a model of its own (`judge.model`), not the policy's base.
+    own_model: bool,
     prompts: Prompts,
     /// `Direct` or `Reason` (`Auto` resolved).
     mode: JudgeMode,
@@ -47,7 +49,7 @@ pub struct Voter {
 
 /// The background worker: pending turns from the store, through the [`Voter`], back to it.
 pub(crate) struct Judge {
-    voter: Voter,
+    pub(crate) voter: Voter,
     /// The judge's own connection to the store (SQLite in WAL mode takes concurrent writers).
     store: Mutex<Store>,
     bus: EventBus,
@@ -67,9 +69,11 @@ impl Voter {
         let prompts_dir = (!j.prompts_dir.is_empty()).then(|| Path::new(&j.prompts_dir));
         let prompts = Prompts::load(prompts_dir, j.max_field_chars)?;
         let mode = j.effective_mode()?;
+        let own = crate::engine::EngineConfig::judge(cfg)?;
+        let own_model = j.backend == JudgeBackend::Local && own.is_some();
         let backend = match j.backend {
             JudgeBackend::Off => return Ok(None),
-            JudgeBackend::Local => match crate::engine::EngineConfig::judge(cfg)? {
+            JudgeBackend::Local => match own {
                 // Its own counters: the judge's tokens are not serving's throughput.
                 Some(own) => Backend::Local(Engine::start(
                     own,
@@ -83,6 +87,7 @@ impl Voter {
         };
         Ok(Some(Self {
             backend: Arc::new(backend),
+            own_model,
             prompts,
             mode,
             votes: j.votes,
@@ -93,6 +98,17 @@ impl Voter {
             minus_threshold: j.minus_threshold,
             markers: cfg.server.internal_context_markers.clone(),
         }))
+    }
+
+    /// Bytes of weights its own model holds (0 while loading, or judging with the policy's
+    /// base model or an endpoint).
+    pub fn own_weight_bytes(&self) -> usize {
+        match (&*self.backend, self.own_model) {
+            (Backend::Local(engine), true) => {
+                engine.model().map_or(0, |m| m.transformer.weight_bytes())
+            }
+            _ => 0,
+        }
     }
 
     fn mode_name(&self) -> &'static str {
