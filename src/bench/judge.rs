@@ -155,7 +155,7 @@ async fn judge_cases(
     c.judge.model.clear(); // `engine` is already the judge's
     c.judge.mode = mode;
     c.judge.hints = with_hints;
-    let voter = Voter::from_config(&c, engine)?.expect("local judge");
+    let voter = Voter::from_config(&c, engine, None)?.expect("local judge");
     let mut row = Row {
         mode: name.to_string(),
         valid: 0,

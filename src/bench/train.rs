@@ -253,11 +253,15 @@ async fn serve_train_and_measure(c: &Config, args: &TrainBenchArgs) -> Result<()
     print_latencies(&probes);
     print_reactions(c, live, loop_secs)?;
     if let (Some(rest), Some(peak)) = (rest_rss, rss) {
-        let (policy, judge) = core.weight_bytes();
+        let bytes = |g: &std::sync::atomic::AtomicU64| g.load(Ordering::Relaxed) as f64;
+        let (policy, judge) = (
+            bytes(&core.counters.policy_weight_bytes),
+            bytes(&core.counters.judge_weight_bytes),
+        );
         println!(
             "RSS: {rest:.0} MB at rest (serving, judge loaded, training paused), peak {peak:.0} MB training; weights held: policy {:.0} MB, judge {:.0} MB; training's own peak +{:.0} MB",
-            policy as f64 / 1e6,
-            judge as f64 / 1e6,
+            policy / 1e6,
+            judge / 1e6,
             peak - rest
         );
     }

@@ -260,20 +260,6 @@ impl Core {
         self.trainer.as_ref().map(|t| (t.status(), t.is_paused()))
     }
 
-    /// Bytes of weights held by the policy's model and by the judge's own model (0 when the
-    /// judge uses the policy's base or an endpoint, or is still loading).
-    pub fn weight_bytes(&self) -> (usize, usize) {
-        let policy = self
-            .engine
-            .model()
-            .map_or(0, |m| m.transformer.weight_bytes());
-        let judge = self
-            .judge
-            .as_ref()
-            .map_or(0, |j| j.voter.own_weight_bytes());
-        (policy, judge)
-    }
-
     /// Turns waiting for the judge (0 without one). Blocking (the store).
     pub fn judge_pending(&self) -> Result<usize> {
         self.judge.as_ref().map_or(Ok(0), |j| j.pending())
@@ -432,7 +418,12 @@ pub fn build(cfg: &Config) -> Result<Arc<Core>> {
     // A restart serves the live version as recorded (or the newest earlier one that loads).
     let store_path = cfg.store_path();
     let start_version = move |model: &_| crate::gate::start_version(&store_path, model);
+    let gauges = counters.clone();
     let engine = Engine::start(engine_cfg, counters.clone(), start_version, move |info| {
+        let bytes = info.weight_bytes as u64;
+        gauges
+            .policy_weight_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
         emit(
             &ready_bus,
             Event::EngineReady {

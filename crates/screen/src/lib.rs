@@ -222,6 +222,8 @@ fn spawn_sampler(tx: mpsc::UnboundedSender<Input>, counters: Arc<Counters>) {
                     queue_depth: c.queue_depth.load(Relaxed),
                     active: c.active_sequences.load(Relaxed),
                     prefix_cache_bytes: c.prefix_cache_bytes.load(Relaxed),
+                    policy_weight_bytes: c.policy_weight_bytes.load(Relaxed),
+                    judge_weight_bytes: c.judge_weight_bytes.load(Relaxed),
                 };
                 if tx.send(Input::Sampled(monitor.sample(), serving)).is_err() {
                     return;

@@ -90,6 +90,8 @@ impl Remote {
                         queue_depth: n("queue_depth"),
                         active: n("active_sequences"),
                         prefix_cache_bytes: n("prefix_cache_bytes"),
+                        policy_weight_bytes: n("policy_weight_bytes"),
+                        judge_weight_bytes: n("judge_weight_bytes"),
                     };
                     let hardware: Hardware =
                         serde_json::from_value(t["hardware"].clone()).unwrap_or_default();

@@ -135,6 +135,9 @@ pub struct ServingSample {
     pub queue_depth: u64,
     pub active: u64,
     pub prefix_cache_bytes: u64,
+    /// Weights held by the policy's model and the judge's own (0: none or loading).
+    pub policy_weight_bytes: u64,
+    pub judge_weight_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -418,6 +418,8 @@ fn training_history(app: &mut Screen) {
         queue_depth: 1,
         active: 1,
         prefix_cache_bytes: 120 << 20,
+        policy_weight_bytes: 634 << 20,
+        judge_weight_bytes: 490 << 20,
     });
 }
 

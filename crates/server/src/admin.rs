@@ -308,6 +308,8 @@ async fn telemetry(state: &Core) -> Value {
             "queue_depth": c.queue_depth.load(Relaxed),
             "active_sequences": c.active_sequences.load(Relaxed),
             "prefix_cache_bytes": c.prefix_cache_bytes.load(Relaxed),
+            "policy_weight_bytes": c.policy_weight_bytes.load(Relaxed),
+            "judge_weight_bytes": c.judge_weight_bytes.load(Relaxed),
         },
         "hardware": hardware,
     })

@@ -67,6 +67,8 @@ pub struct ModelInfo {
     pub context_length: usize,
     pub summary: String,
     pub tokenizer: Arc<clawrl_model::tokenizer::Tokenizer>,
+    /// Bytes its weights hold.
+    pub weight_bytes: usize,
 }
 
 /// Who is waiting: user requests always go first; background work (the judge) runs only

@@ -47,6 +47,7 @@ pub(super) fn run_engine(
         context_length: model.config.context_length,
         summary: model.summary(),
         tokenizer: model.tokenizer.clone(),
+        weight_bytes: model.transformer.weight_bytes(),
     };
     tracing::info!(live_version = live, "engine ready: {}", info.summary);
     *s.info.write().unwrap() = Some(info.clone());

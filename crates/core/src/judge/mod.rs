@@ -33,8 +33,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Turns a turn into votes, a score and a hint (no storage: see [`Judge`]).
 pub struct Voter {
     backend: Arc<Backend>,
-    /// It judges with a model of its own (`judge.model`), not the policy's base.
-    own_model: bool,
     prompts: Prompts,
     /// `Direct` or `Reason` (`Auto` resolved).
     mode: JudgeMode,
@@ -49,7 +47,7 @@ pub struct Voter {
 
 /// The background worker: pending turns from the store, through the [`Voter`], back to it.
 pub(crate) struct Judge {
-    pub(crate) voter: Voter,
+    voter: Voter,
     /// The judge's own connection to the store (SQLite in WAL mode takes concurrent writers).
     store: Mutex<Store>,
     bus: EventBus,
@@ -59,8 +57,13 @@ pub(crate) struct Judge {
 impl Voter {
     /// The voter the configuration asks for (`None` when `judge.backend = "off"`). A local
     /// judge votes with `policy`'s frozen base model, or starts an engine of its own when
-    /// `judge.model` names one (it loads in the background).
-    pub fn from_config(cfg: &Config, policy: &Engine) -> Result<Option<Self>> {
+    /// `judge.model` names one (it loads in the background; its weights' bytes then go to
+    /// `gauges`' `judge_weight_bytes`).
+    pub fn from_config(
+        cfg: &Config,
+        policy: &Engine,
+        gauges: Option<Arc<Counters>>,
+    ) -> Result<Option<Self>> {
         let j = &cfg.judge;
         if j.backend == JudgeBackend::Off {
             return Ok(None);
@@ -69,17 +72,23 @@ impl Voter {
         let prompts_dir = (!j.prompts_dir.is_empty()).then(|| Path::new(&j.prompts_dir));
         let prompts = Prompts::load(prompts_dir, j.max_field_chars)?;
         let mode = j.effective_mode()?;
-        let own = crate::engine::EngineConfig::judge(cfg)?;
-        let own_model = j.backend == JudgeBackend::Local && own.is_some();
         let backend = match j.backend {
             JudgeBackend::Off => return Ok(None),
-            JudgeBackend::Local => match own {
+            JudgeBackend::Local => match crate::engine::EngineConfig::judge(cfg)? {
                 // Its own counters: the judge's tokens are not serving's throughput.
                 Some(own) => Backend::Local(Engine::start(
                     own,
                     Arc::new(Counters::default()),
                     |_| (0, None),
-                    |info| tracing::info!("judge model ready: {}", info.summary),
+                    move |info| {
+                        tracing::info!("judge model ready: {}", info.summary);
+                        if let Some(g) = &gauges {
+                            g.judge_weight_bytes.store(
+                                info.weight_bytes as u64,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
+                        }
+                    },
                 )),
                 None => Backend::Local(policy.clone()),
             },
@@ -87,7 +96,6 @@ impl Voter {
         };
         Ok(Some(Self {
             backend: Arc::new(backend),
-            own_model,
             prompts,
             mode,
             votes: j.votes,
@@ -98,17 +106,6 @@ impl Voter {
             minus_threshold: j.minus_threshold,
             markers: cfg.server.internal_context_markers.clone(),
         }))
-    }
-
-    /// Bytes of weights its own model holds (0 while loading, or judging with the policy's
-    /// base model or an endpoint).
-    pub fn own_weight_bytes(&self) -> usize {
-        match (&*self.backend, self.own_model) {
-            (Backend::Local(engine), true) => {
-                engine.model().map_or(0, |m| m.transformer.weight_bytes())
-            }
-            _ => 0,
-        }
     }
 
     fn mode_name(&self) -> &'static str {
@@ -324,7 +321,7 @@ impl Judge {
         bus: EventBus,
         counters: Arc<Counters>,
     ) -> Result<Option<Arc<Self>>> {
-        let Some(voter) = Voter::from_config(cfg, engine)? else {
+        let Some(voter) = Voter::from_config(cfg, engine, Some(counters.clone()))? else {
             return Ok(None);
         };
         Ok(Some(Arc::new(Self {

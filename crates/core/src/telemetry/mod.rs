@@ -21,6 +21,9 @@ pub struct Counters {
     pub active_sessions: AtomicU64,
     /// Bytes held by the prefix KV cache.
     pub prefix_cache_bytes: AtomicU64,
+    /// Bytes of weights the policy's model holds, and the judge's own model (0: none).
+    pub policy_weight_bytes: AtomicU64,
+    pub judge_weight_bytes: AtomicU64,
     /// Turns with a next state waiting for the judge.
     pub judge_queue_depth: AtomicU64,
     pub judge_turns: AtomicU64,
@@ -110,6 +113,18 @@ impl Counters {
                 "gauge",
                 "Bytes of KV cache kept for prompt prefixes (server.prefix_cache_mb bounds it).",
                 g(&self.prefix_cache_bytes).to_string(),
+            ),
+            (
+                "clawrl_policy_weight_bytes",
+                "gauge",
+                "Bytes of weights the policy's model holds (dense and/or quantized blocks).",
+                g(&self.policy_weight_bytes).to_string(),
+            ),
+            (
+                "clawrl_judge_weight_bytes",
+                "gauge",
+                "Bytes of weights the judge's own model holds (0: it judges with the policy's base).",
+                g(&self.judge_weight_bytes).to_string(),
             ),
             (
                 "clawrl_completion_tokens_total",

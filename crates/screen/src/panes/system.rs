@@ -48,6 +48,23 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &Screen) {
                 bytes(h.ram_total)
             )));
             lines.push(Line::raw(format!("clawrl RSS {}", bytes(h.process_rss))));
+            // What holds it: the models' weights and the prefix cache; the rest is the
+            // runtime, decoding's buffers and, during an update, training.
+            let v = &s.serving;
+            let held = v.policy_weight_bytes + v.judge_weight_bytes + v.prefix_cache_bytes;
+            let mut parts = format!("  policy {}", bytes(v.policy_weight_bytes));
+            if v.judge_weight_bytes > 0 {
+                parts += &format!(" · judge {}", bytes(v.judge_weight_bytes));
+            }
+            lines.push(Line::styled(parts, theme::dim()));
+            lines.push(Line::styled(
+                format!(
+                    "  KV {} · other {}",
+                    bytes(v.prefix_cache_bytes),
+                    bytes(h.process_rss.saturating_sub(held))
+                ),
+                theme::dim(),
+            ));
         }
     }
     let speed = s
@@ -57,10 +74,6 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &Screen) {
         "decode {speed} · queue {} · active {}",
         s.serving.queue_depth, s.serving.active
     )));
-    lines.push(Line::styled(
-        format!("prefix cache {}", bytes(s.serving.prefix_cache_bytes)),
-        theme::dim(),
-    ));
     let outer = block("System".to_string(), false);
     let inner = outer.inner(area);
     frame.render_widget(outer, area);
