@@ -438,6 +438,9 @@ fn the_training_view_shows_rewards_updates_guard_verdicts_and_hardware() {
         "{t}"
     );
     assert!(t.contains("no GPU (no NVML library)"), "{t}");
+    // What holds the memory: 1400 MiB of RSS less the weights and the prefix cache.
+    assert!(t.contains("policy 634 MiB · judge 490 MiB"), "{t}");
+    assert!(t.contains("KV 120 MiB · other 156 MiB"), "{t}");
     assert!(t.contains("training from v3: 2/4 samples"), "{t}");
     insta::assert_snapshot!("training_100x30", s);
     insta::assert_snapshot!("training_80x24", screen(&mut app, 80, 24)); // The candidate's detail names the learning rate its step used.
