@@ -99,16 +99,36 @@ pub async fn handle(state: Arc<Core>, body: Value) -> Result<Response<Body>, Api
         id: format!("cmpl-{}", clawrl_core::capture::random_id("")),
         created: now_ms() / 1000,
     };
-    if fields.boolean("stream")? {
-        let started = completion::start(&state, request)
-            .await
-            .map_err(api_error)?;
-        return Ok(stream(format, started));
+    let streamed = fields.boolean("stream")?;
+    answer(
+        &state,
+        request,
+        streamed,
+        stream,
+        |f, done| reply(&f, done),
+        format,
+    )
+    .await
+}
+
+/// Runs a raw generation and answers it: as server-sent events through `streamed`, or whole
+/// as the JSON `whole` writes; `how` is what both need of the request.
+pub(crate) async fn answer<H>(
+    state: &Core,
+    request: CompletionRequest,
+    stream: bool,
+    streamed: impl FnOnce(H, completion::Started) -> Response<Body>,
+    whole: impl FnOnce(H, &Completion) -> Value,
+    how: H,
+) -> Result<Response<Body>, ApiError> {
+    if stream {
+        let started = completion::start(state, request).await.map_err(api_error)?;
+        return Ok(streamed(how, started));
     }
-    let done = completion::complete(&state, request)
+    let done = completion::complete(state, request)
         .await
         .map_err(api_error)?;
-    Ok(json_response(StatusCode::OK, &reply(&format, &done)))
+    Ok(json_response(StatusCode::OK, &whole(how, &done)))
 }
 
 type Chunk = Result<Frame<Bytes>, std::convert::Infallible>;

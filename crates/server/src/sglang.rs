@@ -7,7 +7,7 @@
 
 use crate::chat::{Fields, Sampling, sampling_fields};
 use crate::completions::{
-    MAX_SCORED_PROMPT, Sse, api_error, change_adapter, prompt_ids, sse_stream,
+    MAX_SCORED_PROMPT, Sse, answer, api_error, change_adapter, prompt_ids, sse_stream,
 };
 use crate::http::{ApiError, Body, json_response};
 use clawrl_core::Core;
@@ -113,22 +113,16 @@ pub async fn generate(state: Arc<Core>, body: Value) -> Result<Response<Body>, A
         top_logprobs: asked.top,
         prompt_logprobs: prompt_from.map(|_| asked.top),
     };
-    if fields.boolean("stream")? {
-        let started = completion::start(&state, request)
-            .await
-            .map_err(api_error)?;
-        return Ok(stream(asked, started));
-    }
-    let done = completion::complete(&state, request)
-        .await
-        .map_err(api_error)?;
-    let reply = asked.reply(
-        &done.generation,
-        &done.prompt_ids,
-        done.cached_tokens,
-        done.prompt_logprobs.as_deref(),
-    );
-    Ok(json_response(StatusCode::OK, &reply))
+    let whole = |asked: Asked, done: &completion::Completion| {
+        asked.reply(
+            &done.generation,
+            &done.prompt_ids,
+            done.cached_tokens,
+            done.prompt_logprobs.as_deref(),
+        )
+    };
+    let streamed = fields.boolean("stream")?;
+    answer(&state, request, streamed, stream, whole, asked).await
 }
 
 /// SGLang's default stream: each event has everything so far (the text; here the ids and

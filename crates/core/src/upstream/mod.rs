@@ -249,7 +249,7 @@ impl Upstream {
         let request = Request {
             prompt_ids,
             max_tokens: *max_tokens,
-            sampling: sampling.clone(),
+            sampling: *sampling,
             stop: stop.clone(),
             top_logprobs: *top_logprobs,
         };
