@@ -40,7 +40,7 @@ pub struct Upstream {
     /// Where the replicas read adapters (`None`: the local folder's path).
     adapter_dir: Option<PathBuf>,
     keep_loaded: usize,
-    /// The served model's name at the replicas (from their `/v1/models`).
+    /// The served model's name at the replicas (vLLM's `/v1/models`, SGLang's `model_path`).
     base_name: Mutex<String>,
     /// The version requests are routed to.
     live: AtomicI64,
@@ -49,7 +49,7 @@ pub struct Upstream {
     /// Each loaded version's adapter folder as the replicas see it.
     paths: Mutex<std::collections::HashMap<i64, String>>,
     /// Checked and serving the live version.
-    ready: std::sync::atomic::AtomicBool,
+    ready: AtomicBool,
     /// Where a replica going down or coming back is said.
     bus: crate::events::EventBus,
     /// The serving counters (tokens and decode time of the replies the replicas stream).
@@ -110,7 +110,7 @@ impl Upstream {
             live: AtomicI64::new(0),
             loaded: Mutex::new(Vec::new()),
             paths: Mutex::new(std::collections::HashMap::new()),
-            ready: std::sync::atomic::AtomicBool::new(false),
+            ready: AtomicBool::new(false),
             bus,
             counters,
         })
