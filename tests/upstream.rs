@@ -423,7 +423,7 @@ fn a_control_plane_speaking_sglang_captures_and_pushes_versions() {
             json!({"input_ids": [1, 2], "return_logprob": true, "logprob_start_len": 2}),
             "logprob_start_len",
         ),
-        (json!({"text": null}), "`text` is required"),
+        (json!({"text": null}), "`input_ids` or `text` is required"),
         (
             json!({"input_ids": [1, 2], "sampling_params": {"temperature": 3}}),
             "temperature",

@@ -34,9 +34,13 @@ pub async fn generate(state: Arc<Core>, body: Value) -> Result<Response<Body>, A
         .as_object()
         .ok_or_else(|| ApiError::invalid("The request body must be a JSON object."))?;
     let fields = Fields(obj);
-    let prompt = match (obj.get("input_ids"), obj.get("text")) {
-        (Some(ids), _) if !ids.is_null() => prompt_ids(&state, Some(ids), "input_ids")?,
-        (_, text) => prompt_ids(&state, text.filter(|t| !t.is_null()), "text")?,
+    let given = |k: &str| obj.get(k).filter(|v| !v.is_null());
+    let prompt = match (given("input_ids"), given("text")) {
+        (Some(ids), _) => prompt_ids(&state, Some(ids), "input_ids")?,
+        (None, Some(text)) => prompt_ids(&state, Some(text), "text")?,
+        (None, None) => {
+            return Err(ApiError::invalid("`input_ids` or `text` is required.").param("input_ids"));
+        }
     };
     let version = match obj.get("lora_path") {
         None | Some(Value::Null) => VersionChoice::Live,
