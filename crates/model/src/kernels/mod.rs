@@ -327,17 +327,57 @@ fn task(
     n: usize,
     out: &mut [f32],
 ) {
-    let blocks = cols.div_ceil(32);
-    // The low-rank update runs on `isa` whatever the type; the blocks need a kernel for it.
-    let (dense_isa, isa) = (isa, if has_kernel(p.ty) { isa } else { Isa::Portable });
-    let mut dense = Vec::new();
-    #[cfg(target_arch = "x86_64")]
     if by_panel(n) {
         // SAFETY: `out` is [rows of w, n], this task's own.
-        unsafe { panel_product(p.ty, w, p.row_bytes, x, cols, n, out.as_mut_ptr(), (1, n)) };
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            panel_product(p.ty, w, p.row_bytes, x, cols, n, out.as_mut_ptr(), (1, n))
+        };
+    } else {
+        dot_rows(isa, p, w, x, sums, cols, n, out);
     }
+    if let Some(u) = p.update {
+        let up = &u.up[first * u.rank..];
+        if n == 1 {
+            add_low_rank(isa, out, &u.down, up);
+        } else {
+            // Each batched row's outputs (strided here) through the same kernel as a lone
+            // row's: a stream decodes bit for bit alike batched or alone.
+            let mut run = vec![0f32; out.len() / n];
+            for r in 0..n {
+                run.iter_mut()
+                    .zip(out.iter().skip(r).step_by(n))
+                    .for_each(|(v, o)| *v = *o);
+                add_low_rank(isa, &mut run, &u.down[r * u.rank..(r + 1) * u.rank], up);
+                out.iter_mut()
+                    .skip(r)
+                    .step_by(n)
+                    .zip(&run)
+                    .for_each(|(o, v)| *o = *v);
+            }
+        }
+    }
+}
+
+/// `out` (`[rows of w, n]`) = the weight rows `w` times the `n` activation rows `x`, each
+/// block unpacked by the kernels of `isa` (groups of 4 rows share it).
+#[allow(clippy::too_many_arguments)]
+fn dot_rows(
+    isa: Isa,
+    p: &Product,
+    w: &[u8],
+    x: &[f32],
+    sums: &[f32],
+    cols: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    let blocks = cols.div_ceil(32);
+    // The blocks need a kernel for `isa` (the low-rank update runs on it whatever the type).
+    let isa = if has_kernel(p.ty) { isa } else { Isa::Portable };
+    let mut dense = Vec::new();
     let rows = out.chunks_exact_mut(n).zip(w.chunks_exact(p.row_bytes));
-    for (o, wrow) in rows.filter(|_| !by_panel(n)) {
+    for (o, wrow) in rows {
         if isa == Isa::Portable {
             dense.clear();
             dequantize_into(p.ty, wrow, cols, &mut dense).expect("row length checked");
@@ -363,32 +403,6 @@ fn task(
                     #[cfg(not(target_arch = "x86_64"))]
                     _ => unreachable!(),
                 };
-            }
-        }
-    }
-    if let Some(u) = p.update {
-        let up = &u.up[first * u.rank..];
-        if n == 1 {
-            add_low_rank(dense_isa, out, &u.down, up);
-        } else {
-            // Each batched row's outputs (strided here) through the same kernel as a lone
-            // row's: a stream decodes bit for bit alike batched or alone.
-            let mut run = vec![0f32; out.len() / n];
-            for r in 0..n {
-                run.iter_mut()
-                    .zip(out.iter().skip(r).step_by(n))
-                    .for_each(|(v, o)| *v = *o);
-                add_low_rank(
-                    dense_isa,
-                    &mut run,
-                    &u.down[r * u.rank..(r + 1) * u.rank],
-                    up,
-                );
-                out.iter_mut()
-                    .skip(r)
-                    .step_by(n)
-                    .zip(&run)
-                    .for_each(|(o, v)| *o = *v);
             }
         }
     }
