@@ -133,6 +133,8 @@ pub struct TrainSection {
     pub topk: usize,
     /// The top-K form's clip on each token's teacher − student log-prob difference (0: none).
     pub opd_clip: f64,
+    /// How the top-K form weighs the tokens of S_t (`train::loss::TopkWeights`).
+    pub topk_weights: TopkWeights,
     /// Which hint candidate a sample distils from (`train::hints`).
     pub hint_selection: HintSelection,
     pub max_response_tokens: usize,
@@ -160,6 +162,19 @@ pub enum OpdForm {
     Topk,
     /// On the sampled token alone (PIPELINE.md §4).
     Sampled,
+}
+
+/// How the top-K form weighs each token of S_t in its advantage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TopkWeights {
+    /// Softmax over S_t of the sampling policy's log-probs (the published rule): a token the
+    /// student gives little probability gets little weight, however much the teacher wants it.
+    Student,
+    /// The mean of the student's and the hinted teacher's probabilities, each renormalised over
+    /// S_t: a token either of them expects is moved, so the teacher can raise the end of the
+    /// turn or a question where the student barely considers it.
+    Mixture,
 }
 
 /// Which of a sample's hint candidates (the judge's hint, the user's next message) its
@@ -227,6 +242,7 @@ impl Default for TrainSection {
             opd: OpdForm::Topk,
             topk: 16,
             opd_clip: 2.0,
+            topk_weights: TopkWeights::Student,
             hint_selection: HintSelection::User,
             max_response_tokens: 256,
             grad_context_tokens: 256,

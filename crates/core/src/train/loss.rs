@@ -17,7 +17,7 @@
 use burn::tensor::{Int, Tensor, TensorData};
 use clawrl_model::scoring::gather;
 
-pub use crate::config::{Method, OpdForm};
+pub use crate::config::{Method, OpdForm, TopkWeights};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossConfig {
@@ -33,6 +33,7 @@ pub struct LossConfig {
     pub kl_coef: f64,
     /// The top-K term's clip on ℓ_teacher − ℓ_old per token (`None`: unclipped).
     pub opd_clip: Option<f64>,
+    pub topk_weights: TopkWeights,
 }
 
 /// The rewards of an update's samples as its RL term uses them. Replies rated down alone give
@@ -63,6 +64,7 @@ impl Default for LossConfig {
             signal_sized_steps: false,
             kl_coef: 0.0,
             opd_clip: Some(2.0),
+            topk_weights: TopkWeights::Student,
         }
     }
 }
@@ -245,8 +247,9 @@ impl LossConfig {
     /// The top-K form (PIPELINE.md §4b). Per position t the columns are S_t and then the
     /// sampled token y_t; column v's advantage is
     /// A_v = w_opd·clip(ℓ_teacher(v) − ℓ_old(v), ±opd_clip)·w_v, w_v = softmax over S_t of
-    /// ℓ_old, plus the RL term w_rl·r on the column holding y_t (S_t's own when y_t is in it,
-    /// else the last, whose ℓ_old is the recorded one). The clipped surrogate of each column is
+    /// ℓ_old (or its mean with the softmax of ℓ_teacher: [`TopkWeights::Mixture`]), plus the
+    /// RL term w_rl·r on the column holding y_t (S_t's own when y_t is in it, else the last,
+    /// whose ℓ_old is the recorded one). The clipped surrogate of each column is
     /// summed over the columns and averaged over the positions: with K = 1 and S_t = {y_t} this
     /// is [`LossConfig::sample_loss`] exactly (inside the clip).
     fn topk_loss(
@@ -279,11 +282,18 @@ impl LossConfig {
                 &topk.old[row.clone()],
                 &topk.teacher[row],
             );
-            let max = row_old.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let z: f32 = row_old.iter().map(|l| (l - max).exp()).sum();
+            let student = softmax(row_old);
+            let weights: Vec<f32> = match self.topk_weights {
+                TopkWeights::Student => student,
+                TopkWeights::Mixture => student
+                    .iter()
+                    .zip(softmax(row_teacher))
+                    .map(|(s, t)| 0.5 * (s + t))
+                    .collect(),
+            };
             let mut sampled_in_set = false;
             for j in 0..k {
-                let w = (row_old[j] - max).exp() / z;
+                let w = weights[j];
                 let mut a = (self.w_opd * (clip(row_teacher[j] - row_old[j]) * w) as f64) as f32;
                 if row_ids[j] == response[t] {
                     a += rl;
@@ -330,6 +340,14 @@ impl LossConfig {
         }
         per_token.mean()
     }
+}
+
+/// exp(l) / Σ exp(l) over a row of log-probs (numerically safe).
+fn softmax(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = row.iter().map(|l| (l - max).exp()).collect();
+    let z: f32 = e.iter().sum();
+    e.into_iter().map(|x| x / z).collect()
 }
 
 /// The k3 estimator of KL(new ‖ base) per token: exp(−Δ) − 1 + Δ with Δ = logp_new −
@@ -677,39 +695,94 @@ mod tests {
             teacher_logp: None,
             topk: Some(target),
         };
-        let cfg = LossConfig::default();
-        let loss_of = |logits: Vec<f32>| {
-            let t = Tensor::<2>::from_data(TensorData::new(logits, [n, VOCAB]), &Device::flex());
-            let dist = burn::tensor::activation::log_softmax(t, 1);
-            cfg.distribution_loss(dist, &RESPONSE, &signals, None)
-                .into_scalar::<f32>() as f64
-        };
-        let dist = burn::tensor::activation::log_softmax(logits.clone(), 1);
-        let grads = cfg
-            .distribution_loss(dist, &RESPONSE, &signals, None)
-            .backward();
-        let analytic = logits
-            .grad(&grads)
-            .unwrap()
-            .into_data()
-            .try_into_vec::<f32>()
-            .unwrap();
-        let h = 1e-2;
-        let mut checked = 0;
-        for i in 0..n * VOCAB {
-            let mut up = host.clone();
-            up[i] += h;
-            let mut down = host.clone();
-            down[i] -= h;
-            let numeric = (loss_of(up) - loss_of(down)) / (2.0 * h as f64);
-            let a = analytic[i] as f64;
-            assert!(
-                (a - numeric).abs() <= 1e-3 + 0.02 * numeric.abs(),
-                "logit {i}: autodiff {a:.6} vs finite differences {numeric:.6}"
-            );
-            checked += (a.abs() > 1e-4) as usize;
+        for topk_weights in [TopkWeights::Student, TopkWeights::Mixture] {
+            let cfg = LossConfig {
+                topk_weights,
+                ..LossConfig::default()
+            };
+            let loss_of = |logits: Vec<f32>| {
+                let t =
+                    Tensor::<2>::from_data(TensorData::new(logits, [n, VOCAB]), &Device::flex());
+                let dist = burn::tensor::activation::log_softmax(t, 1);
+                cfg.distribution_loss(dist, &RESPONSE, &signals, None)
+                    .into_scalar::<f32>() as f64
+            };
+            let dist = burn::tensor::activation::log_softmax(logits.clone(), 1);
+            let grads = cfg
+                .distribution_loss(dist, &RESPONSE, &signals, None)
+                .backward();
+            let analytic = logits
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .try_into_vec::<f32>()
+                .unwrap();
+            let h = 1e-2;
+            let mut checked = 0;
+            for i in 0..n * VOCAB {
+                let mut up = host.clone();
+                up[i] += h;
+                let mut down = host.clone();
+                down[i] -= h;
+                let numeric = (loss_of(up) - loss_of(down)) / (2.0 * h as f64);
+                let a = analytic[i] as f64;
+                assert!(
+                    (a - numeric).abs() <= 1e-3 + 0.02 * numeric.abs(),
+                    "logit {i}: autodiff {a:.6} vs finite differences {numeric:.6}"
+                );
+                checked += (a.abs() > 1e-4) as usize;
+            }
+            assert!(checked > n * k, "most logits get a gradient ({checked})");
         }
-        assert!(checked > n * k, "most logits get a gradient ({checked})");
+    }
+
+    /// The published weights barely move a token the student gives little probability, however
+    /// much the hinted teacher wants it; the mixture moves it by about the teacher's share.
+    #[test]
+    fn mixture_weights_raise_a_token_the_teacher_wants_and_the_student_barely_considers() {
+        let device = Device::flex().autodiff();
+        // One position, the sampled token 0 at 0.6; token 4 (the end of the turn, say) at
+        // about 0.015 for the student and 0.5 for the teacher.
+        let host: Vec<f32> = vec![2.0, 1.0, 0.5, 0.0, -1.6, -0.5, -0.8, -1.0, -2.0];
+        let old = host_log_softmax(&host, VOCAB);
+        let k = 8;
+        let target = topk_target(&old, k, |_, v| if v == 4 { 3.5 } else { -0.7 });
+        assert!(
+            target.ids.contains(&4),
+            "token 4 is in S_t: {:?}",
+            target.ids
+        );
+        let signals = Signals {
+            logp_old: vec![old[0]],
+            reward: None,
+            teacher_logp: None,
+            topk: Some(target),
+        };
+        let push_on = |topk_weights| {
+            let cfg = LossConfig {
+                method: Method::Opd,
+                topk_weights,
+                ..LossConfig::default()
+            };
+            let logits = Tensor::<2>::from_data(TensorData::new(host.clone(), [1, VOCAB]), &device)
+                .require_grad();
+            let dist = burn::tensor::activation::log_softmax(logits.clone(), 1);
+            let grads = cfg.distribution_loss(dist, &[0], &signals, None).backward();
+            let g = logits
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            // Gradient descent raises a logit whose gradient is negative.
+            -g[4]
+        };
+        let (student, mixture) = (push_on(TopkWeights::Student), push_on(TopkWeights::Mixture));
+        assert!(student > 0.0, "both raise it: {student}");
+        assert!(
+            mixture > 5.0 * student,
+            "the mixture raises it far more: {mixture} vs {student}"
+        );
     }
 
     #[test]

@@ -204,6 +204,7 @@ pub fn spawn(
             signal_sized_steps: t.signal_sized_steps,
             kl_coef: t.kl_coef,
             opd_clip: (t.opd_clip > 0.0).then_some(t.opd_clip),
+            topk_weights: t.topk_weights,
         },
         optim: OptimizerConfig {
             learning_rate: t.learning_rate,
