@@ -428,3 +428,80 @@ fn top_k_distillation_raises_a_token_the_reply_did_not_contain() {
         "the sampled-token form has nothing to move: {before} -> {sampled_form}"
     );
 }
+
+#[test]
+fn the_layer_by_layer_backward_gives_the_single_graph_gradients() {
+    // micro_step back-propagates one recomputed layer at a time; the reference keeps the
+    // whole graph. Same sample, same loss (top-K and sampled-token forms, with and without a
+    // prompt head computed without gradients): the same summed gradients.
+    let model = tiny();
+    let adapter = random_adapter(&model, 5, 0.2);
+    let (dist, vocab) = distributions(&model, &adapter);
+    let (ids, old) = TopK::select(&dist, vocab, 4);
+    let current = logprobs(&model, Some(&adapter));
+    let signals = Signals {
+        logp_old: current.iter().map(|l| l - 0.05).collect(),
+        reward: Some(1.0),
+        teacher_logp: Some(current.iter().map(|l| l + 0.3).collect()),
+        topk: None,
+    };
+    let topk = Signals {
+        topk: Some(TopK {
+            k: 4,
+            ids,
+            teacher: old
+                .iter()
+                .enumerate()
+                .map(|(i, l)| l + [0.4, -0.3, 1.1, 0.0][i % 4])
+                .collect(),
+            old,
+        }),
+        ..signals.clone()
+    };
+    let loss = LossConfig::default();
+    for (signals, grad_context) in [(&signals, 64), (&signals, 3), (&topk, 64), (&topk, 3)] {
+        let mut reference = optimizer(&adapter);
+        let dist = response_log_distributions(
+            &model,
+            reference.trainable(),
+            &PROMPT,
+            &RESPONSE,
+            grad_context,
+            &|| {},
+        );
+        reference.backward(
+            loss.distribution_loss(dist, &RESPONSE, signals, None)
+                .mul_scalar(0.5),
+        );
+        let mut layered = optimizer(&adapter);
+        micro_step(
+            &model,
+            &mut layered,
+            &loss,
+            &PROMPT,
+            &RESPONSE,
+            signals,
+            grad_context,
+            0.5,
+            &|| {},
+        );
+        assert_eq!(layered.pending(), 1, "one micro-step counted");
+        let (a, b) = (reference.gradient_values(), layered.gradient_values());
+        let scale = a.iter().fold(0f32, |m, g| m.max(g.abs()));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let nonzero = a.iter().filter(|g| g.abs() > 1e-7).count();
+        assert!(
+            nonzero > a.len() / 2,
+            "most parameters get a gradient ({nonzero} of {})",
+            a.len()
+        );
+        assert!(
+            worst <= 1e-4 * scale,
+            "grad_context {grad_context}, top-K {}: worst difference {worst:e} of {scale:e}",
+            signals.topk.is_some()
+        );
+    }
+}

@@ -406,29 +406,83 @@ impl Transformer {
         caches: &mut [&mut KvCache],
         adapter: Option<&LoraAdapter>,
     ) -> Tensor<3> {
-        let cfg = &self.config;
         let [b, s] = tokens.dims();
         assert_eq!(b, caches.len(), "one cache per sequence");
         let starts: Vec<usize> = caches.iter().map(|c| c.len).collect();
         let mut x = self.lookup(tokens);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let lora = adapter.and_then(|a| a.layers.get(i));
+        for i in 0..self.layers.len() {
             let mut layer_caches: Vec<&mut LayerCache> =
                 caches.iter_mut().map(|c| &mut c.layers[i]).collect();
-            let h = layer.attn.forward(
-                layer.input_norm.forward(x.clone()),
-                cfg,
-                &self.rope,
-                &mut layer_caches,
-                &starts,
-                lora,
-            );
-            x = x + h;
-            x = x.clone() + layer.mlp.forward(layer.post_attn_norm.forward(x), lora);
+            x = self.block(i, x, &mut layer_caches, &starts, adapter);
         }
         for c in caches.iter_mut() {
             c.len += s;
         }
+        self.norm.forward(x)
+    }
+
+    /// Layer `i` on `x` `[b, s, hidden]`, row `r` after `starts[r]` positions of `caches[r]`
+    /// (which it extends); returns the layer's output (its residual stream).
+    fn block(
+        &self,
+        i: usize,
+        x: Tensor<3>,
+        caches: &mut [&mut LayerCache],
+        starts: &[usize],
+        adapter: Option<&LoraAdapter>,
+    ) -> Tensor<3> {
+        let layer = &self.layers[i];
+        let lora = adapter.and_then(|a| a.layers.get(i));
+        let h = layer.attn.forward(
+            layer.input_norm.forward(x.clone()),
+            &self.config,
+            &self.rope,
+            caches,
+            starts,
+            lora,
+        );
+        let x = x + h;
+        x.clone() + layer.mlp.forward(layer.post_attn_norm.forward(x), lora)
+    }
+
+    /// Runs `tokens` `[1, seq]` after the cached positions like [`Self::forward`] and returns
+    /// each layer's input and the last layer's output (before the final norm): what training
+    /// needs to recompute one layer at a time ([`Self::layer_again`]) instead of holding every
+    /// layer's activations for the backward pass.
+    pub fn forward_recording(
+        &self,
+        tokens: Tensor<2, Int>,
+        cache: &mut KvCache,
+        adapter: Option<&LoraAdapter>,
+    ) -> (Vec<Tensor<3>>, Tensor<3>) {
+        let [_, s] = tokens.dims();
+        let start = cache.len;
+        let mut x = self.lookup(tokens);
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        for i in 0..self.layers.len() {
+            inputs.push(x.clone());
+            x = self.block(i, x, &mut [&mut cache.layers[i]], &[start], adapter);
+        }
+        cache.len += s;
+        (inputs, x)
+    }
+
+    /// Layer `i` once more on `x` `[1, s, hidden]` at positions `start..start+s`, over a copy
+    /// of its cached first `start` positions (`cache` is left as it is).
+    pub fn layer_again(
+        &self,
+        i: usize,
+        x: Tensor<3>,
+        cache: &KvCache,
+        start: usize,
+        adapter: Option<&LoraAdapter>,
+    ) -> Tensor<3> {
+        let mut layer = cache.layers[i].clone();
+        self.block(i, x, &mut [&mut layer], &[start], adapter)
+    }
+
+    /// The final norm of the residual stream (what [`Self::forward`] returns).
+    pub fn final_norm(&self, x: Tensor<3>) -> Tensor<3> {
         self.norm.forward(x)
     }
 

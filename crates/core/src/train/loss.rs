@@ -229,7 +229,7 @@ impl LossConfig {
     /// The sample's loss from the response positions' log-distributions `[n, vocab]` (with
     /// gradients): the top-K form when the sample has a [`TopK`] target and the method
     /// distils, else [`LossConfig::sample_loss`] on the sampled tokens.
-    pub(crate) fn distribution_loss(
+    pub fn distribution_loss(
         &self,
         log_dist: Tensor<2>,
         response: &[u32],

@@ -4,7 +4,7 @@
 
 use burn::module::ParamId;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::Tensor;
+use burn::tensor::{Gradients, Tensor};
 use clawrl_model::LoraAdapter;
 use clawrl_model::lora::LoraPair;
 
@@ -106,16 +106,39 @@ impl AdapterOptimizer {
 
     /// Back-propagates one micro-step's loss and adds its gradients to the sum.
     pub fn backward(&mut self, loss: Tensor<1>) {
-        let grads = loss.backward();
+        self.accumulate(&loss.backward());
+        self.finish_micro_step();
+    }
+
+    /// Adds the gradients of the parameters that `grads` has (a part of a micro-step's
+    /// backward pass: one layer of it) to the sum.
+    pub fn accumulate(&mut self, grads: &Gradients) {
         for (slot, (_, p)) in self.grads.iter_mut().zip(params(&self.adapter)) {
-            if let Some(g) = p.grad(&grads) {
+            if let Some(g) = p.grad(grads) {
                 *slot = Some(match slot.take() {
                     Some(sum) => sum + g,
                     None => g,
                 });
             }
         }
+    }
+
+    /// Counts a micro-step whose gradients [`Self::accumulate`] has summed.
+    pub fn finish_micro_step(&mut self) {
         self.micro_steps += 1;
+    }
+
+    /// The summed gradients so far, flattened in the adapter's parameter order (zeros where a
+    /// parameter got none).
+    pub fn gradient_values(&self) -> Vec<f32> {
+        self.grads
+            .iter()
+            .zip(params(&self.adapter))
+            .flat_map(|(g, (_, p))| match g {
+                Some(g) => clawrl_model::lora::values(g),
+                None => vec![0.0; p.shape().num_elements()],
+            })
+            .collect()
     }
 
     /// Forgets the gradients summed since the last step (an update set aside).
