@@ -486,6 +486,7 @@ fn tempdir() -> Result<std::path::PathBuf> {
 fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
     let model = clawrl_core::load_model(cfg)?;
     let n = args.sample_tokens;
+    let loaded = rss_mb();
     println!(
         "parts: {} (prompt {n} tokens, response {n} tokens)",
         model.summary()
@@ -530,6 +531,12 @@ fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
     let (mut steps, mut optim) = time_steps(&mut opt, &signals);
     let step = median(&mut steps);
     let sampled_rss = peak_rss_mb();
+    if let (Some(loaded), Some(peak)) = (loaded, sampled_rss) {
+        println!(
+            "RSS with the model loaded {loaded:.0} MB, peak over the micro-steps {peak:.0} MB: the trainer's own +{:.0} MB",
+            peak - loaded
+        );
+    }
     println!(
         "training micro-step (forward + backward, rank {}, {} targets): {step:.2} s = {:.0} trained tokens/s, {:.0} tokens/s through the model; optimizer step {:.3} s",
         lora.rank,
