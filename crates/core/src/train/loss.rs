@@ -772,7 +772,7 @@ mod tests {
                 .grad(&grads)
                 .unwrap()
                 .into_data()
-                .to_vec::<f32>()
+                .try_into_vec::<f32>()
                 .unwrap();
             // Gradient descent raises a logit whose gradient is negative.
             -g[4]
