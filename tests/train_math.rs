@@ -7,7 +7,9 @@ use burn::module::Param;
 use burn::tensor::DType;
 use clawrl_core::train::loss::{LossConfig, Method, Signals, TopK};
 use clawrl_core::train::optimizer::{AdapterOptimizer, OptimizerConfig};
-use clawrl_core::train::policy::{MicroStep, micro_step, response_log_distributions};
+use clawrl_core::train::policy::{
+    HEAD_ROWS, MicroStep, micro_step, micro_step_in_parts, response_log_distributions,
+};
 use clawrl_model::linear::LinearWeight;
 use clawrl_model::lora::{LoraPair, values};
 use clawrl_model::weights::WeightFile;
@@ -469,39 +471,45 @@ fn the_layer_by_layer_backward_gives_the_single_graph_gradients() {
             grad_context,
             &|| {},
         );
-        reference.backward(
-            loss.distribution_loss(dist, &RESPONSE, signals, None)
-                .mul_scalar(0.5),
-        );
-        let mut layered = optimizer(&adapter);
-        micro_step(
-            &model,
-            &mut layered,
-            &loss,
-            &PROMPT,
-            &RESPONSE,
-            signals,
-            grad_context,
-            0.5,
-            &|| {},
-        );
-        assert_eq!(layered.pending(), 1, "one micro-step counted");
-        let (a, b) = (reference.gradient_values(), layered.gradient_values());
-        let scale = a.iter().fold(0f32, |m, g| m.max(g.abs()));
-        let worst = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        let nonzero = a.iter().filter(|g| g.abs() > 1e-7).count();
-        assert!(
-            nonzero > a.len() / 2,
-            "most parameters get a gradient ({nonzero} of {})",
-            a.len()
-        );
-        assert!(
-            worst <= 1e-4 * scale,
-            "grad_context {grad_context}, top-K {}: worst difference {worst:e} of {scale:e}",
-            signals.topk.is_some()
-        );
+        let whole = loss.distribution_loss(dist, &RESPONSE, signals, None);
+        let whole_value = whole.clone().into_scalar::<f32>() as f64;
+        reference.backward(whole.mul_scalar(0.5));
+        for head_rows in [HEAD_ROWS, 2] {
+            let mut layered = optimizer(&adapter);
+            let step = micro_step_in_parts(
+                &model,
+                &mut layered,
+                &loss,
+                (&PROMPT, &RESPONSE),
+                signals,
+                grad_context,
+                0.5,
+                &|| {},
+                head_rows,
+            );
+            assert_eq!(layered.pending(), 1, "one micro-step counted");
+            assert!(
+                (step.loss - whole_value).abs() < 1e-5,
+                "the loss in parts {} vs whole {whole_value}",
+                step.loss
+            );
+            let (a, b) = (reference.gradient_values(), layered.gradient_values());
+            let scale = a.iter().fold(0f32, |m, g| m.max(g.abs()));
+            let worst = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let nonzero = a.iter().filter(|g| g.abs() > 1e-7).count();
+            assert!(
+                nonzero > a.len() / 2,
+                "most parameters get a gradient ({nonzero} of {})",
+                a.len()
+            );
+            assert!(
+                worst <= 1e-4 * scale,
+                "grad_context {grad_context}, head rows {head_rows}, top-K {}: worst difference {worst:e} of {scale:e}",
+                signals.topk.is_some()
+            );
+        }
     }
 }

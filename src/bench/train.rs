@@ -224,6 +224,8 @@ async fn serve_train_and_measure(c: &Config, args: &TrainBenchArgs) -> Result<()
     tokio::time::sleep(Duration::from_secs(args.baseline_secs)).await;
     // At rest: both models loaded and serving, no update yet.
     let rest_rss = rss_mb();
+    let cache_mb = || core.counters.prefix_cache_bytes.load(Ordering::Relaxed) as f64 / 1e6;
+    let rest_cache = cache_mb();
     core.set_training_paused(false)?;
     {
         let mut off: Vec<f64> = probes.lock().unwrap().iter().map(|p| p.0).collect();
@@ -246,6 +248,7 @@ async fn serve_train_and_measure(c: &Config, args: &TrainBenchArgs) -> Result<()
     }
     let _ = probe.await;
     let rss = peak_rss_mb();
+    let end_cache = cache_mb();
     let core = s.core.clone();
     let _ = s.stop.send(());
     let _ = s.server.await;
@@ -259,10 +262,11 @@ async fn serve_train_and_measure(c: &Config, args: &TrainBenchArgs) -> Result<()
             bytes(&core.counters.judge_weight_bytes),
         );
         println!(
-            "RSS: {rest:.0} MB at rest (serving, judge loaded, training paused), peak {peak:.0} MB training; weights held: policy {:.0} MB, judge {:.0} MB; training's own peak +{:.0} MB",
+            "RSS: {rest:.0} MB at rest (serving, judge loaded, training paused; prefix KV cache {rest_cache:.0} MB), peak {peak:.0} MB training; weights held: policy {:.0} MB, judge {:.0} MB; peak − rest +{:.0} MB, of which the prefix KV cache grew by {:.0} MB",
             policy / 1e6,
             judge / 1e6,
-            peak - rest
+            peak - rest,
+            end_cache - rest_cache
         );
     }
     if let Some(mb) = rss {

@@ -83,6 +83,26 @@ pub struct Signals {
     pub topk: Option<TopK>,
 }
 
+impl Signals {
+    /// The signals of the response positions `rows` (the loss computed a part at a time).
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Signals {
+        Signals {
+            logp_old: self.logp_old[rows.clone()].to_vec(),
+            reward: self.reward,
+            teacher_logp: self.teacher_logp.as_ref().map(|t| t[rows.clone()].to_vec()),
+            topk: self.topk.as_ref().map(|t| {
+                let cells = rows.start * t.k..rows.end * t.k;
+                TopK {
+                    k: t.k,
+                    ids: t.ids[cells.clone()].to_vec(),
+                    old: t.old[cells.clone()].to_vec(),
+                    teacher: t.teacher[cells].to_vec(),
+                }
+            }),
+        }
+    }
+}
+
 /// A sample's top-K distillation target (PIPELINE.md §4b), row-major `[n, k]`, all detached:
 /// S_t, the K likeliest tokens at each response position of the policy the update starts from
 /// (the one that sampled the reply, or a version at most `train.max_staleness` newer), with

@@ -74,6 +74,38 @@ pub fn micro_step(
     weight: f64,
     pause_point: &dyn Fn(),
 ) -> MicroStep {
+    micro_step_in_parts(
+        model,
+        optimizer,
+        loss,
+        (prompt, response),
+        signals,
+        grad_context,
+        weight,
+        pause_point,
+        HEAD_ROWS,
+    )
+}
+
+/// Response positions whose logits are computed and back-propagated at a time: a position's
+/// full-vocabulary logits and their gradients (SmolLM2: 49,152 floats each, several copies in
+/// the graph) are the trainer's largest tensors after the layers'.
+pub const HEAD_ROWS: usize = 64;
+
+/// [`micro_step`] with the head computed `head_rows` response positions at a time.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn micro_step_in_parts(
+    model: &Transformer,
+    optimizer: &mut AdapterOptimizer,
+    loss: &LossConfig,
+    (prompt, response): (&[u32], &[u32]),
+    signals: &Signals,
+    grad_context: usize,
+    weight: f64,
+    pause_point: &dyn Fn(),
+    head_rows: usize,
+) -> MicroStep {
     let n = response.len();
     assert!(
         !prompt.is_empty() && n > 0,
@@ -94,14 +126,7 @@ pub fn micro_step(
     pause_point();
     let (inputs, last) =
         model.forward_recording(scoring::ids_tensor(model, &ids), &mut cache, Some(&frozen));
-    let out = last.autodiff().require_grad();
-    let [_, _, h] = out.dims();
-    let hidden = model
-        .final_norm(out.clone())
-        .narrow(1, m - n, n)
-        .reshape([n, h]);
-    let log_dist = log_softmax(model.logits(hidden), 1);
-    let logp_new = scoring::gather(log_dist.clone(), response);
+    let [_, _, h] = last.dims();
     let base = (loss.kl_coef > 0.0).then(|| {
         let mut cache = model.new_cache();
         let logits = scoring::continuation_logits(model, prompt, response, &mut cache, None, CHUNK)
@@ -109,14 +134,39 @@ pub fn micro_step(
         let lp = scoring::gather_logprobs(logits, response);
         values(&lp.unsqueeze::<2>())
     });
-    let now = values(&logp_new.clone().unsqueeze::<2>());
-    let sample_loss = loss.distribution_loss(log_dist, response, signals, base.as_deref());
-    let value = values(&sample_loss.clone().unsqueeze::<2>())[0] as f64;
-    let grads = sample_loss.mul_scalar(weight).backward();
-    let mut upstream = out
-        .grad(&grads)
-        .expect("the loss depends on the last layer");
-    drop(grads);
+    // The head, a part of the response at a time: each part's share of the mean loss and its
+    // gradient at the last layer's output.
+    let (mut value, mut now) = (0.0, Vec::with_capacity(n));
+    let mut upstream = Vec::new();
+    if m > n {
+        // The prompt positions feed the head nothing.
+        upstream.push(Tensor::zeros([1, m - n, h], (&last.device(), last.dtype())));
+    }
+    for start in (0..n).step_by(head_rows.max(1)) {
+        let rows = start..(start + head_rows.max(1)).min(n);
+        let share = rows.len() as f64 / n as f64;
+        let x = last
+            .clone()
+            .narrow(1, m - n + rows.start, rows.len())
+            .autodiff()
+            .require_grad();
+        let hidden = model.final_norm(x.clone()).reshape([rows.len(), h]);
+        let log_dist = log_softmax(model.logits(hidden), 1);
+        let part = &response[rows.clone()];
+        now.extend(values(
+            &scoring::gather(log_dist.clone(), part).unsqueeze::<2>(),
+        ));
+        let part_loss = loss.distribution_loss(
+            log_dist,
+            part,
+            &signals.rows(rows.clone()),
+            base.as_ref().map(|b| &b[rows.clone()]),
+        );
+        value += values(&part_loss.clone().unsqueeze::<2>())[0] as f64 * share;
+        let grads = part_loss.mul_scalar(weight * share).backward();
+        upstream.push(x.grad(&grads).expect("the loss depends on the last layer"));
+    }
+    let mut upstream = Tensor::cat(upstream, 1);
     for i in (0..inputs.len()).rev() {
         pause_point();
         let x = inputs[i].clone().autodiff().require_grad();
