@@ -29,15 +29,6 @@ pub enum WeightMode {
     Both,
 }
 
-impl WeightMode {
-    /// Whether Q5_0 blocks are widened to Q8_0 ([`linear::QuantMatrix::new`]: 55 % more
-    /// bytes, decoded faster). With blocks alone (the leanest mode, the judge's default:
-    /// prompts, little decoding) they stay as the file stores them.
-    pub fn widens_q5_0(self) -> bool {
-        self != WeightMode::Blocks
-    }
-}
-
 #[derive(Module, Debug)]
 pub struct RmsNorm {
     pub weight: Param<Tensor<1>>,
@@ -576,7 +567,7 @@ impl Transformer {
         // model. With blocks alone they are the lookup table too (a dense copy of Qwen2.5's
         // 152 K × 896 embedding is 545 MB in f32).
         let blocks = file
-            .quant_blocks("model.embed_tokens.weight", mode.widens_q5_0())
+            .quant_blocks("model.embed_tokens.weight")
             .filter(|m| (m.rows, m.cols) == (config.vocab_size, h));
         let (embed_blocks, dense) = match (mode, config.tie_embeddings, blocks) {
             (WeightMode::Blocks, _, Some(m)) => (Some(m), false),
@@ -658,8 +649,7 @@ impl Loader<'_> {
     fn linear(&self, prefix: &str, d_in: usize, d_out: usize) -> Result<Linear> {
         let wname = format!("{prefix}.weight");
         let mut decode_blocks = None;
-        let blocks = self.file.quant_blocks(&wname, self.mode.widens_q5_0());
-        let weight = match (self.mode, blocks) {
+        let weight = match (self.mode, self.file.quant_blocks(&wname)) {
             (WeightMode::Blocks, Some(m)) => {
                 ensure!(
                     (m.rows, m.cols) == (d_out, d_in),
