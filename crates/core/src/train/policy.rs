@@ -19,6 +19,8 @@ const CHUNK: usize = 256;
 /// so every log-prob is exact and the gradient ignores only the head's keys and values (an
 /// agent's 5 K-token system prompt would otherwise cost a 5 K-token backward pass).
 /// `pause_point` runs before each chunk of the head (the trainer waits there while serving).
+/// One autodiff graph over every layer: [`micro_step`] computes the same gradients a layer at a
+/// time, and its tests compare the two.
 pub fn response_log_distributions(
     model: &Transformer,
     adapter: &LoraAdapter,
