@@ -242,7 +242,7 @@ impl Default for TrainSection {
             opd: OpdForm::Topk,
             topk: 16,
             opd_clip: 2.0,
-            topk_weights: TopkWeights::Student,
+            topk_weights: TopkWeights::Mixture,
             hint_selection: HintSelection::User,
             max_response_tokens: 256,
             grad_context_tokens: 256,
