@@ -62,7 +62,8 @@ pub struct MicroStep {
 /// layer's output, and each layer is then computed again with gradients and back-propagated
 /// alone. Every layer's activations at once (attention scores of all heads over the whole
 /// context) were most of the trainer's memory: +676 MB for a 256-token sample on SmolLM2-135M,
-/// and growing with the context. It costs one more forward pass without gradients. The
+/// and growing with the context. It costs one more forward pass without gradients and a graph
+/// per layer: about half again a micro-step's time (docs/BENCHMARKS.md). The
 /// gradients equal those of [`response_log_distributions`]'s single graph (tests/train_math.rs).
 #[allow(clippy::too_many_arguments)]
 pub fn micro_step(
