@@ -148,18 +148,23 @@ fn nudged(
     .unwrap()
 }
 
+/// A reward and a teacher, with the old log-probs just below `current` (ratios inside the
+/// clip range, where the loss is smooth).
+fn both_signals_near(current: &[f32]) -> Signals {
+    Signals {
+        logp_old: current.iter().map(|l| l - 0.05).collect(),
+        reward: Some(1.0),
+        teacher_logp: Some(current.iter().map(|l| l + 0.3).collect()),
+        topk: None,
+    }
+}
+
 #[test]
 fn lora_gradients_match_finite_differences() {
     let model = tiny();
     let adapter = random_adapter(&model, 2, 0.2);
     let current = logprobs(&model, Some(&adapter));
-    // Both signals, ratios inside the clip range (the loss is smooth there).
-    let signals = Signals {
-        logp_old: current.iter().map(|l| l - 0.05).collect(),
-        reward: Some(1.0),
-        teacher_logp: Some(current.iter().map(|l| l + 0.3).collect()),
-        topk: None,
-    };
+    let signals = both_signals_near(&current);
     let trainable = adapter.trainable();
     // The whole prompt with gradients (a shorter window leaves out the head's keys and values).
     let lp = response_logprobs(&model, &trainable, 64);
@@ -441,12 +446,7 @@ fn the_layer_by_layer_backward_gives_the_single_graph_gradients() {
     let (dist, vocab) = distributions(&model, &adapter);
     let (ids, old) = TopK::select(&dist, vocab, 4);
     let current = logprobs(&model, Some(&adapter));
-    let signals = Signals {
-        logp_old: current.iter().map(|l| l - 0.05).collect(),
-        reward: Some(1.0),
-        teacher_logp: Some(current.iter().map(|l| l + 0.3).collect()),
-        topk: None,
-    };
+    let signals = both_signals_near(&current);
     let topk = Signals {
         topk: Some(TopK {
             k: 4,

@@ -15,6 +15,7 @@
 //!   can raise a token the reply did not contain (the end of the turn after a short answer).
 
 use burn::tensor::{Int, Tensor, TensorData};
+use clawrl_model::sampling::log_sum_exp;
 use clawrl_model::scoring::gather;
 
 pub use crate::config::{Method, OpdForm, TopkWeights};
@@ -362,12 +363,10 @@ impl LossConfig {
     }
 }
 
-/// exp(l) / Σ exp(l) over a row of log-probs (numerically safe).
+/// exp(l) / Σ exp(l) over a row of log-probs.
 fn softmax(row: &[f32]) -> Vec<f32> {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = row.iter().map(|l| (l - max).exp()).collect();
-    let z: f32 = e.iter().sum();
-    e.into_iter().map(|x| x / z).collect()
+    let lse = log_sum_exp(row);
+    row.iter().map(|l| (l - lse).exp()).collect()
 }
 
 /// The k3 estimator of KL(new ‖ base) per token: exp(−Δ) − 1 + Δ with Δ = logp_new −
@@ -592,6 +591,17 @@ mod tests {
             .collect()
     }
 
+    /// d`loss`/d`logits`, on the host.
+    fn grad_at(logits: &Tensor<2>, loss: Tensor<1>) -> Vec<f32> {
+        let grads = loss.backward();
+        logits
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap()
+    }
+
     const RESPONSE: [u32; 4] = [3, 0, 7, 5];
     const VOCAB: usize = 9;
 
@@ -728,15 +738,10 @@ mod tests {
                     .into_scalar::<f32>() as f64
             };
             let dist = burn::tensor::activation::log_softmax(logits.clone(), 1);
-            let grads = cfg
-                .distribution_loss(dist, &RESPONSE, &signals, None)
-                .backward();
-            let analytic = logits
-                .grad(&grads)
-                .unwrap()
-                .into_data()
-                .try_into_vec::<f32>()
-                .unwrap();
+            let analytic = grad_at(
+                &logits,
+                cfg.distribution_loss(dist, &RESPONSE, &signals, None),
+            );
             let h = 1e-2;
             let mut checked = 0;
             for i in 0..n * VOCAB {
@@ -787,13 +792,7 @@ mod tests {
             let logits = Tensor::<2>::from_data(TensorData::new(host.clone(), [1, VOCAB]), &device)
                 .require_grad();
             let dist = burn::tensor::activation::log_softmax(logits.clone(), 1);
-            let grads = cfg.distribution_loss(dist, &[0], &signals, None).backward();
-            let g = logits
-                .grad(&grads)
-                .unwrap()
-                .into_data()
-                .try_into_vec::<f32>()
-                .unwrap();
+            let g = grad_at(&logits, cfg.distribution_loss(dist, &[0], &signals, None));
             // Gradient descent raises a logit whose gradient is negative.
             -g[4]
         };

@@ -61,8 +61,8 @@ pub struct MicroStep {
 /// without gradients keeps only each layer's input, the loss gives the gradient at the last
 /// layer's output, and each layer is then computed again with gradients and back-propagated
 /// alone. Every layer's activations at once (attention scores of all heads over the whole
-/// context) were most of the trainer's memory: +676 MB for a 256-token sample on SmolLM2-135M,
-/// and growing with the context. It costs one more forward pass without gradients and a graph
+/// context) were most of the trainer's memory (a 256-token sample on SmolLM2-135M: a 1312 MB
+/// peak, 830 MB this way), and grew with the context. It costs one more forward pass without gradients and a graph
 /// per layer: about half again a micro-step's time (docs/BENCHMARKS.md). The
 /// gradients equal those of [`response_log_distributions`]'s single graph (tests/train_math.rs).
 #[allow(clippy::too_many_arguments)]
