@@ -19,6 +19,9 @@ use tokio::sync::mpsc::UnboundedReceiver;
 fn engine() -> Engine {
     let mut cfg = Config::default();
     cfg.model.path = common::model_path(common::SMOLLM2).display().to_string();
+    // The exact cache: these tests compare the engine's paths with each other to 1e-4; the f16
+    // cache's own tolerance is tests/model_reference.rs's.
+    cfg.model.kv_cache = clawrl_model::KvDtype::F32;
     let engine = Engine::start(
         clawrl_core::engine::EngineConfig::policy(&cfg).unwrap(),
         Arc::new(Counters::default()),

@@ -725,7 +725,10 @@ fn token_id_completions_give_what_a_chat_turn_captured_and_score_prompts() {
     );
     let got: Vec<f32> = serde_json::from_value(c["logprobs"]["token_logprobs"].clone()).unwrap();
     for (g, w) in got.iter().zip(&logprobs) {
-        assert!((g - w).abs() < 1e-4, "{got:?} vs {logprobs:?}");
+        assert!(
+            ((g - w).abs() as f64) < common::PATHS_LOGPROB_TOL,
+            "{got:?} vs {logprobs:?}"
+        );
     }
     assert_eq!(
         c["logprobs"]["top_logprobs"][0].as_object().unwrap().len(),

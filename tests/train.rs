@@ -70,10 +70,11 @@ fn probe(s: &Server) -> (String, Vec<f64>) {
     )
 }
 
-/// The same greedy reply, token for token, with every log-prob within 1e-4 nats: the prefix
-/// cache is on, as for users, and a prompt found in it computes its last position as a decode
-/// step (docs/RELIABILITY.md, "Rollback"), which rounds differently from the prompt pass in the
-/// 6th decimal. A version's change to the weights moves log-probs far more (checked above).
+/// The same greedy reply, token for token, with every log-prob within
+/// [`common::PATHS_LOGPROB_TOL`]: the prefix cache is on, as for users, and a prompt found in
+/// it computes its last position as a decode step (docs/RELIABILITY.md, "Rollback"), which
+/// rounds differently from the prompt pass. A version's change to the weights moves log-probs
+/// far more (checked above).
 fn same_reply(now: &(String, Vec<f64>), then: &(String, Vec<f64>), what: &str) {
     assert_eq!(now.0, then.0, "{what}: the same text");
     assert_eq!(now.1.len(), then.1.len(), "{what}");
@@ -84,7 +85,10 @@ fn same_reply(now: &(String, Vec<f64>), then: &(String, Vec<f64>), what: &str) {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f64::max);
     eprintln!("{what}: largest log-prob difference {worst:.2e}");
-    assert!(worst <= 1e-4, "{what}: {now:?} vs {then:?}");
+    assert!(
+        worst <= common::PATHS_LOGPROB_TOL,
+        "{what}: {now:?} vs {then:?}"
+    );
 }
 
 /// A two-turn session whose second message is the first turn's next state.
@@ -296,7 +300,7 @@ fn rollbacks_restore_every_log_prob_and_bad_commands_change_nothing(
             .1
             .iter()
             .zip(&before.1)
-            .any(|(a, b)| (a - b).abs() > 1e-4),
+            .any(|(a, b)| (a - b).abs() > common::PATHS_LOGPROB_TOL),
         "v1 changes the probe's log-probs: {before:?} vs {after:?}"
     );
     let (ok, out, err) = ctl(s, &["rollback", "0"]);

@@ -69,7 +69,7 @@ fn close(a: &Value, b: &Value) {
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(b) {
         let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
-        assert!((x - y).abs() < 1e-4, "{a:?} vs {b:?}");
+        assert!((x - y).abs() < common::PATHS_LOGPROB_TOL, "{a:?} vs {b:?}");
     }
 }
 

@@ -135,6 +135,8 @@ pub struct TrainSection {
     pub opd_clip: f64,
     /// How the top-K form weighs the tokens of S_t (`train::loss::TopkWeights`).
     pub topk_weights: TopkWeights,
+    /// S_t also holds the end-of-turn tokens (`train::loss::TopK::select_with`).
+    pub topk_end_of_turn: bool,
     /// Which hint candidate a sample distils from (`train::hints`).
     pub hint_selection: HintSelection,
     pub max_response_tokens: usize,
@@ -243,6 +245,7 @@ impl Default for TrainSection {
             topk: 16,
             opd_clip: 2.0,
             topk_weights: TopkWeights::Mixture,
+            topk_end_of_turn: true,
             hint_selection: HintSelection::User,
             max_response_tokens: 256,
             grad_context_tokens: 256,
@@ -436,7 +439,7 @@ impl Default for ServerSection {
             max_body_bytes: 16 << 20,
             max_active: 4,
             max_queue: 16,
-            prefix_cache_mb: 384,
+            prefix_cache_mb: 192,
             prefix_cache_min_tokens: 32,
             session_idle_secs: 1800,
             internal_context_markers: vec!["<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>".into()],
@@ -512,7 +515,7 @@ impl Default for ModelSection {
             dtype: "f32".into(),
             weights: WeightMode::Both,
             max_context: 0,
-            kv_cache: KvDtype::F32,
+            kv_cache: KvDtype::F16,
         }
     }
 }

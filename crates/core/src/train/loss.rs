@@ -141,6 +141,41 @@ impl TopK {
         (ids, lps)
     }
 
+    /// [`TopK::select`] with `always` in every row too: each row holds the K likeliest ids and
+    /// then `always`' ids that are not among them, filled up with the next likeliest, so every
+    /// row has `k + always.len()` distinct ids and its first K are [`TopK::select`]'s. The
+    /// end-of-turn token is rarely in a student's top-K in the middle of a reply, so without
+    /// it a hint that says "shorter" has nothing to raise where the reply could end.
+    pub fn select_with(
+        dist: &[f32],
+        vocab: usize,
+        k: usize,
+        always: &[u32],
+    ) -> (Vec<u32>, Vec<f32>) {
+        let k = k.min(vocab);
+        let mut extra: Vec<u32> = Vec::with_capacity(always.len());
+        for &v in always {
+            if (v as usize) < vocab && !extra.contains(&v) {
+                extra.push(v);
+            }
+        }
+        let width = (k + extra.len()).min(vocab);
+        let (wide, _) = Self::select(dist, vocab, width);
+        let mut ids = Vec::with_capacity(wide.len());
+        for row_ids in wide.chunks_exact(width) {
+            let start = ids.len();
+            ids.extend_from_slice(&row_ids[..k]);
+            // Each of `extra` already among the K leaves room for the next likeliest id.
+            let missing = extra.iter().filter(|v| !row_ids[..k].contains(v));
+            ids.extend(missing);
+            let fill = row_ids[k..].iter().filter(|v| !extra.contains(v));
+            ids.extend(fill.take(width - (ids.len() - start)));
+            debug_assert_eq!(ids.len() - start, width);
+        }
+        let lps = Self::gather(dist, vocab, &ids, width);
+        (ids, lps)
+    }
+
     /// The log-probs of each row's `ids` (`[n, k]`) in log-distributions `[n, vocab]`.
     pub fn gather(dist: &[f32], vocab: usize, ids: &[u32], k: usize) -> Vec<f32> {
         ids.chunks_exact(k)
@@ -637,6 +672,71 @@ mod tests {
         );
         // Row 1 shares one of two, row 2 both.
         assert_eq!(TopK::overlap(&[1, 3, 0, 3], &[3, 2, 3, 0], 2), 3);
+    }
+
+    #[test]
+    fn the_end_of_turn_joins_every_row_and_the_first_k_stay_the_top_k() {
+        let dist = [
+            -3.0, -0.5, -2.0, -1.0, -5.0, /* row 2 */ -0.1, -4.0, -3.0, -2.5, -6.0,
+        ];
+        // Token 4 outside the top-2 of both rows: appended.
+        let (ids, lps) = TopK::select_with(&dist, 5, 2, &[4]);
+        assert_eq!(ids, [1, 3, 4, 0, 3, 4]);
+        assert_eq!(lps, [-0.5, -1.0, -5.0, -0.1, -2.5, -6.0]);
+        // Token 3 is in both rows' top-2: the next likeliest fills its place. Repeated and
+        // out-of-vocabulary ids are ignored.
+        let (ids, _) = TopK::select_with(&dist, 5, 2, &[3, 3, 99]);
+        assert_eq!(ids, [1, 3, 2, 0, 3, 2]);
+        // Two ids, one inside row 1's top-2, neither inside row 2's.
+        let (ids, _) = TopK::select_with(&dist, 5, 2, &[1, 4]);
+        assert_eq!(ids, [1, 3, 4, 2, 0, 3, 1, 4]);
+        assert_eq!(TopK::select_with(&dist, 5, 2, &[]), TopK::select(&dist, 5, 2));
+    }
+
+    /// The end-of-turn token outside the student's top-K: with it in S_t, a teacher that
+    /// wants the reply to end raises it; without it nothing does.
+    #[test]
+    fn a_teacher_that_ends_the_turn_raises_the_end_of_turn_only_when_it_is_in_s_t() {
+        let device = Device::flex().autodiff();
+        const END: u32 = 8;
+        // The student gives END ~0.3 %, last of the nine; the teacher 60 %.
+        let host: Vec<f32> = vec![2.0, 1.5, 1.0, 0.8, 0.5, 0.2, 0.0, -0.5, -3.0];
+        let old = host_log_softmax(&host, VOCAB);
+        let push_on = |always: &[u32]| {
+            let (ids, lp_old) = TopK::select_with(&old, VOCAB, 4, always);
+            let k = ids.len();
+            let teacher = ids
+                .iter()
+                .zip(&lp_old)
+                .map(|(&v, &o)| if v == END { 0.6f32.ln() } else { o - 1.0 })
+                .collect();
+            let signals = Signals {
+                logp_old: vec![old[0]],
+                reward: None,
+                teacher_logp: None,
+                topk: Some(TopK {
+                    k,
+                    ids,
+                    old: lp_old,
+                    teacher,
+                }),
+            };
+            let cfg = LossConfig {
+                method: Method::Opd,
+                topk_weights: TopkWeights::Mixture,
+                ..LossConfig::default()
+            };
+            let logits = Tensor::<2>::from_data(TensorData::new(host.clone(), [1, VOCAB]), &device)
+                .require_grad();
+            let dist = burn::tensor::activation::log_softmax(logits.clone(), 1);
+            -grad_at(&logits, cfg.distribution_loss(dist, &[0], &signals, None))[END as usize]
+        };
+        let (without, with) = (push_on(&[]), push_on(&[END]));
+        assert!(with > 0.0, "raised with the end of the turn in S_t: {with}");
+        assert!(
+            with > 20.0 * without.max(1e-6),
+            "and barely without it: {with} vs {without}"
+        );
     }
 
     #[test]

@@ -561,7 +561,7 @@ impl Trainer {
             let logp_old = s.logprobs[..response.len()].to_vec();
             let distilled = match self.loss.method {
                 Method::Rl => None,
-                _ => self.distillation(sample, response, parent),
+                _ => self.distillation(sample, response, parent, &model.tokenizer.stop_ids),
             };
             carried.push((reward, distilled.is_some()));
             let (teacher_logp, topk, hint_choice) = match distilled {
@@ -659,7 +659,14 @@ impl Trainer {
     /// scored by the engine, one chosen by `train.hint_selection`, and with the top-K form the
     /// sampling policy's top-K tokens at each position with both sides' log-probs. `None` (no
     /// distillation signal) when no candidate's teacher can be computed.
-    fn distillation(&self, sample: &Sample, response: &[u32], live: i64) -> Option<Distillation> {
+    /// `stop_ids` (the end-of-turn tokens) join S_t under `train.topk_end_of_turn`.
+    fn distillation(
+        &self,
+        sample: &Sample,
+        response: &[u32],
+        live: i64,
+        stop_ids: &[u32],
+    ) -> Option<Distillation> {
         let s = &sample.row;
         let mut candidates = sample.hints.clone();
         let rule = self.cfg.hint_selection;
@@ -683,7 +690,12 @@ impl Trainer {
                 Ok((_, Some(dist))) => {
                     let [_, vocab] = dist.dims();
                     let dist = values(dist);
-                    let (ids, old) = TopK::select(&dist, vocab, k);
+                    let always = if self.cfg.topk_end_of_turn {
+                        stop_ids
+                    } else {
+                        &[]
+                    };
+                    let (ids, old) = TopK::select_with(&dist, vocab, k, always);
                     Some((ids, old, vocab))
                 }
                 Ok((_, None)) => None,
@@ -739,9 +751,15 @@ impl Trainer {
                         (Some((ids, _, vocab)), Some(dist)) => {
                             let dist = values(dist);
                             let (teacher_ids, _) = TopK::select(&dist, *vocab, k);
-                            let overlap = TopK::overlap(ids, &teacher_ids, k);
+                            // Each row's first K are the student's top-K.
+                            let width = ids.len() / response.len();
+                            let student_topk: Vec<u32> = ids
+                                .chunks_exact(width)
+                                .flat_map(|row| row[..k.min(width)].iter().copied())
+                                .collect();
+                            let overlap = TopK::overlap(&student_topk, &teacher_ids, k);
                             candidates[i].overlap = Some(overlap as f64 / response.len() as f64);
-                            Some(TopK::gather(&dist, *vocab, ids, k))
+                            Some(TopK::gather(&dist, *vocab, ids, width))
                         }
                         _ => None,
                     };
@@ -766,7 +784,7 @@ impl Trainer {
         };
         let topk = match (self.cfg.opd, student, at_student) {
             (OpdForm::Topk, Some((ids, old, _)), Some(teacher)) => Some(TopK {
-                k,
+                k: ids.len() / response.len(),
                 ids,
                 old,
                 teacher,
