@@ -135,7 +135,8 @@ pub struct TrainSection {
     pub opd_clip: f64,
     /// How the top-K form weighs the tokens of S_t (`train::loss::TopkWeights`).
     pub topk_weights: TopkWeights,
-    /// S_t also holds the end-of-turn tokens (`train::loss::TopK::select_with`).
+    /// S_t also holds the end-of-turn tokens (`train::loss::TopK::select_with`; off by
+    /// default: docs/LEARNING.md measured it worse).
     pub topk_end_of_turn: bool,
     /// Which hint candidate a sample distils from (`train::hints`).
     pub hint_selection: HintSelection,
@@ -245,7 +246,7 @@ impl Default for TrainSection {
             topk: 16,
             opd_clip: 2.0,
             topk_weights: TopkWeights::Mixture,
-            topk_end_of_turn: true,
+            topk_end_of_turn: false,
             hint_selection: HintSelection::User,
             max_response_tokens: 256,
             grad_context_tokens: 256,
