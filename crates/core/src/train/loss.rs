@@ -690,7 +690,10 @@ mod tests {
         // Two ids, one inside row 1's top-2, neither inside row 2's.
         let (ids, _) = TopK::select_with(&dist, 5, 2, &[1, 4]);
         assert_eq!(ids, [1, 3, 4, 2, 0, 3, 1, 4]);
-        assert_eq!(TopK::select_with(&dist, 5, 2, &[]), TopK::select(&dist, 5, 2));
+        assert_eq!(
+            TopK::select_with(&dist, 5, 2, &[]),
+            TopK::select(&dist, 5, 2)
+        );
     }
 
     /// The end-of-turn token outside the student's top-K: with it in S_t, a teacher that
