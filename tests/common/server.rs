@@ -305,6 +305,21 @@ impl Server {
         log
     }
 
+    /// Whether the server logs `text` within `secs` (its log file is written by a background
+    /// thread, so a line can land a moment after what it reports).
+    pub fn logs_within(&self, text: &str, secs: u64) -> bool {
+        let until = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if self.log().contains(text) {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn signal(&self, sig: &str) {
         Command::new("kill")
             .args([&format!("-{sig}"), &self.child.id().to_string()])
