@@ -144,9 +144,9 @@ impl TopK {
     /// [`TopK::select`] with `always` in every row too: each row holds the K likeliest ids and
     /// then `always`' ids that are not among them, filled up with the next likeliest, so every
     /// row has K + (distinct ids of `always` in the vocabulary) distinct ids and its first K
-    /// are [`TopK::select`]'s. The
-    /// end-of-turn token is rarely in a student's top-K in the middle of a reply, so without
-    /// it a hint that says "shorter" has nothing to raise where the reply could end.
+    /// are [`TopK::select`]'s. The end-of-turn token is rarely in a student's top-K in the
+    /// middle of a reply, so without it a hint that says "shorter" has nothing to raise where
+    /// the reply could end.
     pub fn select_with(
         dist: &[f32],
         vocab: usize,

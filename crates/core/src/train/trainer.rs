@@ -696,7 +696,8 @@ impl Trainer {
                         &[]
                     };
                     let (ids, old) = TopK::select_with(&dist, vocab, k, always);
-                    Some((ids, old, vocab))
+                    let width = ids.len() / response.len();
+                    Some((ids, old, vocab, width))
                 }
                 Ok((_, None)) => None,
                 Err(e) => {
@@ -715,6 +716,12 @@ impl Trainer {
             Teacher::Base => 0,
             Teacher::Policy => live,
         };
+        // The student's own top-K, each row's first K of S^q, for the overlap.
+        let student_topk: Option<Vec<u32>> = student.as_ref().map(|(ids, _, _, width)| {
+            ids.chunks_exact(*width)
+                .flat_map(|row| row[..k.min(*width)].iter().copied())
+                .collect()
+        });
         // Each candidate's teacher: (its log-probs of the sampled tokens, of S^q).
         let mut teachers: Vec<Option<TeacherLogps>> = vec![None; candidates.len()];
         let to_score: Vec<usize> = match (unscored, &student) {
@@ -747,19 +754,13 @@ impl Trainer {
                     .score_blocking(prompt, response.to_vec(), version, student.is_some());
             match scored {
                 Ok((lp, dist)) if lp.len() == response.len() => {
-                    let at_student = match (&student, dist) {
-                        (Some((ids, _, vocab)), Some(dist)) => {
+                    let at_student = match (&student, &student_topk, dist) {
+                        (Some((ids, _, vocab, width)), Some(student_topk), Some(dist)) => {
                             let dist = values(dist);
                             let (teacher_ids, _) = TopK::select(&dist, *vocab, k);
-                            // Each row's first K are the student's top-K.
-                            let width = ids.len() / response.len();
-                            let student_topk: Vec<u32> = ids
-                                .chunks_exact(width)
-                                .flat_map(|row| row[..k.min(width)].iter().copied())
-                                .collect();
-                            let overlap = TopK::overlap(&student_topk, &teacher_ids, k);
+                            let overlap = TopK::overlap(student_topk, &teacher_ids, k);
                             candidates[i].overlap = Some(overlap as f64 / response.len() as f64);
-                            Some(TopK::gather(&dist, *vocab, ids, width))
+                            Some(TopK::gather(&dist, *vocab, ids, *width))
                         }
                         _ => None,
                     };
@@ -783,8 +784,8 @@ impl Trainer {
             return None;
         };
         let topk = match (self.cfg.opd, student, at_student) {
-            (OpdForm::Topk, Some((ids, old, _)), Some(teacher)) => Some(TopK {
-                k: ids.len() / response.len(),
+            (OpdForm::Topk, Some((ids, old, _, width)), Some(teacher)) => Some(TopK {
+                k: width,
                 ids,
                 old,
                 teacher,
