@@ -202,6 +202,22 @@ pub fn run() -> Result<()> {
     let cli = Cli::parse();
     let cfg = resolve_config(&cli.global)?;
     let _log_guard = clawrl_core::logging::init(&cfg.log_dir(), &cfg.log.level)?;
+    let decodes = matches!(
+        cli.command,
+        None | Some(
+            CliCommand::Chat
+                | CliCommand::Generate(_)
+                | CliCommand::Bench(_)
+                | CliCommand::Serve(_)
+                | CliCommand::Sim(_)
+        )
+    );
+    if decodes {
+        // Before any model loads (the calibration's buffer is freed before the loading peak).
+        let (distance, source) =
+            clawrl_model::kernels::prefetch::init(&cfg.prefetch_calibration_path());
+        tracing::info!("decode kernels prefetch {distance} bytes ahead ({source})");
+    }
     match cli.command {
         None => serve(cfg, &cli.server, false),
         Some(CliCommand::Chat) => interactive(&cfg),

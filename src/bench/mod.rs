@@ -121,6 +121,10 @@ fn machine() -> String {
 
 pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
     println!("{}", machine());
+    println!(
+        "prefetch: {} bytes ahead of each weight row",
+        clawrl_model::kernels::prefetch::distance()
+    );
     if args.judge {
         return judge::run(cfg, &args.modes, args.hints);
     }

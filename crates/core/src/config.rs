@@ -814,6 +814,11 @@ impl Config {
     pub fn log_dir(&self) -> PathBuf {
         self.data_dir().join("logs")
     }
+
+    /// Where the decode kernels' prefetch distance, measured once per CPU, is kept.
+    pub fn prefetch_calibration_path(&self) -> PathBuf {
+        self.data_dir().join("prefetch-calibration.json")
+    }
 }
 
 #[cfg(test)]

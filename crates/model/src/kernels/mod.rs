@@ -8,6 +8,7 @@
 //! and a portable one (dequantize a row, then dot); `CLAWRL_KERNELS=portable|avx2|avx512`
 //! picks one.
 
+pub mod prefetch;
 pub mod team;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -185,6 +186,8 @@ impl Product<'_> {
 pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Vec<Vec<f32>> {
     assert!(cols > 0 && x.len().is_multiple_of(cols), "activation shape");
     let n = x.len() / cols;
+    // Calibrated here on first use, not inside a task while the team waits on it.
+    prefetch::distance();
     // Σx of every 32 activations: the weights' offsets and minimums multiply it.
     let sums: Vec<f32> = x.chunks(32).map(|c| c.iter().sum()).collect();
     let mut outs: Vec<Vec<f32>> = products.iter().map(|p| vec![0f32; p.rows() * n]).collect();
@@ -334,7 +337,7 @@ fn task(
             panel_product(p.ty, w, p.row_bytes, x, cols, n, out.as_mut_ptr(), (1, n))
         };
     } else {
-        dot_rows(isa, p, w, x, sums, cols, n, out);
+        dot_rows(isa, p, w, x, sums, cols, n, out, prefetch::distance());
     }
     if let Some(u) = p.update {
         let up = &u.up[first * u.rank..];
@@ -360,7 +363,8 @@ fn task(
 }
 
 /// `out` (`[rows of w, n]`) = the weight rows `w` times the `n` activation rows `x`, each
-/// block unpacked by the kernels of `isa` (groups of 4 rows share it).
+/// block unpacked by the kernels of `isa` (groups of 4 rows share it), asking for the bytes
+/// `ahead` of each row as it starts ([`prefetch`]).
 #[allow(clippy::too_many_arguments)]
 fn dot_rows(
     isa: Isa,
@@ -371,6 +375,7 @@ fn dot_rows(
     cols: usize,
     n: usize,
     out: &mut [f32],
+    ahead: usize,
 ) {
     let blocks = cols.div_ceil(32);
     // The blocks need a kernel for `isa` (the low-rank update runs on it whatever the type).
@@ -378,6 +383,9 @@ fn dot_rows(
     let mut dense = Vec::new();
     let rows = out.chunks_exact_mut(n).zip(w.chunks_exact(p.row_bytes));
     for (o, wrow) in rows {
+        if ahead > 0 {
+            prefetch::lines(wrow.as_ptr().wrapping_add(ahead), wrow.len());
+        }
         if isa == Isa::Portable {
             dense.clear();
             dequantize_into(p.ty, wrow, cols, &mut dense).expect("row length checked");
