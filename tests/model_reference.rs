@@ -9,7 +9,9 @@
 mod common;
 use burn::tensor::DType;
 use clawrl_model::generate::Decoding;
+use clawrl_model::linear::LinearWeight;
 use clawrl_model::messages::Message;
+use clawrl_model::quant::GgmlType;
 use clawrl_model::{FinishReason, GenerateRequest, LoadedModel, SamplingParams, WeightMode};
 
 const LOGIT_TOL: f32 = 1e-3;
@@ -297,6 +299,41 @@ fn the_quantized_blocks_alone_match_the_reference() {
     let blocks = common::load(common::QWEN25, DType::F32, WeightMode::Blocks);
     assert!(blocks.transformer.embed.is_none());
     check_model(&blocks, "reference-qwen2.5-coder-0.5b.json", LOGIT_TOL);
+    // Its Q5_0 projections stay as the file stores them (widened to Q8_0 they hold 55 % more);
+    // the prompts and the greedy decoding above ran on them.
+    let q5_0 = blocks
+        .transformer
+        .layers
+        .iter()
+        .flat_map(|l| {
+            [
+                &l.attn.q_proj,
+                &l.attn.k_proj,
+                &l.mlp.gate_proj,
+                &l.mlp.down_proj,
+            ]
+        })
+        .filter(|p| matches!(&p.weight, LinearWeight::Blocks(b) if b.matrix.ty == GgmlType::Q5_0))
+        .count();
+    assert!(q5_0 > 0, "Qwen2.5's Q5_0 projections are kept as Q5_0");
+    let widened = common::qwen25();
+    let kept_bytes = |m: &LoadedModel| {
+        m.transformer
+            .layers
+            .iter()
+            .flat_map(|l| [&l.attn.q_proj, &l.mlp.gate_proj])
+            .map(|p| match (&p.weight, &p.decode_blocks) {
+                (LinearWeight::Blocks(b), _) | (_, Some(b)) => b.matrix.byte_len(),
+                _ => 0,
+            })
+            .sum::<usize>()
+    };
+    assert!(
+        kept_bytes(&blocks) < kept_bytes(widened),
+        "blocks alone keep fewer bytes than the widened decoding blocks: {} vs {}",
+        kept_bytes(&blocks),
+        kept_bytes(widened)
+    );
 }
 
 #[test]

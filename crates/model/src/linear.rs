@@ -19,7 +19,7 @@ use std::sync::Arc;
 /// A `[out, in]` matrix kept as GGML blocks, one row after another.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
-    /// The type of the blocks as kept (Q5_0 is kept as Q8_0: see [`QuantMatrix::new`]).
+    /// The type of the blocks as kept (Q5_0 may be kept as Q8_0: see [`QuantMatrix::new`]).
     pub ty: GgmlType,
     pub rows: usize,
     pub cols: usize,
@@ -31,17 +31,17 @@ pub struct QuantMatrix {
 
 impl QuantMatrix {
     /// A matrix's quantized blocks as the quantized kernels take them (`None` when the tensor
-    /// is not a matrix or its type has no such kernel).
-    pub fn from_gguf(file: &GgufFile, info: &GgufTensorInfo) -> Option<Self> {
+    /// is not a matrix or its type has no such kernel), Q5_0 widened to Q8_0 when `widen`.
+    pub fn from_gguf(file: &GgufFile, info: &GgufTensorInfo, widen: bool) -> Option<Self> {
         let shape = info.shape();
         (shape.len() == 2)
             .then(|| {
-                Self::new(
-                    info.ty,
-                    shape[0],
-                    shape[1],
-                    file.tensor_bytes(info).to_vec(),
-                )
+                let bytes = file.tensor_bytes(info).to_vec();
+                if widen {
+                    Self::new(info.ty, shape[0], shape[1], bytes)
+                } else {
+                    Self::as_stored(info.ty, shape[0], shape[1], bytes)
+                }
             })?
             .ok()
     }
@@ -49,6 +49,18 @@ impl QuantMatrix {
     /// The blocks of a checkpoint's matrix. Q5_0 is rewritten as Q8_0 of the same values
     /// ([`super::quant::q5_0_as_q8_0`]): 55 % more bytes, read faster (Qwen2.5's decode).
     pub fn new(ty: GgmlType, rows: usize, cols: usize, bytes: Vec<u8>) -> Result<Self> {
+        let mut m = Self::as_stored(ty, rows, cols, bytes)?;
+        if m.ty == GgmlType::Q5_0 {
+            m.bytes = super::quant::q5_0_as_q8_0(&m.bytes);
+            m.ty = GgmlType::Q8_0;
+            m.row_bytes = m.ty.bytes_for(cols)?;
+        }
+        Ok(m)
+    }
+
+    /// The blocks of a checkpoint's matrix as the file stores them (the leanest form: a model
+    /// that only reads prompts, such as the judge, decodes little).
+    pub fn as_stored(ty: GgmlType, rows: usize, cols: usize, bytes: Vec<u8>) -> Result<Self> {
         let row_bytes = ty.bytes_for(cols)?;
         ensure!(
             rows.checked_mul(row_bytes) == Some(bytes.len()),
@@ -56,15 +68,11 @@ impl QuantMatrix {
             bytes.len()
         );
         let file_bytes = bytes.len();
-        let (ty, bytes) = match ty {
-            GgmlType::Q5_0 => (GgmlType::Q8_0, super::quant::q5_0_as_q8_0(&bytes)),
-            _ => (ty, bytes),
-        };
         Ok(Self {
             ty,
             rows,
             cols,
-            row_bytes: ty.bytes_for(cols)?,
+            row_bytes,
             bytes,
             file_bytes,
         })
@@ -101,7 +109,7 @@ impl QuantMatrix {
     }
 
     /// Bytes held.
-    pub(crate) fn byte_len(&self) -> usize {
+    pub fn byte_len(&self) -> usize {
         self.bytes.len()
     }
 

@@ -185,9 +185,10 @@ impl WeightFile {
         found.with_context(|| format!("checkpoint has no tensor {hf_name}"))
     }
 
-    /// The file's quantized blocks of a projection, when the file stores it quantized.
-    pub(crate) fn quant_blocks(&self, hf_name: &str) -> Option<QuantMatrix> {
+    /// The file's quantized blocks of a projection, when the file stores it quantized (Q5_0
+    /// widened to Q8_0 when `widen`: [`QuantMatrix::new`]).
+    pub(crate) fn quant_blocks(&self, hf_name: &str, widen: bool) -> Option<QuantMatrix> {
         let g = self.gguf()?;
-        QuantMatrix::from_gguf(g, g.tensors.get(&gguf_name(hf_name)?)?)
+        QuantMatrix::from_gguf(g, g.tensors.get(&gguf_name(hf_name)?)?, widen)
     }
 }

@@ -276,7 +276,7 @@ unsafe fn panel_product(
     PANEL.with_borrow_mut(|panel| {
         panel.clear();
         for row in w.chunks_exact(row_bytes) {
-            dequantize_into(ty, row, cols, panel).expect("row length checked");
+            dequantize_row(Isa::selected(), ty, row, cols, panel);
         }
         let count = panel.len() / cols;
         // SAFETY: lhs is x as [n × cols] row-major; rhs is the panel [count × cols] read as
@@ -305,6 +305,28 @@ unsafe fn panel_product(
             );
         }
     });
+}
+
+/// Appends the `cols` weights of one row of `ty` blocks to `out`, through the SIMD
+/// dequantizer of `isa` where there is one (the same numbers as [`dequantize_into`]; its
+/// scalar loops were a fifth of the judge's time on prompts).
+pub(crate) fn dequantize_row(isa: Isa, ty: GgmlType, row: &[u8], cols: usize, out: &mut Vec<f32>) {
+    let start = out.len();
+    out.resize(start + cols, 0.0);
+    let dest = &mut out[start..];
+    // SAFETY: an Isa other than Portable is only chosen after detecting its instruction set
+    // (Isa::supported).
+    let done = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::avx2::dequantize(ty, row, dest) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::avx512::dequantize(ty, row, dest) },
+        _ => false,
+    };
+    if !done {
+        out.truncate(start);
+        dequantize_into(ty, row, cols, out).expect("row length checked");
+    }
 }
 
 /// Where a product's outputs `[n, rows]` go; tasks write disjoint rows of it.

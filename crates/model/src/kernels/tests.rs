@@ -391,3 +391,61 @@ fn attention_in_parts_merges_to_attention_over_all_positions_on_every_isa() {
         }
     }
 }
+
+#[test]
+fn the_simd_dequantizers_give_the_scalar_numbers_bit_for_bit() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let (rows, cols) = (3, 512);
+    for ty in SIMD_TYPES {
+        let w = random_matrix(ty, rows, cols, &mut rng);
+        let want = dequantize(ty, &w, rows * cols).unwrap();
+        for isa in Isa::supported() {
+            let mut got = vec![7.0f32]; // appended after what is there
+            for row in w.chunks_exact(ty.bytes_for(cols).unwrap()) {
+                dequantize_row(isa, ty, row, cols, &mut got);
+            }
+            assert_eq!(got.len(), 1 + rows * cols, "{ty:?} on {isa:?}");
+            assert_eq!(got[0], 7.0, "{ty:?} on {isa:?} overwrote what was there");
+            let differ = got[1..]
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(differ, 0, "{ty:?} on {isa:?}: {differ} weights differ");
+        }
+    }
+}
+
+#[test]
+fn the_prefetch_distance_changes_no_product() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let (rows, cols) = (40, 256);
+    for ty in SIMD_TYPES {
+        let w = random_matrix(ty, rows, cols, &mut rng);
+        let x = uniform(cols, &mut rng);
+        let sums: Vec<f32> = x.chunks(32).map(|c| c.iter().sum()).collect();
+        let row_bytes = ty.bytes_for(cols).unwrap();
+        let p = Product {
+            ty,
+            weights: &w,
+            row_bytes,
+            update: None,
+        };
+        let run = |ahead| {
+            let mut out = vec![0f32; rows];
+            dot_rows(Isa::best(), &p, &w, &x, &sums, cols, 1, &mut out, ahead);
+            out
+        };
+        let plain = run(0);
+        for ahead in prefetch::CANDIDATES {
+            assert_eq!(run(ahead), plain, "{ty:?}, {ahead} bytes ahead");
+        }
+        let want = reference(ty, &w, rows, cols, &x);
+        for (a, b) in plain.iter().zip(&want) {
+            assert!(
+                (a - b).abs() <= 1e-3 * (1.0 + b.abs()),
+                "{ty:?}: {a} vs {b}"
+            );
+        }
+    }
+}

@@ -108,6 +108,83 @@ macro_rules! kernels {
             }
         }
 
+        /// The weights of row `w` into `out[..its length]`: the same numbers as
+        /// [`crate::quant::dequantize_into`] (each lane rounded as its scalar expression is);
+        /// false for a type without a SIMD form here (Q6_K).
+        ///
+        /// # Safety
+        /// The CPU must support the module's instruction set.
+        #[target_feature(enable = $features)]
+        pub unsafe fn dequantize(ty: GgmlType, w: &[u8], out: &mut [f32]) -> bool {
+            let mut put = |at: usize, lo: W, hi: W| {
+                store_w(out, at, lo);
+                store_w(out, at + 16, hi);
+            };
+            match ty {
+                GgmlType::Q8_0 => {
+                    for (i, b) in blocks(w).iter().map(Q8_0).enumerate() {
+                        let (d, qs) = (f16(b.d()), b.qs());
+                        let lo = times(widen16::<true>(load16(&qs[..16])), d);
+                        put(32 * i, lo, times(widen16::<true>(load16(&qs[16..])), d));
+                    }
+                }
+                GgmlType::Q4_0 => {
+                    for (i, b) in blocks(w).iter().map(Q4_0).enumerate() {
+                        let d = f16(b.d());
+                        let (lo, hi) = nibbles(b.qs());
+                        let weights = |q| times(plus(widen16::<false>(q), -8.0), d);
+                        put(32 * i, weights(lo), weights(hi));
+                    }
+                }
+                GgmlType::Q4_1 => {
+                    for (i, b) in blocks(w).iter().map(Q4_1).enumerate() {
+                        let (d, m) = (f16(b.d()), f16(b.m()));
+                        let (lo, hi) = nibbles(b.qs());
+                        let weights = |q| plus(times(widen16::<false>(q), d), m);
+                        put(32 * i, weights(lo), weights(hi));
+                    }
+                }
+                GgmlType::Q5_0 => {
+                    for (i, b) in blocks(w).iter().map(Q5_0).enumerate() {
+                        let (d, qh) = (f16(b.d()), b.qh());
+                        let (lo, hi) = nibbles(b.qs());
+                        let weights = |q, bits| times(plus(widen16_5(q, bits), -16.0), d);
+                        put(32 * i, weights(lo, qh & 0xFFFF), weights(hi, qh >> 16));
+                    }
+                }
+                GgmlType::Q4_K => {
+                    let mask = _mm_set1_epi8(0x0F);
+                    for (i, b) in blocks::<{ Q4K::BYTES }>(w).iter().map(Q4K).enumerate() {
+                        let (d, dmin) = (f16(b.d()), f16(b.dmin()));
+                        for c in 0..4 {
+                            let qs = b.chunk(c);
+                            let (a, z) = (load16(&qs[..16]), load16(&qs[16..]));
+                            // Sub-block 2c: the chunk's low nibbles; 2c + 1: its high ones.
+                            for h in 0..2 {
+                                let (a, z) = if h == 1 {
+                                    (_mm_srli_epi16(a, 4), _mm_srli_epi16(z, 4))
+                                } else {
+                                    (a, z)
+                                };
+                                let j = 2 * c + h;
+                                let (sc, m) = scale_min_k4(j, b.scales());
+                                let (scale, min) = (d * sc as f32, dmin * m as f32);
+                                let weights = |q| {
+                                    plus(
+                                        times(widen16::<false>(_mm_and_si128(q, mask)), scale),
+                                        -min,
+                                    )
+                                };
+                                put(256 * i + 32 * j, weights(a), weights(z));
+                            }
+                        }
+                    }
+                }
+                _ => return false,
+            }
+            true
+        }
+
         #[target_feature(enable = $features)]
         fn dot16<const SIGNED: bool>(q: __m128i, x: &[f32], at: usize, acc: Acc) -> Acc {
             fma16(widen16::<SIGNED>(q), x, at, acc)
@@ -847,6 +924,12 @@ pub mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
+    fn plus(w: W, s: f32) -> W {
+        let s = _mm256_set1_ps(s);
+        (_mm256_add_ps(w.0, s), _mm256_add_ps(w.1, s))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn scaled(acc: Acc, scale: f32, block: Acc) -> Acc {
         _mm256_fmadd_ps(_mm256_set1_ps(scale), block, acc)
     }
@@ -1053,6 +1136,11 @@ pub mod avx512 {
         );
         let e = exp_minus16(minus, 0.0);
         _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0), e))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn plus(w: W, s: f32) -> W {
+        _mm512_add_ps(w, _mm512_set1_ps(s))
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
