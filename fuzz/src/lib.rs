@@ -114,7 +114,9 @@ pub fn gguf(data: &[u8]) -> Reached {
     };
     for info in g.tensors.values() {
         let _ = g.tensor_f32(&info.name);
-        let _ = QuantMatrix::from_gguf(&g, info);
+        // As stored (blocks alone) and with Q5_0 widened to Q8_0 (dense + blocks).
+        let _ = QuantMatrix::from_gguf(&g, info, false);
+        let _ = QuantMatrix::from_gguf(&g, info, true);
     }
     let Ok((file, config)) = WeightFile::from_gguf(g) else {
         return Reached::Parsed;

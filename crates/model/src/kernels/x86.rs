@@ -1224,6 +1224,7 @@ pub mod avx512 {
     ) {
         let row_bytes = 64 * if HALF { 2 } else { 4 };
         let (rows, len) = (qs.len() / 64, keys.len() / row_bytes);
+        let ahead = super::super::prefetch::distance();
         assert!(
             qs.len() == rows * 64
                 && out.len() == qs.len()
@@ -1237,10 +1238,10 @@ pub mod avx512 {
             // SAFETY: rows r..r+R and every key row are within the slices checked above.
             unsafe {
                 if rows - r >= 2 {
-                    scores64::<HALF, 2>(qs, r, keys, len, scale, &mut scores);
+                    scores64::<HALF, 2>(qs, r, keys, len, scale, &mut scores, ahead);
                     r += 2;
                 } else {
-                    scores64::<HALF, 1>(qs, r, keys, len, scale, &mut scores);
+                    scores64::<HALF, 1>(qs, r, keys, len, scale, &mut scores, ahead);
                     r += 1;
                 }
             }
@@ -1252,10 +1253,10 @@ pub mod avx512 {
             // SAFETY: as above.
             unsafe {
                 match rows - r {
-                    1 => weigh64::<HALF, 1>(&scores, r, values, len, out),
-                    2 => weigh64::<HALF, 2>(&scores, r, values, len, out),
-                    3 => weigh64::<HALF, 3>(&scores, r, values, len, out),
-                    _ => weigh64::<HALF, 4>(&scores, r, values, len, out),
+                    1 => weigh64::<HALF, 1>(&scores, r, values, len, out, ahead),
+                    2 => weigh64::<HALF, 2>(&scores, r, values, len, out, ahead),
+                    3 => weigh64::<HALF, 3>(&scores, r, values, len, out, ahead),
+                    _ => weigh64::<HALF, 4>(&scores, r, values, len, out, ahead),
                 }
             }
             r += 4;
@@ -1277,6 +1278,7 @@ pub mod avx512 {
         len: usize,
         scale: f32,
         scores: &mut [f32],
+        ahead: usize,
     ) {
         let row_bytes = 64 * if HALF { 2 } else { 4 };
         let q: [[__m512; 4]; R] =
@@ -1293,6 +1295,10 @@ pub mod avx512 {
         let whole = len / 16 * 16;
         let s = _mm512_set1_ps(scale);
         for j in (0..whole).step_by(16) {
+            if ahead > 0 {
+                let at = keys.as_ptr().wrapping_add(j * row_bytes + ahead);
+                super::super::prefetch::lines(at, 16 * row_bytes);
+            }
             let mut u = [[zero(); 4]; R];
             for g in 0..4 {
                 let (a, b, c, e) = (
@@ -1334,12 +1340,17 @@ pub mod avx512 {
         values: &[u8],
         len: usize,
         out: &mut [f32],
+        ahead: usize,
     ) {
         let row_bytes = 64 * if HALF { 2 } else { 4 };
         let p: [&[f32]; R] =
             std::array::from_fn(|r| &scores[(first + r) * len..(first + r + 1) * len]);
         let mut acc = [[zero(); 4]; R];
         for j in 0..len {
+            if ahead > 0 {
+                let at = values.as_ptr().wrapping_add(j * row_bytes + ahead);
+                super::super::prefetch::lines(at, row_bytes);
+            }
             // SAFETY: j < len rows of `values`, per the caller.
             let v = unsafe { row64::<HALF>(values.as_ptr(), j * row_bytes) };
             for r in 0..R {
