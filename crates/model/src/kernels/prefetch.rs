@@ -201,3 +201,66 @@ pub(super) fn lines(at: *const u8, len: usize) {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (at, len);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(path: &Path) -> Calibration {
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_calibration_is_measured_once_cached_per_cpu_and_remeasured_when_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("sub").join("prefetch-calibration.json");
+        let (d, source) = load_or_calibrate(&cache);
+        assert_eq!(source, "measured");
+        assert!(CANDIDATES.contains(&d), "{d} is a candidate");
+        let written = read(&cache);
+        assert_eq!(
+            (written.distance, written.cpu.as_str()),
+            (d, cpu_id(Isa::selected()).as_str())
+        );
+        assert_eq!(written.ns_per_row.len(), CANDIDATES.len());
+        assert!(
+            written
+                .ns_per_row
+                .iter()
+                .all(|(_, t)| t.is_finite() && *t > 0.0)
+        );
+
+        // The same CPU reads it back without measuring: a distance no calibration picks
+        // proves it came from the file.
+        let planted = Calibration {
+            distance: 3000,
+            ..written.clone()
+        };
+        std::fs::write(&cache, serde_json::to_vec(&planted).unwrap()).unwrap();
+        assert_eq!(load_or_calibrate(&cache), (3000, "cached"));
+
+        // Another CPU's calibration, or a file that is not one, is measured again and
+        // replaced.
+        for stale in [
+            serde_json::to_vec(&Calibration {
+                cpu: "another CPU".into(),
+                ..planted.clone()
+            })
+            .unwrap(),
+            b"{not json".to_vec(),
+        ] {
+            std::fs::write(&cache, stale).unwrap();
+            let (d, source) = load_or_calibrate(&cache);
+            assert_eq!(source, "measured");
+            assert!(CANDIDATES.contains(&d));
+            assert_eq!(read(&cache).cpu, cpu_id(Isa::selected()));
+        }
+
+        // A cache that cannot be written still gives a distance.
+        let blocked = dir.path().join("a file").join("prefetch-calibration.json");
+        std::fs::write(dir.path().join("a file"), b"").unwrap();
+        let (d, source) = load_or_calibrate(&blocked);
+        assert_eq!(source, "measured");
+        assert!(CANDIDATES.contains(&d));
+    }
+}
