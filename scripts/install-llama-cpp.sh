@@ -35,7 +35,7 @@ if ! batch_works; then
   flags=$(grep -m1 '^flags' /proc/cpuinfo)
   args="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
   for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 \
-    avx512_vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+    avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
     if grep -qw "${pair%%:*}" <<<"$flags"; then args="$args -DGGML_${pair##*:}=ON"; fi
   done
   echo "llama.cpp's native build failed a 64-token batch; rebuilding without AMX ($args)"

@@ -4,11 +4,12 @@
 //! Decoding streams every weight row once per token. On the 2-core Intel Xeon of 2026-12-07
 //! (480 MB of L3) the hardware prefetchers left the kernels waiting on their loads (`perf`:
 //! most of `dot`'s samples on the instructions after a block's load) and SmolLM2 decoded at
-//! 70 tok/s, a third of the bandwidth bound; asking for the lines 2 KB ahead of the row being
-//! multiplied took it to 118. Whether and how far ahead pays differs by CPU (prefetchers,
-//! cache sizes, latency), so the distance is chosen by a short calibration
-//! ([`calibrate`]: ~0.3 s) the first time a process decodes, or read from the file a
-//! previous run wrote for the same CPU ([`init`]). `CLAWRL_PREFETCH=<bytes>` (0: off) sets it.
+//! 70 tok/s, a third of the bandwidth bound; asking for the lines 1–2 KB ahead of the row
+//! being multiplied took it to 110–118. Whether and how far ahead pays differs by CPU
+//! (prefetchers, cache sizes, latency), so the distance is chosen by a short calibration
+//! ([`calibrate`]: 0.1–0.3 s) the first time a process decodes, or read from the file a
+//! previous run wrote for the same CPU ([`init`]). `CLAWRL_PREFETCH=<bytes>` (0: off) sets
+//! it. Decoding attention prefetches its keys and values at the same distance.
 
 use super::{Isa, Product, dot_rows};
 use crate::quant::GgmlType;
