@@ -250,8 +250,9 @@ pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Ve
 thread_local! {
     /// A task's outputs before they go to their places (no allocation per task).
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// A task's weight rows dequantized ([`panel_product`]).
-    static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A task's weight rows dequantized ([`panel_product`]), and the scalar dequantizer's row.
+    static PANEL: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// The `n` activation rows `x` times the weight rows `w`, dequantized once into an f32 panel
@@ -273,12 +274,16 @@ unsafe fn panel_product(
     dst: *mut f32,
     (dst_rs, dst_cs): (usize, usize),
 ) {
-    PANEL.with_borrow_mut(|panel| {
-        panel.clear();
-        for row in w.chunks_exact(row_bytes) {
-            dequantize_row(Isa::selected(), ty, row, cols, panel);
+    PANEL.with_borrow_mut(|(panel, scratch)| {
+        // The panel keeps its size between calls: rows are written over, never zeroed first.
+        let count = w.len() / row_bytes;
+        if panel.len() < count * cols {
+            panel.resize(count * cols, 0.0);
         }
-        let count = panel.len() / cols;
+        let rows = panel.chunks_exact_mut(cols).zip(w.chunks_exact(row_bytes));
+        for (out, row) in rows {
+            dequantize_row(Isa::selected(), ty, row, out, scratch);
+        }
         // SAFETY: lhs is x as [n × cols] row-major; rhs is the panel [count × cols] read as
         // its transpose [cols × count]; dst as the caller promised.
         unsafe {
@@ -307,25 +312,29 @@ unsafe fn panel_product(
     });
 }
 
-/// Appends the `cols` weights of one row of `ty` blocks to `out`, through the SIMD
-/// dequantizer of `isa` where there is one (the same numbers as [`dequantize_into`]; its
-/// scalar loops were a fifth of the judge's time on prompts).
-pub(crate) fn dequantize_row(isa: Isa, ty: GgmlType, row: &[u8], cols: usize, out: &mut Vec<f32>) {
-    let start = out.len();
-    out.resize(start + cols, 0.0);
-    let dest = &mut out[start..];
+/// The weights of one row of `ty` blocks into `out` (as many as the row holds), through the
+/// SIMD dequantizer of `isa` where there is one (the same numbers as [`dequantize_into`],
+/// whose scalar loops were a fifth of the judge's time on prompts), else through `scratch`.
+pub(crate) fn dequantize_row(
+    isa: Isa,
+    ty: GgmlType,
+    row: &[u8],
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
     // SAFETY: an Isa other than Portable is only chosen after detecting its instruction set
     // (Isa::supported).
     let done = match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::avx2::dequantize(ty, row, dest) },
+        Isa::Avx2 => unsafe { x86::avx2::dequantize(ty, row, out) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::avx512::dequantize(ty, row, dest) },
+        Isa::Avx512 => unsafe { x86::avx512::dequantize(ty, row, out) },
         _ => false,
     };
     if !done {
-        out.truncate(start);
-        dequantize_into(ty, row, cols, out).expect("row length checked");
+        scratch.clear();
+        dequantize_into(ty, row, out.len(), scratch).expect("row length checked");
+        out.copy_from_slice(scratch);
     }
 }
 
