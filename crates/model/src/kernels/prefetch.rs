@@ -38,7 +38,7 @@ static DISTANCE: OnceLock<usize> = OnceLock::new();
 /// What a calibration measured and chose, as cached on disk.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Calibration {
-    /// The CPU it was measured on ([`cpu_id`]); a cache for another CPU is measured again.
+    /// The CPU it was measured on ([`cpu_id`]); the cache keeps one entry per CPU.
     pub cpu: String,
     /// The chosen distance in bytes.
     pub distance: usize,
@@ -66,27 +66,38 @@ pub fn init(cache: &Path) -> (usize, &'static str) {
     (d, source)
 }
 
+/// The cache holds one calibration per CPU (model, instruction set, threads): switching
+/// `CLAWRL_KERNELS` does not measure again each time.
 fn load_or_calibrate(cache: &Path) -> (usize, &'static str) {
     if let Some(d) = from_env() {
         return (d, "CLAWRL_PREFETCH");
     }
     let cpu = cpu_id(Isa::selected());
-    match std::fs::read(cache).map(|b| serde_json::from_slice::<Calibration>(&b)) {
-        Ok(Ok(c)) if c.cpu == cpu => return (c.distance, "cached"),
-        Ok(Err(e)) => tracing::warn!(
-            "{}: not a prefetch calibration ({e}); measuring again",
-            cache.display()
-        ),
-        _ => {}
+    let mut known =
+        match std::fs::read(cache).map(|b| serde_json::from_slice::<Vec<Calibration>>(&b)) {
+            Ok(Ok(known)) => known,
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    "{}: not a list of prefetch calibrations ({e}); measuring again",
+                    cache.display()
+                );
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
+        };
+    if let Some(c) = known.iter().find(|c| c.cpu == cpu) {
+        return (c.distance, "cached");
     }
     let c = calibrate(Isa::selected());
-    if let Err(e) = write_atomically(cache, &c) {
+    let distance = c.distance;
+    known.push(c);
+    if let Err(e) = write_atomically(cache, &known) {
         tracing::warn!(
             "could not cache the prefetch calibration at {}: {e:#}",
             cache.display()
         );
     }
-    (c.distance, "measured")
+    (distance, "measured")
 }
 
 fn from_env() -> Option<usize> {
@@ -100,7 +111,7 @@ fn from_env() -> Option<usize> {
     }
 }
 
-fn write_atomically(path: &Path, c: &Calibration) -> std::io::Result<()> {
+fn write_atomically(path: &Path, c: &[Calibration]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -207,55 +218,66 @@ pub(super) fn lines(at: *const u8, len: usize) {
 mod tests {
     use super::*;
 
-    fn read(path: &Path) -> Calibration {
+    fn read(path: &Path) -> Vec<Calibration> {
         serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
     }
 
     #[test]
-    fn a_calibration_is_measured_once_cached_per_cpu_and_remeasured_when_unreadable() {
+    fn a_calibration_is_measured_once_per_cpu_cached_beside_others_and_remeasured_when_unreadable()
+    {
         let dir = tempfile::tempdir().unwrap();
         let cache = dir.path().join("sub").join("prefetch-calibration.json");
         let (d, source) = load_or_calibrate(&cache);
         assert_eq!(source, "measured");
         assert!(CANDIDATES.contains(&d), "{d} is a candidate");
         let written = read(&cache);
+        assert_eq!(written.len(), 1);
+        let mine = written[0].clone();
         assert_eq!(
-            (written.distance, written.cpu.as_str()),
+            (mine.distance, mine.cpu.as_str()),
             (d, cpu_id(Isa::selected()).as_str())
         );
-        assert_eq!(written.ns_per_row.len(), CANDIDATES.len());
+        assert_eq!(mine.ns_per_row.len(), CANDIDATES.len());
         assert!(
-            written
-                .ns_per_row
+            mine.ns_per_row
                 .iter()
                 .all(|(_, t)| t.is_finite() && *t > 0.0)
         );
 
-        // The same CPU reads it back without measuring: a distance no calibration picks
-        // proves it came from the file.
+        // This CPU's entry is read back without measuring (a distance no calibration picks
+        // proves it came from the file), beside another CPU's, which is kept.
+        let other = Calibration {
+            cpu: "another CPU".into(),
+            distance: 512,
+            ..mine.clone()
+        };
         let planted = Calibration {
             distance: 3000,
-            ..written.clone()
+            ..mine.clone()
         };
-        std::fs::write(&cache, serde_json::to_vec(&planted).unwrap()).unwrap();
+        std::fs::write(
+            &cache,
+            serde_json::to_vec(&[other.clone(), planted]).unwrap(),
+        )
+        .unwrap();
         assert_eq!(load_or_calibrate(&cache), (3000, "cached"));
 
-        // Another CPU's calibration, or a file that is not one, is measured again and
-        // replaced.
-        for stale in [
-            serde_json::to_vec(&Calibration {
-                cpu: "another CPU".into(),
-                ..planted.clone()
-            })
-            .unwrap(),
-            b"{not json".to_vec(),
-        ] {
-            std::fs::write(&cache, stale).unwrap();
-            let (d, source) = load_or_calibrate(&cache);
-            assert_eq!(source, "measured");
-            assert!(CANDIDATES.contains(&d));
-            assert_eq!(read(&cache).cpu, cpu_id(Isa::selected()));
-        }
+        // Only another CPU's entry: this one is measured and added beside it.
+        std::fs::write(&cache, serde_json::to_vec(&[other.clone()]).unwrap()).unwrap();
+        let (d, source) = load_or_calibrate(&cache);
+        assert_eq!(source, "measured");
+        assert!(CANDIDATES.contains(&d));
+        let both = read(&cache);
+        assert_eq!(both.len(), 2);
+        assert_eq!(both[0], other);
+        assert_eq!(both[1].cpu, cpu_id(Isa::selected()));
+
+        // A file that is not a calibration list is measured again and replaced.
+        std::fs::write(&cache, b"{not json").unwrap();
+        let (d, source) = load_or_calibrate(&cache);
+        assert_eq!(source, "measured");
+        assert!(CANDIDATES.contains(&d));
+        assert_eq!(read(&cache).len(), 1);
 
         // A cache that cannot be written still gives a distance.
         let blocked = dir.path().join("a file").join("prefetch-calibration.json");
