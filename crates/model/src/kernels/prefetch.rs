@@ -263,7 +263,11 @@ mod tests {
         assert_eq!(load_or_calibrate(&cache), (3000, "cached"));
 
         // Only another CPU's entry: this one is measured and added beside it.
-        std::fs::write(&cache, serde_json::to_vec(&[other.clone()]).unwrap()).unwrap();
+        std::fs::write(
+            &cache,
+            serde_json::to_vec(std::slice::from_ref(&other)).unwrap(),
+        )
+        .unwrap();
         let (d, source) = load_or_calibrate(&cache);
         assert_eq!(source, "measured");
         assert!(CANDIDATES.contains(&d));
