@@ -202,16 +202,15 @@ pub fn run() -> Result<()> {
     let cli = Cli::parse();
     let cfg = resolve_config(&cli.global)?;
     let _log_guard = clawrl_core::logging::init(&cfg.log_dir(), &cfg.log.level)?;
-    let decodes = matches!(
-        cli.command,
-        None | Some(
-            CliCommand::Chat
-                | CliCommand::Generate(_)
-                | CliCommand::Bench(_)
-                | CliCommand::Serve(_)
-                | CliCommand::Sim(_)
-        )
-    );
+    let decodes = match &cli.command {
+        None
+        | Some(
+            CliCommand::Chat | CliCommand::Generate(_) | CliCommand::Serve(_) | CliCommand::Sim(_),
+        ) => true,
+        #[cfg(feature = "lab")]
+        Some(CliCommand::Bench(_)) => true,
+        _ => false,
+    };
     if decodes {
         // Before any model loads (the calibration's buffer is freed before the loading peak).
         let (distance, source) =
