@@ -117,13 +117,38 @@ fn the_files_hold_every_interaction_and_held_out_reply(out: &Path, report: &str)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(eval.len(), 9, "before, after 2, after");
-    assert_eq!(eval[3]["phase"], "after-2");
+    assert_eq!(eval.len(), 12, "before, the hinted teacher, after 2, after");
+    assert_eq!(eval[3]["phase"], "teacher");
+    assert_eq!(eval[6]["phase"], "after-2");
     let before_ok = eval[..3].iter().filter(|e| e["satisfied"] == true).count();
     assert!(
         report.contains(&format!("held-out before: {before_ok}/3")),
         "{report}"
     );
+    // The teacher check asks the same questions, each with the correction the way the
+    // trainer's teacher reads a hint; its rate is the teacher phase's.
+    let teacher_ok = eval[3..6].iter().filter(|e| e["satisfied"] == true).count();
+    assert!(
+        report.contains(&format!("the hinted teacher (held-out questions with the correction as the trainer's hint, base model): {teacher_ok}/3")),
+        "{report}"
+    );
+    for (plain, hinted) in eval[..3].iter().zip(&eval[3..6]) {
+        assert_eq!(
+            hinted["prompt"].as_str().unwrap(),
+            format!(
+                "{}{}{}",
+                plain["prompt"].as_str().unwrap(),
+                clawrl_core::judge::teacher::HINT_HEADER,
+                clawrl_tui::sim::preference::find("no-lists")
+                    .unwrap()
+                    .correction
+            )
+        );
+        assert!(
+            hinted["prompt_tokens"].as_u64() > plain["prompt_tokens"].as_u64(),
+            "the hint reaches the model: {hinted} vs {plain}"
+        );
+    }
 }
 
 fn evaluation_turns_are_stored_and_never_trained_on(out: &Path, report: &str) {
@@ -146,7 +171,7 @@ fn evaluation_turns_are_stored_and_never_trained_on(out: &Path, report: &str) {
     let side: Vec<_> = turns.iter().filter(|t| t["turn_type"] == "side").collect();
     assert_eq!(
         side.len(),
-        9 + if report.contains("rollback to v0") {
+        12 + if report.contains("rollback to v0") {
             3
         } else {
             0

@@ -28,6 +28,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use clawrl_core::config::Config;
 use clawrl_core::http_client::{self, Target};
+use clawrl_core::judge::teacher::HINT_HEADER;
 use hyper::Method;
 use preference::Preference;
 use rand::{Rng, SeedableRng};
@@ -269,19 +270,26 @@ fn messages(system: &Option<String>, user: &str) -> Vec<Value> {
 }
 
 /// The held-out prompts, greedy, as side turns (served and stored, never judged or trained on).
+/// With `hint`, each question carries it the way the trainer's teacher reads a hint
+/// (`judge::teacher::hinted_messages`): what the hinted teacher itself would write.
 async fn evaluate(
     client: &Client,
     prompts: &[String],
     pref: &Preference,
     system: &Option<String>,
+    hint: Option<&str>,
     max_tokens: usize,
     phase: &str,
 ) -> Result<Vec<Evaluated>> {
     let mut out = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
+        let question = match hint {
+            Some(h) => format!("{p}{HINT_HEADER}{h}"),
+            None => p.clone(),
+        };
         let (_, reply, prompt_tokens) = client
             .chat(json!({
-                "messages": messages(system, p),
+                "messages": messages(system, &question),
                 "temperature": 0,
                 "max_tokens": max_tokens,
                 "turn_type": "side",
@@ -439,11 +447,38 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
     );
     let eval = |memory: Option<String>, phase: String| {
         let (client, held_out, pref) = (&client, &held_out, &pref);
-        async move { evaluate(client, held_out, pref, &memory, args.max_tokens, &phase).await }
+        async move {
+            evaluate(
+                client,
+                held_out,
+                pref,
+                &memory,
+                None,
+                args.max_tokens,
+                &phase,
+            )
+            .await
+        }
     };
 
     let before = eval(None, "before".into()).await?;
     eprintln!("before: {}", proportion(&before).describe());
+    // Distillation moves the model toward what its hinted teacher writes: a rule the teacher
+    // does not follow with the correction in front of it is out of distillation's reach.
+    let teacher = evaluate(
+        &client,
+        &held_out,
+        &pref,
+        &None,
+        Some(pref.correction),
+        args.max_tokens,
+        "teacher",
+    )
+    .await?;
+    eprintln!(
+        "the hinted teacher (the correction as its hint): {}",
+        proportion(&teacher).describe()
+    );
     let mut user = User {
         client: &client,
         args,
@@ -521,6 +556,7 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         args,
         pref: &pref,
         before,
+        teacher,
         checked,
         after,
         checkpoints,

@@ -14,6 +14,8 @@ pub(super) struct Outcome<'a> {
     pub pref: &'a Preference,
     /// The held-out replies before the run, at each `--eval-every` check, and after it.
     pub before: Vec<Evaluated>,
+    /// The base model's held-out replies with the user's correction as the teacher's hint.
+    pub teacher: Vec<Evaluated>,
     pub checked: Vec<(String, Vec<Evaluated>)>,
     pub after: Vec<Evaluated>,
     /// (after interaction, held-out replies not preferred) at each check.
@@ -94,6 +96,11 @@ impl Outcome<'_> {
         let (b, a) = (proportion(before), proportion(after));
         let _ = writeln!(text, "- held-out before: {}", b.describe());
         let _ = writeln!(text, "- held-out after:  {}", a.describe());
+        let _ = writeln!(
+            text,
+            "- the hinted teacher (held-out questions with the correction as the trainer's hint, base model): {}",
+            proportion(&self.teacher).describe()
+        );
         let ratio = if b.k > 0 {
             format!("{:.1}x the base rate", a.rate() / b.rate())
         } else {
@@ -231,7 +238,8 @@ impl Outcome<'_> {
     /// eval.jsonl: every held-out reply, one JSON object per line, phase by phase.
     fn eval_lines(&self) -> String {
         let mut eval = String::new();
-        let sets = std::iter::once(("before", &self.before))
+        let sets = [("before", &self.before), ("teacher", &self.teacher)]
+            .into_iter()
             .chain(self.checked.iter().map(|(p, e)| (p.as_str(), e)))
             .chain([("after", &self.after)]);
         for (phase, set) in sets {
