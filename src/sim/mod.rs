@@ -299,7 +299,7 @@ async fn evaluate(
             .await
             .with_context(|| format!("evaluating ({phase})"))?;
         out.push(Evaluated {
-            prompt: p.clone(),
+            prompt: question,
             satisfied: pref.satisfied_by(&reply),
             reply,
             prompt_tokens,
