@@ -284,23 +284,21 @@ unsafe fn panel_product(
         for (out, row) in rows {
             dequantize_row(Isa::selected(), ty, row, out, scratch);
         }
-        // Computed as its transpose, panel · xᵀ: gemm then reads the panel as its packed
-        // left-hand side.
-        // SAFETY: lhs is the panel [count × cols] row-major; rhs is x [n × cols] read as its
-        // transpose [cols × n]; dst as the caller promised, transposed.
+        // SAFETY: lhs is x as [n × cols] row-major; rhs is the panel [count × cols] read as
+        // its transpose [cols × count]; dst as the caller promised.
         unsafe {
             gemm::gemm(
-                count,
                 n,
+                count,
                 cols,
                 dst,
-                dst_rs as isize,
                 dst_cs as isize,
+                dst_rs as isize,
                 false,
-                panel.as_ptr(),
+                x.as_ptr(),
                 1,
                 cols as isize,
-                x.as_ptr(),
+                panel.as_ptr(),
                 cols as isize,
                 1,
                 0.0,
