@@ -391,7 +391,8 @@ fn option_scores_after_one_shared_prefill_equal_teacher_forced_scores() {
 
 #[test]
 fn the_teacher_scores_the_students_exact_tokens_after_the_hinted_prompt() {
-    use clawrl_core::judge::teacher::{HINT_HEADER, teacher_context};
+    use clawrl_core::config::HintPlacement;
+    use clawrl_core::judge::teacher::{hinted_text, teacher_context};
     let m = common::smollm2();
     let messages = [
         Message::system("Be brief."),
@@ -407,7 +408,9 @@ fn the_teacher_scores_the_students_exact_tokens_after_the_hinted_prompt() {
         response
     );
 
-    let ctx = teacher_context(m, &messages, None, "Answer in kilometres.", &response).unwrap();
+    let hint = "Answer in kilometres.";
+    let placement = HintPlacement::Before;
+    let ctx = teacher_context(m, &messages, None, hint, placement, &response).unwrap();
     assert_eq!(
         ctx.response(),
         &response[..],
@@ -415,9 +418,7 @@ fn the_teacher_scores_the_students_exact_tokens_after_the_hinted_prompt() {
     );
     let prompt_text = m.tokenizer.decode(ctx.prompt()).unwrap();
     assert!(
-        prompt_text.contains(&format!(
-            "How far is 5 miles?{HINT_HEADER}Answer in kilometres."
-        )),
+        prompt_text.contains(&hinted_text("How far is 5 miles?", hint, placement)),
         "{prompt_text}"
     );
     assert!(

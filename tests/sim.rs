@@ -135,13 +135,12 @@ fn the_files_hold_every_interaction_and_held_out_reply(out: &Path, report: &str)
     for (plain, hinted) in eval[..3].iter().zip(&eval[3..6]) {
         assert_eq!(
             hinted["prompt"].as_str().unwrap(),
-            format!(
-                "{}{}{}",
+            clawrl_core::judge::teacher::hinted_text(
                 plain["prompt"].as_str().unwrap(),
-                clawrl_core::judge::teacher::HINT_HEADER,
                 clawrl_tui::sim::preference::find("no-lists")
                     .unwrap()
-                    .correction
+                    .correction,
+                clawrl_core::config::TrainSection::default().hint_placement,
             )
         );
         assert!(

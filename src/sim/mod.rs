@@ -27,8 +27,9 @@ pub mod report;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use clawrl_core::config::Config;
+use clawrl_core::config::HintPlacement;
 use clawrl_core::http_client::{self, Target};
-use clawrl_core::judge::teacher::HINT_HEADER;
+use clawrl_core::judge::teacher::hinted_text;
 use hyper::Method;
 use preference::Preference;
 use rand::{Rng, SeedableRng};
@@ -271,20 +272,21 @@ fn messages(system: &Option<String>, user: &str) -> Vec<Value> {
 
 /// The held-out prompts, greedy, as side turns (served and stored, never judged or trained on).
 /// With `hint`, each question carries it the way the trainer's teacher reads a hint
-/// (`judge::teacher::hinted_messages`): what the hinted teacher itself would write.
+/// (`judge::teacher::hinted_text`, placed as `train.hint_placement`): what the hinted teacher
+/// itself would write.
 async fn evaluate(
     client: &Client,
     prompts: &[String],
     pref: &Preference,
     system: &Option<String>,
-    hint: Option<&str>,
+    hint: Option<(&str, HintPlacement)>,
     max_tokens: usize,
     phase: &str,
 ) -> Result<Vec<Evaluated>> {
     let mut out = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
         let question = match hint {
-            Some(h) => format!("{p}{HINT_HEADER}{h}"),
+            Some((h, placement)) => hinted_text(p, h, placement),
             None => p.clone(),
         };
         let (_, reply, prompt_tokens) = client
@@ -470,7 +472,7 @@ async fn simulate(cfg: &Config, args: &SimArgs, pref: Preference, out: &Path) ->
         &held_out,
         &pref,
         &None,
-        Some(pref.correction),
+        Some((pref.correction, cfg.train.hint_placement)),
         args.max_tokens,
         "teacher",
     )

@@ -96,10 +96,13 @@ impl Outcome<'_> {
         let (b, a) = (proportion(before), proportion(after));
         let _ = writeln!(text, "- held-out before: {}", b.describe());
         let _ = writeln!(text, "- held-out after:  {}", a.describe());
+        let loops =
+            |e: &[Evaluated]| report::repeated_trigrams(e.iter().map(|e| e.reply.as_str())) * 100.0;
         let _ = writeln!(
             text,
-            "- the hinted teacher (held-out questions with the correction as the trainer's hint, base model): {}",
-            proportion(&self.teacher).describe()
+            "- the hinted teacher (held-out questions with the correction as the trainer's hint, base model): {}; repeated word trigrams {:.1} %",
+            proportion(&self.teacher).describe(),
+            loops(&self.teacher)
         );
         let ratio = if b.k > 0 {
             format!("{:.1}x the base rate", a.rate() / b.rate())
@@ -113,8 +116,6 @@ impl Outcome<'_> {
             b.n - b.k,
             a.n - a.k
         );
-        let loops =
-            |e: &[Evaluated]| report::repeated_trigrams(e.iter().map(|e| e.reply.as_str())) * 100.0;
         let _ = writeln!(
             text,
             "- quality: repeated word trigrams within a reply {:.1} % -> {:.1} %",

@@ -140,6 +140,8 @@ pub struct TrainSection {
     pub topk_end_of_turn: bool,
     /// Which hint candidate a sample distils from (`train::hints`).
     pub hint_selection: HintSelection,
+    /// Where the chosen hint goes in the teacher's context.
+    pub hint_placement: HintPlacement,
     pub max_response_tokens: usize,
     pub grad_context_tokens: usize,
     pub seed: u64,
@@ -192,6 +194,17 @@ pub enum HintSelection {
     First,
     /// The user's own next message when there is one.
     User,
+}
+
+/// Where the hint goes in the teacher's context (`judge::teacher::hinted_messages`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HintPlacement {
+    /// Before the last user message, a blank line between: the teacher reads the wish first,
+    /// then the request (docs/LEARNING.md: SmolLM2 follows it more and loops less so).
+    Before,
+    /// After it, under a "[user's hint / instruction]" header (the published framing).
+    After,
 }
 
 /// Who scores a hinted turn for distillation.
@@ -248,6 +261,7 @@ impl Default for TrainSection {
             topk_weights: TopkWeights::Mixture,
             topk_end_of_turn: false,
             hint_selection: HintSelection::User,
+            hint_placement: HintPlacement::Before,
             max_response_tokens: 256,
             grad_context_tokens: 256,
             seed: 0,

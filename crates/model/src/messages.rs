@@ -93,6 +93,21 @@ impl Content {
         }
     }
 
+    /// Puts `prefix` before the text (at the start of the string, or as a first text part).
+    pub fn prepend_text(&mut self, prefix: &str) {
+        match self {
+            Content::Text(s) => s.insert_str(0, prefix),
+            Content::Parts(parts) => parts.insert(
+                0,
+                Part::Text {
+                    kind: Some("text".into()),
+                    text: Some(prefix.into()),
+                    extra: Map::new(),
+                },
+            ),
+        }
+    }
+
     fn text_only(&self) -> bool {
         match self {
             Content::Text(_) => true,

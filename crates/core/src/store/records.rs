@@ -1,7 +1,7 @@
 //! The kinds of things the store keeps that several layers name: a turn's type and what a
 //! trained sample distilled from.
 
-use crate::config::HintSelection;
+use crate::config::{HintPlacement, HintSelection};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -134,6 +134,9 @@ pub struct HintCandidate {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HintChoice {
     pub rule: HintSelection,
+    /// Where the teacher read the chosen hint (records from before the setting: after).
+    #[serde(default = "placed_after")]
+    pub placement: HintPlacement,
     /// Index into `candidates`.
     pub chosen: usize,
     /// K of the overlap.
@@ -141,8 +144,32 @@ pub struct HintChoice {
     pub candidates: Vec<HintCandidate>,
 }
 
+fn placed_after() -> HintPlacement {
+    HintPlacement::After
+}
+
 impl HintChoice {
     pub fn chosen(&self) -> &HintCandidate {
         &self.candidates[self.chosen]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hint_choice_stored_before_the_placement_setting_reads_as_after() {
+        let old = r#"{"rule":"user","chosen":0,"k":16,"candidates":[{"source":"user","text":"Shorter."}]}"#;
+        let choice: HintChoice = serde_json::from_str(old).unwrap();
+        assert_eq!(choice.placement, HintPlacement::After);
+        assert_eq!(choice.chosen().text, "Shorter.");
+        let new = HintChoice {
+            placement: HintPlacement::Before,
+            ..choice
+        };
+        let json = serde_json::to_string(&new).unwrap();
+        assert!(json.contains(r#""placement":"before""#), "{json}");
+        assert_eq!(serde_json::from_str::<HintChoice>(&json).unwrap(), new);
     }
 }

@@ -731,7 +731,11 @@ impl Trainer {
             (None, None) => vec![0],
         };
         for i in to_score {
-            let hinted = match hinted_messages(&s.request_messages, &candidates[i].text) {
+            let hinted = match hinted_messages(
+                &s.request_messages,
+                &candidates[i].text,
+                self.cfg.hint_placement,
+            ) {
                 Ok(m) => m,
                 Err(e) => {
                     candidates[i].error = Some(format!("{e:#}"));
@@ -797,6 +801,7 @@ impl Trainer {
             topk,
             choice: HintChoice {
                 rule,
+                placement: self.cfg.hint_placement,
                 chosen,
                 k,
                 candidates,
