@@ -26,8 +26,7 @@ pub mod report;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use clawrl_core::config::Config;
-use clawrl_core::config::HintPlacement;
+use clawrl_core::config::{Config, HintPlacement};
 use clawrl_core::http_client::{self, Target};
 use clawrl_core::judge::teacher::hinted_text;
 use hyper::Method;
