@@ -5,7 +5,7 @@
 mod common;
 use burn::module::Param;
 use burn::tensor::DType;
-use clawrl_core::train::loss::{LossConfig, Method, Signals, TopK};
+use clawrl_core::train::loss::{LossConfig, Method, Repeats, Signals, TopK};
 use clawrl_core::train::optimizer::{AdapterOptimizer, OptimizerConfig};
 use clawrl_core::train::policy::{
     HEAD_ROWS, MicroStep, micro_step, micro_step_in_parts, response_log_distributions,
@@ -512,4 +512,92 @@ fn the_layer_by_layer_backward_gives_the_single_graph_gradients() {
             );
         }
     }
+}
+
+#[test]
+fn the_unlikelihood_of_repeats_lowers_a_loop_in_parts_as_in_one_graph() {
+    // A reply that loops, "12 33 7" three times: from position 5 on, each token copies the
+    // trigram three tokens back. Nothing else to learn from it (a reward of 0, no hint), so
+    // every gradient comes from train.unlikelihood.
+    const LOOPING: [u32; 9] = [12, 33, 7, 12, 33, 7, 12, 33, 7];
+    let model = tiny();
+    let adapter = random_adapter(&model, 5, 0.2);
+    let dist =
+        |a: &LoraAdapter| response_log_distributions(&model, a, &PROMPT, &LOOPING, 64, &|| {});
+    let logp = |a: &LoraAdapter| values(&scoring::gather(dist(a), &LOOPING).unsqueeze::<2>());
+    let before = logp(&adapter);
+    let signals = Signals {
+        logp_old: before.clone(),
+        reward: Some(0.0),
+        teacher_logp: None,
+        topk: None,
+    };
+    let repeats = Repeats::in_reply(&LOOPING);
+    assert_eq!(repeats.rows[4], Vec::<u32>::new());
+    assert_eq!(repeats.rows[5..], [[7], [12], [33], [7]]);
+    let loss = LossConfig {
+        unlikelihood: 1.0,
+        ..LossConfig::default()
+    };
+    let mut reference = optimizer(&adapter);
+    let d = dist(reference.trainable());
+    let whole = loss.distribution_loss(d.clone(), &LOOPING, &signals, None)
+        + loss.repeat_unlikelihood(d, &repeats.rows).unwrap();
+    let whole_value = whole.clone().into_scalar::<f32>() as f64;
+    assert!(whole_value > 0.0);
+    reference.backward(whole);
+    for head_rows in [HEAD_ROWS, 2] {
+        // Parts of two positions: the repeats at 5..9 copy tokens of earlier parts.
+        let mut layered = optimizer(&adapter);
+        let step = micro_step_in_parts(
+            &model,
+            &mut layered,
+            &loss,
+            (&PROMPT, &LOOPING),
+            &signals,
+            64,
+            1.0,
+            &|| {},
+            head_rows,
+        );
+        assert!(
+            (step.loss - whole_value).abs() < 1e-5,
+            "head rows {head_rows}: the loss in parts {} vs whole {whole_value}",
+            step.loss
+        );
+        let (a, b) = (reference.gradient_values(), layered.gradient_values());
+        let scale = a.iter().fold(0f32, |m, g| m.max(g.abs()));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            scale > 0.0 && worst <= 1e-4 * scale,
+            "{worst:e} of {scale:e}"
+        );
+        layered.step(1.0);
+        let after = logp(&layered.snapshot());
+        for t in 5..LOOPING.len() {
+            assert!(
+                after[t] < before[t],
+                "head rows {head_rows}: the copy at {t} fell ({} -> {})",
+                before[t],
+                after[t]
+            );
+        }
+    }
+    // Off (the default), the same sample gives no gradient at all.
+    let mut off = optimizer(&adapter);
+    micro_step(
+        &model,
+        &mut off,
+        &LossConfig::default(),
+        &PROMPT,
+        &LOOPING,
+        &signals,
+        64,
+        1.0,
+        &|| {},
+    );
+    assert!(off.gradient_values().iter().all(|g| *g == 0.0));
 }

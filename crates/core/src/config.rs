@@ -122,6 +122,8 @@ pub struct TrainSection {
     /// (`train::loss::LossConfig::step_scale`).
     pub signal_sized_steps: bool,
     pub kl_coef: f64,
+    /// Weight of the unlikelihood of repeats (`train::loss::Repeats`; 0: off).
+    pub unlikelihood: f64,
     pub max_staleness: i64,
     pub teacher: Teacher,
     /// Where the teacher's log-probs are computed: here, or by a replica (serving upstream,
@@ -252,6 +254,7 @@ impl Default for TrainSection {
             balance_rewards: true,
             signal_sized_steps: true,
             kl_coef: 0.0,
+            unlikelihood: 0.0,
             max_staleness: 4,
             teacher: Teacher::Base,
             teacher_from: TeacherFrom::Local,

@@ -13,6 +13,8 @@
 //! - Top-K distillation (PIPELINE.md §4b, [`TopK`]): the OPD term over the K tokens the
 //!   sampling policy found likeliest at each position, not the sampled token alone, so a hint
 //!   can raise a token the reply did not contain (the end of the turn after a short answer).
+//! - Optional unlikelihood of repeats (Welleck et al. 2019, token level, [`Repeats`]):
+//!   −log(1 − p(c)) for each token c that would repeat an earlier token trigram of the reply.
 
 use burn::tensor::{Int, Tensor, TensorData};
 use clawrl_model::sampling::log_sum_exp;
@@ -35,6 +37,8 @@ pub struct LossConfig {
     /// The top-K term's clip on ℓ_teacher − ℓ_old per token (`None`: unclipped).
     pub opd_clip: Option<f64>,
     pub topk_weights: TopkWeights,
+    /// Weight of the unlikelihood of repeats ([`LossConfig::repeat_unlikelihood`]; 0: off).
+    pub unlikelihood: f64,
 }
 
 /// The rewards of an update's samples as its RL term uses them. Replies rated down alone give
@@ -66,6 +70,7 @@ impl Default for LossConfig {
             kl_coef: 0.0,
             opd_clip: Some(2.0),
             topk_weights: TopkWeights::Student,
+            unlikelihood: 0.0,
         }
     }
 }
@@ -196,7 +201,84 @@ impl TopK {
     }
 }
 
+/// For each position of a reply, the tokens that would repeat a token trigram already in the
+/// reply before it: every token that followed an earlier occurrence of the two tokens just
+/// before the position. A small model's loops ("1. Read more books.\n2. Read more books.") copy
+/// a span it already wrote, token after token; these are the tokens that copy.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Repeats {
+    /// Per position, the repeating tokens (distinct; may include the sampled one).
+    pub rows: Vec<Vec<u32>>,
+}
+
+impl Repeats {
+    /// Tokens of context a repeat must share (a token trigram: two before, one copied).
+    const CONTEXT: usize = 2;
+
+    pub fn in_reply(response: &[u32]) -> Self {
+        let c = Self::CONTEXT;
+        let rows = (0..response.len())
+            .map(|t| {
+                let mut row: Vec<u32> = Vec::new();
+                if t >= c {
+                    let context = &response[t - c..t];
+                    // Earlier trigrams, start j: response[j..j + c] then response[j + c], j + c < t.
+                    for j in 0..t - c {
+                        let next = response[j + c];
+                        if &response[j..j + c] == context && !row.contains(&next) {
+                            row.push(next);
+                        }
+                    }
+                }
+                row
+            })
+            .collect();
+        Self { rows }
+    }
+
+    /// The rows of the response positions `rows`.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> &[Vec<u32>] {
+        &self.rows[rows]
+    }
+}
+
 impl LossConfig {
+    /// The unlikelihood of repeats over log-distributions `[n, vocab]` (with gradients) of the
+    /// positions whose [`Repeats`] rows are `repeats`: `unlikelihood` · the mean over the
+    /// positions of Σ_c −log(1 − p(c)). Its gradient on a repeating token's logit is at most
+    /// its probability, so a loop the model is sure of gets the strongest push and none is
+    /// unbounded. `None` when off or no position has a repeat.
+    pub fn repeat_unlikelihood(
+        &self,
+        log_dist: Tensor<2>,
+        repeats: &[Vec<u32>],
+    ) -> Option<Tensor<1>> {
+        let width = repeats.iter().map(Vec::len).max().unwrap_or(0);
+        if self.unlikelihood <= 0.0 || width == 0 {
+            return None;
+        }
+        let n = repeats.len();
+        let (mut ids, mut mask) = (Vec::with_capacity(n * width), Vec::with_capacity(n * width));
+        for row in repeats {
+            for j in 0..width {
+                ids.push(row.get(j).map_or(0, |&v| v as i64));
+                mask.push(if j < row.len() { 1.0f32 } else { 0.0 });
+            }
+        }
+        let device = log_dist.device();
+        let idx = Tensor::<2, Int>::from_data(TensorData::new(ids, [n, width]), &device);
+        let mask = Tensor::<2>::from_data(TensorData::new(mask, [n, width]), &device);
+        // 1 − p floored so that a token at p ≈ 1 in f32 gives no infinite log.
+        let rest = log_dist
+            .gather(1, idx)
+            .exp()
+            .neg()
+            .add_scalar(1.0)
+            .clamp_min(1e-4);
+        let per_position = (rest.log().neg() * mask).sum_dim(1).reshape([n]);
+        Some(per_position.mean().mul_scalar(self.unlikelihood))
+    }
+
     /// Whether a sample gives the method anything to move toward: a non-zero reward (as the
     /// RL term uses it) or a hint.
     pub fn moves(&self, reward: Option<f32>, hint: bool) -> bool {
@@ -954,5 +1036,79 @@ mod tests {
         assert!(k[1] > 0.0 && k[2] > 0.0);
         assert!((policy_drift(&[-1.0], &[-1.0])).abs() < 1e-12);
         assert!(policy_drift(&[-0.5], &[-1.0]) > 0.0);
+    }
+
+    #[test]
+    fn repeats_are_the_tokens_that_would_copy_an_earlier_trigram() {
+        // "a b c a b c a b d": at 5 the two tokens before ("a b") were followed by c earlier,
+        // at 6 "b c" by a, at 7 "c a" by b, and at 8 "a b" by c twice (listed once); the reply
+        // wrote d there, but c is still the token that would have copied.
+        let reply = [1, 2, 3, 1, 2, 3, 1, 2, 4];
+        let r = Repeats::in_reply(&reply);
+        let want: [&[u32]; 9] = [&[], &[], &[], &[], &[], &[3], &[1], &[2], &[3]];
+        assert_eq!(r.rows, want.map(|w| w.to_vec()));
+        assert_eq!(r.rows(7..9), &[vec![2], vec![3]]);
+        // Every token that followed the context, each once.
+        let r = Repeats::in_reply(&[5, 5, 5, 5, 6, 5, 5, 7]);
+        assert_eq!(r.rows[3], vec![5]);
+        assert_eq!(r.rows[6], Vec::<u32>::new());
+        assert_eq!(r.rows[7], vec![5, 6]);
+        assert!(
+            Repeats::in_reply(&[1, 2, 3, 4, 2, 5])
+                .rows
+                .iter()
+                .all(Vec::is_empty)
+        );
+    }
+
+    #[test]
+    fn the_unlikelihood_of_repeats_matches_finite_differences_and_pushes_them_down() {
+        let repeats = vec![vec![], vec![3, 0], vec![7]];
+        let ul = |cfg: &LossConfig, logits: &[f32]| -> f32 {
+            let lp = host_log_softmax(logits, VOCAB);
+            let mut sum = 0.0;
+            for (t, row) in repeats.iter().enumerate() {
+                for &c in row {
+                    sum -= (1.0 - lp[t * VOCAB + c as usize].exp()).max(1e-4).ln();
+                }
+            }
+            cfg.unlikelihood as f32 * sum / repeats.len() as f32
+        };
+        let cfg = LossConfig {
+            unlikelihood: 0.5,
+            ..LossConfig::default()
+        };
+        let device = Device::flex().autodiff();
+        let (logits, host) = log_dist(3, VOCAB, &device);
+        let logits = logits.require_grad();
+        let dist = burn::tensor::activation::log_softmax(logits.clone(), 1);
+        let value = cfg.repeat_unlikelihood(dist, &repeats).unwrap();
+        let value_host = value.clone().into_scalar::<f32>();
+        assert!((value_host - ul(&cfg, &host)).abs() < 1e-5);
+        let dist = burn::tensor::activation::log_softmax(logits.clone(), 1);
+        let grad = grad_at(&logits, cfg.repeat_unlikelihood(dist, &repeats).unwrap());
+        let h = 1e-2;
+        for i in 0..host.len() {
+            let (mut up, mut down) = (host.clone(), host.clone());
+            up[i] += h;
+            down[i] -= h;
+            let numeric = (ul(&cfg, &up) - ul(&cfg, &down)) / (2.0 * h);
+            assert!(
+                (numeric - grad[i]).abs() < 2e-3,
+                "logit {i}: numeric {numeric}, analytic {}",
+                grad[i]
+            );
+        }
+        // Descending the gradient lowers each repeating token's logit, and no row without a
+        // repeat gets any gradient.
+        for (t, c) in [(1, 3), (1, 0), (2, 7)] {
+            assert!(grad[t * VOCAB + c] > 0.0, "row {t} token {c}");
+        }
+        assert!(grad[..VOCAB].iter().all(|g| *g == 0.0));
+        // Off, or a reply without repeats: no term at all.
+        let off = LossConfig::default();
+        let (dist, _) = log_dist(3, VOCAB, &Device::flex());
+        assert!(off.repeat_unlikelihood(dist.clone(), &repeats).is_none());
+        assert!(cfg.repeat_unlikelihood(dist, &[vec![], vec![]]).is_none());
     }
 }

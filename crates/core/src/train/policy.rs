@@ -1,7 +1,7 @@
 //! One micro-step: a sample's response log-probs under base + trainable adapter (with
 //! gradients), its loss, and the backward pass into the optimizer's gradient sum.
 
-use super::loss::{LossConfig, Signals, policy_drift};
+use super::loss::{LossConfig, Repeats, Signals, policy_drift};
 use super::optimizer::AdapterOptimizer;
 use burn::tensor::Tensor;
 use burn::tensor::activation::log_softmax;
@@ -137,6 +137,8 @@ pub fn micro_step_in_parts(
         let lp = scoring::gather_logprobs(logits, response);
         values(&lp.unsqueeze::<2>())
     });
+    // Found over the whole reply: a part's repeats copy tokens of the parts before it.
+    let repeats = Repeats::in_reply(response);
     // The head, a part of the response at a time: each part's share of the mean loss and its
     // gradient at the last layer's output.
     let (mut value, mut now) = (0.0, Vec::with_capacity(n));
@@ -159,12 +161,15 @@ pub fn micro_step_in_parts(
         now.extend(values(
             &scoring::gather(log_dist.clone(), part).unsqueeze::<2>(),
         ));
-        let part_loss = loss.distribution_loss(
-            log_dist,
+        let mut part_loss = loss.distribution_loss(
+            log_dist.clone(),
             part,
             &signals.rows(rows.clone()),
             base.as_ref().map(|b| &b[rows.clone()]),
         );
+        if let Some(ul) = loss.repeat_unlikelihood(log_dist, repeats.rows(rows.clone())) {
+            part_loss = part_loss + ul;
+        }
         value += values(&part_loss.clone().unsqueeze::<2>())[0] as f64 * share;
         let grads = part_loss.mul_scalar(weight * share).backward();
         upstream.push(x.grad(&grads).expect("the loss depends on the last layer"));

@@ -205,6 +205,7 @@ pub fn spawn(
             kl_coef: t.kl_coef,
             opd_clip: (t.opd_clip > 0.0).then_some(t.opd_clip),
             topk_weights: t.topk_weights,
+            unlikelihood: t.unlikelihood,
         },
         optim: OptimizerConfig {
             learning_rate: t.learning_rate,
