@@ -509,30 +509,32 @@ fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
     };
     let loss = LossConfig::default();
     let grad_context = cfg.train.grad_context_tokens;
-    // Three micro-steps on `signals`, each followed by an optimizer step: their seconds.
-    let time_steps = |opt: &mut AdapterOptimizer, signals: &Signals| {
-        let (mut steps, mut optim) = (Vec::new(), Vec::new());
-        for _ in 0..3 {
-            let t = Instant::now();
-            micro_step(
-                &model.transformer,
-                opt,
-                &loss,
-                &prompt,
-                &response,
-                signals,
-                grad_context,
-                1.0,
-                &|| {},
-            );
-            steps.push(t.elapsed().as_secs_f64());
-            let t = Instant::now();
-            opt.step(1.0);
-            optim.push(t.elapsed().as_secs_f64());
-        }
-        (steps, optim)
-    };
-    let (mut steps, mut optim) = time_steps(&mut opt, &signals);
+    // Three micro-steps of `loss` on `response` with `signals`, each followed by an optimizer
+    // step: their seconds.
+    let time_steps =
+        |opt: &mut AdapterOptimizer, loss: &LossConfig, response: &[u32], signals: &Signals| {
+            let (mut steps, mut optim) = (Vec::new(), Vec::new());
+            for _ in 0..3 {
+                let t = Instant::now();
+                micro_step(
+                    &model.transformer,
+                    opt,
+                    loss,
+                    &prompt,
+                    response,
+                    signals,
+                    grad_context,
+                    1.0,
+                    &|| {},
+                );
+                steps.push(t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                opt.step(1.0);
+                optim.push(t.elapsed().as_secs_f64());
+            }
+            (steps, optim)
+        };
+    let (mut steps, mut optim) = time_steps(&mut opt, &loss, &response, &signals);
     let step = median(&mut steps);
     let sampled_rss = peak_rss_mb();
     if let (Some(loaded), Some(peak)) = (loaded, sampled_rss) {
@@ -572,8 +574,11 @@ fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
             teacher: teacher.iter().map(|l| l + 0.1).collect(),
         });
     }
-    let signals = Signals { topk, ..signals };
-    let (mut topk_steps, _) = time_steps(&mut opt, &signals);
+    let topk_signals = Signals {
+        topk,
+        ..signals.clone()
+    };
+    let (mut topk_steps, _) = time_steps(&mut opt, &loss, &response, &topk_signals);
     let topk_step = median(&mut topk_steps);
     println!(
         "top-K micro-step (K {k}): {topk_step:.2} s x{:.2} the sampled-token form; its target: {:.2} s per side (the policy's top-K, each hint candidate's teacher), peak RSS {} MB -> {} MB",
@@ -581,6 +586,24 @@ fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         median(&mut prepare),
         sampled_rss.map_or("?".into(), |m| format!("{m:.0}")),
         peak_rss_mb().map_or("?".into(), |m| format!("{m:.0}"))
+    );
+    // The unlikelihood of repeats (train.unlikelihood) where it has the most to do: a reply
+    // that loops (its first 16 tokens over and over), with and without it.
+    let looping: Vec<u32> = response.iter().take(16).cycle().take(n).copied().collect();
+    let looping_signals = Signals {
+        logp_old: model.score(&prompt, &looping, None)?,
+        ..signals
+    };
+    let with_ul = LossConfig {
+        unlikelihood: 1.0,
+        ..loss.clone()
+    };
+    let (mut plain, _) = time_steps(&mut opt, &loss, &looping, &looping_signals);
+    let (mut ul, _) = time_steps(&mut opt, &with_ul, &looping, &looping_signals);
+    let (plain, ul) = (median(&mut plain), median(&mut ul));
+    println!(
+        "unlikelihood of repeats on a looping reply: {ul:.2} s x{:.2} the micro-step without it ({plain:.2} s)",
+        ul / plain
     );
     // As the engine serves a version: on its own pool, with the plain copies.
     let adapter = Arc::new(opt.snapshot().for_serving());
