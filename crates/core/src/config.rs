@@ -254,7 +254,7 @@ impl Default for TrainSection {
             balance_rewards: true,
             signal_sized_steps: true,
             kl_coef: 0.0,
-            unlikelihood: 0.0,
+            unlikelihood: 1.0,
             max_staleness: 4,
             teacher: Teacher::Base,
             teacher_from: TeacherFrom::Local,
