@@ -436,6 +436,16 @@ fn top_k_distillation_raises_a_token_the_reply_did_not_contain() {
     );
 }
 
+/// The largest difference between two gradients, and the largest magnitude of `reference`.
+fn worst_difference(reference: &[f32], other: &[f32]) -> (f32, f32) {
+    let scale = reference.iter().fold(0f32, |m, g| m.max(g.abs()));
+    let worst = reference
+        .iter()
+        .zip(other)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    (worst, scale)
+}
+
 #[test]
 fn the_layer_by_layer_backward_gives_the_single_graph_gradients() {
     // micro_step back-propagates one recomputed layer at a time; the reference keeps the
@@ -493,12 +503,8 @@ fn the_layer_by_layer_backward_gives_the_single_graph_gradients() {
                 "the loss in parts {} vs whole {whole_value}",
                 step.loss
             );
-            let (a, b) = (reference.gradient_values(), layered.gradient_values());
-            let scale = a.iter().fold(0f32, |m, g| m.max(g.abs()));
-            let worst = a
-                .iter()
-                .zip(&b)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let a = reference.gradient_values();
+            let (worst, scale) = worst_difference(&a, &layered.gradient_values());
             let nonzero = a.iter().filter(|g| g.abs() > 1e-7).count();
             assert!(
                 nonzero > a.len() / 2,
@@ -565,12 +571,8 @@ fn the_unlikelihood_of_repeats_lowers_a_loop_in_parts_as_in_one_graph() {
             "head rows {head_rows}: the loss in parts {} vs whole {whole_value}",
             step.loss
         );
-        let (a, b) = (reference.gradient_values(), layered.gradient_values());
-        let scale = a.iter().fold(0f32, |m, g| m.max(g.abs()));
-        let worst = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let (worst, scale) =
+            worst_difference(&reference.gradient_values(), &layered.gradient_values());
         assert!(
             scale > 0.0 && worst <= 1e-4 * scale,
             "{worst:e} of {scale:e}"
@@ -586,7 +588,7 @@ fn the_unlikelihood_of_repeats_lowers_a_loop_in_parts_as_in_one_graph() {
             );
         }
     }
-    // Off (the default), the same sample gives no gradient at all.
+    // Off (LossConfig's default, PIPELINE.md's loss), the same sample gives no gradient at all.
     let mut off = optimizer(&adapter);
     micro_step(
         &model,
