@@ -151,8 +151,18 @@ impl Team {
             return (0..n).into_par_iter().for_each(f);
         }
         let seen = self.epoch.load(Ordering::Acquire);
+        // SAFETY (lifetime erased): we wait below until every index handed out has finished.
+        let f: *const (dyn Fn(usize) + Sync + '_) = f;
+        let f: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
+        let job = Arc::new(Job::new(f, n, self.helpers + 1));
+        *self.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(job.clone());
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        // Helpers are counted only after the job is out: a helper leaving at this moment
+        // either sees the job (it looks once more after leaving, see `help`) or is no longer
+        // counted here and gets a replacement. Counted before, it was neither, and the
+        // product ran alone (a flaky test on CI: "round 9 ran alone").
         loop {
-            let helper = self.active.load(Ordering::Relaxed);
+            let helper = self.active.load(Ordering::SeqCst);
             if helper >= self.helpers {
                 break;
             }
@@ -163,12 +173,6 @@ impl Team {
             let (team, leader) = (self.clone(), std::thread::current().id());
             rayon::spawn(move || team.help(helper + 1, leader, seen));
         }
-        // SAFETY (lifetime erased): we wait below until every index handed out has finished.
-        let f: *const (dyn Fn(usize) + Sync + '_) = f;
-        let f: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
-        let job = Arc::new(Job::new(f, n, self.helpers + 1));
-        *self.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(job.clone());
-        self.epoch.fetch_add(1, Ordering::Release);
         job.work(0);
         while job.done.load(Ordering::Acquire) < n {
             std::hint::spin_loop();
@@ -222,15 +226,23 @@ impl Team {
                 }
                 let waited = idle.elapsed();
                 if waited >= AWAKE {
-                    break;
+                    // Leave, then look once more: a leader that counted this helper before it
+                    // left spawned no other, so a job it put out meanwhile is taken after all.
+                    self.active.fetch_sub(1, Ordering::SeqCst);
+                    if self.epoch.load(Ordering::SeqCst) == seen {
+                        break;
+                    }
+                    self.active.fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
                 if waited >= SPIN {
                     std::thread::yield_now();
                 }
             }
+        } else {
+            self.active.fetch_sub(1, Ordering::Relaxed);
         }
         HELPING.with(|h| h.set(depth - 1));
-        self.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -350,12 +362,15 @@ mod tests {
         });
         // Products each run through `install` from outside the pool (as `bench --kernels`
         // does): one may land on the thread still helping after the last one, which must then
-        // get a helper of its own rather than run alone.
-        for round in 0..10 {
+        // get a helper of its own rather than run alone. The gaps between them sweep across
+        // [`AWAKE`], when the helpers of the last product are leaving: one that left as the
+        // next product came must be replaced or take it.
+        for round in 0..40u32 {
+            std::thread::sleep(AWAKE - Duration::from_micros(100) + round * AWAKE / 100);
             let threads = Mutex::new(std::collections::HashSet::new());
             pool.install(|| {
                 for_each_index(16, |_| {
-                    std::thread::sleep(Duration::from_millis(4));
+                    std::thread::sleep(Duration::from_millis(2));
                     threads.lock().unwrap().insert(std::thread::current().id());
                 })
             });
