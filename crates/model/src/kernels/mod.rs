@@ -190,7 +190,16 @@ pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Ve
     prefetch::distance();
     // Σx of every 32 activations: the weights' offsets and minimums multiply it.
     let sums: Vec<f32> = x.chunks(32).map(|c| c.iter().sum()).collect();
-    let mut outs: Vec<Vec<f32>> = products.iter().map(|p| vec![0f32; p.rows() * n]).collect();
+    // A prompt's outputs (megabytes) are not zeroed first: its tasks write every one of them
+    // through raw pointers (the set_len below); the few of decoding are.
+    let panel = by_panel(n);
+    let mut outs: Vec<Vec<f32>> = products
+        .iter()
+        .map(|p| match panel {
+            true => Vec::with_capacity(p.rows() * n),
+            false => vec![0f32; p.rows() * n],
+        })
+        .collect();
     let dests: Vec<Dest> = outs
         .iter_mut()
         .zip(products)
@@ -200,7 +209,7 @@ pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Ve
         })
         .collect();
     let mut tasks = Vec::new();
-    let per_task = if by_panel(n) {
+    let per_task = if panel {
         PANEL_ROWS_PER_TASK
     } else {
         ROWS_PER_TASK
@@ -214,7 +223,7 @@ pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Ve
         let (p, dest) = (&products[k], &dests[k]);
         let count = w.len() / p.row_bytes;
         #[cfg(target_arch = "x86_64")]
-        if by_panel(n) && p.update.is_none() {
+        if panel && p.update.is_none() {
             // SAFETY: the task's own columns `first..first + count` of the product's
             // [n, rows], which `outs` holds past for_each_index.
             let at = unsafe { dest.at.add(first) };
@@ -244,6 +253,13 @@ pub fn matmul_many(isa: Isa, products: &[Product], cols: usize, x: &[f32]) -> Ve
             }
         });
     });
+    if panel {
+        for (out, p) in outs.iter_mut().zip(products) {
+            // SAFETY: the tasks above wrote all `rows · n` outputs of every product (each
+            // task its own rows for every activation row), within the reserved capacity.
+            unsafe { out.set_len(p.rows() * n) };
+        }
+    }
     outs
 }
 

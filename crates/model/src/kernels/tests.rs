@@ -418,6 +418,18 @@ fn the_simd_dequantizers_give_the_scalar_numbers_bit_for_bit() {
                 .filter(|(a, b)| a.to_bits() != b.to_bits())
                 .count();
             assert_eq!(differ, 0, "{ty:?} on {isa:?}: {differ} weights differ");
+            // Compared above with a SIMD form, not with the scalar fallback.
+            #[cfg(target_arch = "x86_64")]
+            let simd = match isa {
+                // SAFETY: Isa::supported detected the instruction set.
+                Isa::Avx2 => unsafe { super::x86::avx2::dequantize(ty, &w[..row_bytes], &mut got) },
+                Isa::Avx512 => unsafe {
+                    super::x86::avx512::dequantize(ty, &w[..row_bytes], &mut got)
+                },
+                _ => true,
+            };
+            #[cfg(target_arch = "x86_64")]
+            assert!(simd, "{ty:?} has no SIMD dequantizer on {isa:?}");
         }
     }
 }

@@ -110,7 +110,7 @@ macro_rules! kernels {
 
         /// The weights of row `w` into `out[..its length]`: the same numbers as
         /// [`crate::quant::dequantize_into`] (each lane rounded as its scalar expression is);
-        /// false for a type without a SIMD form here (Q6_K).
+        /// false for a type without a SIMD form here.
         ///
         /// # Safety
         /// The CPU must support the module's instruction set.
@@ -180,6 +180,9 @@ macro_rules! kernels {
                         }
                     }
                 }
+                GgmlType::Q6_K => q6_k_walk(w, |at, _, q, scale| {
+                    store_w(out, at, times(widen16::<true>(q), scale));
+                }),
                 _ => return false,
             }
             true
@@ -704,6 +707,18 @@ macro_rules! kernels {
         #[target_feature(enable = $features)]
         fn q6_k(w: &[u8], x: &[f32]) -> f32 {
             let mut acc = [zero(), zero()];
+            q6_k_walk(w, |at, s, q, scale| {
+                let sub = dot16::<true>(q, x, at, zero());
+                acc[s] = scaled(acc[s], scale, sub);
+            });
+            hsum(add(acc[0], acc[1]))
+        }
+
+        /// Every 16 weights of a row of Q6_K blocks: `visit(at, s, q, scale)` with their first
+        /// index `at`, which of the two 16s of a 32 they are (`s`), their 6-bit values minus
+        /// 32 as signed bytes and their scale (d times the 8-bit sub-scale).
+        #[target_feature(enable = $features)]
+        fn q6_k_walk(w: &[u8], mut visit: impl FnMut(usize, usize, __m128i, f32)) {
             let (low4, low2, bias) = (_mm_set1_epi8(0x0F), _mm_set1_epi8(3), _mm_set1_epi8(32));
             for (i, b) in blocks::<{ Q6K::BYTES }>(w).iter().map(Q6K).enumerate() {
                 let d = f16(b.d());
@@ -725,13 +740,11 @@ macro_rules! kernels {
                             let high = _mm_slli_epi16(_mm_and_si128(high, low2), 4);
                             let q = _mm_sub_epi8(_mm_or_si128(low, high), bias);
                             let at = 256 * i + 128 * h + 32 * k + 16 * s;
-                            let sub = dot16::<true>(q, x, at, zero());
-                            acc[s] = scaled(acc[s], d * (sc[2 * k + s] as i8) as f32, sub);
+                            visit(at, s, q, d * (sc[2 * k + s] as i8) as f32);
                         }
                     }
                 }
             }
-            hsum(add(acc[0], acc[1]))
         }
     };
 }
