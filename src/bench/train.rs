@@ -507,7 +507,7 @@ fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         teacher_logp: Some(logp_old.iter().map(|l| l + 0.1).collect()),
         topk: None,
     };
-    let loss = LossConfig::default();
+    let loss = LossConfig::from_config(&cfg.train);
     let grad_context = cfg.train.grad_context_tokens;
     // Three micro-steps of `loss` on `response` with `signals`, each followed by an optimizer
     // step: their seconds.
@@ -594,15 +594,26 @@ fn run_parts(cfg: &Config, args: &TrainBenchArgs) -> Result<()> {
         logp_old: model.score(&prompt, &looping, None)?,
         ..signals
     };
-    let with_ul = LossConfig {
-        unlikelihood: 1.0,
-        ..loss.clone()
-    };
-    let (mut plain, _) = time_steps(&mut opt, &loss, &looping, &looping_signals);
+    let (without_ul, with_ul) = (
+        LossConfig {
+            unlikelihood: 0.0,
+            ..loss.clone()
+        },
+        LossConfig {
+            unlikelihood: if loss.unlikelihood > 0.0 {
+                loss.unlikelihood
+            } else {
+                1.0
+            },
+            ..loss.clone()
+        },
+    );
+    let (mut plain, _) = time_steps(&mut opt, &without_ul, &looping, &looping_signals);
     let (mut ul, _) = time_steps(&mut opt, &with_ul, &looping, &looping_signals);
     let (plain, ul) = (median(&mut plain), median(&mut ul));
     println!(
-        "unlikelihood of repeats on a looping reply: {ul:.2} s x{:.2} the micro-step without it ({plain:.2} s)",
+        "unlikelihood of repeats (weight {}) on a looping reply: {ul:.2} s x{:.2} the micro-step without it ({plain:.2} s)",
+        with_ul.unlikelihood,
         ul / plain
     );
     // As the engine serves a version: on its own pool, with the plain copies.

@@ -243,6 +243,23 @@ impl Repeats {
 }
 
 impl LossConfig {
+    /// The loss as `[train]` configures it (the trainer's, and what `bench --train` times).
+    pub fn from_config(t: &crate::config::TrainSection) -> Self {
+        Self {
+            method: t.method,
+            clip_low: t.clip_low,
+            clip_high: t.clip_high,
+            w_rl: t.w_rl,
+            w_opd: t.w_opd,
+            balance_rewards: t.balance_rewards,
+            signal_sized_steps: t.signal_sized_steps,
+            kl_coef: t.kl_coef,
+            opd_clip: (t.opd_clip > 0.0).then_some(t.opd_clip),
+            topk_weights: t.topk_weights,
+            unlikelihood: t.unlikelihood,
+        }
+    }
+
     /// The unlikelihood of repeats over log-distributions `[n, vocab]` (with gradients) of the
     /// positions whose [`Repeats`] rows are `repeats`: `unlikelihood` · the mean over the
     /// positions of Σ_c −log(1 − p(c)). Its gradient on a repeating token's logit is at most

@@ -194,19 +194,7 @@ pub fn spawn(
     let t = &cfg.train;
     let trainer = Trainer {
         cfg: t.clone(),
-        loss: LossConfig {
-            method: t.method,
-            clip_low: t.clip_low,
-            clip_high: t.clip_high,
-            w_rl: t.w_rl,
-            w_opd: t.w_opd,
-            balance_rewards: t.balance_rewards,
-            signal_sized_steps: t.signal_sized_steps,
-            kl_coef: t.kl_coef,
-            opd_clip: (t.opd_clip > 0.0).then_some(t.opd_clip),
-            topk_weights: t.topk_weights,
-            unlikelihood: t.unlikelihood,
-        },
+        loss: LossConfig::from_config(t),
         optim: OptimizerConfig {
             learning_rate: t.learning_rate,
             weight_decay: t.weight_decay,
