@@ -180,9 +180,16 @@ macro_rules! kernels {
                         }
                     }
                 }
-                GgmlType::Q6_K => q6_k_walk(w, |at, _, q, scale| {
-                    store_w(out, at, times(widen16::<true>(q), scale));
-                }),
+                GgmlType::Q6_K => {
+                    for (i, b) in blocks::<{ Q6K::BYTES }>(w).iter().map(Q6K).enumerate() {
+                        let d = f16(b.d());
+                        for (h, k, s) in (0..16).map(|t| (t / 8, t / 2 % 4, t % 2)) {
+                            let (q, sc) = q6_k_16(b, h, k, s);
+                            let weights = times(widen16::<true>(q), d * sc as f32);
+                            store_w(out, 256 * i + 128 * h + 32 * k + 16 * s, weights);
+                        }
+                    }
+                }
                 _ => return false,
             }
             true
@@ -707,44 +714,36 @@ macro_rules! kernels {
         #[target_feature(enable = $features)]
         fn q6_k(w: &[u8], x: &[f32]) -> f32 {
             let mut acc = [zero(), zero()];
-            q6_k_walk(w, |at, s, q, scale| {
-                let sub = dot16::<true>(q, x, at, zero());
-                acc[s] = scaled(acc[s], scale, sub);
-            });
-            hsum(add(acc[0], acc[1]))
-        }
-
-        /// Every 16 weights of a row of Q6_K blocks: `visit(at, s, q, scale)` with their first
-        /// index `at`, which of the two 16s of a 32 they are (`s`), their 6-bit values minus
-        /// 32 as signed bytes and their scale (d times the 8-bit sub-scale).
-        #[target_feature(enable = $features)]
-        fn q6_k_walk(w: &[u8], mut visit: impl FnMut(usize, usize, __m128i, f32)) {
-            let (low4, low2, bias) = (_mm_set1_epi8(0x0F), _mm_set1_epi8(3), _mm_set1_epi8(32));
             for (i, b) in blocks::<{ Q6K::BYTES }>(w).iter().map(Q6K).enumerate() {
                 let d = f16(b.d());
                 for h in 0..2 {
-                    let (ql, qh, sc) = (b.ql(h), b.qh(h), b.scales(h));
-                    // Quarter k holds weights 32k..32k+32 of this half: 4 bits from ql, 2
-                    // from qh; every 16 weights have their own 8-bit scale.
                     for k in 0..4 {
-                        let (lo_at, shift) = (32 * (k & 1), _mm_cvtsi32_si128(4 * (k >> 1) as i32));
                         for s in 0..2 {
-                            let low = _mm_and_si128(
-                                _mm_srl_epi16(load16(&ql[lo_at + 16 * s..]), shift),
-                                low4,
-                            );
-                            let high = _mm_srl_epi16(
-                                load16(&qh[16 * s..]),
-                                _mm_cvtsi32_si128(2 * k as i32),
-                            );
-                            let high = _mm_slli_epi16(_mm_and_si128(high, low2), 4);
-                            let q = _mm_sub_epi8(_mm_or_si128(low, high), bias);
+                            let (q, sc) = q6_k_16(b, h, k, s);
                             let at = 256 * i + 128 * h + 32 * k + 16 * s;
-                            visit(at, s, q, d * (sc[2 * k + s] as i8) as f32);
+                            let sub = dot16::<true>(q, x, at, zero());
+                            acc[s] = scaled(acc[s], d * sc as f32, sub);
                         }
                     }
                 }
             }
+            hsum(add(acc[0], acc[1]))
+        }
+
+        /// Weights `128h + 32k + 16s ..` (16 of them) of a Q6_K block: their 6-bit values
+        /// minus 32 as signed bytes (4 bits from `ql`, 2 from `qh`) and their 8-bit scale.
+        #[target_feature(enable = $features)]
+        fn q6_k_16(b: Q6K, h: usize, k: usize, s: usize) -> (__m128i, i8) {
+            let (ql, qh, sc) = (b.ql(h), b.qh(h), b.scales(h));
+            let (lo_at, shift) = (32 * (k & 1), _mm_cvtsi32_si128(4 * (k >> 1) as i32));
+            let low = _mm_and_si128(
+                _mm_srl_epi16(load16(&ql[lo_at + 16 * s..]), shift),
+                _mm_set1_epi8(0x0F),
+            );
+            let high = _mm_srl_epi16(load16(&qh[16 * s..]), _mm_cvtsi32_si128(2 * k as i32));
+            let high = _mm_slli_epi16(_mm_and_si128(high, _mm_set1_epi8(3)), 4);
+            let q = _mm_sub_epi8(_mm_or_si128(low, high), _mm_set1_epi8(32));
+            (q, sc[2 * k + s] as i8)
         }
     };
 }
