@@ -250,7 +250,7 @@ impl Default for TrainSection {
             clip_low: 0.2,
             clip_high: 0.28,
             w_rl: 1.0,
-            w_opd: 0.25,
+            w_opd: 1.0,
             balance_rewards: true,
             signal_sized_steps: true,
             kl_coef: 0.0,
