@@ -269,6 +269,30 @@ fn bad_configuration_is_reported_with_its_source() {
 }
 
 #[test]
+fn a_sim_refuses_the_folder_of_an_earlier_run_and_leaves_its_store_alone() {
+    // An interrupted run leaves its store in <out>/data; a new run there would start from
+    // that run's turns and versions instead of the base model.
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("data").join("clawrl.sqlite");
+    std::fs::create_dir_all(store.parent().unwrap()).unwrap();
+    std::fs::write(&store, b"an earlier run's turns").unwrap();
+    let out = run(&[
+        "sim",
+        "--preference",
+        "concise",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("holds the store of an earlier run") && err.contains("data"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&store).unwrap(), b"an earlier run's turns");
+}
+
+#[test]
 fn devices_this_build_cannot_use_are_refused_with_the_way_to_get_them() {
     let out = run(&["--device", "tpu", "info"]);
     assert!(!out.status.success());

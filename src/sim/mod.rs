@@ -422,6 +422,16 @@ pub fn run(cfg: &Config, args: &SimArgs) -> Result<()> {
             clawrl_core::store::now_ms() / 1000
         )),
     };
+    // The in-process clawrl keeps its store in the run's folder: the folder of an earlier or
+    // interrupted run would hand it that run's turns and versions instead of the base model.
+    let data = out.join("data");
+    if args.url.is_none() && data.read_dir().is_ok_and(|mut d| d.next().is_some()) {
+        bail!(
+            "{} holds the store of an earlier run, and a run starts from the base model on an \
+             empty store: remove that folder or choose another --out",
+            data.display()
+        );
+    }
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -56,7 +56,8 @@ pub(crate) fn balanced_rewards(rewards: &[Option<f32>]) -> Vec<Option<f32>> {
     rewards.iter().map(|r| r.map(|r| r - baseline)).collect()
 }
 
-/// PIPELINE.md's weights (the shipped configuration lowers `w_opd`: config/default.toml).
+/// PIPELINE.md's loss as written (the shipped configuration differs in several of these:
+/// config/default.toml, `LossConfig::from_config`).
 impl Default for LossConfig {
     fn default() -> Self {
         Self {
